@@ -1,0 +1,749 @@
+//! X25519 static keys, key files and the peer allow-list.
+//!
+//! # File format
+//!
+//! A key file holds one line: the standard base64 encoding (with `=` padding,
+//! 44 characters) of the 32 raw key bytes, followed by a newline. This is
+//! exactly what WireGuard's `wg genkey` and `wg pubkey` produce, so keys made
+//! by either tool work with the other. Leading and trailing whitespace is
+//! ignored when reading; anything else (extra text, url-safe base64, a wrong
+//! length) is rejected.
+//!
+//! # Permissions
+//!
+//! On unix, [`load_private_key`] refuses a file whose mode grants any access
+//! to group or others (`mode & 0o077 != 0`), like `ssh` does.
+//! [`save_private_key`] creates files with mode `0600`, [`save_public_key`]
+//! with mode `0644`; both use `O_EXCL` and never overwrite an existing file.
+//!
+//! # Allow-list
+//!
+//! An [`AllowList`] file has one public key per line, optionally followed by
+//! whitespace and a free-form name. `#` starts a comment, which may fill the
+//! line or follow the key and name. Blank lines are ignored. Malformed lines
+//! and duplicate keys are errors that name the 1-based line number.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::{DecodeError, DecodeSliceError, Engine as _};
+use rand::RngCore as _;
+use snow::params::DHChoice;
+use snow::resolvers::{CryptoResolver as _, DefaultResolver};
+use subtle::{Choice, ConditionallySelectable as _, ConstantTimeEq as _};
+use zeroize::Zeroizing;
+
+/// Length in bytes of X25519 private and public keys.
+pub const KEY_LEN: usize = 32;
+/// Length of a key in base64 (with padding).
+const B64_LEN: usize = 44;
+/// Key files larger than this are rejected without being parsed.
+const MAX_KEY_FILE_LEN: usize = 1024;
+
+/// Errors from loading, saving and parsing keys and allow-lists.
+#[derive(thiserror::Error, Debug)]
+#[non_exhaustive]
+pub enum KeyError {
+    /// A file could not be opened, read, created or written.
+    #[error("cannot access {}", path.display())]
+    Io {
+        /// The file concerned.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// A private key file is accessible by group or others (unix only).
+    #[error(
+        "private key file {} has mode {mode:04o}: it must not be readable by group or others (run: chmod 600 {})",
+        path.display(),
+        path.display()
+    )]
+    Permissions {
+        /// The private key file.
+        path: PathBuf,
+        /// Its permission bits (`st_mode & 0o7777`).
+        mode: u32,
+    },
+    /// Refused to overwrite an existing file.
+    #[error("refusing to overwrite existing file {}", path.display())]
+    Exists {
+        /// The file that already exists.
+        path: PathBuf,
+    },
+    /// A key file does not contain exactly one base64-encoded 32-byte key.
+    #[error("malformed key file {}: {reason}", path.display())]
+    Malformed {
+        /// The key file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A key string (not from a file) could not be parsed.
+    #[error("invalid key: {reason}")]
+    InvalidKey {
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A line of an allow-list is malformed or repeats a key.
+    #[error(
+        "allow-list {}line {line}: {reason}",
+        path.as_ref().map(|p| format!("{} ", p.display())).unwrap_or_default()
+    )]
+    AllowList {
+        /// The allow-list file, if it was loaded from one.
+        path: Option<PathBuf>,
+        /// The 1-based line number.
+        line: usize,
+        /// What is wrong with the line.
+        reason: String,
+    },
+}
+
+/// Decodes one base64 key (surrounding whitespace ignored) into 32 bytes.
+fn decode_key(text: &str) -> Result<Zeroizing<[u8; KEY_LEN]>, String> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Err("no key found (expected 44 base64 characters)".to_owned());
+    }
+    if text.len() != B64_LEN {
+        return Err(format!(
+            "expected 44 base64 characters, found {}",
+            text.chars().count()
+        ));
+    }
+    let mut buf = Zeroizing::new([0u8; 48]);
+    let n = STANDARD
+        .decode_slice(text, &mut buf[..])
+        .map_err(|e| match e {
+            DecodeSliceError::DecodeError(DecodeError::InvalidByte(at, b)) => {
+                let shown = match b {
+                    b'!'..=b'~' => format!("{:?}", char::from(b)),
+                    _ => format!("byte 0x{b:02x}"),
+                };
+                format!("invalid base64 character {shown} at offset {at}")
+            }
+            DecodeSliceError::DecodeError(DecodeError::InvalidLastSymbol(at, _)) => {
+                format!("non-canonical base64 at offset {at}")
+            }
+            _ => "invalid base64".to_owned(),
+        })?;
+    if n != KEY_LEN {
+        return Err(format!("decodes to {n} bytes, expected {KEY_LEN}"));
+    }
+    let mut key = Zeroizing::new([0u8; KEY_LEN]);
+    key.copy_from_slice(&buf[..KEY_LEN]);
+    Ok(key)
+}
+
+/// Encodes a key as 44 base64 characters followed by `\n`.
+fn encode_key(bytes: &[u8; KEY_LEN]) -> Zeroizing<[u8; B64_LEN + 1]> {
+    let mut out = Zeroizing::new([b'\n'; B64_LEN + 1]);
+    // 32 bytes always encode to exactly 44 characters, so this cannot fail.
+    let written = STANDARD.encode_slice(bytes, &mut out[..B64_LEN]);
+    debug_assert!(matches!(written, Ok(B64_LEN)));
+    out
+}
+
+/// An X25519 public key (static Noise identity of a peer).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PublicKey([u8; KEY_LEN]);
+
+impl PublicKey {
+    /// Wraps raw key bytes.
+    pub fn from_bytes(bytes: [u8; KEY_LEN]) -> Self {
+        Self(bytes)
+    }
+
+    /// The raw key bytes.
+    pub fn as_bytes(&self) -> &[u8; KEY_LEN] {
+        &self.0
+    }
+}
+
+impl fmt::Display for PublicKey {
+    /// Standard base64 with padding (44 characters), as `wg pubkey` prints.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let enc = encode_key(&self.0);
+        f.write_str(std::str::from_utf8(&enc[..B64_LEN]).map_err(|_| fmt::Error)?)
+    }
+}
+
+impl fmt::Debug for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PublicKey({self})")
+    }
+}
+
+impl FromStr for PublicKey {
+    type Err = KeyError;
+
+    /// Parses standard base64 (surrounding whitespace ignored).
+    fn from_str(s: &str) -> Result<Self, KeyError> {
+        decode_key(s)
+            .map(|k| Self(*k))
+            .map_err(|reason| KeyError::InvalidKey { reason })
+    }
+}
+
+/// An X25519 private key. Wiped from memory on drop; never printed.
+#[derive(Clone)]
+pub struct PrivateKey(Zeroizing<[u8; KEY_LEN]>);
+
+impl PrivateKey {
+    /// Wraps raw key bytes. The caller should wipe its own copy.
+    pub fn from_bytes(bytes: [u8; KEY_LEN]) -> Self {
+        Self(Zeroizing::new(bytes))
+    }
+
+    /// The raw key bytes.
+    pub fn as_bytes(&self) -> &[u8; KEY_LEN] {
+        &self.0
+    }
+
+    /// Parses standard base64 (surrounding whitespace ignored), e.g. `wg genkey` output.
+    pub fn from_base64(s: &str) -> Result<Self, KeyError> {
+        decode_key(s)
+            .map(Self)
+            .map_err(|reason| KeyError::InvalidKey { reason })
+    }
+
+    /// The key as standard base64 (44 characters, no newline), wiped on drop.
+    pub fn to_base64(&self) -> Zeroizing<String> {
+        let enc = encode_key(&self.0);
+        Zeroizing::new(
+            std::str::from_utf8(&enc[..B64_LEN])
+                .unwrap_or_default()
+                .to_owned(),
+        )
+    }
+
+    /// Derives the public key (X25519 scalar multiplication of the clamped key by the base point).
+    ///
+    /// # Panics
+    ///
+    /// Only if snow was built without its default Curve25519 support.
+    pub fn public_key(&self) -> PublicKey {
+        let Some(mut dh) = DefaultResolver.resolve_dh(&DHChoice::Curve25519) else {
+            unreachable!("snow's default resolver always provides Curve25519");
+        };
+        dh.set(&self.0[..]);
+        let mut public = [0u8; KEY_LEN];
+        for (out, b) in public.iter_mut().zip(dh.pubkey()) {
+            *out = *b;
+        }
+        // snow's Dh does not wipe itself on drop: overwrite its copy of the secret.
+        dh.set(&[0u8; KEY_LEN]);
+        PublicKey(public)
+    }
+}
+
+impl fmt::Debug for PrivateKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PrivateKey(<redacted>)")
+    }
+}
+
+/// A private key together with its public key.
+#[derive(Clone, Debug)]
+pub struct Keypair {
+    /// The private key (redacted in `Debug`).
+    pub private: PrivateKey,
+    /// The matching public key.
+    pub public: PublicKey,
+}
+
+impl Keypair {
+    /// Generates a new keypair from the OS random source, clamped like `wg genkey`.
+    ///
+    /// # Panics
+    ///
+    /// If the operating system's random source fails.
+    pub fn generate() -> Self {
+        let mut k = Zeroizing::new([0u8; KEY_LEN]);
+        rand::rngs::OsRng.fill_bytes(&mut k[..]);
+        k[0] &= 248;
+        k[31] &= 127;
+        k[31] |= 64;
+        Self::from_private(PrivateKey(k))
+    }
+
+    /// Builds a keypair by deriving the public key from `private`.
+    pub fn from_private(private: PrivateKey) -> Self {
+        let public = private.public_key();
+        Self { private, public }
+    }
+}
+
+/// Reads and decodes a key file, refusing group/other access if `private` (unix).
+fn read_key_file(path: &Path, private: bool) -> Result<Zeroizing<[u8; KEY_LEN]>, KeyError> {
+    let io_err = |source| KeyError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let malformed = |reason: String| KeyError::Malformed {
+        path: path.to_owned(),
+        reason,
+    };
+    let mut file = File::open(path).map_err(io_err)?;
+    #[cfg(unix)]
+    if private {
+        use std::os::unix::fs::PermissionsExt as _;
+        // fstat the opened file (no race with a rename between check and read).
+        let mode = file.metadata().map_err(io_err)?.permissions().mode() & 0o7777;
+        if mode & 0o077 != 0 {
+            return Err(KeyError::Permissions {
+                path: path.to_owned(),
+                mode,
+            });
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = private;
+    let mut buf = Zeroizing::new([0u8; MAX_KEY_FILE_LEN + 1]);
+    let mut len = 0;
+    while len < buf.len() {
+        match file.read(&mut buf[len..]) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(io_err(e)),
+        }
+    }
+    if len > MAX_KEY_FILE_LEN {
+        return Err(malformed(format!(
+            "file is larger than {MAX_KEY_FILE_LEN} bytes"
+        )));
+    }
+    let text =
+        std::str::from_utf8(&buf[..len]).map_err(|_| malformed("not valid utf-8".to_owned()))?;
+    decode_key(text).map_err(malformed)
+}
+
+/// Creates `path` exclusively with `mode` (unix) and writes `contents` to it.
+fn write_new_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), KeyError> {
+    let mut options = OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, mode);
+    #[cfg(not(unix))]
+    let _ = mode;
+    let mut file = options.open(path).map_err(|source| match source.kind() {
+        std::io::ErrorKind::AlreadyExists => KeyError::Exists {
+            path: path.to_owned(),
+        },
+        _ => KeyError::Io {
+            path: path.to_owned(),
+            source,
+        },
+    })?;
+    if let Err(source) = file.write_all(contents).and_then(|()| file.sync_all()) {
+        drop(file);
+        // Do not leave a truncated key behind that would block a retry.
+        let _ = fs::remove_file(path);
+        return Err(KeyError::Io {
+            path: path.to_owned(),
+            source,
+        });
+    }
+    Ok(())
+}
+
+/// Loads a private key file, refusing it on unix if group or others have any access.
+pub fn load_private_key(path: &Path) -> Result<PrivateKey, KeyError> {
+    read_key_file(path, true).map(PrivateKey)
+}
+
+/// Saves a private key as a new file with mode `0600`; fails if the file exists.
+pub fn save_private_key(path: &Path, key: &PrivateKey) -> Result<(), KeyError> {
+    write_new_file(path, &encode_key(&key.0)[..], 0o600)
+}
+
+/// Loads a public key file.
+pub fn load_public_key(path: &Path) -> Result<PublicKey, KeyError> {
+    read_key_file(path, false).map(|k| PublicKey(*k))
+}
+
+/// Saves a public key as a new file with mode `0644`; fails if the file exists.
+pub fn save_public_key(path: &Path, key: &PublicKey) -> Result<(), KeyError> {
+    write_new_file(path, &encode_key(&key.0)[..], 0o644)
+}
+
+/// One entry of an [`AllowList`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AllowedPeer {
+    /// The peer's static public key.
+    pub key: PublicKey,
+    /// An optional human-readable name for logs.
+    pub name: Option<String>,
+}
+
+/// The set of peer public keys allowed to connect.
+#[derive(Clone, Debug, Default)]
+pub struct AllowList {
+    peers: Vec<AllowedPeer>,
+}
+
+impl AllowList {
+    /// Parses allow-list text (see the module docs for the format).
+    pub fn parse(text: &str) -> Result<Self, KeyError> {
+        Self::parse_with_path(text, None)
+    }
+
+    /// Reads and parses an allow-list file; errors name the file.
+    pub fn load(path: &Path) -> Result<Self, KeyError> {
+        let text = fs::read_to_string(path).map_err(|source| KeyError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse_with_path(&text, Some(path))
+    }
+
+    fn parse_with_path(text: &str, path: Option<&Path>) -> Result<Self, KeyError> {
+        let mut peers = Vec::new();
+        let mut seen: HashMap<PublicKey, usize> = HashMap::new();
+        for (index, raw) in text.lines().enumerate() {
+            let line = index + 1;
+            let err = |reason| KeyError::AllowList {
+                path: path.map(Path::to_owned),
+                line,
+                reason,
+            };
+            let content = raw.split_once('#').map_or(raw, |(before, _)| before).trim();
+            if content.is_empty() {
+                continue;
+            }
+            let (key_text, name) = match content.split_once(char::is_whitespace) {
+                Some((k, n)) => (k, Some(n.trim().to_owned())),
+                None => (content, None),
+            };
+            let key = PublicKey(*decode_key(key_text).map_err(err)?);
+            if let Some(first) = seen.insert(key, line) {
+                return Err(err(format!(
+                    "duplicate key {key} (first listed on line {first})"
+                )));
+            }
+            peers.push(AllowedPeer { key, name });
+        }
+        Ok(Self { peers })
+    }
+
+    /// Builds an allow-list from keys and optional names; later duplicates of a key are ignored.
+    pub fn from_keys<I: IntoIterator<Item = (PublicKey, Option<String>)>>(keys: I) -> Self {
+        let mut peers: Vec<AllowedPeer> = Vec::new();
+        for (key, name) in keys {
+            if !peers.iter().any(|p| p.key == key) {
+                peers.push(AllowedPeer { key, name });
+            }
+        }
+        Self { peers }
+    }
+
+    /// Finds the entry for `key`, scanning every entry with constant-time comparisons.
+    pub fn lookup(&self, key: &PublicKey) -> Option<&AllowedPeer> {
+        let mut found = Choice::from(0);
+        let mut index = 0u64;
+        for (i, peer) in self.peers.iter().enumerate() {
+            let eq = peer.key.0.ct_eq(&key.0);
+            index.conditional_assign(&(i as u64), eq);
+            found |= eq;
+        }
+        if bool::from(found) {
+            usize::try_from(index).ok().and_then(|i| self.peers.get(i))
+        } else {
+            None
+        }
+    }
+
+    /// Number of allowed peers.
+    pub fn len(&self) -> usize {
+        self.peers.len()
+    }
+
+    /// True if no peer is allowed.
+    pub fn is_empty(&self) -> bool {
+        self.peers.is_empty()
+    }
+
+    /// Iterates over the entries in file order.
+    pub fn iter(&self) -> std::slice::Iter<'_, AllowedPeer> {
+        self.peers.iter()
+    }
+}
+
+impl<'a> IntoIterator for &'a AllowList {
+    type Item = &'a AllowedPeer;
+    type IntoIter = std::slice::Iter<'a, AllowedPeer>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WG_PRIVATE: &str = "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=";
+    /// Public key of `WG_PRIVATE` as printed by `wg` on the wireguard.com quickstart page;
+    /// cross-checked with OpenSSL (python `cryptography`).
+    const WG_PUBLIC: &str = "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=";
+
+    /// A fresh directory under the system temp dir, removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(tag: &str) -> Self {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0);
+            let dir = std::env::temp_dir().join(format!(
+                "holdfast-keys-{tag}-{}-{nanos}",
+                std::process::id()
+            ));
+            fs::create_dir_all(&dir).unwrap();
+            Self(dir)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    #[test]
+    fn wireguard_vector() {
+        let private = PrivateKey::from_base64(WG_PRIVATE).unwrap();
+        assert_eq!(private.public_key().to_string(), WG_PUBLIC);
+        assert_eq!(*private.to_base64(), WG_PRIVATE);
+    }
+
+    #[test]
+    fn rfc7748_vector() {
+        let mut bytes = [0u8; 32];
+        let a = "77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a";
+        for (i, b) in bytes.iter_mut().enumerate() {
+            *b = u8::from_str_radix(&a[2 * i..2 * i + 2], 16).unwrap();
+        }
+        let public = PrivateKey::from_bytes(bytes).public_key();
+        assert_eq!(
+            hex(public.as_bytes()),
+            "8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a"
+        );
+    }
+
+    #[test]
+    fn generate_save_load_round_trip() {
+        let dir = TempDir::new("roundtrip");
+        let kp = Keypair::generate();
+        assert_eq!(kp.private.as_bytes()[0] & 7, 0);
+        assert_eq!(kp.private.as_bytes()[31] & 0xc0, 0x40);
+        assert_eq!(kp.public, kp.private.public_key());
+        let (priv_path, pub_path) = (dir.0.join("k.key"), dir.0.join("k.pub"));
+        save_private_key(&priv_path, &kp.private).unwrap();
+        save_public_key(&pub_path, &kp.public).unwrap();
+        let text = fs::read_to_string(&priv_path).unwrap();
+        assert_eq!(text, format!("{}\n", *kp.private.to_base64()));
+        assert_eq!(
+            fs::read_to_string(&pub_path).unwrap(),
+            format!("{}\n", kp.public)
+        );
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            let mode = fs::metadata(&priv_path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        let loaded = load_private_key(&priv_path).unwrap();
+        assert_eq!(loaded.as_bytes(), kp.private.as_bytes());
+        assert_eq!(load_public_key(&pub_path).unwrap(), kp.public);
+        assert_eq!(
+            kp.public.to_string().parse::<PublicKey>().unwrap(),
+            kp.public
+        );
+    }
+
+    #[test]
+    fn save_refuses_existing_file() {
+        let dir = TempDir::new("exists");
+        let path = dir.0.join("k.key");
+        fs::write(&path, "keep me").unwrap();
+        let kp = Keypair::generate();
+        let err = save_private_key(&path, &kp.private).unwrap_err();
+        assert!(matches!(err, KeyError::Exists { .. }), "{err:?}");
+        assert!(err.to_string().contains(&*path.to_string_lossy()));
+        assert!(matches!(
+            save_public_key(&path, &kp.public),
+            Err(KeyError::Exists { .. })
+        ));
+        assert_eq!(fs::read_to_string(&path).unwrap(), "keep me");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn load_refuses_group_or_other_access() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = TempDir::new("perms");
+        let path = dir.0.join("k.key");
+        save_private_key(&path, &Keypair::generate().private).unwrap();
+        for (mode, shown) in [(0o644, "0644"), (0o640, "0640")] {
+            fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+            let err = load_private_key(&path).unwrap_err();
+            assert!(
+                matches!(err, KeyError::Permissions { mode: m, .. } if m == mode),
+                "{err:?}"
+            );
+            let msg = err.to_string();
+            assert!(
+                msg.contains(&*path.to_string_lossy()) && msg.contains(shown),
+                "{msg}"
+            );
+            assert!(msg.contains("chmod 600"), "{msg}");
+        }
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o400)).unwrap();
+        assert!(load_private_key(&path).is_ok());
+        // Public keys are not secret.
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(load_public_key(&path).is_ok());
+    }
+
+    #[test]
+    fn load_errors_name_the_file() {
+        let dir = TempDir::new("malformed");
+        let missing = dir.0.join("missing.key");
+        let err = load_public_key(&missing).unwrap_err();
+        assert!(matches!(err, KeyError::Io { .. }));
+        assert!(err.to_string().contains(&*missing.to_string_lossy()));
+        let cases = [
+            "",
+            "not base64 at all!!!!!!!!!!!!!!!!!!!!!!!!!!\n",
+            "AAAA\n",
+            "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8yk==\n", // 31 bytes
+            "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw= extra\n",
+            "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykx=\n",
+        ]; // non-canonical
+        for (i, text) in cases.iter().enumerate() {
+            let path = dir.0.join(format!("bad{i}.pub"));
+            fs::write(&path, text).unwrap();
+            let err = load_public_key(&path).unwrap_err();
+            assert!(
+                matches!(err, KeyError::Malformed { .. }),
+                "{text:?}: {err:?}"
+            );
+            assert!(err.to_string().contains(&*path.to_string_lossy()));
+        }
+        let path = dir.0.join("ok.pub");
+        fs::write(&path, format!("  \n{WG_PUBLIC}\r\n\n")).unwrap();
+        assert_eq!(load_public_key(&path).unwrap().to_string(), WG_PUBLIC);
+        assert!(matches!(
+            "AAAA".parse::<PublicKey>(),
+            Err(KeyError::InvalidKey { .. })
+        ));
+    }
+
+    #[test]
+    fn allow_list_parsing() {
+        let other = Keypair::generate().public;
+        let text = format!(
+            "# peers\n\n{WG_PUBLIC}  laptop (home)  # trailing\n  \t\n{other}\n{other}#no name\n"
+        );
+        let err = AllowList::parse(&text).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                KeyError::AllowList {
+                    line: 6,
+                    path: None,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("duplicate"));
+
+        let text = format!("# peers\n\n{WG_PUBLIC}  laptop (home)  # trailing\n  \t\n{other}# x\n");
+        let list = AllowList::parse(&text).unwrap();
+        assert_eq!(list.len(), 2);
+        let wg: PublicKey = WG_PUBLIC.parse().unwrap();
+        assert_eq!(
+            list.lookup(&wg).unwrap().name.as_deref(),
+            Some("laptop (home)")
+        );
+        assert_eq!(list.lookup(&other).unwrap().name, None);
+        assert!(list.lookup(&Keypair::generate().public).is_none());
+        assert_eq!(
+            list.iter().map(|p| p.key).collect::<Vec<_>>(),
+            vec![wg, other]
+        );
+
+        let err = AllowList::parse("# ok\n\nnot-a-key name\n").unwrap_err();
+        assert!(
+            matches!(err, KeyError::AllowList { line: 3, .. }),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("line 3"));
+        assert!(AllowList::parse("# nothing\n").unwrap().is_empty());
+
+        let dir = TempDir::new("allow");
+        let path = dir.0.join("allow");
+        fs::write(&path, "\nbogus\n").unwrap();
+        let err = AllowList::load(&path).unwrap_err();
+        assert!(matches!(
+            err,
+            KeyError::AllowList {
+                line: 2,
+                path: Some(_),
+                ..
+            }
+        ));
+        assert!(err.to_string().contains(&*path.to_string_lossy()));
+
+        let list = AllowList::from_keys([
+            (wg, None),
+            (other, Some("b".into())),
+            (wg, Some("dup".into())),
+        ]);
+        assert_eq!(list.len(), 2);
+        assert_eq!(list.lookup(&wg).unwrap().name, None);
+    }
+
+    #[test]
+    fn debug_never_reveals_private_key() {
+        for kp in [
+            Keypair::from_private(PrivateKey::from_base64(WG_PRIVATE).unwrap()),
+            Keypair::generate(),
+        ] {
+            let b64 = kp.private.to_base64();
+            let hex_lower = hex(kp.private.as_bytes());
+            let bytes_dbg = format!("{:?}", kp.private.as_bytes());
+            for shown in [
+                format!("{:?}", kp.private),
+                format!("{kp:?}"),
+                format!("{kp:#?}"),
+            ] {
+                assert!(
+                    !shown.contains(&*b64) && !shown.contains(&b64[..20]),
+                    "{shown}"
+                );
+                assert!(!shown.to_lowercase().contains(&hex_lower[..16]), "{shown}");
+                assert!(!shown.contains(&bytes_dbg), "{shown}");
+            }
+            assert_eq!(format!("{:?}", kp.private), "PrivateKey(<redacted>)");
+            assert!(format!("{kp:?}").contains(&kp.public.to_string()));
+        }
+        assert_eq!(
+            format!("{:?}", WG_PUBLIC.parse::<PublicKey>().unwrap()),
+            format!("PublicKey({WG_PUBLIC})")
+        );
+    }
+}

@@ -1,0 +1,4 @@
+//! holdfast
+#![forbid(unsafe_code)]
+pub mod keys;
+pub mod proto;

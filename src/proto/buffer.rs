@@ -1,0 +1,185 @@
+//! A queue of plaintext bytes in fixed-size chunks, addressed by absolute stream offset.
+//!
+//! Used for the replay buffer (bytes written by the program and kept until the peer
+//! acknowledges them) and for the receive buffer (bytes decrypted and not yet read). Released
+//! chunks are zeroized before they are reused or freed, and a small pool of spare chunks keeps
+//! the data path free of per-frame allocations.
+
+use std::collections::VecDeque;
+
+use zeroize::{Zeroize, Zeroizing};
+
+/// Bytes per chunk. Equal to the largest DATA payload so a frame never spans more than two.
+pub const CHUNK: usize = 16 * 1024;
+const MAX_SPARE: usize = 4;
+
+/// Chunked byte queue. Every chunk but the last is full, so the chunk holding any offset is
+/// found by arithmetic.
+#[derive(Default)]
+pub struct ByteQueue {
+    /// Absolute offset of byte 0 of the first chunk.
+    chunk_base: u64,
+    /// Absolute offset of the first byte still held (>= `chunk_base`).
+    start: u64,
+    /// Absolute offset one past the last byte held.
+    end: u64,
+    chunks: VecDeque<Zeroizing<Vec<u8>>>,
+    spare: Vec<Zeroizing<Vec<u8>>>,
+}
+
+impl std::fmt::Debug for ByteQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ByteQueue").field("start", &self.start).field("end", &self.end).finish()
+    }
+}
+
+impl ByteQueue {
+    /// An empty queue whose next byte has offset 0.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Offset of the first byte held.
+    pub fn start(&self) -> u64 {
+        self.start
+    }
+
+    /// Offset one past the last byte held.
+    pub fn end(&self) -> u64 {
+        self.end
+    }
+
+    /// Bytes held.
+    pub fn len(&self) -> usize {
+        (self.end - self.start) as usize
+    }
+
+    /// True when nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.end == self.start
+    }
+
+    /// Appends all of `data`. The caller bounds the size.
+    pub fn push(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            let need_new = self.chunks.back().is_none_or(|c| c.len() == CHUNK);
+            if need_new {
+                if self.chunks.is_empty() {
+                    self.chunk_base = self.end;
+                    self.start = self.end;
+                }
+                let chunk = self.spare.pop().unwrap_or_else(|| Zeroizing::new(Vec::with_capacity(CHUNK)));
+                self.chunks.push_back(chunk);
+            }
+            let Some(last) = self.chunks.back_mut() else { return };
+            let n = (CHUNK - last.len()).min(data.len());
+            last.extend_from_slice(&data[..n]);
+            self.end += n as u64;
+            data = &data[n..];
+        }
+    }
+
+    /// The contiguous bytes held from `offset` to the end of its chunk, at most `max`.
+    /// Empty if `offset` is outside the held range.
+    pub fn slice_from(&self, offset: u64, max: usize) -> &[u8] {
+        if offset < self.start || offset >= self.end {
+            return &[];
+        }
+        let rel = (offset - self.chunk_base) as usize;
+        let Some(chunk) = self.chunks.get(rel / CHUNK) else { return &[] };
+        let from = rel % CHUNK;
+        let to = chunk.len().min(from + max);
+        &chunk[from..to]
+    }
+
+    /// Drops (and zeroizes) every byte below `offset`.
+    pub fn release_to(&mut self, offset: u64) {
+        let offset = offset.min(self.end);
+        if offset <= self.start {
+            return;
+        }
+        self.start = offset;
+        while let Some(front) = self.chunks.front() {
+            let front_end = self.chunk_base + front.len() as u64;
+            if front_end > offset {
+                break;
+            }
+            if let Some(mut c) = self.chunks.pop_front() {
+                c.zeroize();
+                if self.spare.len() < MAX_SPARE {
+                    self.spare.push(c);
+                }
+            }
+            self.chunk_base = front_end;
+        }
+        if self.chunks.is_empty() {
+            self.chunk_base = self.end;
+        }
+    }
+
+    /// Copies bytes from the front into `buf` and releases them. Returns the count.
+    pub fn read_into(&mut self, buf: &mut [u8]) -> usize {
+        let mut n = 0;
+        while n < buf.len() && !self.is_empty() {
+            let s = self.slice_from(self.start, buf.len() - n);
+            let k = s.len();
+            buf[n..n + k].copy_from_slice(s);
+            n += k;
+            self.release_to(self.start + k as u64);
+        }
+        n
+    }
+
+    /// Frees the spare chunks (for idle sessions).
+    pub fn shrink(&mut self) {
+        self.spare.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn slices_follow_offsets_across_chunks() {
+        let mut q = ByteQueue::new();
+        let data: Vec<u8> = (0..CHUNK * 3 + 100).map(|i| i as u8).collect();
+        q.push(&data);
+        assert_eq!(q.len(), data.len());
+        assert_eq!(q.slice_from(5, 10), &data[5..15]);
+        assert_eq!(q.slice_from(CHUNK as u64 - 3, 100), &data[CHUNK - 3..CHUNK]);
+        q.release_to(CHUNK as u64 + 7);
+        assert_eq!(q.start(), CHUNK as u64 + 7);
+        assert_eq!(q.slice_from(3, 10), b"");
+        assert_eq!(q.slice_from(CHUNK as u64 + 7, 4), &data[CHUNK + 7..CHUNK + 11]);
+        q.release_to(q.end());
+        assert!(q.is_empty());
+        q.push(b"xyz");
+        assert_eq!(q.slice_from(q.start(), 10), b"xyz");
+        assert_eq!(q.start(), data.len() as u64);
+    }
+
+    proptest! {
+        /// Any interleaving of pushes and reads yields the bytes in order.
+        #[test]
+        fn reads_return_what_was_pushed(ops in proptest::collection::vec((0usize..40000, 1usize..40000), 1..30)) {
+            let mut q = ByteQueue::new();
+            let mut expect = Vec::new();
+            let mut got = Vec::new();
+            let mut k = 0u8;
+            for (push, read) in ops {
+                let data: Vec<u8> = (0..push).map(|_| { k = k.wrapping_add(13); k }).collect();
+                q.push(&data);
+                expect.extend_from_slice(&data);
+                let mut buf = vec![0; read];
+                let n = q.read_into(&mut buf);
+                got.extend_from_slice(&buf[..n]);
+            }
+            let mut buf = vec![0; q.len()];
+            let n = q.read_into(&mut buf);
+            got.extend_from_slice(&buf[..n]);
+            prop_assert_eq!(got, expect);
+        }
+    }
+}

@@ -1,0 +1,497 @@
+//! The two handshakes, as sans-IO values: the first connection (`Noise_IK`) and resumption
+//! (`Noise_KKpsk0` keyed by a ticket). See `docs/PROTOCOL.md` for every byte.
+//!
+//! Client side: [`ClientHandshake::initial`] or [`ClientHandshake::resume`] give the first record
+//! to send; [`ClientHandshake::read_reply`] turns the server's reply into a [`Transport`].
+//! Server side: [`respond`] reads the client's first record and gives the reply and a
+//! [`Transport`] that is *not yet confirmed*: the server commits nothing until the first
+//! transport record from the client decrypts.
+
+use thiserror::Error;
+use zeroize::Zeroizing;
+
+use super::frame::{RESUME_ID_LEN, SECRET_LEN};
+use super::transport::Transport;
+use crate::keys::{PrivateKey, PublicKey};
+
+/// Magic bytes that open every client hello.
+pub const MAGIC: [u8; 4] = *b"HFST";
+/// Protocol version.
+pub const VERSION: u8 = 1;
+/// Noise protocol of the first connection.
+pub const INITIAL_PATTERN: &str = "Noise_IK_25519_ChaChaPoly_BLAKE2s";
+/// Noise protocol of a resume.
+pub const RESUME_PATTERN: &str = "Noise_KKpsk0_25519_ChaChaPoly_BLAKE2s";
+/// Largest handshake record accepted before authentication, in bytes.
+pub const MAX_HANDSHAKE: usize = 256;
+
+/// Client hello kinds (byte 5 of the hello).
+pub mod hello {
+    /// First connection: Noise IK.
+    pub const INITIAL: u8 = 0x01;
+    /// Resume with a ticket: Noise KKpsk0.
+    pub const RESUME: u8 = 0x02;
+}
+
+/// Server reply kinds (byte 0 of the reply).
+pub mod reply {
+    /// The Noise response follows.
+    pub const ACCEPT: u8 = 0x01;
+    /// The server refuses; one reject code byte follows.
+    pub const REJECT: u8 = 0x02;
+}
+
+/// Why a server refused a hello, sent in clear in a REJECT reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectCode {
+    /// The resume id is unknown or expired: the session is lost.
+    UnknownSession,
+    /// The server is at a limit; try again later.
+    Busy,
+}
+
+impl RejectCode {
+    /// Wire value.
+    pub fn to_u8(self) -> u8 {
+        match self {
+            RejectCode::UnknownSession => 1,
+            RejectCode::Busy => 2,
+        }
+    }
+}
+
+/// Handshake failures.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum HandshakeError {
+    /// The record is not a holdfast hello (wrong magic, kind or size).
+    #[error("not a holdfast handshake message")]
+    Malformed,
+    /// The peer speaks another protocol version.
+    #[error("unsupported protocol version {0}")]
+    Version(u8),
+    /// A Noise message failed to authenticate: wrong key, tampering, or a replay.
+    #[error("handshake failed authentication (wrong key or tampered message)")]
+    Auth,
+    /// The client's static key is not on the server's allow-list.
+    #[error("client key is not authorized")]
+    UnknownClient,
+    /// The resume id names no live session.
+    #[error("session is unknown or expired")]
+    UnknownSession,
+    /// The server refused: it is at a limit.
+    #[error("server is busy")]
+    Busy,
+    /// The server answered with a reject code this version does not know.
+    #[error("server rejected the handshake with code {0}")]
+    Rejected(u8),
+    /// Noise refused to build a state (bad key material).
+    #[error("noise setup failed")]
+    Setup,
+}
+
+/// A resumption ticket: a public id and a secret used as the PSK of one resume handshake.
+#[derive(Clone)]
+pub struct Ticket {
+    /// Public id, sent in clear in the resume hello.
+    pub resume_id: [u8; RESUME_ID_LEN],
+    /// Secret PSK. Zeroized on drop.
+    pub secret: Zeroizing<[u8; SECRET_LEN]>,
+}
+
+impl std::fmt::Debug for Ticket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Ticket({}, <secret>)", hex_id(&self.resume_id))
+    }
+}
+
+impl Ticket {
+    /// A fresh random ticket from the operating system's CSPRNG.
+    pub fn generate() -> Self {
+        use rand::RngCore;
+        let mut t = Ticket { resume_id: [0; RESUME_ID_LEN], secret: Zeroizing::new([0; SECRET_LEN]) };
+        rand::rngs::OsRng.fill_bytes(&mut t.resume_id);
+        rand::rngs::OsRng.fill_bytes(&mut t.secret[..]);
+        t
+    }
+}
+
+/// Short printable form of a resume id, for logs (the id is public).
+pub fn hex_id(id: &[u8]) -> String {
+    id.iter().take(6).map(|b| format!("{b:02x}")).collect()
+}
+
+fn builder<'a>(pattern: &str, prologue: &'a [u8], local: &'a PrivateKey) -> Result<snow::Builder<'a>, HandshakeError> {
+    let params = pattern.parse().map_err(|_| HandshakeError::Setup)?;
+    snow::Builder::new(params)
+        .prologue(prologue)
+        .and_then(|b| b.local_private_key(local.as_bytes()))
+        .map_err(|_| HandshakeError::Setup)
+}
+
+fn into_transport(hs: snow::HandshakeState) -> Result<Transport, HandshakeError> {
+    hs.into_transport_mode().map(Transport::new).map_err(|_| HandshakeError::Setup)
+}
+
+/// A client waiting for the server's reply.
+pub struct ClientHandshake {
+    state: snow::HandshakeState,
+    resume: bool,
+}
+
+impl std::fmt::Debug for ClientHandshake {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientHandshake").field("resume", &self.resume).finish_non_exhaustive()
+    }
+}
+
+/// What the client learns from a successful handshake.
+#[derive(Debug)]
+pub struct ClientDone {
+    /// The new transport.
+    pub transport: Transport,
+    /// For a resume: how much of the client's stream the server has received.
+    pub server_received: Option<u64>,
+}
+
+impl ClientHandshake {
+    /// Starts a first connection (IK). Returns the handshake and the hello record body.
+    ///
+    /// # Errors
+    /// [`HandshakeError::Setup`] if Noise rejects the keys.
+    pub fn initial(local: &PrivateKey, server: &PublicKey) -> Result<(Self, Vec<u8>), HandshakeError> {
+        Self::initial_with(local, server, None)
+    }
+
+    #[doc(hidden)]
+    /// Like [`ClientHandshake::initial`] with a fixed ephemeral key: for test vectors only.
+    pub fn initial_with(
+        local: &PrivateKey,
+        server: &PublicKey,
+        ephemeral: Option<&[u8; 32]>,
+    ) -> Result<(Self, Vec<u8>), HandshakeError> {
+        let mut header = Vec::with_capacity(MAX_HANDSHAKE);
+        header.extend_from_slice(&MAGIC);
+        header.extend_from_slice(&[VERSION, hello::INITIAL]);
+        let mut b = builder(INITIAL_PATTERN, &header, local)?
+            .remote_public_key(server.as_bytes())
+            .map_err(|_| HandshakeError::Setup)?;
+        if let Some(e) = ephemeral {
+            b = b.fixed_ephemeral_key_for_testing_only(e);
+        }
+        let state = b.build_initiator().map_err(|_| HandshakeError::Setup)?;
+        let mut hs = ClientHandshake { state, resume: false };
+        let out = hs.write_hello(header, &[])?;
+        Ok((hs, out))
+    }
+
+    /// Starts a resume (KKpsk0) with `ticket`, telling the server that the client has received
+    /// `received` positions of the server's stream.
+    ///
+    /// # Errors
+    /// [`HandshakeError::Setup`] if Noise rejects the keys.
+    pub fn resume(
+        local: &PrivateKey,
+        server: &PublicKey,
+        ticket: &Ticket,
+        received: u64,
+    ) -> Result<(Self, Vec<u8>), HandshakeError> {
+        Self::resume_with(local, server, ticket, received, None)
+    }
+
+    #[doc(hidden)]
+    /// Like [`ClientHandshake::resume`] with a fixed ephemeral key: for test vectors only.
+    pub fn resume_with(
+        local: &PrivateKey,
+        server: &PublicKey,
+        ticket: &Ticket,
+        received: u64,
+        ephemeral: Option<&[u8; 32]>,
+    ) -> Result<(Self, Vec<u8>), HandshakeError> {
+        let mut header = Vec::with_capacity(MAX_HANDSHAKE);
+        header.extend_from_slice(&MAGIC);
+        header.extend_from_slice(&[VERSION, hello::RESUME]);
+        header.extend_from_slice(&ticket.resume_id);
+        let mut b = builder(RESUME_PATTERN, &header, local)?
+            .remote_public_key(server.as_bytes())
+            .and_then(|b| b.psk(0, &ticket.secret))
+            .map_err(|_| HandshakeError::Setup)?;
+        if let Some(e) = ephemeral {
+            b = b.fixed_ephemeral_key_for_testing_only(e);
+        }
+        let state = b.build_initiator().map_err(|_| HandshakeError::Setup)?;
+        let mut hs = ClientHandshake { state, resume: true };
+        let out = hs.write_hello(header, &received.to_be_bytes())?;
+        Ok((hs, out))
+    }
+
+    fn write_hello(&mut self, mut header: Vec<u8>, payload: &[u8]) -> Result<Vec<u8>, HandshakeError> {
+        let start = header.len();
+        header.resize(MAX_HANDSHAKE, 0);
+        let n = self.state.write_message(payload, &mut header[start..]).map_err(|_| HandshakeError::Setup)?;
+        header.truncate(start + n);
+        Ok(header)
+    }
+
+    /// Reads the server's reply record body.
+    ///
+    /// # Errors
+    /// [`HandshakeError::UnknownSession`] or [`HandshakeError::Busy`] if the server refused,
+    /// [`HandshakeError::Auth`] if the reply does not come from the pinned server key,
+    /// [`HandshakeError::Malformed`] for anything else unexpected.
+    pub fn read_reply(mut self, body: &[u8]) -> Result<ClientDone, HandshakeError> {
+        let (&kind, rest) = body.split_first().ok_or(HandshakeError::Malformed)?;
+        match kind {
+            reply::ACCEPT => {}
+            reply::REJECT => {
+                return Err(match rest {
+                    [1] => HandshakeError::UnknownSession,
+                    [2] => HandshakeError::Busy,
+                    [c] => HandshakeError::Rejected(*c),
+                    _ => HandshakeError::Malformed,
+                })
+            }
+            _ => return Err(HandshakeError::Malformed),
+        }
+        if rest.len() > MAX_HANDSHAKE {
+            return Err(HandshakeError::Malformed);
+        }
+        let mut payload = Zeroizing::new([0u8; MAX_HANDSHAKE]);
+        let n = self.state.read_message(rest, &mut payload[..]).map_err(|_| HandshakeError::Auth)?;
+        let server_received = match (self.resume, n) {
+            (false, 0) => None,
+            (true, 8) => Some(u64::from_be_bytes(payload[..8].try_into().map_err(|_| HandshakeError::Malformed)?)),
+            _ => return Err(HandshakeError::Malformed),
+        };
+        Ok(ClientDone { transport: into_transport(self.state)?, server_received })
+    }
+}
+
+/// What a server needs to know about a session to answer a resume for it.
+pub struct ResumeLookup {
+    /// The client static key stored with the session (never the client's claim).
+    pub client: PublicKey,
+    /// The ticket secret for the requested resume id.
+    pub psk: Zeroizing<[u8; SECRET_LEN]>,
+    /// How much of the client's stream the server has received.
+    pub received: u64,
+}
+
+/// What kind of connection a verified hello asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Hello {
+    /// A new session from this allowed client key.
+    Initial {
+        /// The client's authenticated static key.
+        client: PublicKey,
+    },
+    /// A resume of an existing session.
+    Resume {
+        /// The ticket id used.
+        resume_id: [u8; RESUME_ID_LEN],
+        /// How much of the server's stream the client has received.
+        client_received: u64,
+    },
+}
+
+/// A server's answer to a valid hello: the reply to send and an unconfirmed transport.
+#[derive(Debug)]
+pub struct ServerAccept {
+    /// What the hello asked for.
+    pub hello: Hello,
+    /// Reply record body to send.
+    pub reply: Vec<u8>,
+    /// Transport to use once the client's first record decrypts (key confirmation).
+    pub transport: Transport,
+}
+
+/// The reply body for a refusal.
+pub fn reject(code: RejectCode) -> Vec<u8> {
+    vec![reply::REJECT, code.to_u8()]
+}
+
+/// Server side: reads a client hello record body and answers it.
+///
+/// `allowed` decides whether an initial client key is on the allow-list; `lookup` finds the
+/// session for a resume id. Nothing is committed here: the caller must wait for the client's
+/// first transport record to decrypt before it creates or attaches a session.
+///
+/// # Errors
+/// [`HandshakeError::UnknownClient`] (drop silently), [`HandshakeError::UnknownSession`] (send
+/// [`reject`]), [`HandshakeError::Auth`] (drop silently), [`HandshakeError::Malformed`] or
+/// [`HandshakeError::Version`].
+pub fn respond(
+    body: &[u8],
+    local: &PrivateKey,
+    allowed: impl FnOnce(&PublicKey) -> bool,
+    lookup: impl FnOnce(&[u8; RESUME_ID_LEN]) -> Option<ResumeLookup>,
+) -> Result<ServerAccept, HandshakeError> {
+    respond_with(body, local, allowed, lookup, None)
+}
+
+#[doc(hidden)]
+/// Like [`respond`] with a fixed ephemeral key: for test vectors only.
+pub fn respond_with(
+    body: &[u8],
+    local: &PrivateKey,
+    allowed: impl FnOnce(&PublicKey) -> bool,
+    lookup: impl FnOnce(&[u8; RESUME_ID_LEN]) -> Option<ResumeLookup>,
+    ephemeral: Option<&[u8; 32]>,
+) -> Result<ServerAccept, HandshakeError> {
+    if body.len() > MAX_HANDSHAKE || body.len() < 6 || body[..4] != MAGIC {
+        return Err(HandshakeError::Malformed);
+    }
+    if body[4] != VERSION {
+        return Err(HandshakeError::Version(body[4]));
+    }
+    let mut payload = Zeroizing::new([0u8; MAX_HANDSHAKE]);
+    let mut out = vec![0u8; MAX_HANDSHAKE];
+    out[0] = reply::ACCEPT;
+    match body[5] {
+        hello::INITIAL => {
+            let (header, msg) = body.split_at(6);
+            let mut b = builder(INITIAL_PATTERN, header, local)?;
+            if let Some(e) = ephemeral {
+                b = b.fixed_ephemeral_key_for_testing_only(e);
+            }
+            let mut hs = b.build_responder().map_err(|_| HandshakeError::Setup)?;
+            let n = hs.read_message(msg, &mut payload[..]).map_err(|_| HandshakeError::Auth)?;
+            if n != 0 {
+                return Err(HandshakeError::Malformed);
+            }
+            let client = hs
+                .get_remote_static()
+                .and_then(|k| <[u8; 32]>::try_from(k).ok())
+                .map(PublicKey::from_bytes)
+                .ok_or(HandshakeError::Auth)?;
+            if !allowed(&client) {
+                return Err(HandshakeError::UnknownClient);
+            }
+            let n = hs.write_message(&[], &mut out[1..]).map_err(|_| HandshakeError::Setup)?;
+            out.truncate(1 + n);
+            Ok(ServerAccept { hello: Hello::Initial { client }, reply: out, transport: into_transport(hs)? })
+        }
+        hello::RESUME => {
+            if body.len() < 6 + RESUME_ID_LEN {
+                return Err(HandshakeError::Malformed);
+            }
+            let (header, msg) = body.split_at(6 + RESUME_ID_LEN);
+            let mut resume_id = [0u8; RESUME_ID_LEN];
+            resume_id.copy_from_slice(&header[6..]);
+            let found = lookup(&resume_id).ok_or(HandshakeError::UnknownSession)?;
+            let mut b = builder(RESUME_PATTERN, header, local)?
+                .remote_public_key(found.client.as_bytes())
+                .and_then(|b| b.psk(0, &found.psk))
+                .map_err(|_| HandshakeError::Setup)?;
+            if let Some(e) = ephemeral {
+                b = b.fixed_ephemeral_key_for_testing_only(e);
+            }
+            let mut hs = b.build_responder().map_err(|_| HandshakeError::Setup)?;
+            let n = hs.read_message(msg, &mut payload[..]).map_err(|_| HandshakeError::Auth)?;
+            if n != 8 {
+                return Err(HandshakeError::Malformed);
+            }
+            let client_received = u64::from_be_bytes(payload[..8].try_into().map_err(|_| HandshakeError::Malformed)?);
+            let n = hs.write_message(&found.received.to_be_bytes(), &mut out[1..]).map_err(|_| HandshakeError::Setup)?;
+            out.truncate(1 + n);
+            Ok(ServerAccept {
+                hello: Hello::Resume { resume_id, client_received },
+                reply: out,
+                transport: into_transport(hs)?,
+            })
+        }
+        _ => Err(HandshakeError::Malformed),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::Keypair;
+
+    fn pair() -> (Keypair, Keypair) {
+        (Keypair::generate(), Keypair::generate())
+    }
+
+    fn confirm(client: &mut Transport, server: &mut Transport) {
+        let mut rec = Vec::new();
+        client.seal(b"\x03", &mut rec).unwrap();
+        let mut out = [0u8; 64];
+        let n = server.open(&rec[2..], &mut out).unwrap();
+        assert_eq!(&out[..n], b"\x03");
+    }
+
+    #[test]
+    fn initial_handshake_authenticates_both_ends() {
+        let (c, s) = pair();
+        let (hs, hello) = ClientHandshake::initial(&c.private, &s.public).unwrap();
+        assert!(hello.len() <= MAX_HANDSHAKE);
+        let acc = respond(&hello, &s.private, |k| *k == c.public, |_| None).unwrap();
+        assert_eq!(acc.hello, Hello::Initial { client: c.public });
+        let mut done = hs.read_reply(&acc.reply).unwrap();
+        let mut st = acc.transport;
+        confirm(&mut done.transport, &mut st);
+    }
+
+    #[test]
+    fn unknown_client_is_refused_after_message_one() {
+        let (c, s) = pair();
+        let (_, hello) = ClientHandshake::initial(&c.private, &s.public).unwrap();
+        let err = respond(&hello, &s.private, |_| false, |_| None).unwrap_err();
+        assert_eq!(err, HandshakeError::UnknownClient);
+    }
+
+    #[test]
+    fn wrong_server_key_is_detected() {
+        let (c, s) = pair();
+        let impostor = Keypair::generate();
+        // The client pins `s`, but `impostor` answers: it cannot even read message 1.
+        let (_, hello) = ClientHandshake::initial(&c.private, &s.public).unwrap();
+        assert_eq!(respond(&hello, &impostor.private, |_| true, |_| None).unwrap_err(), HandshakeError::Auth);
+    }
+
+    #[test]
+    fn resume_carries_offsets_and_uses_the_stored_client_key() {
+        let (c, s) = pair();
+        let t = Ticket::generate();
+        let (hs, hello) = ClientHandshake::resume(&c.private, &s.public, &t, 77).unwrap();
+        let lookup = |id: &[u8; 16]| {
+            assert_eq!(id, &t.resume_id);
+            Some(ResumeLookup { client: c.public, psk: t.secret.clone(), received: 99 })
+        };
+        let acc = respond(&hello, &s.private, |_| panic!("no allow-list on resume"), lookup).unwrap();
+        assert_eq!(acc.hello, Hello::Resume { resume_id: t.resume_id, client_received: 77 });
+        let done = hs.read_reply(&acc.reply).unwrap();
+        assert_eq!(done.server_received, Some(99));
+
+        // Another allowed client using this id fails: the server uses the stored key.
+        let other = Keypair::generate();
+        let (_, hello) = ClientHandshake::resume(&other.private, &s.public, &t, 0).unwrap();
+        let lookup = |_: &[u8; 16]| Some(ResumeLookup { client: c.public, psk: t.secret.clone(), received: 0 });
+        assert_eq!(respond(&hello, &s.private, |_| true, lookup).unwrap_err(), HandshakeError::Auth);
+    }
+
+    #[test]
+    fn tampered_resume_header_breaks_the_handshake() {
+        let (c, s) = pair();
+        let t = Ticket::generate();
+        let (_, mut hello) = ClientHandshake::resume(&c.private, &s.public, &t, 1).unwrap();
+        hello[6] ^= 1; // change the id: the prologue no longer matches (and lookup fails)
+        let lookup = |_: &[u8; 16]| Some(ResumeLookup { client: c.public, psk: t.secret.clone(), received: 0 });
+        assert_eq!(respond(&hello, &s.private, |_| true, lookup).unwrap_err(), HandshakeError::Auth);
+    }
+
+    #[test]
+    fn rejects_are_typed() {
+        let (c, s) = pair();
+        let (hs, _) = ClientHandshake::initial(&c.private, &s.public).unwrap();
+        assert_eq!(hs.read_reply(&reject(RejectCode::UnknownSession)).unwrap_err(), HandshakeError::UnknownSession);
+        let (hs, _) = ClientHandshake::initial(&c.private, &s.public).unwrap();
+        assert_eq!(hs.read_reply(&reject(RejectCode::Busy)).unwrap_err(), HandshakeError::Busy);
+        let (_, hello) = ClientHandshake::initial(&c.private, &s.public).unwrap();
+        let mut bad = hello.clone();
+        bad[4] = 9;
+        assert_eq!(respond(&bad, &s.private, |_| true, |_| None).unwrap_err(), HandshakeError::Version(9));
+        assert_eq!(respond(&hello[..5], &s.private, |_| true, |_| None).unwrap_err(), HandshakeError::Malformed);
+    }
+}

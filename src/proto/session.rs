@@ -1,0 +1,602 @@
+//! The session state machine: one virtual stream that outlives its real connections.
+//!
+//! A [`Session`] owns the replay buffer (plaintext the program wrote, kept until the peer
+//! acknowledges it), the receive buffer, the stream offsets, tickets and timers. It does no I/O
+//! and reads no clock: the driver feeds it records and `now`, and asks it for records to send and
+//! the next deadline. A real connection is plugged in with [`Session::attach`] after a handshake
+//! and unplugged with [`Session::detach`] when it fails; the stream itself goes on.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+use zeroize::Zeroizing;
+
+use super::buffer::ByteQueue;
+use super::frame::{CloseCode, Frame, FrameError, MAX_DATA, MAX_FRAME, RESUME_ID_LEN};
+use super::handshake::Ticket;
+use super::transport::{CryptoError, Transport, TAG_LEN};
+
+/// Tunable limits and timers of a session. All have documented defaults.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// Replay buffer bound: bytes written but not yet acknowledged. Writes wait when it is full.
+    /// Default 8 MiB.
+    pub max_buffer: usize,
+    /// Receive buffer level above which the driver stops reading the socket. Default 1 MiB.
+    pub recv_window: usize,
+    /// Send a PING after this long without sending anything. Default 5 s.
+    pub keepalive: Duration,
+    /// Declare the real connection dead after this long without receiving anything. Default 15 s.
+    pub dead_after: Duration,
+    /// Longest delay before acknowledging received data. Default 10 ms.
+    pub ack_delay: Duration,
+    /// Acknowledge at once when this many received bytes are unacknowledged. Default 64 KiB.
+    pub ack_threshold: u64,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            max_buffer: 8 << 20,
+            recv_window: 1 << 20,
+            keepalive: Duration::from_secs(5),
+            dead_after: Duration::from_secs(15),
+            ack_delay: Duration::from_millis(10),
+            ack_threshold: 64 << 10,
+        }
+    }
+}
+
+/// Which end of the session this is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Connects and resumes; receives tickets.
+    Client,
+    /// Accepts; issues tickets.
+    Server,
+}
+
+/// Session-layer errors. Those for which [`SessionError::is_link_fault`] is true end only the
+/// real connection (the session resumes); the others end the session.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SessionError {
+    /// A record failed to decrypt or authenticate.
+    #[error("crypto failure on the link: {0}")]
+    Crypto(#[from] CryptoError),
+    /// A record decrypted to an invalid frame.
+    #[error("invalid frame on the link: {0}")]
+    Frame(#[from] FrameError),
+    /// The peer broke a protocol rule on this connection.
+    #[error("protocol violation on the link: {0}")]
+    Protocol(&'static str),
+    /// Nothing was received for the dead-peer time.
+    #[error("peer silent for {0:?}, link presumed dead")]
+    Dead(Duration),
+    /// The real connection closed or failed.
+    #[error("link failed: {0}")]
+    Link(String),
+    /// The peer ended the session with a CLOSE frame.
+    #[error("peer closed the session ({code:?}): {reason}")]
+    PeerClosed {
+        /// The peer's close code.
+        code: CloseCode,
+        /// The peer's reason text.
+        reason: String,
+    },
+    /// The peer resumed claiming offsets this end cannot honour.
+    #[error("resume offsets are inconsistent: {0}")]
+    BadResume(&'static str),
+    /// A write after `shutdown`.
+    #[error("stream was shut down for writing")]
+    WriteAfterShutdown,
+    /// The session was ended locally (give-up, expiry, refusal, abort).
+    #[error("{0}")]
+    Ended(String),
+}
+
+impl SessionError {
+    /// True for faults of one real connection, after which the session should resume.
+    pub fn is_link_fault(&self) -> bool {
+        matches!(
+            self,
+            SessionError::Crypto(_) | SessionError::Frame(_) | SessionError::Protocol(_) | SessionError::Dead(_) | SessionError::Link(_)
+        )
+    }
+}
+
+/// Things the driver must act on, taken with [`Session::poll_event`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Server: a new ticket id now resolves to this session.
+    TicketIssued([u8; RESUME_ID_LEN]),
+    /// Server: this ticket id no longer resolves to this session.
+    TicketRetired([u8; RESUME_ID_LEN]),
+    /// Client: a new ticket was stored; the session can now be resumed.
+    TicketReceived,
+}
+
+/// Result of a successful [`Session::attach`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attached {
+    /// Stream positions this end will send again because the peer never received them.
+    pub replayed: u64,
+}
+
+struct Link {
+    transport: Transport,
+    last_recv: Instant,
+    last_send: Instant,
+}
+
+/// One end of a resumable stream. See the module documentation.
+pub struct Session {
+    role: Role,
+    cfg: SessionConfig,
+    /// Replay buffer: `start()` is the peer's cumulative ack, `end()` what the program wrote.
+    send: ByteQueue,
+    /// Next stream position to transmit on the current link.
+    sent: u64,
+    /// Our FIN offset once the program shut down writing.
+    fin: Option<u64>,
+    /// Peer acknowledged our FIN.
+    fin_acked: bool,
+    /// Receive buffer; `end()` is the next data offset expected.
+    recv: ByteQueue,
+    /// The peer's FIN offset, once received.
+    peer_fin: Option<u64>,
+    /// The last ACK value sent on the current link.
+    ack_sent: u64,
+    /// When the pending ACK must go out.
+    ack_due: Option<Instant>,
+    link: Option<Link>,
+    pong_due: bool,
+    /// Server: live tickets (at most two). Client: the newest ticket at index 0.
+    tickets: Vec<Ticket>,
+    ticket_to_send: Option<Ticket>,
+    ticket_ack_to_send: Option<[u8; RESUME_ID_LEN]>,
+    close_to_send: Option<(CloseCode, String)>,
+    failed: Option<SessionError>,
+    events: VecDeque<Event>,
+    scratch: Zeroizing<Vec<u8>>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("role", &self.role)
+            .field("acked", &self.send.start())
+            .field("written", &self.send.end())
+            .field("received", &self.received_offset())
+            .field("linked", &self.link.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Session {
+    /// A new session with no real connection yet.
+    pub fn new(role: Role, cfg: SessionConfig) -> Self {
+        Session {
+            role,
+            cfg,
+            send: ByteQueue::new(),
+            sent: 0,
+            fin: None,
+            fin_acked: false,
+            recv: ByteQueue::new(),
+            peer_fin: None,
+            ack_sent: 0,
+            ack_due: None,
+            link: None,
+            pong_due: false,
+            tickets: Vec::new(),
+            ticket_to_send: None,
+            ticket_ack_to_send: None,
+            close_to_send: None,
+            failed: None,
+            events: VecDeque::new(),
+            scratch: Zeroizing::new(Vec::new()),
+        }
+    }
+
+    /// The session's configuration.
+    pub fn config(&self) -> &SessionConfig {
+        &self.cfg
+    }
+
+    // ---- program side -------------------------------------------------------------------
+
+    /// Buffers up to `data.len()` bytes for sending. Returns how many were taken; 0 means the
+    /// replay buffer is full (backpressure: try again after acknowledgements arrive).
+    ///
+    /// # Errors
+    /// The session's failure, or [`SessionError::WriteAfterShutdown`].
+    pub fn write(&mut self, data: &[u8]) -> Result<usize, SessionError> {
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
+        if self.fin.is_some() {
+            return Err(SessionError::WriteAfterShutdown);
+        }
+        let n = data.len().min(self.send_space());
+        self.send.push(&data[..n]);
+        Ok(n)
+    }
+
+    /// Free space in the replay buffer.
+    pub fn send_space(&self) -> usize {
+        self.cfg.max_buffer.saturating_sub(self.send.len())
+    }
+
+    /// Bytes written and not yet acknowledged by the peer.
+    pub fn unacked(&self) -> usize {
+        self.send.len()
+    }
+
+    /// Reads received bytes. `Ok(Some(n))` with `n > 0` is data, `Ok(Some(0))` is the end of the
+    /// peer's stream (after every byte), `Ok(None)` means nothing yet.
+    ///
+    /// # Errors
+    /// The session's failure, once every byte received before it was read.
+    pub fn read(&mut self, buf: &mut [u8]) -> Result<Option<usize>, SessionError> {
+        if !self.recv.is_empty() {
+            if buf.is_empty() {
+                return Ok(Some(0));
+            }
+            return Ok(Some(self.recv.read_into(buf)));
+        }
+        if self.peer_fin.is_some() {
+            return Ok(Some(0));
+        }
+        match &self.failed {
+            Some(e) => Err(e.clone()),
+            None => Ok(None),
+        }
+    }
+
+    /// Bytes received and not yet read.
+    pub fn readable(&self) -> usize {
+        self.recv.len()
+    }
+
+    /// True when the driver should read more from the socket.
+    pub fn wants_input(&self) -> bool {
+        self.recv.len() < self.cfg.recv_window
+    }
+
+    /// Ends the program's stream: a FIN follows the last written byte.
+    pub fn shutdown(&mut self) {
+        if self.fin.is_none() {
+            self.fin = Some(self.send.end());
+        }
+    }
+
+    /// True once the peer acknowledged our FIN (every byte we wrote was delivered).
+    pub fn fin_acked(&self) -> bool {
+        self.fin_acked
+    }
+
+    /// True once the peer's FIN arrived.
+    pub fn peer_finished(&self) -> bool {
+        self.peer_fin.is_some()
+    }
+
+    /// True when both directions have ended and every byte was acknowledged.
+    pub fn is_finished(&self) -> bool {
+        self.fin_acked && self.peer_fin.is_some()
+    }
+
+    /// Ends the session locally. The error is returned to the program's reads and writes, and a
+    /// CLOSE frame with `code` is queued for the peer if a link is up.
+    pub fn close(&mut self, code: CloseCode, err: SessionError) {
+        if self.failed.is_none() {
+            self.close_to_send = Some((code, err.to_string()));
+            self.failed = Some(err);
+        }
+    }
+
+    /// The error that ended the session, if any.
+    pub fn failure(&self) -> Option<&SessionError> {
+        self.failed.as_ref()
+    }
+
+    // ---- link side ----------------------------------------------------------------------
+
+    /// Stream positions of the peer's stream received so far (a FIN counts as one position).
+    pub fn received_offset(&self) -> u64 {
+        self.recv.end() + u64::from(self.peer_fin.is_some())
+    }
+
+    /// The ticket to resume with (client).
+    pub fn ticket(&self) -> Option<&Ticket> {
+        self.tickets.first()
+    }
+
+    /// The secret for `resume_id` if it is one of this session's live tickets (server).
+    pub fn ticket_secret(&self, resume_id: &[u8; RESUME_ID_LEN]) -> Option<&Ticket> {
+        self.tickets.iter().find(|t| &t.resume_id == resume_id)
+    }
+
+    /// True while a real connection is attached.
+    pub fn is_linked(&self) -> bool {
+        self.link.is_some()
+    }
+
+    fn total_end(&self) -> u64 {
+        self.send.end() + u64::from(self.fin.is_some())
+    }
+
+    /// Plugs in a real connection after a handshake confirmed it.
+    ///
+    /// `peer_received` is how much of our stream the peer holds (0 on a first connection).
+    /// On the server, `used` is the resume id the client used and `new_ticket` the ticket to
+    /// issue: the server keeps only those two.
+    ///
+    /// # Errors
+    /// [`SessionError::BadResume`] if `peer_received` is outside what this end can replay; the
+    /// session is then failed.
+    pub fn attach(
+        &mut self,
+        now: Instant,
+        transport: Transport,
+        peer_received: u64,
+        used: Option<[u8; RESUME_ID_LEN]>,
+        new_ticket: Option<Ticket>,
+    ) -> Result<Attached, SessionError> {
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
+        if peer_received < self.send.start() || peer_received > self.total_end() {
+            let e = SessionError::BadResume("peer's received offset is outside the replay buffer");
+            self.failed = Some(e.clone());
+            return Err(e);
+        }
+        self.apply_ack(peer_received);
+        self.sent = peer_received;
+        self.link = Some(Link { transport, last_recv: now, last_send: now });
+        self.ack_sent = 0;
+        self.ack_due = Some(now); // the first frame on a link is always an ACK
+        self.pong_due = false;
+        self.ticket_to_send = None;
+        if self.role == Role::Server {
+            let retired: Vec<_> = self.tickets.iter().filter(|t| Some(t.resume_id) != used).map(|t| t.resume_id).collect();
+            self.tickets.retain(|t| Some(t.resume_id) == used);
+            self.events.extend(retired.into_iter().map(Event::TicketRetired));
+            if let Some(t) = new_ticket {
+                self.events.push_back(Event::TicketIssued(t.resume_id));
+                self.ticket_to_send = Some(t.clone());
+                self.tickets.push(t);
+            }
+        }
+        Ok(Attached { replayed: self.total_end() - peer_received })
+    }
+
+    /// Unplugs the real connection (it failed or was replaced). Nothing in the stream is lost.
+    pub fn detach(&mut self) {
+        self.link = None;
+        self.ack_due = None;
+        self.pong_due = false;
+        self.ticket_ack_to_send = None;
+        self.scratch = Zeroizing::new(Vec::new());
+        self.send.shrink();
+        self.recv.shrink();
+    }
+
+    /// Handles one record body received on the current link.
+    ///
+    /// # Errors
+    /// A link fault ([`SessionError::is_link_fault`]): the driver must drop the connection and
+    /// resume. Or [`SessionError::PeerClosed`], which ends the session.
+    pub fn handle_record(&mut self, now: Instant, body: &[u8]) -> Result<(), SessionError> {
+        let link = self.link.as_mut().ok_or(SessionError::Protocol("record without a link"))?;
+        if body.len() > MAX_FRAME + TAG_LEN {
+            return Err(SessionError::Protocol("record larger than the largest frame"));
+        }
+        let mut scratch = std::mem::take(&mut self.scratch);
+        scratch.resize(body.len(), 0);
+        let opened = link.transport.open(body, &mut scratch);
+        if opened.is_ok() {
+            link.last_recv = now;
+        }
+        let res = opened.map_err(SessionError::from).and_then(|n| self.handle_frame(now, &scratch[..n]));
+        self.scratch = scratch;
+        res
+    }
+
+    /// Handles one decrypted frame. The driver calls this directly only for the key-confirmation
+    /// record it decrypted itself before [`Session::attach`].
+    ///
+    /// # Errors
+    /// As [`Session::handle_record`].
+    pub fn handle_frame(&mut self, now: Instant, plain: &[u8]) -> Result<(), SessionError> {
+        match Frame::decode(plain)? {
+            Frame::Data { offset, data } => {
+                let next = self.recv.end();
+                if self.peer_fin.is_some() || offset > next {
+                    return Err(SessionError::Protocol("DATA offset beyond the next expected byte"));
+                }
+                let end = offset.checked_add(data.len() as u64).ok_or(SessionError::Protocol("DATA offset overflows"))?;
+                if end > next {
+                    self.recv.push(&data[(next - offset) as usize..]);
+                    self.schedule_ack(now);
+                }
+            }
+            Frame::Ack(v) => {
+                if v > self.sent {
+                    return Err(SessionError::Protocol("ACK of bytes never sent"));
+                }
+                self.apply_ack(v);
+            }
+            Frame::Ping => self.pong_due = true,
+            Frame::Pong => {}
+            Frame::Ticket { resume_id, secret } => {
+                if self.role != Role::Client {
+                    return Err(SessionError::Protocol("TICKET sent to a server"));
+                }
+                self.tickets.clear();
+                self.tickets.push(Ticket { resume_id, secret: Zeroizing::new(*secret) });
+                self.ticket_ack_to_send = Some(resume_id);
+                self.events.push_back(Event::TicketReceived);
+            }
+            Frame::TicketAck(id) => {
+                if self.role != Role::Server {
+                    return Err(SessionError::Protocol("TICKET_ACK sent to a client"));
+                }
+                if self.tickets.iter().any(|t| t.resume_id == id) {
+                    let retired: Vec<_> = self.tickets.iter().filter(|t| t.resume_id != id).map(|t| t.resume_id).collect();
+                    self.tickets.retain(|t| t.resume_id == id);
+                    self.events.extend(retired.into_iter().map(Event::TicketRetired));
+                }
+            }
+            Frame::Fin(off) => match self.peer_fin {
+                Some(f) if f == off => {}
+                Some(_) => return Err(SessionError::Protocol("FIN moved")),
+                None if off == self.recv.end() => {
+                    self.peer_fin = Some(off);
+                    self.schedule_ack(now);
+                    self.ack_due = Some(now);
+                }
+                None => return Err(SessionError::Protocol("FIN offset does not match the data received")),
+            },
+            Frame::Close { code, reason } => {
+                let code = CloseCode::from_u16(code);
+                if code == CloseCode::Normal && self.fin.is_some() && self.peer_fin.is_some() {
+                    // The peer is done and so are we: treat our FIN as delivered.
+                    self.fin_acked = true;
+                    self.apply_ack(self.total_end());
+                } else {
+                    let e = SessionError::PeerClosed { code, reason: reason.to_string() };
+                    self.failed = Some(e.clone());
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn schedule_ack(&mut self, now: Instant) {
+        if self.received_offset() - self.ack_sent >= self.cfg.ack_threshold {
+            self.ack_due = Some(now);
+        } else if self.ack_due.is_none() {
+            self.ack_due = Some(now + self.cfg.ack_delay);
+        }
+    }
+
+    fn apply_ack(&mut self, v: u64) {
+        if let Some(f) = self.fin {
+            if v > f {
+                self.fin_acked = true;
+            }
+        }
+        self.send.release_to(v.min(self.send.end()));
+    }
+
+    /// Appends records to send to `out` until it holds at least `budget` bytes or nothing is
+    /// left to send now.
+    ///
+    /// # Errors
+    /// [`SessionError::Crypto`] if encryption fails (the link must be dropped).
+    pub fn poll_transmit(&mut self, now: Instant, out: &mut Vec<u8>, budget: usize) -> Result<(), SessionError> {
+        let Some(link) = self.link.as_mut() else { return Ok(()) };
+        let before = out.len();
+        let scratch = &mut self.scratch;
+        let mut seal = |f: Frame<'_>, out: &mut Vec<u8>| -> Result<(), SessionError> {
+            scratch.clear();
+            f.encode(scratch);
+            link.transport.seal(scratch, out).map_err(SessionError::from)
+        };
+        if let Some((code, reason)) = self.close_to_send.take() {
+            seal(Frame::Close { code: code.to_u16(), reason: &reason }, out)?;
+            link.last_send = now;
+            return Ok(());
+        }
+        let recv_off = self.recv.end() + u64::from(self.peer_fin.is_some());
+        // A pending ACK goes out when due, or early when DATA is leaving anyway.
+        let sending_data = self.sent < self.send.end();
+        if self.ack_due.is_some_and(|d| d <= now || (sending_data && recv_off > self.ack_sent)) {
+            seal(Frame::Ack(recv_off), out)?;
+            self.ack_sent = recv_off;
+            self.ack_due = None;
+        }
+        if std::mem::take(&mut self.pong_due) {
+            seal(Frame::Pong, out)?;
+        }
+        if let Some(t) = self.ticket_to_send.take() {
+            seal(Frame::Ticket { resume_id: t.resume_id, secret: &t.secret }, out)?;
+        }
+        if let Some(id) = self.ticket_ack_to_send.take() {
+            seal(Frame::TicketAck(id), out)?;
+        }
+        while out.len() - before < budget && self.sent < self.send.end() {
+            let data = self.send.slice_from(self.sent, MAX_DATA);
+            if data.is_empty() {
+                break;
+            }
+            let n = data.len() as u64;
+            seal(Frame::Data { offset: self.sent, data }, out)?;
+            self.sent += n;
+        }
+        if let Some(f) = self.fin {
+            if self.sent == f {
+                seal(Frame::Fin(f), out)?;
+                self.sent = f + 1;
+            }
+        }
+        if out.len() == before && now >= link.last_send + self.cfg.keepalive {
+            seal(Frame::Ping, out)?;
+        }
+        if out.len() > before {
+            link.last_send = now;
+        }
+        Ok(())
+    }
+
+    /// True when [`Session::poll_transmit`] would produce something now.
+    pub fn has_transmit(&self, now: Instant) -> bool {
+        let Some(link) = &self.link else { return false };
+        self.close_to_send.is_some()
+            || self.ack_due.is_some_and(|d| d <= now)
+            || self.pong_due
+            || self.ticket_to_send.is_some()
+            || self.ticket_ack_to_send.is_some()
+            || self.sent < self.send.end()
+            || self.fin == Some(self.sent)
+            || now >= link.last_send + self.cfg.keepalive
+    }
+
+    /// The next instant at which [`Session::handle_timeout`] must be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let link = self.link.as_ref()?;
+        let mut t = (link.last_send + self.cfg.keepalive).min(link.last_recv + self.cfg.dead_after);
+        if let Some(a) = self.ack_due {
+            t = t.min(a);
+        }
+        Some(t)
+    }
+
+    /// Advances timers.
+    ///
+    /// # Errors
+    /// [`SessionError::Dead`] when nothing was received for the dead-peer time: the driver must
+    /// drop the connection and resume.
+    pub fn handle_timeout(&mut self, now: Instant) -> Result<(), SessionError> {
+        if let Some(link) = &self.link {
+            let silent = now.saturating_duration_since(link.last_recv);
+            if silent >= self.cfg.dead_after {
+                return Err(SessionError::Dead(silent));
+            }
+        }
+        Ok(())
+    }
+
+    /// The next event for the driver.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// Server: the ids of all live tickets.
+    pub fn ticket_ids(&self) -> impl Iterator<Item = [u8; RESUME_ID_LEN]> + '_ {
+        self.tickets.iter().map(|t| t.resume_id)
+    }
+}
