@@ -156,6 +156,33 @@ fn assert_reset(r: &io::Result<()>) {
     }
 }
 
+/// Connects to a proxy that resets the connection right after accepting it.
+/// The reset can already surface from `connect` itself (the proxy accepts and
+/// resets before tokio reads the connect result), else on the first read.
+async fn expect_reset_connection(proxy: &ChaosProxy, nth: u64) {
+    let res = TcpStream::connect(proxy.addr()).await;
+    assert!(proxy.wait_for_connections(nth, WAIT).await);
+    match res {
+        Ok(mut s) => {
+            let (rest, end) = read_until_end(&mut s).await;
+            assert!(rest.is_empty());
+            assert_reset(&end);
+        }
+        Err(e) => assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{e}"),
+    }
+}
+
+/// Linux reports a received RST as ECONNRESET to only one call on the socket
+/// (the pending error is consumed); later reads see EOF and writes EPIPE. When
+/// a socket is written and read, the reset may surface on either.
+fn assert_reset_on_either(write: &io::Result<()>, read_end: &io::Result<()>) {
+    match (write, read_end) {
+        (_, Err(_)) => assert_reset(read_end),
+        (Err(e), Ok(())) => assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{e}"),
+        (Ok(()), Ok(())) => panic!("expected a reset, got a clean EOF"),
+    }
+}
+
 async fn connect(proxy: &ChaosProxy, nth: u64) -> TcpStream {
     let s = TcpStream::connect(proxy.addr()).await.unwrap();
     assert!(proxy.wait_for_connections(nth, WAIT).await);
@@ -293,14 +320,14 @@ async fn cut_after_client_to_server() {
         let mut client = connect(&proxy, 1).await;
         proxy.cut_after(Dir::ClientToServer, 1234);
         let sent = random_bytes(10_000);
-        let _ = client.write_all(&sent).await; // may fail once the cut happened
+        let wrote = client.write_all(&sent).await; // may fail once the cut happened
         let report = server.report().await;
         assert_eq!(report.data.len(), 1234);
         assert_eq!(report.data, sent[..1234]);
         assert_reset(&report.result);
         let (back, end) = read_until_end(&mut client).await;
         assert!(back.len() <= 1234 && back == sent[..back.len()]);
-        assert_reset(&end);
+        assert_reset_on_either(&wrote, &end);
         assert_eq!(proxy.faults_injected(), 1);
     })
     .await
@@ -314,11 +341,43 @@ async fn cut_after_server_to_client() {
         let mut client = connect(&proxy, 1).await;
         proxy.cut_after(Dir::ServerToClient, 777);
         let sent = random_bytes(100_000);
-        let _ = client.write_all(&sent).await;
+        let wrote = client.write_all(&sent).await;
         let (back, end) = read_until_end(&mut client).await;
         assert_eq!(back.len(), 777);
         assert_eq!(back, sent[..777]);
-        assert_reset(&end);
+        assert_reset_on_either(&wrote, &end);
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cut_after_is_exact_under_bulk_traffic() {
+    within(async {
+        let server = EchoServer::start().await;
+        let proxy = ChaosProxy::start(server.addr).await.unwrap();
+        let client = connect(&proxy, 1).await;
+        let n = (3 << 20) + 17;
+        proxy.cut_after(Dir::ServerToClient, n);
+        let sent = random_bytes(8 << 20);
+        let (mut rd, mut wr) = client.into_split();
+        let to_send = sent.clone();
+        let writer = tokio::spawn(async move {
+            let wrote = wr.write_all(&to_send).await;
+            (wr, wrote)
+        });
+        let mut back = Vec::new();
+        let mut buf = vec![0u8; 4096];
+        let end = loop {
+            match rd.read(&mut buf).await {
+                Ok(0) => break Ok(()),
+                Ok(k) => back.extend_from_slice(&buf[..k]),
+                Err(e) => break Err(e),
+            }
+        };
+        assert_eq!(back.len(), n);
+        assert_eq!(Sha256::digest(&back), Sha256::digest(&sent[..n]));
+        let (_wr, wrote) = writer.await.unwrap();
+        assert_reset_on_either(&wrote, &end);
     })
     .await
 }
@@ -390,10 +449,7 @@ async fn refuse_new_resets_new_connections() {
         let server = EchoServer::start().await;
         let proxy = ChaosProxy::start(server.addr).await.unwrap();
         proxy.refuse_new(true);
-        let mut refused = connect(&proxy, 1).await;
-        let (rest, end) = read_until_end(&mut refused).await;
-        assert!(rest.is_empty());
-        assert_reset(&end);
+        expect_reset_connection(&proxy, 1).await;
         assert_eq!(server.accepted.load(Ordering::SeqCst), 0);
         assert_eq!(proxy.live_connections(), 0);
         assert_eq!(proxy.faults_injected(), 1);
@@ -442,10 +498,8 @@ async fn unreachable_target_resets_client() {
             .local_addr()
             .unwrap();
         let proxy = ChaosProxy::start(dead).await.unwrap();
-        let mut client = connect(&proxy, 1).await;
-        let (rest, end) = read_until_end(&mut client).await;
-        assert!(rest.is_empty());
-        assert_reset(&end);
+        expect_reset_connection(&proxy, 1).await;
+        assert!(proxy.wait_for_connections(1, WAIT).await);
     })
     .await
 }

@@ -133,6 +133,19 @@ fn into_transport(hs: snow::HandshakeState) -> Result<Transport, HandshakeError>
     hs.into_transport_mode().map(Transport::new).map_err(|_| HandshakeError::Setup)
 }
 
+fn offsets(received: u64, written: u64) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&received.to_be_bytes());
+    b[8..].copy_from_slice(&written.to_be_bytes());
+    b
+}
+
+fn parse_offsets(b: &[u8]) -> Result<(u64, u64), HandshakeError> {
+    let r: [u8; 8] = b.get(..8).and_then(|s| s.try_into().ok()).ok_or(HandshakeError::Malformed)?;
+    let w: [u8; 8] = b.get(8..16).and_then(|s| s.try_into().ok()).ok_or(HandshakeError::Malformed)?;
+    Ok((u64::from_be_bytes(r), u64::from_be_bytes(w)))
+}
+
 /// A client waiting for the server's reply.
 pub struct ClientHandshake {
     state: snow::HandshakeState,
@@ -152,6 +165,9 @@ pub struct ClientDone {
     pub transport: Transport,
     /// For a resume: how much of the client's stream the server has received.
     pub server_received: Option<u64>,
+    /// For a resume: the end of the server's stream so far (so the client can tell how much the
+    /// server is about to replay).
+    pub server_written: Option<u64>,
 }
 
 impl ClientHandshake {
@@ -186,7 +202,7 @@ impl ClientHandshake {
     }
 
     /// Starts a resume (KKpsk0) with `ticket`, telling the server that the client has received
-    /// `received` positions of the server's stream.
+    /// `received` positions of the server's stream and has written `written` positions of its own.
     ///
     /// # Errors
     /// [`HandshakeError::Setup`] if Noise rejects the keys.
@@ -195,8 +211,9 @@ impl ClientHandshake {
         server: &PublicKey,
         ticket: &Ticket,
         received: u64,
+        written: u64,
     ) -> Result<(Self, Vec<u8>), HandshakeError> {
-        Self::resume_with(local, server, ticket, received, None)
+        Self::resume_with(local, server, ticket, received, written, None)
     }
 
     #[doc(hidden)]
@@ -206,6 +223,7 @@ impl ClientHandshake {
         server: &PublicKey,
         ticket: &Ticket,
         received: u64,
+        written: u64,
         ephemeral: Option<&[u8; 32]>,
     ) -> Result<(Self, Vec<u8>), HandshakeError> {
         let mut header = Vec::with_capacity(MAX_HANDSHAKE);
@@ -221,7 +239,7 @@ impl ClientHandshake {
         }
         let state = b.build_initiator().map_err(|_| HandshakeError::Setup)?;
         let mut hs = ClientHandshake { state, resume: true };
-        let out = hs.write_hello(header, &received.to_be_bytes())?;
+        let out = hs.write_hello(header, &offsets(received, written))?;
         Ok((hs, out))
     }
 
@@ -258,12 +276,15 @@ impl ClientHandshake {
         }
         let mut payload = Zeroizing::new([0u8; MAX_HANDSHAKE]);
         let n = self.state.read_message(rest, &mut payload[..]).map_err(|_| HandshakeError::Auth)?;
-        let server_received = match (self.resume, n) {
-            (false, 0) => None,
-            (true, 8) => Some(u64::from_be_bytes(payload[..8].try_into().map_err(|_| HandshakeError::Malformed)?)),
+        let (server_received, server_written) = match (self.resume, n) {
+            (false, 0) => (None, None),
+            (true, 16) => {
+                let (r, w) = parse_offsets(&payload[..16])?;
+                (Some(r), Some(w))
+            }
             _ => return Err(HandshakeError::Malformed),
         };
-        Ok(ClientDone { transport: into_transport(self.state)?, server_received })
+        Ok(ClientDone { transport: into_transport(self.state)?, server_received, server_written })
     }
 }
 
@@ -275,6 +296,8 @@ pub struct ResumeLookup {
     pub psk: Zeroizing<[u8; SECRET_LEN]>,
     /// How much of the client's stream the server has received.
     pub received: u64,
+    /// The end of the server's stream so far.
+    pub written: u64,
 }
 
 /// What kind of connection a verified hello asks for.
@@ -291,6 +314,8 @@ pub enum Hello {
         resume_id: [u8; RESUME_ID_LEN],
         /// How much of the server's stream the client has received.
         client_received: u64,
+        /// The end of the client's stream so far.
+        client_written: u64,
     },
 }
 
@@ -388,14 +413,15 @@ pub fn respond_with(
             }
             let mut hs = b.build_responder().map_err(|_| HandshakeError::Setup)?;
             let n = hs.read_message(msg, &mut payload[..]).map_err(|_| HandshakeError::Auth)?;
-            if n != 8 {
+            if n != 16 {
                 return Err(HandshakeError::Malformed);
             }
-            let client_received = u64::from_be_bytes(payload[..8].try_into().map_err(|_| HandshakeError::Malformed)?);
-            let n = hs.write_message(&found.received.to_be_bytes(), &mut out[1..]).map_err(|_| HandshakeError::Setup)?;
+            let (client_received, client_written) = parse_offsets(&payload[..16])?;
+            let reply = offsets(found.received, found.written);
+            let n = hs.write_message(&reply, &mut out[1..]).map_err(|_| HandshakeError::Setup)?;
             out.truncate(1 + n);
             Ok(ServerAccept {
-                hello: Hello::Resume { resume_id, client_received },
+                hello: Hello::Resume { resume_id, client_received, client_written },
                 reply: out,
                 transport: into_transport(hs)?,
             })
@@ -454,20 +480,21 @@ mod tests {
     fn resume_carries_offsets_and_uses_the_stored_client_key() {
         let (c, s) = pair();
         let t = Ticket::generate();
-        let (hs, hello) = ClientHandshake::resume(&c.private, &s.public, &t, 77).unwrap();
+        let (hs, hello) = ClientHandshake::resume(&c.private, &s.public, &t, 77, 5).unwrap();
         let lookup = |id: &[u8; 16]| {
             assert_eq!(id, &t.resume_id);
-            Some(ResumeLookup { client: c.public, psk: t.secret.clone(), received: 99 })
+            Some(ResumeLookup { client: c.public, psk: t.secret.clone(), received: 99, written: 120 })
         };
         let acc = respond(&hello, &s.private, |_| panic!("no allow-list on resume"), lookup).unwrap();
-        assert_eq!(acc.hello, Hello::Resume { resume_id: t.resume_id, client_received: 77 });
+        assert_eq!(acc.hello, Hello::Resume { resume_id: t.resume_id, client_received: 77, client_written: 5 });
         let done = hs.read_reply(&acc.reply).unwrap();
         assert_eq!(done.server_received, Some(99));
+        assert_eq!(done.server_written, Some(120));
 
         // Another allowed client using this id fails: the server uses the stored key.
         let other = Keypair::generate();
-        let (_, hello) = ClientHandshake::resume(&other.private, &s.public, &t, 0).unwrap();
-        let lookup = |_: &[u8; 16]| Some(ResumeLookup { client: c.public, psk: t.secret.clone(), received: 0 });
+        let (_, hello) = ClientHandshake::resume(&other.private, &s.public, &t, 0, 0).unwrap();
+        let lookup = |_: &[u8; 16]| Some(ResumeLookup { client: c.public, psk: t.secret.clone(), received: 0, written: 0 });
         assert_eq!(respond(&hello, &s.private, |_| true, lookup).unwrap_err(), HandshakeError::Auth);
     }
 
@@ -475,9 +502,9 @@ mod tests {
     fn tampered_resume_header_breaks_the_handshake() {
         let (c, s) = pair();
         let t = Ticket::generate();
-        let (_, mut hello) = ClientHandshake::resume(&c.private, &s.public, &t, 1).unwrap();
+        let (_, mut hello) = ClientHandshake::resume(&c.private, &s.public, &t, 1, 1).unwrap();
         hello[6] ^= 1; // change the id: the prologue no longer matches (and lookup fails)
-        let lookup = |_: &[u8; 16]| Some(ResumeLookup { client: c.public, psk: t.secret.clone(), received: 0 });
+        let lookup = |_: &[u8; 16]| Some(ResumeLookup { client: c.public, psk: t.secret.clone(), received: 0, written: 0 });
         assert_eq!(respond(&hello, &s.private, |_| true, lookup).unwrap_err(), HandshakeError::Auth);
     }
 

@@ -91,9 +91,24 @@ pub enum SessionError {
     /// A write after `shutdown`.
     #[error("stream was shut down for writing")]
     WriteAfterShutdown,
-    /// The session was ended locally (give-up, expiry, refusal, abort).
-    #[error("{0}")]
-    Ended(String),
+    /// The client's recovery policy gave up after this long without a link.
+    #[error("gave up reconnecting after {0:?} without a link")]
+    GaveUp(Duration),
+    /// The recovery hook answered "fail".
+    #[error("recovery declined by the policy hook after: {0}")]
+    Declined(String),
+    /// The server no longer knows the session (it restarted, or the session expired there).
+    #[error("session lost: the server no longer knows it (restarted or expired); not starting a new one")]
+    Lost,
+    /// The server expired the detached session.
+    #[error("session expired after {0:?} without a resume")]
+    Expired(Duration),
+    /// The program dropped or aborted the stream.
+    #[error("stream aborted: {0}")]
+    Aborted(String),
+    /// The session ended normally.
+    #[error("session finished")]
+    Finished,
 }
 
 impl SessionError {
@@ -323,7 +338,8 @@ impl Session {
         self.link.is_some()
     }
 
-    fn total_end(&self) -> u64 {
+    /// End of this side's stream so far (a FIN counts as one position).
+    pub fn written_offset(&self) -> u64 {
         self.send.end() + u64::from(self.fin.is_some())
     }
 
@@ -347,7 +363,7 @@ impl Session {
         if let Some(e) = &self.failed {
             return Err(e.clone());
         }
-        if peer_received < self.send.start() || peer_received > self.total_end() {
+        if peer_received < self.send.start() || peer_received > self.written_offset() {
             let e = SessionError::BadResume("peer's received offset is outside the replay buffer");
             self.failed = Some(e.clone());
             return Err(e);
@@ -369,7 +385,7 @@ impl Session {
                 self.tickets.push(t);
             }
         }
-        Ok(Attached { replayed: self.total_end() - peer_received })
+        Ok(Attached { replayed: self.written_offset() - peer_received })
     }
 
     /// Unplugs the real connection (it failed or was replaced). Nothing in the stream is lost.
@@ -464,7 +480,7 @@ impl Session {
                 if code == CloseCode::Normal && self.fin.is_some() && self.peer_fin.is_some() {
                     // The peer is done and so are we: treat our FIN as delivered.
                     self.fin_acked = true;
-                    self.apply_ack(self.total_end());
+                    self.apply_ack(self.written_offset());
                 } else {
                     let e = SessionError::PeerClosed { code, reason: reason.to_string() };
                     self.failed = Some(e.clone());

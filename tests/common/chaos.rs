@@ -213,19 +213,15 @@ impl ChaosProxy {
     /// to it (a refused one has already been reset).
     pub async fn wait_for_connections(&self, n: u64, timeout: Duration) -> bool {
         let mut rx = self.shared().accepted.subscribe();
-        matches!(
-            tokio::time::timeout(timeout, rx.wait_for(|v| *v >= n)).await,
-            Ok(Ok(_))
-        )
+        let done = tokio::time::timeout(timeout, rx.wait_for(|v| *v >= n)).await;
+        matches!(done, Ok(Ok(_)))
     }
 
     /// Waits until `bytes_forwarded() >= total`; false on timeout.
     pub async fn wait_for_bytes(&self, total: u64, timeout: Duration) -> bool {
         let mut rx = self.shared().bytes.subscribe();
-        matches!(
-            tokio::time::timeout(timeout, rx.wait_for(|v| *v >= total)).await,
-            Ok(Ok(_))
-        )
+        let done = tokio::time::timeout(timeout, rx.wait_for(|v| *v >= total)).await;
+        matches!(done, Ok(Ok(_)))
     }
 
     /// Payload bytes written onward, both directions, all connections.
@@ -307,7 +303,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             }
         };
         // Until the pumps own it, any drop of `client` must be a reset.
-        let _ = client.set_linger(Some(Duration::ZERO));
+        let client = RstOnDrop(Some(client));
         if shared.refuse.load(Ordering::SeqCst) {
             drop(client);
             shared.fault();
@@ -340,7 +336,18 @@ impl Drop for Unregister {
     }
 }
 
-async fn run_conn(shared: Arc<Shared>, conn: Arc<Conn>, id: u64, client: TcpStream) {
+/// Owns a socket that must be reset (not closed with a FIN) if dropped.
+struct RstOnDrop(Option<TcpStream>);
+
+impl Drop for RstOnDrop {
+    fn drop(&mut self) {
+        if let Some(s) = self.0.take() {
+            let _ = s.set_zero_linger();
+        }
+    }
+}
+
+async fn run_conn(shared: Arc<Shared>, conn: Arc<Conn>, id: u64, mut client: RstOnDrop) {
     let _unregister = Unregister {
         shared: shared.clone(),
         id,
@@ -354,9 +361,10 @@ async fn run_conn(shared: Arc<Shared>, conn: Arc<Conn>, id: u64, client: TcpStre
             Err(_) => return, // upstream unreachable: reset the client
         },
     };
+    // From here on PumpIo decides between a graceful close and a reset.
+    let client = client.0.take().expect("client socket present");
     let _ = client.set_nodelay(true);
     let _ = server.set_nodelay(true);
-    let _ = client.set_linger(None); // graceful closes keep their FIN from here on
     let (client_rd, client_wr) = client.into_split();
     let (server_rd, server_wr) = server.into_split();
     let c2s = PumpIo::new(conn.clone(), client_rd, server_wr);
@@ -397,9 +405,9 @@ impl PumpIo {
 impl Drop for PumpIo {
     fn drop(&mut self) {
         if self.conn.is_killed() {
-            let _ = self.rd.as_ref().set_linger(Some(Duration::ZERO));
+            let _ = self.rd.as_ref().set_zero_linger();
             if let Some(wr) = self.wr.take() {
-                let _ = wr.as_ref().set_linger(Some(Duration::ZERO));
+                let _ = wr.as_ref().set_zero_linger();
                 wr.forget();
             }
         }
@@ -466,7 +474,13 @@ async fn pump(dir: Dir, mut io: PumpIo, shared: &Shared) {
                 *r == 0
             });
             let flip = !stalled && fwd > 0 && std::mem::take(&mut dc.flip);
-            (stalled, std::mem::take(&mut dc.garbage), flip, fwd, cut_done)
+            (
+                stalled,
+                std::mem::take(&mut dc.garbage),
+                flip,
+                fwd,
+                cut_done,
+            )
         };
         if stalled {
             // The chunk is swallowed; the connection can only be killed now.
@@ -503,8 +517,9 @@ async fn pump(dir: Dir, mut io: PumpIo, shared: &Shared) {
 /// following RST does not discard it. On loopback, transmitted data is already
 /// in the peer's receive queue, which a RST does not purge.
 async fn wait_sent(s: &TcpStream) {
-    let deadline = tokio::time::Instant::now() + CUT_DRAIN_LIMIT;
-    while unsent_bytes(s).is_some_and(|n| n > 0) && tokio::time::Instant::now() < deadline {
+    // Real time, so a paused tokio clock cannot expire the bound instantly.
+    let deadline = std::time::Instant::now() + CUT_DRAIN_LIMIT;
+    while unsent_bytes(s).is_some_and(|n| n > 0) && std::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }

@@ -1,0 +1,226 @@
+//! The client connector and its reconnect loop.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tracing::{debug, info, warn};
+
+use crate::net::config::{ClientConfig, Recovery};
+use crate::net::events::{LinkEvent, LinkLost, LinkStatus};
+use crate::net::pump::{pump, PumpEnd};
+use crate::net::stream::{Shared, Stream};
+use crate::net::wire::{read_record, write_record};
+use crate::net::Error;
+use crate::proto::handshake::MAX_HANDSHAKE;
+use crate::proto::{ClientHandshake, CloseCode, Event, HandshakeError, Role, Session, SessionError};
+
+/// Connects to a holdfast server at `addr` (`host:port`; re-resolved on every reconnect) and
+/// returns the stream once the session is established and resumable.
+///
+/// # Errors
+/// [`Error::Connect`] if the server cannot be reached, [`Error::HandshakeRefused`] if it drops
+/// the handshake (wrong pinned key or client not allowed), [`Error::Handshake`] for protocol
+/// failures, [`Error::Timeout`] if the handshake takes longer than the policy allows.
+///
+/// # Example
+/// ```no_run
+/// # async fn run() -> Result<(), holdfast::Error> {
+/// use holdfast::{keys::Keypair, ClientConfig};
+/// use tokio::io::AsyncWriteExt;
+/// let server_key = holdfast::keys::load_public_key("keys/server.pub".as_ref())?;
+/// let me = Keypair::from_private(holdfast::keys::load_private_key("keys/client.key".as_ref())?);
+/// let mut stream = holdfast::connect("example.net:7700", ClientConfig::new(me, server_key)).await?;
+/// stream.write_all(b"hello").await?;
+/// # Ok(()) }
+/// ```
+pub async fn connect(addr: impl Into<String>, cfg: ClientConfig) -> Result<Stream, Error> {
+    let addr = addr.into();
+    let (sock, done, peer) = dial(&addr, &cfg, None).await?;
+    let mut session = Session::new(Role::Client, cfg.session.clone());
+    session.attach(Instant::now(), done.transport, 0, None, None).map_err(Error::Session)?;
+    let shared = Shared::new(session, cfg.server_key);
+    let (ready_tx, ready_rx) = oneshot::channel();
+    let timeout = cfg.recovery.handshake_timeout;
+    tokio::spawn(client_task(shared.clone(), cfg, addr.clone(), sock, peer, ready_tx));
+    match tokio::time::timeout(timeout, ready_rx).await {
+        Ok(Ok(Ok(()))) => Ok(Stream::new(shared)),
+        Ok(Ok(Err(e))) => Err(Error::Session(e)),
+        Ok(Err(_)) => Err(Error::Session(SessionError::Link("driver stopped during set-up".into()))),
+        Err(_) => {
+            shared.fail(CloseCode::Abort, SessionError::Aborted("set-up timed out".into()));
+            Err(Error::Timeout { addr, after: timeout })
+        }
+    }
+}
+
+/// One connection attempt: TCP connect plus handshake, within the handshake timeout.
+async fn dial(
+    addr: &str,
+    cfg: &ClientConfig,
+    resume: Option<(&crate::proto::Ticket, u64, u64)>,
+) -> Result<(TcpStream, crate::proto::handshake::ClientDone, SocketAddr), Error> {
+    let limit = cfg.recovery.handshake_timeout;
+    let attempt = async {
+        let mut sock = TcpStream::connect(addr).await.map_err(|source| Error::Connect { addr: addr.to_string(), source })?;
+        let _ = sock.set_nodelay(true);
+        let peer = sock.peer_addr().map_err(Error::Io)?;
+        let hs_err = |source| Error::Handshake { addr: addr.to_string(), source };
+        let (hs, hello) = match resume {
+            None => ClientHandshake::initial(&cfg.keypair.private, &cfg.server_key),
+            Some((t, received, written)) => ClientHandshake::resume(&cfg.keypair.private, &cfg.server_key, t, received, written),
+        }
+        .map_err(hs_err)?;
+        write_record(&mut sock, &hello).await.map_err(Error::Io)?;
+        let reply = match read_record(&mut sock, MAX_HANDSHAKE + 1).await {
+            Ok(r) => r,
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof || e.kind() == std::io::ErrorKind::ConnectionReset => {
+                return Err(Error::HandshakeRefused { addr: addr.to_string() })
+            }
+            Err(e) => return Err(Error::Io(e)),
+        };
+        let done = hs.read_reply(&reply).map_err(hs_err)?;
+        Ok((sock, done, peer))
+    };
+    match tokio::time::timeout(limit, attempt).await {
+        Ok(r) => r,
+        Err(_) => Err(Error::Timeout { addr: addr.to_string(), after: limit }),
+    }
+}
+
+async fn client_task(
+    shared: Arc<Shared>,
+    cfg: ClientConfig,
+    addr: String,
+    mut sock: TcpStream,
+    peer: SocketAddr,
+    ready: oneshot::Sender<Result<(), SessionError>>,
+) {
+    let mut ready = Some(ready);
+    let mut faults = 0u64;
+    loop {
+        let end = pump(&shared, sock, None::<&mut tokio::sync::mpsc::Receiver<()>>, |ev| {
+            if ev == Event::TicketReceived {
+                if let Some(r) = ready.take() {
+                    shared.emit(LinkEvent::Connected { peer });
+                    let _ = r.send(Ok(()));
+                }
+            }
+        })
+        .await;
+        let cause = match end {
+            PumpEnd::Over | PumpEnd::Replaced(()) => break,
+            PumpEnd::Fault(cause) => cause,
+        };
+        let (fatal, has_ticket) = {
+            let mut inner = shared.lock();
+            inner.session.detach();
+            (!cause.is_link_fault(), inner.session.ticket().is_some())
+        };
+        if fatal {
+            break;
+        }
+        if let Some(r) = ready.take() {
+            if !has_ticket {
+                let e = SessionError::Link(format!("connection lost during set-up: {cause}"));
+                shared.fail(CloseCode::Abort, e.clone());
+                let _ = r.send(Err(e));
+                return;
+            }
+            ready = Some(r);
+        }
+        faults += 1;
+        warn!(%cause, faults, "link lost; resuming");
+        let lost = LinkLost { cause: cause.to_string(), faults };
+        shared.emit(LinkEvent::Lost(lost.clone()));
+        shared.set_status(LinkStatus::Reconnecting { cause: lost.cause.clone(), attempt: 0 });
+        if let Some(hook) = &cfg.recovery.hook {
+            if hook(lost.clone()).await == Recovery::Fail {
+                shared.fail(CloseCode::Abort, SessionError::Declined(lost.cause));
+                return;
+            }
+        }
+        match reconnect(&shared, &cfg, &addr, &lost.cause).await {
+            Ok(s) => sock = s,
+            Err(e) => {
+                warn!(error = %e, "session failed");
+                let code = if e == SessionError::Lost { CloseCode::Expired } else { CloseCode::Abort };
+                shared.fail(code, e);
+                return;
+            }
+        }
+    }
+    let failure = shared.lock().session.failure().cloned();
+    match failure {
+        Some(SessionError::Finished) | None => {
+            shared.set_status(LinkStatus::Closed);
+            shared.emit(LinkEvent::Closed);
+        }
+        Some(e) => {
+            if let Some(r) = ready.take() {
+                let _ = r.send(Err(e.clone()));
+            }
+            shared.set_status(LinkStatus::Failed(e.to_string()));
+            shared.emit(LinkEvent::Failed { reason: e.to_string() });
+        }
+    }
+}
+
+/// Reconnects and resumes, with backoff, until success, a fatal answer, or the give-up time.
+async fn reconnect(shared: &Shared, cfg: &ClientConfig, addr: &str, cause: &str) -> Result<TcpStream, SessionError> {
+    let policy = &cfg.recovery;
+    let lost_at = Instant::now();
+    let mut attempt = 0u32;
+    loop {
+        let elapsed = lost_at.elapsed();
+        if elapsed >= policy.give_up_after {
+            return Err(SessionError::GaveUp(elapsed));
+        }
+        if attempt > 0 {
+            let base = policy.backoff(attempt - 1);
+            let cut = rand::thread_rng().gen_range(0.0..=policy.jitter.clamp(0.0, 1.0));
+            let delay = base.mul_f64(1.0 - cut).min(policy.give_up_after - elapsed);
+            tokio::time::sleep(delay).await;
+        }
+        attempt += 1;
+        shared.set_status(LinkStatus::Reconnecting { cause: cause.to_string(), attempt });
+        shared.emit(LinkEvent::Reconnecting { attempt, elapsed: lost_at.elapsed() });
+        let (ticket, received, written) = {
+            let inner = shared.lock();
+            match inner.session.ticket() {
+                Some(t) => (t.clone(), inner.session.received_offset(), inner.session.written_offset()),
+                None => return Err(SessionError::Lost),
+            }
+        };
+        match dial(addr, cfg, Some((&ticket, received, written))).await {
+            Ok((sock, done, peer)) => {
+                let server_received = done.server_received.unwrap_or(0);
+                let replayed_received = done.server_written.unwrap_or(received).saturating_sub(received);
+                let attached = {
+                    let mut inner = shared.lock();
+                    let r = inner.session.attach(Instant::now(), done.transport, server_received, None, None);
+                    inner.wake_all();
+                    r
+                }?;
+                let after = lost_at.elapsed();
+                info!(?after, attempt, replayed = attached.replayed, "resumed");
+                shared.set_status(LinkStatus::Connected);
+                shared.emit(LinkEvent::Resumed { peer, after, replayed_sent: attached.replayed, replayed_received });
+                shared.wake_driver.notify_one();
+                return Ok(sock);
+            }
+            Err(Error::Handshake { source: HandshakeError::UnknownSession, .. }) => return Err(SessionError::Lost),
+            Err(e) => debug!(error = %e, attempt, "reconnect attempt failed"),
+        }
+    }
+}
+
+#[allow(dead_code)]
+fn _assert_send() {
+    fn is_send<T: Send>(_: T) {}
+    let _ = |s: Arc<Shared>, c: ClientConfig, sock: TcpStream, p: SocketAddr, r| is_send(client_task(s, c, String::new(), sock, p, r));
+    let _ = Duration::ZERO;
+}

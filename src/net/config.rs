@@ -1,0 +1,194 @@
+//! Configuration of clients and servers: keys, the recovery policy and the server's limits.
+//! Every default is documented on its field and in `docs/PROTOCOL.md`.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::keys::{AllowList, Keypair, PublicKey};
+use crate::net::events::LinkLost;
+use crate::proto::SessionConfig;
+
+/// What a recovery hook answers when the real connection fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recovery {
+    /// Reconnect and resume the stream.
+    Recover,
+    /// Give up: the stream ends with an error.
+    Fail,
+}
+
+/// An async hook asked on each fault whether to recover (the "ask the user" of the patent).
+pub type RecoveryHook = Arc<dyn Fn(LinkLost) -> Pin<Box<dyn Future<Output = Recovery> + Send>> + Send + Sync>;
+
+/// How a client reacts when its real connection fails.
+#[derive(Clone)]
+pub struct RecoveryPolicy {
+    /// First reconnect delay. Default 100 ms.
+    pub backoff_initial: Duration,
+    /// Largest reconnect delay; the delay doubles up to this. Default 2 s.
+    pub backoff_max: Duration,
+    /// Random fraction (0.0 to 1.0) taken off each delay so that many clients spread out.
+    /// Default 0.5.
+    pub jitter: f64,
+    /// Stop trying after this long without a link; the stream then fails with
+    /// [`std::io::ErrorKind::TimedOut`]. Default 1 hour.
+    pub give_up_after: Duration,
+    /// Longest time one connection attempt (TCP connect plus handshake) may take. Default 10 s.
+    pub handshake_timeout: Duration,
+    /// Asked on each fault; `None` recovers silently. Default `None`.
+    pub hook: Option<RecoveryHook>,
+}
+
+impl Default for RecoveryPolicy {
+    fn default() -> Self {
+        RecoveryPolicy {
+            backoff_initial: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(2),
+            jitter: 0.5,
+            give_up_after: Duration::from_secs(3600),
+            handshake_timeout: Duration::from_secs(10),
+            hook: None,
+        }
+    }
+}
+
+impl fmt::Debug for RecoveryPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RecoveryPolicy")
+            .field("backoff_initial", &self.backoff_initial)
+            .field("backoff_max", &self.backoff_max)
+            .field("jitter", &self.jitter)
+            .field("give_up_after", &self.give_up_after)
+            .field("handshake_timeout", &self.handshake_timeout)
+            .field("hook", &self.hook.is_some())
+            .finish()
+    }
+}
+
+impl RecoveryPolicy {
+    /// Sets the hook asked on every fault.
+    pub fn with_hook<F, Fut>(mut self, hook: F) -> Self
+    where
+        F: Fn(LinkLost) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Recovery> + Send + 'static,
+    {
+        self.hook = Some(Arc::new(move |lost| Box::pin(hook(lost))));
+        self
+    }
+
+    /// The delay before reconnect attempt `attempt` (0-based), before jitter.
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        let factor = 1u32.checked_shl(attempt.min(20)).unwrap_or(u32::MAX);
+        self.backoff_initial.saturating_mul(factor).min(self.backoff_max)
+    }
+}
+
+/// Configuration of a client.
+#[derive(Clone)]
+pub struct ClientConfig {
+    /// The client's own key pair.
+    pub keypair: Arc<Keypair>,
+    /// The server's static public key, pinned.
+    pub server_key: PublicKey,
+    /// Recovery policy.
+    pub recovery: RecoveryPolicy,
+    /// Buffers and timers of the stream.
+    pub session: SessionConfig,
+}
+
+impl fmt::Debug for ClientConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientConfig")
+            .field("public_key", &self.keypair.public)
+            .field("server_key", &self.server_key)
+            .field("recovery", &self.recovery)
+            .field("session", &self.session)
+            .finish()
+    }
+}
+
+impl ClientConfig {
+    /// A configuration with default policy and timers.
+    pub fn new(keypair: Keypair, server_key: PublicKey) -> Self {
+        ClientConfig {
+            keypair: Arc::new(keypair),
+            server_key,
+            recovery: RecoveryPolicy::default(),
+            session: SessionConfig::default(),
+        }
+    }
+}
+
+/// Limits a server enforces. Defaults are in DESIGN terms: generous for real use, small enough
+/// that a scanner or a flood cannot exhaust memory.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Connections still in their handshake at once. Default 256.
+    pub max_handshakes: usize,
+    /// New handshakes per second from one source address (with a burst of the same size).
+    /// Default 20.
+    pub handshakes_per_sec_per_ip: u32,
+    /// Sessions (attached or detached) at once. Default 1024.
+    pub max_sessions: usize,
+    /// Sessions per client key. Default 64.
+    pub max_sessions_per_key: usize,
+    /// Sum of all sessions' replay buffer bounds. Default 1 GiB.
+    pub buffer_budget: usize,
+    /// How long a detached session waits for its client to resume. Default 1 hour.
+    pub session_expiry: Duration,
+    /// Whole-handshake deadline for a new connection. Default 10 s.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_handshakes: 256,
+            handshakes_per_sec_per_ip: 20,
+            max_sessions: 1024,
+            max_sessions_per_key: 64,
+            buffer_budget: 1 << 30,
+            session_expiry: Duration::from_secs(3600),
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Configuration of a server.
+#[derive(Clone)]
+pub struct ServerConfig {
+    /// The server's own key pair.
+    pub keypair: Arc<Keypair>,
+    /// Client keys allowed to connect.
+    pub allow: Arc<AllowList>,
+    /// Resource limits.
+    pub limits: Limits,
+    /// Buffers and timers of each stream.
+    pub session: SessionConfig,
+}
+
+impl fmt::Debug for ServerConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerConfig")
+            .field("public_key", &self.keypair.public)
+            .field("allowed_clients", &self.allow.len())
+            .field("limits", &self.limits)
+            .field("session", &self.session)
+            .finish()
+    }
+}
+
+impl ServerConfig {
+    /// A configuration with default limits and timers.
+    pub fn new(keypair: Keypair, allow: AllowList) -> Self {
+        ServerConfig {
+            keypair: Arc::new(keypair),
+            allow: Arc::new(allow),
+            limits: Limits::default(),
+            session: SessionConfig::default(),
+        }
+    }
+}

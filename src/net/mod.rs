@@ -1,0 +1,97 @@
+//! The tokio driver: the client connector with its reconnect loop, the server listener with
+//! its session table and limits, and the public [`Stream`].
+
+pub mod client;
+pub mod config;
+pub mod events;
+mod pump;
+pub mod server;
+pub mod stream;
+mod wire;
+
+use std::io;
+use std::time::Duration;
+
+use thiserror::Error;
+
+use crate::keys::KeyError;
+use crate::proto::{HandshakeError, SessionError};
+
+pub use client::connect;
+pub use config::{ClientConfig, Limits, Recovery, RecoveryHook, RecoveryPolicy, ServerConfig};
+pub use events::{LinkEvent, LinkLost, LinkStatus};
+pub use server::{bind, Listener, Peer, ServerStats};
+pub use stream::{ReadHalf, Stream, WriteHalf};
+
+/// Errors of the driver layer: everything a connect, bind or accept can fail with.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The server could not be reached.
+    #[error("cannot reach server {addr}: {source}")]
+    Connect {
+        /// The address dialled.
+        addr: String,
+        /// The socket error.
+        source: io::Error,
+    },
+    /// The server closed the connection during the handshake without answering. holdfast
+    /// servers do this, on purpose, when they cannot authenticate the client.
+    #[error(
+        "server {addr} dropped the handshake: the pinned server key is wrong, or this client's key is not on the server's allow-list"
+    )]
+    HandshakeRefused {
+        /// The address dialled.
+        addr: String,
+    },
+    /// The handshake failed.
+    #[error("handshake with {addr} failed: {source}")]
+    Handshake {
+        /// The peer address.
+        addr: String,
+        /// What went wrong.
+        source: HandshakeError,
+    },
+    /// A connect or handshake took too long.
+    #[error("handshake with {addr} timed out after {after:?}")]
+    Timeout {
+        /// The peer address.
+        addr: String,
+        /// The limit that passed.
+        after: Duration,
+    },
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: String,
+        /// The socket error.
+        source: io::Error,
+    },
+    /// The session failed.
+    #[error(transparent)]
+    Session(#[from] SessionError),
+    /// Loading keys failed.
+    #[error(transparent)]
+    Keys(#[from] KeyError),
+    /// Another I/O error.
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+impl From<Error> for io::Error {
+    fn from(e: Error) -> io::Error {
+        use io::ErrorKind as K;
+        let kind = match &e {
+            Error::Connect { source, .. } | Error::Bind { source, .. } => source.kind(),
+            Error::HandshakeRefused { .. } => K::PermissionDenied,
+            Error::Handshake { source: HandshakeError::UnknownSession, .. } => K::NotConnected,
+            Error::Handshake { .. } => K::InvalidData,
+            Error::Timeout { .. } => K::TimedOut,
+            Error::Session(s) => return stream::to_io(s.clone()),
+            Error::Keys(_) => K::InvalidInput,
+            Error::Io(i) => i.kind(),
+        };
+        io::Error::new(kind, e)
+    }
+}

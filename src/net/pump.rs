@@ -1,0 +1,132 @@
+//! The thin tokio driver of one real connection: it moves records between the socket and the
+//! session, and runs the session's timers. Both the client and the server use it.
+
+use std::time::Instant;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+use crate::net::stream::Shared;
+use crate::proto::frame::{split_record, MAX_FRAME, MAX_RECORD, RECORD_HEADER};
+use crate::proto::transport::TAG_LEN;
+use crate::proto::{CloseCode, Event, SessionError};
+
+/// Bytes of records produced per socket write.
+const WRITE_BUDGET: usize = 256 * 1024;
+/// Read buffer size.
+const READ_CHUNK: usize = 128 * 1024;
+
+/// How a connection's pump ended.
+pub(crate) enum PumpEnd<R> {
+    /// The real connection failed; the session can resume.
+    Fault(SessionError),
+    /// The session is over (finished or failed); nothing more to do.
+    Over,
+    /// A newer connection replaced this one (server).
+    Replaced(R),
+}
+
+/// Drives `sock` for the session in `shared` until the link fails, the session ends, or
+/// `replace` yields a newer connection. `on_event` sees session events (tickets).
+pub(crate) async fn pump<R>(
+    shared: &Shared,
+    mut sock: TcpStream,
+    mut replace: Option<&mut mpsc::Receiver<R>>,
+    mut on_event: impl FnMut(Event),
+) -> PumpEnd<R> {
+    let (mut rd, mut wr) = sock.split();
+    let mut inbuf = BytesMut::with_capacity(READ_CHUNK + MAX_RECORD + RECORD_HEADER);
+    let mut out: Vec<u8> = Vec::with_capacity(WRITE_BUDGET + MAX_RECORD);
+    let mut out_pos = 0usize;
+    loop {
+        let now = Instant::now();
+        let (deadline, want_read, over) = {
+            let mut inner = shared.lock();
+            if inner.session.is_finished() && inner.session.failure().is_none() {
+                inner.session.close(CloseCode::Normal, SessionError::Finished);
+            } else if !inner.reader_alive && !inner.writer_alive && inner.session.fin_acked() && inner.session.failure().is_none() {
+                inner.session.close(CloseCode::Abort, SessionError::Aborted("all handles dropped".into()));
+            }
+            if out_pos == out.len() {
+                out.clear();
+                out_pos = 0;
+                if let Err(e) = inner.session.poll_transmit(now, &mut out, WRITE_BUDGET) {
+                    return PumpEnd::Fault(e);
+                }
+            }
+            while let Some(ev) = inner.session.poll_event() {
+                on_event(ev);
+            }
+            let over = inner.session.failure().is_some() && out_pos == out.len();
+            (inner.session.poll_timeout(), inner.session.wants_input(), over)
+        };
+        if over {
+            let _ = wr.shutdown().await;
+            return PumpEnd::Over;
+        }
+        let sleep = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        let replaced = async {
+            match replace.as_deref_mut() {
+                Some(rx) => rx.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            res = rd.read_buf(&mut inbuf), if want_read => {
+                match res {
+                    Ok(0) => return PumpEnd::Fault(SessionError::Link("connection closed without a FIN frame".into())),
+                    Err(e) => return PumpEnd::Fault(SessionError::Link(e.to_string())),
+                    Ok(_) => {}
+                }
+                let now = Instant::now();
+                let mut inner = shared.lock();
+                let mut used = 0;
+                while let Some((body, n)) = split_record(&inbuf[used..]) {
+                    if let Err(e) = inner.session.handle_record(now, body) {
+                        inner.wake_all();
+                        return PumpEnd::Fault(e);
+                    }
+                    used += n;
+                }
+                inbuf.advance(used);
+                if let Some(len) = inbuf.get(..RECORD_HEADER).map(|h| u16::from_be_bytes([h[0], h[1]]) as usize) {
+                    if len > MAX_FRAME + TAG_LEN {
+                        return PumpEnd::Fault(SessionError::Protocol("record length over the frame limit"));
+                    }
+                }
+                if inbuf.capacity() - inbuf.len() < MAX_RECORD {
+                    inbuf.reserve(READ_CHUNK);
+                }
+                inner.discard_unread();
+                inner.wake_all();
+            }
+            res = wr.write(&out[out_pos..]), if out_pos < out.len() => {
+                match res {
+                    Ok(0) => return PumpEnd::Fault(SessionError::Link("socket closed for writing".into())),
+                    Ok(n) => out_pos += n,
+                    Err(e) => return PumpEnd::Fault(SessionError::Link(e.to_string())),
+                }
+            }
+            _ = shared.wake_driver.notified() => {}
+            _ = sleep => {
+                let mut inner = shared.lock();
+                if let Err(e) = inner.session.handle_timeout(Instant::now()) {
+                    return PumpEnd::Fault(e);
+                }
+            }
+            r = replaced => {
+                return match r {
+                    Some(r) => PumpEnd::Replaced(r),
+                    None => PumpEnd::Fault(SessionError::Link("listener closed".into())),
+                };
+            }
+        }
+    }
+}

@@ -1,0 +1,405 @@
+//! The server listener: the accept loop, handshake tasks with limits, the session table and
+//! each session's driver, which keeps a detached session until it resumes or expires.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use crate::keys::PublicKey;
+use crate::net::config::ServerConfig;
+use crate::net::events::{LinkEvent, LinkLost, LinkStatus};
+use crate::net::pump::{pump, PumpEnd};
+use crate::net::stream::{Shared, Stream};
+use crate::net::wire::{read_record, write_record};
+use crate::net::Error;
+use crate::proto::frame::{MAX_FRAME, RESUME_ID_LEN};
+use crate::proto::handshake::{self, hex_id, MAX_HANDSHAKE};
+use crate::proto::transport::TAG_LEN;
+use crate::proto::{CloseCode, Event, HandshakeError, Hello, RejectCode, ResumeLookup, Role, Session, SessionError, Ticket, Transport};
+
+/// The authenticated peer of an accepted stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    /// The client's static public key (on the allow-list).
+    pub key: PublicKey,
+    /// The client's name from the allow-list, if it has one.
+    pub name: Option<String>,
+    /// The address of the first connection.
+    pub addr: SocketAddr,
+}
+
+/// Counters describing a server's state, for status output and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ServerStats {
+    /// Sessions alive (attached or detached).
+    pub sessions: usize,
+    /// Connections in their handshake now.
+    pub handshakes: usize,
+    /// Sessions expired since start.
+    pub expired: usize,
+    /// Successful resumes since start.
+    pub resumes: usize,
+}
+
+/// A new connection for an existing session, confirmed and ready to attach.
+struct NewLink {
+    sock: TcpStream,
+    transport: Transport,
+    confirm: zeroize::Zeroizing<Vec<u8>>,
+    resume_id: [u8; RESUME_ID_LEN],
+    client_received: u64,
+    client_written: u64,
+    peer: SocketAddr,
+}
+
+struct Entry {
+    shared: Arc<Shared>,
+    client: PublicKey,
+    replace: mpsc::Sender<NewLink>,
+}
+
+#[derive(Default)]
+struct Table {
+    by_ticket: HashMap<[u8; RESUME_ID_LEN], Arc<Entry>>,
+    per_key: HashMap<PublicKey, usize>,
+    rate: HashMap<IpAddr, (f64, Instant)>,
+}
+
+struct State {
+    cfg: ServerConfig,
+    table: Mutex<Table>,
+    sessions: AtomicUsize,
+    buffered: AtomicUsize,
+    expired: AtomicUsize,
+    resumes: AtomicUsize,
+    handshakes: Arc<Semaphore>,
+    accepted: mpsc::Sender<(Stream, Peer)>,
+}
+
+impl State {
+    fn table(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Token bucket per source address.
+    fn rate_ok(&self, ip: IpAddr) -> bool {
+        let rate = f64::from(self.cfg.limits.handshakes_per_sec_per_ip.max(1));
+        let now = Instant::now();
+        let mut t = self.table();
+        if t.rate.len() > 4096 {
+            t.rate.retain(|_, (tokens, at)| *tokens + now.duration_since(*at).as_secs_f64() * rate < rate);
+        }
+        let (tokens, at) = t.rate.entry(ip).or_insert((rate, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * rate).min(rate);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// A bound holdfast server. Dropping it stops accepting; live sessions keep running until they
+/// end or expire.
+pub struct Listener {
+    state: Arc<State>,
+    incoming: mpsc::Receiver<(Stream, Peer)>,
+    local: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Binds a server on `addr`.
+///
+/// # Errors
+/// [`Error::Bind`] if the address cannot be bound (for example it is in use).
+pub async fn bind(addr: impl Into<String>, cfg: ServerConfig) -> Result<Listener, Error> {
+    let addr = addr.into();
+    let tcp = TcpListener::bind(&addr).await.map_err(|source| Error::Bind { addr: addr.clone(), source })?;
+    let local = tcp.local_addr().map_err(Error::Io)?;
+    let (tx, rx) = mpsc::channel(64);
+    let state = Arc::new(State {
+        handshakes: Arc::new(Semaphore::new(cfg.limits.max_handshakes)),
+        cfg,
+        table: Mutex::new(Table::default()),
+        sessions: AtomicUsize::new(0),
+        buffered: AtomicUsize::new(0),
+        expired: AtomicUsize::new(0),
+        resumes: AtomicUsize::new(0),
+        accepted: tx,
+    });
+    let task = tokio::spawn(accept_loop(tcp, state.clone()));
+    info!(%local, "listening");
+    Ok(Listener { state, incoming: rx, local, task })
+}
+
+impl Listener {
+    /// Waits for the next new session: a stream and its authenticated peer.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if the accept loop stopped.
+    pub async fn accept(&mut self) -> Result<(Stream, Peer), Error> {
+        self.incoming
+            .recv()
+            .await
+            .ok_or_else(|| Error::Io(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "listener stopped")))
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// Current counters.
+    pub fn stats(&self) -> ServerStats {
+        let s = &self.state;
+        ServerStats {
+            sessions: s.sessions.load(Ordering::Relaxed),
+            handshakes: s.cfg.limits.max_handshakes - s.handshakes.available_permits(),
+            expired: s.expired.load(Ordering::Relaxed),
+            resumes: s.resumes.load(Ordering::Relaxed),
+        }
+    }
+}
+
+async fn accept_loop(tcp: TcpListener, state: Arc<State>) {
+    loop {
+        let (sock, addr) = match tcp.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        if !state.rate_ok(addr.ip()) {
+            debug!(%addr, "handshake rate limit");
+            continue;
+        }
+        let Ok(permit) = state.handshakes.clone().try_acquire_owned() else {
+            debug!(%addr, "too many handshakes in progress");
+            continue;
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let limit = state.cfg.limits.handshake_timeout;
+            match tokio::time::timeout(limit, handshake(sock, addr, &state)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => debug!(%addr, error = %e, "handshake failed"),
+                Err(_) => debug!(%addr, "handshake deadline passed"),
+            }
+            drop(permit);
+        });
+    }
+}
+
+async fn handshake(mut sock: TcpStream, addr: SocketAddr, state: &Arc<State>) -> Result<(), Error> {
+    let _ = sock.set_nodelay(true);
+    let hello = read_record(&mut sock, MAX_HANDSHAKE).await.map_err(Error::Io)?;
+    let cfg = &state.cfg;
+    let lookup = |id: &[u8; RESUME_ID_LEN]| {
+        let entry = state.table().by_ticket.get(id).cloned()?;
+        let inner = entry.shared.lock();
+        let t = inner.session.ticket_secret(id)?;
+        Some(ResumeLookup {
+            client: entry.client,
+            psk: t.secret.clone(),
+            received: inner.session.received_offset(),
+            written: inner.session.written_offset(),
+        })
+    };
+    let accept = match handshake::respond(&hello, &cfg.keypair.private, |k| cfg.allow.lookup(k).is_some(), lookup) {
+        Ok(a) => a,
+        Err(HandshakeError::UnknownSession) => {
+            let _ = write_record(&mut sock, &handshake::reject(RejectCode::UnknownSession)).await;
+            return Err(Error::Handshake { addr: addr.to_string(), source: HandshakeError::UnknownSession });
+        }
+        Err(e) => return Err(Error::Handshake { addr: addr.to_string(), source: e }),
+    };
+    if let Hello::Initial { client } = &accept.hello {
+        let per_key = state.table().per_key.get(client).copied().unwrap_or(0);
+        let budget_ok = state.buffered.load(Ordering::Relaxed) + cfg.session.max_buffer <= cfg.limits.buffer_budget;
+        if state.sessions.load(Ordering::Relaxed) >= cfg.limits.max_sessions || per_key >= cfg.limits.max_sessions_per_key || !budget_ok {
+            let _ = write_record(&mut sock, &handshake::reject(RejectCode::Busy)).await;
+            return Err(Error::Handshake { addr: addr.to_string(), source: HandshakeError::Busy });
+        }
+    }
+    write_record(&mut sock, &accept.reply).await.map_err(Error::Io)?;
+    // Key confirmation: nothing is committed until the client's first record decrypts.
+    let first = read_record(&mut sock, MAX_FRAME + TAG_LEN).await.map_err(Error::Io)?;
+    let mut transport = accept.transport;
+    let mut confirm = zeroize::Zeroizing::new(vec![0u8; first.len()]);
+    let n = transport
+        .open(&first, &mut confirm)
+        .map_err(|_| Error::Handshake { addr: addr.to_string(), source: HandshakeError::Auth })?;
+    confirm.truncate(n);
+    match accept.hello {
+        Hello::Initial { client } => commit_new(state, sock, addr, client, transport, &confirm),
+        Hello::Resume { resume_id, client_received, client_written } => {
+            let entry = state.table().by_ticket.get(&resume_id).cloned();
+            let Some(entry) = entry else {
+                return Err(Error::Handshake { addr: addr.to_string(), source: HandshakeError::UnknownSession });
+            };
+            let link = NewLink { sock, transport, confirm, resume_id, client_received, client_written, peer: addr };
+            let _ = entry.replace.send(link).await;
+            Ok(())
+        }
+    }
+}
+
+fn commit_new(
+    state: &Arc<State>,
+    sock: TcpStream,
+    addr: SocketAddr,
+    client: PublicKey,
+    transport: Transport,
+    confirm: &[u8],
+) -> Result<(), Error> {
+    let cfg = &state.cfg;
+    let now = Instant::now();
+    let mut session = Session::new(Role::Server, cfg.session.clone());
+    session.attach(now, transport, 0, None, Some(Ticket::generate())).map_err(Error::Session)?;
+    session.handle_frame(now, confirm).map_err(Error::Session)?;
+    let shared = Shared::new(session, client);
+    let (tx, rx) = mpsc::channel(4);
+    let entry = Arc::new(Entry { shared: shared.clone(), client, replace: tx });
+    state.sessions.fetch_add(1, Ordering::Relaxed);
+    state.buffered.fetch_add(cfg.session.max_buffer, Ordering::Relaxed);
+    *state.table().per_key.entry(client).or_insert(0) += 1;
+    let name = cfg.allow.lookup(&client).and_then(|p| p.name.clone());
+    let peer = Peer { key: client, name, addr };
+    info!(%addr, client = %client, name = ?peer.name, "new session");
+    shared.emit(LinkEvent::Connected { peer: addr });
+    if state.accepted.try_send((Stream::new(shared.clone()), peer)).is_err() {
+        warn!(%addr, "accept queue full; dropping new session");
+        shared.fail(CloseCode::Limit, SessionError::Aborted("server accept queue full".into()));
+    }
+    tokio::spawn(session_task(state.clone(), entry, sock, rx));
+    Ok(())
+}
+
+/// Applies ticket events to the table.
+fn sync_tickets(state: &State, entry: &Arc<Entry>, ev: Event) {
+    let mut t = state.table();
+    match ev {
+        Event::TicketIssued(id) => {
+            t.by_ticket.insert(id, entry.clone());
+        }
+        Event::TicketRetired(id) => {
+            t.by_ticket.remove(&id);
+        }
+        Event::TicketReceived => {}
+    }
+}
+
+async fn session_task(state: Arc<State>, entry: Arc<Entry>, sock: TcpStream, mut rx: mpsc::Receiver<NewLink>) {
+    let shared = entry.shared.clone();
+    let expiry = state.cfg.limits.session_expiry;
+    let mut link = Some(sock);
+    let mut faults = 0u64;
+    let mut lost_at = Instant::now();
+    loop {
+        let new = match link.take() {
+            Some(sock) => match pump(&shared, sock, Some(&mut rx), |ev| sync_tickets(&state, &entry, ev)).await {
+                PumpEnd::Over => break,
+                PumpEnd::Replaced(new) => {
+                    lost_at = Instant::now();
+                    new
+                }
+                PumpEnd::Fault(cause) => {
+                    shared.lock().session.detach();
+                    if !cause.is_link_fault() {
+                        break;
+                    }
+                    faults += 1;
+                    lost_at = Instant::now();
+                    info!(%cause, "session detached; waiting for resume");
+                    let lost = LinkLost { cause: cause.to_string(), faults };
+                    shared.set_status(LinkStatus::Reconnecting { cause: lost.cause.clone(), attempt: 0 });
+                    shared.emit(LinkEvent::Lost(lost));
+                    continue;
+                }
+            },
+            None => match tokio::time::timeout_at((lost_at + expiry).into(), rx.recv()).await {
+                Ok(Some(new)) => new,
+                Ok(None) | Err(_) => {
+                    info!(?expiry, "detached session expired");
+                    state.expired.fetch_add(1, Ordering::Relaxed);
+                    shared.fail(CloseCode::Expired, SessionError::Expired(expiry));
+                    break;
+                }
+            },
+        };
+        let now = Instant::now();
+        let attached = {
+            let mut inner = shared.lock();
+            inner.session.detach();
+            let r = inner
+                .session
+                .attach(now, new.transport, new.client_received, Some(new.resume_id), Some(Ticket::generate()))
+                .and_then(|a| inner.session.handle_frame(now, &new.confirm).map(|()| a));
+            while let Some(ev) = inner.session.poll_event() {
+                sync_tickets(&state, &entry, ev);
+            }
+            inner.wake_all();
+            r
+        };
+        match attached {
+            Ok(a) => {
+                state.resumes.fetch_add(1, Ordering::Relaxed);
+                let replayed_received = new.client_written.saturating_sub(shared.lock().session.received_offset());
+                debug!(peer = %new.peer, id = %hex_id(&new.resume_id), "resumed");
+                shared.set_status(LinkStatus::Connected);
+                shared.emit(LinkEvent::Resumed {
+                    peer: new.peer,
+                    after: now.saturating_duration_since(lost_at),
+                    replayed_sent: a.replayed,
+                    replayed_received,
+                });
+                link = Some(new.sock);
+            }
+            Err(e) => {
+                warn!(error = %e, "resume failed; ending session");
+                shared.fail(CloseCode::Protocol, e);
+                break;
+            }
+        }
+    }
+    // Clean up: forget tickets and release the session's share of the limits.
+    {
+        let mut t = state.table();
+        t.by_ticket.retain(|_, e| !Arc::ptr_eq(e, &entry));
+        if let Some(n) = t.per_key.get_mut(&entry.client) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                t.per_key.remove(&entry.client);
+            }
+        }
+    }
+    state.sessions.fetch_sub(1, Ordering::Relaxed);
+    state.buffered.fetch_sub(state.cfg.session.max_buffer, Ordering::Relaxed);
+    let failure = shared.lock().session.failure().cloned();
+    match failure {
+        Some(SessionError::Finished) | None => {
+            shared.set_status(LinkStatus::Closed);
+            shared.emit(LinkEvent::Closed);
+        }
+        Some(e) => {
+            shared.set_status(LinkStatus::Failed(e.to_string()));
+        }
+    }
+}

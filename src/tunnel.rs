@@ -1,0 +1,1 @@
+//! Port forwarding and stdio mode, built only on the public library API.
