@@ -111,27 +111,22 @@ fn decode_key(text: &str) -> Result<Zeroizing<[u8; KEY_LEN]>, String> {
         return Err("no key found (expected 44 base64 characters)".to_owned());
     }
     if text.len() != B64_LEN {
-        return Err(format!(
-            "expected 44 base64 characters, found {}",
-            text.chars().count()
-        ));
+        return Err(format!("expected 44 base64 characters, found {}", text.chars().count()));
     }
     let mut buf = Zeroizing::new([0u8; 48]);
-    let n = STANDARD
-        .decode_slice(text, &mut buf[..])
-        .map_err(|e| match e {
-            DecodeSliceError::DecodeError(DecodeError::InvalidByte(at, b)) => {
-                let shown = match b {
-                    b'!'..=b'~' => format!("{:?}", char::from(b)),
-                    _ => format!("byte 0x{b:02x}"),
-                };
-                format!("invalid base64 character {shown} at offset {at}")
-            }
-            DecodeSliceError::DecodeError(DecodeError::InvalidLastSymbol(at, _)) => {
-                format!("non-canonical base64 at offset {at}")
-            }
-            _ => "invalid base64".to_owned(),
-        })?;
+    let n = STANDARD.decode_slice(text, &mut buf[..]).map_err(|e| match e {
+        DecodeSliceError::DecodeError(DecodeError::InvalidByte(at, b)) => {
+            let shown = match b {
+                b'!'..=b'~' => format!("{:?}", char::from(b)),
+                _ => format!("byte 0x{b:02x}"),
+            };
+            format!("invalid base64 character {shown} at offset {at}")
+        }
+        DecodeSliceError::DecodeError(DecodeError::InvalidLastSymbol(at, _)) => {
+            format!("non-canonical base64 at offset {at}")
+        }
+        _ => "invalid base64".to_owned(),
+    })?;
     if n != KEY_LEN {
         return Err(format!("decodes to {n} bytes, expected {KEY_LEN}"));
     }
@@ -184,9 +179,7 @@ impl FromStr for PublicKey {
 
     /// Parses standard base64 (surrounding whitespace ignored).
     fn from_str(s: &str) -> Result<Self, KeyError> {
-        decode_key(s)
-            .map(|k| Self(*k))
-            .map_err(|reason| KeyError::InvalidKey { reason })
+        decode_key(s).map(|k| Self(*k)).map_err(|reason| KeyError::InvalidKey { reason })
     }
 }
 
@@ -207,19 +200,13 @@ impl PrivateKey {
 
     /// Parses standard base64 (surrounding whitespace ignored), e.g. `wg genkey` output.
     pub fn from_base64(s: &str) -> Result<Self, KeyError> {
-        decode_key(s)
-            .map(Self)
-            .map_err(|reason| KeyError::InvalidKey { reason })
+        decode_key(s).map(Self).map_err(|reason| KeyError::InvalidKey { reason })
     }
 
     /// The key as standard base64 (44 characters, no newline), wiped on drop.
     pub fn to_base64(&self) -> Zeroizing<String> {
         let enc = encode_key(&self.0);
-        Zeroizing::new(
-            std::str::from_utf8(&enc[..B64_LEN])
-                .unwrap_or_default()
-                .to_owned(),
-        )
+        Zeroizing::new(std::str::from_utf8(&enc[..B64_LEN]).unwrap_or_default().to_owned())
     }
 
     /// Derives the public key (X25519 scalar multiplication of the clamped key by the base point).
@@ -281,19 +268,13 @@ impl Keypair {
 
 /// Maps an I/O error on `path` to [`KeyError::Io`].
 fn io_err(path: &Path) -> impl Fn(std::io::Error) -> KeyError + Copy + '_ {
-    move |source| KeyError::Io {
-        path: path.to_owned(),
-        source,
-    }
+    move |source| KeyError::Io { path: path.to_owned(), source }
 }
 
 /// Reads and decodes a key file, refusing group/other access if `private` (unix).
 fn read_key_file(path: &Path, private: bool) -> Result<Zeroizing<[u8; KEY_LEN]>, KeyError> {
     let io_err = io_err(path);
-    let malformed = |reason: String| KeyError::Malformed {
-        path: path.to_owned(),
-        reason,
-    };
+    let malformed = |reason: String| KeyError::Malformed { path: path.to_owned(), reason };
     let mut file = File::open(path).map_err(io_err)?;
     #[cfg(unix)]
     if private {
@@ -301,10 +282,7 @@ fn read_key_file(path: &Path, private: bool) -> Result<Zeroizing<[u8; KEY_LEN]>,
         // fstat the opened file (no race with a rename between check and read).
         let mode = file.metadata().map_err(io_err)?.permissions().mode() & 0o7777;
         if mode & 0o077 != 0 {
-            return Err(KeyError::Permissions {
-                path: path.to_owned(),
-                mode,
-            });
+            return Err(KeyError::Permissions { path: path.to_owned(), mode });
         }
     }
     #[cfg(not(unix))]
@@ -320,12 +298,9 @@ fn read_key_file(path: &Path, private: bool) -> Result<Zeroizing<[u8; KEY_LEN]>,
         }
     }
     if len > MAX_KEY_FILE_LEN {
-        return Err(malformed(format!(
-            "file is larger than {MAX_KEY_FILE_LEN} bytes"
-        )));
+        return Err(malformed(format!("file is larger than {MAX_KEY_FILE_LEN} bytes")));
     }
-    let text =
-        std::str::from_utf8(&buf[..len]).map_err(|_| malformed("not valid utf-8".to_owned()))?;
+    let text = std::str::from_utf8(&buf[..len]).map_err(|_| malformed("not valid utf-8".to_owned()))?;
     decode_key(text).map_err(malformed)
 }
 
@@ -338,9 +313,7 @@ fn write_new_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), KeyErro
     #[cfg(not(unix))]
     let _ = mode;
     let mut file = options.open(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::AlreadyExists => KeyError::Exists {
-            path: path.to_owned(),
-        },
+        std::io::ErrorKind::AlreadyExists => KeyError::Exists { path: path.to_owned() },
         _ => io_err(path)(e),
     })?;
     let written = file.write_all(contents).and_then(|()| file.sync_all());
@@ -404,11 +377,7 @@ impl AllowList {
         let mut seen: HashMap<PublicKey, usize> = HashMap::new();
         for (index, raw) in text.lines().enumerate() {
             let line = index + 1;
-            let err = |reason| KeyError::AllowList {
-                path: path.map(Path::to_owned),
-                line,
-                reason,
-            };
+            let err = |reason| KeyError::AllowList { path: path.map(Path::to_owned), line, reason };
             let content = raw.split_once('#').map_or(raw, |(before, _)| before).trim();
             if content.is_empty() {
                 continue;
@@ -419,9 +388,7 @@ impl AllowList {
             };
             let key = PublicKey(*decode_key(key_text).map_err(err)?);
             if let Some(first) = seen.insert(key, line) {
-                return Err(err(format!(
-                    "duplicate key {key} (first listed on line {first})"
-                )));
+                return Err(err(format!("duplicate key {key} (first listed on line {first})")));
             }
             peers.push(AllowedPeer { key, name });
         }
@@ -486,11 +453,7 @@ mod tests {
     impl TempDir {
         fn new(tag: &str) -> Self {
             let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
-            let name = format!(
-                "holdfast-keys-{tag}-{}-{}",
-                std::process::id(),
-                t.unwrap().as_nanos()
-            );
+            let name = format!("holdfast-keys-{tag}-{}-{}", std::process::id(), t.unwrap().as_nanos());
             let dir = std::env::temp_dir().join(name);
             fs::create_dir_all(&dir).unwrap();
             Self(dir)
@@ -547,10 +510,7 @@ mod tests {
         save_public_key(&pub_path, &kp.public).unwrap();
         let text = fs::read_to_string(&priv_path).unwrap();
         assert_eq!(text, format!("{}\n", *kp.private.to_base64()));
-        assert_eq!(
-            fs::read_to_string(&pub_path).unwrap(),
-            format!("{}\n", kp.public)
-        );
+        assert_eq!(fs::read_to_string(&pub_path).unwrap(), format!("{}\n", kp.public));
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt as _;
@@ -560,10 +520,7 @@ mod tests {
         let loaded = load_private_key(&priv_path).unwrap();
         assert_eq!(loaded.as_bytes(), kp.private.as_bytes());
         assert_eq!(load_public_key(&pub_path).unwrap(), kp.public);
-        assert_eq!(
-            kp.public.to_string().parse::<PublicKey>().unwrap(),
-            kp.public
-        );
+        assert_eq!(kp.public.to_string().parse::<PublicKey>().unwrap(), kp.public);
     }
 
     #[test]
@@ -573,10 +530,7 @@ mod tests {
         fs::write(&path, "keep me").unwrap();
         let kp = Keypair::generate();
         let err = save_private_key(&path, &kp.private).unwrap_err();
-        assert!(
-            matches!(err, KeyError::Exists { .. }) && names(&err, &path),
-            "{err:?}"
-        );
+        assert!(matches!(err, KeyError::Exists { .. }) && names(&err, &path), "{err:?}");
         let err = save_public_key(&path, &kp.public).unwrap_err();
         assert!(matches!(err, KeyError::Exists { .. }), "{err:?}");
         assert_eq!(fs::read_to_string(&path).unwrap(), "keep me");
@@ -594,10 +548,7 @@ mod tests {
             let err = load_private_key(&path).unwrap_err();
             assert!(matches!(err, KeyError::Permissions { mode: m, .. } if m == mode));
             let msg = err.to_string();
-            assert!(
-                names(&err, &path) && msg.contains(shown) && msg.contains("chmod 600"),
-                "{msg}"
-            );
+            assert!(names(&err, &path) && msg.contains(shown) && msg.contains("chmod 600"), "{msg}");
         }
         fs::set_permissions(&path, fs::Permissions::from_mode(0o400)).unwrap();
         assert!(load_private_key(&path).is_ok());
@@ -611,10 +562,7 @@ mod tests {
         let dir = TempDir::new("malformed");
         let missing = dir.0.join("missing.key");
         let err = load_private_key(&missing).unwrap_err();
-        assert!(
-            matches!(err, KeyError::Io { .. }) && names(&err, &missing),
-            "{err:?}"
-        );
+        assert!(matches!(err, KeyError::Io { .. }) && names(&err, &missing), "{err:?}");
         let cases = [
             "",
             "not base64 at all!!!!!!!!!!!!!!!!!!!!!!!!!!\n",
@@ -629,18 +577,12 @@ mod tests {
             let path = dir.0.join(format!("bad{i}.pub"));
             fs::write(&path, text).unwrap();
             let err = load_public_key(&path).unwrap_err();
-            assert!(
-                matches!(err, KeyError::Malformed { .. }) && names(&err, &path),
-                "{text:?}"
-            );
+            assert!(matches!(err, KeyError::Malformed { .. }) && names(&err, &path), "{text:?}");
         }
         let path = dir.0.join("ok.pub");
         fs::write(&path, format!("  \n{WG_PUBLIC}\r\n\n")).unwrap();
         assert_eq!(load_public_key(&path).unwrap().to_string(), WG_PUBLIC);
-        assert!(matches!(
-            "AAAA".parse::<PublicKey>(),
-            Err(KeyError::InvalidKey { .. })
-        ));
+        assert!(matches!("AAAA".parse::<PublicKey>(), Err(KeyError::InvalidKey { .. })));
     }
 
     #[test]
@@ -650,10 +592,7 @@ mod tests {
         let list = AllowList::parse(&format!("{head}# x\n")).unwrap();
         assert_eq!(list.len(), 2);
         let wg: PublicKey = WG_PUBLIC.parse().unwrap();
-        assert_eq!(
-            list.lookup(&wg).unwrap().name.as_deref(),
-            Some("laptop (home)")
-        );
+        assert_eq!(list.lookup(&wg).unwrap().name.as_deref(), Some("laptop (home)"));
         assert_eq!(list.lookup(&other).unwrap().name, None);
         assert!(list.lookup(&Keypair::generate().public).is_none());
         assert_eq!(list.iter().map(|p| p.key).collect::<Vec<_>>(), [wg, other]);
@@ -671,16 +610,9 @@ mod tests {
         fs::write(&path, format!("{WG_PUBLIC}\nbogus\n")).unwrap();
         let err = AllowList::load(&path).unwrap_err();
         assert_eq!(allow_err(&err), Some((2, true)));
-        assert!(
-            names(&err, &path) && err.to_string().contains("line 2"),
-            "{err}"
-        );
+        assert!(names(&err, &path) && err.to_string().contains("line 2"), "{err}");
 
-        let list = AllowList::from_keys([
-            (wg, None),
-            (other, Some("b".into())),
-            (wg, Some("x".into())),
-        ]);
+        let list = AllowList::from_keys([(wg, None), (other, Some("b".into())), (wg, Some("x".into()))]);
         assert_eq!(list.len(), 2);
         assert_eq!(list.lookup(&wg).unwrap().name, None);
     }
@@ -690,20 +622,10 @@ mod tests {
         let wg = Keypair::from_private(PrivateKey::from_base64(WG_PRIVATE).unwrap());
         for kp in [wg, Keypair::generate()] {
             let b64 = kp.private.to_base64();
-            let (hex, bytes) = (
-                hex(kp.private.as_bytes()),
-                format!("{:?}", kp.private.as_bytes()),
-            );
-            for shown in [
-                format!("{:?}", kp.private),
-                format!("{kp:?}"),
-                format!("{kp:#?}"),
-            ] {
+            let (hex, bytes) = (hex(kp.private.as_bytes()), format!("{:?}", kp.private.as_bytes()));
+            for shown in [format!("{:?}", kp.private), format!("{kp:?}"), format!("{kp:#?}")] {
                 let lower = shown.to_lowercase();
-                assert!(
-                    !shown.contains(&b64[..16]) && !lower.contains(&hex[..16]),
-                    "{shown}"
-                );
+                assert!(!shown.contains(&b64[..16]) && !lower.contains(&hex[..16]), "{shown}");
                 assert!(!shown.contains(&bytes[..20]), "{shown}");
             }
             assert_eq!(format!("{:?}", kp.private), "PrivateKey(<redacted>)");

@@ -71,4 +71,6 @@ pub mod proto;
 
 pub mod tunnel;
 
-pub use net::{bind, connect, ClientConfig, Error, LinkEvent, LinkStatus, Listener, Peer, RecoveryPolicy, ServerConfig, Stream};
+pub use net::{
+    bind, connect, ClientConfig, Error, LinkEvent, LinkStatus, Listener, Peer, RecoveryPolicy, ServerConfig, Stream,
+};

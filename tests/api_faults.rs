@@ -165,7 +165,8 @@ async fn server_restart_means_session_lost_never_a_new_session() {
         let server_keys = Keypair::generate();
         let client_keys = Keypair::generate();
         let allow = || holdfast::keys::AllowList::from_keys([(client_keys.public, None)]);
-        let mut listener = holdfast::bind("127.0.0.1:0", ServerConfig::new(server_keys.clone(), allow())).await.unwrap();
+        let mut listener =
+            holdfast::bind("127.0.0.1:0", ServerConfig::new(server_keys.clone(), allow())).await.unwrap();
         let proxy = ChaosProxy::start(listener.local_addr()).await.unwrap();
         let ccfg = holdfast::ClientConfig::new(client_keys.clone(), server_keys.public);
         let mut c = holdfast::connect(proxy.addr().to_string(), ccfg).await.unwrap();

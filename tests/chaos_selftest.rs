@@ -22,9 +22,7 @@ const TEST_TIMEOUT: Duration = Duration::from_secs(30);
 const WAIT: Duration = Duration::from_secs(10);
 
 async fn within<F: Future>(f: F) -> F::Output {
-    tokio::time::timeout(TEST_TIMEOUT, f)
-        .await
-        .expect("test timed out")
+    tokio::time::timeout(TEST_TIMEOUT, f).await.expect("test timed out")
 }
 
 /// What the echo server saw on one connection.
@@ -64,19 +62,11 @@ impl EchoServer {
                 });
             }
         });
-        EchoServer {
-            addr,
-            accepted,
-            reports,
-            task,
-        }
+        EchoServer { addr, accepted, reports, task }
     }
 
     async fn report(&mut self) -> Report {
-        tokio::time::timeout(WAIT, self.reports.recv())
-            .await
-            .expect("no server report in time")
-            .expect("server gone")
+        tokio::time::timeout(WAIT, self.reports.recv()).await.expect("no server report in time").expect("server gone")
     }
 }
 
@@ -128,10 +118,7 @@ fn random_bytes(n: usize) -> Vec<u8> {
 async fn roundtrip(s: &mut TcpStream, msg: &[u8]) {
     s.write_all(msg).await.unwrap();
     let mut back = vec![0u8; msg.len()];
-    tokio::time::timeout(WAIT, s.read_exact(&mut back))
-        .await
-        .expect("roundtrip timed out")
-        .unwrap();
+    tokio::time::timeout(WAIT, s.read_exact(&mut back)).await.expect("roundtrip timed out").unwrap();
     assert_eq!(back, msg);
 }
 
@@ -264,17 +251,8 @@ async fn kill_all_while_blocked_in_write() {
         });
         assert!(proxy.wait_for_bytes(1 << 20, WAIT).await);
         proxy.kill_all();
-        let err = tokio::time::timeout(WAIT, writer)
-            .await
-            .expect("blocked writer not released by kill_all")
-            .unwrap();
-        assert!(
-            matches!(
-                err.kind(),
-                io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
-            ),
-            "{err}"
-        );
+        let err = tokio::time::timeout(WAIT, writer).await.expect("blocked writer not released by kill_all").unwrap();
+        assert!(matches!(err.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe), "{err}");
         assert_eq!(proxy.live_connections(), 0);
     })
     .await
@@ -410,11 +388,7 @@ async fn flip_bit_changes_exactly_one_bit_once() {
             client.write_all(&sent).await.unwrap();
             let mut back = vec![0u8; sent.len()];
             client.read_exact(&mut back).await.unwrap();
-            let flipped: u32 = sent
-                .iter()
-                .zip(&back)
-                .map(|(a, b)| (a ^ b).count_ones())
-                .sum();
+            let flipped: u32 = sent.iter().zip(&back).map(|(a, b)| (a ^ b).count_ones()).sum();
             assert_eq!(flipped, 1, "{dir:?}");
             assert_eq!(proxy.faults_injected(), 1);
             // One-shot: later traffic is untouched.
@@ -492,11 +466,7 @@ async fn set_target_and_drop_kills_everything() {
 async fn unreachable_target_resets_client() {
     within(async {
         // Bind then drop to get a port nobody listens on.
-        let dead = TcpListener::bind("127.0.0.1:0")
-            .await
-            .unwrap()
-            .local_addr()
-            .unwrap();
+        let dead = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
         let proxy = ChaosProxy::start(dead).await.unwrap();
         expect_reset_connection(&proxy, 1).await;
         assert!(proxy.wait_for_connections(1, WAIT).await);

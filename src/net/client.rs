@@ -65,19 +65,24 @@ async fn dial(
 ) -> Result<(TcpStream, crate::proto::handshake::ClientDone, SocketAddr), Error> {
     let limit = cfg.recovery.handshake_timeout;
     let attempt = async {
-        let mut sock = TcpStream::connect(addr).await.map_err(|source| Error::Connect { addr: addr.to_string(), source })?;
+        let mut sock =
+            TcpStream::connect(addr).await.map_err(|source| Error::Connect { addr: addr.to_string(), source })?;
         let _ = sock.set_nodelay(true);
         let peer = sock.peer_addr().map_err(Error::Io)?;
         let hs_err = |source| Error::Handshake { addr: addr.to_string(), source };
         let (hs, hello) = match resume {
             None => ClientHandshake::initial(&cfg.keypair.private, &cfg.server_key),
-            Some((t, received, written)) => ClientHandshake::resume(&cfg.keypair.private, &cfg.server_key, t, received, written),
+            Some((t, received, written)) => {
+                ClientHandshake::resume(&cfg.keypair.private, &cfg.server_key, t, received, written)
+            }
         }
         .map_err(hs_err)?;
         write_record(&mut sock, &hello).await.map_err(Error::Io)?;
         let reply = match read_record(&mut sock, MAX_HANDSHAKE + 1).await {
             Ok(r) => r,
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof || e.kind() == std::io::ErrorKind::ConnectionReset => {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::UnexpectedEof || e.kind() == std::io::ErrorKind::ConnectionReset =>
+            {
                 return Err(Error::HandshakeRefused { addr: addr.to_string() })
             }
             Err(e) => return Err(Error::Io(e)),
@@ -221,6 +226,8 @@ async fn reconnect(shared: &Shared, cfg: &ClientConfig, addr: &str, cause: &str)
 #[allow(dead_code)]
 fn _assert_send() {
     fn is_send<T: Send>(_: T) {}
-    let _ = |s: Arc<Shared>, c: ClientConfig, sock: TcpStream, p: SocketAddr, r| is_send(client_task(s, c, String::new(), sock, p, r));
+    let _ = |s: Arc<Shared>, c: ClientConfig, sock: TcpStream, p: SocketAddr, r| {
+        is_send(client_task(s, c, String::new(), sock, p, r))
+    };
     let _ = Duration::ZERO;
 }

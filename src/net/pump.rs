@@ -46,7 +46,11 @@ pub(crate) async fn pump<R>(
             let mut inner = shared.lock();
             if inner.session.is_finished() && inner.session.failure().is_none() {
                 inner.session.close(CloseCode::Normal, SessionError::Finished);
-            } else if !inner.reader_alive && !inner.writer_alive && inner.session.fin_acked() && inner.session.failure().is_none() {
+            } else if !inner.reader_alive
+                && !inner.writer_alive
+                && inner.session.fin_acked()
+                && inner.session.failure().is_none()
+            {
                 inner.session.close(CloseCode::Abort, SessionError::Aborted("all handles dropped".into()));
             }
             if out_pos == out.len() {

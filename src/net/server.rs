@@ -22,7 +22,9 @@ use crate::net::Error;
 use crate::proto::frame::{MAX_FRAME, RESUME_ID_LEN};
 use crate::proto::handshake::{self, hex_id, MAX_HANDSHAKE};
 use crate::proto::transport::TAG_LEN;
-use crate::proto::{CloseCode, Event, HandshakeError, Hello, RejectCode, ResumeLookup, Role, Session, SessionError, Ticket, Transport};
+use crate::proto::{
+    CloseCode, Event, HandshakeError, Hello, RejectCode, ResumeLookup, Role, Session, SessionError, Ticket, Transport,
+};
 
 /// The authenticated peer of an accepted stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -233,7 +235,10 @@ async fn handshake(mut sock: TcpStream, addr: SocketAddr, state: &Arc<State>) ->
     if let Hello::Initial { client } = &accept.hello {
         let per_key = state.table().per_key.get(client).copied().unwrap_or(0);
         let budget_ok = state.buffered.load(Ordering::Relaxed) + cfg.session.max_buffer <= cfg.limits.buffer_budget;
-        if state.sessions.load(Ordering::Relaxed) >= cfg.limits.max_sessions || per_key >= cfg.limits.max_sessions_per_key || !budget_ok {
+        if state.sessions.load(Ordering::Relaxed) >= cfg.limits.max_sessions
+            || per_key >= cfg.limits.max_sessions_per_key
+            || !budget_ok
+        {
             let _ = write_record(&mut sock, &handshake::reject(RejectCode::Busy)).await;
             return Err(Error::Handshake { addr: addr.to_string(), source: HandshakeError::Busy });
         }

@@ -35,7 +35,13 @@ pub(crate) struct Inner {
 impl Shared {
     pub(crate) fn new(session: Session, peer_key: PublicKey) -> Arc<Self> {
         Arc::new(Shared {
-            inner: Mutex::new(Inner { session, read_waker: None, write_waker: None, reader_alive: true, writer_alive: true }),
+            inner: Mutex::new(Inner {
+                session,
+                read_waker: None,
+                write_waker: None,
+                reader_alive: true,
+                writer_alive: true,
+            }),
             wake_driver: Notify::new(),
             events: broadcast::channel(256).0,
             status: watch::channel(LinkStatus::Connected).0,

@@ -13,7 +13,10 @@ pub(crate) async fn read_record<S: AsyncRead + Unpin>(sock: &mut S, max: usize) 
     sock.read_exact(&mut len).await?;
     let len = u16::from_be_bytes(len) as usize;
     if len > max {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("record of {len} bytes exceeds the {max}-byte limit")));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("record of {len} bytes exceeds the {max}-byte limit"),
+        ));
     }
     let mut body = vec![0u8; len];
     sock.read_exact(&mut body).await?;

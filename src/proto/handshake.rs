@@ -494,7 +494,8 @@ mod tests {
         // Another allowed client using this id fails: the server uses the stored key.
         let other = Keypair::generate();
         let (_, hello) = ClientHandshake::resume(&other.private, &s.public, &t, 0, 0).unwrap();
-        let lookup = |_: &[u8; 16]| Some(ResumeLookup { client: c.public, psk: t.secret.clone(), received: 0, written: 0 });
+        let lookup =
+            |_: &[u8; 16]| Some(ResumeLookup { client: c.public, psk: t.secret.clone(), received: 0, written: 0 });
         assert_eq!(respond(&hello, &s.private, |_| true, lookup).unwrap_err(), HandshakeError::Auth);
     }
 
@@ -504,7 +505,8 @@ mod tests {
         let t = Ticket::generate();
         let (_, mut hello) = ClientHandshake::resume(&c.private, &s.public, &t, 1, 1).unwrap();
         hello[6] ^= 1; // change the id: the prologue no longer matches (and lookup fails)
-        let lookup = |_: &[u8; 16]| Some(ResumeLookup { client: c.public, psk: t.secret.clone(), received: 0, written: 0 });
+        let lookup =
+            |_: &[u8; 16]| Some(ResumeLookup { client: c.public, psk: t.secret.clone(), received: 0, written: 0 });
         assert_eq!(respond(&hello, &s.private, |_| true, lookup).unwrap_err(), HandshakeError::Auth);
     }
 

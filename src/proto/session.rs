@@ -116,7 +116,11 @@ impl SessionError {
     pub fn is_link_fault(&self) -> bool {
         matches!(
             self,
-            SessionError::Crypto(_) | SessionError::Frame(_) | SessionError::Protocol(_) | SessionError::Dead(_) | SessionError::Link(_)
+            SessionError::Crypto(_)
+                | SessionError::Frame(_)
+                | SessionError::Protocol(_)
+                | SessionError::Dead(_)
+                | SessionError::Link(_)
         )
     }
 }
@@ -376,7 +380,8 @@ impl Session {
         self.pong_due = false;
         self.ticket_to_send = None;
         if self.role == Role::Server {
-            let retired: Vec<_> = self.tickets.iter().filter(|t| Some(t.resume_id) != used).map(|t| t.resume_id).collect();
+            let retired: Vec<_> =
+                self.tickets.iter().filter(|t| Some(t.resume_id) != used).map(|t| t.resume_id).collect();
             self.tickets.retain(|t| Some(t.resume_id) == used);
             self.events.extend(retired.into_iter().map(Event::TicketRetired));
             if let Some(t) = new_ticket {
@@ -432,7 +437,8 @@ impl Session {
                 if self.peer_fin.is_some() || offset > next {
                     return Err(SessionError::Protocol("DATA offset beyond the next expected byte"));
                 }
-                let end = offset.checked_add(data.len() as u64).ok_or(SessionError::Protocol("DATA offset overflows"))?;
+                let end =
+                    offset.checked_add(data.len() as u64).ok_or(SessionError::Protocol("DATA offset overflows"))?;
                 if end > next {
                     self.recv.push(&data[(next - offset) as usize..]);
                     self.schedule_ack(now);
@@ -460,7 +466,8 @@ impl Session {
                     return Err(SessionError::Protocol("TICKET_ACK sent to a client"));
                 }
                 if self.tickets.iter().any(|t| t.resume_id == id) {
-                    let retired: Vec<_> = self.tickets.iter().filter(|t| t.resume_id != id).map(|t| t.resume_id).collect();
+                    let retired: Vec<_> =
+                        self.tickets.iter().filter(|t| t.resume_id != id).map(|t| t.resume_id).collect();
                     self.tickets.retain(|t| t.resume_id == id);
                     self.events.extend(retired.into_iter().map(Event::TicketRetired));
                 }

@@ -175,13 +175,7 @@ impl ChaosProxy {
             registry: Mutex::new(Registry::default()),
         });
         let accept_task = tokio::spawn(accept_loop(listener, shared.clone())).abort_handle();
-        Ok(ChaosProxy {
-            inner: Arc::new(Inner {
-                addr,
-                shared,
-                accept_task,
-            }),
-        })
+        Ok(ChaosProxy { inner: Arc::new(Inner { addr, shared, accept_task }) })
     }
 
     fn shared(&self) -> &Shared {
@@ -348,10 +342,7 @@ impl Drop for RstOnDrop {
 }
 
 async fn run_conn(shared: Arc<Shared>, conn: Arc<Conn>, id: u64, mut client: RstOnDrop) {
-    let _unregister = Unregister {
-        shared: shared.clone(),
-        id,
-    };
+    let _unregister = Unregister { shared: shared.clone(), id };
     let target = *lock(&shared.target);
     let server = tokio::select! {
         biased;
@@ -390,11 +381,7 @@ struct PumpIo {
 
 impl PumpIo {
     fn new(conn: Arc<Conn>, rd: OwnedReadHalf, wr: OwnedWriteHalf) -> Self {
-        PumpIo {
-            conn,
-            rd,
-            wr: Some(wr),
-        }
+        PumpIo { conn, rd, wr: Some(wr) }
     }
 
     fn wr(&mut self) -> &mut OwnedWriteHalf {
@@ -423,11 +410,7 @@ async fn pump(dir: Dir, mut io: PumpIo, shared: &Shared) {
         let (cut_now, stalled, garbage) = {
             let mut c = conn.ctl();
             let (cut_now, stalled) = (c.dirs[d].cut == Some(0), c.stalled);
-            let garbage = if stalled {
-                Vec::new()
-            } else {
-                std::mem::take(&mut c.dirs[d].garbage)
-            };
+            let garbage = if stalled { Vec::new() } else { std::mem::take(&mut c.dirs[d].garbage) };
             (cut_now, stalled, garbage)
         };
         if cut_now {
@@ -474,13 +457,7 @@ async fn pump(dir: Dir, mut io: PumpIo, shared: &Shared) {
                 *r == 0
             });
             let flip = !stalled && fwd > 0 && std::mem::take(&mut dc.flip);
-            (
-                stalled,
-                std::mem::take(&mut dc.garbage),
-                flip,
-                fwd,
-                cut_done,
-            )
+            (stalled, std::mem::take(&mut dc.garbage), flip, fwd, cut_done)
         };
         if stalled {
             // The chunk is swallowed; the connection can only be killed now.
