@@ -65,6 +65,8 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod demo;
+pub mod harden;
 pub mod keys;
 pub mod net;
 pub mod proto;
