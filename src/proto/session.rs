@@ -604,7 +604,14 @@ impl Session {
     /// [`SessionError::Dead`] when nothing was received for the dead-peer time: the driver must
     /// drop the connection and resume.
     pub fn handle_timeout(&mut self, now: Instant) -> Result<(), SessionError> {
-        if let Some(link) = &self.link {
+        let reading = self.wants_input();
+        if let Some(link) = &mut self.link {
+            if !reading {
+                // The program is not reading, so the driver is not either: silence from the
+                // peer proves nothing. Judge liveness again once reading resumes.
+                link.last_recv = now;
+                return Ok(());
+            }
             let silent = now.saturating_duration_since(link.last_recv);
             if silent >= self.cfg.dead_after {
                 return Err(SessionError::Dead(silent));
@@ -621,5 +628,43 @@ impl Session {
     /// Server: the ids of all live tickets.
     pub fn ticket_ids(&self) -> impl Iterator<Item = [u8; RESUME_ID_LEN]> + '_ {
         self.tickets.iter().map(|t| t.resume_id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::Keypair;
+    use crate::proto::handshake::{respond, ClientHandshake};
+
+    fn linked(cfg: SessionConfig, now: Instant) -> (Session, Transport) {
+        let (c, s) = (Keypair::generate(), Keypair::generate());
+        let (hs, hello) = ClientHandshake::initial(&c.private, &s.public).unwrap();
+        let acc = respond(&hello, &s.private, |_| true, |_| None).unwrap();
+        let mut client = Session::new(Role::Client, cfg);
+        client.attach(now, hs.read_reply(&acc.reply).unwrap().transport, 0, None, None).unwrap();
+        (client, acc.transport)
+    }
+
+    #[test]
+    fn silence_while_the_program_does_not_read_is_not_death() {
+        let t0 = Instant::now();
+        let cfg = SessionConfig { recv_window: 100, ..SessionConfig::default() };
+        let dead = cfg.dead_after;
+        let (mut client, mut server) = linked(cfg, t0);
+        // Fill the client's receive buffer past its window: the driver stops reading.
+        let mut rec = Vec::new();
+        let mut plain = Vec::new();
+        Frame::Data { offset: 0, data: &[1u8; 200] }.encode(&mut plain);
+        server.seal(&plain, &mut rec).unwrap();
+        client.handle_record(t0, &rec[2..]).unwrap();
+        assert!(!client.wants_input());
+        assert_eq!(client.handle_timeout(t0 + dead * 3), Ok(()));
+        // Once the program reads, silence counts again.
+        let mut buf = [0u8; 200];
+        assert_eq!(client.read(&mut buf), Ok(Some(200)));
+        let later = t0 + dead * 3;
+        assert_eq!(client.handle_timeout(later + dead / 2), Ok(()));
+        assert!(matches!(client.handle_timeout(later + dead), Err(SessionError::Dead(_))));
     }
 }

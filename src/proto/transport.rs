@@ -103,3 +103,62 @@ impl Transport {
         self.received
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::Keypair;
+    use crate::proto::handshake::{respond, ClientHandshake};
+
+    fn pair() -> (Transport, Transport) {
+        let (c, s) = (Keypair::generate(), Keypair::generate());
+        let (hs, hello) = ClientHandshake::initial(&c.private, &s.public).unwrap();
+        let acc = respond(&hello, &s.private, |_| true, |_| None).unwrap();
+        (hs.read_reply(&acc.reply).unwrap().transport, acc.transport)
+    }
+
+    #[test]
+    fn rekeys_every_interval_in_step() {
+        let (mut a, mut b) = pair();
+        let mut rec = Vec::new();
+        let mut out = [0u8; 64];
+        for i in 0..REKEY_INTERVAL + 10 {
+            rec.clear();
+            a.seal(&i.to_be_bytes(), &mut rec).unwrap();
+            let n = b.open(&rec[RECORD_HEADER..], &mut out).unwrap();
+            assert_eq!(&out[..n], &i.to_be_bytes());
+        }
+        assert_eq!(a.sent_records(), REKEY_INTERVAL + 10);
+    }
+
+    #[test]
+    fn the_sender_really_changes_key_after_the_interval() {
+        let (mut a, mut b) = pair();
+        let mut rec = Vec::new();
+        let mut out = [0u8; 64];
+        // A receiver that never rekeys (raw Noise state) reads exactly 2^16 records, then fails.
+        for _ in 0..REKEY_INTERVAL {
+            rec.clear();
+            a.seal(b"x", &mut rec).unwrap();
+            assert!(b.state.read_message(&rec[RECORD_HEADER..], &mut out).is_ok());
+        }
+        rec.clear();
+        a.seal(b"x", &mut rec).unwrap();
+        assert!(b.state.read_message(&rec[RECORD_HEADER..], &mut out).is_err());
+    }
+
+    #[test]
+    fn tampering_and_size_errors_are_typed() {
+        let (mut a, mut b) = pair();
+        let mut rec = Vec::new();
+        a.seal(b"hello", &mut rec).unwrap();
+        let mut bad = rec.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        let mut out = [0u8; 64];
+        assert_eq!(b.open(&bad[RECORD_HEADER..], &mut out), Err(CryptoError::Decrypt));
+        assert_eq!(b.open(&[0u8; 5], &mut out), Err(CryptoError::Size));
+        let big = vec![0u8; MAX_RECORD];
+        assert_eq!(a.seal(&big, &mut rec), Err(CryptoError::Size));
+    }
+}
