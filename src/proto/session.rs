@@ -157,6 +157,8 @@ pub struct Session {
     send: ByteQueue,
     /// Next stream position to transmit on the current link.
     sent: u64,
+    /// Highest stream position transmitted on any link (`sent` restarts lower after a resume).
+    transmitted: u64,
     /// Our FIN offset once the program shut down writing.
     fin: Option<u64>,
     /// Peer acknowledged our FIN.
@@ -201,6 +203,7 @@ impl Session {
             cfg,
             send: ByteQueue::new(),
             sent: 0,
+            transmitted: 0,
             fin: None,
             fin_acked: false,
             recv: ByteQueue::new(),
@@ -373,6 +376,7 @@ impl Session {
             return Err(e);
         }
         self.apply_ack(peer_received);
+        self.transmitted = self.transmitted.max(self.sent);
         self.sent = peer_received;
         self.link = Some(Link { transport, last_recv: now, last_send: now });
         self.ack_sent = 0;
@@ -445,9 +449,12 @@ impl Session {
                 }
             }
             Frame::Ack(v) => {
-                if v > self.sent {
+                // After a resume the peer may acknowledge bytes that reached it on the old link
+                // after it answered the hello: they were sent, so skip resending them.
+                if v > self.sent.max(self.transmitted) {
                     return Err(SessionError::Protocol("ACK of bytes never sent"));
                 }
+                self.sent = self.sent.max(v);
                 self.apply_ack(v);
             }
             Frame::Ping => self.pong_due = true,
@@ -666,5 +673,99 @@ mod tests {
         let later = t0 + dead * 3;
         assert_eq!(client.handle_timeout(later + dead / 2), Ok(()));
         assert!(matches!(client.handle_timeout(later + dead), Err(SessionError::Dead(_))));
+    }
+}
+
+#[cfg(test)]
+mod resume_ack_tests {
+    use super::*;
+    use crate::keys::Keypair;
+    use crate::proto::frame::split_record;
+    use crate::proto::handshake::{respond, ClientHandshake, ResumeLookup};
+
+    fn feed(s: &mut Session, now: Instant, mut wire: &[u8]) -> Result<(), SessionError> {
+        while let Some((body, used)) = split_record(wire) {
+            s.handle_record(now, body)?;
+            wire = &wire[used..];
+        }
+        Ok(())
+    }
+
+    /// The server answers a resume hello with its received offset, then the old link delivers
+    /// more. Its first ACK on the new link covers bytes the client sent on the old link and has
+    /// not resent yet: that is not a protocol error, and the client skips resending them.
+    #[test]
+    fn ack_of_bytes_sent_on_the_old_link_is_accepted_after_a_resume() {
+        let now = Instant::now();
+        let (c, s) = (Keypair::generate(), Keypair::generate());
+        let mut client = Session::new(Role::Client, SessionConfig::default());
+        let mut server = Session::new(Role::Server, SessionConfig::default());
+        let (hs, hello) = ClientHandshake::initial(&c.private, &s.public).unwrap();
+        let acc = respond(&hello, &s.private, |_| true, |_| None).unwrap();
+        client.attach(now, hs.read_reply(&acc.reply).unwrap().transport, 0, None, None).unwrap();
+        server.attach(now, acc.transport, 0, None, Some(Ticket::generate())).unwrap();
+        let mut out = Vec::new();
+        client.poll_transmit(now, &mut out, usize::MAX).unwrap();
+        feed(&mut server, now, &out).unwrap();
+        out.clear();
+        server.poll_transmit(now, &mut out, usize::MAX).unwrap();
+        feed(&mut client, now, &out).unwrap();
+
+        let data: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
+        assert_eq!(client.write(&data), Ok(data.len()));
+        let mut wire = Vec::new();
+        client.poll_transmit(now, &mut wire, usize::MAX).unwrap();
+        // The server has read only the first few records when the resume hello arrives.
+        let mut pos = 0;
+        for _ in 0..6 {
+            let (body, used) = split_record(&wire[pos..]).unwrap();
+            server.handle_record(now, body).unwrap();
+            pos += used;
+        }
+        client.detach();
+        let t = client.ticket().unwrap().clone();
+        let (hs, hello) =
+            ClientHandshake::resume(&c.private, &s.public, &t, client.received_offset(), client.written_offset())
+                .unwrap();
+        let (x, w) = (server.received_offset(), server.written_offset());
+        let lookup =
+            |_: &[u8; 16]| Some(ResumeLookup { client: c.public, psk: t.secret.clone(), received: x, written: w });
+        let acc = respond(&hello, &s.private, |_| true, lookup).unwrap();
+        // Meanwhile the old link delivers the rest.
+        feed(&mut server, now, &wire[pos..]).unwrap();
+        assert_eq!(server.received_offset(), data.len() as u64);
+
+        let done = hs.read_reply(&acc.reply).unwrap();
+        client.attach(now, done.transport, done.server_received.unwrap(), None, None).unwrap();
+        let mut first = Vec::new();
+        client.poll_transmit(now, &mut first, 64 << 10).unwrap(); // less than the gap
+        let mut st = acc.transport;
+        let (body, used) = split_record(&first).unwrap();
+        let mut confirm = vec![0u8; body.len()];
+        let n = st.open(body, &mut confirm).unwrap();
+        server.detach();
+        server.attach(now, st, client.received_offset(), Some(t.resume_id), Some(Ticket::generate())).unwrap();
+        server.handle_frame(now, &confirm[..n]).unwrap();
+        feed(&mut server, now, &first[used..]).unwrap();
+        out.clear();
+        server.poll_transmit(now, &mut out, usize::MAX).unwrap();
+        assert_eq!(feed(&mut client, now, &out), Ok(()), "the server's ACK covers bytes sent on the old link");
+        assert_eq!(client.unacked(), 0);
+
+        // The stream goes on: new bytes are sent from the right offset, nothing is resent twice.
+        assert_eq!(client.write(b"more"), Ok(4));
+        out.clear();
+        client.poll_transmit(now, &mut out, usize::MAX).unwrap();
+        feed(&mut server, now, &out).unwrap();
+        let mut got = vec![0u8; data.len() + 16];
+        let mut total = 0;
+        while let Ok(Some(k)) = server.read(&mut got[total..]) {
+            if k == 0 {
+                break;
+            }
+            total += k;
+        }
+        assert_eq!(&got[..total - 4], &data[..]);
+        assert_eq!(&got[total - 4..total], b"more");
     }
 }
