@@ -5,6 +5,10 @@
 
 mod common;
 
+#[path = "../examples/chat/client.rs"]
+mod client;
+#[path = "../examples/chat/line.rs"]
+mod line;
 #[path = "../examples/chat/room.rs"]
 mod room;
 #[path = "../examples/chat/setup.rs"]
@@ -13,11 +17,13 @@ mod setup;
 use std::collections::HashMap;
 use std::time::Duration;
 
+use client::{ClientError, Input};
 use common::chaos::ChaosProxy;
 use common::harness::fast_session;
 use holdfast::keys::{AllowList, Keypair, PublicKey};
 use holdfast::{ClientConfig, ServerConfig};
-use room::{ClientError, Input, RoomOpts, Show};
+use line::Show;
+use room::RoomOpts;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
@@ -80,7 +86,7 @@ async fn join_via(target: std::net::SocketAddr, name: &str, cfg: ClientConfig) -
     let (keys, typed) = mpsc::channel(1024);
     let (out, shown) = mpsc::unbounded_channel();
     let who = name.to_string();
-    let task = tokio::spawn(async move { room::run_client(stream, &who, typed, out).await });
+    let task = tokio::spawn(async move { client::run_client(stream, &who, typed, out).await });
     Client { name: name.to_string(), proxy, keys, shown, text: vec![], status: vec![], task }
 }
 
@@ -340,7 +346,7 @@ async fn a_key_may_only_use_its_listed_name_and_one_session() {
         let stream = holdfast::connect(room.addr.to_string(), client_config(&mk, room.key, give_up)).await.unwrap();
         let (_keys, typed) = mpsc::channel(8);
         let (out, _shown) = mpsc::unbounded_channel();
-        match room::run_client(stream, "alice", typed, out).await {
+        match client::run_client(stream, "alice", typed, out).await {
             Err(ClientError::Refused(why)) => assert!(why.contains("listed as \"mallory\""), "{why}"),
             other => panic!("expected a refusal, got {other:?}"),
         }
@@ -350,7 +356,7 @@ async fn a_key_may_only_use_its_listed_name_and_one_session() {
         let stream = holdfast::connect(room.addr.to_string(), client_config(&ak, room.key, give_up)).await.unwrap();
         let (_keys, typed) = mpsc::channel(8);
         let (out, _shown) = mpsc::unbounded_channel();
-        match room::run_client(stream, "alice", typed, out).await {
+        match client::run_client(stream, "alice", typed, out).await {
             Err(ClientError::Refused(why)) => assert!(why.contains("already in the room"), "{why}"),
             other => panic!("expected a refusal, got {other:?}"),
         }

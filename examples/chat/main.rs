@@ -12,9 +12,11 @@
 //! Keys are made in `keys/` on first use (see `setup.rs`). Break the link while typing, for
 //! example with `ss -K dst 127.0.0.1 dport = 7710`, and watch the `[link]` lines.
 //!
-//! Files: `main.rs` (command line and terminal), `room.rs` (the room and the client over a
-//! `Stream`), `setup.rs` (keys and the allow-list).
+//! Files: `main.rs` (command line and terminal), `line.rs` (the line protocol), `room.rs` (the
+//! room), `client.rs` (the client), `setup.rs` (keys and the allow-list).
 
+mod client;
+mod line;
 mod room;
 mod setup;
 
@@ -23,8 +25,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use client::{ClientError, Input};
 use holdfast::{ClientConfig, Error, ServerConfig};
-use room::{ClientError, Input, RoomOpts, Show};
+use line::Show;
+use room::RoomOpts;
 use setup::{KeyDir, KeySource};
 use tokio::io::AsyncBufReadExt as _;
 use tokio::sync::mpsc;
@@ -83,7 +87,7 @@ fn main() {
 }
 
 /// Prints what the room or client shows: chat text on stdout, status lines on stderr.
-fn printer() -> (room::Out, tokio::task::JoinHandle<()>) {
+fn printer() -> (line::Out, tokio::task::JoinHandle<()>) {
     let (tx, mut rx) = mpsc::unbounded_channel::<Show>();
     let task = tokio::spawn(async move {
         while let Some(show) = rx.recv().await {
@@ -150,7 +154,7 @@ async fn server(listen: String, dir: KeyDir) -> i32 {
 }
 
 async fn join(name: String, addr: String, dir: KeyDir, give_up: u64) -> i32 {
-    if let Err(e) = room::check_name(&name) {
+    if let Err(e) = line::check_name(&name) {
         eprintln!("chat: {e}");
         return 1;
     }
@@ -237,7 +241,7 @@ async fn join(name: String, addr: String, dir: KeyDir, give_up: u64) -> i32 {
     });
 
     let (out, print) = printer();
-    let result = room::run_client(stream, &name, rx, out).await;
+    let result = client::run_client(stream, &name, rx, out).await;
     let _ = print.await;
     let code = match &result {
         Ok(()) => {
