@@ -305,7 +305,8 @@ fn compute() -> Vec<(&'static str, Vec<u8>)> {
     v.push(("kk_c2_fin", seal(&mut kk.client, Frame::Fin(CLIENT_WRITTEN))));
     v.push(("kk_s2_ack", seal(&mut kk.server, Frame::Ack(CLIENT_WRITTEN + 1))));
     v.push(("kk_s3_fin", seal(&mut kk.server, Frame::Fin(SERVER_WRITTEN))));
-    v.push(("kk_c3_close", seal(&mut kk.client, Frame::Close { code: 0, reason: FINISHED_REASON })));
+    v.push(("kk_c3_ack", seal(&mut kk.client, Frame::Ack(SERVER_WRITTEN + 1))));
+    v.push(("kk_c4_close", seal(&mut kk.client, Frame::Close { code: 0, reason: FINISHED_REASON })));
     v.push(("kk_s4_close", seal(&mut kk.server, Frame::Close { code: 0, reason: FINISHED_REASON })));
 
     // Refusals.
@@ -412,7 +413,8 @@ const EXPECTED: &[(&str, &str)] = &[
     ("kk_c2_fin", "00190eab91ae64429ac7ca7635fce637f6e785cb767518b25c12e4"),
     ("kk_s2_ack", "00195af8e5aeee05edcd85989f15f5cb9394ca7046011785c768c5"),
     ("kk_s3_fin", "0019e8d197d092fbdcfd7301d29b1069082dbe1419a9daaf3f26ac"),
-    ("kk_c3_close", "00236ce8fa8cb58f14b2ad132df6f961d9451fe5a8bd463d40b7c178d7892972dea383a1b7"),
+    ("kk_c3_ack", "001966e8faffd0fc67dbc5b528fc2910e70f454b51900ec2fd5e4e"),
+    ("kk_c4_close", "00235d7c5273de8860b63c2b4ccafe31559c1173d7eba341866367fb11fa068baa56ffa66f"),
     ("kk_s4_close", "00233c67b9bb5b632313590cea8f35bbfe4f67b43a7fd17351f35a15751db55711ae0256cc"),
     ("reject_unknown_session", "00020201"),
     ("reject_busy", "00020202"),
@@ -566,7 +568,7 @@ fn sessions_emit_the_transcript() {
     client.close(CloseCode::Normal, SessionError::Finished);
     let mut out = Vec::new();
     client.poll_transmit(now, &mut out, big).expect("client transmit");
-    assert_eq!(hex(&out), hex(&get(&v, "kk_c3_close")));
+    assert_eq!(hex(&out), hex(&[get(&v, "kk_c3_ack"), get(&v, "kk_c4_close")].concat()), "ACK, then CLOSE");
     feed(&mut server, now, &out);
     assert!(server.is_finished(), "CLOSE Normal after both FINs completes the server's FIN");
     server.close(CloseCode::Normal, SessionError::Finished);
@@ -623,7 +625,7 @@ fn frames_decode_and_records_open() {
         Frame::decode(&plain).expect(name);
     }
     let mut kk = kk();
-    for name in ["kk_c0_ack", "kk_c1_ticket_ack", "kk_c2_fin", "kk_c3_close"] {
+    for name in ["kk_c0_ack", "kk_c1_ticket_ack", "kk_c2_fin", "kk_c3_ack", "kk_c4_close"] {
         let plain = open(&mut kk.server, &get(&v, name));
         Frame::decode(&plain).expect(name);
     }

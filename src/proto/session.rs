@@ -536,12 +536,18 @@ impl Session {
             f.encode(scratch);
             link.transport.seal(scratch, out).map_err(SessionError::from)
         };
+        let recv_off = self.recv.end() + u64::from(self.peer_fin.is_some());
         if let Some((code, reason)) = self.close_to_send.take() {
+            // Acknowledge what arrived first (the peer's FIN above all), so that a lost CLOSE
+            // still leaves the peer knowing its stream was delivered.
+            if recv_off > self.ack_sent {
+                seal(Frame::Ack(recv_off), out)?;
+                self.ack_sent = recv_off;
+            }
             seal(Frame::Close { code: code.to_u16(), reason: &reason }, out)?;
             link.last_send = now;
             return Ok(());
         }
-        let recv_off = self.recv.end() + u64::from(self.peer_fin.is_some());
         // A pending ACK goes out when due, or early when DATA is leaving anyway.
         let sending_data = self.sent < self.send.end();
         if self.ack_due.is_some_and(|d| d <= now || (sending_data && recv_off > self.ack_sent)) {
