@@ -436,12 +436,29 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(cli)) {
+    let result = rt.block_on(run(cli));
+    // Do not wait for blocking tasks: tokio's stdin reader cannot be cancelled, so dropping the
+    // runtime would hang until the peer closes stdin (e.g. `connect` failing under ssh).
+    rt.shutdown_background();
+    match result {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {
-            eprintln!("holdfast: error: {e:#}");
+            eprintln!("holdfast: error: {}", error_line(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes on one line, skipping causes the message already shows (errors
+/// whose text includes `{source}`, such as "cannot reach server X: Connection refused").
+fn error_line(e: &anyhow::Error) -> String {
+    let mut line = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !line.contains(&cause) {
+            line = format!("{line}: {cause}");
+        }
+    }
+    line.replace('\n', " ")
 }
