@@ -122,24 +122,40 @@ impl ClientConfig {
     }
 }
 
-/// Limits a server enforces. Defaults are in DESIGN terms: generous for real use, small enough
-/// that a scanner or a flood cannot exhaust memory.
+/// Limits a server enforces. Defaults are generous for real use and small enough that a scanner
+/// or a flood cannot exhaust memory, file descriptors or CPU. `SECURITY.md` gives the reason for
+/// each default.
 #[derive(Debug, Clone)]
 pub struct Limits {
-    /// Connections still in their handshake at once. Default 256.
+    /// Connections still in their handshake at once. When a new connection arrives at the cap,
+    /// the *oldest* unfinished handshake is closed to make room: a real handshake takes one round
+    /// trip, so slow or silent connections are the ones that get evicted, and a flood of them
+    /// cannot lock real clients out. Default 256 (about 256 file descriptors and a few KiB each).
     pub max_handshakes: usize,
-    /// New handshakes per second from one source address (with a burst of the same size).
-    /// Default 20.
+    /// New handshakes per second from one source (with a burst of the same size). IPv6 sources
+    /// are counted per /64, because one host usually owns a whole /64. Default 20: a real client
+    /// opens one connection per fault; 20 leaves room for a NAT with several clients.
     pub handshakes_per_sec_per_ip: u32,
-    /// Sessions (attached or detached) at once. Default 1024.
+    /// Sessions (attached, detached, or finishing their handshake) at once. Default 1024.
     pub max_sessions: usize,
-    /// Sessions per client key. Default 64.
+    /// Sessions per client key, so one allowed client cannot take every slot. Default 64.
     pub max_sessions_per_key: usize,
-    /// Sum of all sessions' replay buffer bounds. Default 1 GiB.
+    /// Memory budget for all sessions' buffers. Each session is charged its worst case, the
+    /// replay buffer bound plus the receive window (`max_buffer + recv_window` of its
+    /// [`SessionConfig`], 9 MiB by default), when it is created; a new session that does not fit
+    /// is refused with `Busy`. Default 1 GiB (about 113 sessions at the default buffer sizes).
     pub buffer_budget: usize,
+    /// Resumes per second for one session: a resume that arrives sooner than `1 / n` seconds
+    /// after the previous accepted one is refused with `Busy`, and the client retries after its
+    /// backoff. Each resume costs the server four X25519 operations, a ticket rotation and a
+    /// replay of up to `max_buffer` bytes, so a malicious allowed client must not loop on it.
+    /// Default 10: a link that faults more often than that is not usable anyway, and the
+    /// client's first backoff (100 ms) already spaces its retries this far apart.
+    pub resumes_per_sec_per_session: u32,
     /// How long a detached session waits for its client to resume. Default 1 hour.
     pub session_expiry: Duration,
-    /// Whole-handshake deadline for a new connection. Default 10 s.
+    /// Whole-handshake deadline for a new connection, from accept to key confirmation: slow,
+    /// silent or trickling connections are closed when it passes. Default 10 s.
     pub handshake_timeout: Duration,
 }
 
@@ -151,6 +167,7 @@ impl Default for Limits {
             max_sessions: 1024,
             max_sessions_per_key: 64,
             buffer_budget: 1 << 30,
+            resumes_per_sec_per_session: 10,
             session_expiry: Duration::from_secs(3600),
             handshake_timeout: Duration::from_secs(10),
         }

@@ -1,15 +1,15 @@
 //! The server listener: the accept loop, handshake tasks with limits, the session table and
 //! each session's driver, which keeps a detached session until it resumes or expires.
 
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, Semaphore};
-use tokio::task::JoinHandle;
+use tokio::sync::mpsc;
+use tokio::task::{AbortHandle, JoinHandle};
 use tracing::{debug, info, warn};
 
 use crate::keys::PublicKey;
@@ -65,6 +65,27 @@ struct Entry {
     shared: Arc<Shared>,
     client: PublicKey,
     replace: mpsc::Sender<NewLink>,
+    /// When the last resume was let through (for `resumes_per_sec_per_session`).
+    last_resume: Mutex<Option<Instant>>,
+}
+
+impl Entry {
+    /// Lets a resume through if the previous one was at least `interval` ago.
+    fn resume_allowed(&self, now: Instant, interval: Duration) -> bool {
+        let mut last = self.last_resume.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_some_and(|t| now.saturating_duration_since(t) < interval) {
+            return false;
+        }
+        *last = Some(now);
+        true
+    }
+}
+
+/// Handshakes in progress, oldest first, so the oldest can be evicted at the cap.
+#[derive(Default)]
+struct Pending {
+    next_id: u64,
+    live: VecDeque<(u64, AbortHandle)>,
 }
 
 #[derive(Default)]
@@ -81,7 +102,7 @@ struct State {
     buffered: AtomicUsize,
     expired: AtomicUsize,
     resumes: AtomicUsize,
-    handshakes: Arc<Semaphore>,
+    pending: Mutex<Pending>,
     accepted: mpsc::Sender<(Stream, Peer)>,
 }
 
@@ -90,8 +111,50 @@ impl State {
         self.table.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Token bucket per source address.
+    fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Memory charged to one session against `buffer_budget`: its worst-case buffers.
+    fn charge(&self) -> usize {
+        self.cfg.session.max_buffer.saturating_add(self.cfg.session.recv_window)
+    }
+
+    /// Takes a session slot for `client` if every session limit allows it. Checking and
+    /// counting happen under one lock, so concurrent handshakes cannot overshoot a cap.
+    fn reserve(&self, client: PublicKey) -> Option<Reservation<'_>> {
+        let limits = &self.cfg.limits;
+        let mut t = self.table();
+        let per_key = t.per_key.get(&client).copied().unwrap_or(0);
+        let budget_ok = self.buffered.load(Ordering::Relaxed).saturating_add(self.charge()) <= limits.buffer_budget;
+        if self.sessions.load(Ordering::Relaxed) >= limits.max_sessions
+            || per_key >= limits.max_sessions_per_key
+            || !budget_ok
+        {
+            return None;
+        }
+        *t.per_key.entry(client).or_insert(0) += 1;
+        self.sessions.fetch_add(1, Ordering::Relaxed);
+        self.buffered.fetch_add(self.charge(), Ordering::Relaxed);
+        Some(Reservation { state: self, client, kept: false })
+    }
+
+    /// Gives back a session slot taken by [`State::reserve`].
+    fn release(&self, client: &PublicKey) {
+        let mut t = self.table();
+        if let Some(n) = t.per_key.get_mut(client) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                t.per_key.remove(client);
+            }
+        }
+        self.sessions.fetch_sub(1, Ordering::Relaxed);
+        self.buffered.fetch_sub(self.charge(), Ordering::Relaxed);
+    }
+
+    /// Token bucket per source address (per /64 for IPv6).
     fn rate_ok(&self, ip: IpAddr) -> bool {
+        let ip = rate_key(ip);
         let rate = f64::from(self.cfg.limits.handshakes_per_sec_per_ip.max(1));
         let now = Instant::now();
         let mut t = self.table();
@@ -107,6 +170,43 @@ impl State {
         } else {
             false
         }
+    }
+}
+
+/// A session slot held by a handshake; released on drop unless the session was committed.
+struct Reservation<'a> {
+    state: &'a State,
+    client: PublicKey,
+    kept: bool,
+}
+
+impl Reservation<'_> {
+    /// The session now exists: its task releases the slot when it ends.
+    fn keep(mut self) {
+        self.kept = true;
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if !self.kept {
+            self.state.release(&self.client);
+        }
+    }
+}
+
+/// The rate-limit bucket of a source address: IPv4 addresses (also when IPv4-mapped) alone,
+/// IPv6 addresses by their /64 prefix.
+fn rate_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
     }
 }
 
@@ -135,13 +235,13 @@ pub async fn bind(addr: impl Into<String>, cfg: ServerConfig) -> Result<Listener
     let local = tcp.local_addr().map_err(Error::Io)?;
     let (tx, rx) = mpsc::channel(64);
     let state = Arc::new(State {
-        handshakes: Arc::new(Semaphore::new(cfg.limits.max_handshakes)),
         cfg,
         table: Mutex::new(Table::default()),
         sessions: AtomicUsize::new(0),
         buffered: AtomicUsize::new(0),
         expired: AtomicUsize::new(0),
         resumes: AtomicUsize::new(0),
+        pending: Mutex::new(Pending::default()),
         accepted: tx,
     });
     let task = tokio::spawn(accept_loop(tcp, state.clone()));
@@ -171,7 +271,7 @@ impl Listener {
         let s = &self.state;
         ServerStats {
             sessions: s.sessions.load(Ordering::Relaxed),
-            handshakes: s.cfg.limits.max_handshakes - s.handshakes.available_permits(),
+            handshakes: s.pending().live.len(),
             expired: s.expired.load(Ordering::Relaxed),
             resumes: s.resumes.load(Ordering::Relaxed),
         }
@@ -192,20 +292,28 @@ async fn accept_loop(tcp: TcpListener, state: Arc<State>) {
             debug!(%addr, "handshake rate limit");
             continue;
         }
-        let Ok(permit) = state.handshakes.clone().try_acquire_owned() else {
-            debug!(%addr, "too many handshakes in progress");
-            continue;
-        };
-        let state = state.clone();
-        tokio::spawn(async move {
-            let limit = state.cfg.limits.handshake_timeout;
-            match tokio::time::timeout(limit, handshake(sock, addr, &state)).await {
+        // At the cap, close the oldest unfinished handshake: real ones finish in a round trip,
+        // so the evicted one is almost always slow, silent or hostile.
+        let mut pending = state.pending();
+        while pending.live.len() >= state.cfg.limits.max_handshakes.max(1) {
+            let Some((_, oldest)) = pending.live.pop_front() else { break };
+            debug!(%addr, "handshake cap reached; evicting the oldest handshake");
+            oldest.abort();
+        }
+        let id = pending.next_id;
+        pending.next_id += 1;
+        let st = state.clone();
+        // The task cannot deregister before it is registered: it needs the lock held here.
+        let task = tokio::spawn(async move {
+            let limit = st.cfg.limits.handshake_timeout;
+            match tokio::time::timeout(limit, handshake(sock, addr, &st)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => debug!(%addr, error = %e, "handshake failed"),
                 Err(_) => debug!(%addr, "handshake deadline passed"),
             }
-            drop(permit);
+            st.pending().live.retain(|(i, _)| *i != id);
         });
+        pending.live.push_back((id, task.abort_handle()));
     }
 }
 
@@ -232,15 +340,23 @@ async fn handshake(mut sock: TcpStream, addr: SocketAddr, state: &Arc<State>) ->
         }
         Err(e) => return Err(Error::Handshake { addr: addr.to_string(), source: e }),
     };
-    if let Hello::Initial { client } = &accept.hello {
-        let per_key = state.table().per_key.get(client).copied().unwrap_or(0);
-        let budget_ok = state.buffered.load(Ordering::Relaxed) + cfg.session.max_buffer <= cfg.limits.buffer_budget;
-        if state.sessions.load(Ordering::Relaxed) >= cfg.limits.max_sessions
-            || per_key >= cfg.limits.max_sessions_per_key
-            || !budget_ok
-        {
-            let _ = write_record(&mut sock, &handshake::reject(RejectCode::Busy)).await;
-            return Err(Error::Handshake { addr: addr.to_string(), source: HandshakeError::Busy });
+    let mut reservation = None;
+    match &accept.hello {
+        Hello::Initial { client } => match state.reserve(*client) {
+            Some(r) => reservation = Some(r),
+            None => {
+                let _ = write_record(&mut sock, &handshake::reject(RejectCode::Busy)).await;
+                return Err(Error::Handshake { addr: addr.to_string(), source: HandshakeError::Busy });
+            }
+        },
+        Hello::Resume { resume_id, .. } => {
+            let entry = state.table().by_ticket.get(resume_id).cloned();
+            let rate = cfg.limits.resumes_per_sec_per_session.max(1);
+            if entry.is_some_and(|e| !e.resume_allowed(Instant::now(), Duration::from_secs(1) / rate)) {
+                debug!(%addr, id = %hex_id(resume_id), "resume rate limit");
+                let _ = write_record(&mut sock, &handshake::reject(RejectCode::Busy)).await;
+                return Err(Error::Handshake { addr: addr.to_string(), source: HandshakeError::Busy });
+            }
         }
     }
     write_record(&mut sock, &accept.reply).await.map_err(Error::Io)?;
@@ -253,7 +369,10 @@ async fn handshake(mut sock: TcpStream, addr: SocketAddr, state: &Arc<State>) ->
         .map_err(|_| Error::Handshake { addr: addr.to_string(), source: HandshakeError::Auth })?;
     confirm.truncate(n);
     match accept.hello {
-        Hello::Initial { client } => commit_new(state, sock, addr, client, transport, &confirm),
+        Hello::Initial { client } => match reservation {
+            Some(r) => commit_new(state, r, sock, addr, client, transport, &confirm),
+            None => Err(Error::Handshake { addr: addr.to_string(), source: HandshakeError::Busy }),
+        },
         Hello::Resume { resume_id, client_received, client_written } => {
             let entry = state.table().by_ticket.get(&resume_id).cloned();
             let Some(entry) = entry else {
@@ -268,6 +387,7 @@ async fn handshake(mut sock: TcpStream, addr: SocketAddr, state: &Arc<State>) ->
 
 fn commit_new(
     state: &Arc<State>,
+    reservation: Reservation<'_>,
     sock: TcpStream,
     addr: SocketAddr,
     client: PublicKey,
@@ -281,10 +401,8 @@ fn commit_new(
     session.handle_frame(now, confirm).map_err(Error::Session)?;
     let shared = Shared::new(session, client);
     let (tx, rx) = mpsc::channel(4);
-    let entry = Arc::new(Entry { shared: shared.clone(), client, replace: tx });
-    state.sessions.fetch_add(1, Ordering::Relaxed);
-    state.buffered.fetch_add(cfg.session.max_buffer, Ordering::Relaxed);
-    *state.table().per_key.entry(client).or_insert(0) += 1;
+    let entry = Arc::new(Entry { shared: shared.clone(), client, replace: tx, last_resume: Mutex::new(None) });
+    reservation.keep();
     let name = cfg.allow.lookup(&client).and_then(|p| p.name.clone());
     let peer = Peer { key: client, name, addr };
     info!(%addr, client = %client, name = ?peer.name, "new session");
@@ -385,18 +503,8 @@ async fn session_task(state: Arc<State>, entry: Arc<Entry>, sock: TcpStream, mut
         }
     }
     // Clean up: forget tickets and release the session's share of the limits.
-    {
-        let mut t = state.table();
-        t.by_ticket.retain(|_, e| !Arc::ptr_eq(e, &entry));
-        if let Some(n) = t.per_key.get_mut(&entry.client) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                t.per_key.remove(&entry.client);
-            }
-        }
-    }
-    state.sessions.fetch_sub(1, Ordering::Relaxed);
-    state.buffered.fetch_sub(state.cfg.session.max_buffer, Ordering::Relaxed);
+    state.table().by_ticket.retain(|_, e| !Arc::ptr_eq(e, &entry));
+    state.release(&entry.client);
     let failure = shared.lock().session.failure().cloned();
     match failure {
         Some(SessionError::Finished) | None => {

@@ -1,0 +1,440 @@
+//! Denial-of-service limits of the server, each against real sockets on loopback.
+//!
+//! Junk connections bind source addresses in 127.0.0.2–127.0.0.254 so that the per-source rate
+//! limit applies to them and not to the legitimate client on 127.0.0.1. Every test is bounded
+//! in time and in the number of sockets it opens.
+//!
+//! Run: `cargo test --release --test dos`.
+
+mod common;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use common::chaos::ChaosProxy;
+use common::harness::{fast_session, next_resume};
+use holdfast::keys::{AllowList, Keypair};
+use holdfast::net::Limits;
+use holdfast::proto::HandshakeError;
+use holdfast::{ClientConfig, Error, LinkEvent, Listener, ServerConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+/// Upper bound on any one test.
+const LIMIT: Duration = Duration::from_secs(60);
+
+async fn bounded<F: std::future::Future>(f: F) -> F::Output {
+    tokio::time::timeout(LIMIT, f).await.expect("test exceeded its time bound")
+}
+
+/// A server on 127.0.0.1:0 with `limits`, allowing `n` client keys; their configurations.
+async fn server(limits: Limits, n: usize) -> (Listener, Vec<ClientConfig>) {
+    let server_keys = Keypair::generate();
+    let clients: Vec<Keypair> = (0..n).map(|_| Keypair::generate()).collect();
+    let allow = AllowList::from_keys(clients.iter().map(|k| (k.public, None)));
+    let server_pub = server_keys.public;
+    let mut scfg = ServerConfig::new(server_keys, allow);
+    scfg.limits = limits;
+    scfg.session = fast_session();
+    let listener = holdfast::bind("127.0.0.1:0", scfg).await.expect("bind loopback");
+    let cfgs = clients
+        .into_iter()
+        .map(|k| {
+            let mut c = ClientConfig::new(k, server_pub);
+            c.session = fast_session();
+            c.recovery.backoff_initial = Duration::from_millis(10);
+            c.recovery.backoff_max = Duration::from_millis(100);
+            c.recovery.handshake_timeout = Duration::from_secs(10);
+            c
+        })
+        .collect();
+    (listener, cfgs)
+}
+
+/// A TCP connection to `server` from source address 127.0.0.`last`.
+async fn connect_from(last: u8, server: SocketAddr) -> std::io::Result<TcpStream> {
+    let sock = TcpSocket::new_v4()?;
+    sock.bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, last)), 0))?;
+    sock.connect(server).await
+}
+
+/// Waits until the server closes `sock` (EOF or reset), returning how long that took, or `None`
+/// if it is still open after `limit`. Anything the server sends first is skipped.
+async fn closed_within(sock: &mut TcpStream, limit: Duration) -> Option<Duration> {
+    let start = Instant::now();
+    let mut buf = [0u8; 512];
+    tokio::time::timeout(limit, async {
+        loop {
+            match sock.read(&mut buf).await {
+                Ok(0) | Err(_) => return start.elapsed(),
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .ok()
+}
+
+/// Raises the open-files soft limit towards the hard limit, for the flood test.
+fn raise_fd_limit(want: u64) {
+    #[cfg(unix)]
+    {
+        use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+        let cur = getrlimit(Resource::Nofile);
+        if cur.current.is_some_and(|c| c < want) {
+            let target = cur.maximum.map_or(want, |m| m.min(want));
+            let _ = setrlimit(Resource::Nofile, Rlimit { current: Some(target), maximum: cur.maximum });
+        }
+    }
+}
+
+/// A legitimate client connects, sends `len` bytes, and reads the server's echo of them.
+async fn echo_round_trip(listener: &mut Listener, cfg: ClientConfig, len: usize) -> Result<(), Error> {
+    let addr = listener.local_addr().to_string();
+    let client = async {
+        let mut stream = holdfast::connect(addr, cfg).await?;
+        let data: Vec<u8> = (0..len).map(|i| (i * 7 + i / 251) as u8).collect();
+        stream.write_all(&data).await?;
+        stream.shutdown().await?;
+        let mut back = Vec::new();
+        stream.read_to_end(&mut back).await?;
+        assert!(back == data, "echo differs");
+        Ok::<_, Error>(())
+    };
+    let server = async {
+        let (mut stream, _) = listener.accept().await?;
+        let mut got = Vec::new();
+        stream.read_to_end(&mut got).await?;
+        stream.write_all(&got).await?;
+        stream.shutdown().await?;
+        Ok::<_, Error>(())
+    };
+    let (c, s) = tokio::join!(client, server);
+    c.and(s)
+}
+
+fn is_busy(e: &Error) -> bool {
+    matches!(e, Error::Handshake { source: HandshakeError::Busy, .. })
+}
+
+#[tokio::test]
+async fn silent_and_trickling_clients_are_cut_at_the_handshake_deadline() {
+    bounded(async {
+        let deadline = Duration::from_millis(1500);
+        let limits = Limits { handshake_timeout: deadline, ..Limits::default() };
+        let (listener, _) = server(limits, 1).await;
+        let addr = listener.local_addr();
+
+        let mut silent = connect_from(2, addr).await.unwrap();
+        let mut trickle = connect_from(3, addr).await.unwrap();
+        // A plausible start: a length prefix and the magic, one byte at a time, every 400 ms.
+        let trickler = async {
+            let mut sent = 0;
+            for b in [0u8, 96, b'H', b'F', b'S', b'T', 1, 1, 0, 0, 0, 0, 0, 0, 0, 0] {
+                tokio::time::sleep(Duration::from_millis(400)).await;
+                if trickle.write_all(&[b]).await.is_err() {
+                    break;
+                }
+                sent += 1;
+            }
+            let closed = closed_within(&mut trickle, Duration::from_secs(10)).await;
+            (sent, closed)
+        };
+        let (silent_closed, (sent, trickle_closed)) =
+            tokio::join!(closed_within(&mut silent, Duration::from_secs(10)), trickler);
+        let silent_closed = silent_closed.expect("silent connection was never closed");
+        assert!(
+            silent_closed >= deadline - Duration::from_millis(100),
+            "closed before the deadline: {silent_closed:?}"
+        );
+        assert!(silent_closed < deadline + Duration::from_secs(3), "closed late: {silent_closed:?}");
+        // The trickler kept sending, yet it was cut at the same deadline (within a few bytes).
+        assert!(trickle_closed.is_some(), "trickling connection was never closed");
+        assert!((2..=6).contains(&sent), "trickler sent {sent} bytes before being cut");
+        assert_eq!(listener.stats().handshakes, 0);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn unauthenticated_connections_are_capped_and_the_oldest_is_evicted() {
+    bounded(async {
+        let cap = 8;
+        let limits = Limits { max_handshakes: cap, handshake_timeout: Duration::from_secs(30), ..Limits::default() };
+        let (mut listener, mut cfgs) = server(limits, 1).await;
+        let addr = listener.local_addr();
+
+        let mut old = Vec::new();
+        for i in 0..cap {
+            old.push(connect_from(10 + i as u8, addr).await.unwrap());
+        }
+        wait_for(|| listener.stats().handshakes == cap, "the first connections to be in handshake").await;
+        // Four more: the four oldest make room, and the count never passes the cap.
+        let mut new = Vec::new();
+        for i in 0..4 {
+            new.push(connect_from(30 + i, addr).await.unwrap());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            assert!(listener.stats().handshakes <= cap);
+        }
+        for (i, sock) in old.iter_mut().enumerate() {
+            let closed = closed_within(sock, Duration::from_millis(if i < 4 { 3000 } else { 200 })).await;
+            assert_eq!(closed.is_some(), i < 4, "connection {i}: evicted {:?}", closed);
+        }
+        for sock in &mut new {
+            assert!(closed_within(sock, Duration::from_millis(100)).await.is_none(), "a new connection was cut");
+        }
+        assert_eq!(listener.stats().handshakes, cap);
+        // A real client still gets in: it evicts a silent one and finishes in a round trip.
+        echo_round_trip(&mut listener, cfgs.remove(0), 1000).await.expect("real client connects at the cap");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn handshakes_are_rate_limited_per_source() {
+    bounded(async {
+        let limits =
+            Limits { handshakes_per_sec_per_ip: 5, handshake_timeout: Duration::from_secs(30), ..Limits::default() };
+        let (mut listener, mut cfgs) = server(limits, 1).await;
+        let addr = listener.local_addr();
+        let mut socks = Vec::new();
+        for _ in 0..20 {
+            socks.push(connect_from(20, addr).await.unwrap());
+        }
+        // Refused connections are closed at once; admitted ones wait in their handshake.
+        let mut admitted = 0;
+        for sock in &mut socks {
+            if closed_within(sock, Duration::from_millis(150)).await.is_none() {
+                admitted += 1;
+            }
+        }
+        // A burst of 5, plus what refilled while the 20 connected (at 5 per second).
+        assert!((5..=8).contains(&admitted), "{admitted} of 20 admitted from one source");
+        // Another source, and the legitimate client on 127.0.0.1, are not affected.
+        let mut other = connect_from(21, addr).await.unwrap();
+        assert!(closed_within(&mut other, Duration::from_millis(150)).await.is_none());
+        echo_round_trip(&mut listener, cfgs.remove(0), 1000).await.expect("other sources still connect");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn sessions_are_capped_in_total_and_per_client_key() {
+    bounded(async {
+        let limits = Limits { max_sessions: 3, max_sessions_per_key: 2, ..Limits::default() };
+        let (listener, cfgs) = server(limits, 2).await;
+        let addr = listener.local_addr().to_string();
+        // Five concurrent sessions for key A: exactly two are admitted, even racing.
+        let tries = (0..5).map(|_| holdfast::connect(addr.clone(), cfgs[0].clone()));
+        let results = futures_join_all(tries).await;
+        let ok = results.iter().filter(|r| r.is_ok()).count();
+        assert_eq!(
+            ok,
+            2,
+            "per-key cap: {:?}",
+            results.iter().map(|r| r.as_ref().err().map(ToString::to_string)).collect::<Vec<_>>()
+        );
+        assert!(results.iter().filter_map(|r| r.as_ref().err()).all(is_busy));
+        let mut a: Vec<_> = results.into_iter().filter_map(Result::ok).collect();
+        // Key B gets the third and last slot, then the total cap refuses it too.
+        let b1 = holdfast::connect(addr.clone(), cfgs[1].clone()).await.expect("third session");
+        let err = holdfast::connect(addr.clone(), cfgs[1].clone()).await.unwrap_err();
+        assert!(is_busy(&err), "total cap: {err}");
+        assert_eq!(listener.stats().sessions, 3);
+        // Ending one of A's sessions gives its slot back.
+        let mut gone = a.pop().unwrap();
+        let _ = gone.shutdown().await;
+        drop(gone);
+        let mut b2 = None;
+        for _ in 0..100 {
+            match holdfast::connect(addr.clone(), cfgs[1].clone()).await {
+                Ok(s) => {
+                    b2 = Some(s);
+                    break;
+                }
+                Err(e) if is_busy(&e) => tokio::time::sleep(Duration::from_millis(50)).await,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert!(b2.is_some(), "the freed slot was never given back");
+        drop((a, b1, b2));
+    })
+    .await;
+}
+
+/// Joins futures without an extra dependency.
+async fn futures_join_all<F>(futs: impl Iterator<Item = F>) -> Vec<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futs.map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.expect("task"));
+    }
+    out
+}
+
+#[tokio::test]
+async fn buffer_budget_caps_sessions() {
+    bounded(async {
+        let mut session = fast_session();
+        session.max_buffer = 1 << 20;
+        session.recv_window = 1 << 20;
+        // 2 MiB per session: a 5 MiB budget holds two.
+        let limits = Limits { buffer_budget: 5 << 20, ..Limits::default() };
+        let (listener, cfgs) = {
+            let server_keys = Keypair::generate();
+            let client = Keypair::generate();
+            let allow = AllowList::from_keys([(client.public, None)]);
+            let server_pub = server_keys.public;
+            let mut scfg = ServerConfig::new(server_keys, allow);
+            scfg.limits = limits;
+            scfg.session = session;
+            let listener = holdfast::bind("127.0.0.1:0", scfg).await.unwrap();
+            (listener, ClientConfig::new(client, server_pub))
+        };
+        let addr = listener.local_addr().to_string();
+        let s1 = holdfast::connect(addr.clone(), cfgs.clone()).await.expect("first fits");
+        let s2 = holdfast::connect(addr.clone(), cfgs.clone()).await.expect("second fits");
+        let err = holdfast::connect(addr.clone(), cfgs.clone()).await.unwrap_err();
+        assert!(is_busy(&err), "over budget: {err}");
+        assert_eq!(listener.stats().sessions, 2);
+        drop((s1, s2));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn resumes_are_rate_limited_per_session_and_still_succeed() {
+    bounded(async {
+        let interval = Duration::from_millis(500);
+        let limits = Limits { resumes_per_sec_per_session: 2, ..Limits::default() };
+        let (mut listener, mut cfgs) = server(limits, 1).await;
+        let proxy = ChaosProxy::start(listener.local_addr()).await.unwrap();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            loop {
+                let n = s.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                s.write_all(&buf[..n]).await.unwrap();
+            }
+            s.shutdown().await.unwrap();
+            listener
+        });
+        let mut stream = holdfast::connect(proxy.addr().to_string(), cfgs.remove(0)).await.unwrap();
+        let mut events = stream.events();
+        let mut echo = [0u8; 16];
+        stream.write_all(b"before").await.unwrap();
+        stream.read_exact(&mut echo[..6]).await.unwrap();
+
+        // Three faults in a row, each as soon as the previous resume has carried data both
+        // ways: without the limit each resume would take a few milliseconds.
+        let mut resumed_at = Vec::new();
+        for i in 0..3 {
+            proxy.kill_all();
+            match next_resume(&mut events, Duration::from_secs(10)).await {
+                Some(LinkEvent::Resumed { .. }) => resumed_at.push(Instant::now()),
+                other => panic!("fault {i} did not resume: {other:?}"),
+            }
+            let msg = format!("after {i}");
+            stream.write_all(msg.as_bytes()).await.unwrap();
+            stream.read_exact(&mut echo[..msg.len()]).await.unwrap();
+            assert_eq!(&echo[..msg.len()], msg.as_bytes());
+        }
+        for w in resumed_at.windows(2) {
+            let gap = w[1] - w[0];
+            assert!(gap >= interval - Duration::from_millis(60), "resumes {gap:?} apart, limit is {interval:?}");
+        }
+        stream.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        stream.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+        let listener = server.await.unwrap();
+        assert_eq!(listener.stats().resumes, 3);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_client_gets_through_a_flood_of_junk() {
+    bounded(async {
+        raise_fd_limit(4096);
+        let limits = Limits { handshake_timeout: Duration::from_secs(3), ..Limits::default() };
+        let (mut listener, mut cfgs) = server(limits, 1).await;
+        let addr = listener.local_addr();
+        let junk_count = 500usize;
+        let stop = std::sync::Arc::new(tokio::sync::Notify::new());
+        let mut tasks = Vec::new();
+        for i in 0..junk_count {
+            let src = 2 + (i % 253) as u8;
+            let stop = stop.clone();
+            tasks.push(tokio::spawn(async move {
+                let Ok(mut sock) = connect_from(src, addr).await else { return };
+                let work = async {
+                    match i % 5 {
+                        0 => {} // silence
+                        1 => {
+                            let _ = sock.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+                        }
+                        2 => {
+                            // A valid-looking IK hello full of garbage: costs the server a DH.
+                            let mut hello = vec![0, 100, b'H', b'F', b'S', b'T', 1, 1];
+                            hello.extend((0..94).map(|k| (k * 13 + i) as u8));
+                            let _ = sock.write_all(&hello).await;
+                        }
+                        3 => {
+                            let _ = sock.write_all(&[0xff, 0xff, 1, 2, 3]).await;
+                        }
+                        _ => {
+                            for b in [0u8, 96, b'H', b'F', b'S', b'T'] {
+                                if sock.write_all(&[b]).await.is_err() {
+                                    break;
+                                }
+                                tokio::time::sleep(Duration::from_millis(700)).await;
+                            }
+                        }
+                    }
+                    let mut buf = [0u8; 64];
+                    while let Ok(n) = sock.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                    }
+                };
+                tokio::select! {
+                    _ = work => {}
+                    _ = stop.notified() => {}
+                }
+            }));
+        }
+        // Let the flood build up, then the real client connects and moves data meanwhile.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let peak = listener.stats().handshakes;
+        let start = Instant::now();
+        echo_round_trip(&mut listener, cfgs.remove(0), 256 * 1024).await.expect("real client during the flood");
+        let took = start.elapsed();
+        assert!(took < Duration::from_secs(20), "real client took {took:?}");
+        assert!(listener.stats().handshakes <= 256, "handshakes over the cap");
+        stop.notify_waiters();
+        for t in tasks {
+            t.abort();
+        }
+        eprintln!("flood: {junk_count} junk connections, {peak} handshakes in progress at peak sample; real client done in {took:?}");
+    })
+    .await;
+}
+
+async fn wait_for(mut cond: impl FnMut() -> bool, what: &str) {
+    for _ in 0..200 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
