@@ -44,9 +44,12 @@ struct Room {
 }
 
 async fn start_room(members: &[(&str, &Keypair)]) -> Room {
+    start_room_allowing(AllowList::from_keys(members.iter().map(|(n, k)| (k.public, Some(n.to_string()))))).await
+}
+
+async fn start_room_allowing(allow: AllowList) -> Room {
     let server = Keypair::generate();
     let key = server.public;
-    let allow = AllowList::from_keys(members.iter().map(|(n, k)| (k.public, Some(n.to_string()))));
     let mut cfg = ServerConfig::new(server, allow);
     cfg.session = fast_session();
     let listener = holdfast::bind("127.0.0.1:0", cfg).await.expect("bind");
@@ -212,6 +215,7 @@ async fn every_line_arrives_once_in_order_through_faults() {
 
         // 2. Alice's link stays down (new connections refused) while she types.
         let mark = alice.status.len();
+        let dialled = alice.proxy.connections_accepted();
         alice.proxy.refuse_new(true);
         alice.proxy.kill_all();
         alice.wait_status(mark, "[link] lost").await;
@@ -219,7 +223,8 @@ async fn every_line_arrives_once_in_order_through_faults() {
             alice.say(a(i)).await;
         }
         alice.wait_status(mark, "[link] down: line kept").await;
-        alice.wait_status(mark, "attempt 3").await; // refused at least twice
+        // At least two reconnect attempts refused while she types.
+        assert!(alice.proxy.wait_for_connections(dialled + 2, WAIT).await, "no reconnect attempts");
         for i in 100..110 {
             alice.say(a(i)).await;
         }
@@ -336,30 +341,60 @@ async fn quitting_while_the_link_is_down_delivers_first() {
     .await;
 }
 
+/// Runs a client that is expected to be refused, returning the reason.
+async fn refused(room: &Room, keys: &Keypair, name: &str) -> String {
+    let cfg = client_config(keys, room.key, Duration::from_secs(3600));
+    let stream = holdfast::connect(room.addr.to_string(), cfg).await.unwrap();
+    let (_keys, typed) = mpsc::channel(8);
+    let (out, _shown) = mpsc::unbounded_channel();
+    match client::run_client(stream, name, typed, out).await {
+        Err(ClientError::Refused(why)) => why,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
 #[tokio::test]
-async fn a_key_may_only_use_its_listed_name_and_one_session() {
+async fn names_belong_to_keys_and_a_rejoin_replaces_the_old_session() {
     bounded(async {
-        let (ak, mk) = (Keypair::generate(), Keypair::generate());
-        let room = start_room(&[("alice", &ak), ("mallory", &mk)]).await;
+        let (ak, mk, anon, bk) = (Keypair::generate(), Keypair::generate(), Keypair::generate(), Keypair::generate());
+        let allow = AllowList::from_keys([
+            (ak.public, Some("alice".to_string())),
+            (mk.public, Some("mallory".to_string())),
+            (anon.public, None),
+            (bk.public, Some("bob".to_string())),
+        ]);
+        let room = start_room_allowing(allow).await;
         let give_up = Duration::from_secs(3600);
-        // mallory's key claims to be alice.
-        let stream = holdfast::connect(room.addr.to_string(), client_config(&mk, room.key, give_up)).await.unwrap();
-        let (_keys, typed) = mpsc::channel(8);
-        let (out, _shown) = mpsc::unbounded_channel();
-        match client::run_client(stream, "alice", typed, out).await {
-            Err(ClientError::Refused(why)) => assert!(why.contains("listed as \"mallory\""), "{why}"),
-            other => panic!("expected a refusal, got {other:?}"),
-        }
-        // alice in twice.
-        let mut first = join_via(room.addr, "alice", client_config(&ak, room.key, give_up)).await;
-        first.wait_text("a welcome", |t| t.iter().any(|l| l.starts_with("* welcome, alice"))).await;
-        let stream = holdfast::connect(room.addr.to_string(), client_config(&ak, room.key, give_up)).await.unwrap();
-        let (_keys, typed) = mpsc::channel(8);
-        let (out, _shown) = mpsc::unbounded_channel();
-        match client::run_client(stream, "alice", typed, out).await {
-            Err(ClientError::Refused(why)) => assert!(why.contains("already in the room"), "{why}"),
-            other => panic!("expected a refusal, got {other:?}"),
-        }
+
+        // A key listed under a name cannot use another one.
+        let why = refused(&room, &mk, "alice").await;
+        assert!(why.contains("listed as \"mallory\""), "{why}");
+
+        let mut alice = join_via(room.addr, "alice", client_config(&ak, room.key, give_up)).await;
+        alice.wait_text("a welcome", |t| t.iter().any(|l| l.starts_with("* welcome, alice"))).await;
+        let mut bob = join_via(room.addr, "bob", client_config(&bk, room.key, give_up)).await;
+        bob.wait_text("a welcome", |t| t.iter().any(|l| l.starts_with("* welcome, bob"))).await;
+
+        // An unnamed key cannot take a name someone in the room has.
+        let why = refused(&room, &anon, "alice").await;
+        assert!(why.contains("alice is already in the room"), "{why}");
+
+        // alice's link dies for good (her client gives up, or crashes) while the room still holds
+        // her session; when she joins again, the newer session replaces the old one.
+        alice.proxy.refuse_new(true);
+        alice.proxy.kill_all();
+        alice.wait_status(0, "[link] lost").await;
+        let mut again = join_via(room.addr, "alice", client_config(&ak, room.key, give_up)).await;
+        again.wait_text("a welcome", |t| t.iter().any(|l| l.starts_with("* welcome, alice. Here: bob."))).await;
+        bob.wait_text("alice rejoining", |t| t.iter().any(|l| l == "* alice rejoined")).await;
+        again.say("back again".into()).await;
+        bob.wait_text("alice's line", |t| t.iter().any(|l| l == "alice: back again")).await;
+        // The old session hears why it ended once its link returns.
+        alice.proxy.refuse_new(false);
+        let (result, text, _) = alice.finish().await;
+        assert!(matches!(result, Err(ClientError::RoomClosed)), "{result:?}");
+        assert!(text.iter().any(|l| l.starts_with("! you joined again from a newer session")), "{text:?}");
+        assert!(!bob.text.iter().any(|l| l.contains("alice left") || l.contains("alice is gone")), "{:?}", bob.text);
     })
     .await;
 }

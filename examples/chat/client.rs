@@ -9,7 +9,7 @@ use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
 use std::task::Poll;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use holdfast::{LinkEvent, LinkStatus, Stream};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -115,7 +115,17 @@ impl Sent {
 struct LinkView {
     down_since: Option<Instant>,
     typed_while_down: usize,
+    /// When a "reconnecting" line was last shown.
+    last_shown: Option<Instant>,
 }
+
+/// A link-loss cause without the library's generic prefix.
+fn cause(c: &str) -> &str {
+    c.strip_prefix("link failed: ").unwrap_or(c)
+}
+
+/// Reconnect attempts are shown at most this often (backoff retries up to every 2 s).
+const RECONNECT_EVERY: Duration = Duration::from_secs(3);
 
 impl LinkView {
     fn on_event(&mut self, ev: &LinkEvent) -> Option<String> {
@@ -123,13 +133,15 @@ impl LinkView {
             LinkEvent::Lost(lost) => {
                 self.down_since = Some(Instant::now());
                 self.typed_while_down = 0;
-                format!(
-                    "[link] lost: {} (fault {}); reconnecting. Keep typing: lines are kept.",
-                    lost.cause, lost.faults
-                )
+                self.last_shown = None;
+                format!("[link] lost (fault {}): {}. Reconnecting; keep typing.", lost.faults, cause(&lost.cause))
             }
-            // Attempt 1 starts at once; the "lost" line already says we are reconnecting.
-            LinkEvent::Reconnecting { attempt, elapsed } if *attempt > 1 => {
+            // Attempt 1 starts at once and the "lost" line already says so; later attempts are
+            // shown every few seconds, not every retry.
+            LinkEvent::Reconnecting { attempt, elapsed }
+                if *attempt > 1 && self.last_shown.is_none_or(|t| t.elapsed() >= RECONNECT_EVERY) =>
+            {
+                self.last_shown = Some(Instant::now());
                 format!("[link] reconnecting: attempt {attempt}, down for {}", secs(*elapsed))
             }
             LinkEvent::Resumed { peer, after, replayed_sent, replayed_received } => {
@@ -214,14 +226,15 @@ pub async fn run_client(
                             sent.prune(stream.unacked());
                             let s = match &*link.borrow() {
                                 LinkStatus::Connected => "connected".to_string(),
-                                LinkStatus::Reconnecting { cause, attempt } => format!(
-                                    "down for {} ({cause}), reconnect attempt {attempt}",
-                                    secs(view.down_since.map(|t| t.elapsed()).unwrap_or_default())
+                                LinkStatus::Reconnecting { cause: why, attempt } => format!(
+                                    "down for {} ({}), attempt {attempt}",
+                                    secs(view.down_since.map(|t| t.elapsed()).unwrap_or_default()),
+                                    cause(why)
                                 ),
                                 LinkStatus::Closed => "closed".to_string(),
                                 LinkStatus::Failed(why) => format!("failed: {why}"),
                             };
-                            status(&out, format!("[link] {s}; {} typed line(s) not yet acknowledged by the room", sent.lines.len()));
+                            status(&out, format!("[link] {s}; {} typed line(s) not yet acknowledged", sent.lines.len()));
                         }
                         cmd if cmd.starts_with('/') => status(&out, format!("[chat] unknown command {cmd}; /help lists them")),
                         _ if line.len() > MAX_LINE => status(&out, format!("[chat] not sent: a line has at most {MAX_LINE} bytes")),

@@ -70,19 +70,21 @@ enum Cmd {
 
 fn main() {
     let cli = Cli::parse();
-    let code = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt.block_on(async {
-            match cli.cmd {
-                Cmd::Server { listen, keys } => server(listen, KeyDir(keys)).await,
-                Cmd::Join { name, server, keys, give_up } => join(name, server, KeyDir(keys), give_up).await,
-            }
-        }),
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
         Err(e) => {
             eprintln!("chat: cannot start the runtime: {e}");
-            1
+            std::process::exit(1);
         }
     };
-    // Standard input is read on a blocking thread that would hold the runtime open: leave now.
+    let code = rt.block_on(async {
+        match cli.cmd {
+            Cmd::Server { listen, keys } => server(listen, KeyDir(keys)).await,
+            Cmd::Join { name, server, keys, give_up } => join(name, server, KeyDir(keys), give_up).await,
+        }
+    });
+    // Standard input is read on a blocking thread, and dropping the runtime would wait for that
+    // read to finish (until the next Enter): leave now instead.
     std::process::exit(code)
 }
 
@@ -205,7 +207,7 @@ async fn join(name: String, addr: String, dir: KeyDir, give_up: u64) -> i32 {
         }
     };
     eprintln!(
-        "[link] connected to {addr} as {name}: Noise-encrypted, room key {} pinned. Type and press Enter; /quit or Ctrl-C leaves.",
+        "[link] connected to {addr} as {name}, Noise-encrypted (room key {}). /quit or Ctrl-C leaves.",
         setup::short(&room_key)
     );
 

@@ -7,11 +7,10 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::io;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use holdfast::keys::AllowList;
+use holdfast::keys::{AllowList, PublicKey};
 use holdfast::{LinkEvent, Listener, Peer, Stream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::broadcast::error::RecvError;
@@ -30,14 +29,21 @@ pub struct RoomOpts {
 }
 
 enum ToRoom {
-    Join { id: u64, name: String, tx: mpsc::Sender<Arc<str>>, reply: oneshot::Sender<Result<String, String>> },
+    Join { id: u64, name: String, key: PublicKey, tx: Queue, bye: Bye, reply: oneshot::Sender<Result<String, String>> },
     Said { id: u64, text: String },
     Gone { id: u64, why: Option<String> },
 }
 
+/// Lines queued for one member.
+type Queue = mpsc::Sender<Arc<str>>;
+/// Tells a member task to say this (a `! ...` or `* ...` line) and close.
+type Bye = oneshot::Sender<String>;
+
 struct Member {
     name: String,
-    tx: mpsc::Sender<Arc<str>>,
+    key: PublicKey,
+    tx: Queue,
+    bye: Bye,
 }
 
 /// Runs a room on `listener` until `stop` completes, then tells every member the room is
@@ -52,7 +58,6 @@ pub async fn run_room(
     stop: impl Future<Output = ()>,
 ) -> io::Result<()> {
     let opts = Arc::new(opts);
-    let closing = Arc::new(AtomicBool::new(false));
     let (room_tx, mut room_rx) = mpsc::unbounded_channel();
     let mut members: BTreeMap<u64, Member> = BTreeMap::new();
     let mut tasks = JoinSet::new();
@@ -64,7 +69,7 @@ pub async fn run_room(
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     next_id += 1;
-                    let job = member(next_id, stream, peer, opts.clone(), room_tx.clone(), out.clone(), closing.clone());
+                    let job = member(next_id, stream, peer, opts.clone(), room_tx.clone(), out.clone());
                     tasks.spawn(job);
                 }
                 Err(e) => break Err(io::Error::from(e)),
@@ -74,9 +79,10 @@ pub async fn run_room(
         }
     };
     status(&out, format!("[room] closing; saying goodbye to {} member(s)", members.len()));
-    closing.store(true, Ordering::SeqCst);
     drop(listener);
-    members.clear(); // each member task sees its queue end, says goodbye and closes its stream
+    for m in std::mem::take(&mut members).into_values() {
+        let _ = m.bye.send("* the room is closing. Goodbye.".to_string());
+    }
     let all_done = async { while tasks.join_next().await.is_some() {} };
     let _ = tokio::time::timeout(CLOSE_TIMEOUT + Duration::from_secs(1), all_done).await;
     result
@@ -84,10 +90,20 @@ pub async fn run_room(
 
 fn handle(members: &mut BTreeMap<u64, Member>, msg: ToRoom, out: &Out) {
     match msg {
-        ToRoom::Join { id, name, tx, reply } => {
-            if members.values().any(|m| m.name == name) {
-                let _ = reply.send(Err(format!("{name} is already in the room")));
-                return;
+        ToRoom::Join { id, name, key, tx, bye, reply } => {
+            let mut rejoined = false;
+            if let Some((&old, m)) = members.iter().find(|(_, m)| m.name == name) {
+                if m.key != key {
+                    let _ = reply.send(Err(format!("{name} is already in the room")));
+                    return;
+                }
+                // The same key again: the member came back (after giving up, a crash, or from
+                // another terminal) while the room still held the old session. The latest
+                // authenticated session wins.
+                if let Some(m) = members.remove(&old) {
+                    let _ = m.bye.send("! you joined again from a newer session; this one is closed".to_string());
+                }
+                rejoined = true;
             }
             let here: Vec<&str> = members.values().map(|m| m.name.as_str()).collect();
             let welcome = if here.is_empty() {
@@ -96,9 +112,10 @@ fn handle(members: &mut BTreeMap<u64, Member>, msg: ToRoom, out: &Out) {
                 format!("* welcome, {name}. Here: {}.", here.join(", "))
             };
             if reply.send(Ok(welcome)).is_ok() {
-                broadcast(members, id, &format!("* {name} joined"), out);
-                status(out, format!("[room] {name} joined ({} here)", members.len() + 1));
-                members.insert(id, Member { name, tx });
+                let how = if rejoined { "rejoined" } else { "joined" };
+                broadcast(members, id, &format!("* {name} {how}"), out);
+                status(out, format!("[room] {name} {how} ({} here)", members.len() + 1));
+                members.insert(id, Member { name, key, tx, bye });
             }
         }
         ToRoom::Said { id, text } => {
@@ -132,6 +149,7 @@ fn broadcast(members: &mut BTreeMap<u64, Member>, except: u64, line: &str, out: 
     }
     for id in behind {
         if let Some(m) = members.remove(&id) {
+            let _ = m.bye.send("! you were dropped: too far behind".to_string());
             let notice: Arc<str> = format!("* {} was dropped: too far behind\n", m.name).into();
             status(out, format!("[room] {} dropped: too far behind", m.name));
             for m in members.values() {
@@ -176,7 +194,6 @@ async fn member(
     opts: Arc<RoomOpts>,
     room: mpsc::UnboundedSender<ToRoom>,
     out: Out,
-    closing: Arc<AtomicBool>,
 ) {
     let mut events = stream.events();
     let mut lines = Lines::default();
@@ -194,8 +211,9 @@ async fn member(
         }
     };
     let (tx, mut rx) = mpsc::channel(MEMBER_QUEUE);
+    let (bye, mut bye_rx) = oneshot::channel();
     let (reply, answer) = oneshot::channel();
-    let _ = room.send(ToRoom::Join { id, name: name.clone(), tx, reply });
+    let _ = room.send(ToRoom::Join { id, name: name.clone(), key: peer.key, tx, bye, reply });
     let welcome = match answer.await {
         Ok(Ok(welcome)) => welcome,
         Ok(Err(why)) => return refuse(stream, &why).await,
@@ -222,18 +240,18 @@ async fn member(
                 }
                 Err(e) => why = Some(e.to_string()),
             },
-            msg = rx.recv() => match msg {
-                Some(line) => why = stream.write_all(line.as_bytes()).await.err().map(|e| e.to_string()),
-                None => {
-                    let bye = if closing.load(Ordering::SeqCst) {
-                        "* the room is closing. Goodbye."
-                    } else {
-                        "! you were dropped: too far behind"
-                    };
-                    let _ = stream.write_all(format!("{bye}\n").as_bytes()).await;
-                    why = Some(bye[2..].to_string());
+            Some(line) = rx.recv() => {
+                why = stream.write_all(line.as_bytes()).await.err().map(|e| e.to_string());
+            }
+            said = &mut bye_rx => {
+                // Lines queued before the goodbye go first.
+                while let Ok(line) = rx.try_recv() {
+                    let _ = stream.write_all(line.as_bytes()).await;
                 }
-            },
+                let said = said.unwrap_or_else(|_| "* the room is closing. Goodbye.".to_string());
+                let _ = stream.write_all(format!("{said}\n").as_bytes()).await;
+                why = Some(said[2..].to_string());
+            }
             ev = events.recv(), if events_open => match ev {
                 Ok(ev) => {
                     if let Some(s) = room_event(&name, &ev) {
