@@ -429,6 +429,10 @@ async fn run(cli: Cli) -> Result<bool> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logs(&cli);
+    // Private keys live in this process's memory: never let a core dump copy them to disk.
+    if let Err(e) = holdfast::harden::disable_core_dumps() {
+        warn!(error = %e, "could not disable core dumps");
+    }
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
