@@ -331,18 +331,22 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport, DemoError> {
             break;
         }
         let resumes_before = report.resumes;
-        if i == opts.faults / 2 {
+        if i == 0 {
             relay.stall_all();
             report.stalls += 1;
         } else {
             relay.reset_all();
             report.resets += 1;
         }
+        // A fault that lands as the transfer ends may find no stream left to resume: stop
+        // waiting once the program has all its bytes.
         let deadline = Instant::now() + Duration::from_secs(30);
-        while report.resumes == resumes_before {
-            match tokio::time::timeout_at(deadline.into(), ev_rx.recv()).await {
+        while report.resumes == resumes_before && !app_task.is_finished() {
+            match tokio::time::timeout(Duration::from_millis(25), ev_rx.recv()).await {
                 Ok(Some((_, ev))) => on_event(&mut report, ev),
-                _ => return Err(DemoError::NoResume(i + 1)),
+                Ok(None) => return Err(DemoError::NoResume(i + 1)),
+                Err(_) if Instant::now() >= deadline => return Err(DemoError::NoResume(i + 1)),
+                Err(_) => {}
             }
             progress(&report);
         }

@@ -224,6 +224,7 @@ fn init_logs(cli: &Cli) {
     let quiet_by_default = matches!(cli.cmd, Cmd::Demo { .. } | Cmd::Connect(_));
     let default = match (cli.quiet, cli.verbose) {
         (true, _) => "error",
+        (false, 0) if matches!(cli.cmd, Cmd::Demo { .. }) => "error",
         (false, 0) if quiet_by_default => "holdfast=warn,error",
         (false, 0) => "holdfast=info,warn",
         (false, 1) => "holdfast=debug,info",
@@ -376,13 +377,8 @@ async fn client(args: ClientArgs) -> Result<()> {
 
 async fn connect(args: ConnectArgs) -> Result<()> {
     let c = &args.common;
+    // The library logs link events itself; stdout carries only stream bytes.
     let stream = tunnel::open(&c.server, client_config(c)?, &c.service).await?;
-    let mut events = stream.events();
-    tokio::spawn(async move {
-        while let Ok(ev) = events.recv().await {
-            log_event(([0, 0, 0, 0], 0).into(), ev);
-        }
-    });
     tunnel::stdio(stream).await?;
     Ok(())
 }

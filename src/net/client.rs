@@ -123,7 +123,7 @@ async fn client_task(
         let (fatal, has_ticket) = {
             let mut inner = shared.lock();
             inner.session.detach();
-            (!cause.is_link_fault(), inner.session.ticket().is_some())
+            (!cause.is_link_fault() || inner.session.failure().is_some(), inner.session.ticket().is_some())
         };
         if fatal {
             break;

@@ -84,10 +84,18 @@ pub(crate) async fn pump<R>(
         };
         tokio::select! {
             res = rd.read_buf(&mut inbuf), if want_read => {
-                match res {
-                    Ok(0) => return PumpEnd::Fault(SessionError::Link("connection closed without a FIN frame".into())),
-                    Err(e) => return PumpEnd::Fault(SessionError::Link(e.to_string())),
-                    Ok(_) => {}
+                let closed = match res {
+                    Ok(0) => Some("connection closed without a FIN frame".to_string()),
+                    Err(e) => Some(e.to_string()),
+                    Ok(_) => None,
+                };
+                if let Some(why) = closed {
+                    // After the session ended (a CLOSE either way), the peer closing TCP is the
+                    // normal end, not a link fault to recover from.
+                    if shared.lock().session.failure().is_some() {
+                        return PumpEnd::Over;
+                    }
+                    return PumpEnd::Fault(SessionError::Link(why));
                 }
                 let now = Instant::now();
                 let mut inner = shared.lock();

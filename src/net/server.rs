@@ -444,8 +444,12 @@ async fn session_task(state: Arc<State>, entry: Arc<Entry>, sock: TcpStream, mut
                     new
                 }
                 PumpEnd::Fault(cause) => {
-                    shared.lock().session.detach();
-                    if !cause.is_link_fault() {
+                    let ended = {
+                        let mut inner = shared.lock();
+                        inner.session.detach();
+                        inner.session.failure().is_some()
+                    };
+                    if ended || !cause.is_link_fault() {
                         break;
                     }
                     faults += 1;
