@@ -499,6 +499,12 @@ async fn session_task(state: Arc<State>, entry: Arc<Entry>, sock: TcpStream, mut
                 });
                 link = Some(new.sock);
             }
+            Err(e) if e.is_link_fault() => {
+                // The confirmation frame was bad: drop this connection only, as on a live link.
+                warn!(error = %e, "resumed connection sent a bad first frame; waiting for another");
+                shared.lock().session.detach();
+                lost_at = Instant::now();
+            }
             Err(e) => {
                 warn!(error = %e, "resume failed; ending session");
                 shared.fail(CloseCode::Protocol, e);
