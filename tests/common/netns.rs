@@ -120,10 +120,12 @@ pub struct Lab {
 }
 
 impl Lab {
-    /// A lab whose names start with `hf<pid % 1000><tag>`. `tag` must be unique among the tests of
-    /// one binary and short (namespace names stay well under 15 characters).
+    /// A lab whose names start with `hf<pid><tag>`. `tag` must be unique among the tests of one
+    /// binary and short: a pid has at most 7 digits, and a namespace name at most 15 characters.
+    /// The pid makes names unique among running test processes, so a namespace that already
+    /// has the name can only be left over from a dead one.
     pub fn new(tag: &str) -> Result<Lab, String> {
-        let prefix = format!("hf{}{tag}", std::process::id() % 1000);
+        let prefix = format!("hf{}{tag}", std::process::id());
         let dir = std::env::temp_dir().join(format!("holdfast-netns-{}-{tag}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
@@ -134,7 +136,7 @@ impl Lab {
     pub fn netns(&mut self, role: &str) -> Result<String, String> {
         let name = format!("{}{role}", self.prefix);
         assert!(name.len() <= 15, "namespace name {name} is too long");
-        // A namespace left by a killed earlier run with the same pid would be in the way.
+        // A namespace left by a killed earlier process with the same pid would be in the way.
         if Path::new("/run/netns").join(&name).exists() {
             let _ = run("ip", &["netns", "del", &name]);
         }
