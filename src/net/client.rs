@@ -200,7 +200,16 @@ async fn reconnect(shared: &Shared, cfg: &ClientConfig, addr: &str, cause: &str)
                 None => return Err(SessionError::Lost),
             }
         };
-        match dial(addr, cfg, Some((&ticket, received, written))).await {
+        // Bound each attempt by the give-up time left, and start short (1 s, doubling up to the
+        // handshake timeout): a SYN lost while the network was down would otherwise keep this
+        // attempt waiting on the kernel's retransmission schedule after the network is back.
+        let left = policy.give_up_after.saturating_sub(lost_at.elapsed());
+        let patience = Duration::from_secs(1u64 << (attempt - 1).min(4)).min(policy.handshake_timeout).min(left);
+        let outcome = match tokio::time::timeout(patience, dial(addr, cfg, Some((&ticket, received, written)))).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::Timeout { addr: addr.to_string(), after: patience }),
+        };
+        match outcome {
             Ok((sock, done, peer)) => {
                 let server_received = done.server_received.unwrap_or(0);
                 let replayed_received = done.server_written.unwrap_or(received).saturating_sub(received);
@@ -221,13 +230,4 @@ async fn reconnect(shared: &Shared, cfg: &ClientConfig, addr: &str, cause: &str)
             Err(e) => debug!(error = %e, attempt, "reconnect attempt failed"),
         }
     }
-}
-
-#[allow(dead_code)]
-fn _assert_send() {
-    fn is_send<T: Send>(_: T) {}
-    let _ = |s: Arc<Shared>, c: ClientConfig, sock: TcpStream, p: SocketAddr, r| {
-        is_send(client_task(s, c, String::new(), sock, p, r))
-    };
-    let _ = Duration::ZERO;
 }
