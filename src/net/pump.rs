@@ -101,7 +101,8 @@ pub(crate) async fn pump<R>(
                 let mut inner = shared.lock();
                 let mut used = 0;
                 while let Some((body, n)) = split_record(&inbuf[used..]) {
-                    if let Err(e) = inner.session.handle_record(now, body) {
+                    let body = used + RECORD_HEADER..used + RECORD_HEADER + body.len();
+                    if let Err(e) = inner.session.handle_record_in_place(now, &mut inbuf[body]) {
                         inner.wake_all();
                         return PumpEnd::Fault(e);
                     }

@@ -129,8 +129,17 @@ fn builder<'a>(pattern: &str, prologue: &'a [u8], local: &'a PrivateKey) -> Resu
         .map_err(|_| HandshakeError::Setup)
 }
 
-fn into_transport(hs: snow::HandshakeState) -> Result<Transport, HandshakeError> {
-    hs.into_transport_mode().map(Transport::new).map_err(|_| HandshakeError::Setup)
+/// The transport of a finished handshake, from the two keys of Noise's `Split()`: the
+/// initiator sends with the first and the responder with the second. The record layer does its
+/// own ChaChaPoly (see `transport`) so that it can encrypt and decrypt in place.
+fn into_transport(mut hs: snow::HandshakeState) -> Result<Transport, HandshakeError> {
+    if !hs.is_handshake_finished() {
+        return Err(HandshakeError::Setup);
+    }
+    let (k1, k2) = hs.dangerously_get_raw_split();
+    let (k1, k2) = (Zeroizing::new(k1), Zeroizing::new(k2));
+    let (send, recv) = if hs.is_initiator() { (&k1, &k2) } else { (&k2, &k1) };
+    Transport::from_split(send, recv).map_err(|_| HandshakeError::Setup)
 }
 
 fn offsets(received: u64, written: u64) -> [u8; 16] {

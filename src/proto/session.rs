@@ -414,19 +414,31 @@ impl Session {
     /// A link fault ([`SessionError::is_link_fault`]): the driver must drop the connection and
     /// resume. Or [`SessionError::PeerClosed`], which ends the session.
     pub fn handle_record(&mut self, now: Instant, body: &[u8]) -> Result<(), SessionError> {
-        let link = self.link.as_mut().ok_or(SessionError::Protocol("record without a link"))?;
         if body.len() > MAX_FRAME + TAG_LEN {
             return Err(SessionError::Protocol("record larger than the largest frame"));
         }
         let mut scratch = std::mem::take(&mut self.scratch);
-        scratch.resize(body.len(), 0);
-        let opened = link.transport.open(body, &mut scratch);
-        if opened.is_ok() {
-            link.last_recv = now;
-        }
-        let res = opened.map_err(SessionError::from).and_then(|n| self.handle_frame(now, &scratch[..n]));
+        scratch.clear();
+        scratch.extend_from_slice(body);
+        let res = self.handle_record_in_place(now, &mut scratch);
         self.scratch = scratch;
         res
+    }
+
+    /// Like [`Session::handle_record`], decrypting `body` where it lies (the driver's read
+    /// buffer): no copy before the plaintext reaches the receive buffer. Afterwards the contents
+    /// of `body` are unspecified.
+    ///
+    /// # Errors
+    /// As [`Session::handle_record`].
+    pub fn handle_record_in_place(&mut self, now: Instant, body: &mut [u8]) -> Result<(), SessionError> {
+        let link = self.link.as_mut().ok_or(SessionError::Protocol("record without a link"))?;
+        if body.len() > MAX_FRAME + TAG_LEN {
+            return Err(SessionError::Protocol("record larger than the largest frame"));
+        }
+        let n = link.transport.open_in_place(body)?;
+        link.last_recv = now;
+        self.handle_frame(now, &body[..n])
     }
 
     /// Handles one decrypted frame. The driver calls this directly only for the key-confirmation
@@ -530,11 +542,8 @@ impl Session {
     pub fn poll_transmit(&mut self, now: Instant, out: &mut Vec<u8>, budget: usize) -> Result<(), SessionError> {
         let Some(link) = self.link.as_mut() else { return Ok(()) };
         let before = out.len();
-        let scratch = &mut self.scratch;
         let mut seal = |f: Frame<'_>, out: &mut Vec<u8>| -> Result<(), SessionError> {
-            scratch.clear();
-            f.encode(scratch);
-            link.transport.seal(scratch, out).map_err(SessionError::from)
+            link.transport.seal_with(out, |o| f.encode(o)).map_err(SessionError::from)
         };
         let recv_off = self.recv.end() + u64::from(self.peer_fin.is_some());
         if let Some((code, reason)) = self.close_to_send.take() {

@@ -5,7 +5,9 @@
 //! handshake has no way to encrypt. It is never saved or restored: every new real connection gets
 //! a fresh handshake and a fresh `Transport`.
 
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305};
 use thiserror::Error;
+use zeroize::Zeroizing;
 
 use super::frame::{MAX_RECORD, RECORD_HEADER};
 
@@ -13,6 +15,8 @@ use super::frame::{MAX_RECORD, RECORD_HEADER};
 pub const TAG_LEN: usize = 16;
 /// Messages sent (or received) under one key before that direction is rekeyed: 2^16.
 pub const REKEY_INTERVAL: u64 = 1 << 16;
+/// Length of a ChaCha20-Poly1305 key.
+const KEY_LEN: usize = 32;
 
 /// Errors of the crypto layer. Deliberately coarse: detail would help an attacker.
 #[derive(Debug, Error, Clone, Copy, PartialEq, Eq)]
@@ -29,9 +33,83 @@ pub enum CryptoError {
     State,
 }
 
+/// One direction of a Noise transport: the `CipherState` of the Noise specification (section
+/// 5.1) for `ChaChaPoly`, with the nonce `n` counting up from 0.
+///
+/// It is built only from the two keys of a finished handshake's `Split()`, and never saved or
+/// restored, so a nonce is never reused: every new real connection runs a fresh handshake.
+/// Records are encrypted and decrypted in place, so the data path needs no scratch buffer.
+struct CipherState {
+    key: LessSafeKey,
+    n: u64,
+}
+
+impl CipherState {
+    fn new(key: &[u8; KEY_LEN]) -> Result<Self, CryptoError> {
+        let key = UnboundKey::new(&CHACHA20_POLY1305, key).map_err(|_| CryptoError::State)?;
+        Ok(CipherState { key: LessSafeKey::new(key), n: 0 })
+    }
+
+    /// Noise's ChaChaPoly nonce: 32 bits of zeros, then `n` as a little-endian `u64`.
+    fn nonce(n: u64) -> Nonce {
+        let mut b = [0u8; 12];
+        b[4..].copy_from_slice(&n.to_le_bytes());
+        Nonce::assume_unique_for_key(b)
+    }
+
+    /// The next nonce. `2^64 - 1` is reserved by Noise (for rekeying) and never used.
+    fn take_nonce(&mut self) -> Result<Nonce, CryptoError> {
+        if self.n == u64::MAX {
+            return Err(CryptoError::State);
+        }
+        let n = Self::nonce(self.n);
+        self.n += 1;
+        Ok(n)
+    }
+
+    /// Encrypts `buf` in place with an empty associated data and returns the tag.
+    fn seal_in_place(&mut self, buf: &mut [u8]) -> Result<[u8; TAG_LEN], CryptoError> {
+        let nonce = self.take_nonce()?;
+        let tag = self.key.seal_in_place_separate_tag(nonce, Aad::empty(), buf).map_err(|_| CryptoError::State)?;
+        let mut t = [0u8; TAG_LEN];
+        t.copy_from_slice(tag.as_ref());
+        Ok(t)
+    }
+
+    /// Decrypts `record` (ciphertext then tag) in place; returns the plaintext length. The
+    /// nonce advances only when the record authenticates.
+    fn open_in_place(&mut self, record: &mut [u8]) -> Result<usize, CryptoError> {
+        if record.len() < TAG_LEN {
+            return Err(CryptoError::Size);
+        }
+        if self.n == u64::MAX {
+            return Err(CryptoError::State);
+        }
+        let plain =
+            self.key.open_in_place(Self::nonce(self.n), Aad::empty(), record).map_err(|_| CryptoError::Decrypt)?;
+        let len = plain.len();
+        self.n += 1;
+        Ok(len)
+    }
+
+    /// Noise `REKEY()`: the new key is the first 32 bytes of `ENCRYPT(k, 2^64 - 1, "", zeros)`.
+    /// The nonce counter is not reset.
+    fn rekey(&mut self) -> Result<(), CryptoError> {
+        let mut k = Zeroizing::new([0u8; KEY_LEN]);
+        let _tag = self
+            .key
+            .seal_in_place_separate_tag(Self::nonce(u64::MAX), Aad::empty(), &mut k[..])
+            .map_err(|_| CryptoError::State)?;
+        let key = UnboundKey::new(&CHACHA20_POLY1305, &k[..]).map_err(|_| CryptoError::State)?;
+        self.key = LessSafeKey::new(key);
+        Ok(())
+    }
+}
+
 /// The transport half of one real connection.
 pub struct Transport {
-    state: snow::TransportState,
+    send: CipherState,
+    recv: CipherState,
     sent: u64,
     received: u64,
 }
@@ -43,8 +121,10 @@ impl std::fmt::Debug for Transport {
 }
 
 impl Transport {
-    pub(crate) fn new(state: snow::TransportState) -> Self {
-        Transport { state, sent: 0, received: 0 }
+    /// A transport from the keys of a finished handshake's `Split()`: `send` encrypts this
+    /// end's records and `recv` decrypts the peer's.
+    pub(crate) fn from_split(send: &[u8; KEY_LEN], recv: &[u8; KEY_LEN]) -> Result<Self, CryptoError> {
+        Ok(Transport { send: CipherState::new(send)?, recv: CipherState::new(recv)?, sent: 0, received: 0 })
     }
 
     /// Encrypts `plaintext` and appends it to `out` as a record (length prefix and ciphertext).
@@ -53,23 +133,37 @@ impl Transport {
     /// [`CryptoError::Size`] if the plaintext does not fit in one record, or
     /// [`CryptoError::State`] if Noise refuses (nonce exhaustion).
     pub fn seal(&mut self, plaintext: &[u8], out: &mut Vec<u8>) -> Result<(), CryptoError> {
-        let len = plaintext.len() + TAG_LEN;
-        if len > MAX_RECORD {
+        self.seal_with(out, |o| o.extend_from_slice(plaintext))
+    }
+
+    /// Appends one record to `out` whose plaintext `write` appends to the vector it is given
+    /// (it must only append). The plaintext is encrypted where it was written: no scratch
+    /// buffer, no zero-filling, one copy of the payload in all.
+    ///
+    /// # Errors
+    /// As [`Transport::seal`]; on error `out` is left as it was.
+    pub fn seal_with(&mut self, out: &mut Vec<u8>, write: impl FnOnce(&mut Vec<u8>)) -> Result<(), CryptoError> {
+        let start = out.len();
+        out.extend_from_slice(&[0u8; RECORD_HEADER]);
+        write(out);
+        let body = start + RECORD_HEADER;
+        let len = out.len() - body + TAG_LEN;
+        if len > MAX_RECORD || out.len() < body {
+            out.truncate(start);
             return Err(CryptoError::Size);
         }
-        let start = out.len();
-        out.resize(start + RECORD_HEADER + len, 0);
-        out[start..start + RECORD_HEADER].copy_from_slice(&(len as u16).to_be_bytes());
-        match self.state.write_message(plaintext, &mut out[start + RECORD_HEADER..]) {
-            Ok(n) if n == len => {}
-            _ => {
+        let tag = match self.send.seal_in_place(&mut out[body..]) {
+            Ok(t) => t,
+            Err(e) => {
                 out.truncate(start);
-                return Err(CryptoError::State);
+                return Err(e);
             }
-        }
+        };
+        out.extend_from_slice(&tag);
+        out[start..body].copy_from_slice(&(len as u16).to_be_bytes());
         self.sent += 1;
         if self.sent % REKEY_INTERVAL == 0 {
-            self.state.rekey_outgoing();
+            self.send.rekey()?;
         }
         Ok(())
     }
@@ -85,10 +179,23 @@ impl Transport {
         if body.len() < TAG_LEN || out.len() < body.len() - TAG_LEN {
             return Err(CryptoError::Size);
         }
-        let n = self.state.read_message(body, out).map_err(|_| CryptoError::Decrypt)?;
+        let mut rec = Zeroizing::new(body.to_vec());
+        let n = self.open_in_place(&mut rec)?;
+        out[..n].copy_from_slice(&rec[..n]);
+        Ok(n)
+    }
+
+    /// Decrypts one record body in place and returns the plaintext length: the plaintext is
+    /// then `body[..n]`. On error the contents of `body` are unspecified.
+    ///
+    /// # Errors
+    /// [`CryptoError::Decrypt`] if the record does not authenticate, [`CryptoError::Size`] if it
+    /// is shorter than a tag.
+    pub fn open_in_place(&mut self, body: &mut [u8]) -> Result<usize, CryptoError> {
+        let n = self.recv.open_in_place(body)?;
         self.received += 1;
         if self.received % REKEY_INTERVAL == 0 {
-            self.state.rekey_incoming();
+            self.recv.rekey()?;
         }
         Ok(n)
     }
@@ -136,15 +243,17 @@ mod tests {
         let (mut a, mut b) = pair();
         let mut rec = Vec::new();
         let mut out = [0u8; 64];
-        // A receiver that never rekeys (raw Noise state) reads exactly 2^16 records, then fails.
+        // A receiver that never rekeys (the raw cipher state) reads exactly 2^16 records, then
+        // fails.
+        let _ = &mut out;
         for _ in 0..REKEY_INTERVAL {
             rec.clear();
             a.seal(b"x", &mut rec).unwrap();
-            assert!(b.state.read_message(&rec[RECORD_HEADER..], &mut out).is_ok());
+            assert!(b.recv.open_in_place(&mut rec[RECORD_HEADER..]).is_ok());
         }
         rec.clear();
         a.seal(b"x", &mut rec).unwrap();
-        assert!(b.state.read_message(&rec[RECORD_HEADER..], &mut out).is_err());
+        assert!(b.recv.open_in_place(&mut rec[RECORD_HEADER..]).is_err());
     }
 
     #[test]
