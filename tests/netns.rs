@@ -496,7 +496,14 @@ fn nat_rebinding_mapping_flushed() {
     w.lost_at(t0, RESUME);
     let r = w.resume_after(t0);
     record("NAT rebinding (mapping flushed)", r);
-    let peers = w.server_peers();
+    // The flush can reset the first resumed connection too; wait (bounded) for the link that
+    // stays, which must come from the new port range.
+    let deadline = std::time::Instant::now() + RESUME;
+    let mut peers = w.server_peers();
+    while !port_in(&peers, 30000, 30999) && std::time::Instant::now() < deadline {
+        sleep_ms(20);
+        peers = w.server_peers();
+    }
     w.check(port_in(&peers, 30000, 30999), &format!("server peers after rebinding: {peers:?}"));
     w.finish();
 }
