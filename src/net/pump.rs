@@ -15,6 +15,8 @@ use crate::proto::{CloseCode, Event, SessionError};
 
 /// Bytes of records produced per socket write.
 const WRITE_BUDGET: usize = 256 * 1024;
+/// How long a finished connection waits for the peer to close its side.
+const CLOSE_LINGER: std::time::Duration = std::time::Duration::from_secs(2);
 /// Read buffer size.
 const READ_CHUNK: usize = 128 * 1024;
 
@@ -68,6 +70,17 @@ pub(crate) async fn pump<R>(
         };
         if over {
             let _ = wr.shutdown().await;
+            // Read until the peer closes too (bounded). Closing a socket with unread bytes makes
+            // the kernel send a reset, which can destroy our last ACK and CLOSE in flight.
+            let drain = async {
+                let mut sink = [0u8; 4096];
+                while let Ok(n) = rd.read(&mut sink).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(CLOSE_LINGER, drain).await;
             return PumpEnd::Over;
         }
         let sleep = async {
