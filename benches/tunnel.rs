@@ -168,9 +168,9 @@ struct Tool {
 
 impl Tool {
     fn kill(&mut self) {
-        // Clients first (ssh before sshd), each process group by its id.
+        // Clients first (ssh before sshd). Each child by its own pid, never a group or a name:
+        // forked helpers (socat's, sshd's) end with their connections.
         for c in self.children.iter_mut().rev() {
-            let _ = Command::new("kill").arg("-KILL").arg(format!("-{}", c.id())).status();
             let _ = c.kill();
             let _ = c.wait();
         }
