@@ -19,12 +19,12 @@ use std::time::Duration;
 
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{tcp, TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 use zeroize::Zeroizing;
 
-use crate::net::{self, ClientConfig, LinkEvent, Listener, Peer, Stream};
+use crate::net::{self, ClientConfig, LinkEvent, Listener, Peer, ReadHalf, Stream, WriteHalf};
 
 /// Longest service name.
 pub const MAX_SERVICE_NAME: usize = 64;
@@ -258,6 +258,47 @@ where
     }
 }
 
+/// Bytes moved from a socket into a stream per read (one vectored read into the stream's own
+/// buffer).
+const FILL: usize = 256 * 1024;
+
+/// Copies a TCP socket into a stream until EOF, then half-closes the stream. The socket is read
+/// straight into the stream's replay buffer: no copy buffer, so an idle tunnel holds none.
+async fn tcp_to_stream(from: tcp::ReadHalf<'_>, mut to: WriteHalf) -> io::Result<u64> {
+    let sock: &TcpStream = from.as_ref();
+    let mut total = 0u64;
+    loop {
+        sock.readable().await?;
+        match to.write_with(FILL, |bufs| sock.try_read_vectored(bufs)).await {
+            Ok(0) => {
+                to.shutdown().await?;
+                return Ok(total);
+            }
+            Ok(n) => total += n as u64,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Copies a stream into a TCP socket until the stream ends, then half-closes the socket. The
+/// socket is written straight from the stream's receive buffer.
+async fn stream_to_tcp(mut from: ReadHalf, mut to: tcp::WriteHalf<'_>) -> io::Result<u64> {
+    let mut total = 0u64;
+    loop {
+        let sock: &TcpStream = to.as_ref();
+        match from.read_with(|bufs| sock.try_write_vectored(bufs)).await {
+            Ok(0) => {
+                to.shutdown().await?;
+                return Ok(total);
+            }
+            Ok(n) => total += n as u64,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => sock.writable().await?,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Joins a plain TCP connection and a holdfast stream, both ways, with half-close. Returns the
 /// bytes moved (TCP to stream, stream to TCP). If the holdfast stream fails, the TCP connection
 /// is reset so the program sees an error rather than a clean end.
@@ -268,7 +309,7 @@ pub async fn splice(mut tcp: TcpStream, stream: Stream) -> io::Result<(u64, u64)
     let (sr, sw) = stream.into_split();
     let res = {
         let (tr, tw) = tcp.split();
-        tokio::try_join!(pipe(tr, sw), pipe(sr, tw))
+        tokio::try_join!(tcp_to_stream(tr, sw), stream_to_tcp(sr, tw))
     };
     if res.is_err() {
         // Reset rather than close, so the program does not mistake a failure for a clean end.

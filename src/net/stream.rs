@@ -192,6 +192,77 @@ impl WriteHalf {
     pub fn events(&self) -> broadcast::Receiver<LinkEvent> {
         self.shared.events.subscribe()
     }
+
+    /// Writes without an intermediate buffer: waits until the stream can take bytes, then calls
+    /// `fill` once with free space of the stream's own buffer (at most `max` bytes, as a list of
+    /// buffers), and sends the bytes `fill` says it wrote, from the first buffer on. Made for
+    /// `|bufs| socket.try_read_vectored(bufs)`: `Ok(0)` from `fill` means EOF and is passed on.
+    /// `fill` runs while the stream's state is locked, so it must not block.
+    ///
+    /// # Errors
+    /// The stream's failure, or `fill`'s error (for example `WouldBlock`, then nothing was taken).
+    pub async fn write_with(
+        &mut self,
+        max: usize,
+        mut fill: impl FnMut(&mut [io::IoSliceMut<'_>]) -> io::Result<usize>,
+    ) -> io::Result<usize> {
+        std::future::poll_fn(|cx| {
+            let mut inner = self.shared.lock();
+            match inner.session.write_with(max, &mut fill) {
+                Ok(Some(Ok(n))) => {
+                    drop(inner);
+                    if n > 0 {
+                        self.shared.wake_driver.notify_one();
+                    }
+                    Poll::Ready(Ok(n))
+                }
+                Ok(Some(Err(e))) => Poll::Ready(Err(e)),
+                Ok(None) => {
+                    inner.write_waker = Some(cx.waker().clone());
+                    Poll::Pending
+                }
+                Err(e) => Poll::Ready(Err(to_io(e))),
+            }
+        })
+        .await
+    }
+}
+
+impl ReadHalf {
+    /// Reads without an intermediate buffer: waits until bytes arrived (or the stream ended),
+    /// then calls `drain` once with the received bytes (as a list of buffers); those it says
+    /// it took are consumed. Made for `|bufs| socket.try_write_vectored(bufs)`. Returns 0 at the
+    /// end of the stream, without calling `drain`. `drain` runs while the stream's state is
+    /// locked, so it must not block.
+    ///
+    /// # Errors
+    /// The stream's failure, or `drain`'s error (for example `WouldBlock`, then nothing was
+    /// consumed).
+    pub async fn read_with(
+        &mut self,
+        mut drain: impl FnMut(&[io::IoSlice<'_>]) -> io::Result<usize>,
+    ) -> io::Result<usize> {
+        std::future::poll_fn(|cx| {
+            let mut inner = self.shared.lock();
+            let was_full = !inner.session.wants_input();
+            match inner.session.read_with(&mut drain) {
+                Ok(Some(Ok(n))) => {
+                    if was_full && inner.session.wants_input() {
+                        drop(inner);
+                        self.shared.wake_driver.notify_one();
+                    }
+                    Poll::Ready(Ok(n))
+                }
+                Ok(Some(Err(e))) => Poll::Ready(Err(e)),
+                Ok(None) => {
+                    inner.read_waker = Some(cx.waker().clone());
+                    Poll::Pending
+                }
+                Err(e) => Poll::Ready(Err(to_io(e))),
+            }
+        })
+        .await
+    }
 }
 
 impl Drop for ReadHalf {

@@ -46,6 +46,11 @@ impl Chunk {
         &bytemuck::cast_slice::<u64, u8>(&self.words)[..self.len]
     }
 
+    /// The unused space after the held bytes.
+    fn free_mut(&mut self) -> &mut [u8] {
+        &mut bytemuck::cast_slice_mut::<u64, u8>(&mut self.words)[self.len..]
+    }
+
     fn append(&mut self, data: &[u8]) -> usize {
         let n = (CHUNK - self.len).min(data.len());
         bytemuck::cast_slice_mut::<u64, u8>(&mut self.words)[self.len..self.len + n].copy_from_slice(&data[..n]);
@@ -138,6 +143,90 @@ impl ByteQueue {
             self.end += n as u64;
             data = &data[n..];
         }
+    }
+
+    /// Appends up to `max` bytes that `fill` writes straight into the queue's free space, given
+    /// as a list of buffers (for a vectored socket read), and returns what `fill` returned.
+    /// `fill` returns how many bytes it wrote, from the first buffer on. With this a driver reads
+    /// a socket into the queue with no intermediate buffer.
+    ///
+    /// # Errors
+    /// `fill`'s error; nothing is appended then.
+    pub fn push_with<E>(
+        &mut self,
+        max: usize,
+        fill: impl FnOnce(&mut [std::io::IoSliceMut<'_>]) -> Result<usize, E>,
+    ) -> Result<usize, E> {
+        if self.chunks.is_empty() {
+            self.chunk_base = self.end;
+            self.start = self.end;
+        }
+        let tail_free = self.chunks.back().map_or(0, |c| CHUNK - c.len());
+        let want = max.saturating_sub(tail_free).div_ceil(CHUNK);
+        let mut extra: Vec<Chunk> =
+            (0..want).map(|_| self.spare.pop().or_else(|| pool().pop()).unwrap_or_else(Chunk::new)).collect();
+        let res = {
+            let mut bufs: Vec<std::io::IoSliceMut<'_>> = Vec::with_capacity(want + 1);
+            let mut room = max;
+            if let Some(tail) = self.chunks.back_mut().filter(|_| tail_free > 0) {
+                let f = tail.free_mut();
+                let k = f.len().min(room);
+                room -= k;
+                bufs.push(std::io::IoSliceMut::new(&mut f[..k]));
+            }
+            for c in &mut extra {
+                let f = c.free_mut();
+                let k = f.len().min(room);
+                room -= k;
+                bufs.push(std::io::IoSliceMut::new(&mut f[..k]));
+            }
+            fill(&mut bufs)
+        };
+        let mut left = *res.as_ref().unwrap_or(&0);
+        if let Some(tail) = self.chunks.back_mut().filter(|_| tail_free > 0) {
+            let k = left.min(tail_free);
+            tail.len += k;
+            left -= k;
+        }
+        let n = res.as_ref().map_or(0, |n| *n);
+        for mut c in extra {
+            let k = left.min(CHUNK);
+            if k > 0 {
+                c.len = k;
+                left -= k;
+                self.chunks.push_back(c);
+            } else if self.spare.len() < MAX_SPARE {
+                self.spare.push(c);
+            } else {
+                give_back(c);
+            }
+        }
+        self.end += (n - left) as u64;
+        res.map(|_| n - left)
+    }
+
+    /// Hands the held bytes from the front, as a list of buffers (for a vectored socket
+    /// write), to `drain`, which returns how many it consumed; those are released.
+    ///
+    /// # Errors
+    /// `drain`'s error; nothing is released then.
+    pub fn read_with<E>(
+        &mut self,
+        drain: impl FnOnce(&[std::io::IoSlice<'_>]) -> Result<usize, E>,
+    ) -> Result<usize, E> {
+        let n = {
+            let mut bufs: Vec<std::io::IoSlice<'_>> = Vec::with_capacity(16);
+            let mut off = self.start;
+            while off < self.end && bufs.len() < 16 {
+                let s = self.slice_from(off, CHUNK);
+                off += s.len() as u64;
+                bufs.push(std::io::IoSlice::new(s));
+            }
+            drain(&bufs)?
+        };
+        let n = n.min(self.len());
+        self.release_to(self.start + n as u64);
+        Ok(n)
     }
 
     /// The contiguous bytes held from `offset` to the end of its chunk, at most `max`.
@@ -233,6 +322,55 @@ mod tests {
         q.push(b"xyz");
         assert_eq!(q.slice_from(q.start(), 10), b"xyz");
         assert_eq!(q.start(), data.len() as u64);
+    }
+
+    #[test]
+    fn vectored_fill_and_drain_keep_the_bytes_in_order() {
+        let mut q = ByteQueue::new();
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let mut fed = 0;
+        let mut got = Vec::new();
+        for (i, max) in [5usize, 16_384, 40_000, 100_000, 7, 70_000].iter().cycle().enumerate() {
+            if fed == data.len() {
+                break;
+            }
+            let n = q
+                .push_with(*max, |bufs| {
+                    let mut k = 0;
+                    for b in bufs.iter_mut() {
+                        let m = b.len().min(data.len() - fed - k).min(*max / 2 + 1);
+                        b[..m].copy_from_slice(&data[fed + k..fed + k + m]);
+                        k += m;
+                        if m < b.len() {
+                            break;
+                        }
+                    }
+                    Ok::<_, ()>(k)
+                })
+                .unwrap();
+            fed += n;
+            assert_eq!(q.end(), fed as u64);
+            if i % 2 == 1 {
+                q.read_with(|bufs| {
+                    let mut k = 0;
+                    for b in bufs {
+                        got.extend_from_slice(b);
+                        k += b.len();
+                    }
+                    Ok::<_, ()>(k)
+                })
+                .unwrap();
+            }
+        }
+        assert_eq!(q.push_with(10, |_| Err::<usize, _>("boom")), Err("boom"));
+        while !q.is_empty() {
+            q.read_with(|bufs| {
+                got.extend_from_slice(&bufs[0][..3.min(bufs[0].len())]);
+                Ok::<_, ()>(3.min(bufs[0].len()))
+            })
+            .unwrap();
+        }
+        assert_eq!(got, data);
     }
 
     proptest! {

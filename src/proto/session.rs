@@ -246,6 +246,32 @@ impl Session {
         Ok(n)
     }
 
+    /// Like [`Session::write`], with the bytes written straight into the replay buffer by
+    /// `fill` (for example a vectored socket read), at most `max` of them. `fill` is called only
+    /// when there is room; `Ok(None)` means the buffer is full (try again after
+    /// acknowledgements arrive).
+    ///
+    /// # Errors
+    /// The session's failure, or [`SessionError::WriteAfterShutdown`]. `fill`'s own error is
+    /// returned inside `Ok(Some(..))`.
+    pub fn write_with<E>(
+        &mut self,
+        max: usize,
+        fill: impl FnOnce(&mut [std::io::IoSliceMut<'_>]) -> Result<usize, E>,
+    ) -> Result<Option<Result<usize, E>>, SessionError> {
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
+        if self.fin.is_some() {
+            return Err(SessionError::WriteAfterShutdown);
+        }
+        let room = max.min(self.send_space());
+        if room == 0 {
+            return Ok(None);
+        }
+        Ok(Some(self.send.push_with(room, fill)))
+    }
+
     /// Free space in the replay buffer.
     pub fn send_space(&self) -> usize {
         self.cfg.max_buffer.saturating_sub(self.send.len())
@@ -270,6 +296,28 @@ impl Session {
         }
         if self.peer_fin.is_some() {
             return Ok(Some(0));
+        }
+        match &self.failed {
+            Some(e) => Err(e.clone()),
+            None => Ok(None),
+        }
+    }
+
+    /// Like [`Session::read`], handing the received bytes to `drain` (for example a vectored
+    /// socket write), which returns how many it took. `Ok(Some(Ok(0)))` is the end of the
+    /// peer's stream (`drain` is not called then), `Ok(None)` means nothing yet.
+    ///
+    /// # Errors
+    /// As [`Session::read`]; `drain`'s own error is returned inside `Ok(Some(..))`.
+    pub fn read_with<E>(
+        &mut self,
+        drain: impl FnOnce(&[std::io::IoSlice<'_>]) -> Result<usize, E>,
+    ) -> Result<Option<Result<usize, E>>, SessionError> {
+        if !self.recv.is_empty() {
+            return Ok(Some(self.recv.read_with(drain)));
+        }
+        if self.peer_fin.is_some() {
+            return Ok(Some(Ok(0)));
         }
         match &self.failed {
             Some(e) => Err(e.clone()),
