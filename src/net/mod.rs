@@ -86,6 +86,7 @@ impl From<Error> for io::Error {
             Error::Connect { source, .. } | Error::Bind { source, .. } => source.kind(),
             Error::HandshakeRefused { .. } => K::PermissionDenied,
             Error::Handshake { source: HandshakeError::UnknownSession, .. } => K::NotConnected,
+            Error::Handshake { source: HandshakeError::Busy, .. } => K::ResourceBusy,
             Error::Handshake { .. } => K::InvalidData,
             Error::Timeout { .. } => K::TimedOut,
             Error::Session(s) => return stream::to_io(s.clone()),

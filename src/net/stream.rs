@@ -90,8 +90,8 @@ impl Inner {
     /// Discards input nobody will read (the read half was dropped).
     pub(crate) fn discard_unread(&mut self) {
         if !self.reader_alive {
-            let mut sink = [0u8; 4096];
-            while let Ok(Some(n)) = self.session.read(&mut sink) {
+            let mut sink = zeroize::Zeroizing::new([0u8; 4096]);
+            while let Ok(Some(n)) = self.session.read(&mut sink[..]) {
                 if n == 0 {
                     break;
                 }
