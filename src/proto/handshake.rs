@@ -123,7 +123,7 @@ pub fn hex_id(id: &[u8]) -> String {
 
 fn builder<'a>(pattern: &str, prologue: &'a [u8], local: &'a PrivateKey) -> Result<snow::Builder<'a>, HandshakeError> {
     let params = pattern.parse().map_err(|_| HandshakeError::Setup)?;
-    snow::Builder::new(params)
+    snow::Builder::with_resolver(params, super::dh::resolver())
         .prologue(prologue)
         .and_then(|b| b.local_private_key(local.as_bytes()))
         .map_err(|_| HandshakeError::Setup)

@@ -5,6 +5,7 @@
 //! pair tests in `tests/proto_pair.rs`).
 
 pub mod buffer;
+mod dh;
 pub mod frame;
 pub mod handshake;
 pub mod session;
