@@ -266,6 +266,9 @@ impl ByteQueue {
         }
         if self.chunks.is_empty() {
             self.chunk_base = self.end;
+            // Empty: keep nothing. An idle session then holds no buffer memory, and a busy one
+            // takes its chunks back from the pool.
+            self.shrink();
         }
     }
 
