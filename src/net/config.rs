@@ -145,12 +145,12 @@ pub struct Limits {
     /// [`SessionConfig`], 9 MiB by default), when it is created; a new session that does not fit
     /// is refused with `Busy`. Default 1 GiB (about 113 sessions at the default buffer sizes).
     pub buffer_budget: usize,
-    /// Resumes per second for one session: a resume that arrives sooner than `1 / n` seconds
-    /// after the previous accepted one is refused with `Busy`, and the client retries after its
-    /// backoff. Each resume costs the server four X25519 operations, a ticket rotation and a
+    /// Resumes per second for one session, on average: a token bucket with a burst of `n`,
+    /// refilled at `n` per second. A resume finding the bucket empty is refused with `Busy`, and
+    /// the client retries after its backoff. Each resume costs the server four X25519 operations, a ticket rotation and a
     /// replay of up to `max_buffer` bytes, so a malicious allowed client must not loop on it.
-    /// Default 10: a link that faults more often than that is not usable anyway, and the
-    /// client's first backoff (100 ms) already spaces its retries this far apart.
+    /// Default 10: a link that faults more often than that, for long, is not usable anyway, and
+    /// the burst lets a few faults in quick succession resume without delay.
     pub resumes_per_sec_per_session: u32,
     /// How long a detached session waits for its client to resume. Default 1 hour.
     pub session_expiry: Duration,

@@ -65,19 +65,26 @@ struct Entry {
     shared: Arc<Shared>,
     client: PublicKey,
     replace: mpsc::Sender<NewLink>,
-    /// When the last resume was let through (for `resumes_per_sec_per_session`).
-    last_resume: Mutex<Option<Instant>>,
+    /// Token bucket for `resumes_per_sec_per_session`: (tokens, last refill).
+    resume_tokens: Mutex<Option<(f64, Instant)>>,
 }
 
 impl Entry {
-    /// Lets a resume through if the previous one was at least `interval` ago.
-    fn resume_allowed(&self, now: Instant, interval: Duration) -> bool {
-        let mut last = self.last_resume.lock().unwrap_or_else(|p| p.into_inner());
-        if last.is_some_and(|t| now.saturating_duration_since(t) < interval) {
-            return false;
+    /// Lets a resume through if the session's bucket (burst `rate`, refilled at `rate` per
+    /// second) has a token. Occasional faults in quick succession resume at once; a client
+    /// looping on resumes is held to `rate` per second on average.
+    fn resume_allowed(&self, now: Instant, rate: u32) -> bool {
+        let rate = f64::from(rate.max(1));
+        let mut bucket = self.resume_tokens.lock().unwrap_or_else(|p| p.into_inner());
+        let (tokens, at) = bucket.get_or_insert((rate, now));
+        *tokens = (*tokens + now.saturating_duration_since(*at).as_secs_f64() * rate).min(rate);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
         }
-        *last = Some(now);
-        true
     }
 }
 
@@ -351,8 +358,8 @@ async fn handshake(mut sock: TcpStream, addr: SocketAddr, state: &Arc<State>) ->
         },
         Hello::Resume { resume_id, .. } => {
             let entry = state.table().by_ticket.get(resume_id).cloned();
-            let rate = cfg.limits.resumes_per_sec_per_session.max(1);
-            if entry.is_some_and(|e| !e.resume_allowed(Instant::now(), Duration::from_secs(1) / rate)) {
+            let rate = cfg.limits.resumes_per_sec_per_session;
+            if entry.is_some_and(|e| !e.resume_allowed(Instant::now(), rate)) {
                 debug!(%addr, id = %hex_id(resume_id), "resume rate limit");
                 let _ = write_record(&mut sock, &handshake::reject(RejectCode::Busy)).await;
                 return Err(Error::Handshake { addr: addr.to_string(), source: HandshakeError::Busy });
@@ -401,7 +408,7 @@ fn commit_new(
     session.handle_frame(now, confirm).map_err(Error::Session)?;
     let shared = Shared::new(session, client);
     let (tx, rx) = mpsc::channel(4);
-    let entry = Arc::new(Entry { shared: shared.clone(), client, replace: tx, last_resume: Mutex::new(None) });
+    let entry = Arc::new(Entry { shared: shared.clone(), client, replace: tx, resume_tokens: Mutex::new(None) });
     reservation.keep();
     let name = cfg.allow.lookup(&client).and_then(|p| p.name.clone());
     let peer = Peer { key: client, name, addr };
