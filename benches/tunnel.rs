@@ -653,8 +653,9 @@ async fn conn_echo(entry: SocketAddr, samples: usize, pace: Duration) -> io::Res
 
 #[derive(Default)]
 struct RelayState {
-    /// Kills the current connection pair (with RST both ways).
-    current: Option<Arc<Notify>>,
+    /// Kills the live connection pairs (with RST both ways), by connection number.
+    current: Vec<(u64, Arc<Notify>)>,
+    next_id: u64,
     /// Set by a reset; taken by the next connection, which measures from it.
     reset_at: Option<Instant>,
     /// Reset to first transport byte from the server on the new connection.
@@ -676,10 +677,14 @@ async fn relay_conn(mut client: TcpStream, server: SocketAddr, st: Arc<Mutex<Rel
     client.set_nodelay(true)?;
     upstream.set_nodelay(true)?;
     let kill = Arc::new(Notify::new());
-    let reset_at = {
+    // Measured by the first connection after a reset that carries the session again (a
+    // refused attempt, which gets a one-record reject, leaves the measurement to the next).
+    let (id, reset_at) = {
         let mut g = st.lock().unwrap();
-        g.current = Some(kill.clone());
-        g.reset_at.take()
+        let id = g.next_id;
+        g.next_id += 1;
+        g.current.push((id, kill.clone()));
+        (id, g.reset_at)
     };
     {
         let (mut cr, mut cw) = client.split();
@@ -719,7 +724,11 @@ async fn relay_conn(mut client: TcpStream, server: SocketAddr, st: Arc<Mutex<Rel
                             skip -= k;
                             i += k;
                         } else {
-                            st.lock().unwrap().resumes.push(t0.elapsed());
+                            let mut g = st.lock().unwrap();
+                            if g.reset_at == Some(t0) {
+                                g.resumes.push(t0.elapsed());
+                                g.reset_at = None;
+                            }
                             pending = None;
                             break;
                         }
@@ -728,11 +737,13 @@ async fn relay_conn(mut client: TcpStream, server: SocketAddr, st: Arc<Mutex<Rel
                 cw.write_all(&buf[..n]).await?;
             }
         };
-        tokio::select! {
-            r = up => r?,
-            r = down => r?,
-            _ = kill.notified() => {}
-        }
+        let r = tokio::select! {
+            r = up => r,
+            r = down => r,
+            _ = kill.notified() => Ok(()),
+        };
+        st.lock().unwrap().current.retain(|(i, _)| *i != id);
+        r?;
     }
     client.set_zero_linger()?;
     upstream.set_zero_linger()?;
@@ -777,8 +788,9 @@ async fn resume_test(dir: &Path, keys: &HoldfastKeys, svc: u16, resets: usize) -
     let local = free_port();
     let client = holdfast_client(dir, keys, rport, local, "resume-client.log")?;
     let mut tool = Tool { name: "holdfast", entry: loopback(local), children: vec![server, client], server_pid: None };
-    let mut probe_children: Vec<Child> = Vec::new();
-    wait_port(tool.entry, &mut probe_children).await?;
+    wait_port(tool.entry, &mut tool.children).await?;
+    // The probe opened (and closed) a tunnel of its own: let it finish first.
+    tokio::time::sleep(Duration::from_millis(500)).await;
 
     // A download that runs through every reset.
     let mut s = connect(tool.entry).await?;
@@ -822,14 +834,20 @@ async fn resume_test(dir: &Path, keys: &HoldfastKeys, svc: u16, resets: usize) -
         let before = st.lock().unwrap().resumes.len();
         {
             let mut g = st.lock().unwrap();
-            let Some(kill) = g.current.take() else { return Err(err("no relay connection to reset")) };
+            if g.current.is_empty() {
+                return Err(err("no relay connection to reset"));
+            }
             g.reset_at = Some(Instant::now());
-            kill.notify_one();
+            for (_, kill) in g.current.drain(..) {
+                kill.notify_one();
+            }
         }
         let deadline = Instant::now() + Duration::from_secs(10);
         while st.lock().unwrap().resumes.len() == before {
             if Instant::now() > deadline {
-                return Err(err(format!("no resume after reset {i}")));
+                let log = read_to_string(dir.join("resume-client.log"));
+                let tail: Vec<&str> = log.lines().rev().take(3).collect();
+                return Err(err(format!("no resume after reset {i}; client log ends: {tail:?}")));
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
         }

@@ -61,6 +61,9 @@ pub(crate) async fn pump<R>(
                 if let Err(e) = inner.session.poll_transmit(now, &mut out, WRITE_BUDGET) {
                     return PumpEnd::Fault(e);
                 }
+                if !out.is_empty() {
+                    inner.wake_writer();
+                }
             }
             while let Some(ev) = inner.session.poll_event() {
                 on_event(ev);

@@ -76,7 +76,30 @@ impl Shared {
     }
 }
 
+/// While a link is up, the program's writes run at most this far ahead of what the driver has
+/// handed to the socket. The replay buffer still holds everything unacknowledged (up to its
+/// bound, which also applies while no link is up); this only keeps bytes that nobody has sent
+/// yet from piling up there, which keeps a bulk transfer's buffers small and warm in the cache.
+const WRITE_AHEAD: usize = 1 << 20;
+
 impl Inner {
+    /// Bytes the program may write now.
+    fn write_room(&self) -> usize {
+        let s = &self.session;
+        if s.is_linked() {
+            s.send_space().min(WRITE_AHEAD.saturating_sub(s.unsent()))
+        } else {
+            s.send_space()
+        }
+    }
+
+    /// Wakes a write waiting for room (the driver handed bytes to the socket).
+    pub(crate) fn wake_writer(&mut self) {
+        if let Some(w) = self.write_waker.take() {
+            w.wake();
+        }
+    }
+
     /// Wakes the program's pending reads and writes so they look at the new state.
     pub(crate) fn wake_all(&mut self) {
         if let Some(w) = self.read_waker.take() {
@@ -208,7 +231,12 @@ impl WriteHalf {
     ) -> io::Result<usize> {
         std::future::poll_fn(|cx| {
             let mut inner = self.shared.lock();
-            match inner.session.write_with(max, &mut fill) {
+            let room = inner.write_room();
+            if room == 0 && inner.session.failure().is_none() && !inner.session.is_shut_down() {
+                inner.write_waker = Some(cx.waker().clone());
+                return Poll::Pending;
+            }
+            match inner.session.write_with(max.min(room.max(1)), &mut fill) {
                 Ok(Some(Ok(n))) => {
                     drop(inner);
                     if n > 0 {
@@ -310,7 +338,12 @@ fn poll_write(shared: &Shared, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Re
         return Poll::Ready(Ok(0));
     }
     let mut inner = shared.lock();
-    match inner.session.write(data) {
+    let room = inner.write_room();
+    if room == 0 && inner.session.failure().is_none() && !inner.session.is_shut_down() {
+        inner.write_waker = Some(cx.waker().clone());
+        return Poll::Pending;
+    }
+    match inner.session.write(&data[..data.len().min(room.max(1))]) {
         Ok(0) => {
             inner.write_waker = Some(cx.waker().clone());
             Poll::Pending

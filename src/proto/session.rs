@@ -277,6 +277,11 @@ impl Session {
         self.cfg.max_buffer.saturating_sub(self.send.len())
     }
 
+    /// Bytes written and not yet handed to the current link (or to any link, while detached).
+    pub fn unsent(&self) -> usize {
+        self.send.end().saturating_sub(self.sent.max(self.send.start())) as usize
+    }
+
     /// Bytes written and not yet acknowledged by the peer.
     pub fn unacked(&self) -> usize {
         self.send.len()
@@ -340,6 +345,11 @@ impl Session {
         if self.fin.is_none() {
             self.fin = Some(self.send.end());
         }
+    }
+
+    /// True once the program shut down writing.
+    pub fn is_shut_down(&self) -> bool {
+        self.fin.is_some()
     }
 
     /// True once the peer acknowledged our FIN (every byte we wrote was delivered).
