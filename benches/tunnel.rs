@@ -781,10 +781,26 @@ fn parse_duration(v: &str) -> Option<Duration> {
 
 async fn resume_test(dir: &Path, keys: &HoldfastKeys, svc: u16, resets: usize) -> io::Result<ResumeResult> {
     let (server, sport) = holdfast_server(dir, keys, svc, "resume-server.log", &[]).await?;
-    let rl = TcpListener::bind("127.0.0.1:0").await?;
+    // The relay gets a thread and a runtime of its own, so that the busy download in this
+    // runtime does not delay its clock readings.
+    let rl = std::net::TcpListener::bind("127.0.0.1:0")?;
+    rl.set_nonblocking(true)?;
     let rport = rl.local_addr()?.port();
     let st = Arc::new(Mutex::new(RelayState::default()));
-    let relay_task = tokio::spawn(relay(rl, loopback(sport), st.clone()));
+    let (relay_stop, relay_stopped) = tokio::sync::oneshot::channel::<()>();
+    let relay_thread = {
+        let st = st.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("relay runtime");
+            rt.block_on(async move {
+                let Ok(rl) = TcpListener::from_std(rl) else { return };
+                tokio::select! {
+                    _ = relay(rl, loopback(sport), st) => {}
+                    _ = relay_stopped => {}
+                }
+            });
+        })
+    };
     let local = free_port();
     let client = holdfast_client(dir, keys, rport, local, "resume-client.log")?;
     let mut tool = Tool { name: "holdfast", entry: loopback(local), children: vec![server, client], server_pid: None };
@@ -858,7 +874,8 @@ async fn resume_test(dir: &Path, keys: &HoldfastKeys, svc: u16, resets: usize) -
     let mib_during = (got.load(Ordering::Relaxed) - start_bytes) as f64 / (1 << 20) as f64;
     stop.store(true, Ordering::Relaxed);
     reader.abort();
-    relay_task.abort();
+    let _ = relay_stop.send(());
+    let _ = relay_thread.join();
     tool.kill();
 
     let mut times = std::mem::take(&mut st.lock().unwrap().resumes);

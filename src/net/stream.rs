@@ -76,21 +76,18 @@ impl Shared {
     }
 }
 
-/// While a link is up, the program's writes run at most this far ahead of what the driver has
-/// handed to the socket. The replay buffer still holds everything unacknowledged (up to its
-/// bound, which also applies while no link is up); this only keeps bytes that nobody has sent
-/// yet from piling up there, which keeps a bulk transfer's buffers small and warm in the cache.
+/// The program's writes run at most this far ahead of what the driver has handed to a socket.
+/// The replay buffer still holds everything unacknowledged, up to its bound; this only keeps
+/// bytes that nobody has sent yet from piling up there. A bulk transfer's buffers stay small and
+/// warm in the cache, and during an outage a busy writer queues 1 MiB rather than the whole
+/// replay bound, so the resume has less to replay and the process less to copy meanwhile.
 const WRITE_AHEAD: usize = 1 << 20;
 
 impl Inner {
     /// Bytes the program may write now.
     fn write_room(&self) -> usize {
         let s = &self.session;
-        if s.is_linked() {
-            s.send_space().min(WRITE_AHEAD.saturating_sub(s.unsent()))
-        } else {
-            s.send_space()
-        }
+        s.send_space().min(WRITE_AHEAD.saturating_sub(s.unsent()))
     }
 
     /// Wakes a write waiting for room (the driver handed bytes to the socket).
