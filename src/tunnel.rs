@@ -10,7 +10,9 @@
 //! ```
 //!
 //! After a status-0 reply the stream carries the service's bytes both ways, with half-close:
-//! EOF on one side becomes an authenticated FIN on the other.
+//! EOF on one side becomes an authenticated FIN on the other. The port forwarder sends the
+//! program's first bytes right behind the request instead of waiting a round trip for the reply;
+//! the server reads them only after answering 0, and discards them with the stream otherwise.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -213,11 +215,23 @@ async fn serve_one(mut stream: Stream, peer: Peer, services: Arc<Services>) {
 /// [`TunnelError::Net`] for connection and handshake failures, [`TunnelError::UnknownService`],
 /// [`TunnelError::ServiceRefused`], [`TunnelError::Timeout`].
 pub async fn open(addr: &str, cfg: ClientConfig, service: &str) -> Result<Stream, TunnelError> {
+    let mut stream = request(addr, cfg, service).await?;
+    read_reply(&mut stream, service).await?;
+    Ok(stream)
+}
+
+/// Connects and sends the service request, without waiting for the reply.
+async fn request(addr: &str, cfg: ClientConfig, service: &str) -> Result<Stream, TunnelError> {
     check_name(service)?;
     let mut stream = net::connect(addr, cfg).await?;
     let mut req = vec![service.len() as u8];
     req.extend_from_slice(service.as_bytes());
     stream.write_all(&req).await?;
+    Ok(stream)
+}
+
+/// Reads the server's reply to a service request (within [`REQUEST_TIMEOUT`]).
+async fn read_reply<R: AsyncRead + Unpin>(stream: &mut R, service: &str) -> Result<(), TunnelError> {
     let reply = async {
         let status = stream.read_u8().await?;
         let len = stream.read_u8().await? as usize;
@@ -232,11 +246,59 @@ pub async fn open(addr: &str, cfg: ClientConfig, service: &str) -> Result<Stream
         Err(_) => return Err(TunnelError::Timeout("reply")),
     };
     match status {
-        0 => Ok(stream),
+        0 => Ok(()),
         1 => Err(TunnelError::UnknownService(service.to_string())),
         2 => Err(TunnelError::ServiceRefused { service: service.to_string(), reason: msg }),
         _ => Err(TunnelError::Malformed("reply")),
     }
+}
+
+/// Like [`splice`] for a stream whose service request was sent but not yet answered: the
+/// program's first bytes go up right behind the request, without waiting a round trip for the
+/// reply (the server reads them only after it connected the service and answered 0; otherwise
+/// it discards them with the stream). The reply is read before anything goes down.
+async fn splice_requested(mut tcp: TcpStream, stream: Stream, service: &str) -> Result<(u64, u64), TunnelError> {
+    let (mut sr, sw) = stream.into_split();
+    let res = {
+        let (tr, tw) = tcp.split();
+        let up = tcp_to_stream(tr, sw);
+        let down = async {
+            read_reply(&mut sr, service).await?;
+            Ok::<_, TunnelError>(stream_to_tcp(sr, tw).await?)
+        };
+        tokio::pin!(up, down);
+        let (mut up_res, mut down_res) = (None, None);
+        while up_res.is_none() || down_res.is_none() {
+            tokio::select! {
+                r = &mut up, if up_res.is_none() => up_res = Some(r),
+                r = &mut down, if down_res.is_none() => down_res = Some(r),
+            }
+            if matches!(down_res, Some(Err(_))) {
+                break;
+            }
+            if matches!(up_res, Some(Err(_))) {
+                if down_res.is_none() {
+                    // The stream failing under the upload is often the server refusing the
+                    // service: let its reply say so, if it comes at once.
+                    if let Ok(r) = tokio::time::timeout(std::time::Duration::from_millis(200), &mut down).await {
+                        down_res = Some(r);
+                    }
+                }
+                break;
+            }
+        }
+        match (up_res, down_res) {
+            (_, Some(Err(e))) => Err(e),
+            (Some(Err(e)), _) => Err(TunnelError::Io(e)),
+            (Some(Ok(up)), Some(Ok(down))) => Ok((up, down)),
+            _ => Err(TunnelError::Malformed("reply")),
+        }
+    };
+    if res.is_err() {
+        // Reset rather than close, so the program does not mistake a failure for a clean end.
+        let _ = tcp.set_zero_linger();
+    }
+    res
 }
 
 /// Copies `from` to `to` until EOF, then half-closes `to`. Returns the byte count.
@@ -354,7 +416,7 @@ pub async fn forward(
         let _ = tcp.set_nodelay(true);
         let (server, cfg, service, events) = (server.clone(), cfg.clone(), service.clone(), events.clone());
         tokio::spawn(async move {
-            let stream = match open(&server, cfg, &service).await {
+            let stream = match request(&server, cfg, &service).await {
                 Ok(s) => s,
                 Err(e) => {
                     warn!(%from, error = %e, "cannot open tunnel");
@@ -373,8 +435,11 @@ pub async fn forward(
                 });
             }
             debug!(%from, service = %service, "forwarding");
-            match splice(tcp, stream).await {
+            match splice_requested(tcp, stream, &service).await {
                 Ok((up, down)) => info!(%from, up, down, "connection closed"),
+                Err(e @ (TunnelError::UnknownService(_) | TunnelError::ServiceRefused { .. })) => {
+                    warn!(%from, error = %e, "cannot open tunnel")
+                }
                 Err(e) => warn!(%from, error = %e, "connection failed"),
             }
         });
