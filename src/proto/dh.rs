@@ -10,6 +10,9 @@
 //! twist, which has no Edwards point, falls back to the ladder. Both are constant-time in the
 //! secret scalar; whether `u` is on the curve or its twist depends only on the public key.
 
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+
 use curve25519_dalek::montgomery::MontgomeryPoint;
 use snow::params::{CipherChoice, DHChoice, HashChoice};
 use snow::resolvers::{BoxedCryptoResolver, CryptoResolver, DefaultResolver, FallbackResolver, RingResolver};
@@ -25,10 +28,56 @@ pub(crate) fn x25519(k: &[u8; 32], u: &[u8; 32]) -> [u8; 32] {
     }
 }
 
+/// Results of `X25519(s, rs)` between this process's static key and a peer's static key, which
+/// every handshake between the same two parties computes again (the `ss` token of IK and KK).
+/// A result is cached the second time a (key, peer key) pair is seen, so a peer's ephemeral
+/// keys, which never repeat, are never cached. Both maps are bounded and simply cleared when
+/// full. The cached secrets are as sensitive as the static private key this process already
+/// holds, and are wiped when dropped.
+struct StaticCache {
+    seen: HashSet<[u8; 64]>,
+    results: HashMap<[u8; 64], Zeroizing<[u8; 32]>>,
+}
+
+const MAX_SEEN: usize = 4096;
+const MAX_CACHED: usize = 1024;
+
+static STATIC_DH: Mutex<Option<StaticCache>> = Mutex::new(None);
+
+fn static_dh(local_private: &[u8; 32], local_public: &[u8; 32], peer: &[u8; 32]) -> Zeroizing<[u8; 32]> {
+    let mut key = [0u8; 64];
+    key[..32].copy_from_slice(local_public);
+    key[32..].copy_from_slice(peer);
+    {
+        let mut g = STATIC_DH.lock().unwrap_or_else(|p| p.into_inner());
+        let c = g.get_or_insert_with(|| StaticCache { seen: HashSet::new(), results: HashMap::new() });
+        if let Some(r) = c.results.get(&key) {
+            return r.clone();
+        }
+    }
+    let r = Zeroizing::new(x25519(local_private, peer));
+    let mut g = STATIC_DH.lock().unwrap_or_else(|p| p.into_inner());
+    let c = g.get_or_insert_with(|| StaticCache { seen: HashSet::new(), results: HashMap::new() });
+    if c.seen.contains(&key) {
+        if c.results.len() >= MAX_CACHED {
+            c.results.clear();
+        }
+        c.results.insert(key, r.clone());
+    } else {
+        if c.seen.len() >= MAX_SEEN {
+            c.seen.clear();
+        }
+        c.seen.insert(key);
+    }
+    r
+}
+
 #[derive(Default)]
 struct Dh25519 {
     private: Zeroizing<[u8; 32]>,
     public: [u8; 32],
+    /// A key given with `set` (a static key), not generated (an ephemeral one).
+    fixed: bool,
 }
 
 impl Dh25519 {
@@ -53,11 +102,13 @@ impl Dh for Dh25519 {
     fn set(&mut self, privkey: &[u8]) {
         let n = privkey.len().min(32);
         self.private[..n].copy_from_slice(&privkey[..n]);
+        self.fixed = true;
         self.derive_public();
     }
 
     fn generate(&mut self, rng: &mut dyn Random) -> Result<(), snow::Error> {
         rng.try_fill_bytes(&mut self.private[..])?;
+        self.fixed = false;
         self.derive_public();
         Ok(())
     }
@@ -72,7 +123,11 @@ impl Dh for Dh25519 {
 
     fn dh(&self, pubkey: &[u8], out: &mut [u8]) -> Result<(), snow::Error> {
         let u: [u8; 32] = pubkey.get(..32).and_then(|p| p.try_into().ok()).ok_or(snow::Error::Dh)?;
-        let shared = Zeroizing::new(x25519(&self.private, &u));
+        let shared = if self.fixed {
+            static_dh(&self.private, &self.public, &u)
+        } else {
+            Zeroizing::new(x25519(&self.private, &u))
+        };
         let n = out.len().min(32);
         out[..n].copy_from_slice(&shared[..n]);
         Ok(())
@@ -126,6 +181,28 @@ mod tests {
         let u = hex("e6db6867583030db3594c1a424b15f7c726624ec26b3353b10a903a6d0ab1c4c");
         let want = hex("c3da55379de9c6908e94ea4df28d084f32eccf03491c71f754b4075577a28552");
         assert_eq!(x25519(&k, &u), want);
+    }
+
+    /// The cache returns what it computed, for repeated and fresh pairs alike.
+    #[test]
+    fn static_cache_returns_the_same_results() {
+        let mut rng = rand::thread_rng();
+        let mut k = [0u8; 32];
+        rng.fill_bytes(&mut k);
+        let public = MontgomeryPoint::mul_base_clamped(k).to_bytes();
+        for _ in 0..3 {
+            let mut peers = Vec::new();
+            for _ in 0..20 {
+                let mut p = [0u8; 32];
+                rng.fill_bytes(&mut p);
+                peers.push(MontgomeryPoint::mul_base_clamped(p).to_bytes());
+            }
+            for round in 0..4 {
+                for p in &peers {
+                    assert_eq!(*static_dh(&k, &public, p), x25519(&k, p), "round {round}");
+                }
+            }
+        }
     }
 
     /// The same as the ladder for random scalars and points on the curve, its twist, low-order
