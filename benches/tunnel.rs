@@ -937,7 +937,8 @@ async fn raw_handshake(server: SocketAddr, src: Ipv4Addr, keys: &RawKeys) -> io:
     sock.bind(SocketAddr::from((src, 0)))?;
     let mut s = sock.connect(server).await?;
     s.set_nodelay(true)?;
-    let (hs, hello) = ClientHandshake::initial(&keys.client, &keys.server).map_err(|e| err(e.to_string()))?;
+    let (hs, hello) = ClientHandshake::initial(&keys.client, &keys.server, holdfast::proto::Cipher::preferred())
+        .map_err(|e| err(e.to_string()))?;
     let mut rec = Vec::new();
     push_record(&mut rec, &hello);
     s.write_all(&rec).await?;

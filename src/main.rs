@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use holdfast::keys::{self, AllowList, Keypair, PrivateKey, PublicKey};
 use holdfast::net::{LinkEvent, Recovery, RecoveryPolicy};
-use holdfast::proto::SessionConfig;
+use holdfast::proto::{Cipher, SessionConfig};
 use holdfast::tunnel::{self, Services};
 use holdfast::{ClientConfig, ServerConfig};
 use tracing::{error, info, warn};
@@ -170,8 +170,24 @@ struct ClientCommon {
     /// Give up after this long without a connection; the stream then fails.
     #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
     give_up: Duration,
+    /// The link's cipher. `auto` picks AES-256-GCM where this CPU has AES instructions (about
+    /// three times faster there) and ChaCha20-Poly1305 elsewhere. The server accepts either.
+    #[arg(long, value_enum, default_value = "auto")]
+    cipher: CipherArg,
     #[command(flatten)]
     timers: Timers,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum CipherArg {
+    /// The faster one on this CPU.
+    Auto,
+    /// AES-256-GCM (fast with AES-NI / ARMv8 AES).
+    #[value(name = "aes-256-gcm")]
+    Aes256Gcm,
+    /// ChaCha20-Poly1305 (fast everywhere in software).
+    #[value(name = "chacha20-poly1305")]
+    Chacha20Poly1305,
 }
 
 #[derive(Args)]
@@ -308,6 +324,11 @@ fn client_config(c: &ClientCommon) -> Result<ClientConfig> {
     let mut cfg = ClientConfig::new(load_keypair(&c.key)?, load_server_key(&c.server_key)?);
     cfg.session = session_config(&c.timers)?;
     cfg.recovery = RecoveryPolicy { give_up_after: c.give_up, ..RecoveryPolicy::default() };
+    cfg.cipher = match c.cipher {
+        CipherArg::Auto => Cipher::preferred(),
+        CipherArg::Aes256Gcm => Cipher::AesGcm,
+        CipherArg::Chacha20Poly1305 => Cipher::ChaChaPoly,
+    };
     if let OnFault::Ask = c.on_fault {
         cfg.recovery = cfg.recovery.with_hook(|lost| async move {
             tokio::task::spawn_blocking(move || ask_tty(&lost.cause)).await.unwrap_or(Recovery::Fail)

@@ -10,7 +10,8 @@ use holdfast::keys::Keypair;
 use holdfast::proto::frame::{push_record, split_record};
 use holdfast::proto::handshake::{self, ClientHandshake, ResumeLookup, ServerAccept};
 use holdfast::proto::{
-    CryptoError, Event, Frame, HandshakeError, Hello, Role, Session, SessionConfig, SessionError, Ticket, Transport,
+    Cipher, CryptoError, Event, Frame, HandshakeError, Hello, Role, Session, SessionConfig, SessionError, Ticket,
+    Transport,
 };
 use proptest::prelude::*;
 use rand::{rngs::StdRng, RngCore, SeedableRng};
@@ -48,6 +49,9 @@ struct Pair {
     delivered: usize,
     /// (hello, confirmation record) of every committed connection.
     links: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Connection attempts so far; the cipher alternates between attempts, so resumes also
+    /// switch ciphers.
+    attempts: usize,
 }
 
 fn take(wire: &mut Vec<u8>) -> Option<Vec<u8>> {
@@ -72,7 +76,24 @@ impl Pair {
         let (ck, sk, client) = (Keypair::generate(), Keypair::generate(), Session::new(Role::Client, cfg.clone()));
         let (servers, table, issued, retired, links) = Default::default();
         let (now, c2s, s2c, cut, cur, delivered) = (Instant::now(), vec![], vec![], None, 0, 0);
-        Pair { cfg, now, ck, sk, client, servers, table, issued, retired, cur, c2s, s2c, cut, delivered, links }
+        Pair {
+            cfg,
+            now,
+            ck,
+            sk,
+            client,
+            servers,
+            table,
+            issued,
+            retired,
+            cur,
+            c2s,
+            s2c,
+            cut,
+            delivered,
+            links,
+            attempts: 0,
+        }
     }
 
     /// Connected, with the first ticket delivered and acknowledged.
@@ -134,9 +155,11 @@ impl Pair {
     fn connect(&mut self, cut: Option<usize>) -> Result<bool, HandshakeError> {
         assert!(!self.up(), "connect on a live link");
         let (got, put) = (self.client.received_offset(), self.client.written_offset());
+        let cipher = Cipher::ALL[self.attempts % 2];
+        self.attempts += 1;
         let (hs, hello) = match self.client.ticket() {
-            None => ClientHandshake::initial(&self.ck.private, &self.sk.public)?,
-            Some(t) => ClientHandshake::resume(&self.ck.private, &self.sk.public, t, got, put)?,
+            None => ClientHandshake::initial(&self.ck.private, &self.sk.public, cipher)?,
+            Some(t) => ClientHandshake::resume(&self.ck.private, &self.sk.public, t, got, put, cipher)?,
         };
         push_record(&mut self.c2s, &hello);
         if cut != Some(0) {
@@ -501,7 +524,8 @@ fn ticket_rotation_interrupted_at_each_step() {
         assert_eq!(p.client.ticket().unwrap().resume_id, expect, "case {case}");
         assert!(p.server().ticket_secret(&expect).is_some(), "case {case}: client's ticket no longer resolves");
         for id in &p.retired {
-            let (_, hello) = ClientHandshake::resume(&p.ck.private, &p.sk.public, &p.issued[id], 0, 0).unwrap();
+            let (_, hello) =
+                ClientHandshake::resume(&p.ck.private, &p.sk.public, &p.issued[id], 0, 0, Cipher::AesGcm).unwrap();
             assert_eq!(p.respond(&hello).unwrap_err(), HandshakeError::UnknownSession);
         }
     }
@@ -540,7 +564,7 @@ fn open_all(t: &mut Transport, wire: &[u8]) -> Vec<Vec<u8>> {
 /// flight (ACK, TICKET) is already consumed.
 fn raw_peer(now: Instant) -> (Session, Transport) {
     let (ck, sk) = (Keypair::generate(), Keypair::generate());
-    let (hs, hello) = ClientHandshake::initial(&ck.private, &sk.public).unwrap();
+    let (hs, hello) = ClientHandshake::initial(&ck.private, &sk.public, Cipher::ChaChaPoly).unwrap();
     let acc = handshake::respond(&hello, &sk.private, |_| true, |_| None).unwrap();
     let (mut raw, mut t) = (hs.read_reply(&acc.reply).unwrap().transport, acc.transport);
     let first = seal(&mut raw, Frame::Ack(0));
@@ -714,7 +738,8 @@ fn replayed_hello_cannot_commit() {
         assert_eq!(p.confirm(acc, &confirmation), Err(SessionError::Crypto(CryptoError::Decrypt)));
     }
     let mallory = Keypair::generate();
-    let (_, forged) = ClientHandshake::resume(&mallory.private, &p.sk.public, &p.issued[&t1], 0, 0).unwrap();
+    let (_, forged) =
+        ClientHandshake::resume(&mallory.private, &p.sk.public, &p.issued[&t1], 0, 0, Cipher::AesGcm).unwrap();
     assert_eq!(p.respond(&forged).unwrap_err(), HandshakeError::Auth);
     p.events();
     assert_eq!(p.snapshot(), before, "a replay changed the server");
@@ -789,7 +814,7 @@ fn impossible_offsets_are_rejected() {
     p.settle().unwrap();
     p.drop_link();
     let t = p.client.ticket().unwrap().clone();
-    let (hs, hello) = ClientHandshake::resume(&p.ck.private, &p.sk.public, &t, 999, 10).unwrap();
+    let (hs, hello) = ClientHandshake::resume(&p.ck.private, &p.sk.public, &t, 999, 10, Cipher::ChaChaPoly).unwrap();
     let acc = p.respond(&hello).unwrap();
     assert_eq!(hs.read_reply(&acc.reply).unwrap().server_received, Some(10));
     let err = p.server().attach(now, acc.transport, 999, Some(t.resume_id), None).unwrap_err();

@@ -194,7 +194,8 @@ fn debug_output_never_contains_secrets() {
     assert_hidden("Ticket", &t, &ticket.secret[..]);
 
     let k = harness::keys();
-    let (hs, hello) = ClientHandshake::initial(&k.client.private, &k.server.public).unwrap();
+    let (hs, hello) =
+        ClientHandshake::initial(&k.client.private, &k.server.public, holdfast::proto::Cipher::AesGcm).unwrap();
     let lookup = |_: &[u8; 16]| -> Option<ResumeLookup> { None };
     let acc = handshake::respond(&hello, &k.server.private, |_| true, lookup).unwrap();
     let done = hs.read_reply(&acc.reply).unwrap();

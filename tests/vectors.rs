@@ -22,7 +22,7 @@ use std::time::Instant;
 use holdfast::keys::{PrivateKey, PublicKey};
 use holdfast::proto::frame::{push_record, split_record};
 use holdfast::proto::handshake::{reject, respond_with, ClientHandshake, Hello, RejectCode, ResumeLookup, Ticket};
-use holdfast::proto::{CloseCode, Event, Frame, Role, Session, SessionConfig, SessionError, Transport};
+use holdfast::proto::{Cipher, CloseCode, Event, Frame, Role, Session, SessionConfig, SessionError, Transport};
 use zeroize::Zeroizing;
 
 // ---- fixed inputs -------------------------------------------------------------------------
@@ -133,11 +133,17 @@ struct Ik {
     server: Transport,
 }
 
-/// The first connection (IK), through the holdfast API.
+/// The first connection (IK) with ChaChaPoly, through the holdfast API.
 fn ik() -> Ik {
+    ik_with(Cipher::ChaChaPoly)
+}
+
+/// The first connection (IK) with `cipher`, through the holdfast API.
+fn ik_with(cipher: Cipher) -> Ik {
     let (c, s) = (client_static(), server_static());
     let c_pub = c.public_key();
-    let (hs, hello) = ClientHandshake::initial_with(&c, &s.public_key(), Some(&seq32(CLIENT_E_IK))).expect("initial");
+    let (hs, hello) =
+        ClientHandshake::initial_with(&c, &s.public_key(), cipher, Some(&seq32(CLIENT_E_IK))).expect("initial");
     let acc = respond_with(&hello, &s, |k| *k == c_pub, |_| None, Some(&seq32(SERVER_E_IK))).expect("respond IK");
     assert_eq!(acc.hello, Hello::Initial { client: c_pub });
     let done = hs.read_reply(&acc.reply).expect("IK reply");
@@ -145,14 +151,21 @@ fn ik() -> Ik {
     Ik { hello, reply: acc.reply, client: done.transport, server: acc.transport }
 }
 
-/// The resume (KKpsk0) with ticket 1 and the transcript's offsets, through the holdfast API.
+/// The resume (KKpsk0) with ChaChaPoly, ticket 1 and the transcript's offsets, through the
+/// holdfast API.
 fn kk() -> Ik {
+    kk_with(Cipher::ChaChaPoly)
+}
+
+/// The resume (KKpsk0) with `cipher`, ticket 1 and the transcript's offsets.
+fn kk_with(cipher: Cipher) -> Ik {
     let (c, s) = (client_static(), server_static());
     let c_pub = c.public_key();
     let t1 = ticket1();
     let e = seq32(CLIENT_E_KK);
-    let (hs, hello) = ClientHandshake::resume_with(&c, &s.public_key(), &t1, CLIENT_RECEIVED, CLIENT_WRITTEN, Some(&e))
-        .expect("resume");
+    let (hs, hello) =
+        ClientHandshake::resume_with(&c, &s.public_key(), &t1, CLIENT_RECEIVED, CLIENT_WRITTEN, cipher, Some(&e))
+            .expect("resume");
     let lookup = |id: &[u8; 16]| {
         assert_eq!(id, &t1.resume_id);
         Some(ResumeLookup { client: c_pub, psk: t1.secret.clone(), received: SERVER_RECEIVED, written: SERVER_WRITTEN })
@@ -241,11 +254,21 @@ fn spec_ik() -> Spec {
 }
 
 fn spec_kk() -> Spec {
+    spec_kk_with("Noise_KKpsk0_25519_ChaChaPoly_BLAKE2s", 0x02)
+}
+
+/// The AESGCM handshakes: kind bytes 0x11 and 0x12 (cipher code 1 in the high four bits).
+fn spec_aes_ik() -> Spec {
+    spec_handshake("Noise_IK_25519_AESGCM_BLAKE2s", b"HFST\x01\x11", None, &[], &[], CLIENT_E_IK, SERVER_E_IK)
+}
+
+fn spec_kk_with(pattern: &str, kind: u8) -> Spec {
     let t1 = ticket1();
-    let mut header = b"HFST\x01\x02".to_vec();
+    let mut header = b"HFST\x01".to_vec();
+    header.push(kind);
     header.extend_from_slice(&t1.resume_id);
     spec_handshake(
-        "Noise_KKpsk0_25519_ChaChaPoly_BLAKE2s",
+        pattern,
         &header,
         Some(&t1.secret),
         &offsets(CLIENT_RECEIVED, CLIENT_WRITTEN),
@@ -332,6 +355,31 @@ fn compute() -> Vec<(&'static str, Vec<u8>)> {
     }
     v.push(("rekey_c65536_ping", c_last));
     v.push(("rekey_s65536_ping", s_last));
+
+    // The same first connection and resume with AESGCM, and its rekey.
+    let mut ik = ik_with(Cipher::AesGcm);
+    v.push(("aes_ik_hello", record(&ik.hello)));
+    v.push(("aes_ik_reply", record(&ik.reply)));
+    v.push(("aes_ik_handshake_hash", spec_aes_ik().hash));
+    v.push(("aes_ik_c0_ack", seal(&mut ik.client, Frame::Ack(0))));
+    v.push(("aes_ik_s0_ack", seal(&mut ik.server, Frame::Ack(0))));
+    v.push(("aes_ik_s1_ticket", seal(&mut ik.server, Frame::Ticket { resume_id: t1.resume_id, secret: &t1.secret })));
+    v.push(("aes_ik_c1_ticket_ack", seal(&mut ik.client, Frame::TicketAck(t1.resume_id))));
+    let mut kk = kk_with(Cipher::AesGcm);
+    v.push(("aes_kk_hello", record(&kk.hello)));
+    v.push(("aes_kk_reply", record(&kk.reply)));
+    v.push(("aes_kk_c0_ack", seal(&mut kk.client, Frame::Ack(CLIENT_RECEIVED))));
+    v.push(("aes_kk_s0_ack", seal(&mut kk.server, Frame::Ack(SERVER_RECEIVED))));
+    let mut ik = ik_with(Cipher::AesGcm);
+    for n in 0..=65536u32 {
+        let cr = seal(&mut ik.client, Frame::Ping);
+        assert_eq!(open(&mut ik.server, &cr), [0x03]);
+        if n == 65535 {
+            v.push(("aes_rekey_c65535_ping", cr));
+        } else if n == 65536 {
+            v.push(("aes_rekey_c65536_ping", cr));
+        }
+    }
     v
 }
 
@@ -422,6 +470,50 @@ const EXPECTED: &[(&str, &str)] = &[
     ("rekey_s65535_ping", "0011b3f0fac3d6b2f7d24b060b97d0cd030efb"),
     ("rekey_c65536_ping", "0011bce4ebce1446167c9da6bfb2c533bd60c7"),
     ("rekey_s65536_ping", "00110f0998ebe98875e190f2772bcd5c882a8c"),
+    (
+        "aes_ik_hello",
+        concat!(
+            "006648465354011164b101b1d0be5a8704bd078f9895001fc03e8e9f9522f188dd128d9846d4846646827802af3740a3",
+            "4789100b896912f09bcf44ba01197fbf5abe55aac99e8b77516d79a5d4f406f4917351b668a246b7cb97901cd6dba0b5",
+            "f96f63b83a82fcdb",
+        ),
+    ),
+    (
+        "aes_ik_reply",
+        concat!(
+            "003101244fe3b963e899dd295baffce248d3530f3a9a7479ba063002680ebfe7adad49207a7c7066c9480fe85203f7e8",
+            "8b8eeb",
+        ),
+    ),
+    ("aes_ik_handshake_hash", "fc7bf93ec161dcdb97572a2544e5eeb734e1dbc45de1f9e9077ecc41c4bfc3e3"),
+    ("aes_ik_c0_ack", "0019dfacd5310f2829b7223da777efcbf68e0d3dcb37f953681248"),
+    ("aes_ik_s0_ack", "0019255db59af3e136081eee84d3c0891f798873da72b8e5dcef96"),
+    (
+        "aes_ik_s1_ticket",
+        concat!(
+            "0041a71ebbc843096582ee1dfc569fa6429077731d1ed69bdef0f45e9372b881bae074ea47d6ff1307fa98863c405dcc",
+            "f90b981a2ca37050a78a6a3c780f9fea2d650a",
+        ),
+    ),
+    ("aes_ik_c1_ticket_ack", "0021e93c52b33933bdc9418758191f9ad346ee2d3b1169e920f51b84fe0c9701dd2e28"),
+    (
+        "aes_kk_hello",
+        concat!(
+            "0056484653540112c1c2c3c4c5c6c7c8c9cacbcccdcecfd0883186b800b41d5cf0429695da9b3cc4f328ebcd184a6e48",
+            "2fa578c103f06c778b6e615514c90f11ee3318f47d85cd30838647960176781574a198540dd33c41",
+        ),
+    ),
+    (
+        "aes_kk_reply",
+        concat!(
+            "004101ad438bfae31f6c093d61d4339255ea798092c9fadd07b97827f4b0ae9dee7c1c5d496f89e17e2712778330ceb6",
+            "cbd54530f57527b25961510f6de926965f578d",
+        ),
+    ),
+    ("aes_kk_c0_ack", "0019b5e6b608c74dc8d442758621041e63ba7c863857cdf4db341b"),
+    ("aes_kk_s0_ack", "0019def3448a67be4533a90114b0f6d9451d4734678e7199c02902"),
+    ("aes_rekey_c65535_ping", "001189704f39f23d651ac0e5994c790f850acb"),
+    ("aes_rekey_c65536_ping", "0011a0e4b666d5f9c6d29a968ffdf9d59f9d0d"),
 ];
 
 #[test]
@@ -468,6 +560,34 @@ fn spec_construction_matches_the_implementation() {
     let body = get(&v, "kk_s0_ack");
     let n = kk.client.read_message(&body[2..], &mut plain).expect("open ACK(5)");
     assert_eq!(&plain[..n], encode(Frame::Ack(SERVER_RECEIVED)));
+
+    // AESGCM: the same construction with kind bytes 0x11 / 0x12 and the AESGCM protocol names.
+    // snow's own transport (big-endian nonces, its own REKEY) gives the same records.
+    let mut aes = spec_aes_ik();
+    assert_eq!(record(&aes.hello), get(&v, "aes_ik_hello"));
+    assert_eq!(record(&aes.reply), get(&v, "aes_ik_reply"));
+    assert_eq!(aes.hash, get(&v, "aes_ik_handshake_hash"));
+    let n = aes.client.write_message(&encode(Frame::Ack(0)), &mut plain).expect("seal ACK(0)");
+    assert_eq!(record(&plain[..n]), get(&v, "aes_ik_c0_ack"));
+    let body = get(&v, "aes_ik_s0_ack");
+    let n = aes.client.read_message(&body[2..], &mut plain).expect("open ACK(0)");
+    assert_eq!(&plain[..n], encode(Frame::Ack(0)));
+    let aes_kk = spec_kk_with("Noise_KKpsk0_25519_AESGCM_BLAKE2s", 0x12);
+    assert_eq!(record(&aes_kk.hello), get(&v, "aes_kk_hello"));
+    assert_eq!(record(&aes_kk.reply), get(&v, "aes_kk_reply"));
+    let mut aes = spec_aes_ik();
+    for k in 0..=65536u32 {
+        if k == 65536 {
+            aes.client.rekey_outgoing();
+        }
+        let n = aes.client.write_message(&[0x03], &mut plain).expect("seal PING");
+        if k == 65535 {
+            assert_eq!(record(&plain[..n]), get(&v, "aes_rekey_c65535_ping"));
+        }
+        if k == 65536 {
+            assert_eq!(record(&plain[..n]), get(&v, "aes_rekey_c65536_ping"));
+        }
+    }
 
     // Sizes stated in the spec.
     assert_eq!(ik.hello.len(), 6 + 32 + 48 + 16);

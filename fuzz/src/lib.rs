@@ -14,7 +14,7 @@ use holdfast::keys::{Keypair, PrivateKey};
 use holdfast::proto::frame::{push_record, split_record, MAX_DATA, RECORD_HEADER, RESUME_ID_LEN, SECRET_LEN};
 use holdfast::proto::handshake::{self, ClientDone, ClientHandshake, Hello, ResumeLookup, MAX_HANDSHAKE};
 use holdfast::proto::transport::TAG_LEN;
-use holdfast::proto::{Frame, Role, Session, SessionConfig, SessionError, Ticket, Transport};
+use holdfast::proto::{Cipher, Frame, Role, Session, SessionConfig, SessionError, Ticket, Transport};
 use zeroize::Zeroizing;
 
 /// The fixed parties of every harness.
@@ -64,10 +64,11 @@ pub fn valid_hello(resume: bool) -> (ClientHandshake, Vec<u8>) {
             &known_ticket(),
             7,
             9,
+            Cipher::ChaChaPoly,
             Some(&CLIENT_EPHEMERAL),
         )
     } else {
-        ClientHandshake::initial_with(&k.client.private, &k.server.public, Some(&CLIENT_EPHEMERAL))
+        ClientHandshake::initial_with(&k.client.private, &k.server.public, Cipher::ChaChaPoly, Some(&CLIENT_EPHEMERAL))
     };
     r.expect("valid keys")
 }
@@ -453,6 +454,7 @@ impl Pair {
                     &t,
                     c_recv,
                     c_written,
+                    Cipher::AesGcm,
                     Some(&CLIENT_EPHEMERAL),
                 )
                 .expect("resume hello");

@@ -71,9 +71,9 @@ async fn dial(
         let peer = sock.peer_addr().map_err(Error::Io)?;
         let hs_err = |source| Error::Handshake { addr: addr.to_string(), source };
         let (hs, hello) = match resume {
-            None => ClientHandshake::initial(&cfg.keypair.private, &cfg.server_key),
+            None => ClientHandshake::initial(&cfg.keypair.private, &cfg.server_key, cfg.cipher),
             Some((t, received, written)) => {
-                ClientHandshake::resume(&cfg.keypair.private, &cfg.server_key, t, received, written)
+                ClientHandshake::resume(&cfg.keypair.private, &cfg.server_key, t, received, written, cfg.cipher)
             }
         }
         .map_err(hs_err)?;

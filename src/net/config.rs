@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use crate::keys::{AllowList, Keypair, PublicKey};
 use crate::net::events::LinkLost;
-use crate::proto::SessionConfig;
+use crate::proto::{Cipher, SessionConfig};
 
 /// What a recovery hook answers when the real connection fails.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,6 +97,10 @@ pub struct ClientConfig {
     pub recovery: RecoveryPolicy,
     /// Buffers and timers of the stream.
     pub session: SessionConfig,
+    /// The AEAD of every connection (the client chooses; the server accepts either). Default
+    /// [`Cipher::preferred`]: AES-256-GCM where the CPU has AES instructions, ChaCha20-Poly1305
+    /// otherwise.
+    pub cipher: Cipher,
 }
 
 impl fmt::Debug for ClientConfig {
@@ -106,6 +110,7 @@ impl fmt::Debug for ClientConfig {
             .field("server_key", &self.server_key)
             .field("recovery", &self.recovery)
             .field("session", &self.session)
+            .field("cipher", &self.cipher)
             .finish()
     }
 }
@@ -118,6 +123,7 @@ impl ClientConfig {
             server_key,
             recovery: RecoveryPolicy::default(),
             session: SessionConfig::default(),
+            cipher: Cipher::preferred(),
         }
     }
 }

@@ -403,6 +403,7 @@ fn commit_new(
 ) -> Result<(), Error> {
     let cfg = &state.cfg;
     let now = Instant::now();
+    let cipher = transport.cipher();
     let mut session = Session::new(Role::Server, cfg.session.clone());
     session.attach(now, transport, 0, None, Some(Ticket::generate())).map_err(Error::Session)?;
     session.handle_frame(now, confirm).map_err(Error::Session)?;
@@ -412,7 +413,7 @@ fn commit_new(
     reservation.keep();
     let name = cfg.allow.lookup(&client).and_then(|p| p.name.clone());
     let peer = Peer { key: client, name, addr };
-    info!(%addr, client = %client, name = ?peer.name, "new session");
+    info!(%addr, client = %client, name = ?peer.name, %cipher, "new session");
     shared.emit(LinkEvent::Connected { peer: addr });
     if state.accepted.try_send((Stream::new(shared.clone()), peer)).is_err() {
         warn!(%addr, "accept queue full; dropping new session");

@@ -10,6 +10,7 @@
 use thiserror::Error;
 use zeroize::Zeroizing;
 
+use super::cipher::Cipher;
 use super::frame::{RESUME_ID_LEN, SECRET_LEN};
 use super::transport::Transport;
 use crate::keys::{PrivateKey, PublicKey};
@@ -18,19 +19,37 @@ use crate::keys::{PrivateKey, PublicKey};
 pub const MAGIC: [u8; 4] = *b"HFST";
 /// Protocol version.
 pub const VERSION: u8 = 1;
-/// Noise protocol of the first connection.
+/// Noise protocol of the first connection (with [`Cipher::ChaChaPoly`]; see [`protocol_name`]).
 pub const INITIAL_PATTERN: &str = "Noise_IK_25519_ChaChaPoly_BLAKE2s";
-/// Noise protocol of a resume.
+/// Noise protocol of a resume (with [`Cipher::ChaChaPoly`]; see [`protocol_name`]).
 pub const RESUME_PATTERN: &str = "Noise_KKpsk0_25519_ChaChaPoly_BLAKE2s";
 /// Largest handshake record accepted before authentication, in bytes.
 pub const MAX_HANDSHAKE: usize = 256;
 
-/// Client hello kinds (byte 5 of the hello).
+/// Client hello kinds: the low four bits of byte 5 of the hello. The high four bits are the
+/// [`Cipher`] code, so `0x01` is a first connection with ChaChaPoly and `0x12` a resume with
+/// AESGCM.
 pub mod hello {
     /// First connection: Noise IK.
     pub const INITIAL: u8 = 0x01;
     /// Resume with a ticket: Noise KKpsk0.
     pub const RESUME: u8 = 0x02;
+}
+
+/// The full Noise protocol name of a first connection (`resume == false`) or a resume with
+/// `cipher`, for example `Noise_IK_25519_AESGCM_BLAKE2s`.
+pub fn protocol_name(resume: bool, cipher: Cipher) -> &'static str {
+    match (resume, cipher) {
+        (false, Cipher::ChaChaPoly) => INITIAL_PATTERN,
+        (true, Cipher::ChaChaPoly) => RESUME_PATTERN,
+        (false, Cipher::AesGcm) => "Noise_IK_25519_AESGCM_BLAKE2s",
+        (true, Cipher::AesGcm) => "Noise_KKpsk0_25519_AESGCM_BLAKE2s",
+    }
+}
+
+/// Byte 5 of a hello: the handshake kind and the cipher code.
+fn kind_byte(kind: u8, cipher: Cipher) -> u8 {
+    kind | cipher.code() << 4
 }
 
 /// Server reply kinds (byte 0 of the reply).
@@ -131,15 +150,15 @@ fn builder<'a>(pattern: &str, prologue: &'a [u8], local: &'a PrivateKey) -> Resu
 
 /// The transport of a finished handshake, from the two keys of Noise's `Split()`: the
 /// initiator sends with the first and the responder with the second. The record layer does its
-/// own ChaChaPoly (see `transport`) so that it can encrypt and decrypt in place.
-fn into_transport(mut hs: snow::HandshakeState) -> Result<Transport, HandshakeError> {
+/// own AEAD (see `transport`) so that it can encrypt and decrypt in place.
+fn into_transport(mut hs: snow::HandshakeState, cipher: Cipher) -> Result<Transport, HandshakeError> {
     if !hs.is_handshake_finished() {
         return Err(HandshakeError::Setup);
     }
     let (k1, k2) = hs.dangerously_get_raw_split();
     let (k1, k2) = (Zeroizing::new(k1), Zeroizing::new(k2));
     let (send, recv) = if hs.is_initiator() { (&k1, &k2) } else { (&k2, &k1) };
-    Transport::from_split(send, recv).map_err(|_| HandshakeError::Setup)
+    Transport::from_split(cipher, send, recv).map_err(|_| HandshakeError::Setup)
 }
 
 fn offsets(received: u64, written: u64) -> [u8; 16] {
@@ -159,11 +178,15 @@ fn parse_offsets(b: &[u8]) -> Result<(u64, u64), HandshakeError> {
 pub struct ClientHandshake {
     state: snow::HandshakeState,
     resume: bool,
+    cipher: Cipher,
 }
 
 impl std::fmt::Debug for ClientHandshake {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClientHandshake").field("resume", &self.resume).finish_non_exhaustive()
+        f.debug_struct("ClientHandshake")
+            .field("resume", &self.resume)
+            .field("cipher", &self.cipher)
+            .finish_non_exhaustive()
     }
 }
 
@@ -180,12 +203,13 @@ pub struct ClientDone {
 }
 
 impl ClientHandshake {
-    /// Starts a first connection (IK). Returns the handshake and the hello record body.
+    /// Starts a first connection (IK) with `cipher`. Returns the handshake and the hello record
+    /// body.
     ///
     /// # Errors
     /// [`HandshakeError::Setup`] if Noise rejects the keys.
-    pub fn initial(local: &PrivateKey, server: &PublicKey) -> Result<(Self, Vec<u8>), HandshakeError> {
-        Self::initial_with(local, server, None)
+    pub fn initial(local: &PrivateKey, server: &PublicKey, cipher: Cipher) -> Result<(Self, Vec<u8>), HandshakeError> {
+        Self::initial_with(local, server, cipher, None)
     }
 
     #[doc(hidden)]
@@ -193,25 +217,27 @@ impl ClientHandshake {
     pub fn initial_with(
         local: &PrivateKey,
         server: &PublicKey,
+        cipher: Cipher,
         ephemeral: Option<&[u8; 32]>,
     ) -> Result<(Self, Vec<u8>), HandshakeError> {
         let mut header = Vec::with_capacity(MAX_HANDSHAKE);
         header.extend_from_slice(&MAGIC);
-        header.extend_from_slice(&[VERSION, hello::INITIAL]);
-        let mut b = builder(INITIAL_PATTERN, &header, local)?
+        header.extend_from_slice(&[VERSION, kind_byte(hello::INITIAL, cipher)]);
+        let mut b = builder(protocol_name(false, cipher), &header, local)?
             .remote_public_key(server.as_bytes())
             .map_err(|_| HandshakeError::Setup)?;
         if let Some(e) = ephemeral {
             b = b.fixed_ephemeral_key_for_testing_only(e);
         }
         let state = b.build_initiator().map_err(|_| HandshakeError::Setup)?;
-        let mut hs = ClientHandshake { state, resume: false };
+        let mut hs = ClientHandshake { state, resume: false, cipher };
         let out = hs.write_hello(header, &[])?;
         Ok((hs, out))
     }
 
-    /// Starts a resume (KKpsk0) with `ticket`, telling the server that the client has received
-    /// `received` positions of the server's stream and has written `written` positions of its own.
+    /// Starts a resume (KKpsk0) with `ticket` and `cipher`, telling the server that the client
+    /// has received `received` positions of the server's stream and has written `written`
+    /// positions of its own. The cipher need not be the one of earlier connections.
     ///
     /// # Errors
     /// [`HandshakeError::Setup`] if Noise rejects the keys.
@@ -221,8 +247,9 @@ impl ClientHandshake {
         ticket: &Ticket,
         received: u64,
         written: u64,
+        cipher: Cipher,
     ) -> Result<(Self, Vec<u8>), HandshakeError> {
-        Self::resume_with(local, server, ticket, received, written, None)
+        Self::resume_with(local, server, ticket, received, written, cipher, None)
     }
 
     #[doc(hidden)]
@@ -233,13 +260,14 @@ impl ClientHandshake {
         ticket: &Ticket,
         received: u64,
         written: u64,
+        cipher: Cipher,
         ephemeral: Option<&[u8; 32]>,
     ) -> Result<(Self, Vec<u8>), HandshakeError> {
         let mut header = Vec::with_capacity(MAX_HANDSHAKE);
         header.extend_from_slice(&MAGIC);
-        header.extend_from_slice(&[VERSION, hello::RESUME]);
+        header.extend_from_slice(&[VERSION, kind_byte(hello::RESUME, cipher)]);
         header.extend_from_slice(&ticket.resume_id);
-        let mut b = builder(RESUME_PATTERN, &header, local)?
+        let mut b = builder(protocol_name(true, cipher), &header, local)?
             .remote_public_key(server.as_bytes())
             .and_then(|b| b.psk(0, &ticket.secret))
             .map_err(|_| HandshakeError::Setup)?;
@@ -247,7 +275,7 @@ impl ClientHandshake {
             b = b.fixed_ephemeral_key_for_testing_only(e);
         }
         let state = b.build_initiator().map_err(|_| HandshakeError::Setup)?;
-        let mut hs = ClientHandshake { state, resume: true };
+        let mut hs = ClientHandshake { state, resume: true, cipher };
         let out = hs.write_hello(header, &offsets(received, written))?;
         Ok((hs, out))
     }
@@ -293,7 +321,7 @@ impl ClientHandshake {
             }
             _ => return Err(HandshakeError::Malformed),
         };
-        Ok(ClientDone { transport: into_transport(self.state)?, server_received, server_written })
+        Ok(ClientDone { transport: into_transport(self.state, self.cipher)?, server_received, server_written })
     }
 }
 
@@ -379,12 +407,13 @@ pub fn respond_with(
         return Err(HandshakeError::Version(body[4]));
     }
     let mut payload = Zeroizing::new([0u8; MAX_HANDSHAKE]);
+    let cipher = Cipher::from_code(body[5] >> 4).ok_or(HandshakeError::Malformed)?;
     let mut out = vec![0u8; MAX_HANDSHAKE];
     out[0] = reply::ACCEPT;
-    match body[5] {
+    match body[5] & 0x0f {
         hello::INITIAL => {
             let (header, msg) = body.split_at(6);
-            let mut b = builder(INITIAL_PATTERN, header, local)?;
+            let mut b = builder(protocol_name(false, cipher), header, local)?;
             if let Some(e) = ephemeral {
                 b = b.fixed_ephemeral_key_for_testing_only(e);
             }
@@ -403,7 +432,7 @@ pub fn respond_with(
             }
             let n = hs.write_message(&[], &mut out[1..]).map_err(|_| HandshakeError::Setup)?;
             out.truncate(1 + n);
-            Ok(ServerAccept { hello: Hello::Initial { client }, reply: out, transport: into_transport(hs)? })
+            Ok(ServerAccept { hello: Hello::Initial { client }, reply: out, transport: into_transport(hs, cipher)? })
         }
         hello::RESUME => {
             if body.len() < 6 + RESUME_ID_LEN {
@@ -413,7 +442,7 @@ pub fn respond_with(
             let mut resume_id = [0u8; RESUME_ID_LEN];
             resume_id.copy_from_slice(&header[6..]);
             let found = lookup(&resume_id).ok_or(HandshakeError::UnknownSession)?;
-            let mut b = builder(RESUME_PATTERN, header, local)?
+            let mut b = builder(protocol_name(true, cipher), header, local)?
                 .remote_public_key(found.client.as_bytes())
                 .and_then(|b| b.psk(0, &found.psk))
                 .map_err(|_| HandshakeError::Setup)?;
@@ -432,7 +461,7 @@ pub fn respond_with(
             Ok(ServerAccept {
                 hello: Hello::Resume { resume_id, client_received, client_written },
                 reply: out,
-                transport: into_transport(hs)?,
+                transport: into_transport(hs, cipher)?,
             })
         }
         _ => Err(HandshakeError::Malformed),
@@ -458,20 +487,39 @@ mod tests {
 
     #[test]
     fn initial_handshake_authenticates_both_ends() {
+        for cipher in Cipher::ALL {
+            let (c, s) = pair();
+            let (hs, hello) = ClientHandshake::initial(&c.private, &s.public, cipher).unwrap();
+            assert!(hello.len() <= MAX_HANDSHAKE);
+            assert_eq!(hello[5], hello::INITIAL | cipher.code() << 4);
+            let acc = respond(&hello, &s.private, |k| *k == c.public, |_| None).unwrap();
+            assert_eq!(acc.hello, Hello::Initial { client: c.public });
+            assert_eq!(acc.transport.cipher(), cipher);
+            let mut done = hs.read_reply(&acc.reply).unwrap();
+            assert_eq!(done.transport.cipher(), cipher);
+            let mut st = acc.transport;
+            confirm(&mut done.transport, &mut st);
+        }
+    }
+
+    #[test]
+    fn the_cipher_code_is_authenticated_and_unknown_codes_are_refused() {
         let (c, s) = pair();
-        let (hs, hello) = ClientHandshake::initial(&c.private, &s.public).unwrap();
-        assert!(hello.len() <= MAX_HANDSHAKE);
-        let acc = respond(&hello, &s.private, |k| *k == c.public, |_| None).unwrap();
-        assert_eq!(acc.hello, Hello::Initial { client: c.public });
-        let mut done = hs.read_reply(&acc.reply).unwrap();
-        let mut st = acc.transport;
-        confirm(&mut done.transport, &mut st);
+        for cipher in Cipher::ALL {
+            // Flipping the cipher code changes the prologue and the Noise protocol name: the
+            // server cannot read message 1.
+            let (_, mut hello) = ClientHandshake::initial(&c.private, &s.public, cipher).unwrap();
+            hello[5] ^= 0x10;
+            assert_eq!(respond(&hello, &s.private, |_| true, |_| None).unwrap_err(), HandshakeError::Auth);
+            hello[5] = hello::INITIAL | 0x20;
+            assert_eq!(respond(&hello, &s.private, |_| true, |_| None).unwrap_err(), HandshakeError::Malformed);
+        }
     }
 
     #[test]
     fn unknown_client_is_refused_after_message_one() {
         let (c, s) = pair();
-        let (_, hello) = ClientHandshake::initial(&c.private, &s.public).unwrap();
+        let (_, hello) = ClientHandshake::initial(&c.private, &s.public, Cipher::ChaChaPoly).unwrap();
         let err = respond(&hello, &s.private, |_| false, |_| None).unwrap_err();
         assert_eq!(err, HandshakeError::UnknownClient);
     }
@@ -481,28 +529,37 @@ mod tests {
         let (c, s) = pair();
         let impostor = Keypair::generate();
         // The client pins `s`, but `impostor` answers: it cannot even read message 1.
-        let (_, hello) = ClientHandshake::initial(&c.private, &s.public).unwrap();
+        let (_, hello) = ClientHandshake::initial(&c.private, &s.public, Cipher::ChaChaPoly).unwrap();
         assert_eq!(respond(&hello, &impostor.private, |_| true, |_| None).unwrap_err(), HandshakeError::Auth);
     }
 
     #[test]
     fn resume_carries_offsets_and_uses_the_stored_client_key() {
+        for cipher in Cipher::ALL {
+            resume_with_cipher(cipher);
+        }
+    }
+
+    fn resume_with_cipher(cipher: Cipher) {
         let (c, s) = pair();
         let t = Ticket::generate();
-        let (hs, hello) = ClientHandshake::resume(&c.private, &s.public, &t, 77, 5).unwrap();
+        let (hs, hello) = ClientHandshake::resume(&c.private, &s.public, &t, 77, 5, cipher).unwrap();
         let lookup = |id: &[u8; 16]| {
             assert_eq!(id, &t.resume_id);
             Some(ResumeLookup { client: c.public, psk: t.secret.clone(), received: 99, written: 120 })
         };
         let acc = respond(&hello, &s.private, |_| panic!("no allow-list on resume"), lookup).unwrap();
         assert_eq!(acc.hello, Hello::Resume { resume_id: t.resume_id, client_received: 77, client_written: 5 });
-        let done = hs.read_reply(&acc.reply).unwrap();
+        assert_eq!(acc.transport.cipher(), cipher);
+        let mut done = hs.read_reply(&acc.reply).unwrap();
+        let mut st = acc.transport;
+        confirm(&mut done.transport, &mut st);
         assert_eq!(done.server_received, Some(99));
         assert_eq!(done.server_written, Some(120));
 
         // Another allowed client using this id fails: the server uses the stored key.
         let other = Keypair::generate();
-        let (_, hello) = ClientHandshake::resume(&other.private, &s.public, &t, 0, 0).unwrap();
+        let (_, hello) = ClientHandshake::resume(&other.private, &s.public, &t, 0, 0, cipher).unwrap();
         let lookup =
             |_: &[u8; 16]| Some(ResumeLookup { client: c.public, psk: t.secret.clone(), received: 0, written: 0 });
         assert_eq!(respond(&hello, &s.private, |_| true, lookup).unwrap_err(), HandshakeError::Auth);
@@ -512,7 +569,7 @@ mod tests {
     fn tampered_resume_header_breaks_the_handshake() {
         let (c, s) = pair();
         let t = Ticket::generate();
-        let (_, mut hello) = ClientHandshake::resume(&c.private, &s.public, &t, 1, 1).unwrap();
+        let (_, mut hello) = ClientHandshake::resume(&c.private, &s.public, &t, 1, 1, Cipher::ChaChaPoly).unwrap();
         hello[6] ^= 1; // change the id: the prologue no longer matches (and lookup fails)
         let lookup =
             |_: &[u8; 16]| Some(ResumeLookup { client: c.public, psk: t.secret.clone(), received: 0, written: 0 });
@@ -522,11 +579,11 @@ mod tests {
     #[test]
     fn rejects_are_typed() {
         let (c, s) = pair();
-        let (hs, _) = ClientHandshake::initial(&c.private, &s.public).unwrap();
+        let (hs, _) = ClientHandshake::initial(&c.private, &s.public, Cipher::ChaChaPoly).unwrap();
         assert_eq!(hs.read_reply(&reject(RejectCode::UnknownSession)).unwrap_err(), HandshakeError::UnknownSession);
-        let (hs, _) = ClientHandshake::initial(&c.private, &s.public).unwrap();
+        let (hs, _) = ClientHandshake::initial(&c.private, &s.public, Cipher::ChaChaPoly).unwrap();
         assert_eq!(hs.read_reply(&reject(RejectCode::Busy)).unwrap_err(), HandshakeError::Busy);
-        let (_, hello) = ClientHandshake::initial(&c.private, &s.public).unwrap();
+        let (_, hello) = ClientHandshake::initial(&c.private, &s.public, Cipher::ChaChaPoly).unwrap();
         let mut bad = hello.clone();
         bad[4] = 9;
         assert_eq!(respond(&bad, &s.private, |_| true, |_| None).unwrap_err(), HandshakeError::Version(9));

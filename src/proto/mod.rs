@@ -5,12 +5,14 @@
 //! pair tests in `tests/proto_pair.rs`).
 
 pub mod buffer;
+pub mod cipher;
 mod dh;
 pub mod frame;
 pub mod handshake;
 pub mod session;
 pub mod transport;
 
+pub use cipher::Cipher;
 pub use frame::{CloseCode, Frame, FrameError};
 pub use handshake::{ClientHandshake, HandshakeError, Hello, RejectCode, ResumeLookup, ServerAccept, Ticket};
 pub use session::{Attached, Event, Role, Session, SessionConfig, SessionError};

@@ -716,10 +716,11 @@ mod tests {
     use super::*;
     use crate::keys::Keypair;
     use crate::proto::handshake::{respond, ClientHandshake};
+    use crate::proto::Cipher;
 
     fn linked(cfg: SessionConfig, now: Instant) -> (Session, Transport) {
         let (c, s) = (Keypair::generate(), Keypair::generate());
-        let (hs, hello) = ClientHandshake::initial(&c.private, &s.public).unwrap();
+        let (hs, hello) = ClientHandshake::initial(&c.private, &s.public, Cipher::ChaChaPoly).unwrap();
         let acc = respond(&hello, &s.private, |_| true, |_| None).unwrap();
         let mut client = Session::new(Role::Client, cfg);
         client.attach(now, hs.read_reply(&acc.reply).unwrap().transport, 0, None, None).unwrap();
@@ -755,6 +756,7 @@ mod resume_ack_tests {
     use crate::keys::Keypair;
     use crate::proto::frame::split_record;
     use crate::proto::handshake::{respond, ClientHandshake, ResumeLookup};
+    use crate::proto::Cipher;
 
     fn feed(s: &mut Session, now: Instant, mut wire: &[u8]) -> Result<(), SessionError> {
         while let Some((body, used)) = split_record(wire) {
@@ -773,7 +775,7 @@ mod resume_ack_tests {
         let (c, s) = (Keypair::generate(), Keypair::generate());
         let mut client = Session::new(Role::Client, SessionConfig::default());
         let mut server = Session::new(Role::Server, SessionConfig::default());
-        let (hs, hello) = ClientHandshake::initial(&c.private, &s.public).unwrap();
+        let (hs, hello) = ClientHandshake::initial(&c.private, &s.public, Cipher::ChaChaPoly).unwrap();
         let acc = respond(&hello, &s.private, |_| true, |_| None).unwrap();
         client.attach(now, hs.read_reply(&acc.reply).unwrap().transport, 0, None, None).unwrap();
         server.attach(now, acc.transport, 0, None, Some(Ticket::generate())).unwrap();
@@ -797,9 +799,15 @@ mod resume_ack_tests {
         }
         client.detach();
         let t = client.ticket().unwrap().clone();
-        let (hs, hello) =
-            ClientHandshake::resume(&c.private, &s.public, &t, client.received_offset(), client.written_offset())
-                .unwrap();
+        let (hs, hello) = ClientHandshake::resume(
+            &c.private,
+            &s.public,
+            &t,
+            client.received_offset(),
+            client.written_offset(),
+            Cipher::ChaChaPoly,
+        )
+        .unwrap();
         let (x, w) = (server.received_offset(), server.written_offset());
         let lookup =
             |_: &[u8; 16]| Some(ResumeLookup { client: c.public, psk: t.secret.clone(), received: x, written: w });

@@ -1,21 +1,23 @@
-//! The encrypted record layer of one real connection: a Noise transport state with automatic
-//! rekeying every [`REKEY_INTERVAL`] messages in each direction.
+//! The encrypted record layer of one real connection: a Noise transport state (ChaChaPoly or
+//! AESGCM, see [`Cipher`]) with automatic rekeying every [`REKEY_INTERVAL`] messages in each
+//! direction.
 //!
 //! A `Transport` exists only after a handshake finished, so a session without a finished
 //! handshake has no way to encrypt. It is never saved or restored: every new real connection gets
 //! a fresh handshake and a fresh `Transport`.
 
-use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305};
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey};
 use thiserror::Error;
 use zeroize::Zeroizing;
 
+use super::cipher::Cipher;
 use super::frame::{MAX_RECORD, RECORD_HEADER};
 
 /// Noise AEAD tag length.
 pub const TAG_LEN: usize = 16;
 /// Messages sent (or received) under one key before that direction is rekeyed: 2^16.
 pub const REKEY_INTERVAL: u64 = 1 << 16;
-/// Length of a ChaCha20-Poly1305 key.
+/// Length of a key (both ciphers use 256-bit keys).
 const KEY_LEN: usize = 32;
 
 /// Errors of the crypto layer. Deliberately coarse: detail would help an attacker.
@@ -34,27 +36,25 @@ pub enum CryptoError {
 }
 
 /// One direction of a Noise transport: the `CipherState` of the Noise specification (section
-/// 5.1) for `ChaChaPoly`, with the nonce `n` counting up from 0.
+/// 5.1), with the nonce `n` counting up from 0.
 ///
 /// It is built only from the two keys of a finished handshake's `Split()`, and never saved or
 /// restored, so a nonce is never reused: every new real connection runs a fresh handshake.
 /// Records are encrypted and decrypted in place, so the data path needs no scratch buffer.
 struct CipherState {
+    cipher: Cipher,
     key: LessSafeKey,
     n: u64,
 }
 
 impl CipherState {
-    fn new(key: &[u8; KEY_LEN]) -> Result<Self, CryptoError> {
-        let key = UnboundKey::new(&CHACHA20_POLY1305, key).map_err(|_| CryptoError::State)?;
-        Ok(CipherState { key: LessSafeKey::new(key), n: 0 })
+    fn new(cipher: Cipher, key: &[u8]) -> Result<Self, CryptoError> {
+        let key = UnboundKey::new(cipher.algorithm(), key).map_err(|_| CryptoError::State)?;
+        Ok(CipherState { cipher, key: LessSafeKey::new(key), n: 0 })
     }
 
-    /// Noise's ChaChaPoly nonce: 32 bits of zeros, then `n` as a little-endian `u64`.
-    fn nonce(n: u64) -> Nonce {
-        let mut b = [0u8; 12];
-        b[4..].copy_from_slice(&n.to_le_bytes());
-        Nonce::assume_unique_for_key(b)
+    fn nonce(&self, n: u64) -> Nonce {
+        self.cipher.nonce(n)
     }
 
     /// The next nonce. `2^64 - 1` is reserved by Noise (for rekeying) and never used.
@@ -62,7 +62,7 @@ impl CipherState {
         if self.n == u64::MAX {
             return Err(CryptoError::State);
         }
-        let n = Self::nonce(self.n);
+        let n = self.nonce(self.n);
         self.n += 1;
         Ok(n)
     }
@@ -86,7 +86,7 @@ impl CipherState {
             return Err(CryptoError::State);
         }
         let plain =
-            self.key.open_in_place(Self::nonce(self.n), Aad::empty(), record).map_err(|_| CryptoError::Decrypt)?;
+            self.key.open_in_place(self.nonce(self.n), Aad::empty(), record).map_err(|_| CryptoError::Decrypt)?;
         let len = plain.len();
         self.n += 1;
         Ok(len)
@@ -98,10 +98,9 @@ impl CipherState {
         let mut k = Zeroizing::new([0u8; KEY_LEN]);
         let _tag = self
             .key
-            .seal_in_place_separate_tag(Self::nonce(u64::MAX), Aad::empty(), &mut k[..])
+            .seal_in_place_separate_tag(self.nonce(u64::MAX), Aad::empty(), &mut k[..])
             .map_err(|_| CryptoError::State)?;
-        let key = UnboundKey::new(&CHACHA20_POLY1305, &k[..]).map_err(|_| CryptoError::State)?;
-        self.key = LessSafeKey::new(key);
+        *self = CipherState { n: self.n, ..CipherState::new(self.cipher, &k[..])? };
         Ok(())
     }
 }
@@ -116,15 +115,29 @@ pub struct Transport {
 
 impl std::fmt::Debug for Transport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Transport").field("sent", &self.sent).field("received", &self.received).finish()
+        f.debug_struct("Transport")
+            .field("cipher", &self.send.cipher)
+            .field("sent", &self.sent)
+            .field("received", &self.received)
+            .finish()
     }
 }
 
 impl Transport {
     /// A transport from the keys of a finished handshake's `Split()`: `send` encrypts this
-    /// end's records and `recv` decrypts the peer's.
-    pub(crate) fn from_split(send: &[u8; KEY_LEN], recv: &[u8; KEY_LEN]) -> Result<Self, CryptoError> {
-        Ok(Transport { send: CipherState::new(send)?, recv: CipherState::new(recv)?, sent: 0, received: 0 })
+    /// end's records and `recv` decrypts the peer's, both with `cipher`.
+    pub(crate) fn from_split(cipher: Cipher, send: &[u8; KEY_LEN], recv: &[u8; KEY_LEN]) -> Result<Self, CryptoError> {
+        Ok(Transport {
+            send: CipherState::new(cipher, send)?,
+            recv: CipherState::new(cipher, recv)?,
+            sent: 0,
+            received: 0,
+        })
+    }
+
+    /// The cipher this connection uses.
+    pub fn cipher(&self) -> Cipher {
+        self.send.cipher
     }
 
     /// Encrypts `plaintext` and appends it to `out` as a record (length prefix and ciphertext).
@@ -217,16 +230,22 @@ mod tests {
     use crate::keys::Keypair;
     use crate::proto::handshake::{respond, ClientHandshake};
 
-    fn pair() -> (Transport, Transport) {
+    fn pair(cipher: Cipher) -> (Transport, Transport) {
         let (c, s) = (Keypair::generate(), Keypair::generate());
-        let (hs, hello) = ClientHandshake::initial(&c.private, &s.public).unwrap();
+        let (hs, hello) = ClientHandshake::initial(&c.private, &s.public, cipher).unwrap();
         let acc = respond(&hello, &s.private, |_| true, |_| None).unwrap();
         (hs.read_reply(&acc.reply).unwrap().transport, acc.transport)
     }
 
     #[test]
     fn rekeys_every_interval_in_step() {
-        let (mut a, mut b) = pair();
+        for cipher in Cipher::ALL {
+            rekeys_in_step(cipher);
+        }
+    }
+
+    fn rekeys_in_step(cipher: Cipher) {
+        let (mut a, mut b) = pair(cipher);
         let mut rec = Vec::new();
         let mut out = [0u8; 64];
         for i in 0..REKEY_INTERVAL + 10 {
@@ -240,7 +259,13 @@ mod tests {
 
     #[test]
     fn the_sender_really_changes_key_after_the_interval() {
-        let (mut a, mut b) = pair();
+        for cipher in Cipher::ALL {
+            sender_changes_key(cipher);
+        }
+    }
+
+    fn sender_changes_key(cipher: Cipher) {
+        let (mut a, mut b) = pair(cipher);
         let mut rec = Vec::new();
         let mut out = [0u8; 64];
         // A receiver that never rekeys (the raw cipher state) reads exactly 2^16 records, then
@@ -257,8 +282,25 @@ mod tests {
     }
 
     #[test]
+    fn the_two_ciphers_do_not_open_each_others_records() {
+        let (k1, k2) = ([7u8; KEY_LEN], [9u8; KEY_LEN]);
+        let mut chacha = Transport::from_split(Cipher::ChaChaPoly, &k1, &k2).unwrap();
+        let mut aes = Transport::from_split(Cipher::AesGcm, &k2, &k1).unwrap();
+        let mut aes_peer = Transport::from_split(Cipher::AesGcm, &k1, &k2).unwrap();
+        let (mut rec, mut out) = (Vec::new(), [0u8; 64]);
+        aes_peer.seal(b"same keys", &mut rec).unwrap();
+        let mut copy = rec.clone();
+        assert_eq!(aes.open_in_place(&mut rec[RECORD_HEADER..]), Ok(9));
+        let mut chacha_peer = Transport::from_split(Cipher::ChaChaPoly, &k2, &k1).unwrap();
+        assert_eq!(chacha_peer.open_in_place(&mut copy[RECORD_HEADER..]), Err(CryptoError::Decrypt));
+        rec.clear();
+        chacha.seal(b"x", &mut rec).unwrap();
+        assert_eq!(aes.open(&rec[RECORD_HEADER..], &mut out), Err(CryptoError::Decrypt));
+    }
+
+    #[test]
     fn tampering_and_size_errors_are_typed() {
-        let (mut a, mut b) = pair();
+        let (mut a, mut b) = pair(Cipher::AesGcm);
         let mut rec = Vec::new();
         a.seal(b"hello", &mut rec).unwrap();
         let mut bad = rec.clone();
