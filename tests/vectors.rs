@@ -144,10 +144,14 @@ fn ik_with(cipher: Cipher) -> Ik {
     let c_pub = c.public_key();
     let (hs, hello) =
         ClientHandshake::initial_with(&c, &s.public_key(), cipher, Some(&seq32(CLIENT_E_IK))).expect("initial");
-    let acc = respond_with(&hello, &s, |k| *k == c_pub, |_| None, Some(&seq32(SERVER_E_IK))).expect("respond IK");
+    let acc = respond_with(&hello, &s, |k| *k == c_pub, |_| None, Some(&seq32(SERVER_E_IK)), Some(ticket1()))
+        .expect("respond IK");
     assert_eq!(acc.hello, Hello::Initial { client: c_pub });
+    assert_eq!(acc.ticket.as_ref().map(|t| t.resume_id), Some(ticket1().resume_id));
     let done = hs.read_reply(&acc.reply).expect("IK reply");
     assert_eq!((done.server_received, done.server_written), (None, None));
+    let t = done.ticket.expect("the IK reply carries the first ticket");
+    assert_eq!((t.resume_id, *t.secret), (ticket1().resume_id, *ticket1().secret));
     Ik { hello, reply: acc.reply, client: done.transport, server: acc.transport }
 }
 
@@ -171,7 +175,7 @@ fn kk_with(cipher: Cipher) -> Ik {
         Some(ResumeLookup { client: c_pub, psk: t1.secret.clone(), received: SERVER_RECEIVED, written: SERVER_WRITTEN })
     };
     let allowed = |_: &PublicKey| -> bool { panic!("a resume never consults the allow-list") };
-    let acc = respond_with(&hello, &s, allowed, lookup, Some(&seq32(SERVER_E_KK))).expect("respond KK");
+    let acc = respond_with(&hello, &s, allowed, lookup, Some(&seq32(SERVER_E_KK)), None).expect("respond KK");
     assert_eq!(
         acc.hello,
         Hello::Resume { resume_id: t1.resume_id, client_received: CLIENT_RECEIVED, client_written: CLIENT_WRITTEN }
@@ -249,8 +253,15 @@ fn spec_handshake(
     }
 }
 
+/// The IK reply's payload: ticket 1's resume id, then its secret.
+fn ticket1_payload() -> Vec<u8> {
+    let t1 = ticket1();
+    [&t1.resume_id[..], &t1.secret[..]].concat()
+}
+
 fn spec_ik() -> Spec {
-    spec_handshake("Noise_IK_25519_ChaChaPoly_BLAKE2s", b"HFST\x01\x01", None, &[], &[], CLIENT_E_IK, SERVER_E_IK)
+    let p = ticket1_payload();
+    spec_handshake("Noise_IK_25519_ChaChaPoly_BLAKE2s", b"HFST\x01\x01", None, &[], &p, CLIENT_E_IK, SERVER_E_IK)
 }
 
 fn spec_kk() -> Spec {
@@ -259,7 +270,8 @@ fn spec_kk() -> Spec {
 
 /// The AESGCM handshakes: kind bytes 0x11 and 0x12 (cipher code 1 in the high four bits).
 fn spec_aes_ik() -> Spec {
-    spec_handshake("Noise_IK_25519_AESGCM_BLAKE2s", b"HFST\x01\x11", None, &[], &[], CLIENT_E_IK, SERVER_E_IK)
+    let p = ticket1_payload();
+    spec_handshake("Noise_IK_25519_AESGCM_BLAKE2s", b"HFST\x01\x11", None, &[], &p, CLIENT_E_IK, SERVER_E_IK)
 }
 
 fn spec_kk_with(pattern: &str, kind: u8) -> Spec {
@@ -309,12 +321,10 @@ fn compute() -> Vec<(&'static str, Vec<u8>)> {
     v.push(("ik_reply", record(&ik.reply)));
     v.push(("ik_handshake_hash", spec_ik().hash));
     v.push(("ik_c0_ack", seal(&mut ik.client, Frame::Ack(0))));
+    v.push(("ik_c1_data", seal(&mut ik.client, Frame::Data { offset: 0, data: CLIENT_DATA })));
     v.push(("ik_s0_ack", seal(&mut ik.server, Frame::Ack(0))));
-    v.push(("ik_s1_ticket", seal(&mut ik.server, Frame::Ticket { resume_id: t1.resume_id, secret: &t1.secret })));
-    v.push(("ik_c1_ticket_ack", seal(&mut ik.client, Frame::TicketAck(t1.resume_id))));
-    v.push(("ik_c2_data", seal(&mut ik.client, Frame::Data { offset: 0, data: CLIENT_DATA })));
-    v.push(("ik_s2_ack", seal(&mut ik.server, Frame::Ack(CLIENT_DATA.len() as u64))));
-    v.push(("ik_s3_data", seal(&mut ik.server, Frame::Data { offset: 0, data: SERVER_DATA })));
+    v.push(("ik_s1_ack", seal(&mut ik.server, Frame::Ack(CLIENT_DATA.len() as u64))));
+    v.push(("ik_s2_data", seal(&mut ik.server, Frame::Data { offset: 0, data: SERVER_DATA })));
 
     // The link breaks. Resume with ticket 1: KKpsk0 handshake, then records.
     let mut kk = kk();
@@ -362,9 +372,8 @@ fn compute() -> Vec<(&'static str, Vec<u8>)> {
     v.push(("aes_ik_reply", record(&ik.reply)));
     v.push(("aes_ik_handshake_hash", spec_aes_ik().hash));
     v.push(("aes_ik_c0_ack", seal(&mut ik.client, Frame::Ack(0))));
+    v.push(("aes_ik_c1_data", seal(&mut ik.client, Frame::Data { offset: 0, data: CLIENT_DATA })));
     v.push(("aes_ik_s0_ack", seal(&mut ik.server, Frame::Ack(0))));
-    v.push(("aes_ik_s1_ticket", seal(&mut ik.server, Frame::Ticket { resume_id: t1.resume_id, secret: &t1.secret })));
-    v.push(("aes_ik_c1_ticket_ack", seal(&mut ik.client, Frame::TicketAck(t1.resume_id))));
     let mut kk = kk_with(Cipher::AesGcm);
     v.push(("aes_kk_hello", record(&kk.hello)));
     v.push(("aes_kk_reply", record(&kk.reply)));
@@ -415,24 +424,17 @@ const EXPECTED: &[(&str, &str)] = &[
     (
         "ik_reply",
         concat!(
-            "003101244fe3b963e899dd295baffce248d3530f3a9a7479ba063002680ebfe7adad49ec197d75808c9f4d36427e7695",
-            "305e50",
+            "006101244fe3b963e899dd295baffce248d3530f3a9a7479ba063002680ebfe7adad492c17683439e4e76736b50e6af7",
+            "87d681c501825b2b1c6c819aebbfe17ac66a4391e0f1410355fe45a1ba8ea1c2851c4ffb4147d0516ea9ea7c36cef855",
+            "b7da93",
         ),
     ),
-    ("ik_handshake_hash", "026c841bdf3a5993b55cc594b0a1053fc3b3e4f69f5f2f513f54181c993138d3"),
+    ("ik_handshake_hash", "45bee2773e277b29fe603baef373f5aa80f37e560eef7898a081b6367cc85b2e"),
     ("ik_c0_ack", "00197b686105d5982fa781811601c3ae2010089cf3818e18dc7dbf"),
+    ("ik_c1_data", "001e38bb6c3d302d1ed6833727e09bef77221433dfd193e3c53bf987c3d2e8a4"),
     ("ik_s0_ack", "0019672eacae43463e51c76c04ced4803a3a686916ed9fe95b5d65"),
-    (
-        "ik_s1_ticket",
-        concat!(
-            "004190ebce82d6b4fb9a90b67245bb8476bb551eea8b1b8f24a9567cede7b6f3cb7f1b56ec4ea7ea1d230ae24335690f",
-            "29096932a19da49e8607441729eb8633406983",
-        ),
-    ),
-    ("ik_c1_ticket_ack", "00213f7aaefef4e8d8114b9688473b4da1bad6361cfe19b1453952fcd07b1be09de9ee"),
-    ("ik_c2_data", "001e59dd1c5911a0a857d2ece49c2c05b7815d7d5fb8bc68935a01316ed3f09c"),
-    ("ik_s2_ack", "0019846fd19e580bc6821d3efba97c0d2b2150254f32e64c82aa41"),
-    ("ik_s3_data", "001f8db5aa4a8331201ebdeef083bc3cb1a4ed86952213a807cee8255722fa0fab"),
+    ("ik_s1_ack", "0019972a0c4112713d5d5dddac830a7e9a36bec5357ae28829311e"),
+    ("ik_s2_data", "001f876fd19e580bc68218102f4eb49d76e001f3ac4266635c112b2659b97bdcf2"),
     (
         "kk_hello",
         concat!(
@@ -481,21 +483,15 @@ const EXPECTED: &[(&str, &str)] = &[
     (
         "aes_ik_reply",
         concat!(
-            "003101244fe3b963e899dd295baffce248d3530f3a9a7479ba063002680ebfe7adad49207a7c7066c9480fe85203f7e8",
-            "8b8eeb",
+            "006101244fe3b963e899dd295baffce248d3530f3a9a7479ba063002680ebfe7adad494de19aeaf5abebac6f3b284de6",
+            "dae017f41479515a17dfc14e1072e393d067a0bf2a88a56758e9ee9b1074d95e23fc02dc27ce277a39f49797fcf609dd",
+            "43fe0b",
         ),
     ),
-    ("aes_ik_handshake_hash", "fc7bf93ec161dcdb97572a2544e5eeb734e1dbc45de1f9e9077ecc41c4bfc3e3"),
+    ("aes_ik_handshake_hash", "a708b02785c78d502d491920063ad355a5d476392d5f86910ff4840ad2d29d1b"),
     ("aes_ik_c0_ack", "0019dfacd5310f2829b7223da777efcbf68e0d3dcb37f953681248"),
+    ("aes_ik_c1_data", "001eeefd9070fdf67b0e8926f7bebf383198b3e583e37b1559d3fb4610a3520b"),
     ("aes_ik_s0_ack", "0019255db59af3e136081eee84d3c0891f798873da72b8e5dcef96"),
-    (
-        "aes_ik_s1_ticket",
-        concat!(
-            "0041a71ebbc843096582ee1dfc569fa6429077731d1ed69bdef0f45e9372b881bae074ea47d6ff1307fa98863c405dcc",
-            "f90b981a2ca37050a78a6a3c780f9fea2d650a",
-        ),
-    ),
-    ("aes_ik_c1_ticket_ack", "0021e93c52b33933bdc9418758191f9ad346ee2d3b1169e920f51b84fe0c9701dd2e28"),
     (
         "aes_kk_hello",
         concat!(
@@ -591,7 +587,7 @@ fn spec_construction_matches_the_implementation() {
 
     // Sizes stated in the spec.
     assert_eq!(ik.hello.len(), 6 + 32 + 48 + 16);
-    assert_eq!(ik.reply.len(), 1 + 32 + 16);
+    assert_eq!(ik.reply.len(), 1 + 32 + 48 + 16);
     assert_eq!(kk.hello.len(), 22 + 32 + 16 + 16);
     assert_eq!(kk.reply.len(), 1 + 32 + 16 + 16);
 }
@@ -605,35 +601,36 @@ fn sessions_emit_the_transcript() {
     let mut client = Session::new(Role::Client, SessionConfig::default());
     let mut server = Session::new(Role::Server, SessionConfig::default());
 
-    // First connection.
+    // First connection. The reply carried ticket 1; the client writes at once, so its data
+    // follows the confirming ACK in the same flight.
     let ik = ik();
     client.attach(now, ik.client, 0, None, None).expect("client attach");
+    client.adopt_ticket(ticket1());
+    assert_eq!(client.poll_event(), Some(Event::TicketReceived));
+    assert_eq!(client.write(CLIENT_DATA), Ok(CLIENT_DATA.len()));
     let mut out = Vec::new();
     client.poll_transmit(now, &mut out, big).expect("client transmit");
-    assert_eq!(hex(&out), hex(&get(&v, "ik_c0_ack")), "the first record on a link is ACK");
+    let first = get(&v, "ik_c0_ack");
+    assert_eq!(hex(&out), hex(&[first.clone(), get(&v, "ik_c1_data")].concat()), "the first record on a link is ACK");
 
-    // Key confirmation: the server opens the first record, then commits.
+    // Key confirmation: the server opens the first record, then commits and adopts ticket 1.
     let mut st = ik.server;
-    let confirm = open(&mut st, &out);
-    server.attach(now, st, 0, None, Some(ticket1())).expect("server attach");
+    let confirm = open(&mut st, &first);
+    server.attach(now, st, 0, None, None).expect("server attach");
+    server.adopt_ticket(ticket1());
     server.handle_frame(now, &confirm).expect("confirmation frame");
     assert_eq!(server.poll_event(), Some(Event::TicketIssued(ticket1().resume_id)));
     let mut out = Vec::new();
     server.poll_transmit(now, &mut out, big).expect("server transmit");
-    assert_eq!(hex(&out), hex(&[get(&v, "ik_s0_ack"), get(&v, "ik_s1_ticket")].concat()));
+    assert_eq!(hex(&out), hex(&get(&v, "ik_s0_ack")));
     feed(&mut client, now, &out);
-    assert_eq!(client.poll_event(), Some(Event::TicketReceived));
-
-    assert_eq!(client.write(CLIENT_DATA), Ok(CLIENT_DATA.len()));
-    let mut out = Vec::new();
-    client.poll_transmit(now, &mut out, big).expect("client transmit");
-    assert_eq!(hex(&out), hex(&[get(&v, "ik_c1_ticket_ack"), get(&v, "ik_c2_data")].concat()));
-    feed(&mut server, now, &out);
+    let data = get(&v, "ik_c1_data");
+    feed(&mut server, now, &data);
 
     assert_eq!(server.write(SERVER_DATA), Ok(SERVER_DATA.len()));
     let mut out = Vec::new();
     server.poll_transmit(now, &mut out, big).expect("server transmit");
-    assert_eq!(hex(&out), hex(&[get(&v, "ik_s2_ack"), get(&v, "ik_s3_data")].concat()));
+    assert_eq!(hex(&out), hex(&[get(&v, "ik_s1_ack"), get(&v, "ik_s2_data")].concat()));
     feed(&mut client, now, &out);
 
     // The link breaks before the client acknowledges "world!".
@@ -736,11 +733,11 @@ fn frames_decode_and_records_open() {
     }
 
     let mut ik = ik();
-    for name in ["ik_c0_ack", "ik_c1_ticket_ack", "ik_c2_data"] {
+    for name in ["ik_c0_ack", "ik_c1_data"] {
         let plain = open(&mut ik.server, &get(&v, name));
         Frame::decode(&plain).expect(name);
     }
-    for name in ["ik_s0_ack", "ik_s1_ticket", "ik_s2_ack", "ik_s3_data"] {
+    for name in ["ik_s0_ack", "ik_s1_ack", "ik_s2_data"] {
         let plain = open(&mut ik.client, &get(&v, name));
         Frame::decode(&plain).expect(name);
     }

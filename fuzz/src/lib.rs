@@ -75,7 +75,15 @@ pub fn valid_hello(resume: bool) -> (ClientHandshake, Vec<u8>) {
 
 fn server_respond(body: &[u8]) -> Result<handshake::ServerAccept, handshake::HandshakeError> {
     let k = keys();
-    handshake::respond_with(body, &k.server.private, |c| *c == k.client.public, lookup_known, Some(&SERVER_EPHEMERAL))
+    let allowed = |c: &holdfast::keys::PublicKey| *c == k.client.public;
+    handshake::respond_with(
+        body,
+        &k.server.private,
+        allowed,
+        lookup_known,
+        Some(&SERVER_EPHEMERAL),
+        Some(known_ticket()),
+    )
 }
 
 /// Applies `(position, xor)` edits and an optional cut to `msg`. Returns true if it changed.
@@ -467,9 +475,15 @@ impl Pair {
                         written: server.written_offset(),
                     })
                 };
-                let acc =
-                    handshake::respond_with(&hello, &k.server.private, |_| false, lookup, Some(&SERVER_EPHEMERAL))
-                        .expect("the server resumes with the client's ticket");
+                let acc = handshake::respond_with(
+                    &hello,
+                    &k.server.private,
+                    |_| false,
+                    lookup,
+                    Some(&SERVER_EPHEMERAL),
+                    None,
+                )
+                .expect("the server resumes with the client's ticket");
                 let Hello::Resume { client_received, client_written, .. } = acc.hello else { panic!("not a resume") };
                 assert_eq!((client_received, client_written), (c_recv, c_written));
                 let done = hs.read_reply(&acc.reply).expect("resume reply");

@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 use tokio::net::TcpStream;
-use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
 use crate::net::config::{ClientConfig, Recovery};
@@ -16,7 +15,7 @@ use crate::net::stream::{Shared, Stream};
 use crate::net::wire::{read_record, write_record};
 use crate::net::Error;
 use crate::proto::handshake::MAX_HANDSHAKE;
-use crate::proto::{ClientHandshake, CloseCode, Event, HandshakeError, Role, Session, SessionError};
+use crate::proto::{ClientHandshake, CloseCode, HandshakeError, Role, Session, SessionError};
 
 /// Connects to a holdfast server at `addr` (`host:port`; re-resolved on every reconnect) and
 /// returns the stream once the session is established and resumable.
@@ -40,21 +39,16 @@ use crate::proto::{ClientHandshake, CloseCode, Event, HandshakeError, Role, Sess
 pub async fn connect(addr: impl Into<String>, cfg: ClientConfig) -> Result<Stream, Error> {
     let addr = addr.into();
     let (sock, done, peer) = dial(&addr, &cfg, None).await?;
+    let ticket = done.ticket.ok_or(Error::Handshake { addr: addr.clone(), source: HandshakeError::Malformed })?;
     let mut session = Session::new(Role::Client, cfg.session.clone());
     session.attach(Instant::now(), done.transport, 0, None, None).map_err(Error::Session)?;
+    // The reply carried the first ticket: the stream is resumable before its first byte, so
+    // it is returned now and the program's first bytes follow the key confirmation at once.
+    session.adopt_ticket(ticket);
     let shared = Shared::new(session, cfg.server_key);
-    let (ready_tx, ready_rx) = oneshot::channel();
-    let timeout = cfg.recovery.handshake_timeout;
-    tokio::spawn(client_task(shared.clone(), cfg, addr.clone(), sock, peer, ready_tx));
-    match tokio::time::timeout(timeout, ready_rx).await {
-        Ok(Ok(Ok(()))) => Ok(Stream::new(shared)),
-        Ok(Ok(Err(e))) => Err(Error::Session(e)),
-        Ok(Err(_)) => Err(Error::Session(SessionError::Link("driver stopped during set-up".into()))),
-        Err(_) => {
-            shared.fail(CloseCode::Abort, SessionError::Aborted("set-up timed out".into()));
-            Err(Error::Timeout { addr, after: timeout })
-        }
-    }
+    shared.emit(LinkEvent::Connected { peer });
+    tokio::spawn(client_task(shared.clone(), cfg, addr, sock));
+    Ok(Stream::new(shared))
 }
 
 /// One connection attempt: TCP connect plus handshake, within the handshake timeout.
@@ -96,46 +90,21 @@ async fn dial(
     }
 }
 
-async fn client_task(
-    shared: Arc<Shared>,
-    cfg: ClientConfig,
-    addr: String,
-    mut sock: TcpStream,
-    peer: SocketAddr,
-    ready: oneshot::Sender<Result<(), SessionError>>,
-) {
-    let mut ready = Some(ready);
+async fn client_task(shared: Arc<Shared>, cfg: ClientConfig, addr: String, mut sock: TcpStream) {
     let mut faults = 0u64;
     loop {
-        let end = pump(&shared, sock, None::<&mut tokio::sync::mpsc::Receiver<()>>, |ev| {
-            if ev == Event::TicketReceived {
-                if let Some(r) = ready.take() {
-                    shared.emit(LinkEvent::Connected { peer });
-                    let _ = r.send(Ok(()));
-                }
-            }
-        })
-        .await;
+        let end = pump(&shared, sock, None::<&mut tokio::sync::mpsc::Receiver<()>>, |_| {}).await;
         let cause = match end {
             PumpEnd::Over | PumpEnd::Replaced(()) => break,
             PumpEnd::Fault(cause) => cause,
         };
-        let (fatal, has_ticket) = {
+        let fatal = {
             let mut inner = shared.lock();
             inner.session.detach();
-            (!cause.is_link_fault() || inner.session.failure().is_some(), inner.session.ticket().is_some())
+            !cause.is_link_fault() || inner.session.failure().is_some()
         };
         if fatal {
             break;
-        }
-        if let Some(r) = ready.take() {
-            if !has_ticket {
-                let e = SessionError::Link(format!("connection lost during set-up: {cause}"));
-                shared.fail(CloseCode::Abort, e.clone());
-                let _ = r.send(Err(e));
-                return;
-            }
-            ready = Some(r);
         }
         faults += 1;
         warn!(%cause, faults, "link lost; resuming");
@@ -165,9 +134,6 @@ async fn client_task(
             shared.emit(LinkEvent::Closed);
         }
         Some(e) => {
-            if let Some(r) = ready.take() {
-                let _ = r.send(Err(e.clone()));
-            }
             shared.set_status(LinkStatus::Failed(e.to_string()));
             shared.emit(LinkEvent::Failed { reason: e.to_string() });
         }

@@ -369,7 +369,7 @@ async fn handshake(mut sock: TcpStream, addr: SocketAddr, state: &Arc<State>) ->
     write_record(&mut sock, &accept.reply).await.map_err(Error::Io)?;
     // Key confirmation: nothing is committed until the client's first record decrypts.
     let first = read_record(&mut sock, MAX_FRAME + TAG_LEN).await.map_err(Error::Io)?;
-    let mut transport = accept.transport;
+    let (mut transport, first_ticket) = (accept.transport, accept.ticket);
     let mut confirm = zeroize::Zeroizing::new(vec![0u8; first.len()]);
     let n = transport
         .open(&first, &mut confirm)
@@ -377,7 +377,11 @@ async fn handshake(mut sock: TcpStream, addr: SocketAddr, state: &Arc<State>) ->
     confirm.truncate(n);
     match accept.hello {
         Hello::Initial { client } => match reservation {
-            Some(r) => commit_new(state, r, sock, addr, client, transport, &confirm),
+            Some(r) => {
+                let ticket =
+                    first_ticket.ok_or(Error::Handshake { addr: addr.to_string(), source: HandshakeError::Setup })?;
+                commit_new(state, r, sock, addr, (client, ticket), transport, &confirm)
+            }
             None => Err(Error::Handshake { addr: addr.to_string(), source: HandshakeError::Busy }),
         },
         Hello::Resume { resume_id, client_received, client_written } => {
@@ -397,7 +401,7 @@ fn commit_new(
     reservation: Reservation<'_>,
     sock: TcpStream,
     addr: SocketAddr,
-    client: PublicKey,
+    (client, ticket): (PublicKey, Ticket),
     transport: Transport,
     confirm: &[u8],
 ) -> Result<(), Error> {
@@ -405,7 +409,8 @@ fn commit_new(
     let now = Instant::now();
     let cipher = transport.cipher();
     let mut session = Session::new(Role::Server, cfg.session.clone());
-    session.attach(now, transport, 0, None, Some(Ticket::generate())).map_err(Error::Session)?;
+    session.attach(now, transport, 0, None, None).map_err(Error::Session)?;
+    session.adopt_ticket(ticket);
     session.handle_frame(now, confirm).map_err(Error::Session)?;
     let shared = Shared::new(session, client);
     let (tx, rx) = mpsc::channel(4);

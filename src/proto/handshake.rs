@@ -12,6 +12,10 @@ use zeroize::Zeroizing;
 
 use super::cipher::Cipher;
 use super::frame::{RESUME_ID_LEN, SECRET_LEN};
+
+/// Length of the first connection's reply payload: the session's first ticket (resume id then
+/// secret).
+const TICKET_PAYLOAD: usize = RESUME_ID_LEN + SECRET_LEN;
 use super::transport::Transport;
 use crate::keys::{PrivateKey, PublicKey};
 
@@ -168,6 +172,22 @@ fn offsets(received: u64, written: u64) -> [u8; 16] {
     b
 }
 
+fn ticket_payload(t: &Ticket) -> Zeroizing<[u8; TICKET_PAYLOAD]> {
+    let mut b = Zeroizing::new([0u8; TICKET_PAYLOAD]);
+    b[..RESUME_ID_LEN].copy_from_slice(&t.resume_id);
+    b[RESUME_ID_LEN..].copy_from_slice(&t.secret[..]);
+    b
+}
+
+fn parse_ticket(b: &[u8]) -> Result<Ticket, HandshakeError> {
+    let (id, secret) = (b.get(..RESUME_ID_LEN), b.get(RESUME_ID_LEN..TICKET_PAYLOAD));
+    let (Some(id), Some(secret)) = (id, secret) else { return Err(HandshakeError::Malformed) };
+    let mut t = Ticket { resume_id: [0; RESUME_ID_LEN], secret: Zeroizing::new([0; SECRET_LEN]) };
+    t.resume_id.copy_from_slice(id);
+    t.secret.copy_from_slice(secret);
+    Ok(t)
+}
+
 fn parse_offsets(b: &[u8]) -> Result<(u64, u64), HandshakeError> {
     let r: [u8; 8] = b.get(..8).and_then(|s| s.try_into().ok()).ok_or(HandshakeError::Malformed)?;
     let w: [u8; 8] = b.get(8..16).and_then(|s| s.try_into().ok()).ok_or(HandshakeError::Malformed)?;
@@ -195,6 +215,9 @@ impl std::fmt::Debug for ClientHandshake {
 pub struct ClientDone {
     /// The new transport.
     pub transport: Transport,
+    /// For a first connection: the session's first ticket, from the server's reply, so the
+    /// session can be resumed from its first byte (see [`crate::proto::Session::adopt_ticket`]).
+    pub ticket: Option<Ticket>,
     /// For a resume: how much of the client's stream the server has received.
     pub server_received: Option<u64>,
     /// For a resume: the end of the server's stream so far (so the client can tell how much the
@@ -313,15 +336,16 @@ impl ClientHandshake {
         }
         let mut payload = Zeroizing::new([0u8; MAX_HANDSHAKE]);
         let n = self.state.read_message(rest, &mut payload[..]).map_err(|_| HandshakeError::Auth)?;
-        let (server_received, server_written) = match (self.resume, n) {
-            (false, 0) => (None, None),
+        let (ticket, server_received, server_written) = match (self.resume, n) {
+            (false, TICKET_PAYLOAD) => (Some(parse_ticket(&payload[..n])?), None, None),
             (true, 16) => {
                 let (r, w) = parse_offsets(&payload[..16])?;
-                (Some(r), Some(w))
+                (None, Some(r), Some(w))
             }
             _ => return Err(HandshakeError::Malformed),
         };
-        Ok(ClientDone { transport: into_transport(self.state, self.cipher)?, server_received, server_written })
+        let transport = into_transport(self.state, self.cipher)?;
+        Ok(ClientDone { transport, ticket, server_received, server_written })
     }
 }
 
@@ -365,6 +389,10 @@ pub struct ServerAccept {
     pub reply: Vec<u8>,
     /// Transport to use once the client's first record decrypts (key confirmation).
     pub transport: Transport,
+    /// For a first connection: the session's first ticket, already sent (encrypted) in the
+    /// reply. On commit the session adopts it ([`crate::proto::Session::adopt_ticket`]); without
+    /// a commit it is simply dropped.
+    pub ticket: Option<Ticket>,
 }
 
 /// The reply body for a refusal.
@@ -388,17 +416,18 @@ pub fn respond(
     allowed: impl FnOnce(&PublicKey) -> bool,
     lookup: impl FnOnce(&[u8; RESUME_ID_LEN]) -> Option<ResumeLookup>,
 ) -> Result<ServerAccept, HandshakeError> {
-    respond_with(body, local, allowed, lookup, None)
+    respond_with(body, local, allowed, lookup, None, None)
 }
 
 #[doc(hidden)]
-/// Like [`respond`] with a fixed ephemeral key: for test vectors only.
+/// Like [`respond`] with a fixed ephemeral key and first ticket: for test vectors only.
 pub fn respond_with(
     body: &[u8],
     local: &PrivateKey,
     allowed: impl FnOnce(&PublicKey) -> bool,
     lookup: impl FnOnce(&[u8; RESUME_ID_LEN]) -> Option<ResumeLookup>,
     ephemeral: Option<&[u8; 32]>,
+    first_ticket: Option<Ticket>,
 ) -> Result<ServerAccept, HandshakeError> {
     if body.len() > MAX_HANDSHAKE || body.len() < 6 || body[..4] != MAGIC {
         return Err(HandshakeError::Malformed);
@@ -430,9 +459,11 @@ pub fn respond_with(
             if !allowed(&client) {
                 return Err(HandshakeError::UnknownClient);
             }
-            let n = hs.write_message(&[], &mut out[1..]).map_err(|_| HandshakeError::Setup)?;
+            let ticket = first_ticket.unwrap_or_else(Ticket::generate);
+            let n = hs.write_message(&ticket_payload(&ticket)[..], &mut out[1..]).map_err(|_| HandshakeError::Setup)?;
             out.truncate(1 + n);
-            Ok(ServerAccept { hello: Hello::Initial { client }, reply: out, transport: into_transport(hs, cipher)? })
+            let transport = into_transport(hs, cipher)?;
+            Ok(ServerAccept { hello: Hello::Initial { client }, reply: out, transport, ticket: Some(ticket) })
         }
         hello::RESUME => {
             if body.len() < 6 + RESUME_ID_LEN {
@@ -462,6 +493,7 @@ pub fn respond_with(
                 hello: Hello::Resume { resume_id, client_received, client_written },
                 reply: out,
                 transport: into_transport(hs, cipher)?,
+                ticket: None,
             })
         }
         _ => Err(HandshakeError::Malformed),

@@ -393,6 +393,25 @@ impl Session {
         self.tickets.first()
     }
 
+    /// Stores the first ticket that the handshake delivered (the first connection's reply
+    /// carries it, see [`ClientDone::ticket`](crate::proto::handshake::ClientDone::ticket) and
+    /// [`ServerAccept::ticket`](crate::proto::ServerAccept::ticket)), so the session can be
+    /// resumed from its first byte. No TICKET frame is sent for it and no TICKET_ACK is due.
+    /// Emits [`Event::TicketReceived`] (client) or [`Event::TicketIssued`] (server).
+    pub fn adopt_ticket(&mut self, ticket: Ticket) {
+        match self.role {
+            Role::Client => {
+                self.tickets.clear();
+                self.tickets.push(ticket);
+                self.events.push_back(Event::TicketReceived);
+            }
+            Role::Server => {
+                self.events.push_back(Event::TicketIssued(ticket.resume_id));
+                self.tickets.push(ticket);
+            }
+        }
+    }
+
     /// The secret for `resume_id` if it is one of this session's live tickets (server).
     pub fn ticket_secret(&self, resume_id: &[u8; RESUME_ID_LEN]) -> Option<&Ticket> {
         self.tickets.iter().find(|t| &t.resume_id == resume_id)
