@@ -12,7 +12,9 @@
 //! - `HOLDFAST_BENCH_RUNS` rounds per metric (default 5); figures are medians over rounds, and
 //!   every round measures every path back to back so that they share the machine's load.
 //! - `HOLDFAST_BENCH_MIB` MiB per bulk transfer (default 256).
-//! - `HOLDFAST_BENCH_PATHS` comma list among `direct,holdfast,socat,stunnel,spiped,ssh`.
+//! - `HOLDFAST_BENCH_PATHS` comma list among `direct,holdfast,holdfast-chacha,socat,stunnel,spiped,ssh`
+//!   (`holdfast-chacha` is holdfast with `--cipher chacha20-poly1305`, the cipher of the stunnel
+//!   path; plain `holdfast` uses the default, AES-256-GCM on CPUs with AES instructions).
 //! - `HOLDFAST_BENCH_METRICS` comma list among `tput,rtt,conn,resume,hs,mem` (default all).
 //! - `HOLDFAST_BENCH_RESETS` resets in the resume test (default 60).
 //! - `HOLDFAST_BENCH_SESSIONS` idle sessions in the memory test (default 1000).
@@ -67,7 +69,7 @@ impl Opts {
         Opts {
             runs: env_or("HOLDFAST_BENCH_RUNS", 5usize).max(1),
             bytes: env_or("HOLDFAST_BENCH_MIB", 256u64).max(1) << 20,
-            paths: env_list("HOLDFAST_BENCH_PATHS", "direct,holdfast,socat,stunnel,spiped,ssh"),
+            paths: env_list("HOLDFAST_BENCH_PATHS", "direct,holdfast,holdfast-chacha,socat,stunnel,spiped,ssh"),
             metrics: env_list("HOLDFAST_BENCH_METRICS", "tput,rtt,conn,resume,hs,mem"),
             resets: env_or("HOLDFAST_BENCH_RESETS", 60usize).max(1),
             sessions: env_or("HOLDFAST_BENCH_SESSIONS", 1000usize).max(1),
@@ -291,7 +293,18 @@ async fn holdfast_server_with(
 }
 
 fn holdfast_client(dir: &Path, keys: &HoldfastKeys, server: u16, local: u16, log: &str) -> io::Result<Child> {
-    let args = vec![
+    holdfast_client_with(dir, keys, server, local, log, &[])
+}
+
+fn holdfast_client_with(
+    dir: &Path,
+    keys: &HoldfastKeys,
+    server: u16,
+    local: u16,
+    log: &str,
+    extra: &[&str],
+) -> io::Result<Child> {
+    let mut args = vec![
         s("client"),
         s("--server"),
         format!("127.0.0.1:{server}"),
@@ -305,18 +318,21 @@ fn holdfast_client(dir: &Path, keys: &HoldfastKeys, server: u16, local: u16, log
         s(SERVICE_NAME),
         s("--no-check"),
     ];
+    args.extend(extra.iter().map(|a| s(a)));
     spawn(dir, log, BIN, &args)
 }
 
-async fn setup_holdfast(dir: &Path, keys: &HoldfastKeys, svc: u16) -> Setup {
+/// The holdfast path: `name` is how it is reported, `client_extra` extra client arguments (the
+/// `holdfast-chacha` path forces ChaCha20-Poly1305, the cipher stunnel uses here).
+async fn setup_holdfast(dir: &Path, keys: &HoldfastKeys, svc: u16, name: &'static str, client_extra: &[&str]) -> Setup {
     let run = async {
-        let (server, sport) = holdfast_server(dir, keys, svc, "holdfast-server.log", &[]).await?;
+        let (server, sport) = holdfast_server(dir, keys, svc, &format!("{name}-server.log"), &[]).await?;
         let server_pid = server.id();
         let local = free_port();
-        let client = holdfast_client(dir, keys, sport, local, "holdfast-client.log")?;
+        let client = holdfast_client_with(dir, keys, sport, local, &format!("{name}-client.log"), client_extra)?;
         let mut children = vec![server, client];
         wait_port(loopback(local), &mut children).await?;
-        Ok::<_, io::Error>(Tool { name: "holdfast", entry: loopback(local), children, server_pid: Some(server_pid) })
+        Ok::<_, io::Error>(Tool { name, entry: loopback(local), children, server_pid: Some(server_pid) })
     };
     match run.await {
         Ok(t) => Setup::Ready(t),
@@ -1241,7 +1257,10 @@ async fn run(opts: Opts) {
             "direct" => {
                 Setup::Ready(Tool { name: "direct TCP", entry: loopback(svc), children: vec![], server_pid: None })
             }
-            "holdfast" => setup_holdfast(&dir, &keys, svc).await,
+            "holdfast" => setup_holdfast(&dir, &keys, svc, "holdfast", &[]).await,
+            "holdfast-chacha" => {
+                setup_holdfast(&dir, &keys, svc, "holdfast ChaCha20", &["--cipher", "chacha20-poly1305"]).await
+            }
             "socat" => setup_socat(&dir, svc).await,
             "stunnel" => setup_stunnel(&dir, svc).await,
             "spiped" => setup_spiped(&dir, svc).await,
