@@ -237,3 +237,26 @@ async fn events_report_loss_and_resume_with_replay_counts() {
     })
     .await;
 }
+
+/// The first ticket comes with the handshake reply, so a link that breaks right after the server
+/// accepted the stream, before any data moved, resumes (and a resume arriving at once finds the
+/// ticket in the server's table).
+#[tokio::test]
+async fn link_lost_right_after_connect_resumes() {
+    bounded(async {
+        let (mut listener, ccfg) = server_and_client().await;
+        let proxy = ChaosProxy::start(listener.local_addr()).await.unwrap();
+        let mut c = holdfast::connect(proxy.addr().to_string(), ccfg).await.unwrap();
+        let mut events = c.events();
+        let (mut s, _) = listener.accept().await.unwrap();
+        proxy.kill_all();
+        c.write_all(b"after the cut").await.unwrap();
+        next_resume(&mut events, LIMIT).await.expect("resume");
+        let mut buf = [0u8; 13];
+        s.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"after the cut");
+        assert_eq!(listener.stats().sessions, 1);
+        assert!(proxy.connections_accepted() >= 2);
+    })
+    .await;
+}

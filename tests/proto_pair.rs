@@ -96,7 +96,7 @@ impl Pair {
         }
     }
 
-    /// Connected, with the first ticket delivered and acknowledged.
+    /// Connected, with the first ticket (from the IK reply) held by both ends.
     fn new(cfg: SessionConfig) -> Self {
         let mut p = Self::bare(cfg);
         assert_eq!(p.connect(None), Ok(true));

@@ -1,7 +1,7 @@
 //! Deterministic test vectors for the wire protocol (`docs/PROTOCOL.md`, section "Test vectors").
 //!
 //! Every value is derived from fixed static keys, fixed ephemeral keys and fixed tickets. Noise
-//! with fixed keys is deterministic (ChaChaPoly nonces are counters), so the bytes never change
+//! with fixed keys is deterministic (the nonces of both ciphers are counters), so the bytes never change
 //! unless the protocol does: any change to a byte on the wire makes `vectors_are_unchanged`
 //! fail. The same hex is copied into `docs/PROTOCOL.md`.
 //!
@@ -532,7 +532,8 @@ fn spec_construction_matches_the_implementation() {
     let v = compute();
     let c_pub = client_static().public_key();
 
-    // IK: header "HFST" 01 01 is the prologue; both payloads empty; reply = 0x01 || message 2.
+    // IK: header "HFST" 01 01 is the prologue; message 1's payload is empty, message 2's is
+    // ticket 1 (id || secret); reply = 0x01 || message 2.
     let mut ik = spec_ik();
     assert_eq!(record(&ik.hello), get(&v, "ik_hello"));
     assert_eq!(record(&ik.reply), get(&v, "ik_reply"));

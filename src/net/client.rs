@@ -121,7 +121,7 @@ async fn client_task(shared: Arc<Shared>, cfg: ClientConfig, addr: String, mut s
             Ok(s) => sock = s,
             Err(e) => {
                 warn!(error = %e, "session failed");
-                let code = if e == SessionError::Lost { CloseCode::Expired } else { CloseCode::Abort };
+                let code = if matches!(e, SessionError::GaveUp(_)) { CloseCode::Expired } else { CloseCode::Abort };
                 shared.fail(code, e);
                 return;
             }

@@ -416,6 +416,12 @@ fn commit_new(
     let (tx, rx) = mpsc::channel(4);
     let entry = Arc::new(Entry { shared: shared.clone(), client, replace: tx, resume_tokens: Mutex::new(None) });
     reservation.keep();
+    // The client already holds the first ticket: map it to the session before anything else
+    // runs, so that a resume arriving at once finds it.
+    let events: Vec<Event> = std::iter::from_fn(|| shared.lock().session.poll_event()).collect();
+    for ev in events {
+        sync_tickets(state, &entry, ev);
+    }
     let name = cfg.allow.lookup(&client).and_then(|p| p.name.clone());
     let peer = Peer { key: client, name, addr };
     info!(%addr, client = %client, name = ?peer.name, %cipher, "new session");

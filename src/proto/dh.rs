@@ -158,8 +158,8 @@ impl CryptoResolver for DhResolver {
     }
 }
 
-/// The resolver for every handshake: this module's X25519, then ring (ChaChaPoly), then snow's
-/// defaults (BLAKE2s, the RNG).
+/// The resolver for every handshake: this module's X25519, then ring (ChaChaPoly, AESGCM), then
+/// snow's defaults (BLAKE2s, the RNG).
 pub(crate) fn resolver() -> BoxedCryptoResolver {
     let rest = FallbackResolver::new(Box::new(RingResolver), Box::new(DefaultResolver));
     Box::new(FallbackResolver::new(Box::new(DhResolver), Box::new(rest)))

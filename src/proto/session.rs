@@ -98,7 +98,10 @@ pub enum SessionError {
     #[error("recovery declined by the policy hook after: {0}")]
     Declined(String),
     /// The server no longer knows the session (it restarted, or the session expired there).
-    #[error("session lost: the server no longer knows it (restarted or expired); not starting a new one")]
+    #[error(
+        "session lost: the server no longer knows it (restarted, expired, or the first link broke before the \
+         server confirmed it); not starting a new one"
+    )]
     Lost,
     /// The server expired the detached session.
     #[error("session expired after {0:?} without a resume")]
