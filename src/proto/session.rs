@@ -506,8 +506,8 @@ impl Session {
     }
 
     /// Like [`Session::handle_record`], decrypting `body` where it lies (the driver's read
-    /// buffer): no copy before the plaintext reaches the receive buffer. Afterwards the contents
-    /// of `body` are unspecified.
+    /// buffer): no copy before the plaintext reaches the receive buffer. Afterwards the plaintext
+    /// part of `body` is zeroed (the rest is unspecified).
     ///
     /// # Errors
     /// As [`Session::handle_record`].
@@ -518,7 +518,11 @@ impl Session {
         }
         let n = link.transport.open_in_place(body)?;
         link.last_recv = now;
-        self.handle_frame(now, &body[..n])
+        let res = self.handle_frame(now, &body[..n]);
+        // The plaintext now lives in the receive buffer (which wipes it when released); what
+        // is left in the caller's buffer is wiped here.
+        super::buffer::wipe_bytes(&mut body[..n]);
+        res
     }
 
     /// Handles one decrypted frame. The driver calls this directly only for the key-confirmation
@@ -747,6 +751,22 @@ mod tests {
         let mut client = Session::new(Role::Client, cfg);
         client.attach(now, hs.read_reply(&acc.reply).unwrap().transport, 0, None, None).unwrap();
         (client, acc.transport)
+    }
+
+    #[test]
+    fn plaintext_decrypted_in_the_callers_buffer_is_wiped() {
+        let now = Instant::now();
+        let (mut client, mut server_t) = linked(SessionConfig::default(), now);
+        let secret = [0x5au8; 3000];
+        let mut rec = Vec::new();
+        server_t.seal_with(&mut rec, |o| Frame::Data { offset: 0, data: &secret }.encode(o)).unwrap();
+        let body = &mut rec[super::super::frame::RECORD_HEADER..];
+        client.handle_record_in_place(now, body).unwrap();
+        let plain_len = body.len() - TAG_LEN;
+        assert!(body[..plain_len].iter().all(|&b| b == 0), "plaintext left in the read buffer");
+        let mut got = [0u8; 3000];
+        assert_eq!(client.read(&mut got), Ok(Some(3000)));
+        assert_eq!(got, secret);
     }
 
     #[test]
