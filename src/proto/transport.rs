@@ -154,7 +154,8 @@ impl Transport {
     /// buffer, no zero-filling, one copy of the payload in all.
     ///
     /// # Errors
-    /// As [`Transport::seal`]; on error `out` is left as it was.
+    /// As [`Transport::seal`]; on error `out` is left as it was (the plaintext written past its
+    /// old end is wiped).
     pub fn seal_with(&mut self, out: &mut Vec<u8>, write: impl FnOnce(&mut Vec<u8>)) -> Result<(), CryptoError> {
         let start = out.len();
         out.extend_from_slice(&[0u8; RECORD_HEADER]);
@@ -162,12 +163,16 @@ impl Transport {
         let body = start + RECORD_HEADER;
         let len = out.len() - body + TAG_LEN;
         if len > MAX_RECORD || out.len() < body {
+            if let Some(tail) = out.get_mut(start..) {
+                super::buffer::wipe_bytes(tail);
+            }
             out.truncate(start);
             return Err(CryptoError::Size);
         }
         let tag = match self.send.seal_in_place(&mut out[body..]) {
             Ok(t) => t,
             Err(e) => {
+                super::buffer::wipe_bytes(&mut out[start..]);
                 out.truncate(start);
                 return Err(e);
             }
