@@ -58,19 +58,23 @@ async fn dial(
     resume: Option<(&crate::proto::Ticket, u64, u64)>,
 ) -> Result<(TcpStream, crate::proto::handshake::ClientDone, SocketAddr), Error> {
     let limit = cfg.recovery.handshake_timeout;
+    let hs_err = |source| Error::Handshake { addr: addr.to_string(), source };
     let attempt = async {
-        let mut sock =
-            TcpStream::connect(addr).await.map_err(|source| Error::Connect { addr: addr.to_string(), source })?;
+        // The hello does not depend on the connection: it is computed while the TCP handshake
+        // is in flight (the connect future sends its SYN when first polled, before this runs).
+        let hello = async {
+            match resume {
+                None => ClientHandshake::initial(&cfg.keypair.private, &cfg.server_key, cfg.cipher),
+                Some((t, received, written)) => {
+                    ClientHandshake::resume(&cfg.keypair.private, &cfg.server_key, t, received, written, cfg.cipher)
+                }
+            }
+        };
+        let (sock, hello) = tokio::join!(TcpStream::connect(addr), hello);
+        let mut sock = sock.map_err(|source| Error::Connect { addr: addr.to_string(), source })?;
+        let (hs, hello) = hello.map_err(hs_err)?;
         let _ = sock.set_nodelay(true);
         let peer = sock.peer_addr().map_err(Error::Io)?;
-        let hs_err = |source| Error::Handshake { addr: addr.to_string(), source };
-        let (hs, hello) = match resume {
-            None => ClientHandshake::initial(&cfg.keypair.private, &cfg.server_key, cfg.cipher),
-            Some((t, received, written)) => {
-                ClientHandshake::resume(&cfg.keypair.private, &cfg.server_key, t, received, written, cfg.cipher)
-            }
-        }
-        .map_err(hs_err)?;
         write_record(&mut sock, &hello).await.map_err(Error::Io)?;
         let reply = match read_record(&mut sock, MAX_HANDSHAKE + 1).await {
             Ok(r) => r,

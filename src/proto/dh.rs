@@ -11,7 +11,7 @@
 //! secret scalar; whether `u` is on the curve or its twist depends only on the public key.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex, OnceLock};
 
 use curve25519_dalek::montgomery::MontgomeryPoint;
 use snow::params::{CipherChoice, DHChoice, HashChoice};
@@ -72,6 +72,82 @@ fn static_dh(local_private: &[u8; 32], local_public: &[u8; 32], peer: &[u8; 32])
     r
 }
 
+/// Public keys of the static private keys this process has used, by SHA-256 of the private key
+/// (never the key itself): every handshake hands snow the static private key, and deriving its
+/// public key again (a fixed-base multiplication and an inversion) was a tenth of a handshake.
+static STATIC_PUBLIC: Mutex<Vec<([u8; 32], [u8; 32])>> = Mutex::new(Vec::new());
+const MAX_STATIC_PUBLIC: usize = 16;
+
+fn public_of_static(private: &[u8; 32]) -> [u8; 32] {
+    use sha2::Digest;
+    use subtle::ConstantTimeEq;
+    let id: [u8; 32] = sha2::Sha256::digest(private).into();
+    let found = {
+        let g = STATIC_PUBLIC.lock().unwrap_or_else(|p| p.into_inner());
+        g.iter().find(|(k, _)| bool::from(k.ct_eq(&id))).map(|(_, public)| *public)
+    };
+    found.unwrap_or_else(|| {
+        let public = MontgomeryPoint::mul_base_clamped(*private).to_bytes();
+        let mut g = STATIC_PUBLIC.lock().unwrap_or_else(|p| p.into_inner());
+        if g.len() >= MAX_STATIC_PUBLIC {
+            g.clear();
+        }
+        g.push((id, public));
+        public
+    })
+}
+
+/// Ephemeral key pairs generated ahead of time by a background thread, so that a handshake does
+/// not wait for its own fixed-base multiplication (about a tenth of each side's work on the
+/// critical path of a new connection). Each pair is used once and wiped when dropped; the pool
+/// holds a few, so an idle process keeps at most `EPHEMERAL_POOL` unused pairs.
+struct EphemeralPool {
+    keys: Mutex<Vec<KeyPair>>,
+    low: Condvar,
+}
+
+/// A private key (wiped on drop) and its public key.
+type KeyPair = (Zeroizing<[u8; 32]>, [u8; 32]);
+
+const EPHEMERAL_POOL: usize = 8;
+
+fn ephemeral_pool() -> &'static EphemeralPool {
+    static POOL: OnceLock<EphemeralPool> = OnceLock::new();
+    POOL.get_or_init(|| {
+        let spawned = std::thread::Builder::new().name("holdfast-keys".into()).spawn(refill_ephemerals);
+        if spawned.is_err() {
+            tracing::debug!("no key pre-generation thread; ephemeral keys are generated inline");
+        }
+        EphemeralPool { keys: Mutex::new(Vec::new()), low: Condvar::new() }
+    })
+}
+
+/// The pre-generation thread: keeps the pool full.
+fn refill_ephemerals() {
+    use rand::RngCore;
+    let pool = ephemeral_pool();
+    loop {
+        {
+            let mut g = pool.keys.lock().unwrap_or_else(|p| p.into_inner());
+            while g.len() >= EPHEMERAL_POOL {
+                g = pool.low.wait(g).unwrap_or_else(|p| p.into_inner());
+            }
+        }
+        let mut private = Zeroizing::new([0u8; 32]);
+        rand::rngs::OsRng.fill_bytes(&mut private[..]);
+        let public = MontgomeryPoint::mul_base_clamped(*private).to_bytes();
+        pool.keys.lock().unwrap_or_else(|p| p.into_inner()).push((private, public));
+    }
+}
+
+/// A pre-generated ephemeral pair, if one is ready (and a nudge to the thread to make more).
+fn take_ephemeral() -> Option<KeyPair> {
+    let pool = ephemeral_pool();
+    let pair = pool.keys.lock().unwrap_or_else(|p| p.into_inner()).pop();
+    pool.low.notify_one();
+    pair
+}
+
 #[derive(Default)]
 struct Dh25519 {
     private: Zeroizing<[u8; 32]>,
@@ -103,12 +179,17 @@ impl Dh for Dh25519 {
         let n = privkey.len().min(32);
         self.private[..n].copy_from_slice(&privkey[..n]);
         self.fixed = true;
-        self.derive_public();
+        self.public = public_of_static(&self.private);
     }
 
     fn generate(&mut self, rng: &mut dyn Random) -> Result<(), snow::Error> {
-        rng.try_fill_bytes(&mut self.private[..])?;
         self.fixed = false;
+        if let Some((private, public)) = take_ephemeral() {
+            self.private = private;
+            self.public = public;
+            return Ok(());
+        }
+        rng.try_fill_bytes(&mut self.private[..])?;
         self.derive_public();
         Ok(())
     }
@@ -181,6 +262,35 @@ mod tests {
         let u = hex("e6db6867583030db3594c1a424b15f7c726624ec26b3353b10a903a6d0ab1c4c");
         let want = hex("c3da55379de9c6908e94ea4df28d084f32eccf03491c71f754b4075577a28552");
         assert_eq!(x25519(&k, &u), want);
+    }
+
+    /// Generated ephemeral pairs (pre-generated or made inline) are valid and never repeat, and
+    /// a static key's cached public key is its real one.
+    #[test]
+    fn ephemeral_and_static_key_pairs_are_consistent() {
+        struct Os;
+        impl Random for Os {
+            fn try_fill_bytes(&mut self, d: &mut [u8]) -> Result<(), snow::Error> {
+                rand::rngs::OsRng.fill_bytes(d);
+                Ok(())
+            }
+        }
+        let mut seen = HashSet::new();
+        for _ in 0..64 {
+            let mut d = Dh25519::default();
+            d.generate(&mut Os).unwrap();
+            assert_eq!(d.public, MontgomeryPoint::mul_base_clamped(*d.private).to_bytes());
+            assert!(!d.fixed);
+            assert!(seen.insert(*d.private), "an ephemeral key was handed out twice");
+        }
+        let mut k = [0u8; 32];
+        rand::thread_rng().fill_bytes(&mut k);
+        for _ in 0..2 {
+            let mut d = Dh25519::default();
+            d.set(&k);
+            assert_eq!(d.public, MontgomeryPoint::mul_base_clamped(k).to_bytes());
+            assert!(d.fixed);
+        }
     }
 
     /// The cache returns what it computed, for repeated and fresh pairs alike.
