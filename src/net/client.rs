@@ -131,17 +131,7 @@ async fn client_task(shared: Arc<Shared>, cfg: ClientConfig, addr: String, mut s
             }
         }
     }
-    let failure = shared.lock().session.failure().cloned();
-    match failure {
-        Some(SessionError::Finished) | None => {
-            shared.set_status(LinkStatus::Closed);
-            shared.emit(LinkEvent::Closed);
-        }
-        Some(e) => {
-            shared.set_status(LinkStatus::Failed(e.to_string()));
-            shared.emit(LinkEvent::Failed { reason: e.to_string() });
-        }
-    }
+    shared.report_end();
 }
 
 /// Reconnects and resumes, with backoff, until success, a fatal answer, or the give-up time.

@@ -534,14 +534,5 @@ async fn session_task(state: Arc<State>, entry: Arc<Entry>, sock: TcpStream, mut
     // Clean up: forget tickets and release the session's share of the limits.
     state.table().by_ticket.retain(|_, e| !Arc::ptr_eq(e, &entry));
     state.release(&entry.client);
-    let failure = shared.lock().session.failure().cloned();
-    match failure {
-        Some(SessionError::Finished) | None => {
-            shared.set_status(LinkStatus::Closed);
-            shared.emit(LinkEvent::Closed);
-        }
-        Some(e) => {
-            shared.set_status(LinkStatus::Failed(e.to_string()));
-        }
-    }
+    shared.report_end();
 }

@@ -63,6 +63,26 @@ impl Shared {
         self.status.send_replace(s);
     }
 
+    /// Publishes how the session ended (status and event) once its driver has stopped: closed
+    /// after a clean finish, failed otherwise.
+    /// Nothing is published twice: a failure already reported by [`Shared::fail`] stands.
+    pub(crate) fn report_end(&self) {
+        if matches!(*self.status.borrow(), LinkStatus::Failed(_)) {
+            return;
+        }
+        let failure = self.lock().session.failure().cloned();
+        match failure {
+            Some(SessionError::Finished) | None => {
+                self.set_status(LinkStatus::Closed);
+                self.emit(LinkEvent::Closed);
+            }
+            Some(e) => {
+                self.set_status(LinkStatus::Failed(e.to_string()));
+                self.emit(LinkEvent::Failed { reason: e.to_string() });
+            }
+        }
+    }
+
     /// Ends the session with `err` and wakes everyone.
     pub(crate) fn fail(&self, code: crate::proto::CloseCode, err: SessionError) {
         let reason = err.to_string();

@@ -35,19 +35,37 @@ pub async fn server_and_client() -> (Listener, ClientConfig) {
     (listener, ccfg)
 }
 
+/// The chunks of a seeded pseudo-random pattern, in uneven sizes (1 byte to 256 KiB).
+struct Pattern {
+    rng: rand::rngs::StdRng,
+    buf: Vec<u8>,
+    left: usize,
+}
+
+impl Pattern {
+    fn new(seed: u64, len: usize) -> Self {
+        Pattern { rng: rand::rngs::StdRng::seed_from_u64(seed), buf: vec![0u8; 256 * 1024], left: len }
+    }
+
+    fn next_chunk(&mut self) -> Option<&[u8]> {
+        if self.left == 0 {
+            return None;
+        }
+        let n = (1 + (self.rng.next_u32() as usize % self.buf.len())).min(self.left);
+        self.rng.fill_bytes(&mut self.buf[..n]);
+        self.left -= n;
+        Some(&self.buf[..n])
+    }
+}
+
 /// Writes `len` bytes of a seeded pseudo-random pattern in uneven chunks, then shuts down.
 /// Returns the SHA-256 of what was written.
 pub async fn send_pattern<W: AsyncWrite + Unpin>(w: &mut W, seed: u64, len: usize) -> std::io::Result<[u8; 32]> {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut pattern = Pattern::new(seed, len);
     let mut hash = Sha256::new();
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut left = len;
-    while left > 0 {
-        let n = (1 + (rng.next_u32() as usize % buf.len())).min(left);
-        rng.fill_bytes(&mut buf[..n]);
-        w.write_all(&buf[..n]).await?;
-        hash.update(&buf[..n]);
-        left -= n;
+    while let Some(chunk) = pattern.next_chunk() {
+        w.write_all(chunk).await?;
+        hash.update(chunk);
     }
     w.shutdown().await?;
     Ok(hash.finalize().into())
@@ -55,15 +73,10 @@ pub async fn send_pattern<W: AsyncWrite + Unpin>(w: &mut W, seed: u64, len: usiz
 
 /// The SHA-256 a `send_pattern(seed, len)` produces, without any I/O.
 pub fn pattern_hash(seed: u64, len: usize) -> [u8; 32] {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut pattern = Pattern::new(seed, len);
     let mut hash = Sha256::new();
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut left = len;
-    while left > 0 {
-        let n = (1 + (rng.next_u32() as usize % buf.len())).min(left);
-        rng.fill_bytes(&mut buf[..n]);
-        hash.update(&buf[..n]);
-        left -= n;
+    while let Some(chunk) = pattern.next_chunk() {
+        hash.update(chunk);
     }
     hash.finalize().into()
 }
