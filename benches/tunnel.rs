@@ -1216,7 +1216,10 @@ struct PathStats {
 
 fn main() {
     let opts = Opts::from_env();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    // One worker per CPU, set explicitly so that TOKIO_WORKER_THREADS (which the holdfast
+    // processes inherit) changes only them.
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build().expect("runtime");
     rt.block_on(run(opts));
 }
 
