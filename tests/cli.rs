@@ -309,6 +309,30 @@ async fn forward_moves_mib_both_ways() {
     tokio::join!(echo_roundtrip(local, 1, 4 * MIB), echo_roundtrip(local, 2, 3 * MIB + 17));
 }
 
+/// `--cipher` picks the link's AEAD; the server accepts both and logs which one a session uses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_cipher_carries_a_forward() {
+    let keys = Keys::new("cipher");
+    let echo = echo_service().await;
+    let (server, addr) = keys.server(&[format!("echo={echo}")]).await;
+    let mut seen = 0;
+    for (i, cipher) in ["chacha20-poly1305", "aes-256-gcm"].into_iter().enumerate() {
+        let mut args = keys.client_args("client", addr, "echo");
+        args.extend(["--local", "127.0.0.1:0", "--cipher", cipher].map(String::from));
+        let client = Proc::spawn(&strs(&args), false);
+        let local = client.logged_addr("forwarding", "local=").await;
+        echo_roundtrip(local, 10 + i as u64, MIB + 3).await;
+        // The client's start-up check and the forwarded connection: both use the cipher.
+        let log = server.wait_log("new session", seen + 2).await;
+        let lines: Vec<&str> = log.lines().filter(|l| l.contains("new session")).skip(seen).collect();
+        assert!(lines.iter().all(|l| l.contains(&format!("cipher={cipher}"))), "{lines:#?}");
+        seen += lines.len();
+    }
+    let (status, _, stderr) = run(&["client", "--cipher", "rot13"], b"").await;
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("'rot13'") && stderr.contains("aes-256-gcm, chacha20-poly1305"), "{stderr}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forward_survives_killed_connections() {
     let keys = Keys::new("kill");
