@@ -260,3 +260,41 @@ async fn link_lost_right_after_connect_resumes() {
     })
     .await;
 }
+
+/// A link cut right after `connect()` returned, perhaps before the server read the key
+/// confirmation: the stream either resumes (the server had committed) or fails as a lost
+/// session, and then the server holds no session and never commits one later. Never a client
+/// that gave up next to a server session that goes on. (Cut this early, the confirmation has
+/// usually not left the client, so "lost" is the common outcome here; a cut after the server
+/// committed is `link_lost_right_after_connect_resumes`.)
+#[tokio::test]
+async fn link_cut_before_confirmation_resumes_or_is_lost_never_half() {
+    bounded(async {
+        let (mut resumed, mut lost) = (0, 0);
+        for i in 0..6u8 {
+            let (mut listener, ccfg) = server_and_client().await;
+            let proxy = ChaosProxy::start(listener.local_addr()).await.unwrap();
+            let mut c = holdfast::connect(proxy.addr().to_string(), ccfg).await.unwrap();
+            let mut events = c.events();
+            let mut status = c.status();
+            proxy.kill_all();
+            c.write_all(&[i; 7]).await.unwrap();
+            if next_resume(&mut events, LIMIT).await.is_some() {
+                let (mut s, _) = listener.accept().await.unwrap();
+                let mut buf = [0u8; 7];
+                s.read_exact(&mut buf).await.unwrap();
+                assert_eq!(buf, [i; 7]);
+                resumed += 1;
+            } else {
+                let why = wait_failed(&mut status).await;
+                assert!(why.contains("session lost"), "{why}");
+                assert_eq!(listener.stats().sessions, 0, "the server kept a session the client lost");
+                let late = tokio::time::timeout(Duration::from_millis(300), listener.accept()).await;
+                assert!(late.is_err(), "the server committed the session after the client was told it was lost");
+                lost += 1;
+            }
+        }
+        eprintln!("resumed {resumed}, lost {lost}");
+    })
+    .await;
+}

@@ -431,7 +431,8 @@ fn first_handshake_cut_at_every_step() {
             assert!(p.servers.is_empty());
         }
         if step < 3 {
-            // No session: the program's connect failed and it tries again from scratch.
+            // No session on the server: the program's connect failed (steps 0 and 1) or its
+            // stream failed as lost (step 2), and it starts again from scratch.
             p.client = Session::new(Role::Client, p.cfg.clone());
         }
         assert_eq!(p.connect(None), Ok(true), "step {step}");

@@ -18,7 +18,10 @@ use crate::proto::handshake::MAX_HANDSHAKE;
 use crate::proto::{ClientHandshake, CloseCode, HandshakeError, Role, Session, SessionError};
 
 /// Connects to a holdfast server at `addr` (`host:port`; re-resolved on every reconnect) and
-/// returns the stream once the session is established and resumable.
+/// returns the stream after one round trip, as soon as the server's reply (which carries the
+/// first resumption ticket) is read. The server commits the session when it reads the key
+/// confirmation that follows; if the link breaks before that, the stream fails with a lost
+/// session (the server accepted nothing) rather than resuming.
 ///
 /// # Errors
 /// [`Error::Connect`] if the server cannot be reached, [`Error::HandshakeRefused`] if it drops

@@ -1,7 +1,7 @@
 //! The server listener: the accept loop, handshake tasks with limits, the session table and
 //! each session's driver, which keeps a detached session until it resumes or expires.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -98,6 +98,9 @@ struct Pending {
 #[derive(Default)]
 struct Table {
     by_ticket: HashMap<[u8; RESUME_ID_LEN], Arc<Entry>>,
+    /// First tickets sent in an IK reply whose handshake has not ended yet: the client may hold
+    /// one (and try to resume with it) before the server has committed its session.
+    first_pending: HashSet<[u8; RESUME_ID_LEN]>,
     per_key: HashMap<PublicKey, usize>,
     rate: HashMap<IpAddr, (f64, Instant)>,
 }
@@ -328,8 +331,13 @@ async fn handshake(mut sock: TcpStream, addr: SocketAddr, state: &Arc<State>) ->
     let _ = sock.set_nodelay(true);
     let hello = read_record(&mut sock, MAX_HANDSHAKE).await.map_err(Error::Io)?;
     let cfg = &state.cfg;
+    let mut pending_first = false;
     let lookup = |id: &[u8; RESUME_ID_LEN]| {
-        let entry = state.table().by_ticket.get(id).cloned()?;
+        let entry = {
+            let t = state.table();
+            pending_first = t.first_pending.contains(id);
+            t.by_ticket.get(id).cloned()
+        }?;
         let inner = entry.shared.lock();
         let t = inner.session.ticket_secret(id)?;
         Some(ResumeLookup {
@@ -341,12 +349,23 @@ async fn handshake(mut sock: TcpStream, addr: SocketAddr, state: &Arc<State>) ->
     };
     let accept = match handshake::respond(&hello, &cfg.keypair.private, |k| cfg.allow.lookup(k).is_some(), lookup) {
         Ok(a) => a,
+        Err(HandshakeError::UnknownSession) if pending_first => {
+            // The ticket came with a first connection whose confirmation has not arrived (yet):
+            // not lost, not usable. Busy makes the client try again shortly; by then the session
+            // is committed, or the first handshake has ended and the answer is UNKNOWN_SESSION.
+            let _ = write_record(&mut sock, &handshake::reject(RejectCode::Busy)).await;
+            return Err(Error::Handshake { addr: addr.to_string(), source: HandshakeError::Busy });
+        }
         Err(HandshakeError::UnknownSession) => {
             let _ = write_record(&mut sock, &handshake::reject(RejectCode::UnknownSession)).await;
             return Err(Error::Handshake { addr: addr.to_string(), source: HandshakeError::UnknownSession });
         }
         Err(e) => return Err(Error::Handshake { addr: addr.to_string(), source: e }),
     };
+    // Once the reply is sent the client holds the first ticket: it stays pending until this
+    // handshake ends, committed or not. (Declared before the reservation, so that a failed
+    // handshake gives its session slot back before the ticket stops being pending.)
+    let _pending = accept.ticket.as_ref().map(|t| FirstPending::new(state, t.resume_id));
     let mut reservation = None;
     match &accept.hello {
         Hello::Initial { client } => match state.reserve(*client) {
@@ -432,6 +451,25 @@ fn commit_new(
     }
     tokio::spawn(session_task(state.clone(), entry, sock, rx));
     Ok(())
+}
+
+/// A first ticket marked pending for as long as its handshake task runs.
+struct FirstPending<'a> {
+    state: &'a State,
+    id: [u8; RESUME_ID_LEN],
+}
+
+impl<'a> FirstPending<'a> {
+    fn new(state: &'a State, id: [u8; RESUME_ID_LEN]) -> Self {
+        state.table().first_pending.insert(id);
+        FirstPending { state, id }
+    }
+}
+
+impl Drop for FirstPending<'_> {
+    fn drop(&mut self) {
+        self.state.table().first_pending.remove(&self.id);
+    }
 }
 
 /// Applies ticket events to the table.

@@ -72,8 +72,8 @@ impl Drop for Chunk {
 }
 
 /// Zeroes plaintext left in a buffer the queues do not own (the driver's read buffer after a
-/// record was decrypted in place): word-wise where aligned, which compiles to a plain memset
-/// instead of byte-wise volatile stores.
+/// record was decrypted in place): one volatile store per aligned word (and per byte only at
+/// the unaligned ends), eight times fewer than zeroizing the bytes.
 pub(crate) fn wipe_bytes(b: &mut [u8]) {
     let (head, words, tail) = bytemuck::pod_align_to_mut::<u8, u64>(b);
     head.zeroize();

@@ -17,7 +17,7 @@ use curve25519_dalek::montgomery::MontgomeryPoint;
 use snow::params::{CipherChoice, DHChoice, HashChoice};
 use snow::resolvers::{BoxedCryptoResolver, CryptoResolver, DefaultResolver, FallbackResolver, RingResolver};
 use snow::types::{Cipher, Dh, Hash, Random};
-use zeroize::Zeroizing;
+use zeroize::{Zeroize, Zeroizing};
 
 /// `X25519(k, u)` of RFC 7748.
 pub(crate) fn x25519(k: &[u8; 32], u: &[u8; 32]) -> [u8; 32] {
@@ -72,16 +72,25 @@ fn static_dh(local_private: &[u8; 32], local_public: &[u8; 32], peer: &[u8; 32])
     r
 }
 
-/// Public keys of the static private keys this process has used, by SHA-256 of the private key
-/// (never the key itself): every handshake hands snow the static private key, and deriving its
-/// public key again (a fixed-base multiplication and an inversion) was a tenth of a handshake.
+/// Public keys of the static private keys this process has used, by a salted SHA-256 of the
+/// private key (never the key itself, and the random per-process salt means the stored digest
+/// cannot be checked against a candidate key): every handshake hands snow the static private
+/// key, and deriving its public key again (a fixed-base multiplication and an inversion) was a
+/// tenth of a handshake.
 static STATIC_PUBLIC: Mutex<Vec<([u8; 32], [u8; 32])>> = Mutex::new(Vec::new());
 const MAX_STATIC_PUBLIC: usize = 16;
 
 fn public_of_static(private: &[u8; 32]) -> [u8; 32] {
     use sha2::Digest;
     use subtle::ConstantTimeEq;
-    let id: [u8; 32] = sha2::Sha256::digest(private).into();
+    static SALT: OnceLock<[u8; 32]> = OnceLock::new();
+    let salt = SALT.get_or_init(|| {
+        use rand::RngCore;
+        let mut s = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut s);
+        s
+    });
+    let id: [u8; 32] = sha2::Sha256::new().chain_update(salt).chain_update(private).finalize().into();
     let found = {
         let g = STATIC_PUBLIC.lock().unwrap_or_else(|p| p.into_inner());
         g.iter().find(|(k, _)| bool::from(k.ct_eq(&id))).map(|(_, public)| *public)
@@ -99,11 +108,14 @@ fn public_of_static(private: &[u8; 32]) -> [u8; 32] {
 
 /// Ephemeral key pairs generated ahead of time by a background thread, so that a handshake does
 /// not wait for its own fixed-base multiplication (about a tenth of each side's work on the
-/// critical path of a new connection). Each pair is used once and wiped when dropped; the pool
-/// holds a few, so an idle process keeps at most `EPHEMERAL_POOL` unused pairs.
+/// critical path of a new connection). Each pair is handed out once and its slot wiped; the
+/// pool holds at most `EPHEMERAL_POOL` unused pairs (which a memory snapshot would expose along
+/// with the process's static key). A forked child never uses the pool: it would share the
+/// parent's pairs, and it has no refill thread.
 struct EphemeralPool {
     keys: Mutex<Vec<KeyPair>>,
     low: Condvar,
+    pid: u32,
 }
 
 /// A private key (wiped on drop) and its public key.
@@ -118,7 +130,11 @@ fn ephemeral_pool() -> &'static EphemeralPool {
         if spawned.is_err() {
             tracing::debug!("no key pre-generation thread; ephemeral keys are generated inline");
         }
-        EphemeralPool { keys: Mutex::new(Vec::new()), low: Condvar::new() }
+        EphemeralPool {
+            keys: Mutex::new(Vec::with_capacity(EPHEMERAL_POOL)),
+            low: Condvar::new(),
+            pid: std::process::id(),
+        }
     })
 }
 
@@ -141,11 +157,22 @@ fn refill_ephemerals() {
 }
 
 /// A pre-generated ephemeral pair, if one is ready (and a nudge to the thread to make more).
+/// The pair is copied out and its slot wiped, so no copy stays behind in the pool's storage.
 fn take_ephemeral() -> Option<KeyPair> {
     let pool = ephemeral_pool();
-    let pair = pool.keys.lock().unwrap_or_else(|p| p.into_inner()).pop();
+    if pool.pid != std::process::id() {
+        return None;
+    }
+    let pair = {
+        let mut keys = pool.keys.lock().unwrap_or_else(|p| p.into_inner());
+        let (private, public) = keys.last_mut()?;
+        let pair = (Zeroizing::new(**private), *public);
+        private.zeroize();
+        keys.pop();
+        pair
+    };
     pool.low.notify_one();
-    pair
+    Some(pair)
 }
 
 #[derive(Default)]

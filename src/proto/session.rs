@@ -400,8 +400,10 @@ impl Session {
     /// carries it, see [`ClientDone::ticket`](crate::proto::handshake::ClientDone::ticket) and
     /// [`ServerAccept::ticket`](crate::proto::ServerAccept::ticket)), so the session can be
     /// resumed from its first byte. No TICKET frame is sent for it and no TICKET_ACK is due.
-    /// Emits [`Event::TicketReceived`] (client) or [`Event::TicketIssued`] (server).
+    /// Emits [`Event::TicketReceived`] (client) or [`Event::TicketIssued`] (server). Call it after
+    /// [`Session::attach`] of the first link (attaching retires the server's other tickets).
     pub fn adopt_ticket(&mut self, ticket: Ticket) {
+        debug_assert!(self.link.is_some(), "adopt_ticket before attach");
         match self.role {
             Role::Client => {
                 self.tickets.clear();
