@@ -261,7 +261,7 @@ fn ticket1_payload() -> Vec<u8> {
 
 fn spec_ik() -> Spec {
     let p = ticket1_payload();
-    spec_handshake("Noise_IK_25519_ChaChaPoly_BLAKE2s", b"HFST\x01\x01", None, &[], &p, CLIENT_E_IK, SERVER_E_IK)
+    spec_handshake("Noise_IK_25519_ChaChaPoly_BLAKE2s", b"HFST\x02\x01", None, &[], &p, CLIENT_E_IK, SERVER_E_IK)
 }
 
 fn spec_kk() -> Spec {
@@ -271,12 +271,12 @@ fn spec_kk() -> Spec {
 /// The AESGCM handshakes: kind bytes 0x11 and 0x12 (cipher code 1 in the high four bits).
 fn spec_aes_ik() -> Spec {
     let p = ticket1_payload();
-    spec_handshake("Noise_IK_25519_AESGCM_BLAKE2s", b"HFST\x01\x11", None, &[], &p, CLIENT_E_IK, SERVER_E_IK)
+    spec_handshake("Noise_IK_25519_AESGCM_BLAKE2s", b"HFST\x02\x11", None, &[], &p, CLIENT_E_IK, SERVER_E_IK)
 }
 
 fn spec_kk_with(pattern: &str, kind: u8) -> Spec {
     let t1 = ticket1();
-    let mut header = b"HFST\x01".to_vec();
+    let mut header = b"HFST\x02".to_vec();
     header.push(kind);
     header.extend_from_slice(&t1.resume_id);
     spec_handshake(
@@ -416,20 +416,20 @@ const EXPECTED: &[(&str, &str)] = &[
     (
         "ik_hello",
         concat!(
-            "006648465354010164b101b1d0be5a8704bd078f9895001fc03e8e9f9522f188dd128d9846d48466822e8514e6389169",
-            "bdfd10afecae5bded9cda3f0157ac1d03cd3620b3bb73a86b00bfcd536b9f518746aa7e98f1fabf683369116058934dc",
-            "8aadcb896eec6580",
+            "006648465354020164b101b1d0be5a8704bd078f9895001fc03e8e9f9522f188dd128d9846d48466822e8514e6389169",
+            "bdfd10afecae5bded9cda3f0157ac1d03cd3620b3bb73a863baf703f46e46e48320d6998233724a40e694b414b3dcf70",
+            "0fda985a49fa60ec",
         ),
     ),
     (
         "ik_reply",
         concat!(
             "006101244fe3b963e899dd295baffce248d3530f3a9a7479ba063002680ebfe7adad492c17683439e4e76736b50e6af7",
-            "87d681c501825b2b1c6c819aebbfe17ac66a4391e0f1410355fe45a1ba8ea1c2851c4ffb4147d0516ea9ea7c36cef855",
-            "b7da93",
+            "87d681c501825b2b1c6c819aebbfe17ac66a4391e0f1410355fe45a1ba8ea1c2851c4f2ae122b1c655792caa9e2a2c77",
+            "f8e599",
         ),
     ),
-    ("ik_handshake_hash", "45bee2773e277b29fe603baef373f5aa80f37e560eef7898a081b6367cc85b2e"),
+    ("ik_handshake_hash", "4be15145ddbecc78fe2534e3a02cc5a450cb5fa3753e4c5a1d00251ca241acbb"),
     ("ik_c0_ack", "00197b686105d5982fa781811601c3ae2010089cf3818e18dc7dbf"),
     ("ik_c1_data", "001e38bb6c3d302d1ed6833727e09bef77221433dfd193e3c53bf987c3d2e8a4"),
     ("ik_s0_ack", "0019672eacae43463e51c76c04ced4803a3a686916ed9fe95b5d65"),
@@ -438,18 +438,18 @@ const EXPECTED: &[(&str, &str)] = &[
     (
         "kk_hello",
         concat!(
-            "0056484653540102c1c2c3c4c5c6c7c8c9cacbcccdcecfd0883186b800b41d5cf0429695da9b3cc4f328ebcd184a6e48",
-            "2fa578c103f06c7765e789e7ac8e01ad74ab5e608ee2eb46618ebf4d79c2b55359fbaf727cd444e2",
+            "0056484653540202c1c2c3c4c5c6c7c8c9cacbcccdcecfd0883186b800b41d5cf0429695da9b3cc4f328ebcd184a6e48",
+            "2fa578c103f06c7765e789e7ac8e01ad74ab5e608ee2eb46adc87b55c80e6c7c4994573ca05fbdb1",
         ),
     ),
     (
         "kk_reply",
         concat!(
             "004101ad438bfae31f6c093d61d4339255ea798092c9fadd07b97827f4b0ae9dee7c1c4aec0bd1ff7c6902894a4fb4c6",
-            "31f36352eb70861c0d9d39160260b5e4b3d4fb",
+            "31f3636b12e5299fefe619b15003ea0739a252",
         ),
     ),
-    ("kk_handshake_hash", "e42e1d17e019e4abf8098eed056eb0e965baf93e5351cebe300002dc3c410e09"),
+    ("kk_handshake_hash", "8e26961b37b32a1d195cc164a0f06e612aa49dd007802a24d734cffce43671fb"),
     ("kk_c0_ack", "00198f3ac7835f1e95f7a37b894c953dabda498ffc4da8a51d888b"),
     ("kk_s0_ack", "0019c3b84864a97e6dfb6eb9df8a0f2a4afab85fea8d01cfe8f72b"),
     (
@@ -475,35 +475,35 @@ const EXPECTED: &[(&str, &str)] = &[
     (
         "aes_ik_hello",
         concat!(
-            "006648465354011164b101b1d0be5a8704bd078f9895001fc03e8e9f9522f188dd128d9846d4846646827802af3740a3",
-            "4789100b896912f09bcf44ba01197fbf5abe55aac99e8b77516d79a5d4f406f4917351b668a246b7cb97901cd6dba0b5",
-            "f96f63b83a82fcdb",
+            "006648465354021164b101b1d0be5a8704bd078f9895001fc03e8e9f9522f188dd128d9846d4846646827802af3740a3",
+            "4789100b896912f09bcf44ba01197fbf5abe55aac99e8b7765a321fdcc1d71665facc0683228dd90c1460e7105eb53cc",
+            "c703f5ebbb28d885",
         ),
     ),
     (
         "aes_ik_reply",
         concat!(
             "006101244fe3b963e899dd295baffce248d3530f3a9a7479ba063002680ebfe7adad494de19aeaf5abebac6f3b284de6",
-            "dae017f41479515a17dfc14e1072e393d067a0bf2a88a56758e9ee9b1074d95e23fc02dc27ce277a39f49797fcf609dd",
-            "43fe0b",
+            "dae017f41479515a17dfc14e1072e393d067a0bf2a88a56758e9ee9b1074d95e23fc02d79f1e12a0eb6a15ffff47a4de",
+            "e24df2",
         ),
     ),
-    ("aes_ik_handshake_hash", "a708b02785c78d502d491920063ad355a5d476392d5f86910ff4840ad2d29d1b"),
+    ("aes_ik_handshake_hash", "3bbf1cae09851794db8ebfaf624e39162bd3632e2b88bc1466710b577ed2564e"),
     ("aes_ik_c0_ack", "0019dfacd5310f2829b7223da777efcbf68e0d3dcb37f953681248"),
     ("aes_ik_c1_data", "001eeefd9070fdf67b0e8926f7bebf383198b3e583e37b1559d3fb4610a3520b"),
     ("aes_ik_s0_ack", "0019255db59af3e136081eee84d3c0891f798873da72b8e5dcef96"),
     (
         "aes_kk_hello",
         concat!(
-            "0056484653540112c1c2c3c4c5c6c7c8c9cacbcccdcecfd0883186b800b41d5cf0429695da9b3cc4f328ebcd184a6e48",
-            "2fa578c103f06c778b6e615514c90f11ee3318f47d85cd30838647960176781574a198540dd33c41",
+            "0056484653540212c1c2c3c4c5c6c7c8c9cacbcccdcecfd0883186b800b41d5cf0429695da9b3cc4f328ebcd184a6e48",
+            "2fa578c103f06c778b6e615514c90f11ee3318f47d85cd30859211308e96507e821a601c21c8762d",
         ),
     ),
     (
         "aes_kk_reply",
         concat!(
             "004101ad438bfae31f6c093d61d4339255ea798092c9fadd07b97827f4b0ae9dee7c1c5d496f89e17e2712778330ceb6",
-            "cbd54530f57527b25961510f6de926965f578d",
+            "cbd5450c18a9f67410dd82aea85539a7bced99",
         ),
     ),
     ("aes_kk_c0_ack", "0019b5e6b608c74dc8d442758621041e63ba7c863857cdf4db341b"),
@@ -532,7 +532,7 @@ fn spec_construction_matches_the_implementation() {
     let v = compute();
     let c_pub = client_static().public_key();
 
-    // IK: header "HFST" 01 01 is the prologue; message 1's payload is empty, message 2's is
+    // IK: header "HFST" 02 01 is the prologue; message 1's payload is empty, message 2's is
     // ticket 1 (id || secret); reply = 0x01 || message 2.
     let mut ik = spec_ik();
     assert_eq!(record(&ik.hello), get(&v, "ik_hello"));
@@ -546,7 +546,7 @@ fn spec_construction_matches_the_implementation() {
     assert_eq!(&plain[..n], &[0x02, 0, 0, 0, 0, 0, 0, 0, 0]);
     assert_eq!(ik.server.get_remote_static(), Some(&c_pub.as_bytes()[..]));
 
-    // KKpsk0: header "HFST" 01 02 || resume_id is the prologue; psk = ticket secret at
+    // KKpsk0: header "HFST" 02 02 || resume_id is the prologue; psk = ticket secret at
     // position 0; payloads = received || written, u64 big-endian each.
     let mut kk = spec_kk();
     assert_eq!(record(&kk.hello), get(&v, "kk_hello"));

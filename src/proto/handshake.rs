@@ -22,7 +22,7 @@ use crate::keys::{PrivateKey, PublicKey};
 /// Magic bytes that open every client hello.
 pub const MAGIC: [u8; 4] = *b"HFST";
 /// Protocol version.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// Noise protocol of the first connection (with [`Cipher::ChaChaPoly`]; see [`protocol_name`]).
 pub const INITIAL_PATTERN: &str = "Noise_IK_25519_ChaChaPoly_BLAKE2s";
 /// Noise protocol of a resume (with [`Cipher::ChaChaPoly`]; see [`protocol_name`]).
