@@ -66,7 +66,7 @@ enum Cmd {
     Pubkey,
     /// Run a server offering named services to allowed clients.
     #[command(
-        after_help = "Example:\n  holdfast server --listen 0.0.0.0:7700 --key keys/server.key \\\n      --authorized keys/authorized --service ssh=127.0.0.1:22 --service db=127.0.0.1:5432\n\nThe authorized file has one client public key per line, optionally followed by a name;\n'#' starts a comment. Only the listed services are reachable."
+        after_help = "Example:\n  holdfast server --listen 0.0.0.0:7700 --key keys/server.key \\\n      --authorized keys/authorized --service ssh=127.0.0.1:22 --service db=127.0.0.1:5432\n\nThe authorized file has one client public key per line, optionally followed by a name;\n'#' starts a comment. Only the listed services are reachable.\n\nTo change who may connect without dropping anyone, edit the authorized file and send\nSIGHUP (kill -HUP PID): new connections follow the new list, live sessions go on."
     )]
     Server(ServerArgs),
     /// Forward a local port to a service on the server; each local connection gets its own
@@ -107,7 +107,7 @@ struct ServerArgs {
     /// The server's private key file (mode 0600).
     #[arg(long, value_name = "FILE")]
     key: PathBuf,
-    /// Allow-list of client public keys.
+    /// Allow-list of client public keys (reloaded on SIGHUP).
     #[arg(long, value_name = "FILE")]
     authorized: PathBuf,
     /// A service: NAME=HOST:PORT (repeat for more).
@@ -312,11 +312,34 @@ async fn server(args: ServerArgs) -> Result<()> {
     let public = cfg.keypair.public;
     let listener = holdfast::bind(args.listen.clone(), cfg).await?;
     info!(listen = %listener.local_addr(), server_key = %public, services = services.len(), "server ready");
+    let reload = reload_on_hangup(listener.allow_list_handle(), args.authorized.clone());
     tokio::select! {
         r = tunnel::serve(listener, Arc::new(services)) => r?,
         _ = tokio::signal::ctrl_c() => info!("interrupted; exiting"),
+        r = reload => r?,
     }
     Ok(())
+}
+
+/// Reloads the allow-list file on every SIGHUP. A file that does not load (missing, malformed,
+/// readable by others) is reported and the list in force stays; live sessions are untouched.
+async fn reload_on_hangup(handle: holdfast::net::AllowListHandle, path: PathBuf) -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangups = signal(SignalKind::hangup()).context("cannot watch for SIGHUP")?;
+    while hangups.recv().await.is_some() {
+        match AllowList::load(&path) {
+            Ok(list) => {
+                if list.is_empty() {
+                    warn!(file = %path.display(), "the reloaded allow-list is empty: no new client can connect");
+                }
+                let n = list.len();
+                handle.set(list);
+                info!(file = %path.display(), clients = n, "allow-list reloaded");
+            }
+            Err(e) => error!(error = %e, "allow-list not reloaded; the previous one stays in force"),
+        }
+    }
+    std::future::pending().await
 }
 
 fn client_config(c: &ClientCommon) -> Result<ClientConfig> {

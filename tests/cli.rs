@@ -369,6 +369,62 @@ async fn connect_stdio_half_close() {
     assert!(err.lines().all(is_log_line), "unexpected stderr:\n{err}");
 }
 
+/// SIGHUP reloads the allow-list: a key added to the file can connect, a removed one can no
+/// longer start a session, a bad file keeps the list in force, and a live session goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allow_list_reloads_on_sighup_and_live_sessions_go_on() {
+    let keys = Keys::new("reload");
+    let newcomer = Keypair::generate();
+    let newcomer_key = keys.dir.path("newcomer.key");
+    keys::save_private_key(&newcomer_key, &newcomer.private).unwrap();
+    let echo = echo_service().await;
+    let (server, addr) = keys.server(&[format!("echo={echo}")]).await;
+    let hup = || {
+        let pid = server.child.id().and_then(|p| rustix::process::Pid::from_raw(p as i32)).expect("server pid");
+        rustix::process::kill_process(pid, rustix::process::Signal::HUP).expect("send SIGHUP");
+    };
+    // A live session of the original client, through a forward.
+    let mut args = keys.client_args("client", addr, "echo");
+    args.extend(["--local", "127.0.0.1:0", "--no-check"].map(String::from));
+    let client = Proc::spawn(&strs(&args), false);
+    let local = client.logged_addr("forwarding", "local=").await;
+    let mut live = TcpStream::connect(local).await.unwrap();
+    let mut echo_on_live = async |n: u8| {
+        live.write_all(&[n; 100]).await.unwrap();
+        let mut back = [0u8; 100];
+        timeout(LIMIT, live.read_exact(&mut back)).await.expect("echo timed out").unwrap();
+        assert_eq!(back, [n; 100]);
+    };
+    echo_on_live(1).await;
+
+    // The newcomer is refused; a malformed file changes nothing; then the file names only the
+    // newcomer, who gets in.
+    let mut newcomer_args = keys.client_args("connect", addr, "echo");
+    let k = newcomer_args.iter().position(|a| a == "--key").unwrap();
+    newcomer_args[k + 1] = s(&newcomer_key).to_string();
+    let (status, _, err) = run(&strs(&newcomer_args), b"hi").await;
+    assert!(!status.success(), "an unlisted key connected:\n{err}");
+    std::fs::write(&keys.authorized, "not a key\n").unwrap();
+    hup();
+    server.wait_log("allow-list not reloaded", 1).await;
+    let (status, _, _) = run(&strs(&newcomer_args), b"hi").await;
+    assert!(!status.success(), "a failed reload let the newcomer in");
+    std::fs::write(&keys.authorized, format!("{} newcomer\n", newcomer.public)).unwrap();
+    hup();
+    server.wait_log("allow-list reloaded", 1).await;
+    let (status, out, err) = run(&strs(&newcomer_args), b"hi").await;
+    assert!(status.success(), "the newcomer was refused after the reload:\n{err}");
+    assert_eq!(out, b"hi");
+
+    // The original client is no longer listed: it cannot start a new session, but its live
+    // session goes on.
+    let (status, _, _) = run(&strs(&keys.client_args("connect", addr, "echo")), b"hi").await;
+    assert!(!status.success(), "a removed key started a new session");
+    echo_on_live(2).await;
+    let log = server.stderr();
+    assert!(log.contains("allow-list reloaded") && log.contains("allow-list not reloaded"), "{log}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_errors_name_their_cause() {
     let keys = Keys::new("errors");

@@ -20,7 +20,7 @@ use crate::proto::{HandshakeError, SessionError};
 pub use client::connect;
 pub use config::{ClientConfig, Limits, Recovery, RecoveryHook, RecoveryPolicy, ServerConfig};
 pub use events::{LinkEvent, LinkLost, LinkStatus};
-pub use server::{bind, Listener, Peer, ServerStats};
+pub use server::{bind, AllowListHandle, Listener, Peer, ServerStats};
 pub use stream::{ReadHalf, Stream, WriteHalf};
 
 /// Errors of the driver layer: everything a connect, bind or accept can fail with.

@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinHandle};
 use tracing::{debug, info, warn};
 
-use crate::keys::PublicKey;
+use crate::keys::{AllowList, PublicKey};
 use crate::net::config::ServerConfig;
 use crate::net::events::{LinkEvent, LinkLost, LinkStatus};
 use crate::net::pump::{pump, PumpEnd};
@@ -25,6 +25,33 @@ use crate::proto::transport::TAG_LEN;
 use crate::proto::{
     CloseCode, Event, HandshakeError, Hello, RejectCode, ResumeLookup, Role, Session, SessionError, Ticket, Transport,
 };
+
+/// Replaces a running listener's allow-list (see [`Listener::allow_list_handle`]). The new list
+/// decides every first connection from then on. Sessions already established go on and can
+/// still resume: a resume is authorized by the session's ticket and the client key stored with
+/// it, never by the allow-list (`SECURITY.md`).
+#[derive(Clone)]
+pub struct AllowListHandle {
+    state: Arc<State>,
+}
+
+impl std::fmt::Debug for AllowListHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AllowListHandle").field("allowed_clients", &self.state.allow().len()).finish()
+    }
+}
+
+impl AllowListHandle {
+    /// Puts `list` in force for new connections.
+    pub fn set(&self, list: AllowList) {
+        *self.state.allow.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(list);
+    }
+
+    /// The list in force.
+    pub fn get(&self) -> Arc<AllowList> {
+        self.state.allow()
+    }
+}
 
 /// The authenticated peer of an accepted stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,6 +134,8 @@ struct Table {
 
 struct State {
     cfg: ServerConfig,
+    /// The allow-list in force: `cfg.allow` at first, replaced by [`AllowListHandle::set`].
+    allow: std::sync::RwLock<Arc<AllowList>>,
     table: Mutex<Table>,
     sessions: AtomicUsize,
     buffered: AtomicUsize,
@@ -117,6 +146,10 @@ struct State {
 }
 
 impl State {
+    fn allow(&self) -> Arc<AllowList> {
+        self.allow.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     fn table(&self) -> std::sync::MutexGuard<'_, Table> {
         self.table.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -245,6 +278,7 @@ pub async fn bind(addr: impl Into<String>, cfg: ServerConfig) -> Result<Listener
     let local = tcp.local_addr().map_err(Error::Io)?;
     let (tx, rx) = mpsc::channel(64);
     let state = Arc::new(State {
+        allow: std::sync::RwLock::new(cfg.allow.clone()),
         cfg,
         table: Mutex::new(Table::default()),
         sessions: AtomicUsize::new(0),
@@ -274,6 +308,12 @@ impl Listener {
     /// The bound address.
     pub fn local_addr(&self) -> SocketAddr {
         self.local
+    }
+
+    /// A handle that replaces the allow-list while the listener runs (for example on `SIGHUP`),
+    /// without touching live sessions.
+    pub fn allow_list_handle(&self) -> AllowListHandle {
+        AllowListHandle { state: self.state.clone() }
     }
 
     /// Current counters.
@@ -347,7 +387,8 @@ async fn handshake(mut sock: TcpStream, addr: SocketAddr, state: &Arc<State>) ->
             written: inner.session.written_offset(),
         })
     };
-    let accept = match handshake::respond(&hello, &cfg.keypair.private, |k| cfg.allow.lookup(k).is_some(), lookup) {
+    let allow = state.allow();
+    let accept = match handshake::respond(&hello, &cfg.keypair.private, |k| allow.lookup(k).is_some(), lookup) {
         Ok(a) => a,
         Err(HandshakeError::UnknownSession) if pending_first => {
             // The ticket came with a first connection whose confirmation has not arrived (yet):
@@ -441,7 +482,7 @@ fn commit_new(
     for ev in events {
         sync_tickets(state, &entry, ev);
     }
-    let name = cfg.allow.lookup(&client).and_then(|p| p.name.clone());
+    let name = state.allow().lookup(&client).and_then(|p| p.name.clone());
     let peer = Peer { key: client, name, addr };
     info!(%addr, client = %client, name = ?peer.name, %cipher, "new session");
     shared.emit(LinkEvent::Connected { peer: addr });
