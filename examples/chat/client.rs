@@ -128,6 +128,20 @@ fn cause(c: &str) -> &str {
 const RECONNECT_EVERY: Duration = Duration::from_secs(3);
 
 impl LinkView {
+    /// Shows what a received link event means; returns false once the event channel closed.
+    fn show(&mut self, ev: Result<LinkEvent, RecvError>, out: &Out) -> bool {
+        match ev {
+            Ok(ev) => {
+                if let Some(s) = self.on_event(&ev) {
+                    status(out, s);
+                }
+                true
+            }
+            Err(RecvError::Lagged(_)) => true,
+            Err(RecvError::Closed) => false,
+        }
+    }
+
     fn on_event(&mut self, ev: &LinkEvent) -> Option<String> {
         Some(match ev {
             LinkEvent::Lost(lost) => {
@@ -252,15 +266,7 @@ pub async fn run_client(
                         }
                     },
                 },
-                ev = events.recv(), if events_open => match ev {
-                    Ok(ev) => {
-                        if let Some(s) = view.on_event(&ev) {
-                            status(&out, s);
-                        }
-                    }
-                    Err(RecvError::Lagged(_)) => {}
-                    Err(RecvError::Closed) => events_open = false,
-                },
+                ev = events.recv(), if events_open => events_open = view.show(ev, &out),
             }
         },
     };
@@ -304,15 +310,7 @@ pub async fn run_client(
                             None => input_open = false,
                             Some(_) => {}
                         },
-                        ev = events.recv(), if events_open => match ev {
-                            Ok(ev) => {
-                                if let Some(s) = view.on_event(&ev) {
-                                    status(&out, s);
-                                }
-                            }
-                            Err(RecvError::Lagged(_)) => {}
-                            Err(RecvError::Closed) => events_open = false,
-                        },
+                        ev = events.recv(), if events_open => events_open = view.show(ev, &out),
                     }
                 }
             };

@@ -53,16 +53,12 @@ impl CipherState {
         Ok(CipherState { cipher, key: LessSafeKey::new(key), n: 0 })
     }
 
-    fn nonce(&self, n: u64) -> Nonce {
-        self.cipher.nonce(n)
-    }
-
     /// The next nonce. `2^64 - 1` is reserved by Noise (for rekeying) and never used.
     fn take_nonce(&mut self) -> Result<Nonce, CryptoError> {
         if self.n == u64::MAX {
             return Err(CryptoError::State);
         }
-        let n = self.nonce(self.n);
+        let n = self.cipher.nonce(self.n);
         self.n += 1;
         Ok(n)
     }
@@ -85,8 +81,10 @@ impl CipherState {
         if self.n == u64::MAX {
             return Err(CryptoError::State);
         }
-        let plain =
-            self.key.open_in_place(self.nonce(self.n), Aad::empty(), record).map_err(|_| CryptoError::Decrypt)?;
+        let plain = self
+            .key
+            .open_in_place(self.cipher.nonce(self.n), Aad::empty(), record)
+            .map_err(|_| CryptoError::Decrypt)?;
         let len = plain.len();
         self.n += 1;
         Ok(len)
@@ -98,7 +96,7 @@ impl CipherState {
         let mut k = Zeroizing::new([0u8; KEY_LEN]);
         let _tag = self
             .key
-            .seal_in_place_separate_tag(self.nonce(u64::MAX), Aad::empty(), &mut k[..])
+            .seal_in_place_separate_tag(self.cipher.nonce(u64::MAX), Aad::empty(), &mut k[..])
             .map_err(|_| CryptoError::State)?;
         *self = CipherState { n: self.n, ..CipherState::new(self.cipher, &k[..])? };
         Ok(())
@@ -162,20 +160,20 @@ impl Transport {
         write(out);
         let body = start + RECORD_HEADER;
         let len = out.len() - body + TAG_LEN;
-        if len > MAX_RECORD || out.len() < body {
+        // On failure, wipe the plaintext written past `start` and cut it off.
+        let discard = |out: &mut Vec<u8>, e: CryptoError| {
             if let Some(tail) = out.get_mut(start..) {
                 super::buffer::wipe_bytes(tail);
             }
             out.truncate(start);
-            return Err(CryptoError::Size);
+            Err(e)
+        };
+        if len > MAX_RECORD || out.len() < body {
+            return discard(out, CryptoError::Size);
         }
         let tag = match self.send.seal_in_place(&mut out[body..]) {
             Ok(t) => t,
-            Err(e) => {
-                super::buffer::wipe_bytes(&mut out[start..]);
-                out.truncate(start);
-                return Err(e);
-            }
+            Err(e) => return discard(out, e),
         };
         out.extend_from_slice(&tag);
         out[start..body].copy_from_slice(&(len as u16).to_be_bytes());
