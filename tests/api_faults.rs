@@ -10,6 +10,7 @@ use common::chaos::ChaosProxy;
 use common::harness::{next_resume, server_and_client};
 use holdfast::keys::Keypair;
 use holdfast::net::Recovery;
+use holdfast::proto::{Cipher, ClientHandshake, Frame, HandshakeError};
 use holdfast::{Error, LinkEvent, LinkStatus, ServerConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -295,6 +296,62 @@ async fn link_cut_before_confirmation_resumes_or_is_lost_never_half() {
             }
         }
         eprintln!("resumed {resumed}, lost {lost}");
+    })
+    .await;
+}
+
+/// Sends one record body.
+async fn send_record(sock: &mut TcpStream, body: &[u8]) {
+    let mut rec = Vec::new();
+    holdfast::proto::frame::push_record(&mut rec, body);
+    sock.write_all(&rec).await.unwrap();
+}
+
+/// Reads one record body.
+async fn recv_record(sock: &mut TcpStream) -> Vec<u8> {
+    let len = sock.read_u16().await.unwrap() as usize;
+    let mut body = vec![0u8; len];
+    sock.read_exact(&mut body).await.unwrap();
+    body
+}
+
+/// Sends a resume hello for `ticket` on a new connection and returns what the reply says.
+async fn try_resume(
+    addr: std::net::SocketAddr,
+    ccfg: &holdfast::ClientConfig,
+    ticket: &holdfast::proto::Ticket,
+) -> Result<(), HandshakeError> {
+    let mut sock = TcpStream::connect(addr).await.unwrap();
+    let (hs, hello) = ClientHandshake::resume(&ccfg.keypair.private, &ccfg.server_key, ticket, 0, 0, Cipher::AesGcm)?;
+    send_record(&mut sock, &hello).await;
+    hs.read_reply(&recv_record(&mut sock).await).map(|_| ())
+}
+
+/// A resume that names a first ticket whose connection has not confirmed yet is told to retry
+/// (BUSY), never that the session is lost: the server may still commit it. Once the first
+/// connection confirms, the same ticket resumes.
+#[tokio::test]
+async fn first_ticket_is_busy_until_its_connection_confirms() {
+    bounded(async {
+        let (mut listener, ccfg) = server_and_client().await;
+        let addr = listener.local_addr();
+        let mut first = TcpStream::connect(addr).await.unwrap();
+        let (hs, hello) = ClientHandshake::initial(&ccfg.keypair.private, &ccfg.server_key, Cipher::AesGcm).unwrap();
+        send_record(&mut first, &hello).await;
+        let mut done = hs.read_reply(&recv_record(&mut first).await).unwrap();
+        let ticket = done.ticket.take().expect("the reply carries the first ticket");
+
+        assert_eq!(try_resume(addr, &ccfg, &ticket).await, Err(HandshakeError::Busy));
+        assert_eq!(listener.stats().sessions, 1, "only the reserved slot of the pending handshake");
+
+        // Key confirmation: the server commits and the ticket becomes live.
+        let mut confirm = Vec::new();
+        Frame::Ack(0).encode(&mut confirm);
+        let mut rec = Vec::new();
+        done.transport.seal(&confirm, &mut rec).unwrap();
+        first.write_all(&rec).await.unwrap();
+        let _stream = listener.accept().await.unwrap();
+        assert_eq!(try_resume(addr, &ccfg, &ticket).await, Ok(()));
     })
     .await;
 }
