@@ -583,7 +583,7 @@ fn server_restart_reports_session_lost() {
     w.check(w.app_c.log.app().rx_done.is_none(), "the client-side program saw a clean end of stream");
     // Never silently a new session: the new server saw no session and opened no tunnel.
     sleep_ms(1000);
-    w.check(w.server.log.count("new session") == 0, "the client started a new session");
+    w.check(w.server.log.count("session opened") == 0, "the client started a new session");
     w.check(w.server.log.count("tunnel open") == 0, "the new server opened a tunnel");
     w.check(w.client.log.count("link resumed") == 0, "the client claims to have resumed");
     let report = ms(t0, failed.at);

@@ -1,9 +1,10 @@
 //! `holdfast client` (a local forward) and `holdfast connect` (one stream on stdio).
 
-use std::io::{Read, Write};
+use std::io::IsTerminal;
+use std::net::SocketAddr;
 
 use anyhow::{Context, Result};
-use holdfast::net::{LinkEvent, Recovery, RecoveryPolicy};
+use holdfast::net::{LinkEvent, Recovery, RecoveryPolicy, Rounded};
 use holdfast::proto::Cipher;
 use holdfast::tunnel;
 use holdfast::ClientConfig;
@@ -11,7 +12,7 @@ use tracing::{error, info, warn};
 
 use crate::args::{CipherArg, ClientArgs, ClientCommon, ConnectArgs, OnFault};
 use crate::keyfiles::{load_keypair, load_server_key};
-use crate::session_config;
+use crate::{session_config, term};
 
 fn client_config(c: &ClientCommon) -> Result<ClientConfig> {
     tunnel::check_name(&c.service)?;
@@ -25,43 +26,24 @@ fn client_config(c: &ClientCommon) -> Result<ClientConfig> {
     };
     if let OnFault::Ask = c.on_fault {
         cfg.recovery = cfg.recovery.with_hook(|lost| async move {
-            tokio::task::spawn_blocking(move || ask_tty(&lost.cause)).await.unwrap_or(Recovery::Fail)
+            tokio::task::spawn_blocking(move || term::ask(&lost.cause)).await.unwrap_or(Recovery::Fail)
         });
     }
     Ok(cfg)
 }
 
-/// Asks on the controlling terminal whether to recover. Without a terminal, recovers.
-fn ask_tty(cause: &str) -> Recovery {
-    let Ok(mut tty) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/tty") else {
-        warn!("--on-fault ask: no terminal to ask; recovering");
-        return Recovery::Recover;
-    };
-    let _ = write!(tty, "\r\nholdfast: link lost ({cause}). Recover? [Y/n] ");
-    let _ = tty.flush();
-    let mut line = String::new();
-    let mut byte = [0u8; 1];
-    while let Ok(1) = tty.read(&mut byte) {
-        if byte[0] == b'\n' {
-            break;
-        }
-        line.push(byte[0] as char);
-    }
-    match line.trim().to_ascii_lowercase().as_str() {
-        "n" | "no" => Recovery::Fail,
-        _ => Recovery::Recover,
-    }
-}
-
-fn log_event(from: std::net::SocketAddr, ev: LinkEvent) {
+/// Logs a stream's link event, one line per event. `from` is the local program's address (a
+/// forward); `None` for the stream on stdio.
+fn log_event(from: Option<SocketAddr>, ev: LinkEvent) {
+    let from = from.map(|a| a.to_string()).unwrap_or_else(|| "stdio".into());
     match ev {
         LinkEvent::Lost(l) => warn!(%from, cause = %l.cause, faults = l.faults, "link lost; reconnecting"),
-        LinkEvent::Resumed { after, replayed_sent, replayed_received, peer } => {
-            info!(%from, %peer, ?after, replayed_sent, replayed_received, "link resumed")
+        LinkEvent::Resumed { after, replayed_sent, replayed_received, .. } => {
+            info!(%from, after = %Rounded(after), replayed_sent, replayed_received, "link resumed")
         }
         LinkEvent::Failed { reason } => error!(%from, %reason, "stream failed"),
         LinkEvent::Reconnecting { attempt, elapsed } if attempt > 1 => {
-            info!(%from, attempt, ?elapsed, "reconnecting")
+            info!(%from, attempt, elapsed = %Rounded(elapsed), "still reconnecting")
         }
         _ => {}
     }
@@ -80,7 +62,7 @@ pub(crate) async fn client(args: ClientArgs) -> Result<()> {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         while let Some((from, ev)) = rx.recv().await {
-            log_event(from, ev);
+            log_event(Some(from), ev);
         }
     });
     tokio::select! {
@@ -90,10 +72,51 @@ pub(crate) async fn client(args: ClientArgs) -> Result<()> {
     Ok(())
 }
 
-pub(crate) async fn connect(args: ConnectArgs) -> Result<()> {
+pub(crate) async fn connect(args: ConnectArgs, quiet: bool) -> Result<()> {
     let c = &args.common;
-    // The library logs link events itself; stdout carries only stream bytes.
+    // stdout carries only stream bytes. On a terminal (ssh's, in raw mode) link events become
+    // short status lines; otherwise they are logged.
     let stream = tunnel::open(&c.server, client_config(c)?, &c.service).await?;
-    tunnel::stdio(stream).await?;
+    let events = stream.events();
+    if std::io::stderr().is_terminal() {
+        if !quiet {
+            tokio::spawn(term::show_events(events));
+        }
+    } else {
+        tokio::spawn(async move {
+            let mut events = events;
+            while let Ok(ev) = events.recv().await {
+                log_event(None, ev);
+            }
+        });
+    }
+    tunnel::stdio(stream, hangup()).await?;
     Ok(())
+}
+
+/// Resolves when the program on the other end of stdio is gone: ssh sends its ProxyCommand
+/// `SIGHUP` when it exits; `SIGTERM` and Ctrl-C mean the same here. If the signals cannot be
+/// watched, never resolves (the process then ends by the signal's default action).
+async fn hangup() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let watch = |k| signal(k).ok();
+    let (Some(mut hup), Some(mut term), Some(mut int)) =
+        (watch(SignalKind::hangup()), watch(SignalKind::terminate()), watch(SignalKind::interrupt()))
+    else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = hup.recv() => {}
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    // The stream now finishes within a few seconds; a second signal ends the process at once.
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = hup.recv() => {}
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        std::process::exit(130);
+    });
 }

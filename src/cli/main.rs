@@ -5,6 +5,7 @@ mod client;
 mod demo;
 mod keyfiles;
 mod server;
+mod term;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -49,12 +50,13 @@ fn init_logs(cli: &Cli) {
 }
 
 async fn run(cli: Cli) -> Result<bool> {
+    let quiet = cli.quiet;
     match cli.cmd {
         Cmd::Keygen { out } => keyfiles::keygen(&out)?,
         Cmd::Pubkey => keyfiles::pubkey()?,
         Cmd::Server(a) => server::server(a).await?,
         Cmd::Client(a) => client::client(a).await?,
-        Cmd::Connect(a) => client::connect(a).await?,
+        Cmd::Connect(a) => client::connect(a, quiet).await?,
         Cmd::Demo { bytes, faults } => return demo::demo(bytes, faults).await,
         Cmd::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "holdfast", &mut std::io::stdout());
@@ -85,7 +87,12 @@ fn main() -> ExitCode {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {
-            eprintln!("holdfast: error: {}", error_line(&e));
+            // On a terminal (possibly ssh's, in raw mode) the line must return to column 0.
+            if std::io::stderr().is_terminal() {
+                eprint!("\r\nholdfast: error: {}\r\n", error_line(&e));
+            } else {
+                eprintln!("holdfast: error: {}", error_line(&e));
+            }
             ExitCode::FAILURE
         }
     }

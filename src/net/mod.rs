@@ -19,7 +19,7 @@ use crate::proto::{HandshakeError, SessionError};
 
 pub use client::connect;
 pub use config::{ClientConfig, Limits, Recovery, RecoveryHook, RecoveryPolicy, ServerConfig};
-pub use events::{LinkEvent, LinkLost, LinkStatus};
+pub use events::{LinkEvent, LinkLost, LinkStatus, Rounded};
 pub use server::{bind, AllowListHandle, Listener, Peer, ServerStats};
 pub use stream::{ReadHalf, Stream, WriteHalf};
 

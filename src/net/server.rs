@@ -14,7 +14,7 @@ use tracing::{debug, info, warn};
 
 use crate::keys::{AllowList, PublicKey};
 use crate::net::config::ServerConfig;
-use crate::net::events::{LinkEvent, LinkLost, LinkStatus};
+use crate::net::events::{LinkEvent, LinkLost, LinkStatus, Rounded};
 use crate::net::pump::{pump, PumpEnd};
 use crate::net::stream::{Shared, Stream};
 use crate::net::wire::{read_record, write_record};
@@ -91,6 +91,10 @@ struct NewLink {
 struct Entry {
     shared: Arc<Shared>,
     client: PublicKey,
+    /// The client as logs name it: its allow-list name, or its key.
+    who: String,
+    /// When the session was committed.
+    opened: Instant,
     replace: mpsc::Sender<NewLink>,
     /// Token bucket for `resumes_per_sec_per_session`: (tokens, last refill).
     resume_tokens: Mutex<Option<(f64, Instant)>>,
@@ -474,7 +478,16 @@ fn commit_new(
     session.handle_frame(now, confirm).map_err(Error::Session)?;
     let shared = Shared::new(session, client);
     let (tx, rx) = mpsc::channel(4);
-    let entry = Arc::new(Entry { shared: shared.clone(), client, replace: tx, resume_tokens: Mutex::new(None) });
+    let name = state.allow().lookup(&client).and_then(|p| p.name.clone());
+    let who = name.clone().unwrap_or_else(|| client.to_string());
+    let entry = Arc::new(Entry {
+        shared: shared.clone(),
+        client,
+        who,
+        opened: now,
+        replace: tx,
+        resume_tokens: Mutex::new(None),
+    });
     reservation.keep();
     // The client already holds the first ticket: map it to the session before anything else
     // runs, so that a resume arriving at once finds it.
@@ -482,9 +495,8 @@ fn commit_new(
     for ev in events {
         sync_tickets(state, &entry, ev);
     }
-    let name = state.allow().lookup(&client).and_then(|p| p.name.clone());
     let peer = Peer { key: client, name, addr };
-    info!(%addr, client = %client, name = ?peer.name, %cipher, "new session");
+    info!(client = %entry.who, key = %client, %addr, %cipher, "session opened");
     shared.emit(LinkEvent::Connected { peer: addr });
     if state.accepted.try_send((Stream::new(shared.clone()), peer)).is_err() {
         warn!(%addr, "accept queue full; dropping new session");
@@ -552,7 +564,7 @@ async fn session_task(state: Arc<State>, entry: Arc<Entry>, sock: TcpStream, mut
                     }
                     faults += 1;
                     lost_at = Instant::now();
-                    info!(%cause, "session detached; waiting for resume");
+                    info!(client = %entry.who, %cause, "session detached; waiting for resume");
                     let lost = LinkLost { cause: cause.to_string(), faults };
                     shared.set_status(LinkStatus::Reconnecting { cause: lost.cause.clone(), attempt: 0 });
                     shared.emit(LinkEvent::Lost(lost));
@@ -562,7 +574,7 @@ async fn session_task(state: Arc<State>, entry: Arc<Entry>, sock: TcpStream, mut
             None => match tokio::time::timeout_at((lost_at + expiry).into(), rx.recv()).await {
                 Ok(Some(new)) => new,
                 Ok(None) | Err(_) => {
-                    info!(?expiry, "detached session expired");
+                    info!(client = %entry.who, expiry = %Rounded(expiry), "session expired without a resume");
                     state.expired.fetch_add(1, Ordering::Relaxed);
                     shared.fail(CloseCode::Expired, SessionError::Expired(expiry));
                     break;
@@ -587,7 +599,14 @@ async fn session_task(state: Arc<State>, entry: Arc<Entry>, sock: TcpStream, mut
             Ok(a) => {
                 state.resumes.fetch_add(1, Ordering::Relaxed);
                 let replayed_received = new.client_written.saturating_sub(shared.lock().session.received_offset());
-                debug!(peer = %new.peer, id = %hex_id(&new.resume_id), "resumed");
+                info!(
+                    client = %entry.who,
+                    addr = %new.peer,
+                    after = %Rounded(now.saturating_duration_since(lost_at)),
+                    replayed_to_client = a.replayed,
+                    replayed_from_client = replayed_received,
+                    "session resumed"
+                );
                 shared.set_status(LinkStatus::Connected);
                 shared.emit(LinkEvent::Resumed {
                     peer: new.peer,
@@ -604,7 +623,7 @@ async fn session_task(state: Arc<State>, entry: Arc<Entry>, sock: TcpStream, mut
                 lost_at = Instant::now();
             }
             Err(e) => {
-                warn!(error = %e, "resume failed; ending session");
+                warn!(client = %entry.who, error = %e, "resume failed; ending session");
                 shared.fail(CloseCode::Protocol, e);
                 break;
             }
@@ -614,4 +633,24 @@ async fn session_task(state: Arc<State>, entry: Arc<Entry>, sock: TcpStream, mut
     state.table().by_ticket.retain(|_, e| !Arc::ptr_eq(e, &entry));
     state.release(&entry.client);
     shared.report_end();
+    log_end(&entry);
+}
+
+/// Logs how a session ended, once, with its client and the bytes each way.
+fn log_end(entry: &Entry) {
+    let (failure, to_client, from_client) = {
+        let inner = entry.shared.lock();
+        (inner.session.failure().cloned(), inner.session.written_offset(), inner.session.received_offset())
+    };
+    let lasted = Rounded(entry.opened.elapsed());
+    let who = &entry.who;
+    match failure {
+        None | Some(SessionError::Finished) => {
+            info!(client = %who, to_client, from_client, %lasted, "session closed")
+        }
+        Some(e @ SessionError::Expired(_)) => {
+            info!(client = %who, to_client, from_client, %lasted, reason = %e, "session ended")
+        }
+        Some(e) => warn!(client = %who, to_client, from_client, %lasted, reason = %e, "session ended"),
+    }
 }
