@@ -369,6 +369,35 @@ async fn connect_stdio_half_close() {
     assert!(err.lines().all(is_log_line), "unexpected stderr:\n{err}");
 }
 
+/// A burst of local connections (a script, a browser) exceeds the server's per-source
+/// handshake rate (20/s): the server answers BUSY and the forward tries again, so every one of
+/// them gets through, and nothing claims a key problem.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forward_takes_a_burst_of_connections() {
+    let keys = Keys::new("burst");
+    let echo = echo_service().await;
+    let (_server, addr) = keys.server(&[format!("echo={echo}")]).await;
+    let mut args = keys.client_args("client", addr, "echo");
+    args.extend(["--local", "127.0.0.1:0", "--no-check"].map(String::from));
+    let client = Proc::spawn(&strs(&args), false);
+    let local = client.logged_addr("forwarding", "local=").await;
+    let mut burst = tokio::task::JoinSet::new();
+    for i in 0..60u8 {
+        burst.spawn(async move {
+            let mut c = TcpStream::connect(local).await?;
+            c.write_all(&[i; 32]).await?;
+            c.shutdown().await?;
+            let mut back = Vec::new();
+            c.read_to_end(&mut back).await?;
+            Ok::<_, std::io::Error>(back == [i; 32])
+        });
+    }
+    let results = timeout(LIMIT, burst.join_all()).await.expect("the burst did not finish in time");
+    let ok = results.iter().filter(|r| matches!(r, Ok(true))).count();
+    assert_eq!(ok, 60, "{ok} of 60 connections echoed; client log:\n{}", client.stderr());
+    assert!(!client.stderr().contains("allow-list"), "a rate limit was reported as a key problem");
+}
+
 /// `connect` is used by request/response programs (ssh above all): each message must come back
 /// as soon as it is sent, with no newline, no more data and no EOF behind it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -88,7 +88,10 @@ async fn dial(
             }
             Err(e) => return Err(Error::Io(e)),
         };
-        let done = hs.read_reply(&reply).map_err(hs_err)?;
+        let done = match hs.read_reply(&reply) {
+            Err(HandshakeError::Busy) => return Err(Error::Busy { addr: addr.to_string() }),
+            r => r.map_err(hs_err)?,
+        };
         Ok((sock, done, peer))
     };
     match tokio::time::timeout(limit, attempt).await {

@@ -44,6 +44,15 @@ pub enum Error {
         /// The address dialled.
         addr: String,
     },
+    /// The server answered BUSY: it is at a limit (new connections from this address per
+    /// second, sessions in all or for this client key, or its memory budget). Try again shortly.
+    #[error(
+        "server {addr} is busy: it is at a limit (new connections per second from this address, or sessions); try again shortly"
+    )]
+    Busy {
+        /// The address dialled.
+        addr: String,
+    },
     /// The handshake failed.
     #[error("handshake with {addr} failed: {source}")]
     Handshake {
@@ -85,6 +94,7 @@ impl From<Error> for io::Error {
         let kind = match &e {
             Error::Connect { source, .. } | Error::Bind { source, .. } => source.kind(),
             Error::HandshakeRefused { .. } => K::PermissionDenied,
+            Error::Busy { .. } => K::ResourceBusy,
             Error::Handshake { source: HandshakeError::UnknownSession, .. } => K::NotConnected,
             Error::Handshake { source: HandshakeError::Busy, .. } => K::ResourceBusy,
             Error::Handshake { .. } => K::InvalidData,

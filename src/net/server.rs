@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinHandle};
@@ -145,6 +146,8 @@ struct State {
     buffered: AtomicUsize,
     expired: AtomicUsize,
     resumes: AtomicUsize,
+    /// Over-rate connections being answered with BUSY.
+    refusing: AtomicUsize,
     pending: Mutex<Pending>,
     accepted: mpsc::Sender<(Stream, Peer)>,
 }
@@ -289,6 +292,7 @@ pub async fn bind(addr: impl Into<String>, cfg: ServerConfig) -> Result<Listener
         buffered: AtomicUsize::new(0),
         expired: AtomicUsize::new(0),
         resumes: AtomicUsize::new(0),
+        refusing: AtomicUsize::new(0),
         pending: Mutex::new(Pending::default()),
         accepted: tx,
     });
@@ -344,6 +348,7 @@ async fn accept_loop(tcp: TcpListener, state: Arc<State>) {
         };
         if !state.rate_ok(addr.ip()) {
             debug!(%addr, "handshake rate limit");
+            refuse_busy(&state, sock);
             continue;
         }
         // At the cap, close the oldest unfinished handshake: real ones finish in a round trip,
@@ -370,6 +375,35 @@ async fn accept_loop(tcp: TcpListener, state: Arc<State>) {
         pending.live.push_back((id, task.abort_handle()));
     }
 }
+
+/// Answers a connection over its source's handshake rate with REJECT BUSY before reading
+/// anything, so the client can tell "try again shortly" from an authentication refusal (the
+/// answer depends on nothing the client sent). It then waits, briefly, for the hello, so that
+/// closing does not reset the connection and destroy the answer in flight. At most
+/// [`MAX_REFUSING`] connections are answered at once; beyond that they are closed silently.
+fn refuse_busy(state: &Arc<State>, mut sock: TcpStream) {
+    if state.refusing.fetch_add(1, Ordering::Relaxed) >= MAX_REFUSING {
+        state.refusing.fetch_sub(1, Ordering::Relaxed);
+        return;
+    }
+    let state = state.clone();
+    tokio::spawn(async move {
+        let answer = async {
+            write_record(&mut sock, &handshake::reject(RejectCode::Busy)).await?;
+            sock.shutdown().await?;
+            let mut sink = [0u8; MAX_HANDSHAKE + 2];
+            while sock.read(&mut sink).await? > 0 {}
+            Ok::<_, std::io::Error>(())
+        };
+        let _ = tokio::time::timeout(REFUSE_LINGER, answer).await;
+        state.refusing.fetch_sub(1, Ordering::Relaxed);
+    });
+}
+
+/// Most over-rate connections answered with BUSY at once (see [`refuse_busy`]).
+const MAX_REFUSING: usize = 64;
+/// How long an over-rate connection is kept open for its BUSY answer to be read.
+const REFUSE_LINGER: Duration = Duration::from_millis(500);
 
 async fn handshake(mut sock: TcpStream, addr: SocketAddr, state: &Arc<State>) -> Result<(), Error> {
     let _ = sock.set_nodelay(true);

@@ -2,6 +2,10 @@
 //! of [`crate::tunnel`] for the bytes).
 
 use std::io;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use tracing::debug;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
@@ -44,7 +48,7 @@ pub(super) async fn read_request(stream: &mut Stream) -> Result<String, TunnelEr
 /// Connects and sends the service request, without waiting for the reply.
 pub(super) async fn request(addr: &str, cfg: ClientConfig, service: &str) -> Result<Stream, TunnelError> {
     check_name(service)?;
-    let mut stream = net::connect(addr, cfg).await?;
+    let mut stream = connect_when_not_busy(addr, cfg).await?;
     let mut req = vec![service.len() as u8];
     req.extend_from_slice(service.as_bytes());
     stream.write_all(&req).await?;
@@ -71,5 +75,27 @@ pub(super) async fn read_reply<R: AsyncRead + Unpin>(stream: &mut R, service: &s
         1 => Err(TunnelError::UnknownService(service.to_string())),
         2 => Err(TunnelError::ServiceRefused { service: service.to_string(), reason: msg }),
         _ => Err(TunnelError::Malformed("reply")),
+    }
+}
+
+/// How long a new tunnel keeps trying while the server answers BUSY (a burst of local
+/// connections can exceed the server's per-source handshake rate).
+pub const BUSY_PATIENCE: Duration = Duration::from_secs(10);
+
+/// Connects, retrying for up to [`BUSY_PATIENCE`] while the server is busy, with a jittered
+/// backoff from 50 ms to 1 s so that a burst spreads out instead of retrying in lockstep.
+async fn connect_when_not_busy(addr: &str, cfg: ClientConfig) -> Result<Stream, net::Error> {
+    let start = Instant::now();
+    let mut delay = Duration::from_millis(50);
+    loop {
+        match net::connect(addr, cfg.clone()).await {
+            Err(net::Error::Busy { .. }) if start.elapsed() + delay < BUSY_PATIENCE => {
+                let jittered = delay.mul_f64(rand::thread_rng().gen_range(0.5..=1.0));
+                debug!(addr, wait = ?jittered, "server busy; trying again");
+                tokio::time::sleep(jittered).await;
+                delay = (delay * 2).min(Duration::from_secs(1));
+            }
+            r => return r,
+        }
     }
 }
