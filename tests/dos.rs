@@ -15,7 +15,6 @@ use common::chaos::ChaosProxy;
 use common::harness::{fast_session, next_resume};
 use holdfast::keys::{AllowList, Keypair};
 use holdfast::net::Limits;
-use holdfast::proto::HandshakeError;
 use holdfast::{ClientConfig, Error, LinkEvent, Listener, ServerConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
