@@ -544,7 +544,7 @@ fn outage_longer_than_give_up_fails_clearly_and_server_expires() {
     // Server: the session is detached, then freed when its expiry passes.
     let detached = w.server.log.wait_line("session detached", fault, Duration::from_secs(5));
     w.check(detached.is_some(), "the server never detached the session");
-    let expired = w.server.log.wait_line("detached session expired", fault, Duration::from_secs(20));
+    let expired = w.server.log.wait_line("session expired without a resume", fault, Duration::from_secs(20));
     w.check(expired.is_some(), "the server never expired the session");
     let (detached, expired) = (detached.map_or(0, |l| l.at), expired.map_or(0, |l| l.at));
     let expiry = ms(detached, expired);

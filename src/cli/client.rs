@@ -80,7 +80,7 @@ pub(crate) async fn connect(args: ConnectArgs, quiet: bool) -> Result<()> {
     let events = stream.events();
     if std::io::stderr().is_terminal() {
         if !quiet {
-            tokio::spawn(term::show_events(events));
+            tokio::spawn(term::show_events(events, matches!(c.on_fault, OnFault::Ask)));
         }
     } else {
         tokio::spawn(async move {

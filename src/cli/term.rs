@@ -31,11 +31,15 @@ pub(crate) fn describe(ev: &LinkEvent) -> Option<String> {
     }
 }
 
-/// Shows the stream's link events as status lines until the stream ends.
-pub(crate) async fn show_events(mut events: broadcast::Receiver<LinkEvent>) {
+/// Shows the stream's link events as status lines until the stream ends. With `asking` (the
+/// `--on-fault ask` question tells of each loss itself), losses get no line of their own.
+pub(crate) async fn show_events(mut events: broadcast::Receiver<LinkEvent>, asking: bool) {
     loop {
         match events.recv().await {
             Ok(ev) => {
+                if asking && matches!(ev, LinkEvent::Lost(_)) {
+                    continue;
+                }
                 if let Some(text) = describe(&ev) {
                     status_line(&text);
                 }

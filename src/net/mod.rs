@@ -17,9 +17,10 @@ use thiserror::Error;
 use crate::keys::KeyError;
 use crate::proto::{HandshakeError, SessionError};
 
+pub use crate::human::Rounded;
 pub use client::connect;
 pub use config::{ClientConfig, Limits, Recovery, RecoveryHook, RecoveryPolicy, ServerConfig};
-pub use events::{LinkEvent, LinkLost, LinkStatus, Rounded};
+pub use events::{LinkEvent, LinkLost, LinkStatus};
 pub use server::{bind, AllowListHandle, Listener, Peer, ServerStats};
 pub use stream::{ReadHalf, Stream, WriteHalf};
 
@@ -62,7 +63,7 @@ pub enum Error {
         source: HandshakeError,
     },
     /// A connect or handshake took too long.
-    #[error("handshake with {addr} timed out after {after:?}")]
+    #[error("handshake with {addr} timed out after {}", crate::human::Rounded(*after))]
     Timeout {
         /// The peer address.
         addr: String,

@@ -13,9 +13,10 @@ use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinHandle};
 use tracing::{debug, info, warn};
 
+use crate::human::Rounded;
 use crate::keys::{AllowList, PublicKey};
 use crate::net::config::ServerConfig;
-use crate::net::events::{LinkEvent, LinkLost, LinkStatus, Rounded};
+use crate::net::events::{LinkEvent, LinkLost, LinkStatus};
 use crate::net::pump::{pump, PumpEnd};
 use crate::net::stream::{Shared, Stream};
 use crate::net::wire::{read_record, write_record};
