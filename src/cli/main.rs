@@ -72,7 +72,14 @@ fn main() -> ExitCode {
     if let Err(e) = holdfast::harden::disable_core_dumps() {
         warn!(error = %e, "could not disable core dumps");
     }
-    let rt = match tokio::runtime::Runtime::new() {
+    // `connect` carries one stream for one program: a single thread moves its bytes without
+    // waking another thread for every message (round trips through it are request/response).
+    let rt = if matches!(cli.cmd, Cmd::Connect(_)) {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        tokio::runtime::Runtime::new()
+    };
+    let rt = match rt {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("holdfast: error: cannot start the runtime: {e}");
