@@ -1,0 +1,151 @@
+//! Each session's driver task on the server: it pumps the attached link, keeps the session
+//! while it is detached, attaches resumed links, and expires it.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use super::state::{Entry, NewLink, State};
+use crate::human::Rounded;
+use crate::net::events::{LinkEvent, LinkLost, LinkStatus};
+use crate::net::pump::{pump, PumpEnd};
+use crate::proto::{CloseCode, Event, SessionError, Ticket};
+
+/// Applies ticket events to the table.
+pub(super) fn sync_tickets(state: &State, entry: &Arc<Entry>, ev: Event) {
+    let mut t = state.table();
+    match ev {
+        Event::TicketIssued(id) => {
+            t.by_ticket.insert(id, entry.clone());
+        }
+        Event::TicketRetired(id) => {
+            t.by_ticket.remove(&id);
+        }
+        Event::TicketReceived => {}
+    }
+}
+
+pub(super) async fn session_task(
+    state: Arc<State>,
+    entry: Arc<Entry>,
+    sock: TcpStream,
+    mut rx: mpsc::Receiver<NewLink>,
+) {
+    let shared = entry.shared.clone();
+    let expiry = state.cfg.limits.session_expiry;
+    let mut link = Some(sock);
+    let mut faults = 0u64;
+    let mut lost_at = Instant::now();
+    loop {
+        let new = match link.take() {
+            Some(sock) => match pump(&shared, sock, Some(&mut rx), |ev| sync_tickets(&state, &entry, ev)).await {
+                PumpEnd::Over => break,
+                PumpEnd::Replaced(new) => {
+                    lost_at = Instant::now();
+                    new
+                }
+                PumpEnd::Fault(cause) => {
+                    let ended = {
+                        let mut inner = shared.lock();
+                        inner.session.detach();
+                        inner.session.failure().is_some()
+                    };
+                    if ended || !cause.is_link_fault() {
+                        break;
+                    }
+                    faults += 1;
+                    lost_at = Instant::now();
+                    info!(client = %entry.who, %cause, "session detached; waiting for resume");
+                    let lost = LinkLost { cause: cause.to_string(), faults };
+                    shared.set_status(LinkStatus::Reconnecting { cause: lost.cause.clone(), attempt: 0 });
+                    shared.emit(LinkEvent::Lost(lost));
+                    continue;
+                }
+            },
+            None => match tokio::time::timeout_at((lost_at + expiry).into(), rx.recv()).await {
+                Ok(Some(new)) => new,
+                Ok(None) | Err(_) => {
+                    info!(client = %entry.who, expiry = %Rounded(expiry), "session expired without a resume");
+                    state.expired.fetch_add(1, Ordering::Relaxed);
+                    shared.fail(CloseCode::Expired, SessionError::Expired(expiry));
+                    break;
+                }
+            },
+        };
+        let now = Instant::now();
+        let attached = {
+            let mut inner = shared.lock();
+            inner.session.detach();
+            let r = inner
+                .session
+                .attach(now, new.transport, new.client_received, Some(new.resume_id), Some(Ticket::generate()))
+                .and_then(|a| inner.session.handle_frame(now, &new.confirm).map(|()| a));
+            while let Some(ev) = inner.session.poll_event() {
+                sync_tickets(&state, &entry, ev);
+            }
+            inner.wake_all();
+            r
+        };
+        match attached {
+            Ok(a) => {
+                state.resumes.fetch_add(1, Ordering::Relaxed);
+                let replayed_received = new.client_written.saturating_sub(shared.lock().session.received_offset());
+                info!(
+                    client = %entry.who,
+                    addr = %new.peer,
+                    after = %Rounded(now.saturating_duration_since(lost_at)),
+                    replayed_to_client = a.replayed,
+                    replayed_from_client = replayed_received,
+                    "session resumed"
+                );
+                shared.set_status(LinkStatus::Connected);
+                shared.emit(LinkEvent::Resumed {
+                    peer: new.peer,
+                    after: now.saturating_duration_since(lost_at),
+                    replayed_sent: a.replayed,
+                    replayed_received,
+                });
+                link = Some(new.sock);
+            }
+            Err(e) if e.is_link_fault() => {
+                // The confirmation frame was bad: drop this connection only, as on a live link.
+                warn!(error = %e, "resumed connection sent a bad first frame; waiting for another");
+                shared.lock().session.detach();
+                lost_at = Instant::now();
+            }
+            Err(e) => {
+                warn!(client = %entry.who, error = %e, "resume failed; ending session");
+                shared.fail(CloseCode::Protocol, e);
+                break;
+            }
+        }
+    }
+    // Clean up: forget tickets and release the session's share of the limits.
+    state.table().by_ticket.retain(|_, e| !Arc::ptr_eq(e, &entry));
+    state.release(&entry.client);
+    shared.report_end();
+    log_end(&entry);
+}
+
+/// Logs how a session ended, once, with its client and the bytes each way.
+pub(super) fn log_end(entry: &Entry) {
+    let (failure, to_client, from_client) = {
+        let inner = entry.shared.lock();
+        (inner.session.failure().cloned(), inner.session.written_offset(), inner.session.received_offset())
+    };
+    let lasted = Rounded(entry.opened.elapsed());
+    let who = &entry.who;
+    match failure {
+        None | Some(SessionError::Finished) => {
+            info!(client = %who, to_client, from_client, %lasted, "session closed")
+        }
+        Some(e @ SessionError::Expired(_)) => {
+            info!(client = %who, to_client, from_client, %lasted, reason = %e, "session ended")
+        }
+        Some(e) => warn!(client = %who, to_client, from_client, %lasted, reason = %e, "session ended"),
+    }
+}
