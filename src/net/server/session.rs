@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::state::{Entry, NewLink, State};
 use crate::human::Rounded;
@@ -29,53 +29,84 @@ pub(super) fn sync_tickets(state: &State, entry: &Arc<Entry>, ev: Event) {
     }
 }
 
+/// Drives one session until it ends: pumps its link, waits while it is detached (until its
+/// expiry), and attaches each newer confirmed link. `link` is `None` when the first link's
+/// confirmation frame already faulted.
 pub(super) async fn session_task(
     state: Arc<State>,
     entry: Arc<Entry>,
-    sock: TcpStream,
+    link: Option<TcpStream>,
     mut rx: mpsc::Receiver<NewLink>,
 ) {
     let shared = entry.shared.clone();
     let expiry = state.cfg.limits.session_expiry;
-    let mut link = Some(sock);
+    let mut link = link;
     let mut faults = 0u64;
     let mut lost_at = Instant::now();
+    // The number of the attached (or last attached) link: only a newer one may replace it. A
+    // link whose confirmation was held back while the client moved on is older, and its
+    // attach would undo what the newer link did (its ticket, its offsets).
+    let mut current = 0u64;
     loop {
+        if shared.lock().session.failure().is_some() && link.is_none() {
+            break;
+        }
+        let newer = move |l: &NewLink| {
+            let fresh = l.number > current;
+            if !fresh {
+                debug!(link = l.number, current, "dropping an outdated link's confirmation");
+            }
+            fresh
+        };
         let new = match link.take() {
-            Some(sock) => match pump(&shared, sock, Some(&mut rx), |ev| sync_tickets(&state, &entry, ev)).await {
-                PumpEnd::Over => break,
-                PumpEnd::Replaced(new) => {
-                    lost_at = Instant::now();
-                    new
+            Some(sock) => {
+                match pump(&shared, sock, Some((&mut rx, newer)), |ev| sync_tickets(&state, &entry, ev)).await {
+                    PumpEnd::Over => break,
+                    PumpEnd::Replaced(new) => {
+                        lost_at = Instant::now();
+                        new
+                    }
+                    PumpEnd::Fault(cause) => {
+                        let ended = {
+                            let mut inner = shared.lock();
+                            inner.session.detach();
+                            inner.session.failure().is_some()
+                        };
+                        if ended || !cause.is_link_fault() {
+                            break;
+                        }
+                        faults += 1;
+                        lost_at = Instant::now();
+                        info!(client = %entry.who, %cause, "session detached; waiting for resume");
+                        let lost = LinkLost { cause: cause.to_string(), faults };
+                        shared.set_status(LinkStatus::Reconnecting { cause: lost.cause.clone(), attempt: 0 });
+                        shared.emit(LinkEvent::Lost(lost));
+                        continue;
+                    }
                 }
-                PumpEnd::Fault(cause) => {
-                    let ended = {
-                        let mut inner = shared.lock();
-                        inner.session.detach();
-                        inner.session.failure().is_some()
-                    };
-                    if ended || !cause.is_link_fault() {
+            }
+            None => {
+                let next = async {
+                    loop {
+                        match rx.recv().await {
+                            Some(l) if newer(&l) => return Some(l),
+                            Some(_) => {}
+                            None => return None,
+                        }
+                    }
+                };
+                match tokio::time::timeout_at((lost_at + expiry).into(), next).await {
+                    Ok(Some(new)) => new,
+                    Ok(None) | Err(_) => {
+                        info!(client = %entry.who, expiry = %Rounded(expiry), "session expired without a resume");
+                        state.expired.fetch_add(1, Ordering::Relaxed);
+                        shared.fail(CloseCode::Expired, SessionError::Expired(expiry));
                         break;
                     }
-                    faults += 1;
-                    lost_at = Instant::now();
-                    info!(client = %entry.who, %cause, "session detached; waiting for resume");
-                    let lost = LinkLost { cause: cause.to_string(), faults };
-                    shared.set_status(LinkStatus::Reconnecting { cause: lost.cause.clone(), attempt: 0 });
-                    shared.emit(LinkEvent::Lost(lost));
-                    continue;
                 }
-            },
-            None => match tokio::time::timeout_at((lost_at + expiry).into(), rx.recv()).await {
-                Ok(Some(new)) => new,
-                Ok(None) | Err(_) => {
-                    info!(client = %entry.who, expiry = %Rounded(expiry), "session expired without a resume");
-                    state.expired.fetch_add(1, Ordering::Relaxed);
-                    shared.fail(CloseCode::Expired, SessionError::Expired(expiry));
-                    break;
-                }
-            },
+            }
         };
+        current = new.number;
         let now = Instant::now();
         let attached = {
             let mut inner = shared.lock();
@@ -113,13 +144,18 @@ pub(super) async fn session_task(
             }
             Err(e) if e.is_link_fault() => {
                 // The confirmation frame was bad: drop this connection only, as on a live link.
-                warn!(error = %e, "resumed connection sent a bad first frame; waiting for another");
+                warn!(client = %entry.who, error = %e, "resumed connection sent a bad first frame; waiting for another");
                 shared.lock().session.detach();
                 lost_at = Instant::now();
             }
+            Err(e @ SessionError::BadResume(_)) => {
+                // The client claims positions that were never sent: this end cannot resume it.
+                // The CLOSE(Protocol) that says so goes out on the new link.
+                warn!(client = %entry.who, error = %e, "resume failed; ending session");
+                link = Some(new.sock);
+            }
             Err(e) => {
                 warn!(client = %entry.who, error = %e, "resume failed; ending session");
-                shared.fail(CloseCode::Protocol, e);
                 break;
             }
         }
