@@ -22,8 +22,16 @@ use zeroize::{Zeroize, Zeroizing};
 
 use super::statics::StaticSecrets;
 
+#[cfg(test)]
+thread_local! {
+    /// Variable-base multiplications done by this thread (tests count the work of a handshake).
+    pub(crate) static MULTIPLICATIONS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
 /// `X25519(k, u)` of RFC 7748.
 pub(crate) fn x25519(k: &[u8; 32], u: &[u8; 32]) -> [u8; 32] {
+    #[cfg(test)]
+    MULTIPLICATIONS.with(|m| m.set(m.get() + 1));
     let m = MontgomeryPoint(*u);
     match m.to_edwards(0) {
         Some(p) => p.mul_clamped(*k).to_montgomery().to_bytes(),

@@ -81,3 +81,59 @@ impl StaticSecrets {
         self.inner.decoy.clone()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::Keypair;
+    use crate::proto::dh::MULTIPLICATIONS;
+    use crate::proto::handshake::{read_hello, ClientHandshake, HandshakeError, Hello};
+    use crate::proto::Cipher;
+
+    fn multiplications(f: impl FnOnce()) -> u64 {
+        let before = MULTIPLICATIONS.with(|m| m.get());
+        f();
+        MULTIPLICATIONS.with(|m| m.get()) - before
+    }
+
+    /// Review item 6: a first-connection hello costs the server the same work whatever key it
+    /// claims, allowed and seen many times or never seen: no multiplication for `ss` at all. An
+    /// old per-pair cache answered repeat clients one multiplication sooner, which a scanner
+    /// could time.
+    #[test]
+    fn every_claimed_key_costs_the_same() {
+        let server = Keypair::generate();
+        let (known, unknown) = (Keypair::generate(), Keypair::generate());
+        let table = StaticSecrets::new(&server.private, [&known.public]);
+        for round in 0..4u64 {
+            let mut outcome = Vec::new();
+            let cost: Vec<u64> = [&known, &unknown]
+                .iter()
+                .map(|k| {
+                    let (_, hello) =
+                        ClientHandshake::initial(&k.private, &server.public, Cipher::AesGcm, round + 1).unwrap();
+                    multiplications(|| {
+                        outcome.push(
+                            read_hello(&hello, &server.private, Some(&table), |_| None).map(|r| r.hello().clone()),
+                        )
+                    })
+                })
+                .collect();
+            assert_eq!(cost[0], cost[1], "round {round}: known and unknown keys cost differently");
+            assert_eq!(cost[0], 1, "round {round}: only `es` is computed");
+            assert!(matches!(&outcome[0], Ok(Hello::Initial { client, .. }) if *client == known.public));
+            assert_eq!(
+                outcome[1].as_ref().err(),
+                Some(&HandshakeError::Auth),
+                "an unknown key must fail like a forgery"
+            );
+        }
+    }
+
+    #[test]
+    fn low_order_keys_get_no_entry() {
+        let server = Keypair::generate();
+        let zero = PublicKey::from_bytes([0u8; 32]);
+        assert!(StaticSecrets::new(&server.private, [&zero]).is_empty());
+    }
+}

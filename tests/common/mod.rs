@@ -2,4 +2,5 @@
 
 pub mod chaos;
 pub mod harness;
+pub mod low_order;
 pub mod netns;
