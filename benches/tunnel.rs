@@ -15,7 +15,8 @@
 //! - `HOLDFAST_BENCH_PATHS` comma list among `direct,holdfast,holdfast-chacha,socat,stunnel,spiped,ssh`
 //!   (`holdfast-chacha` is holdfast with `--cipher chacha20-poly1305`, the cipher of the stunnel
 //!   path; plain `holdfast` uses the default, AES-256-GCM on CPUs with AES instructions).
-//! - `HOLDFAST_BENCH_METRICS` comma list among `tput,rtt,conn,resume,hs,mem` (default all).
+//! - `HOLDFAST_BENCH_METRICS` comma list among `tput,rtt,stdio,conn,resume,hs,mem` (default all;
+//!   `stdio` is the RTT through `holdfast connect`'s pipes, measured in the same rounds).
 //! - `HOLDFAST_BENCH_RESETS` resets in the resume test (default 60).
 //! - `HOLDFAST_BENCH_SESSIONS` idle sessions in the memory test (default 1000).
 //!
@@ -36,6 +37,9 @@ use holdfast::proto::{ClientHandshake, CloseCode, Frame, Transport};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{watch, Notify, Semaphore};
+
+#[path = "tunnel/stdio.rs"]
+mod stdio;
 
 const BIN: &str = env!("CARGO_BIN_EXE_holdfast");
 const SERVICE_NAME: &str = "bench";
@@ -1281,9 +1285,31 @@ async fn run(opts: Opts) {
     }
     let mut stats: HashMap<&'static str, PathStats> = tools.iter().map(|t| (t.name, PathStats::default())).collect();
     let limit = Duration::from_secs(120);
+    // `holdfast connect` (stdio) gets a server of its own, with the same settings as the path's.
+    let mut stdio_server = None;
+    if opts.metric("stdio") {
+        match holdfast_server(&dir, &keys, svc, "stdio-server.log", &["-q"]).await {
+            Ok((child, port)) => {
+                stdio_server =
+                    Some((Tool { name: "stdio", entry: loopback(port), children: vec![child], server_pid: None }, port))
+            }
+            Err(e) => println!("stdio: FAILED to start its server: {e}"),
+        }
+    }
+    let (mut stdio50, mut stdio99, mut stdio_errors) = (Vec::new(), Vec::new(), Vec::new());
 
     for round in 0..opts.runs {
         eprintln!("round {}/{} (load {})", round + 1, opts.runs, loadavg());
+        if let Some((_, port)) = &stdio_server {
+            match tokio::time::timeout(limit, stdio::rtt(&keys, *port, opts.rtt_samples)).await {
+                Ok(Ok((a, b))) => {
+                    stdio50.push(a);
+                    stdio99.push(b);
+                }
+                Ok(Err(e)) => stdio_errors.push(format!("{e}")),
+                Err(_) => stdio_errors.push(s("timed out")),
+            }
+        }
         // Alternate the order so that no path always runs first.
         let order: Vec<usize> =
             if round % 2 == 0 { (0..tools.len()).collect() } else { (0..tools.len()).rev().collect() };
@@ -1377,6 +1403,21 @@ async fn run(opts: Opts) {
             println!("errors on {n}: {}", e.join("; "));
         }
     }
+    if stdio_server.is_some() {
+        let fwd = names.contains(&"holdfast").then(|| med("holdfast", |s| &s.rtt50)).flatten();
+        println!(
+            "holdfast connect (stdio pipes) RTT of {MSG} B: p50 {} µs, p99 {} µs; p50 relative to the holdfast \
+             forward in the same rounds: {}",
+            fmt_opt(median(&stdio50), 0),
+            fmt_opt(median(&stdio99), 0),
+            ratio(median(&stdio50), fwd)
+        );
+        if !stdio_errors.is_empty() {
+            println!("errors on holdfast connect: {}", stdio_errors.join("; "));
+        }
+        println!();
+    }
+    drop(stdio_server);
 
     // holdfast-only metrics.
     let raw = Arc::new(RawKeys {

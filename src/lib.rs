@@ -67,6 +67,7 @@
 
 pub mod demo;
 pub mod harden;
+pub mod human;
 pub mod keys;
 pub mod net;
 pub mod proto;

@@ -323,8 +323,8 @@ async fn each_cipher_carries_a_forward() {
         let local = client.logged_addr("forwarding", "local=").await;
         echo_roundtrip(local, 10 + i as u64, MIB + 3).await;
         // The client's start-up check and the forwarded connection: both use the cipher.
-        let log = server.wait_log("new session", seen + 2).await;
-        let lines: Vec<&str> = log.lines().filter(|l| l.contains("new session")).skip(seen).collect();
+        let log = server.wait_log("session opened", seen + 2).await;
+        let lines: Vec<&str> = log.lines().filter(|l| l.contains("session opened")).skip(seen).collect();
         assert!(lines.iter().all(|l| l.contains(&format!("cipher={cipher}"))), "{lines:#?}");
         seen += lines.len();
     }
@@ -367,6 +367,94 @@ async fn connect_stdio_half_close() {
     assert!(status.success(), "connect failed: {status}; stderr:\n{err}");
     assert!(out.len() == input.len() && out == input, "stdout is not exactly the input ({} bytes)", out.len());
     assert!(err.lines().all(is_log_line), "unexpected stderr:\n{err}");
+}
+
+/// A burst of local connections (a script, a browser) exceeds the server's per-source
+/// handshake rate (20/s): the server answers BUSY and the forward tries again, so every one of
+/// them gets through, and nothing claims a key problem.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forward_takes_a_burst_of_connections() {
+    let keys = Keys::new("burst");
+    let echo = echo_service().await;
+    let (_server, addr) = keys.server(&[format!("echo={echo}")]).await;
+    let mut args = keys.client_args("client", addr, "echo");
+    args.extend(["--local", "127.0.0.1:0", "--no-check"].map(String::from));
+    let client = Proc::spawn(&strs(&args), false);
+    let local = client.logged_addr("forwarding", "local=").await;
+    let mut burst = tokio::task::JoinSet::new();
+    for i in 0..60u8 {
+        burst.spawn(async move {
+            let mut c = TcpStream::connect(local).await?;
+            c.write_all(&[i; 32]).await?;
+            c.shutdown().await?;
+            let mut back = Vec::new();
+            c.read_to_end(&mut back).await?;
+            Ok::<_, std::io::Error>(back == [i; 32])
+        });
+    }
+    let results = timeout(LIMIT, burst.join_all()).await.expect("the burst did not finish in time");
+    let ok = results.iter().filter(|r| matches!(r, Ok(true))).count();
+    assert_eq!(ok, 60, "{ok} of 60 connections echoed; client log:\n{}", client.stderr());
+    assert!(!client.stderr().contains("allow-list"), "a rate limit was reported as a key problem");
+}
+
+/// `connect` is used by request/response programs (ssh above all): each message must come back
+/// as soon as it is sent, with no newline, no more data and no EOF behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_delivers_every_message_at_once() {
+    let keys = Keys::new("stdio-rt");
+    let echo = echo_service().await;
+    let (_server, addr) = keys.server(&[format!("echo={echo}")]).await;
+    let mut conn = Proc::spawn(&strs(&keys.client_args("connect", addr, "echo")), true);
+    let mut stdin = conn.child.stdin.take().unwrap();
+    let mut stdout = conn.child.stdout.take().unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let mut sizes = vec![6usize, 1, 64, 16 * 1024, 16 * 1024 - 1, 100_000];
+    sizes.extend((0..20).map(|_| 1 + rng.next_u32() as usize % 20_000));
+    for (i, n) in sizes.into_iter().enumerate() {
+        let mut msg = vec![0u8; n];
+        if i == 0 {
+            msg.copy_from_slice(b"ping 0");
+        } else {
+            rng.fill_bytes(&mut msg);
+        }
+        stdin.write_all(&msg).await.unwrap();
+        let mut back = vec![0u8; n];
+        match timeout(Duration::from_secs(10), stdout.read_exact(&mut back)).await {
+            Ok(r) => r.unwrap_or_else(|e| panic!("message {i} ({n} bytes): {e}; stderr:\n{}", conn.stderr())),
+            Err(_) => panic!("message {i} ({n} bytes) did not come back while stdin stayed open"),
+        };
+        assert!(back == msg, "message {i} ({n} bytes) came back different");
+    }
+    drop(stdin);
+    let mut rest = Vec::new();
+    timeout(LIMIT, stdout.read_to_end(&mut rest)).await.expect("stdout did not close after EOF").unwrap();
+    assert!(rest.is_empty());
+    let (status, err) = conn.exit().await;
+    assert!(status.success(), "connect failed: {status}; stderr:\n{err}");
+}
+
+/// ssh closes its ProxyCommand's pipes and sends it SIGHUP when it exits. `connect` must still
+/// end the session cleanly, so the server does not keep it detached, waiting for a resume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_closes_the_session_when_ssh_hangs_up() {
+    let keys = Keys::new("stdio-hup");
+    let echo = echo_service().await;
+    let (server, addr) = keys.server(&[format!("echo={echo}")]).await;
+    let mut conn = Proc::spawn(&strs(&keys.client_args("connect", addr, "echo")), true);
+    let mut stdin = conn.child.stdin.take().unwrap();
+    let mut stdout = conn.child.stdout.take().unwrap();
+    stdin.write_all(b"last words").await.unwrap();
+    let mut back = [0u8; 10];
+    timeout(LIMIT, stdout.read_exact(&mut back)).await.expect("no echo").unwrap();
+    // As ssh does on exit: close both pipes, then SIGHUP.
+    drop((stdin, stdout));
+    let pid = conn.child.id().and_then(|p| rustix::process::Pid::from_raw(p as i32)).expect("connect pid");
+    rustix::process::kill_process(pid, rustix::process::Signal::HUP).expect("send SIGHUP");
+    let (status, err) = conn.exit().await;
+    assert!(status.success(), "connect did not exit cleanly on SIGHUP: {status}; stderr:\n{err}");
+    let log = server.wait_log("session closed", 1).await;
+    assert!(!log.contains("session detached"), "the server kept the session for a resume:\n{log}");
 }
 
 /// SIGHUP reloads the allow-list: a key added to the file can connect, a removed one can no
@@ -535,7 +623,7 @@ async fn session_lost_when_server_restarts() {
     let mut rest = Vec::new();
     timeout(LIMIT, stdout.read_to_end(&mut rest)).await.expect("stdout not closed").unwrap();
     assert!(rest.is_empty(), "unexpected output after the restart: {rest:?}");
-    assert!(!new.stderr().contains("new session"), "the new server opened a session:\n{}", new.stderr());
+    assert!(!new.stderr().contains("session opened"), "the new server opened a session:\n{}", new.stderr());
     drop(stdin);
 }
 

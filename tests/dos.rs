@@ -15,7 +15,6 @@ use common::chaos::ChaosProxy;
 use common::harness::{fast_session, next_resume};
 use holdfast::keys::{AllowList, Keypair};
 use holdfast::net::Limits;
-use holdfast::proto::HandshakeError;
 use holdfast::{ClientConfig, Error, LinkEvent, Listener, ServerConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
@@ -75,6 +74,23 @@ async fn closed_within(sock: &mut TcpStream, limit: Duration) -> Option<Duration
     .ok()
 }
 
+/// Reads until the server closes `sock`, returning what it sent, or `None` if it is still open
+/// after `limit`.
+async fn read_until_closed(sock: &mut TcpStream, limit: Duration) -> Option<Vec<u8>> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 512];
+    tokio::time::timeout(limit, async {
+        loop {
+            match sock.read(&mut buf).await {
+                Ok(0) | Err(_) => return got,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .ok()
+}
+
 /// Raises the open-files soft limit towards the hard limit, for the flood test.
 fn raise_fd_limit(want: u64) {
     #[cfg(unix)]
@@ -114,7 +130,7 @@ async fn echo_round_trip(listener: &mut Listener, cfg: ClientConfig, len: usize)
 }
 
 fn is_busy(e: &Error) -> bool {
-    matches!(e, Error::Handshake { source: HandshakeError::Busy, .. })
+    matches!(e, Error::Busy { .. })
 }
 
 #[tokio::test]
@@ -203,10 +219,14 @@ async fn handshakes_are_rate_limited_per_source() {
             socks.push(connect_from(20, addr).await.unwrap());
         }
         let took = start.elapsed();
-        // Refused connections are closed at once; admitted ones wait in their handshake.
+        // Refused connections are answered BUSY and closed at once (so the client can tell a
+        // rate limit from an authentication refusal); admitted ones wait in their handshake.
         let closed = futures_join_all(socks.into_iter().map(|mut sock| async move {
-            let closed = closed_within(&mut sock, Duration::from_secs(1)).await.is_some();
-            (closed, sock)
+            let answer = read_until_closed(&mut sock, Duration::from_secs(1)).await;
+            if let Some(answer) = &answer {
+                assert_eq!(answer, &[0, 2, 0x02, 0x02], "a refused connection was not answered REJECT BUSY");
+            }
+            (answer.is_some(), sock)
         }))
         .await;
         let admitted = closed.iter().filter(|(c, _)| !c).count();

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 use tokio::net::TcpStream;
-use tracing::{debug, info, warn};
+use tracing::debug;
 
 use crate::net::config::{ClientConfig, Recovery};
 use crate::net::events::{LinkEvent, LinkLost, LinkStatus};
@@ -88,7 +88,10 @@ async fn dial(
             }
             Err(e) => return Err(Error::Io(e)),
         };
-        let done = hs.read_reply(&reply).map_err(hs_err)?;
+        let done = match hs.read_reply(&reply) {
+            Err(HandshakeError::Busy) => return Err(Error::Busy { addr: addr.to_string() }),
+            r => r.map_err(hs_err)?,
+        };
         Ok((sock, done, peer))
     };
     match tokio::time::timeout(limit, attempt).await {
@@ -114,7 +117,7 @@ async fn client_task(shared: Arc<Shared>, cfg: ClientConfig, addr: String, mut s
             break;
         }
         faults += 1;
-        warn!(%cause, faults, "link lost; resuming");
+        debug!(%cause, faults, "link lost; resuming");
         let lost = LinkLost { cause: cause.to_string(), faults };
         shared.emit(LinkEvent::Lost(lost.clone()));
         shared.set_status(LinkStatus::Reconnecting { cause: lost.cause.clone(), attempt: 0 });
@@ -127,7 +130,7 @@ async fn client_task(shared: Arc<Shared>, cfg: ClientConfig, addr: String, mut s
         match reconnect(&shared, &cfg, &addr, &lost.cause).await {
             Ok(s) => sock = s,
             Err(e) => {
-                warn!(error = %e, "session failed");
+                debug!(error = %e, "session failed");
                 let code = if matches!(e, SessionError::GaveUp(_)) { CloseCode::Expired } else { CloseCode::Abort };
                 shared.fail(code, e);
                 return;
@@ -183,7 +186,7 @@ async fn reconnect(shared: &Shared, cfg: &ClientConfig, addr: &str, cause: &str)
                     r
                 }?;
                 let after = lost_at.elapsed();
-                info!(?after, attempt, replayed = attached.replayed, "resumed");
+                debug!(?after, attempt, replayed = attached.replayed, "resumed");
                 shared.set_status(LinkStatus::Connected);
                 shared.emit(LinkEvent::Resumed { peer, after, replayed_sent: attached.replayed, replayed_received });
                 shared.wake_driver.notify_one();

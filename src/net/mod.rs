@@ -17,6 +17,7 @@ use thiserror::Error;
 use crate::keys::KeyError;
 use crate::proto::{HandshakeError, SessionError};
 
+pub use crate::human::Rounded;
 pub use client::connect;
 pub use config::{ClientConfig, Limits, Recovery, RecoveryHook, RecoveryPolicy, ServerConfig};
 pub use events::{LinkEvent, LinkLost, LinkStatus};
@@ -44,6 +45,15 @@ pub enum Error {
         /// The address dialled.
         addr: String,
     },
+    /// The server answered BUSY: it is at a limit (new connections from this address per
+    /// second, sessions in all or for this client key, or its memory budget). Try again shortly.
+    #[error(
+        "server {addr} is busy: it is at a limit (new connections per second from this address, or sessions); try again shortly"
+    )]
+    Busy {
+        /// The address dialled.
+        addr: String,
+    },
     /// The handshake failed.
     #[error("handshake with {addr} failed: {source}")]
     Handshake {
@@ -53,7 +63,7 @@ pub enum Error {
         source: HandshakeError,
     },
     /// A connect or handshake took too long.
-    #[error("handshake with {addr} timed out after {after:?}")]
+    #[error("handshake with {addr} timed out after {}", crate::human::Rounded(*after))]
     Timeout {
         /// The peer address.
         addr: String,
@@ -85,6 +95,7 @@ impl From<Error> for io::Error {
         let kind = match &e {
             Error::Connect { source, .. } | Error::Bind { source, .. } => source.kind(),
             Error::HandshakeRefused { .. } => K::PermissionDenied,
+            Error::Busy { .. } => K::ResourceBusy,
             Error::Handshake { source: HandshakeError::UnknownSession, .. } => K::NotConnected,
             Error::Handshake { source: HandshakeError::Busy, .. } => K::ResourceBusy,
             Error::Handshake { .. } => K::InvalidData,

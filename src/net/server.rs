@@ -7,11 +7,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinHandle};
 use tracing::{debug, info, warn};
 
+use crate::human::Rounded;
 use crate::keys::{AllowList, PublicKey};
 use crate::net::config::ServerConfig;
 use crate::net::events::{LinkEvent, LinkLost, LinkStatus};
@@ -91,6 +93,10 @@ struct NewLink {
 struct Entry {
     shared: Arc<Shared>,
     client: PublicKey,
+    /// The client as logs name it: its allow-list name, or its key.
+    who: String,
+    /// When the session was committed.
+    opened: Instant,
     replace: mpsc::Sender<NewLink>,
     /// Token bucket for `resumes_per_sec_per_session`: (tokens, last refill).
     resume_tokens: Mutex<Option<(f64, Instant)>>,
@@ -141,6 +147,8 @@ struct State {
     buffered: AtomicUsize,
     expired: AtomicUsize,
     resumes: AtomicUsize,
+    /// Over-rate connections being answered with BUSY.
+    refusing: AtomicUsize,
     pending: Mutex<Pending>,
     accepted: mpsc::Sender<(Stream, Peer)>,
 }
@@ -285,6 +293,7 @@ pub async fn bind(addr: impl Into<String>, cfg: ServerConfig) -> Result<Listener
         buffered: AtomicUsize::new(0),
         expired: AtomicUsize::new(0),
         resumes: AtomicUsize::new(0),
+        refusing: AtomicUsize::new(0),
         pending: Mutex::new(Pending::default()),
         accepted: tx,
     });
@@ -340,6 +349,7 @@ async fn accept_loop(tcp: TcpListener, state: Arc<State>) {
         };
         if !state.rate_ok(addr.ip()) {
             debug!(%addr, "handshake rate limit");
+            refuse_busy(&state, sock);
             continue;
         }
         // At the cap, close the oldest unfinished handshake: real ones finish in a round trip,
@@ -366,6 +376,35 @@ async fn accept_loop(tcp: TcpListener, state: Arc<State>) {
         pending.live.push_back((id, task.abort_handle()));
     }
 }
+
+/// Answers a connection over its source's handshake rate with REJECT BUSY before reading
+/// anything, so the client can tell "try again shortly" from an authentication refusal (the
+/// answer depends on nothing the client sent). It then waits, briefly, for the hello, so that
+/// closing does not reset the connection and destroy the answer in flight. At most
+/// [`MAX_REFUSING`] connections are answered at once; beyond that they are closed silently.
+fn refuse_busy(state: &Arc<State>, mut sock: TcpStream) {
+    if state.refusing.fetch_add(1, Ordering::Relaxed) >= MAX_REFUSING {
+        state.refusing.fetch_sub(1, Ordering::Relaxed);
+        return;
+    }
+    let state = state.clone();
+    tokio::spawn(async move {
+        let answer = async {
+            write_record(&mut sock, &handshake::reject(RejectCode::Busy)).await?;
+            sock.shutdown().await?;
+            let mut sink = [0u8; MAX_HANDSHAKE + 2];
+            while sock.read(&mut sink).await? > 0 {}
+            Ok::<_, std::io::Error>(())
+        };
+        let _ = tokio::time::timeout(REFUSE_LINGER, answer).await;
+        state.refusing.fetch_sub(1, Ordering::Relaxed);
+    });
+}
+
+/// Most over-rate connections answered with BUSY at once (see [`refuse_busy`]).
+const MAX_REFUSING: usize = 64;
+/// How long an over-rate connection is kept open for its BUSY answer to be read.
+const REFUSE_LINGER: Duration = Duration::from_millis(500);
 
 async fn handshake(mut sock: TcpStream, addr: SocketAddr, state: &Arc<State>) -> Result<(), Error> {
     let _ = sock.set_nodelay(true);
@@ -474,7 +513,16 @@ fn commit_new(
     session.handle_frame(now, confirm).map_err(Error::Session)?;
     let shared = Shared::new(session, client);
     let (tx, rx) = mpsc::channel(4);
-    let entry = Arc::new(Entry { shared: shared.clone(), client, replace: tx, resume_tokens: Mutex::new(None) });
+    let name = state.allow().lookup(&client).and_then(|p| p.name.clone());
+    let who = name.clone().unwrap_or_else(|| client.to_string());
+    let entry = Arc::new(Entry {
+        shared: shared.clone(),
+        client,
+        who,
+        opened: now,
+        replace: tx,
+        resume_tokens: Mutex::new(None),
+    });
     reservation.keep();
     // The client already holds the first ticket: map it to the session before anything else
     // runs, so that a resume arriving at once finds it.
@@ -482,9 +530,8 @@ fn commit_new(
     for ev in events {
         sync_tickets(state, &entry, ev);
     }
-    let name = state.allow().lookup(&client).and_then(|p| p.name.clone());
     let peer = Peer { key: client, name, addr };
-    info!(%addr, client = %client, name = ?peer.name, %cipher, "new session");
+    info!(client = %entry.who, key = %client, %addr, %cipher, "session opened");
     shared.emit(LinkEvent::Connected { peer: addr });
     if state.accepted.try_send((Stream::new(shared.clone()), peer)).is_err() {
         warn!(%addr, "accept queue full; dropping new session");
@@ -552,7 +599,7 @@ async fn session_task(state: Arc<State>, entry: Arc<Entry>, sock: TcpStream, mut
                     }
                     faults += 1;
                     lost_at = Instant::now();
-                    info!(%cause, "session detached; waiting for resume");
+                    info!(client = %entry.who, %cause, "session detached; waiting for resume");
                     let lost = LinkLost { cause: cause.to_string(), faults };
                     shared.set_status(LinkStatus::Reconnecting { cause: lost.cause.clone(), attempt: 0 });
                     shared.emit(LinkEvent::Lost(lost));
@@ -562,7 +609,7 @@ async fn session_task(state: Arc<State>, entry: Arc<Entry>, sock: TcpStream, mut
             None => match tokio::time::timeout_at((lost_at + expiry).into(), rx.recv()).await {
                 Ok(Some(new)) => new,
                 Ok(None) | Err(_) => {
-                    info!(?expiry, "detached session expired");
+                    info!(client = %entry.who, expiry = %Rounded(expiry), "session expired without a resume");
                     state.expired.fetch_add(1, Ordering::Relaxed);
                     shared.fail(CloseCode::Expired, SessionError::Expired(expiry));
                     break;
@@ -587,7 +634,14 @@ async fn session_task(state: Arc<State>, entry: Arc<Entry>, sock: TcpStream, mut
             Ok(a) => {
                 state.resumes.fetch_add(1, Ordering::Relaxed);
                 let replayed_received = new.client_written.saturating_sub(shared.lock().session.received_offset());
-                debug!(peer = %new.peer, id = %hex_id(&new.resume_id), "resumed");
+                info!(
+                    client = %entry.who,
+                    addr = %new.peer,
+                    after = %Rounded(now.saturating_duration_since(lost_at)),
+                    replayed_to_client = a.replayed,
+                    replayed_from_client = replayed_received,
+                    "session resumed"
+                );
                 shared.set_status(LinkStatus::Connected);
                 shared.emit(LinkEvent::Resumed {
                     peer: new.peer,
@@ -604,7 +658,7 @@ async fn session_task(state: Arc<State>, entry: Arc<Entry>, sock: TcpStream, mut
                 lost_at = Instant::now();
             }
             Err(e) => {
-                warn!(error = %e, "resume failed; ending session");
+                warn!(client = %entry.who, error = %e, "resume failed; ending session");
                 shared.fail(CloseCode::Protocol, e);
                 break;
             }
@@ -614,4 +668,24 @@ async fn session_task(state: Arc<State>, entry: Arc<Entry>, sock: TcpStream, mut
     state.table().by_ticket.retain(|_, e| !Arc::ptr_eq(e, &entry));
     state.release(&entry.client);
     shared.report_end();
+    log_end(&entry);
+}
+
+/// Logs how a session ended, once, with its client and the bytes each way.
+fn log_end(entry: &Entry) {
+    let (failure, to_client, from_client) = {
+        let inner = entry.shared.lock();
+        (inner.session.failure().cloned(), inner.session.written_offset(), inner.session.received_offset())
+    };
+    let lasted = Rounded(entry.opened.elapsed());
+    let who = &entry.who;
+    match failure {
+        None | Some(SessionError::Finished) => {
+            info!(client = %who, to_client, from_client, %lasted, "session closed")
+        }
+        Some(e @ SessionError::Expired(_)) => {
+            info!(client = %who, to_client, from_client, %lasted, reason = %e, "session ended")
+        }
+        Some(e) => warn!(client = %who, to_client, from_client, %lasted, reason = %e, "session ended"),
+    }
 }

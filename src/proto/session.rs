@@ -16,6 +16,7 @@ use super::buffer::ByteQueue;
 use super::frame::{CloseCode, Frame, FrameError, MAX_DATA, MAX_FRAME, RESUME_ID_LEN};
 use super::handshake::Ticket;
 use super::transport::{CryptoError, Transport, TAG_LEN};
+use crate::human::Rounded;
 
 /// Tunable limits and timers of a session. All have documented defaults.
 #[derive(Debug, Clone)]
@@ -72,7 +73,7 @@ pub enum SessionError {
     #[error("protocol violation on the link: {0}")]
     Protocol(&'static str),
     /// Nothing was received for the dead-peer time.
-    #[error("peer silent for {0:?}, link presumed dead")]
+    #[error("peer silent for {}, link presumed dead", Rounded(*.0))]
     Dead(Duration),
     /// The real connection closed or failed.
     #[error("link failed: {0}")]
@@ -92,7 +93,7 @@ pub enum SessionError {
     #[error("stream was shut down for writing")]
     WriteAfterShutdown,
     /// The client's recovery policy gave up after this long without a link.
-    #[error("gave up reconnecting after {0:?} without a link")]
+    #[error("gave up reconnecting after {} without a link", Rounded(*.0))]
     GaveUp(Duration),
     /// The recovery hook answered "fail".
     #[error("recovery declined by the policy hook after: {0}")]
@@ -104,7 +105,7 @@ pub enum SessionError {
     )]
     Lost,
     /// The server expired the detached session.
-    #[error("session expired after {0:?} without a resume")]
+    #[error("session expired after {} without a resume", Rounded(*.0))]
     Expired(Duration),
     /// The program dropped or aborted the stream.
     #[error("stream aborted: {0}")]

@@ -1,0 +1,213 @@
+//! The command line: every subcommand, flag, default and help text (clap).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+const ABOUT: &str = "TCP streams that survive network faults, encrypted with Noise.";
+const LONG_ABOUT: &str = "\
+holdfast forwards TCP connections through an encrypted tunnel whose streams survive the loss of \
+the real connection: Wi-Fi drops, sleep, address changes, NAT rebinding, injected resets. The \
+client reconnects, both ends prove they are the same pair (Noise), un-acknowledged bytes are \
+replayed, and the program on top never notices.
+
+Start with `holdfast demo`, which needs no set-up.";
+
+const EXAMPLES: &str = "\
+Examples:
+  holdfast demo                                   # see it survive faults, no set-up needed
+  holdfast keygen --out keys/server               # on the server
+  holdfast keygen --out keys/laptop               # on the client
+  holdfast server --listen 0.0.0.0:7700 --key keys/server.key \\
+      --authorized keys/authorized --service ssh=127.0.0.1:22
+  holdfast client --server host:7700 --server-key keys/server.pub \\
+      --key keys/laptop.key --local 127.0.0.1:2222 --service ssh
+  ssh -o ProxyCommand='holdfast connect --server host:7700 --server-key keys/server.pub \\
+      --key keys/laptop.key --service ssh' user@host";
+
+#[derive(Parser)]
+#[command(name = "holdfast", version, about = ABOUT, long_about = LONG_ABOUT, after_help = EXAMPLES)]
+pub(crate) struct Cli {
+    /// More log output on stderr (-v debug, -vv trace). RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub(crate) verbose: u8,
+    /// Only log errors.
+    #[arg(short, long, global = true)]
+    pub(crate) quiet: bool,
+    #[command(subcommand)]
+    pub(crate) cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum Cmd {
+    /// Generate a key pair: NAME.key (private, mode 0600) and NAME.pub; prints the public key.
+    #[command(
+        after_help = "Example:\n  holdfast keygen --out keys/laptop\n\nKeys are WireGuard-compatible: one line of base64."
+    )]
+    Keygen {
+        /// Path prefix: writes PREFIX.key and PREFIX.pub and never overwrites.
+        #[arg(long, value_name = "PREFIX")]
+        out: PathBuf,
+    },
+    /// Read a private key on stdin and print its public key (like `wg pubkey`).
+    #[command(after_help = "Example:\n  holdfast pubkey < keys/laptop.key")]
+    Pubkey,
+    /// Run a server offering named services to allowed clients.
+    #[command(
+        after_help = "Example:\n  holdfast server --listen 0.0.0.0:7700 --key keys/server.key \\\n      --authorized keys/authorized --service ssh=127.0.0.1:22 --service db=127.0.0.1:5432\n\nThe authorized file has one client public key per line, optionally followed by a name;\n'#' starts a comment. Only the listed services are reachable.\n\nTo change who may connect without dropping anyone, edit the authorized file and send\nSIGHUP (kill -HUP PID): new connections follow the new list, live sessions go on."
+    )]
+    Server(ServerArgs),
+    /// Forward a local port to a service on the server; each local connection gets its own
+    /// resilient stream.
+    #[command(
+        after_help = "Example:\n  holdfast client --server host:7700 --server-key keys/server.pub \\\n      --key keys/laptop.key --local 127.0.0.1:2222 --service ssh\n  ssh -p 2222 user@127.0.0.1"
+    )]
+    Client(ClientArgs),
+    /// Carry one stream on stdin/stdout, for `ssh -o ProxyCommand`. EOF on stdin is a half-close.
+    #[command(
+        after_help = "Example:\n  ssh -o ProxyCommand='holdfast connect --server host:7700 \\\n      --server-key keys/server.pub --key keys/laptop.key --service ssh' user@host"
+    )]
+    Connect(ConnectArgs),
+    /// Run a whole tunnel on loopback, break its connection on purpose while data flows both
+    /// ways, and report whether every byte arrived. Exit status 0 only if all matched.
+    #[command(after_help = "Example:\n  holdfast demo --bytes 256MiB --faults 20")]
+    Demo {
+        /// Bytes to send in each direction (suffixes KiB, MiB, GiB).
+        #[arg(long, default_value = "64MiB", value_parser = parse_size)]
+        bytes: u64,
+        /// Faults to inject (resets, and at least one silent stall).
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        faults: u32,
+    },
+    /// Print shell completions.
+    #[command(after_help = "Example:\n  holdfast completions bash > /etc/bash_completion.d/holdfast")]
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Args)]
+pub(crate) struct ServerArgs {
+    /// Address to listen on.
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) listen: String,
+    /// The server's private key file (mode 0600).
+    #[arg(long, value_name = "FILE")]
+    pub(crate) key: PathBuf,
+    /// Allow-list of client public keys (reloaded on SIGHUP).
+    #[arg(long, value_name = "FILE")]
+    pub(crate) authorized: PathBuf,
+    /// A service: NAME=HOST:PORT (repeat for more).
+    #[arg(long = "service", value_name = "NAME=HOST:PORT", required = true)]
+    pub(crate) services: Vec<String>,
+    /// Most sessions at once.
+    #[arg(long, default_value_t = 1024)]
+    pub(crate) max_sessions: usize,
+    /// Most sessions per client key.
+    #[arg(long, default_value_t = 64)]
+    pub(crate) max_sessions_per_key: usize,
+    /// Most connections in their handshake at once.
+    #[arg(long, default_value_t = 256)]
+    pub(crate) max_handshakes: usize,
+    /// How long a session whose client vanished is kept for it to resume.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    pub(crate) session_expiry: Duration,
+    #[command(flatten)]
+    pub(crate) timers: Timers,
+}
+
+#[derive(Args, Clone)]
+pub(crate) struct Timers {
+    /// Send a keepalive after this much silence.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub(crate) keepalive: Duration,
+    /// Consider the link dead after this much silence from the peer.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    pub(crate) dead_after: Duration,
+    /// Replay buffer per stream: bytes kept until acknowledged (writes wait when full).
+    #[arg(long, default_value = "8MiB", value_parser = parse_size)]
+    pub(crate) buffer: u64,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub(crate) enum OnFault {
+    /// Reconnect silently (default).
+    Recover,
+    /// Ask on the terminal (/dev/tty) whether to recover.
+    Ask,
+}
+
+#[derive(Args, Clone)]
+pub(crate) struct ClientCommon {
+    /// The server, HOST:PORT (re-resolved on every reconnect).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub(crate) server: String,
+    /// The server's public key: a .pub file, or the base64 key itself.
+    #[arg(long, value_name = "FILE|KEY")]
+    pub(crate) server_key: String,
+    /// This client's private key file (mode 0600).
+    #[arg(long, value_name = "FILE")]
+    pub(crate) key: PathBuf,
+    /// The service to reach, by the name the server gives it.
+    #[arg(long, value_name = "NAME")]
+    pub(crate) service: String,
+    /// What to do when the real connection fails.
+    #[arg(long, value_enum, default_value = "recover")]
+    pub(crate) on_fault: OnFault,
+    /// Give up after this long without a connection; the stream then fails.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    pub(crate) give_up: Duration,
+    /// The link's cipher. `auto` picks AES-256-GCM where this CPU has AES instructions (about
+    /// three times faster there) and ChaCha20-Poly1305 elsewhere. The server accepts either.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub(crate) cipher: CipherArg,
+    #[command(flatten)]
+    pub(crate) timers: Timers,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub(crate) enum CipherArg {
+    /// The faster one on this CPU.
+    Auto,
+    /// AES-256-GCM (fast with AES-NI / ARMv8 AES).
+    #[value(name = "aes-256-gcm")]
+    Aes256Gcm,
+    /// ChaCha20-Poly1305 (fast everywhere in software).
+    #[value(name = "chacha20-poly1305")]
+    Chacha20Poly1305,
+}
+
+#[derive(Args)]
+pub(crate) struct ClientArgs {
+    /// Local address to accept connections on.
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) local: String,
+    /// Skip the start-up check that the server and service answer.
+    #[arg(long)]
+    pub(crate) no_check: bool,
+    #[command(flatten)]
+    pub(crate) common: ClientCommon,
+}
+
+#[derive(Args)]
+pub(crate) struct ConnectArgs {
+    #[command(flatten)]
+    pub(crate) common: ClientCommon,
+}
+
+pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a size like 64MiB"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" | "kb" => 1 << 10,
+        "m" | "mib" | "mb" => 1 << 20,
+        "g" | "gib" | "gb" => 1 << 30,
+        other => return Err(format!("unknown size unit '{other}' (use KiB, MiB or GiB)")),
+    };
+    n.checked_mul(mult).filter(|&v| v > 0).ok_or_else(|| format!("size '{s}' is out of range"))
+}

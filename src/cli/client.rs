@@ -1,0 +1,122 @@
+//! `holdfast client` (a local forward) and `holdfast connect` (one stream on stdio).
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+
+use anyhow::{Context, Result};
+use holdfast::net::{LinkEvent, Recovery, RecoveryPolicy, Rounded};
+use holdfast::proto::Cipher;
+use holdfast::tunnel;
+use holdfast::ClientConfig;
+use tracing::{error, info, warn};
+
+use crate::args::{CipherArg, ClientArgs, ClientCommon, ConnectArgs, OnFault};
+use crate::keyfiles::{load_keypair, load_server_key};
+use crate::{session_config, term};
+
+fn client_config(c: &ClientCommon) -> Result<ClientConfig> {
+    tunnel::check_name(&c.service)?;
+    let mut cfg = ClientConfig::new(load_keypair(&c.key)?, load_server_key(&c.server_key)?);
+    cfg.session = session_config(&c.timers)?;
+    cfg.recovery = RecoveryPolicy { give_up_after: c.give_up, ..RecoveryPolicy::default() };
+    cfg.cipher = match c.cipher {
+        CipherArg::Auto => Cipher::preferred(),
+        CipherArg::Aes256Gcm => Cipher::AesGcm,
+        CipherArg::Chacha20Poly1305 => Cipher::ChaChaPoly,
+    };
+    if let OnFault::Ask = c.on_fault {
+        cfg.recovery = cfg.recovery.with_hook(|lost| async move {
+            tokio::task::spawn_blocking(move || term::ask(&lost.cause)).await.unwrap_or(Recovery::Fail)
+        });
+    }
+    Ok(cfg)
+}
+
+/// Logs a stream's link event, one line per event. `from` is the local program's address (a
+/// forward); `None` for the stream on stdio.
+fn log_event(from: Option<SocketAddr>, ev: LinkEvent) {
+    let from = from.map(|a| a.to_string()).unwrap_or_else(|| "stdio".into());
+    match ev {
+        LinkEvent::Lost(l) => warn!(%from, cause = %l.cause, faults = l.faults, "link lost; reconnecting"),
+        LinkEvent::Resumed { after, replayed_sent, replayed_received, .. } => {
+            info!(%from, after = %Rounded(after), replayed_sent, replayed_received, "link resumed")
+        }
+        LinkEvent::Failed { reason } => error!(%from, %reason, "stream failed"),
+        LinkEvent::Reconnecting { attempt, elapsed } if attempt > 1 => {
+            info!(%from, attempt, elapsed = %Rounded(elapsed), "still reconnecting")
+        }
+        _ => {}
+    }
+}
+
+pub(crate) async fn client(args: ClientArgs) -> Result<()> {
+    let c = &args.common;
+    let cfg = client_config(c)?;
+    let local =
+        tokio::net::TcpListener::bind(&args.local).await.with_context(|| format!("cannot listen on {}", args.local))?;
+    if !args.no_check {
+        let mut probe = tunnel::open(&c.server, cfg.clone(), &c.service).await?;
+        let _ = tokio::io::AsyncWriteExt::shutdown(&mut probe).await;
+    }
+    info!(local = %local.local_addr()?, server = %c.server, service = %c.service, "forwarding");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some((from, ev)) = rx.recv().await {
+            log_event(Some(from), ev);
+        }
+    });
+    tokio::select! {
+        r = tunnel::forward(local, c.server.clone(), cfg, c.service.clone(), Some(tx)) => r?,
+        _ = tokio::signal::ctrl_c() => info!("interrupted; exiting"),
+    }
+    Ok(())
+}
+
+pub(crate) async fn connect(args: ConnectArgs, quiet: bool) -> Result<()> {
+    let c = &args.common;
+    // stdout carries only stream bytes. On a terminal (ssh's, in raw mode) link events become
+    // short status lines; otherwise they are logged.
+    let stream = tunnel::open(&c.server, client_config(c)?, &c.service).await?;
+    let events = stream.events();
+    if std::io::stderr().is_terminal() {
+        if !quiet {
+            tokio::spawn(term::show_events(events, matches!(c.on_fault, OnFault::Ask)));
+        }
+    } else {
+        tokio::spawn(async move {
+            let mut events = events;
+            while let Ok(ev) = events.recv().await {
+                log_event(None, ev);
+            }
+        });
+    }
+    tunnel::stdio(stream, hangup()).await?;
+    Ok(())
+}
+
+/// Resolves when the program on the other end of stdio is gone: ssh sends its ProxyCommand
+/// `SIGHUP` when it exits; `SIGTERM` and Ctrl-C mean the same here. If the signals cannot be
+/// watched, never resolves (the process then ends by the signal's default action).
+async fn hangup() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let watch = |k| signal(k).ok();
+    let (Some(mut hup), Some(mut term), Some(mut int)) =
+        (watch(SignalKind::hangup()), watch(SignalKind::terminate()), watch(SignalKind::interrupt()))
+    else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = hup.recv() => {}
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    // The stream now finishes within a few seconds; a second signal ends the process at once.
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = hup.recv() => {}
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        std::process::exit(130);
+    });
+}

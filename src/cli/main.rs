@@ -1,0 +1,119 @@
+//! The `holdfast` command: a thin clap front end over the library.
+
+mod args;
+mod client;
+mod demo;
+mod keyfiles;
+mod server;
+mod term;
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{CommandFactory, Parser};
+use holdfast::proto::SessionConfig;
+use tracing::warn;
+
+use args::{Cli, Cmd, Timers};
+
+pub(crate) fn session_config(t: &Timers) -> Result<SessionConfig> {
+    if t.dead_after <= t.keepalive {
+        bail!("--dead-after ({:?}) must be longer than --keepalive ({:?})", t.dead_after, t.keepalive);
+    }
+    Ok(SessionConfig {
+        keepalive: t.keepalive,
+        dead_after: t.dead_after,
+        max_buffer: usize::try_from(t.buffer).context("--buffer is too large")?,
+        ..SessionConfig::default()
+    })
+}
+
+fn init_logs(cli: &Cli) {
+    // The demo's output is its progress line and report; logs would only interleave with them.
+    let quiet_by_default = matches!(cli.cmd, Cmd::Demo { .. } | Cmd::Connect(_));
+    let default = match (cli.quiet, cli.verbose) {
+        (true, _) => "error",
+        (false, 0) if matches!(cli.cmd, Cmd::Demo { .. }) => "error",
+        (false, 0) if quiet_by_default => "holdfast=warn,error",
+        (false, 0) => "holdfast=info,warn",
+        (false, 1) => "holdfast=debug,info",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default.into());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .init();
+}
+
+async fn run(cli: Cli) -> Result<bool> {
+    let quiet = cli.quiet;
+    match cli.cmd {
+        Cmd::Keygen { out } => keyfiles::keygen(&out)?,
+        Cmd::Pubkey => keyfiles::pubkey()?,
+        Cmd::Server(a) => server::server(a).await?,
+        Cmd::Client(a) => client::client(a).await?,
+        Cmd::Connect(a) => client::connect(a, quiet).await?,
+        Cmd::Demo { bytes, faults } => return demo::demo(bytes, faults).await,
+        Cmd::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "holdfast", &mut std::io::stdout());
+        }
+    }
+    Ok(true)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logs(&cli);
+    // Private keys live in this process's memory: never let a core dump copy them to disk.
+    if let Err(e) = holdfast::harden::disable_core_dumps() {
+        warn!(error = %e, "could not disable core dumps");
+    }
+    // `connect` carries one stream for one program: a single thread moves its bytes without
+    // waking another thread for every message (round trips through it are request/response).
+    let rt = if matches!(cli.cmd, Cmd::Connect(_)) {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        tokio::runtime::Runtime::new()
+    };
+    let rt = match rt {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("holdfast: error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(run(cli));
+    // Do not wait for blocking tasks: tokio's stdin reader cannot be cancelled, so dropping the
+    // runtime would hang until the peer closes stdin (e.g. `connect` failing under ssh).
+    rt.shutdown_background();
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            // On a terminal (possibly ssh's, in raw mode) the line must return to column 0.
+            if std::io::stderr().is_terminal() {
+                eprint!("\r\nholdfast: error: {}\r\n", error_line(&e));
+            } else {
+                eprintln!("holdfast: error: {}", error_line(&e));
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error and its causes on one line, skipping causes the message already shows (errors
+/// whose text includes `{source}`, such as "cannot reach server X: Connection refused").
+fn error_line(e: &anyhow::Error) -> String {
+    let mut line = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !line.contains(&cause) {
+            line = format!("{line}: {cause}");
+        }
+    }
+    line.replace('\n', " ")
+}

@@ -1,0 +1,63 @@
+//! `holdfast server`: a listener offering named services, with its allow-list reloaded on SIGHUP.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use holdfast::keys::AllowList;
+use holdfast::tunnel::{self, Services};
+use holdfast::ServerConfig;
+use tracing::{error, info, warn};
+
+use crate::args::ServerArgs;
+use crate::keyfiles::load_keypair;
+use crate::session_config;
+
+pub(crate) async fn server(args: ServerArgs) -> Result<()> {
+    let keypair = load_keypair(&args.key)?;
+    let allow = AllowList::load(&args.authorized)?;
+    if allow.is_empty() {
+        warn!(file = %args.authorized.display(), "the allow-list is empty: no client can connect");
+    }
+    let mut services = Services::new();
+    for spec in &args.services {
+        services.add_spec(spec).with_context(|| format!("--service {spec}"))?;
+    }
+    let mut cfg = ServerConfig::new(keypair, allow);
+    cfg.session = session_config(&args.timers)?;
+    cfg.limits.max_sessions = args.max_sessions;
+    cfg.limits.max_sessions_per_key = args.max_sessions_per_key;
+    cfg.limits.max_handshakes = args.max_handshakes;
+    cfg.limits.session_expiry = args.session_expiry;
+    let public = cfg.keypair.public;
+    let listener = holdfast::bind(args.listen.clone(), cfg).await?;
+    info!(listen = %listener.local_addr(), server_key = %public, services = services.len(), "server ready");
+    let reload = reload_on_hangup(listener.allow_list_handle(), args.authorized.clone());
+    tokio::select! {
+        r = tunnel::serve(listener, Arc::new(services)) => r?,
+        _ = tokio::signal::ctrl_c() => info!("interrupted; exiting"),
+        r = reload => r?,
+    }
+    Ok(())
+}
+
+/// Reloads the allow-list file on every SIGHUP. A file that does not load (missing, malformed,
+/// readable by others) is reported and the list in force stays; live sessions are untouched.
+async fn reload_on_hangup(handle: holdfast::net::AllowListHandle, path: PathBuf) -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangups = signal(SignalKind::hangup()).context("cannot watch for SIGHUP")?;
+    while hangups.recv().await.is_some() {
+        match AllowList::load(&path) {
+            Ok(list) => {
+                if list.is_empty() {
+                    warn!(file = %path.display(), "the reloaded allow-list is empty: no new client can connect");
+                }
+                let n = list.len();
+                handle.set(list);
+                info!(file = %path.display(), clients = n, "allow-list reloaded");
+            }
+            Err(e) => error!(error = %e, "allow-list not reloaded; the previous one stays in force"),
+        }
+    }
+    std::future::pending().await
+}

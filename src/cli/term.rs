@@ -1,0 +1,107 @@
+//! What `connect` shows on a terminal: short status lines, and the one-key recovery question.
+//!
+//! Under `ssh -o ProxyCommand`, the ProxyCommand's stderr is ssh's terminal, which ssh has put in
+//! raw mode: a bare `\n` moves down without returning to the first column. Every line here is
+//! written as `\r\n…\r\n`, which displays correctly in raw and in cooked mode alike.
+
+use std::io::{Read, Write};
+use std::os::fd::AsFd;
+
+use holdfast::net::{LinkEvent, Recovery, Rounded};
+use tokio::sync::broadcast;
+
+/// Writes one status line to stderr, safe for a terminal in raw mode.
+pub(crate) fn status_line(text: &str) {
+    let mut err = std::io::stderr().lock();
+    let _ = write!(err, "\r\nholdfast: {text}\r\n");
+    let _ = err.flush();
+}
+
+/// The status line for a link event, if it deserves one. Reconnect attempts are shown at
+/// 4, 8, 16… so that a long outage says it is still trying without flooding the screen.
+pub(crate) fn describe(ev: &LinkEvent) -> Option<String> {
+    match ev {
+        LinkEvent::Lost(l) => Some(format!("link lost ({}); reconnecting…", l.cause)),
+        LinkEvent::Reconnecting { attempt, elapsed } if *attempt >= 4 && attempt.is_power_of_two() => {
+            Some(format!("still reconnecting (attempt {attempt}, {} so far)", Rounded(*elapsed)))
+        }
+        LinkEvent::Resumed { after, .. } => Some(format!("link back; resumed after {}", Rounded(*after))),
+        LinkEvent::Failed { reason } => Some(format!("stream failed: {reason}")),
+        _ => None,
+    }
+}
+
+/// Shows the stream's link events as status lines until the stream ends. With `asking` (the
+/// `--on-fault ask` question tells of each loss itself), losses get no line of their own.
+pub(crate) async fn show_events(mut events: broadcast::Receiver<LinkEvent>, asking: bool) {
+    loop {
+        match events.recv().await {
+            Ok(ev) => {
+                if asking && matches!(ev, LinkEvent::Lost(_)) {
+                    continue;
+                }
+                if let Some(text) = describe(&ev) {
+                    status_line(&text);
+                }
+                if matches!(ev, LinkEvent::Closed | LinkEvent::Failed { .. }) {
+                    return;
+                }
+            }
+            Err(broadcast::error::RecvError::Lagged(_)) => {}
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
+/// Asks on the controlling terminal whether to recover, answered by one key: `n` gives up,
+/// anything else (`y`, Enter) recovers. The terminal is put in raw mode for the one key (ssh
+/// has usually done so already) and given back its mode afterwards. Without a terminal,
+/// recovers.
+pub(crate) fn ask(cause: &str) -> Recovery {
+    let Ok(mut tty) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/tty") else {
+        status_line("--on-fault ask: no terminal to ask on; recovering");
+        return Recovery::Recover;
+    };
+    let saved = rustix::termios::tcgetattr(tty.as_fd()).ok();
+    if let Some(mut raw) = saved.clone() {
+        raw.make_raw();
+        let _ = rustix::termios::tcsetattr(tty.as_fd(), rustix::termios::OptionalActions::Now, &raw);
+    }
+    let _ = write!(tty, "\r\nholdfast: link lost ({cause}). Recover? [Y/n] ");
+    let _ = tty.flush();
+    let mut key = [0u8; 1];
+    let answer = match tty.read(&mut key) {
+        Ok(1) if key[0].eq_ignore_ascii_case(&b'n') => Recovery::Fail,
+        _ => Recovery::Recover,
+    };
+    let word = if answer == Recovery::Fail { "no: giving up" } else { "yes: reconnecting" };
+    let _ = write!(tty, "{word}\r\n");
+    if let Some(saved) = saved {
+        let _ = rustix::termios::tcsetattr(tty.as_fd(), rustix::termios::OptionalActions::Now, &saved);
+    }
+    answer
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use holdfast::net::LinkLost;
+    use std::time::Duration;
+
+    #[test]
+    fn status_lines_are_short_and_rounded() {
+        let lost = LinkEvent::Lost(LinkLost { cause: "link failed: reset".into(), faults: 1 });
+        assert_eq!(describe(&lost).unwrap(), "link lost (link failed: reset); reconnecting…");
+        let back = LinkEvent::Resumed {
+            peer: "127.0.0.1:1".parse().unwrap(),
+            after: Duration::from_nanos(812_345_678),
+            replayed_sent: 0,
+            replayed_received: 0,
+        };
+        assert_eq!(describe(&back).unwrap(), "link back; resumed after 812ms");
+        let quiet = LinkEvent::Reconnecting { attempt: 3, elapsed: Duration::from_secs(1) };
+        assert_eq!(describe(&quiet), None);
+        let loud = LinkEvent::Reconnecting { attempt: 8, elapsed: Duration::from_secs(14) };
+        assert_eq!(describe(&loud).unwrap(), "still reconnecting (attempt 8, 14.0s so far)");
+    }
+}

@@ -1,0 +1,61 @@
+//! Local port forwarding: a local listener whose every connection is carried to a service.
+
+use std::io;
+
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use super::request::request;
+use super::splice::splice_requested;
+use super::{check_name, TunnelError};
+use crate::net::{ClientConfig, LinkEvent};
+
+/// Local port forwarding: every connection accepted on `local` gets its own resilient stream to
+/// `service` (one virtual socket per real local connection). Link events of every stream are
+/// sent to `events` with the local peer's address, if given. Runs until the listener fails.
+///
+/// # Errors
+/// Returns only if accepting on `local` fails.
+pub async fn forward(
+    local: TcpListener,
+    server: String,
+    cfg: ClientConfig,
+    service: String,
+    events: Option<mpsc::UnboundedSender<(std::net::SocketAddr, LinkEvent)>>,
+) -> io::Result<()> {
+    check_name(&service)?;
+    loop {
+        let (tcp, from) = local.accept().await?;
+        let _ = tcp.set_nodelay(true);
+        let (server, cfg, service, events) = (server.clone(), cfg.clone(), service.clone(), events.clone());
+        tokio::spawn(async move {
+            let stream = match request(&server, cfg, &service).await {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(%from, error = %e, "cannot open tunnel");
+                    let _ = tcp.set_zero_linger();
+                    return;
+                }
+            };
+            if let Some(tx) = events {
+                let mut rx = stream.events();
+                tokio::spawn(async move {
+                    while let Ok(ev) = rx.recv().await {
+                        if tx.send((from, ev)).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+            debug!(%from, service = %service, "forwarding");
+            match splice_requested(tcp, stream, &service).await {
+                Ok((up, down)) => info!(%from, up, down, "connection closed"),
+                Err(e @ (TunnelError::UnknownService(_) | TunnelError::ServiceRefused { .. })) => {
+                    warn!(%from, error = %e, "cannot open tunnel")
+                }
+                Err(e) => warn!(%from, error = %e, "connection failed"),
+            }
+        });
+    }
+}

@@ -1,0 +1,123 @@
+//! Joining a plain TCP connection and a holdfast stream, both ways, with half-close and without
+//! intermediate copy buffers.
+
+use std::io;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::{tcp, TcpStream};
+
+use super::request::read_reply;
+use super::TunnelError;
+use crate::net::{ReadHalf, Stream, WriteHalf};
+
+/// Like [`splice`] for a stream whose service request was sent but not yet answered: the
+/// program's first bytes go up right behind the request, without waiting a round trip for the
+/// reply (the server reads them only after it connected the service and answered 0; otherwise
+/// it discards them with the stream). The reply is read before anything goes down.
+pub(super) async fn splice_requested(
+    mut tcp: TcpStream,
+    stream: Stream,
+    service: &str,
+) -> Result<(u64, u64), TunnelError> {
+    let (mut sr, sw) = stream.into_split();
+    let res = {
+        let (tr, tw) = tcp.split();
+        let up = tcp_to_stream(tr, sw);
+        let down = async {
+            read_reply(&mut sr, service).await?;
+            Ok::<_, TunnelError>(stream_to_tcp(sr, tw).await?)
+        };
+        tokio::pin!(up, down);
+        let (mut up_res, mut down_res) = (None, None);
+        while up_res.is_none() || down_res.is_none() {
+            tokio::select! {
+                r = &mut up, if up_res.is_none() => up_res = Some(r),
+                r = &mut down, if down_res.is_none() => down_res = Some(r),
+            }
+            if matches!(down_res, Some(Err(_))) {
+                break;
+            }
+            if matches!(up_res, Some(Err(_))) {
+                if down_res.is_none() {
+                    // The stream failing under the upload is often the server refusing the
+                    // service: let its reply say so, if it comes at once.
+                    if let Ok(r) = tokio::time::timeout(std::time::Duration::from_millis(200), &mut down).await {
+                        down_res = Some(r);
+                    }
+                }
+                break;
+            }
+        }
+        match (up_res, down_res) {
+            (_, Some(Err(e))) => Err(e),
+            (Some(Err(e)), _) => Err(TunnelError::Io(e)),
+            (Some(Ok(up)), Some(Ok(down))) => Ok((up, down)),
+            _ => Err(TunnelError::Malformed("reply")),
+        }
+    };
+    if res.is_err() {
+        // Reset rather than close, so the program does not mistake a failure for a clean end.
+        let _ = tcp.set_zero_linger();
+    }
+    res
+}
+
+/// Bytes moved from a socket into a stream per read (one vectored read into the stream's own
+/// buffer).
+const FILL: usize = 256 * 1024;
+
+/// Copies a TCP socket into a stream until EOF, then half-closes the stream. The socket is read
+/// straight into the stream's replay buffer: no copy buffer, so an idle tunnel holds none.
+async fn tcp_to_stream(from: tcp::ReadHalf<'_>, mut to: WriteHalf) -> io::Result<u64> {
+    let sock: &TcpStream = from.as_ref();
+    let mut total = 0u64;
+    loop {
+        sock.readable().await?;
+        match to.write_with(FILL, |bufs| sock.try_read_vectored(bufs)).await {
+            Ok(0) => {
+                to.shutdown().await?;
+                return Ok(total);
+            }
+            Ok(n) => total += n as u64,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Copies a stream into a TCP socket until the stream ends, then half-closes the socket. The
+/// socket is written straight from the stream's receive buffer.
+async fn stream_to_tcp(mut from: ReadHalf, mut to: tcp::WriteHalf<'_>) -> io::Result<u64> {
+    let mut total = 0u64;
+    loop {
+        let sock: &TcpStream = to.as_ref();
+        match from.read_with(|bufs| sock.try_write_vectored(bufs)).await {
+            Ok(0) => {
+                to.shutdown().await?;
+                return Ok(total);
+            }
+            Ok(n) => total += n as u64,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => sock.writable().await?,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Joins a plain TCP connection and a holdfast stream, both ways, with half-close. Returns the
+/// bytes moved (TCP to stream, stream to TCP). If the holdfast stream fails, the TCP connection
+/// is reset so the program sees an error rather than a clean end.
+///
+/// # Errors
+/// The first I/O error of either direction.
+pub async fn splice(mut tcp: TcpStream, stream: Stream) -> io::Result<(u64, u64)> {
+    let (sr, sw) = stream.into_split();
+    let res = {
+        let (tr, tw) = tcp.split();
+        tokio::try_join!(tcp_to_stream(tr, sw), stream_to_tcp(sr, tw))
+    };
+    if res.is_err() {
+        // Reset rather than close, so the program does not mistake a failure for a clean end.
+        let _ = tcp.set_zero_linger();
+    }
+    res
+}
