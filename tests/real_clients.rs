@@ -50,10 +50,6 @@ async fn run_test<F: Future<Output = ()>>(name: &str, tools: &[&str], limit: Dur
     eprintln!("{name}: passed in {:.1?}", start.elapsed());
 }
 
-fn assert_kills(name: &str, k: Kills) {
-    assert!(k.kills >= MIN_KILLS, "{name}: only {} kills destroyed a connection ({k:?})", k.kills);
-}
-
 /// One ssh session running `sh`: 200 commands one after another, each answer read before the
 /// next command is sent. Every 20 commands it waits for one more kill, so at least 10 kills
 /// fall inside the session whatever the machine's speed. Returns ssh's stderr.
@@ -154,18 +150,18 @@ enum Via {
 }
 
 /// Starts sshd and a tunnel to it, then runs `work` with the ssh port and ProxyCommand to use,
-/// under a kill loop every 300 ms. For a ProxyCommand, checks that `holdfast connect` exited 0.
-/// Returns the kill figures, ssh's stderr and the forward's log (if any).
+/// under a kill loop every 300 ms. Then checks that `holdfast connect` (if used) exited 0 and
+/// that the server closed every session cleanly. Returns the figures to report.
 async fn ssh_through_kills(
     tag: &str,
     via: Via,
     work: impl AsyncFnOnce(&TempDir, &Sshd, u16, Option<&str>, &Gate) -> String,
-) -> (Kills, String, String) {
+) -> String {
     let dir = TempDir::new(tag);
     let sshd = Sshd::start(&dir).await;
     let tunnel = Tunnel::start(&dir, &[("ssh", SocketAddr::from(([127, 0, 0, 1], sshd.port)))]).await;
     let rc_file = dir.path("connect.rc");
-    let (forward, port, proxy) = match via {
+    let (_forward, port, proxy) = match via {
         Via::Proxy => (None, sshd.port, Some(tunnel.proxy_command("ssh", &rc_file))),
         Via::Forward => {
             let (client, local) = tunnel.forward("ssh").await;
@@ -180,32 +176,43 @@ async fn ssh_through_kills(
         let rc = wait_file(&rc_file).await;
         assert_eq!(rc.trim(), "0", "holdfast connect failed; ssh stderr:\n{}", tail(&ssh_log, 30));
     }
-    let client_log = forward.map(|f| f.log()).unwrap_or_default();
-    (k, ssh_log, client_log)
+    assert_kills(tag, k);
+    figures(k, &tunnel, false).await
 }
 
-fn report(name: &str, k: Kills, ssh_log: &str, client_log: &str, what: &str) {
-    let lost = ssh_log.matches("link lost").count() + client_log.matches("link lost").count();
-    let resumed = ssh_log.matches("resumed").count() + client_log.matches("link resumed").count();
-    eprintln!(
-        "{name}: {what}; {} kills destroyed {} sockets in {} rounds; client saw {lost} link losses, {resumed} resumes",
-        k.kills, k.sockets, k.rounds
-    );
-    if std::env::var_os("HOLDFAST_SHOW_LOGS").is_some() {
-        eprintln!("{name}: ssh stderr:\n{ssh_log}\n{name}: client log:\n{client_log}");
-    }
+/// Waits for the server to end every session (cleanly, unless `resets_ok`: see
+/// [`Tunnel::wait_sessions_ended`]); returns the kill and session figures.
+async fn figures(k: Kills, tunnel: &Tunnel, resets_ok: bool) -> String {
+    let (sessions, aborted) = tunnel.wait_sessions_ended(resets_ok).await;
+    let log = tunnel.server.log();
+    let sum = |key: &str| -> u64 {
+        let words = log.lines().filter(|l| l.contains("session resumed")).flat_map(|l| l.split_whitespace());
+        words.filter_map(|w| w.strip_prefix(key)?.parse::<u64>().ok()).sum()
+    };
+    format!(
+        "{} kills destroyed {} sockets in {} rounds; {sessions} sessions ended, {aborted} of them by a reset; {} resumes, {} B replayed to the client, {} B from it",
+        k.kills,
+        k.sockets,
+        k.rounds,
+        log.matches("session resumed").count(),
+        sum("replayed_to_client="),
+        sum("replayed_from_client="),
+    )
+}
+
+fn assert_kills(name: &str, k: Kills) {
+    assert!(k.kills >= MIN_KILLS, "{name}: only {} kills destroyed a connection ({k:?})", k.kills);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ssh_proxy_command_runs_200_commands_through_kills() {
     let name = "ssh_proxy_command_runs_200_commands_through_kills";
     run_test(name, &sshd::TOOLS, Duration::from_secs(120), || async {
-        let (k, log, client) = ssh_through_kills("sshpc", Via::Proxy, async |_, sshd, port, proxy, gate| {
+        let f = ssh_through_kills(name, Via::Proxy, async |_, sshd, port, proxy, gate| {
             ssh_commands(sshd.ssh(port, proxy, "sh"), gate).await
         })
         .await;
-        report(name, k, &log, &client, "200 commands answered in order");
-        assert_kills(name, k);
+        eprintln!("{name}: 200 commands answered in order; {f}");
     })
     .await;
 }
@@ -214,12 +221,11 @@ async fn ssh_proxy_command_runs_200_commands_through_kills() {
 async fn ssh_proxy_command_moves_64mib_each_way_through_kills() {
     let name = "ssh_proxy_command_moves_64mib_each_way_through_kills";
     run_test(name, &sshd::TOOLS, Duration::from_secs(150), || async {
-        let (k, log, client) = ssh_through_kills("sshpb", Via::Proxy, async |dir, sshd, port, proxy, gate| {
+        let f = ssh_through_kills(name, Via::Proxy, async |dir, sshd, port, proxy, gate| {
             ssh_bulk(dir, sshd, port, proxy, gate).await
         })
         .await;
-        report(name, k, &log, &client, "64 MiB up and 64 MiB down, SHA-256 equal");
-        assert_kills(name, k);
+        eprintln!("{name}: 64 MiB up and 64 MiB down, SHA-256 equal; {f}");
     })
     .await;
 }
@@ -228,12 +234,11 @@ async fn ssh_proxy_command_moves_64mib_each_way_through_kills() {
 async fn ssh_forward_runs_200_commands_through_kills() {
     let name = "ssh_forward_runs_200_commands_through_kills";
     run_test(name, &sshd::TOOLS, Duration::from_secs(120), || async {
-        let (k, log, client) = ssh_through_kills("sshfc", Via::Forward, async |_, sshd, port, proxy, gate| {
+        let f = ssh_through_kills(name, Via::Forward, async |_, sshd, port, proxy, gate| {
             ssh_commands(sshd.ssh(port, proxy, "sh"), gate).await
         })
         .await;
-        report(name, k, &log, &client, "200 commands answered in order");
-        assert_kills(name, k);
+        eprintln!("{name}: 200 commands answered in order; {f}");
     })
     .await;
 }
@@ -242,12 +247,11 @@ async fn ssh_forward_runs_200_commands_through_kills() {
 async fn ssh_forward_moves_64mib_each_way_through_kills() {
     let name = "ssh_forward_moves_64mib_each_way_through_kills";
     run_test(name, &sshd::TOOLS, Duration::from_secs(150), || async {
-        let (k, log, client) = ssh_through_kills("sshfb", Via::Forward, async |dir, sshd, port, proxy, gate| {
+        let f = ssh_through_kills(name, Via::Forward, async |dir, sshd, port, proxy, gate| {
             ssh_bulk(dir, sshd, port, proxy, gate).await
         })
         .await;
-        report(name, k, &log, &client, "64 MiB up and 64 MiB down, SHA-256 equal");
-        assert_kills(name, k);
+        eprintln!("{name}: 64 MiB up and 64 MiB down, SHA-256 equal; {f}");
     })
     .await;
 }
@@ -268,8 +272,8 @@ async fn ssh_exit_ends_the_proxy_command_session_cleanly() {
         assert_eq!(String::from_utf8_lossy(&out.stdout), "hello\n");
         let rc = wait_file(&rc_file).await;
         assert_eq!(rc.trim(), "0", "holdfast connect exited {rc}; ssh stderr:\n{}", tail(&err_text(&out), 30));
-        let log = tunnel.server.wait_log("session closed", 1).await;
-        assert_eq!(log.matches("new session").count(), 1, "server log:\n{log}");
+        assert_eq!(tunnel.wait_sessions_ended(false).await, (1, 0), "server log:\n{}", tunnel.server.log());
+        let log = tunnel.server.log();
         assert!(!log.contains("session detached"), "the session was detached, not closed:\n{log}");
         eprintln!("{name}: connect exited 0, server logged `session closed` and no detach");
     })
@@ -287,7 +291,7 @@ async fn pgbench_through_forward_with_kills() {
         let dir = TempDir::new("pgbench");
         let pg = Postgres::start(&dir).await;
         let tunnel = Tunnel::start(&dir, &[("db", SocketAddr::from(([127, 0, 0, 1], pg.port)))]).await;
-        let (client, local) = tunnel.forward("db").await;
+        let (_client, local) = tunnel.forward("db").await;
         let kills = KillLoop::start(tunnel.port(), Duration::from_millis(500), &Gate::new());
         let pgbench = || {
             let mut cmd = Command::new(postgres::bin("pgbench").unwrap());
@@ -306,9 +310,9 @@ async fn pgbench_through_forward_with_kills() {
         assert!(done > 0, "{text}");
         let rows = run_ok("psql", &mut pg.psql("SELECT count(*) FROM pgbench_history")).await;
         assert_eq!(rows.trim().parse::<u64>().ok(), Some(done), "history rows differ from transactions");
-        let resumed = client.log().matches("link resumed").count();
-        eprintln!("{name}: {done} transactions, 0 failed, {} history rows; {} kills destroyed {} sockets in {} rounds; {resumed} resumes", rows.trim(), k.kills, k.sockets, k.rounds);
         assert_kills(name, k);
+        let f = figures(k, &tunnel, false).await;
+        eprintln!("{name}: {done} transactions, 0 failed, {} history rows; {f}", rows.trim());
     })
     .await;
 }
@@ -328,7 +332,7 @@ async fn curl_moves_256mib_each_way_through_kills() {
         let gate = Gate::new();
         let web = http::serve(5, LEN, gate.clone(), 32 * MIB).await;
         let tunnel = Tunnel::start(&dir, &[("web", web.addr)]).await;
-        let (client, local) = tunnel.forward("web").await;
+        let (_client, local) = tunnel.forward("web").await;
         let up_file = dir.path("up.bin");
         let up_hash = Pattern::write_file(6, LEN, &up_file);
         let kills = KillLoop::start(tunnel.port(), Duration::from_millis(300), &gate);
@@ -360,9 +364,8 @@ async fn curl_moves_256mib_each_way_through_kills() {
         let k = kills.stop();
         assert_eq!((got, down_hash), (LEN, hex(&Pattern::sha256(5, LEN))), "download differs");
         assert_eq!(up_reply, hex(&up_hash), "the server's hash of the upload differs");
-        let resumed = client.log().matches("link resumed").count();
-        eprintln!("{name}: 256 MiB down and 256 MiB up, SHA-256 equal; {} kills destroyed {} sockets in {} rounds; {resumed} resumes", k.kills, k.sockets, k.rounds);
         assert_kills(name, k);
+        eprintln!("{name}: 256 MiB down and 256 MiB up, SHA-256 equal; {}", figures(k, &tunnel, false).await);
     })
     .await;
 }
@@ -375,12 +378,25 @@ fn iperf_bytes(json: &str, section: &str) -> Option<u64> {
     v.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
 }
 
+/// The most bytes the forward's path can hold: three TCP legs (program to client, the tunnel,
+/// server to service), each with a send and a receive buffer at the kernel's maximum, plus
+/// holdfast's replay buffer (8 MiB) and receive window (1 MiB).
+fn path_capacity() -> u64 {
+    let max = |f: &str| -> u64 {
+        let text = std::fs::read_to_string(format!("/proc/sys/net/ipv4/{f}")).unwrap_or_default();
+        text.split_whitespace().nth(2).and_then(|v| v.parse().ok()).unwrap_or(64 * MIB)
+    };
+    3 * (max("tcp_rmem") + max("tcp_wmem")) + 9 * MIB
+}
+
 /// iperf3 both ways (5 s each) through a forward, every connection killed every 300 ms. iperf3
 /// must report no error, and the receiver no more than the sender sent. The two counts cannot
 /// be required to be equal: iperf3 stops counting at the receiver when the control connection
 /// says the test ended, and bytes still buffered on the path are not counted. Any relay shows
 /// this (a plain asyncio relay: 3.8 MiB of 1.3 GiB), so the gap is only bounded by what the
-/// path can hold: holdfast's 8 MiB replay buffer and the kernel socket buffers on both sides.
+/// path can hold ([`path_capacity`]). For the same reason the receiver closes a data
+/// connection with bytes unread, which resets it; holdfast passes the reset on as an abort, so
+/// those sessions end that way rather than closed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn iperf3_both_ways_through_kills() {
     let name = "iperf3_both_ways_through_kills";
@@ -400,9 +416,9 @@ async fn iperf3_both_ways_through_kills() {
         }
         let _server = server.expect("iperf3 found no free port in 5 tries");
         let tunnel = Tunnel::start(&dir, &[("perf", SocketAddr::from(([127, 0, 0, 1], port)))]).await;
-        let (client, local) = tunnel.forward("perf").await;
+        let (_client, local) = tunnel.forward("perf").await;
         let kills = KillLoop::start(tunnel.port(), Duration::from_millis(300), &Gate::new());
-        let mut figures = Vec::new();
+        let mut results = Vec::new();
         for reverse in [false, true] {
             let mut cmd = Command::new("iperf3");
             cmd.args(["-c", "127.0.0.1", "-p", &local.port().to_string(), "-t", "5", "--json"]);
@@ -415,19 +431,19 @@ async fn iperf3_both_ways_through_kills() {
             let sent = iperf_bytes(&json, "sum_sent").unwrap_or_else(|| panic!("no sum_sent:\n{json}"));
             let got = iperf_bytes(&json, "sum_received").unwrap_or_else(|| panic!("no sum_received:\n{json}"));
             assert!(got > 0 && got <= sent, "received {got} of {sent} bytes");
-            assert!(sent - got <= 64 * MIB, "{} MiB sent but not received", (sent - got) / MIB);
-            figures.push(format!("{}: sent {sent} B, received {got} B", if reverse { "down" } else { "up" }));
+            let cap = path_capacity();
+            assert!(
+                sent - got <= cap,
+                "{} MiB sent but not received; the path holds {} MiB",
+                (sent - got) / MIB,
+                cap / MIB
+            );
+            results.push(format!("{}: sent {sent} B, received {got} B", if reverse { "down" } else { "up" }));
         }
         let k = kills.stop();
-        let resumed = client.log().matches("link resumed").count();
-        eprintln!(
-            "{name}: {}; {} kills destroyed {} sockets in {} rounds; {resumed} resumes",
-            figures.join("; "),
-            k.kills,
-            k.sockets,
-            k.rounds
-        );
         assert_kills(name, k);
+        // iperf3's receiver closes a data connection with bytes unread: a reset, passed on.
+        eprintln!("{name}: {}; {}", results.join("; "), figures(k, &tunnel, true).await);
     })
     .await;
 }

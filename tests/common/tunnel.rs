@@ -51,6 +51,28 @@ impl Tunnel {
         self.addr.port()
     }
 
+    /// Waits (bounded) until every session the server opened has ended, and checks how: each
+    /// must be `session closed` (a clean end both ways), or, if `resets_ok`, `session ended`
+    /// because one end's program reset its connection, which holdfast passes on as an abort.
+    /// Nothing else (expiry, a protocol error) is accepted. Returns (sessions, aborted).
+    pub async fn wait_sessions_ended(&self, resets_ok: bool) -> (usize, usize) {
+        let counts = |t: &str| {
+            (
+                t.matches("session opened").count(),
+                t.matches("session closed").count(),
+                t.matches("session ended").count(),
+            )
+        };
+        let ok = self.server.wait_for(|t| matches!(counts(t), (o, c, e) if o > 0 && c + e >= o)).await;
+        let log = self.server.log();
+        assert!(ok, "not every session ended; server log:\n{}", super::procs::tail(&log, 200));
+        let (opened, _, ended) = counts(&log);
+        let bad = log.lines().filter(|l| l.contains("session ended") && !(resets_ok && l.contains("stream aborted")));
+        let bad: Vec<&str> = bad.collect();
+        assert!(bad.is_empty(), "sessions that did not close cleanly:\n{}", bad.join("\n"));
+        (opened, ended)
+    }
+
     /// Arguments of `holdfast CMD` (connect or client) for `service`.
     fn client_args(&self, cmd: &str, service: &str) -> Vec<String> {
         let mut args: Vec<String> =
@@ -61,9 +83,14 @@ impl Tunnel {
     }
 
     /// Starts `holdfast client --local 127.0.0.1:0` for `service`; returns it and its address.
+    ///
+    /// With `--no-check`: the start-up check's session is not one of the program's, and it ends
+    /// as an abort on the server whenever the service has not closed its side before the check
+    /// drops its stream (sshd, postgres), which would blur the count of sessions closed.
     pub async fn forward(&self, service: &str) -> (Proc, SocketAddr) {
         let mut cmd = Command::new(BIN);
-        cmd.args(self.client_args("client", service)).args(["--local", "127.0.0.1:0"]).env_remove("RUST_LOG");
+        cmd.args(self.client_args("client", service)).args(["--local", "127.0.0.1:0", "--no-check"]);
+        cmd.env_remove("RUST_LOG");
         let client = Proc::spawn("holdfast client", &mut cmd, Out::Null);
         let local = client.logged_addr("forwarding", "local=").await;
         (client, local)
