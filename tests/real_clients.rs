@@ -51,17 +51,19 @@ async fn run_test<F: Future<Output = ()>>(name: &str, tools: &[&str], limit: Dur
 }
 
 /// One ssh session running `sh`: 200 commands one after another, each answer read before the
-/// next command is sent. Every 20 commands it waits for one more kill, so at least 10 kills
-/// fall inside the session whatever the machine's speed. Returns ssh's stderr.
+/// next command is sent. Besides the scheduled kills, the real connections are killed right
+/// after every 20th command was written, before its answer is read: at least 10 kills whatever
+/// the machine's speed. Returns ssh's stderr.
 async fn ssh_commands(mut cmd: Command, gate: &Gate) -> String {
     let mut ssh = Proc::spawn("ssh", &mut cmd, Out::Piped);
     let mut stdin = ssh.child.stdin.take().unwrap();
     let mut lines = BufReader::new(ssh.child.stdout.take().unwrap()).lines();
     for i in 1..=200u64 {
-        if i % 20 == 0 {
-            gate.wait_kills(i / 20).await;
+        let sent = stdin.write_all(format!("echo R{i} $(({i}*{i}))\n").as_bytes()).await;
+        assert!(sent.is_ok(), "command {i}: cannot write to ssh ({sent:?}); ssh stderr:\n{}", tail(&ssh.log(), 30));
+        if i % 20 == 10 {
+            gate.kill_now().await;
         }
-        stdin.write_all(format!("echo R{i} $(({i}*{i}))\n").as_bytes()).await.unwrap();
         let line = timeout(LIMIT, lines.next_line()).await;
         let want = format!("R{i} {}", i * i);
         assert!(
@@ -79,7 +81,8 @@ async fn ssh_commands(mut cmd: Command, gate: &Gate) -> String {
 }
 
 /// 64 MiB up into a remote file and 64 MiB down from one, at once, in one ssh session. The
-/// sender and the reader each wait for one kill per 8 MiB. Checks SHA-256 both ways.
+/// sender and the reader each kill the real connections once per 8 MiB, mid-flow. Checks
+/// SHA-256 both ways.
 async fn ssh_bulk(dir: &TempDir, sshd: &Sshd, port: u16, proxy: Option<&str>, gate: &Gate) -> String {
     const LEN: u64 = 64 * MIB;
     const STEP: u64 = 8 * MIB;
@@ -90,10 +93,10 @@ async fn ssh_bulk(dir: &TempDir, sshd: &Sshd, port: u16, proxy: Option<&str>, ga
     let mut stdin = ssh.child.stdin.take().unwrap();
     let mut stdout = ssh.child.stdout.take().unwrap();
     let send = async {
-        let mut p = Pattern::new(1, LEN);
+        let (mut p, mut pacer) = (Pattern::new(1, LEN), gate.pacer(STEP));
         let mut sent = 0u64;
         while let Some(c) = p.next_chunk() {
-            gate.pace(sent, STEP).await;
+            pacer.at(sent).await;
             let w = timeout(LIMIT, stdin.write_all(c)).await;
             assert!(
                 matches!(w, Ok(Ok(()))),
@@ -106,9 +109,10 @@ async fn ssh_bulk(dir: &TempDir, sshd: &Sshd, port: u16, proxy: Option<&str>, ga
     };
     let recv = async {
         let (mut hash, mut buf, mut got) = (Sha256::new(), vec![0u8; 64 * 1024], 0u64);
+        let mut pacer = gate.pacer(STEP);
         loop {
             if got < LEN {
-                gate.pace(got, STEP).await;
+                pacer.at(got).await;
             }
             let r = timeout(LIMIT, stdout.read(&mut buf)).await;
             let r =
@@ -190,8 +194,9 @@ async fn figures(k: Kills, tunnel: &Tunnel, resets_ok: bool) -> String {
         words.filter_map(|w| w.strip_prefix(key)?.parse::<u64>().ok()).sum()
     };
     format!(
-        "{} kills destroyed {} sockets in {} rounds; {sessions} sessions ended, {aborted} of them by a reset; {} resumes, {} B replayed to the client, {} B from it",
+        "{} kills ({} mid-flow on demand) destroyed {} sockets in {} rounds; {sessions} sessions ended, {aborted} of them by a reset; {} resumes, {} B replayed to the client, {} B from it",
         k.kills,
+        k.on_demand,
         k.sockets,
         k.rounds,
         log.matches("session resumed").count(),

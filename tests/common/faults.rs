@@ -1,80 +1,126 @@
-//! Faults for real-client tests: kill the tunnel's real TCP connections with `ss -K` on a
-//! schedule, and count how many kills actually destroyed an established socket.
+//! Faults for real-client tests: kill the tunnel's real TCP connections with `ss -K`, and count
+//! how many kills actually destroyed an established socket.
 //!
 //! `ss -K dst 127.0.0.1 dport = :PORT` destroys every TCP socket of this host whose peer is the
 //! holdfast server's port, that is the client end of each real connection (the kernel sends a
 //! reset to the server end). `ss` prints a socket only when destroying it succeeded, so its
-//! output is the count. A *kill* is one round that destroyed at least one established socket.
+//! output is the count. A *kill* is one `ss -K` that destroyed at least one established socket.
 //!
-//! A workload that could outrun the schedule (a fast transfer, a short command loop) can ask the
-//! [`Gate`] to wait for the kill count to reach a figure before it goes on, so that the faults a
-//! test asserts do not depend on the machine's speed.
+//! Kills come from two places, counted together by a [`Gate`]:
+//! - a [`KillLoop`], on a fixed schedule (every 300 or 500 ms), landing anywhere;
+//! - the workload itself, through [`Gate::kill_now`] or a [`Pacer`], at chosen points: right
+//!   after a command was sent, or each time a transfer has moved another step of bytes, while
+//!   the data is still in flight. A fast machine can finish a transfer between two scheduled
+//!   kills; these kills do not depend on speed, so the minimum a test asserts always holds.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use tokio::process::Command;
-use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::procs::LIMIT;
 
-/// What a kill loop did.
+/// What the kills did.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Kills {
-    /// Rounds of `ss -K` run.
+    /// Runs of `ss -K`.
     pub rounds: u64,
-    /// Rounds that destroyed at least one established socket.
+    /// Runs that destroyed at least one established socket.
     pub kills: u64,
+    /// Of those, the ones the workload asked for at a chosen point.
+    pub on_demand: u64,
     /// Established sockets destroyed in all.
     pub sockets: u64,
 }
 
+#[derive(Default)]
 struct State {
-    kills: watch::Sender<u64>,
+    port: OnceLock<u16>,
     rounds: AtomicU64,
+    kills: AtomicU64,
+    on_demand: AtomicU64,
     sockets: AtomicU64,
-    errors: std::sync::Mutex<Vec<String>>,
+    errors: Mutex<Vec<String>>,
 }
 
-/// Lets a workload wait for faults; cheap to clone into server tasks. Made before the kill loop
-/// that drives it, so that a service can hold it before the tunnel (and so its port) exists.
-#[derive(Clone)]
+/// Counts kills and lets a workload make them; cheap to clone into server tasks. Made before
+/// the kill loop that gives it the server's port, so that a service can hold it before the
+/// tunnel (and so the port) exists.
+#[derive(Clone, Default)]
 pub struct Gate(Arc<State>);
 
 impl Gate {
     pub fn new() -> Gate {
-        Gate(Arc::new(State {
-            kills: watch::channel(0).0,
-            rounds: AtomicU64::new(0),
-            sockets: AtomicU64::new(0),
-            errors: Default::default(),
-        }))
+        Gate::default()
     }
 
-    /// Kills so far.
-    pub fn kills(&self) -> u64 {
-        *self.0.kills.borrow()
+    pub fn figures(&self) -> Kills {
+        let st = &self.0;
+        Kills {
+            rounds: st.rounds.load(Ordering::Relaxed),
+            kills: st.kills.load(Ordering::Relaxed),
+            on_demand: st.on_demand.load(Ordering::Relaxed),
+            sockets: st.sockets.load(Ordering::Relaxed),
+        }
     }
 
-    /// Waits (bounded by [`LIMIT`]) until at least `n` kills happened; returns whether they did.
-    /// A workload should go on either way: the test's final count says whether faults happened.
-    pub async fn wait_kills(&self, n: u64) -> bool {
-        let mut rx = self.0.kills.subscribe();
-        let reached = tokio::time::timeout(LIMIT, rx.wait_for(|&k| k >= n)).await.is_ok();
-        reached
+    /// One `ss -K` round; returns the sockets it destroyed.
+    async fn round(&self) -> u64 {
+        let Some(&port) = self.0.port.get() else { return 0 };
+        match kill_connections(port).await {
+            Ok(n) => {
+                self.0.rounds.fetch_add(1, Ordering::Relaxed);
+                self.0.sockets.fetch_add(n, Ordering::Relaxed);
+                if n > 0 {
+                    self.0.kills.fetch_add(1, Ordering::Relaxed);
+                }
+                n
+            }
+            Err(e) => {
+                self.0.errors.lock().unwrap().push(e);
+                0
+            }
+        }
     }
 
-    /// For a transfer of bytes: at `done` bytes, waits for one kill per `step` bytes so far.
-    pub async fn pace(&self, done: u64, step: u64) {
-        self.wait_kills(done / step).await;
+    /// Kills the real connections now, retrying (bounded by [`LIMIT`]) while there is none
+    /// established (the client may be between two of them). Returns whether one was killed;
+    /// a workload goes on either way, and the test's final count says whether faults happened.
+    pub async fn kill_now(&self) -> bool {
+        let deadline = Instant::now() + LIMIT;
+        while Instant::now() < deadline && self.0.port.get().is_some() {
+            if self.round().await > 0 {
+                self.0.on_demand.fetch_add(1, Ordering::Relaxed);
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await; // polling for a link, bounded
+        }
+        false
+    }
+
+    /// A pacer that kills once per `step` bytes of a transfer.
+    pub fn pacer(&self, step: u64) -> Pacer {
+        Pacer { gate: self.clone(), step, next: step }
     }
 }
 
-impl Default for Gate {
-    fn default() -> Gate {
-        Gate::new()
+/// Kills the real connections each time a transfer has moved another `step` bytes, without
+/// waiting for the data in flight to drain first.
+pub struct Pacer {
+    gate: Gate,
+    step: u64,
+    next: u64,
+}
+
+impl Pacer {
+    /// Called with the bytes moved so far.
+    pub async fn at(&mut self, done: u64) {
+        while done >= self.next {
+            self.next += self.step;
+            self.gate.kill_now().await;
+        }
     }
 }
 
@@ -85,49 +131,28 @@ pub struct KillLoop {
 }
 
 impl KillLoop {
-    /// Starts killing; `gate` counts the kills (use [`Gate::new`] when nothing else needs it).
+    /// Starts killing; `gate` counts the kills and can make more (see [`Gate::kill_now`]).
     pub fn start(port: u16, every: Duration, gate: &Gate) -> KillLoop {
-        let st = gate.0.clone();
+        assert!(gate.0.port.set(port).is_ok(), "the gate already has a kill loop");
+        let g = gate.clone();
         let task = tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             tick.tick().await; // the first tick is immediate; let the workload start first
             loop {
                 tick.tick().await;
-                match kill_connections(port).await {
-                    Ok(n) => {
-                        st.rounds.fetch_add(1, Ordering::Relaxed);
-                        st.sockets.fetch_add(n, Ordering::Relaxed);
-                        if n > 0 {
-                            st.kills.send_modify(|k| *k += 1);
-                        }
-                    }
-                    Err(e) => st.errors.lock().unwrap().push(e),
-                }
+                g.round().await;
             }
         });
         KillLoop { gate: gate.clone(), task }
     }
 
-    pub fn gate(&self) -> Gate {
-        self.gate.clone()
-    }
-
-    pub fn figures(&self) -> Kills {
-        let st = &self.gate.0;
-        Kills {
-            rounds: st.rounds.load(Ordering::Relaxed),
-            kills: self.gate.kills(),
-            sockets: st.sockets.load(Ordering::Relaxed),
-        }
-    }
-
-    /// Stops the loop; returns its figures. Panics if `ss` itself failed.
+    /// Stops the loop; returns the figures. Panics if `ss` itself failed.
     pub fn stop(self) -> Kills {
         self.task.abort();
         let errors = self.gate.0.errors.lock().unwrap().clone();
         assert!(errors.is_empty(), "ss -K failed: {errors:?}");
-        self.figures()
+        self.gate.figures()
     }
 }
 

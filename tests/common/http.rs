@@ -4,8 +4,8 @@
 //! - `PUT` or `POST` reads exactly `Content-Length` body bytes (answering `Expect:
 //!   100-continue` first) and answers with the body's SHA-256 in hex.
 //!
-//! Each answer ends its connection (`Connection: close`). Both directions can be paced by a
-//! [`Gate`]: the server waits for one kill per `step` bytes before it sends or reads more.
+//! Each answer ends its connection (`Connection: close`). In both directions the server kills
+//! the tunnel's connections (through a [`Gate`]) each time another `step` bytes went by.
 
 use std::net::SocketAddr;
 
@@ -77,8 +77,8 @@ impl Drop for HttpServer {
     }
 }
 
-/// Starts the server: `GET` serves `Pattern(seed, len)`; reads and writes are paced by `gate`
-/// at one kill per `step` bytes.
+/// Starts the server: `GET` serves `Pattern(seed, len)`; `gate` kills once per `step` bytes
+/// sent or read.
 pub async fn serve(seed: u64, len: u64, gate: Gate, step: u64) -> HttpServer {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -98,6 +98,7 @@ pub async fn serve(seed: u64, len: u64, gate: Gate, step: u64) -> HttpServer {
 
 async fn answer(mut sock: TcpStream, seed: u64, len: u64, gate: &Gate, step: u64) -> std::io::Result<()> {
     let (head, mut body) = read_head(&mut sock).await?;
+    let mut pacer = gate.pacer(step);
     let lower = head.to_ascii_lowercase();
     let method = head.split(' ').next().unwrap_or_default();
     if method == "GET" {
@@ -106,7 +107,7 @@ async fn answer(mut sock: TcpStream, seed: u64, len: u64, gate: &Gate, step: u64
         let mut p = Pattern::new(seed, len);
         let mut sent = 0u64;
         while let Some(c) = p.next_chunk() {
-            gate.pace(sent, step).await;
+            pacer.at(sent).await;
             sock.write_all(c).await?;
             sent += c.len() as u64;
         }
@@ -125,7 +126,7 @@ async fn answer(mut sock: TcpStream, seed: u64, len: u64, gate: &Gate, step: u64
         hash.update(&body);
         body.resize(CHUNK, 0);
         while got < want {
-            gate.pace(got, step).await;
+            pacer.at(got).await;
             let n = sock.read(&mut body[..(want - got).min(CHUNK as u64) as usize]).await?;
             if n == 0 {
                 return Err(std::io::Error::other(format!("body ended after {got} of {want} bytes")));

@@ -12,6 +12,9 @@ use super::procs::{s, Out, Proc, TempDir};
 pub const BIN: &str = env!("CARGO_BIN_EXE_holdfast");
 /// Short timers so that a dead link is noticed within a test.
 pub const FAST: [&str; 4] = ["--keepalive", "200ms", "--dead-after", "1s"];
+/// A client that cannot reconnect for this long fails its streams (the default is an hour),
+/// so that a test whose server is gone fails with holdfast's error rather than a timeout.
+pub const GIVE_UP: [&str; 2] = ["--give-up", "15s"];
 
 /// A running `holdfast server` offering `NAME=ADDR` services, with one allowed client key.
 pub struct Tunnel {
@@ -79,6 +82,7 @@ impl Tunnel {
             [cmd, "--server", &self.addr.to_string(), "--service", service].map(String::from).into();
         args.extend(["--server-key", s(&self.server_pub), "--key", s(&self.client_key)].map(String::from));
         args.extend(FAST.map(String::from));
+        args.extend(GIVE_UP.map(String::from));
         args
     }
 
