@@ -51,19 +51,23 @@ async fn run_test<F: Future<Output = ()>>(name: &str, tools: &[&str], limit: Dur
 }
 
 /// One ssh session running `sh`: 200 commands one after another, each answer read before the
-/// next command is sent. Besides the scheduled kills, the real connections are killed right
-/// after every 20th command was written, before its answer is read: at least 10 kills whatever
-/// the machine's speed. Returns ssh's stderr.
+/// next command is sent. Besides the scheduled kills, every 10th command races a kill started
+/// as it goes out: at least 20 kills whatever the machine's speed, some while the command or
+/// its answer is in flight (a few hundred bytes get replayed). Returns ssh's stderr.
 async fn ssh_commands(mut cmd: Command, gate: &Gate) -> String {
     let mut ssh = Proc::spawn("ssh", &mut cmd, Out::Piped);
     let mut stdin = ssh.child.stdin.take().unwrap();
     let mut lines = BufReader::new(ssh.child.stdout.take().unwrap()).lines();
     for i in 1..=200u64 {
+        // Every 10th command races a kill: `ss` starts as the command goes out.
+        let kill = (i % 10 == 5).then(|| {
+            tokio::spawn({
+                let gate = gate.clone();
+                async move { gate.kill_now().await }
+            })
+        });
         let sent = stdin.write_all(format!("echo R{i} $(({i}*{i}))\n").as_bytes()).await;
         assert!(sent.is_ok(), "command {i}: cannot write to ssh ({sent:?}); ssh stderr:\n{}", tail(&ssh.log(), 30));
-        if i % 20 == 10 {
-            gate.kill_now().await;
-        }
         let line = timeout(LIMIT, lines.next_line()).await;
         let want = format!("R{i} {}", i * i);
         assert!(
@@ -71,6 +75,9 @@ async fn ssh_commands(mut cmd: Command, gate: &Gate) -> String {
             "command {i}: want {want:?}, got {line:?}; ssh stderr:\n{}",
             tail(&ssh.log(), 30)
         );
+        if let Some(k) = kill {
+            k.await.unwrap();
+        }
     }
     drop(stdin);
     let rest = timeout(LIMIT, lines.next_line()).await.expect("no EOF from ssh").unwrap();
