@@ -81,7 +81,6 @@ fn config_text(dir: &TempDir, port: u16, host_key: &std::path::Path, authorized:
          PermitRootLogin prohibit-password\n\
          PubkeyAuthentication yes\n\
          PasswordAuthentication no\n\
-         KbdInteractiveAuthentication no\n\
          StrictModes no\n\
          UseDNS no\n\
          PrintMotd no\n\
