@@ -58,7 +58,7 @@ pub async fn connect(addr: impl Into<String>, cfg: ClientConfig) -> Result<Strea
 async fn dial(
     addr: &str,
     cfg: &ClientConfig,
-    resume: Option<(&crate::proto::Ticket, u64, u64)>,
+    resume: Option<(&crate::proto::Ticket, u64, (u64, u64))>,
 ) -> Result<(TcpStream, crate::proto::handshake::ClientDone, SocketAddr), Error> {
     let limit = cfg.recovery.handshake_timeout;
     let hs_err = |source| Error::Handshake { addr: addr.to_string(), source };
@@ -67,9 +67,9 @@ async fn dial(
         // is in flight (the connect future sends its SYN when first polled, before this runs).
         let hello = async {
             match resume {
-                None => ClientHandshake::initial(&cfg.keypair.private, &cfg.server_key, cfg.cipher),
-                Some((t, received, written)) => {
-                    ClientHandshake::resume(&cfg.keypair.private, &cfg.server_key, t, received, written, cfg.cipher)
+                None => ClientHandshake::initial(&cfg.keypair.private, &cfg.server_key, cfg.cipher, next_stamp()),
+                Some((t, attempt, offsets)) => {
+                    ClientHandshake::resume(&cfg.keypair.private, &cfg.server_key, t, attempt, offsets, cfg.cipher)
                 }
             }
         };
@@ -103,7 +103,7 @@ async fn dial(
 async fn client_task(shared: Arc<Shared>, cfg: ClientConfig, addr: String, mut sock: TcpStream) {
     let mut faults = 0u64;
     loop {
-        let end = pump(&shared, sock, None::<&mut tokio::sync::mpsc::Receiver<()>>, |_| {}).await;
+        let end = pump(&shared, sock, None::<(&mut tokio::sync::mpsc::Receiver<()>, fn(&()) -> bool)>, |_| {}).await;
         let cause = match end {
             PumpEnd::Over | PumpEnd::Replaced(()) => break,
             PumpEnd::Fault(cause) => cause,
@@ -159,10 +159,11 @@ async fn reconnect(shared: &Shared, cfg: &ClientConfig, addr: &str, cause: &str)
         attempt += 1;
         shared.set_status(LinkStatus::Reconnecting { cause: cause.to_string(), attempt });
         shared.emit(LinkEvent::Reconnecting { attempt, elapsed: lost_at.elapsed() });
-        let (ticket, received, written) = {
-            let inner = shared.lock();
+        let (ticket, number, offsets) = {
+            let mut inner = shared.lock();
+            let number = inner.session.next_resume_attempt();
             match inner.session.ticket() {
-                Some(t) => (t.clone(), inner.session.received_offset(), inner.session.written_offset()),
+                Some(t) => (t.clone(), number, (inner.session.received_offset(), inner.session.written_offset())),
                 None => return Err(SessionError::Lost),
             }
         };
@@ -171,20 +172,28 @@ async fn reconnect(shared: &Shared, cfg: &ClientConfig, addr: &str, cause: &str)
         // attempt waiting on the kernel's retransmission schedule after the network is back.
         let left = policy.give_up_after.saturating_sub(lost_at.elapsed());
         let patience = Duration::from_secs(1u64 << (attempt - 1).min(4)).min(policy.handshake_timeout).min(left);
-        let outcome = match tokio::time::timeout(patience, dial(addr, cfg, Some((&ticket, received, written)))).await {
+        let outcome = match tokio::time::timeout(patience, dial(addr, cfg, Some((&ticket, number, offsets)))).await {
             Ok(r) => r,
             Err(_) => Err(Error::Timeout { addr: addr.to_string(), after: patience }),
         };
         match outcome {
             Ok((sock, done, peer)) => {
                 let server_received = done.server_received.unwrap_or(0);
+                let received = offsets.0;
                 let replayed_received = done.server_written.unwrap_or(received).saturating_sub(received);
                 let attached = {
                     let mut inner = shared.lock();
                     let r = inner.session.attach(Instant::now(), done.transport, server_received, None, None);
                     inner.wake_all();
                     r
-                }?;
+                };
+                let attached = match attached {
+                    Ok(a) => a,
+                    // The server claims positions never written: the session has failed, and the
+                    // CLOSE that tells the server is queued on this link, which the pump sends.
+                    Err(SessionError::BadResume(_)) => return Ok(sock),
+                    Err(e) => return Err(e),
+                };
                 let after = lost_at.elapsed();
                 debug!(?after, attempt, replayed = attached.replayed, "resumed");
                 shared.set_status(LinkStatus::Connected);
@@ -195,5 +204,22 @@ async fn reconnect(shared: &Shared, cfg: &ClientConfig, addr: &str, cause: &str)
             Err(Error::Handshake { source: HandshakeError::UnknownSession, .. }) => return Err(SessionError::Lost),
             Err(e) => debug!(error = %e, attempt, "reconnect attempt failed"),
         }
+    }
+}
+
+/// The timestamp of a first-connection hello: the wall-clock time in nanoseconds since the UNIX
+/// epoch, forced to increase within this process (the server refuses a hello that is not newer
+/// than one it accepted from the same key, so a recorded hello cannot be replayed).
+fn next_stamp() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+    let prev = LAST.fetch_max(now, Ordering::Relaxed);
+    if prev < now {
+        now
+    } else {
+        LAST.fetch_add(1, Ordering::Relaxed) + 1
     }
 }

@@ -185,6 +185,8 @@ pub struct Session {
     failed: Option<SessionError>,
     events: VecDeque<Event>,
     scratch: Zeroizing<Vec<u8>>,
+    /// Client: resume attempts numbered so far.
+    attempts: u64,
 }
 
 impl std::fmt::Debug for Session {
@@ -223,6 +225,7 @@ impl Session {
             failed: None,
             events: VecDeque::new(),
             scratch: Zeroizing::new(Vec::new()),
+            attempts: 0,
         }
     }
 
@@ -392,6 +395,13 @@ impl Session {
         self.recv.end() + u64::from(self.peer_fin.is_some())
     }
 
+    /// The number of the next resume attempt (client): 1, 2, 3… for the session's life. The
+    /// server refuses a resume hello whose number it has already seen (a replay).
+    pub fn next_resume_attempt(&mut self) -> u64 {
+        self.attempts += 1;
+        self.attempts
+    }
+
     /// The ticket to resume with (client).
     pub fn ticket(&self) -> Option<&Ticket> {
         self.tickets.first()
@@ -439,9 +449,11 @@ impl Session {
     /// On the server, `used` is the resume id the client used and `new_ticket` the ticket to
     /// issue: the server keeps only those two.
     ///
+    /// A `peer_received` below what the peer has already acknowledged is taken as that ACK.
+    ///
     /// # Errors
-    /// [`SessionError::BadResume`] if `peer_received` is outside what this end can replay; the
-    /// session is then failed.
+    /// [`SessionError::BadResume`] if `peer_received` is beyond what this end has written: the
+    /// session is then failed, with a CLOSE(Protocol) queued on the new link.
     pub fn attach(
         &mut self,
         now: Instant,
@@ -453,15 +465,20 @@ impl Session {
         if let Some(e) = &self.failed {
             return Err(e.clone());
         }
-        if peer_received < self.send.start() || peer_received > self.written_offset() {
-            let e = SessionError::BadResume("peer's received offset is outside the replay buffer");
-            self.failed = Some(e.clone());
+        // Below what the peer already acknowledged: its offsets were taken before that ACK (a
+        // hello that raced a live link). It has those positions; resend from the ACK.
+        let peer_received = peer_received.max(self.send.start());
+        self.link = Some(Link { transport, last_recv: now, last_send: now });
+        if peer_received > self.written_offset() {
+            // The peer claims positions never written: nothing can repair that. The CLOSE that
+            // says so goes out on this new link.
+            let e = SessionError::BadResume("the peer claims to have received positions never written");
+            self.close(CloseCode::Protocol, e.clone());
             return Err(e);
         }
         self.apply_ack(peer_received);
         self.transmitted = self.transmitted.max(self.sent);
         self.sent = peer_received;
-        self.link = Some(Link { transport, last_recv: now, last_send: now });
         self.ack_sent = 0;
         self.ack_due = Some(now); // the first frame on a link is always an ACK
         self.pong_due = false;
@@ -749,7 +766,7 @@ mod tests {
 
     fn linked(cfg: SessionConfig, now: Instant) -> (Session, Transport) {
         let (c, s) = (Keypair::generate(), Keypair::generate());
-        let (hs, hello) = ClientHandshake::initial(&c.private, &s.public, Cipher::ChaChaPoly).unwrap();
+        let (hs, hello) = ClientHandshake::initial(&c.private, &s.public, Cipher::ChaChaPoly, 1).unwrap();
         let acc = respond(&hello, &s.private, |_| true, |_| None).unwrap();
         let mut client = Session::new(Role::Client, cfg);
         client.attach(now, hs.read_reply(&acc.reply).unwrap().transport, 0, None, None).unwrap();
@@ -820,7 +837,7 @@ mod resume_ack_tests {
         let (c, s) = (Keypair::generate(), Keypair::generate());
         let mut client = Session::new(Role::Client, SessionConfig::default());
         let mut server = Session::new(Role::Server, SessionConfig::default());
-        let (hs, hello) = ClientHandshake::initial(&c.private, &s.public, Cipher::ChaChaPoly).unwrap();
+        let (hs, hello) = ClientHandshake::initial(&c.private, &s.public, Cipher::ChaChaPoly, 1).unwrap();
         let acc = respond(&hello, &s.private, |_| true, |_| None).unwrap();
         client.attach(now, hs.read_reply(&acc.reply).unwrap().transport, 0, None, None).unwrap();
         server.attach(now, acc.transport, 0, None, Some(Ticket::generate())).unwrap();
@@ -848,8 +865,8 @@ mod resume_ack_tests {
             &c.private,
             &s.public,
             &t,
-            client.received_offset(),
-            client.written_offset(),
+            1,
+            (client.received_offset(), client.written_offset()),
             Cipher::ChaChaPoly,
         )
         .unwrap();
