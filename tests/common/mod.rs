@@ -1,6 +1,12 @@
 #![allow(dead_code)]
 
 pub mod chaos;
+pub mod faults;
 pub mod harness;
+pub mod http;
 pub mod low_order;
 pub mod netns;
+pub mod postgres;
+pub mod procs;
+pub mod sshd;
+pub mod tunnel;
