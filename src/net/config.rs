@@ -38,6 +38,17 @@ pub struct RecoveryPolicy {
     pub give_up_after: Duration,
     /// Longest time one connection attempt (TCP connect plus handshake) may take. Default 10 s.
     pub handshake_timeout: Duration,
+    /// While reconnecting, a new attempt starts this often (with 20% jitter) while earlier ones
+    /// are still pending, so that the first SYN after the network is back gets through rather
+    /// than waiting on the kernel's SYN retransmissions. Refused connections and BUSY answers
+    /// back off from `backoff_initial` to `backoff_max` instead. Default 250 ms (RFC 8305's
+    /// connection attempt delay).
+    pub stagger: Duration,
+    /// Open a second connection and resume on it when the link is suspect (silent for much
+    /// longer than its round trip while data awaits an answer), keeping the old one until the
+    /// new one wins. Not done while a `hook` is set (recovery then waits for a fault and asks).
+    /// Default true.
+    pub race: bool,
     /// Asked on each fault; `None` recovers silently. Default `None`.
     pub hook: Option<RecoveryHook>,
 }
@@ -50,6 +61,8 @@ impl Default for RecoveryPolicy {
             jitter: 0.5,
             give_up_after: Duration::from_secs(3600),
             handshake_timeout: Duration::from_secs(10),
+            stagger: Duration::from_millis(250),
+            race: true,
             hook: None,
         }
     }
@@ -63,6 +76,8 @@ impl fmt::Debug for RecoveryPolicy {
             .field("jitter", &self.jitter)
             .field("give_up_after", &self.give_up_after)
             .field("handshake_timeout", &self.handshake_timeout)
+            .field("stagger", &self.stagger)
+            .field("race", &self.race)
             .field("hook", &self.hook.is_some())
             .finish()
     }

@@ -5,6 +5,7 @@ pub mod client;
 pub mod config;
 pub mod events;
 mod pump;
+mod race;
 pub mod server;
 pub mod stream;
 mod wire;

@@ -9,6 +9,7 @@ pub mod cipher;
 mod dh;
 pub mod frame;
 pub mod handshake;
+pub mod rtt;
 pub mod session;
 pub mod statics;
 pub mod transport;

@@ -15,6 +15,7 @@ use zeroize::Zeroizing;
 use super::buffer::ByteQueue;
 use super::frame::{CloseCode, Frame, FrameError, MAX_DATA, MAX_FRAME, RESUME_ID_LEN};
 use super::handshake::Ticket;
+use super::rtt::{threshold, Check, Liveness, RttEstimate};
 use super::transport::{CryptoError, Transport, TAG_LEN};
 use crate::human::Rounded;
 
@@ -138,6 +139,12 @@ pub enum Event {
     TicketRetired([u8; RESUME_ID_LEN]),
     /// Client: a new ticket was stored; the session can now be resumed.
     TicketReceived,
+    /// The link has been silent this long with something outstanding, much longer than its
+    /// round trip: it may be dead (the client races a second connection). Reported once until
+    /// the link is heard from again.
+    Suspect(Duration),
+    /// A link reported [`Event::Suspect`] was heard from again.
+    Healthy,
 }
 
 /// Result of a successful [`Session::attach`].
@@ -151,6 +158,8 @@ struct Link {
     transport: Transport,
     last_recv: Instant,
     last_send: Instant,
+    /// What awaits an answer on this link, for the suspicion rule (see [`super::rtt`]).
+    live: Liveness,
 }
 
 /// One end of a resumable stream. See the module documentation.
@@ -187,6 +196,15 @@ pub struct Session {
     scratch: Zeroizing<Vec<u8>>,
     /// Client: resume attempts numbered so far.
     attempts: u64,
+    /// The round-trip estimate, across links.
+    rtt: RttEstimate,
+    /// Races (second connections on suspicion) since the link last made progress for a while:
+    /// each doubles the suspicion threshold.
+    races: u32,
+    /// When the last race was counted.
+    raced_at: Option<Instant>,
+    /// A probe PING is due (the peer stopped streaming to us).
+    probe_due: bool,
 }
 
 impl std::fmt::Debug for Session {
@@ -226,6 +244,10 @@ impl Session {
             events: VecDeque::new(),
             scratch: Zeroizing::new(Vec::new()),
             attempts: 0,
+            rtt: RttEstimate::default(),
+            races: 0,
+            raced_at: None,
+            probe_due: false,
         }
     }
 
@@ -468,7 +490,7 @@ impl Session {
         // Below what the peer already acknowledged: its offsets were taken before that ACK (a
         // hello that raced a live link). It has those positions; resend from the ACK.
         let peer_received = peer_received.max(self.send.start());
-        self.link = Some(Link { transport, last_recv: now, last_send: now });
+        self.link = Some(Link { transport, last_recv: now, last_send: now, live: Liveness::new(now) });
         if peer_received > self.written_offset() {
             // The peer claims positions never written: nothing can repair that. The CLOSE that
             // says so goes out on this new link.
@@ -538,6 +560,10 @@ impl Session {
         }
         let n = link.transport.open_in_place(body)?;
         link.last_recv = now;
+        let data = body.first() == Some(&super::frame::kind::DATA);
+        if link.live.heard(now, data) {
+            self.events.push_back(Event::Healthy);
+        }
         let res = self.handle_frame(now, &body[..n]);
         // The plaintext now lives in the receive buffer (which wipes it when released); what
         // is left in the caller's buffer is wiped here.
@@ -562,6 +588,7 @@ impl Session {
                 if end > next {
                     self.recv.push(&data[(next - offset) as usize..]);
                     self.schedule_ack(now);
+                    self.calm(now);
                 }
             }
             Frame::Ack(v) => {
@@ -572,9 +599,17 @@ impl Session {
                 }
                 self.sent = self.sent.max(v);
                 self.apply_ack(v);
+                if let Some(link) = &mut self.link {
+                    link.live.acked(now, v, &mut self.rtt);
+                }
+                self.calm(now);
             }
             Frame::Ping => self.pong_due = true,
-            Frame::Pong => {}
+            Frame::Pong => {
+                if let Some(link) = &mut self.link {
+                    link.live.ponged(now, &mut self.rtt);
+                }
+            }
             Frame::Ticket { resume_id, secret } => {
                 if self.role != Role::Client {
                     return Err(SessionError::Protocol("TICKET sent to a server"));
@@ -677,6 +712,7 @@ impl Session {
         if let Some(id) = self.ticket_ack_to_send.take() {
             seal(Frame::TicketAck(id), out)?;
         }
+        let data_from = self.sent;
         while out.len() - before < budget && self.sent < self.send.end() {
             let data = self.send.slice_from(self.sent, MAX_DATA);
             if data.is_empty() {
@@ -692,8 +728,13 @@ impl Session {
                 self.sent = f + 1;
             }
         }
-        if out.len() == before && now >= link.last_send + self.cfg.keepalive {
+        let probe = std::mem::take(&mut self.probe_due);
+        if (out.len() == before && now >= link.last_send + self.cfg.keepalive) || probe {
             seal(Frame::Ping, out)?;
+            link.live.sent_ping(now);
+        }
+        if self.sent > data_from {
+            link.live.sent_data(now, self.sent);
         }
         if out.len() > before {
             link.last_send = now;
@@ -711,6 +752,7 @@ impl Session {
             || self.ticket_ack_to_send.is_some()
             || self.sent < self.send.end()
             || self.fin == Some(self.sent)
+            || self.probe_due
             || now >= link.last_send + self.cfg.keepalive
     }
 
@@ -721,29 +763,71 @@ impl Session {
         if let Some(a) = self.ack_due {
             t = t.min(a);
         }
+        if let Some(s) = link.live.deadline(self.suspect_threshold()) {
+            t = t.min(s);
+        }
         Some(t)
     }
 
-    /// Advances timers.
+    /// Advances timers: a probe PING when the peer stopped streaming to us, [`Event::Suspect`]
+    /// when the link has been silent for the suspicion threshold with something outstanding.
     ///
     /// # Errors
     /// [`SessionError::Dead`] when nothing was received for the dead-peer time: the driver must
     /// drop the connection and resume.
     pub fn handle_timeout(&mut self, now: Instant) -> Result<(), SessionError> {
         let reading = self.wants_input();
+        let threshold = self.suspect_threshold();
         if let Some(link) = &mut self.link {
             if !reading {
                 // The program is not reading, so the driver is not either: silence from the
                 // peer proves nothing. Judge liveness again once reading resumes.
                 link.last_recv = now;
+                link.live.heard(now, false);
                 return Ok(());
             }
             let silent = now.saturating_duration_since(link.last_recv);
             if silent >= self.cfg.dead_after {
                 return Err(SessionError::Dead(silent));
             }
+            match link.live.check(now, threshold) {
+                Check::Nothing => {}
+                Check::Probe => self.probe_due = true,
+                Check::Suspect(quiet) => self.events.push_back(Event::Suspect(quiet)),
+            }
         }
         Ok(())
+    }
+
+    /// The silence, with something outstanding, after which the link is suspect (see
+    /// [`super::rtt`]): `max(4 × smoothed RTT, 250 ms)`, doubled per recent race, at most the
+    /// dead-peer time.
+    pub fn suspect_threshold(&self) -> Duration {
+        threshold(&self.rtt, self.races, self.cfg.dead_after)
+    }
+
+    /// The smoothed round trip, once measured.
+    pub fn rtt(&self) -> Option<Duration> {
+        self.rtt.smoothed()
+    }
+
+    /// Client: a race (a second connection opened because the link was suspect) was attached.
+    /// Until the link makes progress for a while, each race doubles the suspicion threshold, so
+    /// that a link that is only slow (a peer whose program stopped reading) is raced less and
+    /// less often.
+    pub fn count_race(&mut self, now: Instant) {
+        self.races = self.races.saturating_add(1);
+        self.raced_at = Some(now);
+    }
+
+    /// Forgets past races once the link has made progress for eight thresholds since the last.
+    fn calm(&mut self, now: Instant) {
+        if let Some(at) = self.raced_at {
+            if now.saturating_duration_since(at) >= self.suspect_threshold() * 8 {
+                self.races = 0;
+                self.raced_at = None;
+            }
+        }
     }
 
     /// The next event for the driver.
