@@ -283,3 +283,52 @@ async fn a_low_order_key_authenticates_nobody() {
     })
     .await;
 }
+
+/// Review item 13: a first connection's key confirmation that decrypts but holds an invalid
+/// frame commits the session (the record proved the keys) and is a fault of that link only: the
+/// client resumes with the first ticket, as on any link.
+#[tokio::test]
+async fn an_invalid_first_frame_commits_and_the_session_resumes() {
+    bounded(async {
+        let me = Keypair::generate();
+        let (mut listener, _cfgs, server) =
+            server(Limits::default(), &[Keypair::from_private(me.private.clone())]).await;
+        let addr = listener.local_addr();
+        let mut sock = TcpStream::connect(addr).await.unwrap();
+        let (hs, hello) = ClientHandshake::initial(&me.private, &server.public, Cipher::AesGcm, 5).unwrap();
+        send_record(&mut sock, &hello).await;
+        let mut done = hs.read_reply(&recv_record(&mut sock).await.expect("IK reply")).unwrap();
+        let ticket = done.ticket.take().unwrap();
+        // A PING with a body: it decrypts, but no valid frame looks like that.
+        let mut rec = Vec::new();
+        done.transport.seal(&[0x03, 0x00], &mut rec).unwrap();
+        sock.write_all(&rec).await.unwrap();
+        assert_eq!(recv_record(&mut sock).await, None, "the server kept the link of an invalid frame");
+        let (_stream, _) = listener.accept().await.expect("the session was committed");
+        let (mut c2, mut t2, _) = resume_hello(addr, &me, &server.public, &ticket, 1, (0, 0)).await.expect("resume");
+        c2.write_all(&seal(&mut t2, Frame::Ack(0))).await.unwrap();
+        assert!(recv_record(&mut c2).await.is_some(), "the resumed link was not attached");
+    })
+    .await;
+}
+
+/// Review item 14: a key confirmation may hold any valid frame; DATA first is accepted and
+/// delivered.
+#[tokio::test]
+async fn a_data_first_confirmation_is_accepted() {
+    bounded(async {
+        let me = Keypair::generate();
+        let (mut listener, _cfgs, server) =
+            server(Limits::default(), &[Keypair::from_private(me.private.clone())]).await;
+        let mut sock = TcpStream::connect(listener.local_addr()).await.unwrap();
+        let (hs, hello) = ClientHandshake::initial(&me.private, &server.public, Cipher::ChaChaPoly, 6).unwrap();
+        send_record(&mut sock, &hello).await;
+        let mut done = hs.read_reply(&recv_record(&mut sock).await.expect("IK reply")).unwrap();
+        sock.write_all(&seal(&mut done.transport, Frame::Data { offset: 0, data: b"hi" })).await.unwrap();
+        let (mut stream, _) = listener.accept().await.expect("committed");
+        let mut got = [0u8; 2];
+        stream.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"hi");
+    })
+    .await;
+}

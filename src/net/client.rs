@@ -13,6 +13,7 @@ use crate::net::events::{LinkEvent, LinkLost, LinkStatus};
 use crate::net::pump::{pump, PumpEnd};
 use crate::net::race::{Outcome, Race, Won};
 use crate::net::stream::{Shared, Stream};
+use crate::net::watch;
 use crate::net::wire::{read_record, write_record};
 use crate::net::Error;
 use crate::proto::handshake::MAX_HANDSHAKE;
@@ -52,6 +53,7 @@ pub async fn connect(addr: impl Into<String>, cfg: ClientConfig) -> Result<Strea
     let shared = Shared::new(session, cfg.server_key);
     shared.emit(LinkEvent::Connected { peer });
     tokio::spawn(client_task(shared.clone(), cfg, addr, sock));
+    tokio::spawn(watch_path(shared.clone()));
     Ok(Stream::new(shared))
 }
 
@@ -197,6 +199,32 @@ async fn client_task(shared: Arc<Shared>, cfg: ClientConfig, addr: String, sock:
         }
     }
     shared.report_end();
+}
+
+/// Tells the session when the operating system reports a network change or a wake from sleep,
+/// until the stream ends: its link is then suspect at once (and a race resumes it on the new
+/// path, if it is gone).
+async fn watch_path(shared: Arc<Shared>) {
+    let mut signals = watch::signals();
+    let mut status = shared.status.subscribe();
+    let ended = |s: &LinkStatus| matches!(s, LinkStatus::Closed | LinkStatus::Failed(_));
+    loop {
+        tokio::select! {
+            r = signals.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                let s = *signals.borrow_and_update();
+                debug!(net_changes = s.net_changes, wakes = s.wakes, "network change or wake: the link is suspect");
+                shared.lock().session.path_changed(Instant::now());
+                shared.wake_driver.notify_one();
+            }
+            r = status.wait_for(ended) => {
+                let _ = r;
+                return;
+            }
+        }
+    }
 }
 
 /// Attaches a connection that won a race: the stream goes on over it.

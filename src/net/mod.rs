@@ -8,6 +8,7 @@ mod pump;
 mod race;
 pub mod server;
 pub mod stream;
+pub mod watch;
 mod wire;
 
 use std::io;

@@ -27,6 +27,7 @@ use crate::net::client::dial;
 use crate::net::config::ClientConfig;
 use crate::net::events::LinkEvent;
 use crate::net::stream::Shared;
+use crate::net::watch;
 use crate::net::Error;
 use crate::proto::handshake::ClientDone;
 use crate::proto::{HandshakeError, SessionError};
@@ -136,16 +137,27 @@ async fn run(
     let mut next = Instant::now();
     let mut backoff = policy.backoff_initial;
     let mut attempt = 0u32;
+    let mut finished = 0u32;
+    let mut signals = watch::signals();
+    let mut signals_ok = true;
     loop {
-        let elapsed = since.elapsed();
-        if elapsed >= policy.give_up_after {
+        // Suspend counts: a laptop that slept past the give-up time gives up on waking, but
+        // only after one attempt had its chance, so that it can learn the true answer (its
+        // session may be gone from the server: "session lost" says more than "gave up").
+        let elapsed = watch::boot_elapsed(since);
+        let tried = finished > 0 || started.elapsed() >= policy.handshake_timeout;
+        if elapsed >= policy.give_up_after && tried {
             return Some(Err(SessionError::GaveUp(elapsed)));
         }
         let stopped = cancel.load(Ordering::Relaxed);
         if stopped && pending.is_empty() {
             return None;
         }
-        let left = policy.give_up_after - elapsed;
+        let left = policy.give_up_after.saturating_sub(elapsed).max(if tried {
+            Duration::ZERO
+        } else {
+            policy.handshake_timeout
+        });
         tokio::select! {
             () = tokio::time::sleep_until(next.into()), if !stopped => {
                 let (ticket, number, offsets) = {
@@ -155,7 +167,7 @@ async fn run(
                     (t, number, (inner.session.received_offset(), inner.session.written_offset()))
                 };
                 attempt += 1;
-                shared.emit(LinkEvent::Reconnecting { attempt, elapsed: since.elapsed() });
+                shared.emit(LinkEvent::Reconnecting { attempt, elapsed: watch::boot_elapsed(since) });
                 if order.len() >= MAX_PENDING {
                     if let Some(oldest) = order.pop_front() {
                         oldest.abort();
@@ -176,6 +188,7 @@ async fn run(
                 next = Instant::now() + jittered(policy.stagger, 0.2);
             }
             Some(done) = pending.join_next(), if !pending.is_empty() => {
+                finished += 1;
                 let Ok((r, received)) = done else { continue };
                 match r {
                     Ok((sock, done, peer)) => {
@@ -197,6 +210,14 @@ async fn run(
                 }
             }
             () = tokio::time::sleep(left) => {}
+            // The network changed or the machine woke: the path may work now, try at once.
+            r = signals.changed(), if signals_ok => match r {
+                Ok(()) => {
+                    next = Instant::now();
+                    backoff = policy.backoff_initial;
+                }
+                Err(_) => signals_ok = false,
+            },
         }
     }
 }

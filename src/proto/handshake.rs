@@ -123,8 +123,8 @@ pub enum HandshakeError {
     Replayed,
     /// The server has accepted a first connection with a newer timestamp from this client key.
     #[error(
-        "the server has seen a newer connection from this client key (another machine using the same key, or this \
-         machine's clock went back)"
+        "the server refused the hello as stale: it has seen a newer connection from this client key (a replayed hello, \
+         another machine using the same key, or this machine's clock went back)"
     )]
     Stale,
     /// The server answered with a reject code this version does not know.

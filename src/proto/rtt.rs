@@ -115,6 +115,17 @@ impl Liveness {
         }
     }
 
+    /// The operating system said the network changed, or the machine woke from sleep: the
+    /// link is suspect at once. Returns how long it has been silent, unless it is already
+    /// reported suspect.
+    pub(crate) fn force_suspect(&mut self, now: Instant) -> Option<Duration> {
+        if self.suspected {
+            return None;
+        }
+        self.suspected = true;
+        Some(now.saturating_duration_since(self.heard))
+    }
+
     /// When something of ours began waiting for an answer, if anything is.
     fn outstanding_since(&self) -> Option<Instant> {
         let data = self.samples.front().map(|s| s.1);

@@ -799,6 +799,15 @@ impl Session {
         Ok(())
     }
 
+    /// The driver learned that the network changed (an address or route came or went) or that
+    /// the machine slept: an attached link is suspect at once ([`Event::Suspect`]), since its
+    /// path may be gone and no timer has noticed yet.
+    pub fn path_changed(&mut self, now: Instant) {
+        if let Some(quiet) = self.link.as_mut().and_then(|l| l.live.force_suspect(now)) {
+            self.events.push_back(Event::Suspect(quiet));
+        }
+    }
+
     /// The silence, with something outstanding, after which the link is suspect (see
     /// [`super::rtt`]): `max(4 × smoothed RTT, 250 ms)`, doubled per recent race, at most the
     /// dead-peer time.

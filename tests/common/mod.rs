@@ -10,3 +10,4 @@ pub mod postgres;
 pub mod procs;
 pub mod sshd;
 pub mod tunnel;
+pub mod world;

@@ -144,7 +144,9 @@ pub(super) async fn handshake(mut sock: TcpStream, addr: SocketAddr, state: &Arc
                 // A copy of this hello got here first.
                 return Err(fail(HandshakeError::Replayed));
             }
-            number = entry.next_link.fetch_add(1, Ordering::Relaxed);
+            // The attempt number orders the session's links: it grows with every attempt and is
+            // authenticated (the header is the prologue). The first link is 0.
+            number = *attempt;
         }
     }
     let accept = read.accept(None).map_err(fail)?;
@@ -247,7 +249,6 @@ pub(super) fn commit_new(
         replace: tx,
         resume_tokens: Mutex::new(None),
         resume_mark: AtomicU64::new(0),
-        next_link: AtomicU64::new(1),
     });
     reservation.keep();
     // The client already holds the first ticket: map it to the session before anything else

@@ -28,8 +28,9 @@ pub(super) struct NewLink {
     pub(super) client_received: u64,
     pub(super) client_written: u64,
     pub(super) peer: SocketAddr,
-    /// The link's number in its session, given when the server answered its hello: a session
-    /// attaches only a link numbered above the one it has (a delayed, older link is dropped).
+    /// The link's number in its session, the attempt number of its hello (the first link is
+    /// 0): a session attaches only a link numbered above the one it has (a delayed, older link
+    /// is dropped).
     pub(super) number: u64,
 }
 
@@ -46,8 +47,6 @@ pub(super) struct Entry {
     /// The highest resume attempt number whose hello authenticated: a hello whose number is not
     /// above it is a replay, refused before any cryptography.
     pub(super) resume_mark: AtomicU64,
-    /// The number the next answered resume hello gets (the first link is 0).
-    pub(super) next_link: AtomicU64,
 }
 
 impl Entry {
