@@ -23,7 +23,6 @@
 //! line or follow the key and name. Blank lines are ignored. Malformed lines
 //! and duplicate keys are errors that name the 1-based line number.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
@@ -35,8 +34,11 @@ use base64::{DecodeError, DecodeSliceError, Engine as _};
 use rand::RngCore as _;
 use snow::params::DHChoice;
 use snow::resolvers::{CryptoResolver as _, DefaultResolver};
-use subtle::{Choice, ConditionallySelectable as _, ConstantTimeEq as _};
 use zeroize::Zeroizing;
+
+mod allow;
+
+pub use allow::{AllowList, AllowedPeer};
 
 /// Length in bytes of X25519 private and public keys.
 pub const KEY_LEN: usize = 32;
@@ -345,113 +347,20 @@ pub fn save_public_key(path: &Path, key: &PublicKey) -> Result<(), KeyError> {
     write_new_file(path, &encode_key(&key.0)[..], 0o644)
 }
 
-/// One entry of an [`AllowList`].
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct AllowedPeer {
-    /// The peer's static public key.
-    pub key: PublicKey,
-    /// An optional human-readable name for logs.
-    pub name: Option<String>,
-}
-
-/// The set of peer public keys allowed to connect.
-#[derive(Clone, Debug, Default)]
-pub struct AllowList {
-    peers: Vec<AllowedPeer>,
-}
-
-impl AllowList {
-    /// Parses allow-list text (see the module docs for the format).
-    pub fn parse(text: &str) -> Result<Self, KeyError> {
-        Self::parse_with_path(text, None)
-    }
-
-    /// Reads and parses an allow-list file; errors name the file.
-    pub fn load(path: &Path) -> Result<Self, KeyError> {
-        let text = fs::read_to_string(path).map_err(io_err(path))?;
-        Self::parse_with_path(&text, Some(path))
-    }
-
-    fn parse_with_path(text: &str, path: Option<&Path>) -> Result<Self, KeyError> {
-        let mut peers = Vec::new();
-        let mut seen: HashMap<PublicKey, usize> = HashMap::new();
-        for (index, raw) in text.lines().enumerate() {
-            let line = index + 1;
-            let err = |reason| KeyError::AllowList { path: path.map(Path::to_owned), line, reason };
-            let content = raw.split_once('#').map_or(raw, |(before, _)| before).trim();
-            if content.is_empty() {
-                continue;
-            }
-            let (key_text, name) = match content.split_once(char::is_whitespace) {
-                Some((k, n)) => (k, Some(n.trim().to_owned())),
-                None => (content, None),
-            };
-            let key = PublicKey(*decode_key(key_text).map_err(err)?);
-            if let Some(first) = seen.insert(key, line) {
-                return Err(err(format!("duplicate key {key} (first listed on line {first})")));
-            }
-            peers.push(AllowedPeer { key, name });
-        }
-        Ok(Self { peers })
-    }
-
-    /// Builds an allow-list from keys and optional names; later duplicates of a key are ignored.
-    pub fn from_keys<I: IntoIterator<Item = (PublicKey, Option<String>)>>(keys: I) -> Self {
-        let mut peers: Vec<AllowedPeer> = Vec::new();
-        for (key, name) in keys {
-            if !peers.iter().any(|p| p.key == key) {
-                peers.push(AllowedPeer { key, name });
-            }
-        }
-        Self { peers }
-    }
-
-    /// Finds the entry for `key`, scanning every entry with constant-time comparisons.
-    pub fn lookup(&self, key: &PublicKey) -> Option<&AllowedPeer> {
-        let mut found = Choice::from(0);
-        let mut index = 0u64;
-        for (i, peer) in self.peers.iter().enumerate() {
-            let eq = peer.key.0.ct_eq(&key.0);
-            index.conditional_assign(&(i as u64), eq);
-            found |= eq;
-        }
-        if bool::from(found) {
-            usize::try_from(index).ok().and_then(|i| self.peers.get(i))
-        } else {
-            None
-        }
-    }
-
-    /// Number of allowed peers.
-    pub fn len(&self) -> usize {
-        self.peers.len()
-    }
-
-    /// True if no peer is allowed.
-    pub fn is_empty(&self) -> bool {
-        self.peers.is_empty()
-    }
-
-    /// Iterates over the entries in file order.
-    pub fn iter(&self) -> std::slice::Iter<'_, AllowedPeer> {
-        self.peers.iter()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const WG_PRIVATE: &str = "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=";
+    pub(super) const WG_PRIVATE: &str = "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=";
     /// Public key of `WG_PRIVATE` as printed by `wg` on the wireguard.com quickstart page;
     /// cross-checked with OpenSSL (python `cryptography`).
-    const WG_PUBLIC: &str = "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=";
+    pub(super) const WG_PUBLIC: &str = "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=";
 
     /// A fresh directory under the system temp dir, removed on drop.
-    struct TempDir(PathBuf);
+    pub(super) struct TempDir(pub(super) PathBuf);
 
     impl TempDir {
-        fn new(tag: &str) -> Self {
+        pub(super) fn new(tag: &str) -> Self {
             let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
             let name = format!("holdfast-keys-{tag}-{}-{}", std::process::id(), t.unwrap().as_nanos());
             let dir = std::env::temp_dir().join(name);
@@ -470,16 +379,8 @@ mod tests {
         bytes.iter().map(|b| format!("{b:02x}")).collect()
     }
 
-    fn names(err: &KeyError, path: &Path) -> bool {
+    pub(super) fn names(err: &KeyError, path: &Path) -> bool {
         err.to_string().contains(&*path.to_string_lossy())
-    }
-
-    /// `(line, loaded from a file)` of an allow-list error.
-    fn allow_err(err: &KeyError) -> Option<(usize, bool)> {
-        match err {
-            KeyError::AllowList { line, path, .. } => Some((*line, path.is_some())),
-            _ => None,
-        }
     }
 
     #[test]
@@ -583,38 +484,6 @@ mod tests {
         fs::write(&path, format!("  \n{WG_PUBLIC}\r\n\n")).unwrap();
         assert_eq!(load_public_key(&path).unwrap().to_string(), WG_PUBLIC);
         assert!(matches!("AAAA".parse::<PublicKey>(), Err(KeyError::InvalidKey { .. })));
-    }
-
-    #[test]
-    fn allow_list_parsing() {
-        let other = Keypair::generate().public;
-        let head = format!("# peers\n\n{WG_PUBLIC}  laptop (home)  # trailing\n  \t\n{other}");
-        let list = AllowList::parse(&format!("{head}# x\n")).unwrap();
-        assert_eq!(list.len(), 2);
-        let wg: PublicKey = WG_PUBLIC.parse().unwrap();
-        assert_eq!(list.lookup(&wg).unwrap().name.as_deref(), Some("laptop (home)"));
-        assert_eq!(list.lookup(&other).unwrap().name, None);
-        assert!(list.lookup(&Keypair::generate().public).is_none());
-        assert_eq!(list.iter().map(|p| p.key).collect::<Vec<_>>(), [wg, other]);
-
-        let err = AllowList::parse(&format!("{head}\n{other}#no name\n")).unwrap_err();
-        assert_eq!(allow_err(&err), Some((6, false)));
-        assert!(err.to_string().contains("duplicate"), "{err}");
-        let err = AllowList::parse("# ok\n\nnot-a-key name\n").unwrap_err();
-        assert_eq!(allow_err(&err), Some((3, false)));
-        assert!(err.to_string().starts_with("allow-list line 3: "), "{err}");
-        assert!(AllowList::parse("# nothing\n").unwrap().is_empty());
-
-        let dir = TempDir::new("allow");
-        let path = dir.0.join("allow");
-        fs::write(&path, format!("{WG_PUBLIC}\nbogus\n")).unwrap();
-        let err = AllowList::load(&path).unwrap_err();
-        assert_eq!(allow_err(&err), Some((2, true)));
-        assert!(names(&err, &path) && err.to_string().contains("line 2"), "{err}");
-
-        let list = AllowList::from_keys([(wg, None), (other, Some("b".into())), (wg, Some("x".into()))]);
-        assert_eq!(list.len(), 2);
-        assert_eq!(list.lookup(&wg).unwrap().name, None);
     }
 
     #[test]

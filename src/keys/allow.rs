@@ -1,0 +1,149 @@
+//! The allow-list: which client keys a server accepts (format in the [`crate::keys`] docs).
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::Path;
+
+use subtle::{Choice, ConditionallySelectable as _, ConstantTimeEq as _};
+
+use super::{decode_key, io_err, KeyError, PublicKey};
+
+/// One entry of an [`AllowList`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AllowedPeer {
+    /// The peer's static public key.
+    pub key: PublicKey,
+    /// An optional human-readable name for logs.
+    pub name: Option<String>,
+}
+
+/// The set of peer public keys allowed to connect.
+#[derive(Clone, Debug, Default)]
+pub struct AllowList {
+    peers: Vec<AllowedPeer>,
+}
+
+impl AllowList {
+    /// Parses allow-list text (see the module docs for the format).
+    pub fn parse(text: &str) -> Result<Self, KeyError> {
+        Self::parse_with_path(text, None)
+    }
+
+    /// Reads and parses an allow-list file; errors name the file.
+    pub fn load(path: &Path) -> Result<Self, KeyError> {
+        let text = fs::read_to_string(path).map_err(io_err(path))?;
+        Self::parse_with_path(&text, Some(path))
+    }
+
+    fn parse_with_path(text: &str, path: Option<&Path>) -> Result<Self, KeyError> {
+        let mut peers = Vec::new();
+        let mut seen: HashMap<PublicKey, usize> = HashMap::new();
+        for (index, raw) in text.lines().enumerate() {
+            let line = index + 1;
+            let err = |reason| KeyError::AllowList { path: path.map(Path::to_owned), line, reason };
+            let content = raw.split_once('#').map_or(raw, |(before, _)| before).trim();
+            if content.is_empty() {
+                continue;
+            }
+            let (key_text, name) = match content.split_once(char::is_whitespace) {
+                Some((k, n)) => (k, Some(n.trim().to_owned())),
+                None => (content, None),
+            };
+            let key = PublicKey(*decode_key(key_text).map_err(err)?);
+            if let Some(first) = seen.insert(key, line) {
+                return Err(err(format!("duplicate key {key} (first listed on line {first})")));
+            }
+            peers.push(AllowedPeer { key, name });
+        }
+        Ok(Self { peers })
+    }
+
+    /// Builds an allow-list from keys and optional names; later duplicates of a key are ignored.
+    pub fn from_keys<I: IntoIterator<Item = (PublicKey, Option<String>)>>(keys: I) -> Self {
+        let mut peers: Vec<AllowedPeer> = Vec::new();
+        for (key, name) in keys {
+            if !peers.iter().any(|p| p.key == key) {
+                peers.push(AllowedPeer { key, name });
+            }
+        }
+        Self { peers }
+    }
+
+    /// Finds the entry for `key`, scanning every entry with constant-time comparisons.
+    pub fn lookup(&self, key: &PublicKey) -> Option<&AllowedPeer> {
+        let mut found = Choice::from(0);
+        let mut index = 0u64;
+        for (i, peer) in self.peers.iter().enumerate() {
+            let eq = peer.key.0.ct_eq(&key.0);
+            index.conditional_assign(&(i as u64), eq);
+            found |= eq;
+        }
+        if bool::from(found) {
+            usize::try_from(index).ok().and_then(|i| self.peers.get(i))
+        } else {
+            None
+        }
+    }
+
+    /// Number of allowed peers.
+    pub fn len(&self) -> usize {
+        self.peers.len()
+    }
+
+    /// True if no peer is allowed.
+    pub fn is_empty(&self) -> bool {
+        self.peers.is_empty()
+    }
+
+    /// Iterates over the entries in file order.
+    pub fn iter(&self) -> std::slice::Iter<'_, AllowedPeer> {
+        self.peers.iter()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::tests::{names, TempDir, WG_PUBLIC};
+    use crate::keys::Keypair;
+
+    /// `(line, loaded from a file)` of an allow-list error.
+    fn allow_err(err: &KeyError) -> Option<(usize, bool)> {
+        match err {
+            KeyError::AllowList { line, path, .. } => Some((*line, path.is_some())),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn allow_list_parsing() {
+        let other = Keypair::generate().public;
+        let head = format!("# peers\n\n{WG_PUBLIC}  laptop (home)  # trailing\n  \t\n{other}");
+        let list = AllowList::parse(&format!("{head}# x\n")).unwrap();
+        assert_eq!(list.len(), 2);
+        let wg: PublicKey = WG_PUBLIC.parse().unwrap();
+        assert_eq!(list.lookup(&wg).unwrap().name.as_deref(), Some("laptop (home)"));
+        assert_eq!(list.lookup(&other).unwrap().name, None);
+        assert!(list.lookup(&Keypair::generate().public).is_none());
+        assert_eq!(list.iter().map(|p| p.key).collect::<Vec<_>>(), [wg, other]);
+
+        let err = AllowList::parse(&format!("{head}\n{other}#no name\n")).unwrap_err();
+        assert_eq!(allow_err(&err), Some((6, false)));
+        assert!(err.to_string().contains("duplicate"), "{err}");
+        let err = AllowList::parse("# ok\n\nnot-a-key name\n").unwrap_err();
+        assert_eq!(allow_err(&err), Some((3, false)));
+        assert!(err.to_string().starts_with("allow-list line 3: "), "{err}");
+        assert!(AllowList::parse("# nothing\n").unwrap().is_empty());
+
+        let dir = TempDir::new("allow");
+        let path = dir.0.join("allow");
+        fs::write(&path, format!("{WG_PUBLIC}\nbogus\n")).unwrap();
+        let err = AllowList::load(&path).unwrap_err();
+        assert_eq!(allow_err(&err), Some((2, true)));
+        assert!(names(&err, &path) && err.to_string().contains("line 2"), "{err}");
+
+        let list = AllowList::from_keys([(wg, None), (other, Some("b".into())), (wg, Some("x".into()))]);
+        assert_eq!(list.len(), 2);
+        assert_eq!(list.lookup(&wg).unwrap().name, None);
+    }
+}
