@@ -1,5 +1,6 @@
 #![allow(dead_code)]
 
 pub mod chaos;
+pub mod cli;
 pub mod harness;
 pub mod netns;
