@@ -9,6 +9,10 @@
 //! ignored when reading; anything else (extra text, url-safe base64, a wrong
 //! length) is rejected.
 //!
+//! A public key read from text (a key file, an allow-list line, [`str::parse`]) must not be a
+//! low-order point ([`PublicKey::is_low_order`]), such as the all-zero key: the Diffie-Hellman
+//! result with one is the same whatever the private key, so anyone could use it.
+//!
 //! # Permissions
 //!
 //! On unix, [`load_private_key`] refuses a file whose mode grants any access
@@ -31,6 +35,7 @@ use std::str::FromStr;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::{DecodeError, DecodeSliceError, Engine as _};
+use curve25519_dalek::montgomery::MontgomeryPoint;
 use rand::RngCore as _;
 use snow::params::DHChoice;
 use snow::resolvers::{CryptoResolver as _, DefaultResolver};
@@ -91,6 +96,18 @@ pub enum KeyError {
         /// What is wrong with it.
         reason: String,
     },
+    /// A public key is a low-order point of Curve25519: a Diffie-Hellman result with it is the
+    /// same for every private key, so anyone can claim to hold it.
+    #[error(
+        "{}{key} {LOW_ORDER}",
+        path.as_ref().map(|p| format!("key file {}: ", p.display())).unwrap_or_default()
+    )]
+    LowOrder {
+        /// The key.
+        key: PublicKey,
+        /// The key file it came from, if any.
+        path: Option<PathBuf>,
+    },
     /// A line of an allow-list is malformed or repeats a key.
     #[error(
         "allow-list {}line {line}: {reason}",
@@ -105,6 +122,12 @@ pub enum KeyError {
         reason: String,
     },
 }
+
+/// What is wrong with a low-order public key, and what to do.
+const LOW_ORDER: &str = "is a low-order key that anyone can impersonate; generate a real key with holdfast keygen";
+
+/// Any scalar works: X25519 clamps it to a multiple of the cofactor 8 below the group order.
+const LOW_ORDER_PROBE: [u8; KEY_LEN] = [0x5a; KEY_LEN];
 
 /// Decodes one base64 key (surrounding whitespace ignored) into 32 bytes.
 fn decode_key(text: &str) -> Result<Zeroizing<[u8; KEY_LEN]>, String> {
@@ -160,6 +183,45 @@ impl PublicKey {
     pub fn as_bytes(&self) -> &[u8; KEY_LEN] {
         &self.0
     }
+
+    /// True if the key is a point of small order (dividing 8, or 4 on the twist), in any of its
+    /// encodings (canonical or not, top bit set or not): libsodium's blacklist, and what the
+    /// X25519 of RFC 7748 section 6.1 turns into an all-zero shared secret. Every private key
+    /// "matches" such a key, so it proves nothing about who holds it. Every parse from text
+    /// ([`str::parse`], [`load_public_key`], [`AllowList::parse`]) refuses them;
+    /// [`PublicKey::from_bytes`] does not check.
+    pub fn is_low_order(&self) -> bool {
+        // A clamped scalar is a multiple of 8 and smaller than either large prime factor, so the
+        // product is the identity (encoded as zero) exactly for the points of order 1, 2, 4 or 8.
+        MontgomeryPoint(self.0).mul_clamped(LOW_ORDER_PROBE).0 == [0u8; KEY_LEN]
+    }
+
+    /// Decodes a public key from text, refusing low-order keys with the reason.
+    fn decode(text: &str) -> Result<Self, ParseError> {
+        let key = PublicKey(*decode_key(text).map_err(ParseError::Malformed)?);
+        if key.is_low_order() {
+            return Err(ParseError::LowOrder(key));
+        }
+        Ok(key)
+    }
+}
+
+/// Why text is not a usable public key.
+enum ParseError {
+    /// Not 44 characters of standard base64 for 32 bytes.
+    Malformed(String),
+    /// A low-order point.
+    LowOrder(PublicKey),
+}
+
+impl ParseError {
+    /// The reason as one line, for errors that name their own context (an allow-list line).
+    fn reason(self) -> String {
+        match self {
+            ParseError::Malformed(reason) => reason,
+            ParseError::LowOrder(key) => format!("{key} {LOW_ORDER}"),
+        }
+    }
 }
 
 impl fmt::Display for PublicKey {
@@ -180,8 +242,15 @@ impl FromStr for PublicKey {
     type Err = KeyError;
 
     /// Parses standard base64 (surrounding whitespace ignored).
+    ///
+    /// # Errors
+    /// [`KeyError::InvalidKey`] for text that is not a key, [`KeyError::LowOrder`] for a
+    /// low-order key (see [`PublicKey::is_low_order`]).
     fn from_str(s: &str) -> Result<Self, KeyError> {
-        decode_key(s).map(|k| Self(*k)).map_err(|reason| KeyError::InvalidKey { reason })
+        PublicKey::decode(s).map_err(|e| match e {
+            ParseError::Malformed(reason) => KeyError::InvalidKey { reason },
+            ParseError::LowOrder(key) => KeyError::LowOrder { key, path: None },
+        })
     }
 }
 
@@ -338,8 +407,15 @@ pub fn save_private_key(path: &Path, key: &PrivateKey) -> Result<(), KeyError> {
 }
 
 /// Loads a public key file.
+///
+/// # Errors
+/// [`KeyError::Io`], [`KeyError::Malformed`], or [`KeyError::LowOrder`] for a low-order key.
 pub fn load_public_key(path: &Path) -> Result<PublicKey, KeyError> {
-    read_key_file(path, false).map(|k| PublicKey(*k))
+    let key = PublicKey(*read_key_file(path, false)?);
+    if key.is_low_order() {
+        return Err(KeyError::LowOrder { key, path: Some(path.to_owned()) });
+    }
+    Ok(key)
 }
 
 /// Saves a public key as a new file with mode `0644`; fails if the file exists.
@@ -484,6 +560,76 @@ mod tests {
         fs::write(&path, format!("  \n{WG_PUBLIC}\r\n\n")).unwrap();
         assert_eq!(load_public_key(&path).unwrap().to_string(), WG_PUBLIC);
         assert!(matches!("AAAA".parse::<PublicKey>(), Err(KeyError::InvalidKey { .. })));
+    }
+
+    /// libsodium's blacklist (`has_small_order` in `x25519_ref10.c`): the canonical and
+    /// non-canonical encodings of the points of order 1, 2, 4 and 8. With the top bit set (which
+    /// X25519 ignores) they are low-order too.
+    pub(super) fn low_order_encodings() -> Vec<[u8; KEY_LEN]> {
+        let mut list = vec![[0u8; KEY_LEN], [0u8; KEY_LEN]];
+        list[1][0] = 1;
+        for hex in [
+            "e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800",
+            "5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157",
+        ] {
+            let mut k = [0u8; KEY_LEN];
+            for (i, b) in k.iter_mut().enumerate() {
+                *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap();
+            }
+            list.push(k);
+        }
+        for low in [0xec, 0xed, 0xee] {
+            // p - 1, p and p + 1, with p = 2^255 - 19.
+            let mut k = [0xff; KEY_LEN];
+            k[0] = low;
+            k[31] = 0x7f;
+            list.push(k);
+        }
+        let high: Vec<_> = list
+            .iter()
+            .map(|k| {
+                let mut k = *k;
+                k[31] |= 0x80;
+                k
+            })
+            .collect();
+        list.extend(high);
+        list
+    }
+
+    pub(super) fn b64(bytes: &[u8; KEY_LEN]) -> String {
+        STANDARD.encode(bytes)
+    }
+
+    #[test]
+    fn low_order_keys_are_refused_when_parsed() {
+        let dir = TempDir::new("low-order");
+        let low = low_order_encodings();
+        assert_eq!(low.len(), 14);
+        for (i, bytes) in low.iter().enumerate() {
+            let key = PublicKey::from_bytes(*bytes);
+            assert!(key.is_low_order(), "{}", hex(bytes));
+            let text = b64(bytes);
+            let err = text.parse::<PublicKey>().unwrap_err();
+            assert!(matches!(err, KeyError::LowOrder { path: None, .. }), "{err:?}");
+            let msg = err.to_string();
+            assert!(msg.contains("low-order key that anyone can impersonate") && msg.contains("holdfast keygen"));
+            assert!(msg.contains(&text), "{msg}");
+            let path = dir.0.join(format!("low{i}.pub"));
+            fs::write(&path, format!("{text}\n")).unwrap();
+            let err = load_public_key(&path).unwrap_err();
+            assert!(matches!(err, KeyError::LowOrder { path: Some(_), .. }) && names(&err, &path), "{err:?}");
+        }
+        // Real keys, and a non-canonical encoding of a point that is not of low order (u = 2).
+        for _ in 0..32 {
+            let key = Keypair::generate().public;
+            assert!(!key.is_low_order());
+            assert_eq!(key.to_string().parse::<PublicKey>().unwrap(), key);
+        }
+        let mut two = [0xff; KEY_LEN];
+        (two[0], two[31]) = (0xef, 0x7f);
+        assert!(!PublicKey::from_bytes(two).is_low_order());
+        assert!(!WG_PUBLIC.parse::<PublicKey>().unwrap().is_low_order());
     }
 
     #[test]

@@ -4,16 +4,20 @@ use std::io::Read;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use holdfast::keys::{self, Keypair, PrivateKey, PublicKey};
+use holdfast::keys::{self, KeyError, Keypair, PrivateKey, PublicKey};
 use zeroize::Zeroizing;
 
 pub(crate) fn load_keypair(path: &Path) -> Result<Keypair> {
     Ok(Keypair::from_private(keys::load_private_key(path)?))
 }
 
+/// The server's public key from `--server-key`: the base64 key itself, or a file holding it.
 pub(crate) fn load_server_key(arg: &str) -> Result<PublicKey> {
-    if let Ok(k) = arg.parse::<PublicKey>() {
-        return Ok(k);
+    match arg.parse::<PublicKey>() {
+        Ok(k) => return Ok(k),
+        // A key, but one that anyone can impersonate: say so rather than look for a file.
+        Err(e @ KeyError::LowOrder { .. }) => bail!("--server-key: {e}"),
+        Err(_) => {}
     }
     Ok(keys::load_public_key(Path::new(arg))?)
 }

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use subtle::{Choice, ConditionallySelectable as _, ConstantTimeEq as _};
 
-use super::{decode_key, io_err, KeyError, PublicKey};
+use super::{io_err, KeyError, PublicKey};
 
 /// One entry of an [`AllowList`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -49,7 +49,7 @@ impl AllowList {
                 Some((k, n)) => (k, Some(n.trim().to_owned())),
                 None => (content, None),
             };
-            let key = PublicKey(*decode_key(key_text).map_err(err)?);
+            let key = PublicKey::decode(key_text).map_err(|e| err(e.reason()))?;
             if let Some(first) = seen.insert(key, line) {
                 return Err(err(format!("duplicate key {key} (first listed on line {first})")));
             }
@@ -104,7 +104,7 @@ impl AllowList {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::keys::tests::{names, TempDir, WG_PUBLIC};
+    use crate::keys::tests::{b64, low_order_encodings, names, TempDir, WG_PUBLIC};
     use crate::keys::Keypair;
 
     /// `(line, loaded from a file)` of an allow-list error.
@@ -145,5 +145,18 @@ mod tests {
         let list = AllowList::from_keys([(wg, None), (other, Some("b".into())), (wg, Some("x".into()))]);
         assert_eq!(list.len(), 2);
         assert_eq!(list.lookup(&wg).unwrap().name, None);
+    }
+
+    #[test]
+    fn low_order_keys_are_refused_on_every_line() {
+        let real = Keypair::generate().public;
+        for bytes in low_order_encodings() {
+            let text = format!("{real} alice\n# who?\n{} anyone\n", b64(&bytes));
+            let err = AllowList::parse(&text).unwrap_err();
+            assert_eq!(allow_err(&err), Some((3, false)), "{err}");
+            let msg = err.to_string();
+            assert!(msg.contains("low-order key that anyone can impersonate"), "{msg}");
+        }
+        assert_eq!(AllowList::parse(&format!("{real} alice\n")).unwrap().len(), 1);
     }
 }
