@@ -13,6 +13,11 @@
 //! low-order point ([`PublicKey::is_low_order`]), such as the all-zero key: the Diffie-Hellman
 //! result with one is the same whatever the private key, so anyone could use it.
 //!
+//! [`load_private_key`] refuses a public key: a file named `*.pub`, or one that holds the
+//! same key as the `NAME.pub` next to it (any 32 bytes are a valid private key, so nothing
+//! else would catch the mistake). Errors about a file start with its path, and never show a
+//! path that looks like a key ([`looks_like_key`]).
+//!
 //! # Permissions
 //!
 //! On unix, [`load_private_key`] refuses a file whose mode grants any access
@@ -43,8 +48,8 @@ mod error;
 mod files;
 
 pub use allow::{AllowList, AllowedPeer};
-pub use error::KeyError;
 use error::LOW_ORDER;
+pub use error::{looks_like_key, KeyError};
 use files::io_err;
 pub use files::{load_private_key, load_public_key, save_private_key, save_public_key};
 

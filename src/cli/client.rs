@@ -16,7 +16,7 @@ use crate::{session_config, term};
 
 fn client_config(c: &ClientCommon) -> Result<ClientConfig> {
     tunnel::check_name(&c.service)?;
-    let mut cfg = ClientConfig::new(load_keypair(&c.key)?, load_server_key(&c.server_key)?);
+    let mut cfg = ClientConfig::new(load_keypair("--key", &c.key)?, load_server_key(&c.server_key)?);
     cfg.session = session_config(&c.timers)?;
     cfg.recovery = RecoveryPolicy { give_up_after: c.give_up, ..RecoveryPolicy::default() };
     cfg.cipher = match c.cipher {

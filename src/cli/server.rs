@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::{Context, Result};
+use anyhow::{anyhow, Context, Result};
 use holdfast::keys::AllowList;
 use holdfast::tunnel::{self, Services};
 use holdfast::ServerConfig;
@@ -14,8 +14,8 @@ use crate::keyfiles::load_keypair;
 use crate::session_config;
 
 pub(crate) async fn server(args: ServerArgs) -> Result<()> {
-    let keypair = load_keypair(&args.key)?;
-    let allow = AllowList::load(&args.authorized)?;
+    let keypair = load_keypair("--key", &args.key)?;
+    let allow = AllowList::load(&args.authorized).map_err(|e| anyhow!("--authorized {e}"))?;
     if allow.is_empty() {
         warn!(file = %args.authorized.display(), "the allow-list is empty: no client can connect");
     }

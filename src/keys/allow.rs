@@ -31,7 +31,7 @@ impl AllowList {
 
     /// Reads and parses an allow-list file; errors name the file.
     pub fn load(path: &Path) -> Result<Self, KeyError> {
-        let text = fs::read_to_string(path).map_err(io_err(path))?;
+        let text = fs::read_to_string(path).map_err(io_err(path, "cannot read"))?;
         Self::parse_with_path(&text, Some(path))
     }
 

@@ -8,27 +8,14 @@ use zeroize::Zeroizing;
 
 use super::{decode_key, encode_key, KeyError, PrivateKey, PublicKey, KEY_LEN, MAX_KEY_FILE_LEN};
 
-/// Maps an I/O error on `path` to [`KeyError::Io`].
-pub(super) fn io_err(path: &Path) -> impl Fn(std::io::Error) -> KeyError + Copy + '_ {
-    move |source| KeyError::Io { path: path.to_owned(), source }
+/// Maps an I/O error on `path` to [`KeyError::Io`], saying what failed (`op`).
+pub(super) fn io_err<'a>(path: &'a Path, op: &'static str) -> impl Fn(std::io::Error) -> KeyError + Copy + 'a {
+    move |source| KeyError::Io { path: path.to_owned(), op, source }
 }
 
-/// Reads and decodes a key file, refusing group/other access if `private` (unix).
-fn read_key_file(path: &Path, private: bool) -> Result<Zeroizing<[u8; KEY_LEN]>, KeyError> {
-    let io_err = io_err(path);
+/// Reads at most `MAX_KEY_FILE_LEN` bytes of an open key file and decodes the key.
+fn read_key(path: &Path, file: &mut File) -> Result<Zeroizing<[u8; KEY_LEN]>, KeyError> {
     let malformed = |reason: String| KeyError::Malformed { path: path.to_owned(), reason };
-    let mut file = File::open(path).map_err(io_err)?;
-    #[cfg(unix)]
-    if private {
-        use std::os::unix::fs::PermissionsExt as _;
-        // fstat the opened file (no race with a rename between check and read).
-        let mode = file.metadata().map_err(io_err)?.permissions().mode() & 0o7777;
-        if mode & 0o077 != 0 {
-            return Err(KeyError::Permissions { path: path.to_owned(), mode });
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = private;
     let mut buf = Zeroizing::new([0u8; MAX_KEY_FILE_LEN + 1]);
     let mut len = 0;
     while len < buf.len() {
@@ -36,7 +23,7 @@ fn read_key_file(path: &Path, private: bool) -> Result<Zeroizing<[u8; KEY_LEN]>,
             Ok(0) => break,
             Ok(n) => len += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(io_err(e)),
+            Err(e) => return Err(io_err(path, "cannot read")(e)),
         }
     }
     if len > MAX_KEY_FILE_LEN {
@@ -44,6 +31,43 @@ fn read_key_file(path: &Path, private: bool) -> Result<Zeroizing<[u8; KEY_LEN]>,
     }
     let text = std::str::from_utf8(&buf[..len]).map_err(|_| malformed("not valid utf-8".to_owned()))?;
     decode_key(text).map_err(malformed)
+}
+
+/// Reads and decodes a key file, refusing group/other access if `private` (unix).
+fn read_key_file(path: &Path, private: bool) -> Result<Zeroizing<[u8; KEY_LEN]>, KeyError> {
+    let mut file = File::open(path).map_err(io_err(path, "cannot read"))?;
+    let key = read_key(path, &mut file)?;
+    if private {
+        refuse_public_key(path, &key)?;
+    }
+    #[cfg(unix)]
+    if private {
+        use std::os::unix::fs::PermissionsExt as _;
+        // fstat the opened file (no race with a rename between check and read).
+        let mode = file.metadata().map_err(io_err(path, "cannot read"))?.permissions().mode() & 0o7777;
+        if mode & 0o077 != 0 {
+            return Err(KeyError::Permissions { path: path.to_owned(), mode });
+        }
+    }
+    Ok(key)
+}
+
+/// Refuses a file given as a private key that is a public key: its name ends in `.pub`, or it
+/// holds the same key as the `.pub` file next to it (`NAME.pub` for `NAME.key` or `NAME`).
+/// Any 32 bytes are a valid private key, so nothing else would stop it being used as one.
+fn refuse_public_key(path: &Path, key: &[u8; KEY_LEN]) -> Result<(), KeyError> {
+    let private = path.with_extension("key");
+    if path.extension().is_some_and(|e| e == "pub") {
+        return Err(KeyError::PublicKeyAsPrivate { path: path.to_owned(), private, same_as: None });
+    }
+    let sibling = path.with_extension("pub");
+    let Ok(mut file) = File::open(&sibling) else { return Ok(()) };
+    match read_key(&sibling, &mut file) {
+        Ok(public) if *public == *key => {
+            Err(KeyError::PublicKeyAsPrivate { path: path.to_owned(), private, same_as: Some(sibling) })
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Creates `path` exclusively with `mode` (unix) and writes `contents` to it.
@@ -56,7 +80,7 @@ fn write_new_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), KeyErro
     let _ = mode;
     let mut file = options.open(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::AlreadyExists => KeyError::Exists { path: path.to_owned() },
-        _ => io_err(path)(e),
+        _ => io_err(path, "cannot create")(e),
     })?;
     let written = file.write_all(contents).and_then(|()| file.sync_all());
     if written.is_err() {
@@ -64,10 +88,15 @@ fn write_new_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), KeyErro
         // Do not leave a truncated key behind that would block a retry.
         let _ = fs::remove_file(path);
     }
-    written.map_err(io_err(path))
+    written.map_err(io_err(path, "cannot write"))
 }
 
-/// Loads a private key file, refusing it on unix if group or others have any access.
+/// Loads a private key file.
+///
+/// # Errors
+/// [`KeyError::Io`], [`KeyError::Malformed`]; [`KeyError::PublicKeyAsPrivate`] for a `.pub`
+/// file or a file that holds the same key as its `.pub` sibling; [`KeyError::Permissions`] on
+/// unix if group or others have any access.
 pub fn load_private_key(path: &Path) -> Result<PrivateKey, KeyError> {
     read_key_file(path, true).map(PrivateKey)
 }
@@ -184,5 +213,36 @@ mod tests {
         fs::write(&path, format!("  \n{WG_PUBLIC}\r\n\n")).unwrap();
         assert_eq!(load_public_key(&path).unwrap().to_string(), WG_PUBLIC);
         assert!(matches!("AAAA".parse::<PublicKey>(), Err(KeyError::InvalidKey { .. })));
+    }
+
+    #[test]
+    fn public_keys_are_refused_as_private_keys() {
+        let dir = TempDir::new("pub-as-private");
+        let kp = Keypair::generate();
+        let (key, public) = (dir.0.join("k.key"), dir.0.join("k.pub"));
+        save_private_key(&key, &kp.private).unwrap();
+        save_public_key(&public, &kp.public).unwrap();
+        assert_eq!(load_private_key(&key).unwrap().as_bytes(), kp.private.as_bytes());
+        // Even with a private key's mode, a .pub file is not a private key.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            fs::set_permissions(&public, fs::Permissions::from_mode(0o600)).unwrap();
+        }
+        let err = load_private_key(&public).unwrap_err();
+        assert!(matches!(&err, KeyError::PublicKeyAsPrivate { private, same_as: None, .. } if *private == key));
+        assert!(err.to_string().contains("this is a public key; a private key file is needed"), "{err}");
+        // A file holding the key of its .pub sibling, whatever its name.
+        for name in ["k", "copy.key"] {
+            let copy = dir.0.join(name);
+            fs::copy(&public, &copy).unwrap();
+            let sibling = copy.with_extension("pub");
+            if sibling != public {
+                fs::copy(&public, &sibling).unwrap();
+            }
+            let err = load_private_key(&copy).unwrap_err();
+            assert!(matches!(&err, KeyError::PublicKeyAsPrivate { same_as: Some(p), .. } if *p == sibling), "{err}");
+            assert!(err.to_string().contains(&format!("(the same as {})", sibling.display())), "{err}");
+        }
     }
 }
