@@ -10,7 +10,12 @@ use common::cli::*;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
 
-use holdfast::keys::{self, Keypair};
+use holdfast::keys::{self, Keypair, PrivateKey, PublicKey};
+use holdfast::proto::frame::push_record;
+use holdfast::proto::{Cipher, ClientHandshake, Frame, Transport};
+use holdfast::ClientConfig;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
 
 /// The all-zero key: a low-order point, which every private key "matches".
 const ZERO_KEY: &str = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
@@ -134,4 +139,82 @@ async fn file_errors_name_their_flag() {
     assert_error(st, &err, &[&format!("--key {}: cannot read: no such file", s(&nope))]);
     let (st, _, err) = run(&server_args(&keys, s(&nope)), b"").await;
     assert_error(st, &err, &[&format!("--authorized {}: cannot read: no such file", s(&nope))]);
+}
+
+/// A fake log line, as a peer would smuggle it in after a newline.
+const FAKE: &str = "2026-01-01T00:00:00.000000Z  INFO holdfast: FAKE-LINE";
+
+/// True if some line of `log` starts with the fake log line (it was not escaped).
+fn has_fake_line(log: &str) -> bool {
+    log.lines().any(|l| l.starts_with("2026-01-01T00:00:00.000000Z"))
+}
+
+/// The client key of `keys` and the server's public key.
+fn client_keys(keys: &Keys) -> (PrivateKey, PublicKey) {
+    (keys::load_private_key(&keys.client_key).unwrap(), keys::load_public_key(&keys.server_pub).unwrap())
+}
+
+/// An authenticated client sends a service name with a newline and a fake log line in it: the
+/// server logs the name escaped, on its own line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_name_cannot_fake_a_log_line() {
+    let keys = Keys::new("log-name");
+    let echo = echo_service().await;
+    let (server, addr) = keys.server(&[format!("echo={echo}")]).await;
+    let (private, server_key) = client_keys(&keys);
+    let cfg = ClientConfig::new(Keypair::from_private(private), server_key);
+    let mut stream = holdfast::connect(addr.to_string(), cfg).await.unwrap();
+    let name = format!("x\n{FAKE}");
+    let mut request = vec![name.len() as u8];
+    request.extend_from_slice(name.as_bytes());
+    stream.write_all(&request).await.unwrap();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(LIMIT, stream.read_to_end(&mut rest)).await;
+    let log = server.wait_log("bad service request", 1).await;
+    assert!(!has_fake_line(&log), "the peer faked a log line:\n{log}");
+    let line = log.lines().find(|l| l.contains("bad service request")).unwrap();
+    assert!(line.contains(&format!("x\\n{FAKE}")), "the name is not shown escaped: {line}");
+}
+
+/// A first connection made by hand (IK handshake and key confirmation), so that the test can
+/// send frames the library never sends.
+async fn raw_session(addr: SocketAddr, client: &PrivateKey, server: &PublicKey) -> (TcpStream, Transport) {
+    let mut sock = TcpStream::connect(addr).await.unwrap();
+    let (hs, hello) = ClientHandshake::initial(client, server, Cipher::ChaChaPoly).unwrap();
+    let mut rec = Vec::new();
+    push_record(&mut rec, &hello);
+    sock.write_all(&rec).await.unwrap();
+    let len = sock.read_u16().await.unwrap() as usize;
+    let mut reply = vec![0u8; len];
+    sock.read_exact(&mut reply).await.unwrap();
+    let mut transport = hs.read_reply(&reply).unwrap().transport;
+    send_frame(&mut sock, &mut transport, Frame::Ack(0)).await;
+    (sock, transport)
+}
+
+async fn send_frame(sock: &mut TcpStream, transport: &mut Transport, frame: Frame<'_>) {
+    let (mut plain, mut rec) = (Vec::new(), Vec::new());
+    frame.encode(&mut plain);
+    transport.seal(&plain, &mut rec).unwrap();
+    sock.write_all(&rec).await.unwrap();
+}
+
+/// A client ends a live tunnel with a CLOSE whose reason holds a newline and a fake log line:
+/// the tunnel layer's line about it shows the reason escaped. (The session layer's own
+/// "session ended" line, in src/net/server.rs, is not checked here: it logs the reason as is
+/// until that file escapes it too with `holdfast::human::printable`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_reason_is_escaped_in_the_tunnel_log() {
+    let keys = Keys::new("log-close");
+    let echo = echo_service().await;
+    let (server, addr) = keys.server(&[format!("echo={echo}")]).await;
+    let (private, server_key) = client_keys(&keys);
+    let (mut sock, mut transport) = raw_session(addr, &private, &server_key).await;
+    send_frame(&mut sock, &mut transport, Frame::Data { offset: 0, data: b"\x04echo" }).await;
+    server.wait_log("tunnel open", 1).await;
+    let reason = format!("bye\n{FAKE}");
+    send_frame(&mut sock, &mut transport, Frame::Close { code: 2, reason: &reason }).await;
+    let log = server.wait_log("tunnel failed", 1).await;
+    let line = log.lines().find(|l| l.contains("tunnel failed")).unwrap();
+    assert!(line.contains(&format!("bye\\n{FAKE}")), "the reason is not shown escaped: {line}");
 }

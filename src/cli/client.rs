@@ -4,6 +4,7 @@ use std::io::IsTerminal;
 use std::net::SocketAddr;
 
 use anyhow::{Context, Result};
+use holdfast::human::printable;
 use holdfast::net::{LinkEvent, Recovery, RecoveryPolicy, Rounded};
 use holdfast::proto::Cipher;
 use holdfast::tunnel;
@@ -37,11 +38,11 @@ fn client_config(c: &ClientCommon) -> Result<ClientConfig> {
 fn log_event(from: Option<SocketAddr>, ev: LinkEvent) {
     let from = from.map(|a| a.to_string()).unwrap_or_else(|| "stdio".into());
     match ev {
-        LinkEvent::Lost(l) => warn!(%from, cause = %l.cause, faults = l.faults, "link lost; reconnecting"),
+        LinkEvent::Lost(l) => warn!(%from, cause = %printable(&l.cause), faults = l.faults, "link lost; reconnecting"),
         LinkEvent::Resumed { after, replayed_sent, replayed_received, .. } => {
             info!(%from, after = %Rounded(after), replayed_sent, replayed_received, "link resumed")
         }
-        LinkEvent::Failed { reason } => error!(%from, %reason, "stream failed"),
+        LinkEvent::Failed { reason } => error!(%from, reason = %printable(&reason), "stream failed"),
         LinkEvent::Reconnecting { attempt, elapsed } if attempt > 1 => {
             info!(%from, attempt, elapsed = %Rounded(elapsed), "still reconnecting")
         }

@@ -58,7 +58,7 @@ pub enum TunnelError {
         reason: String,
     },
     /// The name is not a valid service name.
-    #[error("invalid service name '{0}': use 1-64 characters from A-Z a-z 0-9 . _ -")]
+    #[error("invalid service name '{}': use 1-64 characters from A-Z a-z 0-9 . _ -", crate::human::printable(.0))]
     BadName(String),
     /// A malformed request or reply.
     #[error("malformed tunnel {0}")]

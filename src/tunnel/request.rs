@@ -10,6 +10,7 @@ use tracing::debug;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 use super::{check_name, TunnelError, MAX_SERVICE_NAME, REQUEST_TIMEOUT};
+use crate::human::printable;
 use crate::net::{self, ClientConfig, Stream};
 
 /// Client side: opens a stream to `service` on the server at `addr`.
@@ -62,7 +63,7 @@ pub(super) async fn read_reply<R: AsyncRead + Unpin>(stream: &mut R, service: &s
         let len = stream.read_u8().await? as usize;
         let mut msg = vec![0u8; len];
         stream.read_exact(&mut msg).await?;
-        Ok::<_, io::Error>((status, String::from_utf8_lossy(&msg).into_owned()))
+        Ok::<_, io::Error>((status, printable(&String::from_utf8_lossy(&msg)).into_owned()))
     };
     let (status, msg) = match tokio::time::timeout(REQUEST_TIMEOUT, reply).await {
         Ok(Ok(r)) => r,

@@ -10,6 +10,7 @@ use tracing::{info, warn};
 use super::request::{read_request, write_reply};
 use super::splice::splice;
 use super::{Services, REQUEST_TIMEOUT};
+use crate::human::printable;
 use crate::net::{self, Listener, Peer, Stream};
 
 /// Server side: accepts streams forever and connects each to the service it names.
@@ -27,7 +28,7 @@ async fn serve_one(mut stream: Stream, peer: Peer, services: Arc<Services>) {
     let who = peer.name.clone().unwrap_or_else(|| peer.key.to_string());
     let name = match tokio::time::timeout(REQUEST_TIMEOUT, read_request(&mut stream)).await {
         Ok(Ok(n)) => n,
-        Ok(Err(e)) => return warn!(client = %who, error = %e, "bad service request"),
+        Ok(Err(e)) => return warn!(client = %who, error = %printable(&e.to_string()), "bad service request"),
         Err(_) => return warn!(client = %who, "no service request in time"),
     };
     let Some(target) = services.get(&name) else {
@@ -52,6 +53,6 @@ async fn serve_one(mut stream: Stream, peer: Peer, services: Arc<Services>) {
     info!(client = %who, service = %name, %target, "tunnel open");
     match splice(tcp, stream).await {
         Ok((up, down)) => info!(client = %who, service = %name, up, down, "tunnel closed"),
-        Err(e) => warn!(client = %who, service = %name, error = %e, "tunnel failed"),
+        Err(e) => warn!(client = %who, service = %name, error = %printable(&e.to_string()), "tunnel failed"),
     }
 }
