@@ -20,8 +20,19 @@
 //!
 //! # Permissions
 //!
-//! On unix, [`load_private_key`] refuses a file whose mode grants any access
-//! to group or others (`mode & 0o077 != 0`), like `ssh` does.
+//! On unix, loading follows `ssh`'s `StrictModes` (details in `src/keys/fsperm.rs`):
+//!
+//! - every file loaded ([`load_private_key`], [`load_public_key`], [`AllowList::load`]) must be
+//!   owned by the process's effective user or by root, and must not be writable by group or
+//!   others ([`KeyError::Owner`], [`KeyError::Writable`]);
+//! - a private key must also not be readable by group or others: `mode & 0o077 == 0`
+//!   ([`KeyError::Permissions`]); public keys and allow-lists may be readable by anyone;
+//! - every directory above the file must be owned by that user or root and not writable by
+//!   group or others, unless it has the sticky bit, like `/tmp` ([`KeyError::UnsafeDirectory`]);
+//! - symbolic links are followed: the target is checked, and so are the directories above the
+//!   target and above the link.
+//!
+//! Each error names the command that fixes it (`chmod 600`, `chmod go-w`, `chown`).
 //! [`save_private_key`] creates files with mode `0600`, [`save_public_key`]
 //! with mode `0644`; both use `O_EXCL` and never overwrite an existing file.
 //!
@@ -46,6 +57,7 @@ use zeroize::Zeroizing;
 mod allow;
 mod error;
 mod files;
+mod fsperm;
 
 pub use allow::{AllowList, AllowedPeer};
 use error::LOW_ORDER;

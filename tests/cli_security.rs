@@ -218,3 +218,26 @@ async fn a_close_reason_is_escaped_in_the_tunnel_log() {
     let line = log.lines().find(|l| l.contains("tunnel failed")).unwrap();
     assert!(line.contains(&format!("bye\\n{FAKE}")), "the reason is not shown escaped: {line}");
 }
+
+/// An allow-list that group or others can change is refused at start-up and on a reload (the
+/// list in force stays); readable by others is fine, it holds public keys only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allow_list_others_can_change_is_refused() {
+    let keys = Keys::new("allow-perms");
+    let chmod = |mode| std::fs::set_permissions(&keys.authorized, std::fs::Permissions::from_mode(mode)).unwrap();
+    chmod(0o664);
+    let (st, _, err) = run(&server_args(&keys, s(&keys.authorized)), b"").await;
+    let fix = format!("chmod go-w {}", s(&keys.authorized));
+    assert_error(st, &err, &[&format!("--authorized {}: has mode 0664", s(&keys.authorized)), &fix]);
+
+    chmod(0o644);
+    let echo = echo_service().await;
+    let (server, addr) = keys.server(&[format!("echo={echo}")]).await;
+    chmod(0o666);
+    let pid = server.child.id().and_then(|p| rustix::process::Pid::from_raw(p as i32)).expect("server pid");
+    rustix::process::kill_process(pid, rustix::process::Signal::HUP).expect("send SIGHUP");
+    let log = server.wait_log("allow-list not reloaded", 1).await;
+    assert!(log.contains(&fix), "{log}");
+    let (st, out, err) = run(&strs(&keys.client_args("connect", addr, "echo")), b"hi").await;
+    assert!(st.success() && out == b"hi", "the list in force was lost:\n{err}");
+}

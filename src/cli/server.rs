@@ -7,6 +7,7 @@ use anyhow::{anyhow, Context, Result};
 use holdfast::keys::AllowList;
 use holdfast::tunnel::{self, Services};
 use holdfast::ServerConfig;
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tracing::{error, info, warn};
 
 use crate::args::ServerArgs;
@@ -30,9 +31,11 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
     cfg.limits.max_handshakes = args.max_handshakes;
     cfg.limits.session_expiry = args.session_expiry;
     let public = cfg.keypair.public;
+    // Watch SIGHUP before saying "ready": until then, its default action would end the server.
+    let hangups = signal(SignalKind::hangup()).context("cannot watch for SIGHUP")?;
     let listener = holdfast::bind(args.listen.clone(), cfg).await?;
     info!(listen = %listener.local_addr(), server_key = %public, services = services.len(), "server ready");
-    let reload = reload_on_hangup(listener.allow_list_handle(), args.authorized.clone());
+    let reload = reload_on_hangup(hangups, listener.allow_list_handle(), args.authorized.clone());
     tokio::select! {
         r = tunnel::serve(listener, Arc::new(services)) => r?,
         _ = tokio::signal::ctrl_c() => info!("interrupted; exiting"),
@@ -42,10 +45,9 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
 }
 
 /// Reloads the allow-list file on every SIGHUP. A file that does not load (missing, malformed,
-/// readable by others) is reported and the list in force stays; live sessions are untouched.
-async fn reload_on_hangup(handle: holdfast::net::AllowListHandle, path: PathBuf) -> Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut hangups = signal(SignalKind::hangup()).context("cannot watch for SIGHUP")?;
+/// writable by group or others, owned by another user: see `holdfast::keys`) is reported and the
+/// list in force stays; live sessions are untouched.
+async fn reload_on_hangup(mut hangups: Signal, handle: holdfast::net::AllowListHandle, path: PathBuf) -> Result<()> {
     while hangups.recv().await.is_some() {
         match AllowList::load(&path) {
             Ok(list) => {

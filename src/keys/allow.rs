@@ -1,11 +1,13 @@
 //! The allow-list: which client keys a server accepts (format in the [`crate::keys`] docs).
 
 use std::collections::HashMap;
-use std::fs;
+use std::fs::File;
+use std::io::Read as _;
 use std::path::Path;
 
 use subtle::{Choice, ConditionallySelectable as _, ConstantTimeEq as _};
 
+use super::fsperm::{self, Kind};
 use super::{io_err, KeyError, PublicKey};
 
 /// One entry of an [`AllowList`].
@@ -30,8 +32,16 @@ impl AllowList {
     }
 
     /// Reads and parses an allow-list file; errors name the file.
+    ///
+    /// # Errors
+    /// [`KeyError::Io`], [`KeyError::AllowList`] for a bad line; on unix [`KeyError::Writable`],
+    /// [`KeyError::Owner`] or [`KeyError::UnsafeDirectory`] if someone other than this user or
+    /// root could change the file (it may be readable by anyone: it holds public keys only).
     pub fn load(path: &Path) -> Result<Self, KeyError> {
-        let text = fs::read_to_string(path).map_err(io_err(path, "cannot read"))?;
+        let mut file = File::open(path).map_err(io_err(path, "cannot read"))?;
+        let mut text = String::new();
+        file.read_to_string(&mut text).map_err(io_err(path, "cannot read"))?;
+        fsperm::check(path, &file, Kind::Public)?;
         Self::parse_with_path(&text, Some(path))
     }
 
@@ -103,6 +113,8 @@ impl AllowList {
 
 #[cfg(test)]
 mod tests {
+    use std::fs;
+
     use super::*;
     use crate::keys::tests::{b64, low_order_encodings, names, TempDir, WG_PUBLIC};
     use crate::keys::Keypair;

@@ -37,6 +37,49 @@ pub enum KeyError {
         /// Its permission bits (`st_mode & 0o7777`).
         mode: u32,
     },
+    /// A file holdfast trusts is owned by another user than this process's effective user and
+    /// root, who could change it (unix only).
+    #[error(
+        "{}: owned by uid {uid}, not by you (uid {euid}) or root, so that user could change it (run: chown {euid} {})",
+        Shown(path),
+        Shown(path)
+    )]
+    Owner {
+        /// The file.
+        path: PathBuf,
+        /// Its owner.
+        uid: u32,
+        /// This process's effective user.
+        euid: u32,
+    },
+    /// A public key or allow-list file is writable by group or others (unix only).
+    #[error(
+        "{}: has mode {mode:04o}: group and others must not be able to change it (run: chmod go-w {})",
+        Shown(path),
+        Shown(path)
+    )]
+    Writable {
+        /// The file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// A directory above a trusted file (or above the symbolic link to it) lets someone other
+    /// than this user and root replace the file: it is writable by group or others without the
+    /// sticky bit, or owned by another user (unix only).
+    #[error("{}: {}", Shown(path), unsafe_directory(dir, *mode, *uid, *euid))]
+    UnsafeDirectory {
+        /// The file.
+        path: PathBuf,
+        /// The directory at fault.
+        dir: PathBuf,
+        /// The directory's permission bits.
+        mode: u32,
+        /// The directory's owner.
+        uid: u32,
+        /// This process's effective user.
+        euid: u32,
+    },
     /// Refused to overwrite an existing file.
     #[error("{}: refusing to overwrite an existing file", Shown(path))]
     Exists {
@@ -100,6 +143,16 @@ pub(super) fn public_as_private(path: &Path, private: &Path, same_as: Option<&Pa
         format!("this is a public key{same}; {need}")
     } else {
         format!("this is a public key{same}; {need} ({})", Shown(private))
+    }
+}
+
+/// What is wrong with a directory above a trusted file, and the command that fixes it.
+fn unsafe_directory(dir: &Path, mode: u32, uid: u32, euid: u32) -> String {
+    let dir = Shown(dir);
+    if uid != euid && uid != 0 {
+        format!("directory {dir} is owned by uid {uid}, not by you (uid {euid}) or root, so that user could replace the file (run: chown {euid} {dir})")
+    } else {
+        format!("directory {dir} has mode {mode:04o}: group or others can write it and so replace the file (run: chmod go-w {dir})")
     }
 }
 

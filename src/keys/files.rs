@@ -6,6 +6,7 @@ use std::path::Path;
 
 use zeroize::Zeroizing;
 
+use super::fsperm::{self, Kind};
 use super::{decode_key, encode_key, KeyError, PrivateKey, PublicKey, KEY_LEN, MAX_KEY_FILE_LEN};
 
 /// Maps an I/O error on `path` to [`KeyError::Io`], saying what failed (`op`).
@@ -33,22 +34,14 @@ fn read_key(path: &Path, file: &mut File) -> Result<Zeroizing<[u8; KEY_LEN]>, Ke
     decode_key(text).map_err(malformed)
 }
 
-/// Reads and decodes a key file, refusing group/other access if `private` (unix).
+/// Reads and decodes a key file, then checks who may read or replace it ([`fsperm`]).
 fn read_key_file(path: &Path, private: bool) -> Result<Zeroizing<[u8; KEY_LEN]>, KeyError> {
     let mut file = File::open(path).map_err(io_err(path, "cannot read"))?;
     let key = read_key(path, &mut file)?;
     if private {
         refuse_public_key(path, &key)?;
     }
-    #[cfg(unix)]
-    if private {
-        use std::os::unix::fs::PermissionsExt as _;
-        // fstat the opened file (no race with a rename between check and read).
-        let mode = file.metadata().map_err(io_err(path, "cannot read"))?.permissions().mode() & 0o7777;
-        if mode & 0o077 != 0 {
-            return Err(KeyError::Permissions { path: path.to_owned(), mode });
-        }
-    }
+    fsperm::check(path, &file, if private { Kind::Private } else { Kind::Public })?;
     Ok(key)
 }
 
@@ -95,8 +88,9 @@ fn write_new_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), KeyErro
 ///
 /// # Errors
 /// [`KeyError::Io`], [`KeyError::Malformed`]; [`KeyError::PublicKeyAsPrivate`] for a `.pub`
-/// file or a file that holds the same key as its `.pub` sibling; [`KeyError::Permissions`] on
-/// unix if group or others have any access.
+/// file or a file that holds the same key as its `.pub` sibling. On unix: [`KeyError::Permissions`]
+/// if group or others have any access, [`KeyError::Owner`] or [`KeyError::UnsafeDirectory`] if
+/// someone other than this user or root could change it (see [`crate::keys`], Permissions).
 pub fn load_private_key(path: &Path) -> Result<PrivateKey, KeyError> {
     read_key_file(path, true).map(PrivateKey)
 }
