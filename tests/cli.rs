@@ -264,7 +264,7 @@ async fn connect_errors_name_their_cause() {
     let keys = Keys::new("errors");
     let echo = echo_service().await;
     let dead = closed_port();
-    let (_server, addr) = keys.server(&[format!("echo={echo}"), format!("dead={dead}")]).await;
+    let (server, addr) = keys.server(&[format!("echo={echo}"), format!("dead={dead}")]).await;
     let connect = |server: SocketAddr, service: &str, edit: &dyn Fn(&mut Vec<String>)| {
         let mut args = keys.client_args("connect", server, service);
         edit(&mut args);
@@ -292,8 +292,13 @@ async fn connect_errors_name_their_cause() {
 
     let (st, _, err) = connect(addr, "nope", &|_| {}).await;
     assert_error(st, &err, &["no service named 'nope'"]);
+    // The server's own error (here ECONNREFUSED) stays in its log; the client gets status 2.
     let (st, _, err) = connect(addr, "dead", &|_| {}).await;
-    assert_error(st, &err, &["service 'dead' refused the connection", "refused"]);
+    assert_error(st, &err, &["service 'dead' is unavailable", "could not connect to it", "its log has the cause"]);
+    assert!(!err.contains("os error") && !err.to_lowercase().contains("connection refused"), "{err}");
+    let log = server.wait_log("cannot connect to the service", 1).await;
+    let line = log.lines().find(|l| l.contains("cannot connect to the service")).unwrap();
+    assert!(line.contains(&dead.to_string()) && line.contains("Connection refused"), "{line}");
 }
 
 #[tokio::test]
@@ -400,4 +405,63 @@ async fn help_has_examples_and_completions_work() {
     let (status, out, err) = run(&["completions", "bash"], b"").await;
     assert!(status.success(), "{err}");
     assert!(String::from_utf8(out).unwrap().contains("holdfast"));
+}
+
+/// Lines of a log at WARN or ERROR.
+fn warnings(log: &str) -> Vec<&str> {
+    log.lines().filter(|l| l.contains(" WARN ") || l.contains(" ERROR ")).collect()
+}
+
+/// `holdfast client`'s start-up check opens a tunnel and ends it: the server sees a tunnel
+/// opened and closed and a session closed normally, and logs no warning or error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_start_up_check_leaves_no_warning_on_the_server() {
+    let keys = Keys::new("probe");
+    let echo = echo_service().await;
+    let (server, addr) = keys.server(&[format!("echo={echo}")]).await;
+    let mut args = keys.client_args("client", addr, "echo");
+    args.extend(["--local", "127.0.0.1:0"].map(String::from));
+    let client = Proc::spawn(&strs(&args), false);
+    client.logged_addr("forwarding", "local=").await;
+    server.wait_log("session closed", 1).await;
+    let log = server.wait_log("tunnel closed", 1).await;
+    assert!(warnings(&log).is_empty(), "the start-up check left warnings:\n{log}");
+    assert!(warnings(&client.stderr()).is_empty(), "{}", client.stderr());
+}
+
+/// A refused tunnel (unknown service, on `connect` and through a forward) ends as a normal
+/// close on the server, logged at info; an unavailable one logs only the server's own problem
+/// (the connect error) as a warning, and its session closes normally too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_tunnels_end_as_normal_closes() {
+    let keys = Keys::new("refused");
+    let dead = closed_port();
+    let (server, addr) = keys.server(&[format!("dead={dead}")]).await;
+    let (st, _, err) = run(&strs(&keys.client_args("connect", addr, "nope")), b"").await;
+    assert_error(st, &err, &["no service named 'nope'"]);
+    server.wait_log("session closed", 1).await;
+    let log = server.wait_log("INFO tunnel refused: unknown service", 1).await;
+    assert!(warnings(&log).is_empty(), "a refusal was logged as a failure:\n{log}");
+
+    // Through a forward, with the program's first bytes sent behind the request.
+    let mut args = keys.client_args("client", addr, "nope");
+    args.extend(["--local", "127.0.0.1:0", "--no-check"].map(String::from));
+    let client = Proc::spawn(&strs(&args), false);
+    let local = client.logged_addr("forwarding", "local=").await;
+    let mut c = TcpStream::connect(local).await.unwrap();
+    c.write_all(b"hello before the reply").await.unwrap();
+    let mut rest = Vec::new();
+    let _ = timeout(LIMIT, c.read_to_end(&mut rest)).await.expect("the refused connection stayed open");
+    server.wait_log("session closed", 2).await;
+    let log = server.wait_log("INFO tunnel refused: unknown service", 2).await;
+    assert!(warnings(&log).is_empty(), "a refusal through a forward was logged as a failure:\n{log}");
+    client.wait_log("cannot open tunnel", 1).await;
+
+    let (st, _, err) = run(&strs(&keys.client_args("connect", addr, "dead")), b"").await;
+    assert_error(st, &err, &["service 'dead' is unavailable"]);
+    server.wait_log("session closed", 3).await;
+    let log = server.wait_log("INFO tunnel refused: service unavailable", 1).await;
+    let warned = warnings(&log);
+    assert!(warned.len() == 1 && warned[0].contains("cannot connect to the service"), "{log}");
+    assert!(!log.contains("session ended") && !log.contains("tunnel failed"), "{log}");
 }

@@ -241,3 +241,36 @@ async fn allow_list_others_can_change_is_refused() {
     let (st, out, err) = run(&strs(&keys.client_args("connect", addr, "echo")), b"hi").await;
     assert!(st.success() && out == b"hi", "the list in force was lost:\n{err}");
 }
+
+/// Sends a raw service request for `name` and returns everything the server sends back until
+/// its end of stream, after ending ours; and how the session ended.
+async fn raw_request(keys: &Keys, addr: SocketAddr, name: &str) -> (Vec<u8>, holdfast::LinkStatus) {
+    let (private, server_key) = client_keys(keys);
+    let stream = holdfast::connect(addr.to_string(), ClientConfig::new(Keypair::from_private(private), server_key));
+    let mut stream = stream.await.unwrap();
+    let mut status = stream.status();
+    let mut request = vec![name.len() as u8];
+    request.extend_from_slice(name.as_bytes());
+    stream.write_all(&request).await.unwrap();
+    stream.shutdown().await.unwrap();
+    let mut reply = Vec::new();
+    tokio::time::timeout(LIMIT, stream.read_to_end(&mut reply)).await.expect("no end of stream").unwrap();
+    drop(stream);
+    let ended = |s: &holdfast::LinkStatus| matches!(s, holdfast::LinkStatus::Closed | holdfast::LinkStatus::Failed(_));
+    let end = tokio::time::timeout(LIMIT, status.wait_for(ended)).await.expect("session did not end").unwrap().clone();
+    (reply, end)
+}
+
+/// Refusals are a status code with an empty message: the server's own error text (here
+/// ECONNREFUSED) stays in its log. Then the server ends its stream, and the session closes
+/// normally.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_are_codes_without_server_details() {
+    let keys = Keys::new("codes");
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let (server, addr) = keys.server(&[format!("dead={dead}")]).await;
+    assert_eq!(raw_request(&keys, addr, "nope").await, (vec![1, 0], holdfast::LinkStatus::Closed));
+    assert_eq!(raw_request(&keys, addr, "dead").await, (vec![2, 0], holdfast::LinkStatus::Closed));
+    let log = server.wait_log("cannot connect to the service", 1).await;
+    assert!(log.contains("Connection refused"), "the server does not log the cause:\n{log}");
+}

@@ -56,8 +56,14 @@ pub(crate) async fn client(args: ClientArgs) -> Result<()> {
     let local =
         tokio::net::TcpListener::bind(&args.local).await.with_context(|| format!("cannot listen on {}", args.local))?;
     if !args.no_check {
-        let mut probe = tunnel::open(&c.server, cfg.clone(), &c.service).await?;
-        let _ = tokio::io::AsyncWriteExt::shutdown(&mut probe).await;
+        let probe = tunnel::open(&c.server, cfg.clone(), &c.service).await?;
+        // End the probe as a normal close (both ends of the stream finished), not an abort
+        // that the server would log as a failed tunnel; it needs no waiting for.
+        tokio::spawn(async move {
+            if let Err(e) = tunnel::finish(probe, 1 << 20).await {
+                tracing::debug!(error = %printable(&e.to_string()), "start-up check did not end cleanly");
+            }
+        });
     }
     info!(local = %local.local_addr()?, server = %c.server, service = %c.service, "forwarding");
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();

@@ -6,9 +6,9 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
+use super::check_name;
 use super::request::request;
 use super::splice::splice_requested;
-use super::{check_name, TunnelError};
 use crate::human::printable;
 use crate::net::{ClientConfig, LinkEvent};
 
@@ -52,9 +52,7 @@ pub async fn forward(
             debug!(%from, service = %service, "forwarding");
             match splice_requested(tcp, stream, &service).await {
                 Ok((up, down)) => info!(%from, up, down, "connection closed"),
-                Err(e @ (TunnelError::UnknownService(_) | TunnelError::ServiceRefused { .. })) => {
-                    warn!(%from, error = %printable(&e.to_string()), "cannot open tunnel")
-                }
+                Err(e) if e.is_refusal() => warn!(%from, error = %printable(&e.to_string()), "cannot open tunnel"),
                 Err(e) => warn!(%from, error = %printable(&e.to_string()), "connection failed"),
             }
         });
