@@ -42,6 +42,16 @@
 //! whitespace and a free-form name. `#` starts a comment, which may fill the
 //! line or follow the key and name. Blank lines are ignored. Malformed lines
 //! and duplicate keys are errors that name the 1-based line number.
+//!
+//! If the last word of a line is `services=NAME[,NAME...]`, that key may reach only those
+//! tunnel services ([`AllowedPeer::services`]; names as in [`crate::tunnel::check_name`]);
+//! without it, a key reaches every service, so older files mean what they meant:
+//!
+//! ```text
+//! # alice may use every service, the build machine only the git mirror
+//! HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw= alice laptop
+//! xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg= ci services=git
+//! ```
 
 use std::fmt;
 use std::str::FromStr;

@@ -274,3 +274,47 @@ async fn refusals_are_codes_without_server_details() {
     let log = server.wait_log("cannot connect to the service", 1).await;
     assert!(log.contains("Connection refused"), "the server does not log the cause:\n{log}");
 }
+
+/// A key restricted with `services=` reaches only those services; any other is refused exactly
+/// as a service that does not exist. A key without the option still reaches every service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_can_be_restricted_per_key() {
+    let keys = Keys::new("per-key");
+    let restricted = Keypair::generate();
+    let restricted_key = keys.dir.path("restricted.key");
+    keys::save_private_key(&restricted_key, &restricted.private).unwrap();
+    let open = keys::load_private_key(&keys.client_key).unwrap();
+    let text = format!(
+        "{} open-client\n{} ci runner services=echo\n{} typo services=ehco\n",
+        Keypair::from_private(open).public,
+        restricted.public,
+        Keypair::generate().public
+    );
+    std::fs::write(&keys.authorized, text).unwrap();
+    let (echo, other) = (echo_service().await, echo_service().await);
+    let (server, addr) = keys.server(&[format!("echo={echo}"), format!("other={other}")]).await;
+    let as_restricted = |service: &str| {
+        let mut args = keys.client_args("connect", addr, service);
+        let i = args.iter().position(|a| a == "--key").unwrap();
+        args[i + 1] = s(&restricted_key).to_string();
+        args
+    };
+    for service in ["echo", "other"] {
+        let (st, out, err) = run(&strs(&keys.client_args("connect", addr, service)), b"hi").await;
+        assert!(st.success() && out == b"hi", "the unrestricted key was refused {service}:\n{err}");
+    }
+    let (st, out, err) = run(&strs(&as_restricted("echo")), b"hi").await;
+    assert!(st.success() && out == b"hi", "the restricted key was refused its service:\n{err}");
+    let (st, _, refused) = run(&strs(&as_restricted("other")), b"hi").await;
+    assert_error(st, &refused, &["no service named 'other'"]);
+    // Word for word what a service that does not exist gets.
+    let (_, _, missing) = run(&strs(&as_restricted("missing")), b"hi").await;
+    assert_eq!(
+        refused.lines().last().unwrap().replace("'other'", "'x'"),
+        missing.lines().last().unwrap().replace("'missing'", "'x'")
+    );
+    let log = server.wait_log("tunnel refused: not given to this client", 1).await;
+    let typo = log.lines().find(|l| l.contains("a service the server does not offer")).expect("no warning for ehco");
+    assert!(typo.contains("client=typo service=ehco"), "{typo}");
+    assert!(log.contains("client=ci runner service=other"), "{log}");
+}

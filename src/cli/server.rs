@@ -24,6 +24,8 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
     for spec in &args.services {
         services.add_spec(spec).with_context(|| format!("--service {spec}"))?;
     }
+    let services = Arc::new(services);
+    warn_unknown_services(&allow, &services);
     let mut cfg = ServerConfig::new(keypair, allow);
     cfg.session = session_config(&args.timers)?;
     cfg.limits.max_sessions = args.max_sessions;
@@ -35,9 +37,9 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
     let hangups = signal(SignalKind::hangup()).context("cannot watch for SIGHUP")?;
     let listener = holdfast::bind(args.listen.clone(), cfg).await?;
     info!(listen = %listener.local_addr(), server_key = %public, services = services.len(), "server ready");
-    let reload = reload_on_hangup(hangups, listener.allow_list_handle(), args.authorized.clone());
+    let reload = reload_on_hangup(hangups, listener.allow_list_handle(), args.authorized.clone(), services.clone());
     tokio::select! {
-        r = tunnel::serve(listener, Arc::new(services)) => r?,
+        r = tunnel::serve(listener, services) => r?,
         _ = tokio::signal::ctrl_c() => info!("interrupted; exiting"),
         r = reload => r?,
     }
@@ -47,13 +49,19 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
 /// Reloads the allow-list file on every SIGHUP. A file that does not load (missing, malformed,
 /// writable by group or others, owned by another user: see `holdfast::keys`) is reported and the
 /// list in force stays; live sessions are untouched.
-async fn reload_on_hangup(mut hangups: Signal, handle: holdfast::net::AllowListHandle, path: PathBuf) -> Result<()> {
+async fn reload_on_hangup(
+    mut hangups: Signal,
+    handle: holdfast::net::AllowListHandle,
+    path: PathBuf,
+    services: Arc<Services>,
+) -> Result<()> {
     while hangups.recv().await.is_some() {
         match AllowList::load(&path) {
             Ok(list) => {
                 if list.is_empty() {
                     warn!(file = %path.display(), "the reloaded allow-list is empty: no new client can connect");
                 }
+                warn_unknown_services(&list, &services);
                 let n = list.len();
                 handle.set(list);
                 info!(file = %path.display(), clients = n, "allow-list reloaded");
@@ -62,4 +70,15 @@ async fn reload_on_hangup(mut hangups: Signal, handle: holdfast::net::AllowListH
         }
     }
     std::future::pending().await
+}
+
+/// Warns about `services=` entries of the allow-list that name no service of this server (a
+/// typo, or a service not offered any more): those keys are refused them.
+fn warn_unknown_services(allow: &AllowList, services: &Services) {
+    for peer in allow.iter() {
+        for name in peer.services.iter().flatten().filter(|s| services.get(s).is_none()) {
+            let client = peer.name.clone().unwrap_or_else(|| peer.key.to_string());
+            warn!(%client, service = %name, "the allow-list gives this client a service the server does not offer");
+        }
+    }
 }

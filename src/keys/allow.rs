@@ -10,6 +10,9 @@ use subtle::{Choice, ConditionallySelectable as _, ConstantTimeEq as _};
 use super::fsperm::{self, Kind};
 use super::{io_err, KeyError, PublicKey};
 
+/// The option that restricts a key to some services: `services=NAME[,NAME...]`.
+const SERVICES_OPTION: &str = "services=";
+
 /// One entry of an [`AllowList`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AllowedPeer {
@@ -17,6 +20,40 @@ pub struct AllowedPeer {
     pub key: PublicKey,
     /// An optional human-readable name for logs.
     pub name: Option<String>,
+    /// The tunnel services this key may reach (`services=` on its line); `None` for every
+    /// service the server offers.
+    pub services: Option<Vec<String>>,
+}
+
+impl AllowedPeer {
+    /// True if this key may reach `service` (every key may, unless its line restricts it).
+    pub fn allows(&self, service: &str) -> bool {
+        self.services.as_ref().is_none_or(|list| list.iter().any(|s| s == service))
+    }
+}
+
+/// Splits the text after the key into the name and the `services=` option, which must be the
+/// last word of the line if it is there.
+fn name_and_services(rest: &str) -> Result<(Option<String>, Option<Vec<String>>), String> {
+    let rest = rest.trim();
+    let (name, last) = match rest.rsplit_once(char::is_whitespace) {
+        Some((name, last)) => (name.trim(), last),
+        None => ("", rest),
+    };
+    let Some(list) = last.strip_prefix(SERVICES_OPTION) else {
+        return Ok(((!rest.is_empty()).then(|| rest.to_owned()), None));
+    };
+    let mut services = Vec::new();
+    for service in list.split(',') {
+        crate::tunnel::check_name(service).map_err(|_| {
+            format!(
+                "'{}' in services= is not a service name (1-64 of A-Z a-z 0-9 . _ -, separated by commas)",
+                crate::human::printable(service)
+            )
+        })?;
+        services.push(service.to_owned());
+    }
+    Ok(((!name.is_empty()).then(|| name.to_owned()), Some(services)))
 }
 
 /// The set of peer public keys allowed to connect.
@@ -55,25 +92,30 @@ impl AllowList {
             if content.is_empty() {
                 continue;
             }
-            let (key_text, name) = match content.split_once(char::is_whitespace) {
-                Some((k, n)) => (k, Some(n.trim().to_owned())),
-                None => (content, None),
-            };
+            let (key_text, rest) = content.split_once(char::is_whitespace).unwrap_or((content, ""));
             let key = PublicKey::decode(key_text).map_err(|e| err(e.reason()))?;
+            let (name, services) = name_and_services(rest).map_err(err)?;
             if let Some(first) = seen.insert(key, line) {
                 return Err(err(format!("duplicate key {key} (first listed on line {first})")));
             }
-            peers.push(AllowedPeer { key, name });
+            peers.push(AllowedPeer { key, name, services });
         }
         Ok(Self { peers })
     }
 
-    /// Builds an allow-list from keys and optional names; later duplicates of a key are ignored.
+    /// Builds an allow-list from keys and optional names, each allowed every service; later
+    /// duplicates of a key are ignored.
     pub fn from_keys<I: IntoIterator<Item = (PublicKey, Option<String>)>>(keys: I) -> Self {
+        Self::from_peers(keys.into_iter().map(|(key, name)| AllowedPeer { key, name, services: None }))
+    }
+
+    /// Builds an allow-list from entries; later duplicates of a key are ignored. The keys are
+    /// not checked (see [`PublicKey::is_low_order`]).
+    pub fn from_peers<I: IntoIterator<Item = AllowedPeer>>(entries: I) -> Self {
         let mut peers: Vec<AllowedPeer> = Vec::new();
-        for (key, name) in keys {
-            if !peers.iter().any(|p| p.key == key) {
-                peers.push(AllowedPeer { key, name });
+        for peer in entries {
+            if !peers.iter().any(|p| p.key == peer.key) {
+                peers.push(peer);
             }
         }
         Self { peers }
@@ -170,5 +212,36 @@ mod tests {
             assert!(msg.contains("low-order key that anyone can impersonate"), "{msg}");
         }
         assert_eq!(AllowList::parse(&format!("{real} alice\n")).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_line_may_restrict_its_key_to_services() {
+        let (a, b, c, d) = (
+            Keypair::generate().public,
+            Keypair::generate().public,
+            Keypair::generate().public,
+            Keypair::generate().public,
+        );
+        let text = format!("{a} alice laptop services=ssh,db  # comment\n{b} services=ssh\n{c} carol\n{d}\n");
+        let list = AllowList::parse(&text).unwrap();
+        let alice = list.lookup(&a).unwrap();
+        assert_eq!(alice.name.as_deref(), Some("alice laptop"));
+        assert_eq!(alice.services, Some(vec!["ssh".to_string(), "db".to_string()]));
+        assert!(alice.allows("ssh") && alice.allows("db") && !alice.allows("web") && !alice.allows("ss"));
+        let bob = list.lookup(&b).unwrap();
+        assert_eq!((bob.name.as_deref(), bob.allows("ssh"), bob.allows("db")), (None, true, false));
+        // Lines without the option: every service, as before.
+        let carol = list.lookup(&c).unwrap();
+        assert_eq!((carol.name.as_deref(), carol.services.as_ref()), (Some("carol"), None));
+        assert!(carol.allows("anything") && list.lookup(&d).unwrap().allows("ssh"));
+        // Only a last word starting with services= is the option.
+        let list = AllowList::parse(&format!("{a} services=ssh is not last\n")).unwrap();
+        assert_eq!(list.lookup(&a).unwrap().name.as_deref(), Some("services=ssh is not last"));
+        for bad in ["services=", "services=ssh,,db", "services=ssh,d\u{1b}b", "x services=a/b"] {
+            let err = AllowList::parse(&format!("# x\n{a} {bad}\n")).unwrap_err();
+            assert_eq!(allow_err(&err), Some((2, false)), "{bad}: {err}");
+            assert!(err.to_string().contains("in services= is not a service name"), "{err}");
+            assert!(!err.to_string().contains('\u{1b}'), "{err}");
+        }
     }
 }

@@ -11,24 +11,28 @@ use super::request::{finish, read_request, write_reply, REFUSAL_DRAIN};
 use super::splice::splice;
 use super::{Services, Status, REQUEST_TIMEOUT};
 use crate::human::printable;
-use crate::net::{self, Listener, Peer, Stream};
+use crate::net::{self, AllowListHandle, Listener, Peer, Stream};
 
 /// How long the server tries to connect to a service's target before it answers status 2. It
 /// is shorter than [`REQUEST_TIMEOUT`], so that the client hears the answer before it gives up.
 pub const SERVICE_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Server side: accepts streams forever and connects each to the service it names.
+/// Server side: accepts streams forever and connects each to the service it names. A client
+/// whose allow-list entry names services (`services=`, see [`crate::keys`]) reaches only those;
+/// a request for another one is answered like an unknown service (status 1), so it does not
+/// learn that it exists. The allow-list in force when the request is read decides.
 ///
 /// # Errors
 /// Returns only if the listener stops.
 pub async fn serve(mut listener: Listener, services: Arc<Services>) -> Result<(), net::Error> {
+    let allow = listener.allow_list_handle();
     loop {
         let (stream, peer) = listener.accept().await?;
-        tokio::spawn(serve_one(stream, peer, services.clone()));
+        tokio::spawn(serve_one(stream, peer, services.clone(), allow.clone()));
     }
 }
 
-async fn serve_one(mut stream: Stream, peer: Peer, services: Arc<Services>) {
+async fn serve_one(mut stream: Stream, peer: Peer, services: Arc<Services>, allow: AllowListHandle) {
     let who = peer.name.clone().unwrap_or_else(|| peer.key.to_string());
     // A malformed request, or none in time: no reply, and the stream is dropped (the session
     // is aborted). Nothing the client sent is logged unescaped.
@@ -40,6 +44,12 @@ async fn serve_one(mut stream: Stream, peer: Peer, services: Arc<Services>) {
     let Some(target) = services.get(&name) else {
         return refuse(stream, Status::UnknownService, &who, &name, "unknown service").await;
     };
+    let given = allow.get().lookup(&peer.key).map(|entry| entry.allows(&name));
+    if given != Some(true) {
+        let why =
+            if given.is_none() { "the client is no longer on the allow-list" } else { "not given to this client" };
+        return refuse(stream, Status::UnknownService, &who, &name, why).await;
+    }
     let tcp = match tokio::time::timeout(SERVICE_CONNECT_TIMEOUT, TcpStream::connect(target)).await {
         Ok(Ok(t)) => t,
         failed => {
