@@ -25,7 +25,7 @@ fn main() {
         let (mut hello, mut reply, mut read) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
         for _ in 0..n {
             let t0 = Instant::now();
-            let (hs, msg) = ClientHandshake::initial(&client.private, &server.public, cipher).expect("hello");
+            let (hs, msg) = ClientHandshake::initial(&client.private, &server.public, cipher, 1).expect("hello");
             let t1 = Instant::now();
             let acc = respond(&msg, &server.private, |_| true, |_| None).expect("reply");
             let t2 = Instant::now();

@@ -957,7 +957,7 @@ async fn raw_handshake(server: SocketAddr, src: Ipv4Addr, keys: &RawKeys) -> io:
     sock.bind(SocketAddr::from((src, 0)))?;
     let mut s = sock.connect(server).await?;
     s.set_nodelay(true)?;
-    let (hs, hello) = ClientHandshake::initial(&keys.client, &keys.server, holdfast::proto::Cipher::preferred())
+    let (hs, hello) = ClientHandshake::initial(&keys.client, &keys.server, holdfast::proto::Cipher::preferred(), 1)
         .map_err(|e| err(e.to_string()))?;
     let mut rec = Vec::new();
     push_record(&mut rec, &hello);

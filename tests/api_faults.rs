@@ -322,7 +322,8 @@ async fn try_resume(
     ticket: &holdfast::proto::Ticket,
 ) -> Result<(), HandshakeError> {
     let mut sock = TcpStream::connect(addr).await.unwrap();
-    let (hs, hello) = ClientHandshake::resume(&ccfg.keypair.private, &ccfg.server_key, ticket, 0, 0, Cipher::AesGcm)?;
+    let (hs, hello) =
+        ClientHandshake::resume(&ccfg.keypair.private, &ccfg.server_key, ticket, 1, (0, 0), Cipher::AesGcm)?;
     send_record(&mut sock, &hello).await;
     hs.read_reply(&recv_record(&mut sock).await).map(|_| ())
 }
@@ -336,7 +337,7 @@ async fn first_ticket_is_busy_until_its_connection_confirms() {
         let (mut listener, ccfg) = server_and_client().await;
         let addr = listener.local_addr();
         let mut first = TcpStream::connect(addr).await.unwrap();
-        let (hs, hello) = ClientHandshake::initial(&ccfg.keypair.private, &ccfg.server_key, Cipher::AesGcm).unwrap();
+        let (hs, hello) = ClientHandshake::initial(&ccfg.keypair.private, &ccfg.server_key, Cipher::AesGcm, 1).unwrap();
         send_record(&mut first, &hello).await;
         let mut done = hs.read_reply(&recv_record(&mut first).await).unwrap();
         let ticket = done.ticket.take().expect("the reply carries the first ticket");

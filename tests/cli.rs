@@ -83,7 +83,7 @@ async fn each_cipher_carries_a_forward() {
 async fn forward_survives_killed_connections() {
     let keys = Keys::new("kill");
     let echo = echo_service().await;
-    let (_server, addr) = keys.server(&[format!("echo={echo}")]).await;
+    let (server, addr) = keys.server(&[format!("echo={echo}")]).await;
     let proxy = ChaosProxy::start(addr).await.unwrap();
     let mut args = keys.client_args("client", proxy.addr(), "echo");
     args.extend(["--local", "127.0.0.1:0"].map(String::from));
@@ -98,7 +98,13 @@ async fn forward_survives_killed_connections() {
         proxy.kill_all();
         client.wait_log("link resumed", i).await;
     }
-    timeout(LIMIT, transfer).await.expect("transfer timed out").unwrap();
+    let done = timeout(LIMIT, transfer).await;
+    assert!(
+        matches!(done, Ok(Ok(()))),
+        "transfer failed: {done:?}\nclient:\n{}\nserver:\n{}",
+        client.stderr(),
+        server.stderr()
+    );
     assert!(proxy.connections_accepted() >= 5, "the client did not reconnect through the relay");
 }
 

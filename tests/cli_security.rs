@@ -180,7 +180,9 @@ async fn a_service_name_cannot_fake_a_log_line() {
 /// send frames the library never sends.
 async fn raw_session(addr: SocketAddr, client: &PrivateKey, server: &PublicKey) -> (TcpStream, Transport) {
     let mut sock = TcpStream::connect(addr).await.unwrap();
-    let (hs, hello) = ClientHandshake::initial(client, server, Cipher::ChaChaPoly).unwrap();
+    // The stamp: wall-clock nanoseconds, as the library's own client uses.
+    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    let (hs, hello) = ClientHandshake::initial(client, server, Cipher::ChaChaPoly, stamp).unwrap();
     let mut rec = Vec::new();
     push_record(&mut rec, &hello);
     sock.write_all(&rec).await.unwrap();

@@ -157,9 +157,10 @@ impl Pair {
         let (got, put) = (self.client.received_offset(), self.client.written_offset());
         let cipher = Cipher::ALL[self.attempts % 2];
         self.attempts += 1;
+        let attempt = self.client.next_resume_attempt();
         let (hs, hello) = match self.client.ticket() {
-            None => ClientHandshake::initial(&self.ck.private, &self.sk.public, cipher)?,
-            Some(t) => ClientHandshake::resume(&self.ck.private, &self.sk.public, t, got, put, cipher)?,
+            None => ClientHandshake::initial(&self.ck.private, &self.sk.public, cipher, self.attempts as u64)?,
+            Some(t) => ClientHandshake::resume(&self.ck.private, &self.sk.public, t, attempt, (got, put), cipher)?,
         };
         push_record(&mut self.c2s, &hello);
         if cut != Some(0) {
@@ -204,7 +205,7 @@ impl Pair {
         let n = transport.open(first, &mut plain)?;
         assert!(matches!(Frame::decode(&plain[..n]), Ok(Frame::Ack(_))), "first record must be an ACK");
         let (idx, received, used, new_ticket) = match accept.hello {
-            Hello::Initial { client } => {
+            Hello::Initial { client, .. } => {
                 assert_eq!(client, self.ck.public);
                 self.servers.push(Session::new(Role::Server, self.cfg.clone()));
                 (self.servers.len() - 1, 0, None, None)
@@ -539,7 +540,7 @@ fn ticket_rotation_interrupted_at_each_step() {
         assert!(p.server().ticket_secret(&expect).is_some(), "case {case}: client's ticket no longer resolves");
         for id in &p.retired {
             let (_, hello) =
-                ClientHandshake::resume(&p.ck.private, &p.sk.public, &p.issued[id], 0, 0, Cipher::AesGcm).unwrap();
+                ClientHandshake::resume(&p.ck.private, &p.sk.public, &p.issued[id], 1, (0, 0), Cipher::AesGcm).unwrap();
             assert_eq!(p.respond(&hello).unwrap_err(), HandshakeError::UnknownSession);
         }
     }
@@ -578,7 +579,7 @@ fn open_all(t: &mut Transport, wire: &[u8]) -> Vec<Vec<u8>> {
 /// flight (ACK, TICKET) is already consumed.
 fn raw_peer(now: Instant) -> (Session, Transport) {
     let (ck, sk) = (Keypair::generate(), Keypair::generate());
-    let (hs, hello) = ClientHandshake::initial(&ck.private, &sk.public, Cipher::ChaChaPoly).unwrap();
+    let (hs, hello) = ClientHandshake::initial(&ck.private, &sk.public, Cipher::ChaChaPoly, 1).unwrap();
     let acc = handshake::respond(&hello, &sk.private, |_| true, |_| None).unwrap();
     let (mut raw, mut t) = (hs.read_reply(&acc.reply).unwrap().transport, acc.transport);
     let first = seal(&mut raw, Frame::Ack(0));
@@ -753,7 +754,7 @@ fn replayed_hello_cannot_commit() {
     }
     let mallory = Keypair::generate();
     let (_, forged) =
-        ClientHandshake::resume(&mallory.private, &p.sk.public, &p.issued[&t1], 0, 0, Cipher::AesGcm).unwrap();
+        ClientHandshake::resume(&mallory.private, &p.sk.public, &p.issued[&t1], 1, (0, 0), Cipher::AesGcm).unwrap();
     assert_eq!(p.respond(&forged).unwrap_err(), HandshakeError::Auth);
     p.events();
     assert_eq!(p.snapshot(), before, "a replay changed the server");
@@ -828,7 +829,8 @@ fn impossible_offsets_are_rejected() {
     p.settle().unwrap();
     p.drop_link();
     let t = p.client.ticket().unwrap().clone();
-    let (hs, hello) = ClientHandshake::resume(&p.ck.private, &p.sk.public, &t, 999, 10, Cipher::ChaChaPoly).unwrap();
+    let (hs, hello) =
+        ClientHandshake::resume(&p.ck.private, &p.sk.public, &t, 1, (999, 10), Cipher::ChaChaPoly).unwrap();
     let acc = p.respond(&hello).unwrap();
     assert_eq!(hs.read_reply(&acc.reply).unwrap().server_received, Some(10));
     let err = p.server().attach(now, acc.transport, 999, Some(t.resume_id), None).unwrap_err();

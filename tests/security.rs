@@ -195,7 +195,7 @@ fn debug_output_never_contains_secrets() {
 
     let k = harness::keys();
     let (hs, hello) =
-        ClientHandshake::initial(&k.client.private, &k.server.public, holdfast::proto::Cipher::AesGcm).unwrap();
+        ClientHandshake::initial(&k.client.private, &k.server.public, holdfast::proto::Cipher::AesGcm, 1).unwrap();
     let lookup = |_: &[u8; 16]| -> Option<ResumeLookup> { None };
     let acc = handshake::respond(&hello, &k.server.private, |_| true, lookup).unwrap();
     let done = hs.read_reply(&acc.reply).unwrap();

@@ -54,6 +54,11 @@ const SERVER_E_IK: u8 = 0x61;
 const CLIENT_E_KK: u8 = 0x81;
 const SERVER_E_KK: u8 = 0xa1;
 
+/// The first connection's timestamp (IK message 1 payload) and the resume's attempt number (in
+/// the RESUME header).
+const IK_STAMP: u64 = 0x1880_0000_0000_0001;
+const KK_ATTEMPT: u64 = 1;
+
 /// The ticket issued on the first connection: id `c1 .. d0`, secret `d1 .. f0`.
 fn ticket1() -> Ticket {
     Ticket { resume_id: seq16(0xc1), secret: Zeroizing::new(seq32(0xd1)) }
@@ -142,11 +147,11 @@ fn ik() -> Ik {
 fn ik_with(cipher: Cipher) -> Ik {
     let (c, s) = (client_static(), server_static());
     let c_pub = c.public_key();
-    let (hs, hello) =
-        ClientHandshake::initial_with(&c, &s.public_key(), cipher, Some(&seq32(CLIENT_E_IK))).expect("initial");
+    let (hs, hello) = ClientHandshake::initial_with(&c, &s.public_key(), cipher, IK_STAMP, Some(&seq32(CLIENT_E_IK)))
+        .expect("initial");
     let acc = respond_with(&hello, &s, |k| *k == c_pub, |_| None, Some(&seq32(SERVER_E_IK)), Some(ticket1()))
         .expect("respond IK");
-    assert_eq!(acc.hello, Hello::Initial { client: c_pub });
+    assert_eq!(acc.hello, Hello::Initial { client: c_pub, stamp: IK_STAMP });
     assert_eq!(acc.ticket.as_ref().map(|t| t.resume_id), Some(ticket1().resume_id));
     let done = hs.read_reply(&acc.reply).expect("IK reply");
     assert_eq!((done.server_received, done.server_written), (None, None));
@@ -167,9 +172,16 @@ fn kk_with(cipher: Cipher) -> Ik {
     let c_pub = c.public_key();
     let t1 = ticket1();
     let e = seq32(CLIENT_E_KK);
-    let (hs, hello) =
-        ClientHandshake::resume_with(&c, &s.public_key(), &t1, CLIENT_RECEIVED, CLIENT_WRITTEN, cipher, Some(&e))
-            .expect("resume");
+    let (hs, hello) = ClientHandshake::resume_with(
+        &c,
+        &s.public_key(),
+        &t1,
+        KK_ATTEMPT,
+        (CLIENT_RECEIVED, CLIENT_WRITTEN),
+        cipher,
+        Some(&e),
+    )
+    .expect("resume");
     let lookup = |id: &[u8; 16]| {
         assert_eq!(id, &t1.resume_id);
         Some(ResumeLookup { client: c_pub, psk: t1.secret.clone(), received: SERVER_RECEIVED, written: SERVER_WRITTEN })
@@ -178,7 +190,12 @@ fn kk_with(cipher: Cipher) -> Ik {
     let acc = respond_with(&hello, &s, allowed, lookup, Some(&seq32(SERVER_E_KK)), None).expect("respond KK");
     assert_eq!(
         acc.hello,
-        Hello::Resume { resume_id: t1.resume_id, client_received: CLIENT_RECEIVED, client_written: CLIENT_WRITTEN }
+        Hello::Resume {
+            resume_id: t1.resume_id,
+            attempt: KK_ATTEMPT,
+            client_received: CLIENT_RECEIVED,
+            client_written: CLIENT_WRITTEN
+        }
     );
     let done = hs.read_reply(&acc.reply).expect("KK reply");
     assert_eq!((done.server_received, done.server_written), (Some(SERVER_RECEIVED), Some(SERVER_WRITTEN)));
@@ -261,7 +278,8 @@ fn ticket1_payload() -> Vec<u8> {
 
 fn spec_ik() -> Spec {
     let p = ticket1_payload();
-    spec_handshake("Noise_IK_25519_ChaChaPoly_BLAKE2s", b"HFST\x02\x01", None, &[], &p, CLIENT_E_IK, SERVER_E_IK)
+    let stamp = IK_STAMP.to_be_bytes();
+    spec_handshake("Noise_IK_25519_ChaChaPoly_BLAKE2s", b"HFST\x03\x01", None, &stamp, &p, CLIENT_E_IK, SERVER_E_IK)
 }
 
 fn spec_kk() -> Spec {
@@ -271,14 +289,16 @@ fn spec_kk() -> Spec {
 /// The AESGCM handshakes: kind bytes 0x11 and 0x12 (cipher code 1 in the high four bits).
 fn spec_aes_ik() -> Spec {
     let p = ticket1_payload();
-    spec_handshake("Noise_IK_25519_AESGCM_BLAKE2s", b"HFST\x02\x11", None, &[], &p, CLIENT_E_IK, SERVER_E_IK)
+    let stamp = IK_STAMP.to_be_bytes();
+    spec_handshake("Noise_IK_25519_AESGCM_BLAKE2s", b"HFST\x03\x11", None, &stamp, &p, CLIENT_E_IK, SERVER_E_IK)
 }
 
 fn spec_kk_with(pattern: &str, kind: u8) -> Spec {
     let t1 = ticket1();
-    let mut header = b"HFST\x02".to_vec();
+    let mut header = b"HFST\x03".to_vec();
     header.push(kind);
     header.extend_from_slice(&t1.resume_id);
+    header.extend_from_slice(&KK_ATTEMPT.to_be_bytes());
     spec_handshake(
         pattern,
         &header,
@@ -402,63 +422,25 @@ const EXPECTED: &[(&str, &str)] = &[
     ("frame_ack", "021112131415161718"),
     ("frame_ping", "03"),
     ("frame_pong", "04"),
-    (
-        "frame_ticket",
-        concat!(
-            "05c1c2c3c4c5c6c7c8c9cacbcccdcecfd0d1d2d3d4d5d6d7d8d9dadbdcdddedfe0e1e2e3e4e5e6e7e8e9eaebecedeeef",
-            "f0",
-        ),
-    ),
+    ("frame_ticket", "05c1c2c3c4c5c6c7c8c9cacbcccdcecfd0d1d2d3d4d5d6d7d8d9dadbdcdddedfe0e1e2e3e4e5e6e7e8e9eaebecedeeeff0"),
     ("frame_ticket_ack", "06c1c2c3c4c5c6c7c8c9cacbcccdcecfd0"),
     ("frame_fin", "072122232425262728"),
     ("frame_close", "08000367617665207570"),
     ("frame_close_empty", "080000"),
-    (
-        "ik_hello",
-        concat!(
-            "006648465354020164b101b1d0be5a8704bd078f9895001fc03e8e9f9522f188dd128d9846d48466822e8514e6389169",
-            "bdfd10afecae5bded9cda3f0157ac1d03cd3620b3bb73a863baf703f46e46e48320d6998233724a40e694b414b3dcf70",
-            "0fda985a49fa60ec",
-        ),
-    ),
-    (
-        "ik_reply",
-        concat!(
-            "006101244fe3b963e899dd295baffce248d3530f3a9a7479ba063002680ebfe7adad492c17683439e4e76736b50e6af7",
-            "87d681c501825b2b1c6c819aebbfe17ac66a4391e0f1410355fe45a1ba8ea1c2851c4f2ae122b1c655792caa9e2a2c77",
-            "f8e599",
-        ),
-    ),
-    ("ik_handshake_hash", "4be15145ddbecc78fe2534e3a02cc5a450cb5fa3753e4c5a1d00251ca241acbb"),
+    ("ik_hello", "006e48465354030164b101b1d0be5a8704bd078f9895001fc03e8e9f9522f188dd128d9846d48466822e8514e6389169bdfd10afecae5bded9cda3f0157ac1d03cd3620b3bb73a86f7864386430f41d2864844e51650277e1f4cd6e8ca28b11ba24a38986cc9cc466264ebdcf399a1bf"),
+    ("ik_reply", "006101244fe3b963e899dd295baffce248d3530f3a9a7479ba063002680ebfe7adad492c17683439e4e76736b50e6af787d681c501825b2b1c6c819aebbfe17ac66a4391e0f1410355fe45a1ba8ea1c2851c4f33b862e43a833aecbdabd9ccd3da5c13"),
+    ("ik_handshake_hash", "6fb5110abba8ff6b9ac9351f8c1b5ccaa685aa8c337955d9ac9738df63225795"),
     ("ik_c0_ack", "00197b686105d5982fa781811601c3ae2010089cf3818e18dc7dbf"),
     ("ik_c1_data", "001e38bb6c3d302d1ed6833727e09bef77221433dfd193e3c53bf987c3d2e8a4"),
     ("ik_s0_ack", "0019672eacae43463e51c76c04ced4803a3a686916ed9fe95b5d65"),
     ("ik_s1_ack", "0019972a0c4112713d5d5dddac830a7e9a36bec5357ae28829311e"),
     ("ik_s2_data", "001f876fd19e580bc68218102f4eb49d76e001f3ac4266635c112b2659b97bdcf2"),
-    (
-        "kk_hello",
-        concat!(
-            "0056484653540202c1c2c3c4c5c6c7c8c9cacbcccdcecfd0883186b800b41d5cf0429695da9b3cc4f328ebcd184a6e48",
-            "2fa578c103f06c7765e789e7ac8e01ad74ab5e608ee2eb46adc87b55c80e6c7c4994573ca05fbdb1",
-        ),
-    ),
-    (
-        "kk_reply",
-        concat!(
-            "004101ad438bfae31f6c093d61d4339255ea798092c9fadd07b97827f4b0ae9dee7c1c4aec0bd1ff7c6902894a4fb4c6",
-            "31f3636b12e5299fefe619b15003ea0739a252",
-        ),
-    ),
-    ("kk_handshake_hash", "8e26961b37b32a1d195cc164a0f06e612aa49dd007802a24d734cffce43671fb"),
+    ("kk_hello", "005e484653540302c1c2c3c4c5c6c7c8c9cacbcccdcecfd00000000000000001883186b800b41d5cf0429695da9b3cc4f328ebcd184a6e482fa578c103f06c7765e789e7ac8e01ad74ab5e608ee2eb46e560530df18ea5c7bed5778702259819"),
+    ("kk_reply", "004101ad438bfae31f6c093d61d4339255ea798092c9fadd07b97827f4b0ae9dee7c1c4aec0bd1ff7c6902894a4fb4c631f3630ebb467ec9b51c32897e17a534e1b4a4"),
+    ("kk_handshake_hash", "cf4fffef72a300517970f1557490fb7f3e567ac2f0b84ca2ac44b8fe4f243f59"),
     ("kk_c0_ack", "00198f3ac7835f1e95f7a37b894c953dabda498ffc4da8a51d888b"),
     ("kk_s0_ack", "0019c3b84864a97e6dfb6eb9df8a0f2a4afab85fea8d01cfe8f72b"),
-    (
-        "kk_s1_ticket",
-        concat!(
-            "00410d41bcb127569b83abcbcb5d44ae63e4c0904b8ef43471ea709ff38173dd7ebd5a16e19ac3bdfd101c0de9777133",
-            "7c87298adc374d5e410f249ce5b272fb7461af",
-        ),
-    ),
+    ("kk_s1_ticket", "00410d41bcb127569b83abcbcb5d44ae63e4c0904b8ef43471ea709ff38173dd7ebd5a16e19ac3bdfd101c0de97771337c87298adc374d5e410f249ce5b272fb7461af"),
     ("kk_c1_ticket_ack", "00218184bf603f93918b93a8df98696a8da7e86021d0688a42b63170168c63b2155ee3"),
     ("kk_c2_fin", "00190eab91ae64429ac7ca7635fce637f6e785cb767518b25c12e4"),
     ("kk_s2_ack", "00195af8e5aeee05edcd85989f15f5cb9394ca7046011785c768c5"),
@@ -472,40 +454,14 @@ const EXPECTED: &[(&str, &str)] = &[
     ("rekey_s65535_ping", "0011b3f0fac3d6b2f7d24b060b97d0cd030efb"),
     ("rekey_c65536_ping", "0011bce4ebce1446167c9da6bfb2c533bd60c7"),
     ("rekey_s65536_ping", "00110f0998ebe98875e190f2772bcd5c882a8c"),
-    (
-        "aes_ik_hello",
-        concat!(
-            "006648465354021164b101b1d0be5a8704bd078f9895001fc03e8e9f9522f188dd128d9846d4846646827802af3740a3",
-            "4789100b896912f09bcf44ba01197fbf5abe55aac99e8b7765a321fdcc1d71665facc0683228dd90c1460e7105eb53cc",
-            "c703f5ebbb28d885",
-        ),
-    ),
-    (
-        "aes_ik_reply",
-        concat!(
-            "006101244fe3b963e899dd295baffce248d3530f3a9a7479ba063002680ebfe7adad494de19aeaf5abebac6f3b284de6",
-            "dae017f41479515a17dfc14e1072e393d067a0bf2a88a56758e9ee9b1074d95e23fc02d79f1e12a0eb6a15ffff47a4de",
-            "e24df2",
-        ),
-    ),
-    ("aes_ik_handshake_hash", "3bbf1cae09851794db8ebfaf624e39162bd3632e2b88bc1466710b577ed2564e"),
+    ("aes_ik_hello", "006e48465354031164b101b1d0be5a8704bd078f9895001fc03e8e9f9522f188dd128d9846d4846646827802af3740a34789100b896912f09bcf44ba01197fbf5abe55aac99e8b77bda83332a9ac523c8fa6dcc48793d2ebb02297349e6b136a97a51ce30a59e0955a2e363b3b6d6729"),
+    ("aes_ik_reply", "006101244fe3b963e899dd295baffce248d3530f3a9a7479ba063002680ebfe7adad494de19aeaf5abebac6f3b284de6dae017f41479515a17dfc14e1072e393d067a0bf2a88a56758e9ee9b1074d95e23fc026cf5c8dff4620b1d095646389ec2a001"),
+    ("aes_ik_handshake_hash", "c4e134674998e0e9978516d07a084ce236b78e7494e8ab58b2f2159bf9f158ea"),
     ("aes_ik_c0_ack", "0019dfacd5310f2829b7223da777efcbf68e0d3dcb37f953681248"),
     ("aes_ik_c1_data", "001eeefd9070fdf67b0e8926f7bebf383198b3e583e37b1559d3fb4610a3520b"),
     ("aes_ik_s0_ack", "0019255db59af3e136081eee84d3c0891f798873da72b8e5dcef96"),
-    (
-        "aes_kk_hello",
-        concat!(
-            "0056484653540212c1c2c3c4c5c6c7c8c9cacbcccdcecfd0883186b800b41d5cf0429695da9b3cc4f328ebcd184a6e48",
-            "2fa578c103f06c778b6e615514c90f11ee3318f47d85cd30859211308e96507e821a601c21c8762d",
-        ),
-    ),
-    (
-        "aes_kk_reply",
-        concat!(
-            "004101ad438bfae31f6c093d61d4339255ea798092c9fadd07b97827f4b0ae9dee7c1c5d496f89e17e2712778330ceb6",
-            "cbd5450c18a9f67410dd82aea85539a7bced99",
-        ),
-    ),
+    ("aes_kk_hello", "005e484653540312c1c2c3c4c5c6c7c8c9cacbcccdcecfd00000000000000001883186b800b41d5cf0429695da9b3cc4f328ebcd184a6e482fa578c103f06c778b6e615514c90f11ee3318f47d85cd30874224761c127c2c38ee7c61a05c2926"),
+    ("aes_kk_reply", "004101ad438bfae31f6c093d61d4339255ea798092c9fadd07b97827f4b0ae9dee7c1c5d496f89e17e2712778330ceb6cbd5459fda50c1bffe8447559372bdfa694bf1"),
     ("aes_kk_c0_ack", "0019b5e6b608c74dc8d442758621041e63ba7c863857cdf4db341b"),
     ("aes_kk_s0_ack", "0019def3448a67be4533a90114b0f6d9451d4734678e7199c02902"),
     ("aes_rekey_c65535_ping", "001189704f39f23d651ac0e5994c790f850acb"),
@@ -532,7 +488,7 @@ fn spec_construction_matches_the_implementation() {
     let v = compute();
     let c_pub = client_static().public_key();
 
-    // IK: header "HFST" 02 01 is the prologue; message 1's payload is empty, message 2's is
+    // IK: header "HFST" 03 01 is the prologue; message 1's payload is the timestamp, message 2's is
     // ticket 1 (id || secret); reply = 0x01 || message 2.
     let mut ik = spec_ik();
     assert_eq!(record(&ik.hello), get(&v, "ik_hello"));
@@ -546,7 +502,7 @@ fn spec_construction_matches_the_implementation() {
     assert_eq!(&plain[..n], &[0x02, 0, 0, 0, 0, 0, 0, 0, 0]);
     assert_eq!(ik.server.get_remote_static(), Some(&c_pub.as_bytes()[..]));
 
-    // KKpsk0: header "HFST" 02 02 || resume_id is the prologue; psk = ticket secret at
+    // KKpsk0: header "HFST" 03 02 || resume_id || attempt is the prologue; psk = ticket secret at
     // position 0; payloads = received || written, u64 big-endian each.
     let mut kk = spec_kk();
     assert_eq!(record(&kk.hello), get(&v, "kk_hello"));
@@ -587,9 +543,9 @@ fn spec_construction_matches_the_implementation() {
     }
 
     // Sizes stated in the spec.
-    assert_eq!(ik.hello.len(), 6 + 32 + 48 + 16);
+    assert_eq!(ik.hello.len(), 6 + 32 + 48 + 8 + 16);
     assert_eq!(ik.reply.len(), 1 + 32 + 48 + 16);
-    assert_eq!(kk.hello.len(), 22 + 32 + 16 + 16);
+    assert_eq!(kk.hello.len(), 30 + 32 + 16 + 16);
     assert_eq!(kk.reply.len(), 1 + 32 + 16 + 16);
 }
 

@@ -171,6 +171,10 @@ impl LinkView {
                     secs(*after)
                 )
             }
+            LinkEvent::Suspect { quiet } => {
+                format!("[link] suspect: no answer for {}; trying a new connection, keep typing.", secs(*quiet))
+            }
+            LinkEvent::Healthy => "[link] answering again".to_string(),
             LinkEvent::Failed { reason } => format!("[link] failed: {reason}"),
             _ => return None,
         })

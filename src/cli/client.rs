@@ -42,6 +42,10 @@ fn log_event(from: Option<SocketAddr>, ev: LinkEvent) {
         LinkEvent::Resumed { after, replayed_sent, replayed_received, .. } => {
             info!(%from, after = %Rounded(after), replayed_sent, replayed_received, "link resumed")
         }
+        LinkEvent::Suspect { quiet } => {
+            warn!(%from, quiet = %Rounded(quiet), "link suspect (no answer); trying a new connection")
+        }
+        LinkEvent::Healthy => info!(%from, "link answering again"),
         LinkEvent::Failed { reason } => error!(%from, reason = %printable(&reason), "stream failed"),
         LinkEvent::Reconnecting { attempt, elapsed } if attempt > 1 => {
             info!(%from, attempt, elapsed = %Rounded(elapsed), "still reconnecting")

@@ -26,6 +26,10 @@ pub(crate) fn describe(ev: &LinkEvent) -> Option<String> {
         LinkEvent::Reconnecting { attempt, elapsed } if *attempt >= 4 && attempt.is_power_of_two() => {
             Some(format!("still reconnecting (attempt {attempt}, {} so far)", Rounded(*elapsed)))
         }
+        LinkEvent::Suspect { quiet } => {
+            Some(format!("link suspect (no answer for {}); trying a new connection…", Rounded(*quiet)))
+        }
+        LinkEvent::Healthy => Some("link answering again".to_string()),
         LinkEvent::Resumed { after, .. } => Some(format!("link back; resumed after {}", Rounded(*after))),
         LinkEvent::Failed { reason } => Some(format!("stream failed: {}", printable(reason))),
         _ => None,

@@ -2,20 +2,22 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use rand::Rng;
 use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 use tracing::debug;
 
 use crate::net::config::{ClientConfig, Recovery};
 use crate::net::events::{LinkEvent, LinkLost, LinkStatus};
 use crate::net::pump::{pump, PumpEnd};
+use crate::net::race::{Outcome, Race, Won};
 use crate::net::stream::{Shared, Stream};
+use crate::net::watch;
 use crate::net::wire::{read_record, write_record};
 use crate::net::Error;
 use crate::proto::handshake::MAX_HANDSHAKE;
-use crate::proto::{ClientHandshake, CloseCode, HandshakeError, Role, Session, SessionError};
+use crate::proto::{ClientHandshake, CloseCode, Event, HandshakeError, Role, Session, SessionError};
 
 /// Connects to a holdfast server at `addr` (`host:port`; re-resolved on every reconnect) and
 /// returns the stream after one round trip, as soon as the server's reply (which carries the
@@ -51,14 +53,15 @@ pub async fn connect(addr: impl Into<String>, cfg: ClientConfig) -> Result<Strea
     let shared = Shared::new(session, cfg.server_key);
     shared.emit(LinkEvent::Connected { peer });
     tokio::spawn(client_task(shared.clone(), cfg, addr, sock));
+    tokio::spawn(watch_path(shared.clone()));
     Ok(Stream::new(shared))
 }
 
 /// One connection attempt: TCP connect plus handshake, within the handshake timeout.
-async fn dial(
+pub(crate) async fn dial(
     addr: &str,
     cfg: &ClientConfig,
-    resume: Option<(&crate::proto::Ticket, u64, u64)>,
+    resume: Option<(&crate::proto::Ticket, u64, (u64, u64))>,
 ) -> Result<(TcpStream, crate::proto::handshake::ClientDone, SocketAddr), Error> {
     let limit = cfg.recovery.handshake_timeout;
     let hs_err = |source| Error::Handshake { addr: addr.to_string(), source };
@@ -67,9 +70,9 @@ async fn dial(
         // is in flight (the connect future sends its SYN when first polled, before this runs).
         let hello = async {
             match resume {
-                None => ClientHandshake::initial(&cfg.keypair.private, &cfg.server_key, cfg.cipher),
-                Some((t, received, written)) => {
-                    ClientHandshake::resume(&cfg.keypair.private, &cfg.server_key, t, received, written, cfg.cipher)
+                None => ClientHandshake::initial(&cfg.keypair.private, &cfg.server_key, cfg.cipher, next_stamp()),
+                Some((t, attempt, offsets)) => {
+                    ClientHandshake::resume(&cfg.keypair.private, &cfg.server_key, t, attempt, offsets, cfg.cipher)
                 }
             }
         };
@@ -100,35 +103,93 @@ async fn dial(
     }
 }
 
-async fn client_task(shared: Arc<Shared>, cfg: ClientConfig, addr: String, mut sock: TcpStream) {
+/// The client's driver: pumps the link; on suspicion races a second connection while the old
+/// one runs; on a fault asks the recovery hook, then waits for the race; attaches whichever
+/// connection resumes first (the server keeps the newest).
+async fn client_task(shared: Arc<Shared>, cfg: ClientConfig, addr: String, sock: TcpStream) {
+    let (race_tx, mut race_rx) = mpsc::channel::<Outcome>(1);
+    let mut race: Option<Race> = None;
+    let mut link = Some(sock);
     let mut faults = 0u64;
+    // Racing on suspicion would recover without asking: with a hook, only faults recover.
+    let races_on_suspicion = cfg.recovery.race && cfg.recovery.hook.is_none();
     loop {
-        let end = pump(&shared, sock, None::<&mut tokio::sync::mpsc::Receiver<()>>, |_| {}).await;
-        let cause = match end {
-            PumpEnd::Over | PumpEnd::Replaced(()) => break,
-            PumpEnd::Fault(cause) => cause,
-        };
-        let fatal = {
-            let mut inner = shared.lock();
-            inner.session.detach();
-            !cause.is_link_fault() || inner.session.failure().is_some()
-        };
-        if fatal {
-            break;
-        }
-        faults += 1;
-        debug!(%cause, faults, "link lost; resuming");
-        let lost = LinkLost { cause: cause.to_string(), faults };
-        shared.emit(LinkEvent::Lost(lost.clone()));
-        shared.set_status(LinkStatus::Reconnecting { cause: lost.cause.clone(), attempt: 0 });
-        if let Some(hook) = &cfg.recovery.hook {
-            if hook(lost.clone()).await == Recovery::Fail {
-                shared.fail(CloseCode::Abort, SessionError::Declined(lost.cause));
-                return;
+        let won = match link.take() {
+            Some(sock) => {
+                let on_event = |ev| match ev {
+                    Event::Suspect(quiet) => {
+                        shared.emit(LinkEvent::Suspect { quiet });
+                        if races_on_suspicion && race.as_ref().is_none_or(Race::cancelled) {
+                            debug!(quiet = ?quiet, "link suspect; racing a new connection");
+                            let since = Instant::now();
+                            race = Some(Race::start(
+                                shared.clone(),
+                                cfg.clone(),
+                                addr.clone(),
+                                race_tx.clone(),
+                                since,
+                                true,
+                            ));
+                        }
+                    }
+                    Event::Healthy => {
+                        shared.emit(LinkEvent::Healthy);
+                        if let Some(r) = &race {
+                            r.cancel();
+                        }
+                    }
+                    _ => {}
+                };
+                let end = pump(&shared, sock, Some((&mut race_rx, |_: &Outcome| true)), on_event).await;
+                match end {
+                    PumpEnd::Over => break,
+                    PumpEnd::Replaced(outcome) => outcome,
+                    PumpEnd::Fault(cause) => {
+                        let fatal = {
+                            let mut inner = shared.lock();
+                            inner.session.detach();
+                            !cause.is_link_fault() || inner.session.failure().is_some()
+                        };
+                        if fatal {
+                            break;
+                        }
+                        faults += 1;
+                        debug!(%cause, faults, "link lost; resuming");
+                        let lost = LinkLost { cause: cause.to_string(), faults };
+                        shared.emit(LinkEvent::Lost(lost.clone()));
+                        shared.set_status(LinkStatus::Reconnecting { cause: lost.cause.clone(), attempt: 0 });
+                        if let Some(hook) = &cfg.recovery.hook {
+                            if hook(lost.clone()).await == Recovery::Fail {
+                                shared.fail(CloseCode::Abort, SessionError::Declined(lost.cause));
+                                return;
+                            }
+                        }
+                        if race.as_ref().is_none_or(Race::cancelled) {
+                            // The pending outcome is awaited just below; no handle is needed.
+                            let _ = Race::start(
+                                shared.clone(),
+                                cfg.clone(),
+                                addr.clone(),
+                                race_tx.clone(),
+                                Instant::now(),
+                                false,
+                            );
+                        }
+                        match race_rx.recv().await {
+                            Some(outcome) => outcome,
+                            None => Err(SessionError::Lost),
+                        }
+                    }
+                }
             }
-        }
-        match reconnect(&shared, &cfg, &addr, &lost.cause).await {
-            Ok(s) => sock = s,
+            None => match race_rx.recv().await {
+                Some(outcome) => outcome,
+                None => Err(SessionError::Lost),
+            },
+        };
+        race = None;
+        match won.and_then(|w| attach(&shared, w)) {
+            Ok(sock) => link = Some(sock),
             Err(e) => {
                 debug!(error = %e, "session failed");
                 let code = if matches!(e, SessionError::GaveUp(_)) { CloseCode::Expired } else { CloseCode::Abort };
@@ -140,60 +201,75 @@ async fn client_task(shared: Arc<Shared>, cfg: ClientConfig, addr: String, mut s
     shared.report_end();
 }
 
-/// Reconnects and resumes, with backoff, until success, a fatal answer, or the give-up time.
-async fn reconnect(shared: &Shared, cfg: &ClientConfig, addr: &str, cause: &str) -> Result<TcpStream, SessionError> {
-    let policy = &cfg.recovery;
-    let lost_at = Instant::now();
-    let mut attempt = 0u32;
+/// Tells the session when the operating system reports a network change or a wake from sleep,
+/// until the stream ends: its link is then suspect at once (and a race resumes it on the new
+/// path, if it is gone).
+async fn watch_path(shared: Arc<Shared>) {
+    let mut signals = watch::signals();
+    let mut status = shared.status.subscribe();
+    let ended = |s: &LinkStatus| matches!(s, LinkStatus::Closed | LinkStatus::Failed(_));
     loop {
-        let elapsed = lost_at.elapsed();
-        if elapsed >= policy.give_up_after {
-            return Err(SessionError::GaveUp(elapsed));
-        }
-        if attempt > 0 {
-            let base = policy.backoff(attempt - 1);
-            let cut = rand::thread_rng().gen_range(0.0..=policy.jitter.clamp(0.0, 1.0));
-            let delay = base.mul_f64(1.0 - cut).min(policy.give_up_after - elapsed);
-            tokio::time::sleep(delay).await;
-        }
-        attempt += 1;
-        shared.set_status(LinkStatus::Reconnecting { cause: cause.to_string(), attempt });
-        shared.emit(LinkEvent::Reconnecting { attempt, elapsed: lost_at.elapsed() });
-        let (ticket, received, written) = {
-            let inner = shared.lock();
-            match inner.session.ticket() {
-                Some(t) => (t.clone(), inner.session.received_offset(), inner.session.written_offset()),
-                None => return Err(SessionError::Lost),
-            }
-        };
-        // Bound each attempt by the give-up time left, and start short (1 s, doubling up to the
-        // handshake timeout): a SYN lost while the network was down would otherwise keep this
-        // attempt waiting on the kernel's retransmission schedule after the network is back.
-        let left = policy.give_up_after.saturating_sub(lost_at.elapsed());
-        let patience = Duration::from_secs(1u64 << (attempt - 1).min(4)).min(policy.handshake_timeout).min(left);
-        let outcome = match tokio::time::timeout(patience, dial(addr, cfg, Some((&ticket, received, written)))).await {
-            Ok(r) => r,
-            Err(_) => Err(Error::Timeout { addr: addr.to_string(), after: patience }),
-        };
-        match outcome {
-            Ok((sock, done, peer)) => {
-                let server_received = done.server_received.unwrap_or(0);
-                let replayed_received = done.server_written.unwrap_or(received).saturating_sub(received);
-                let attached = {
-                    let mut inner = shared.lock();
-                    let r = inner.session.attach(Instant::now(), done.transport, server_received, None, None);
-                    inner.wake_all();
-                    r
-                }?;
-                let after = lost_at.elapsed();
-                debug!(?after, attempt, replayed = attached.replayed, "resumed");
-                shared.set_status(LinkStatus::Connected);
-                shared.emit(LinkEvent::Resumed { peer, after, replayed_sent: attached.replayed, replayed_received });
+        tokio::select! {
+            r = signals.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                let s = *signals.borrow_and_update();
+                debug!(net_changes = s.net_changes, wakes = s.wakes, "network change or wake: the link is suspect");
+                shared.lock().session.path_changed(Instant::now());
                 shared.wake_driver.notify_one();
-                return Ok(sock);
             }
-            Err(Error::Handshake { source: HandshakeError::UnknownSession, .. }) => return Err(SessionError::Lost),
-            Err(e) => debug!(error = %e, attempt, "reconnect attempt failed"),
+            r = status.wait_for(ended) => {
+                let _ = r;
+                return;
+            }
         }
+    }
+}
+
+/// Attaches a connection that won a race: the stream goes on over it.
+fn attach(shared: &Shared, won: Won) -> Result<TcpStream, SessionError> {
+    let Won { sock, done, peer, received, started, suspicion } = won;
+    let server_received = done.server_received.unwrap_or(0);
+    let replayed_received = done.server_written.unwrap_or(received).saturating_sub(received);
+    let attached = {
+        let mut inner = shared.lock();
+        inner.session.detach();
+        let r = inner.session.attach(Instant::now(), done.transport, server_received, None, None);
+        if suspicion && r.is_ok() {
+            inner.session.count_race(Instant::now());
+        }
+        inner.wake_all();
+        r
+    };
+    let attached = match attached {
+        Ok(a) => a,
+        // The server claims positions never written: the session has failed, and the CLOSE that
+        // tells the server is queued on this link, which the pump sends.
+        Err(SessionError::BadResume(_)) => return Ok(sock),
+        Err(e) => return Err(e),
+    };
+    let after = started.elapsed();
+    debug!(?after, suspicion, replayed = attached.replayed, "resumed");
+    shared.set_status(LinkStatus::Connected);
+    shared.emit(LinkEvent::Resumed { peer, after, replayed_sent: attached.replayed, replayed_received });
+    shared.wake_driver.notify_one();
+    Ok(sock)
+}
+
+/// The timestamp of a first-connection hello: the wall-clock time in nanoseconds since the UNIX
+/// epoch, forced to increase within this process (the server refuses a hello that is not newer
+/// than one it accepted from the same key, so a recorded hello cannot be replayed).
+fn next_stamp() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+    let prev = LAST.fetch_max(now, Ordering::Relaxed);
+    if prev < now {
+        now
+    } else {
+        LAST.fetch_add(1, Ordering::Relaxed) + 1
     }
 }

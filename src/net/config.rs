@@ -38,6 +38,17 @@ pub struct RecoveryPolicy {
     pub give_up_after: Duration,
     /// Longest time one connection attempt (TCP connect plus handshake) may take. Default 10 s.
     pub handshake_timeout: Duration,
+    /// While reconnecting, a new attempt starts this often (with 20% jitter) while earlier ones
+    /// are still pending, so that the first SYN after the network is back gets through rather
+    /// than waiting on the kernel's SYN retransmissions. Refused connections and BUSY answers
+    /// back off from `backoff_initial` to `backoff_max` instead. Default 250 ms (RFC 8305's
+    /// connection attempt delay).
+    pub stagger: Duration,
+    /// Open a second connection and resume on it when the link is suspect (silent for much
+    /// longer than its round trip while data awaits an answer), keeping the old one until the
+    /// new one wins. Not done while a `hook` is set (recovery then waits for a fault and asks).
+    /// Default true.
+    pub race: bool,
     /// Asked on each fault; `None` recovers silently. Default `None`.
     pub hook: Option<RecoveryHook>,
 }
@@ -50,6 +61,8 @@ impl Default for RecoveryPolicy {
             jitter: 0.5,
             give_up_after: Duration::from_secs(3600),
             handshake_timeout: Duration::from_secs(10),
+            stagger: Duration::from_millis(250),
+            race: true,
             hook: None,
         }
     }
@@ -63,6 +76,8 @@ impl fmt::Debug for RecoveryPolicy {
             .field("jitter", &self.jitter)
             .field("give_up_after", &self.give_up_after)
             .field("handshake_timeout", &self.handshake_timeout)
+            .field("stagger", &self.stagger)
+            .field("race", &self.race)
             .field("hook", &self.hook.is_some())
             .finish()
     }
@@ -148,9 +163,19 @@ pub struct Limits {
     pub max_sessions_per_key: usize,
     /// Memory budget for all sessions' buffers. Each session is charged its worst case, the
     /// replay buffer bound plus the receive window (`max_buffer + recv_window` of its
-    /// [`SessionConfig`], 9 MiB by default), when it is created; a new session that does not fit
-    /// is refused with `Busy`. Default 1 GiB (about 113 sessions at the default buffer sizes).
+    /// [`SessionConfig`], 9 MiB by default), from its authenticated, fresh hello (a replayed
+    /// hello is refused before it is charged) until the session ends; a new session that does not
+    /// fit is refused with `Busy`. Default 1 GiB (about 113 sessions at the default buffer sizes).
     pub buffer_budget: usize,
+    /// The share of `buffer_budget` that the sessions of one client key may be charged
+    /// together, so that no key can starve the others. Default 256 MiB, a quarter of the
+    /// default budget (28 sessions at the default buffer sizes): two keys at their share leave
+    /// half of the budget to everyone else.
+    pub buffer_per_key: usize,
+    /// First-connection handshakes of one client key between its authenticated hello and the
+    /// end of the handshake, at once; more are refused with `Busy`. A real client has one at a
+    /// time per connection it opens. Default 16.
+    pub max_unconfirmed_per_key: usize,
     /// Resumes per second for one session, on average: a token bucket with a burst of `n`,
     /// refilled at `n` per second. A resume finding the bucket empty is refused with `Busy`, and
     /// the client retries after its backoff. Each resume costs the server four X25519 operations, a ticket rotation and a
@@ -173,6 +198,8 @@ impl Default for Limits {
             max_sessions: 1024,
             max_sessions_per_key: 64,
             buffer_budget: 1 << 30,
+            buffer_per_key: 256 << 20,
+            max_unconfirmed_per_key: 16,
             resumes_per_sec_per_session: 10,
             session_expiry: Duration::from_secs(3600),
             handshake_timeout: Duration::from_secs(10),

@@ -60,6 +60,15 @@ pub enum LinkEvent {
         /// Bytes the peer sends again.
         replayed_received: u64,
     },
+    /// The link has been silent this long while something awaited an answer, much longer than
+    /// its round trip: it may be dead. The client races a second connection (unless a recovery
+    /// hook is set); a [`LinkEvent::Resumed`] or [`LinkEvent::Healthy`] follows.
+    Suspect {
+        /// How long the link had been silent.
+        quiet: Duration,
+    },
+    /// A suspect link answered again, without a resume.
+    Healthy,
     /// The stream ended normally (both directions finished).
     Closed,
     /// The stream failed for good.

@@ -5,8 +5,10 @@ pub mod client;
 pub mod config;
 pub mod events;
 mod pump;
+mod race;
 pub mod server;
 pub mod stream;
+pub mod watch;
 mod wire;
 
 use std::io;

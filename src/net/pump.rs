@@ -31,11 +31,12 @@ pub(crate) enum PumpEnd<R> {
 }
 
 /// Drives `sock` for the session in `shared` until the link fails, the session ends, or
-/// `replace` yields a newer connection. `on_event` sees session events (tickets).
+/// `replace` yields a connection that its filter accepts as newer (others are dropped).
+/// `on_event` sees session events (tickets).
 pub(crate) async fn pump<R>(
     shared: &Shared,
     mut sock: TcpStream,
-    mut replace: Option<&mut mpsc::Receiver<R>>,
+    mut replace: Option<(&mut mpsc::Receiver<R>, impl Fn(&R) -> bool)>,
     mut on_event: impl FnMut(Event),
 ) -> PumpEnd<R> {
     let (mut rd, mut wr) = sock.split();
@@ -93,8 +94,14 @@ pub(crate) async fn pump<R>(
             }
         };
         let replaced = async {
-            match replace.as_deref_mut() {
-                Some(rx) => rx.recv().await,
+            match replace.as_mut() {
+                Some((rx, newer)) => loop {
+                    match rx.recv().await {
+                        Some(r) if newer(&r) => break Some(r),
+                        Some(_) => {}
+                        None => break None,
+                    }
+                },
                 None => std::future::pending().await,
             }
         };

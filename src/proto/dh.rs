@@ -10,66 +10,33 @@
 //! twist, which has no Edwards point, falls back to the ladder. Both are constant-time in the
 //! secret scalar; whether `u` is on the curve or its twist depends only on the public key.
 
-use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Condvar, Mutex, OnceLock};
 
 use curve25519_dalek::montgomery::MontgomeryPoint;
 use snow::params::{CipherChoice, DHChoice, HashChoice};
 use snow::resolvers::{BoxedCryptoResolver, CryptoResolver, DefaultResolver, FallbackResolver, RingResolver};
 use snow::types::{Cipher, Dh, Hash, Random};
+use subtle::ConstantTimeEq;
 use zeroize::{Zeroize, Zeroizing};
+
+use super::statics::StaticSecrets;
+
+#[cfg(test)]
+thread_local! {
+    /// Variable-base multiplications done by this thread (tests count the work of a handshake).
+    pub(crate) static MULTIPLICATIONS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
 
 /// `X25519(k, u)` of RFC 7748.
 pub(crate) fn x25519(k: &[u8; 32], u: &[u8; 32]) -> [u8; 32] {
+    #[cfg(test)]
+    MULTIPLICATIONS.with(|m| m.set(m.get() + 1));
     let m = MontgomeryPoint(*u);
     match m.to_edwards(0) {
         Some(p) => p.mul_clamped(*k).to_montgomery().to_bytes(),
         None => m.mul_clamped(*k).to_bytes(),
     }
-}
-
-/// Results of `X25519(s, rs)` between this process's static key and a peer's static key, which
-/// every handshake between the same two parties computes again (the `ss` token of IK and KK).
-/// A result is cached the second time a (key, peer key) pair is seen, so a peer's ephemeral
-/// keys, which never repeat, are never cached. Both maps are bounded and simply cleared when
-/// full. The cached secrets are as sensitive as the static private key this process already
-/// holds, and are wiped when dropped.
-struct StaticCache {
-    seen: HashSet<[u8; 64]>,
-    results: HashMap<[u8; 64], Zeroizing<[u8; 32]>>,
-}
-
-const MAX_SEEN: usize = 4096;
-const MAX_CACHED: usize = 1024;
-
-static STATIC_DH: Mutex<Option<StaticCache>> = Mutex::new(None);
-
-fn static_dh(local_private: &[u8; 32], local_public: &[u8; 32], peer: &[u8; 32]) -> Zeroizing<[u8; 32]> {
-    let mut key = [0u8; 64];
-    key[..32].copy_from_slice(local_public);
-    key[32..].copy_from_slice(peer);
-    {
-        let mut g = STATIC_DH.lock().unwrap_or_else(|p| p.into_inner());
-        let c = g.get_or_insert_with(|| StaticCache { seen: HashSet::new(), results: HashMap::new() });
-        if let Some(r) = c.results.get(&key) {
-            return r.clone();
-        }
-    }
-    let r = Zeroizing::new(x25519(local_private, peer));
-    let mut g = STATIC_DH.lock().unwrap_or_else(|p| p.into_inner());
-    let c = g.get_or_insert_with(|| StaticCache { seen: HashSet::new(), results: HashMap::new() });
-    if c.seen.contains(&key) {
-        if c.results.len() >= MAX_CACHED {
-            c.results.clear();
-        }
-        c.results.insert(key, r.clone());
-    } else {
-        if c.seen.len() >= MAX_SEEN {
-            c.seen.clear();
-        }
-        c.seen.insert(key);
-    }
-    r
 }
 
 /// Public keys of the static private keys this process has used, by a salted SHA-256 of the
@@ -181,6 +148,11 @@ struct Dh25519 {
     public: [u8; 32],
     /// A key given with `set` (a static key), not generated (an ephemeral one).
     fixed: bool,
+    /// Responder only: the precomputed `ss` results of the allowed client keys, and what to do
+    /// for a key without one.
+    statics: Option<(StaticSecrets, Miss)>,
+    /// Static-key DH calls so far: a responder's are `es` (0) then `ss` (1) in IK and KK.
+    calls: AtomicU8,
 }
 
 impl Dh25519 {
@@ -231,19 +203,43 @@ impl Dh for Dh25519 {
 
     fn dh(&self, pubkey: &[u8], out: &mut [u8]) -> Result<(), snow::Error> {
         let u: [u8; 32] = pubkey.get(..32).and_then(|p| p.try_into().ok()).ok_or(snow::Error::Dh)?;
-        let shared = if self.fixed {
-            static_dh(&self.private, &self.public, &u)
-        } else {
-            Zeroizing::new(x25519(&self.private, &u))
+        let call = if self.fixed { self.calls.fetch_add(1, Ordering::Relaxed) } else { u8::MAX };
+        let shared = match (&self.statics, call) {
+            // The responder's `ss`: the same table look-up for every claimed client key, known
+            // or not, so its timing tells nothing about which keys are allowed or have
+            // connected. An unknown key gets a value that fails the message's authentication.
+            (Some((table, miss)), 1) => match (table.ss(&u), miss) {
+                (Some(ss), _) => ss,
+                (None, Miss::Refuse) => table.decoy(),
+                (None, Miss::Compute) => Zeroizing::new(x25519(&self.private, &u)),
+            },
+            _ => Zeroizing::new(x25519(&self.private, &u)),
         };
+        // A low-order peer key gives the all-zero result, whoever holds it: refuse it, as
+        // WireGuard does, so that a key like AAAA…= authenticates nobody.
+        if bool::from(shared.ct_eq(&[0u8; 32])) {
+            return Err(snow::Error::Dh);
+        }
         let n = out.len().min(32);
         out[..n].copy_from_slice(&shared[..n]);
         Ok(())
     }
 }
 
+/// What a responder's `ss` does for a client key that has no precomputed result.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Miss {
+    /// First connection: the key is not allowed, so the handshake must fail; use a decoy.
+    Refuse,
+    /// Resume: the key is the session's (perhaps no longer on the allow-list); compute it.
+    Compute,
+}
+
 /// Resolves only the DH function; everything else falls through to snow's resolvers.
-struct DhResolver;
+#[derive(Default)]
+struct DhResolver {
+    statics: Option<(StaticSecrets, Miss)>,
+}
 
 impl CryptoResolver for DhResolver {
     fn resolve_rng(&self) -> Option<Box<dyn Random>> {
@@ -252,7 +248,7 @@ impl CryptoResolver for DhResolver {
 
     fn resolve_dh(&self, choice: &DHChoice) -> Option<Box<dyn Dh>> {
         match choice {
-            DHChoice::Curve25519 => Some(Box::<Dh25519>::default()),
+            DHChoice::Curve25519 => Some(Box::new(Dh25519 { statics: self.statics.clone(), ..Dh25519::default() })),
             _ => None,
         }
     }
@@ -267,16 +263,17 @@ impl CryptoResolver for DhResolver {
 }
 
 /// The resolver for every handshake: this module's X25519, then ring (ChaChaPoly, AESGCM), then
-/// snow's defaults (BLAKE2s, the RNG).
-pub(crate) fn resolver() -> BoxedCryptoResolver {
+/// snow's defaults (BLAKE2s, the RNG). A responder given `statics` takes its `ss` from them.
+pub(crate) fn resolver(statics: Option<(StaticSecrets, Miss)>) -> BoxedCryptoResolver {
     let rest = FallbackResolver::new(Box::new(RingResolver), Box::new(DefaultResolver));
-    Box::new(FallbackResolver::new(Box::new(DhResolver), Box::new(rest)))
+    Box::new(FallbackResolver::new(Box::new(DhResolver { statics }), Box::new(rest)))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use rand::RngCore;
+    use std::collections::HashSet;
 
     /// RFC 7748 section 5.2, first test vector.
     #[test]
@@ -317,28 +314,6 @@ mod tests {
             d.set(&k);
             assert_eq!(d.public, MontgomeryPoint::mul_base_clamped(k).to_bytes());
             assert!(d.fixed);
-        }
-    }
-
-    /// The cache returns what it computed, for repeated and fresh pairs alike.
-    #[test]
-    fn static_cache_returns_the_same_results() {
-        let mut rng = rand::thread_rng();
-        let mut k = [0u8; 32];
-        rng.fill_bytes(&mut k);
-        let public = MontgomeryPoint::mul_base_clamped(k).to_bytes();
-        for _ in 0..3 {
-            let mut peers = Vec::new();
-            for _ in 0..20 {
-                let mut p = [0u8; 32];
-                rng.fill_bytes(&mut p);
-                peers.push(MontgomeryPoint::mul_base_clamped(p).to_bytes());
-            }
-            for round in 0..4 {
-                for p in &peers {
-                    assert_eq!(*static_dh(&k, &public, p), x25519(&k, p), "round {round}");
-                }
-            }
         }
     }
 

@@ -13,16 +13,25 @@ use zeroize::Zeroizing;
 use super::cipher::Cipher;
 use super::frame::{RESUME_ID_LEN, SECRET_LEN};
 
+use super::dh::Miss;
+use super::statics::StaticSecrets;
+use super::transport::Transport;
+use crate::keys::{PrivateKey, PublicKey};
+
 /// Length of the first connection's reply payload: the session's first ticket (resume id then
 /// secret).
 const TICKET_PAYLOAD: usize = RESUME_ID_LEN + SECRET_LEN;
-use super::transport::Transport;
-use crate::keys::{PrivateKey, PublicKey};
+/// Length of the first connection's hello payload: the client's timestamp.
+const STAMP_LEN: usize = 8;
+/// Length of the INITIAL header: magic, version, kind.
+pub const INITIAL_HEADER: usize = 6;
+/// Length of the RESUME header: magic, version, kind, resume id, attempt.
+pub const RESUME_HEADER: usize = 6 + RESUME_ID_LEN + 8;
 
 /// Magic bytes that open every client hello.
 pub const MAGIC: [u8; 4] = *b"HFST";
 /// Protocol version.
-pub const VERSION: u8 = 2;
+pub const VERSION: u8 = 3;
 /// Noise protocol of the first connection (with [`Cipher::ChaChaPoly`]; see [`protocol_name`]).
 pub const INITIAL_PATTERN: &str = "Noise_IK_25519_ChaChaPoly_BLAKE2s";
 /// Noise protocol of a resume (with [`Cipher::ChaChaPoly`]; see [`protocol_name`]).
@@ -71,6 +80,9 @@ pub enum RejectCode {
     UnknownSession,
     /// The server is at a limit; try again later.
     Busy,
+    /// A first connection whose timestamp is not newer than one the server already accepted for
+    /// this client key: a replay, another machine using the same key, or a clock that went back.
+    Stale,
 }
 
 impl RejectCode {
@@ -79,6 +91,7 @@ impl RejectCode {
         match self {
             RejectCode::UnknownSession => 1,
             RejectCode::Busy => 2,
+            RejectCode::Stale => 3,
         }
     }
 }
@@ -105,6 +118,15 @@ pub enum HandshakeError {
     /// The server refused: it is at a limit.
     #[error("server is busy")]
     Busy,
+    /// A resume hello whose attempt number the server has already seen: a replay.
+    #[error("a replayed resume hello (its attempt number was already used)")]
+    Replayed,
+    /// The server has accepted a first connection with a newer timestamp from this client key.
+    #[error(
+        "the server refused the hello as stale: it has seen a newer connection from this client key (a replayed hello, \
+         another machine using the same key, or this machine's clock went back)"
+    )]
+    Stale,
     /// The server answered with a reject code this version does not know.
     #[error("server rejected the handshake with code {0}")]
     Rejected(u8),
@@ -144,9 +166,14 @@ pub fn hex_id(id: &[u8]) -> String {
     id.iter().take(6).map(|b| format!("{b:02x}")).collect()
 }
 
-fn builder<'a>(pattern: &str, prologue: &'a [u8], local: &'a PrivateKey) -> Result<snow::Builder<'a>, HandshakeError> {
+fn builder<'a>(
+    pattern: &str,
+    prologue: &'a [u8],
+    local: &'a PrivateKey,
+    statics: Option<(StaticSecrets, Miss)>,
+) -> Result<snow::Builder<'a>, HandshakeError> {
     let params = pattern.parse().map_err(|_| HandshakeError::Setup)?;
-    snow::Builder::with_resolver(params, super::dh::resolver())
+    snow::Builder::with_resolver(params, super::dh::resolver(statics))
         .prologue(prologue)
         .and_then(|b| b.local_private_key(local.as_bytes()))
         .map_err(|_| HandshakeError::Setup)
@@ -226,13 +253,21 @@ pub struct ClientDone {
 }
 
 impl ClientHandshake {
-    /// Starts a first connection (IK) with `cipher`. Returns the handshake and the hello record
-    /// body.
+    /// Starts a first connection (IK) with `cipher`. `stamp` must be larger than that of every
+    /// earlier first connection of this client key to this server: the server refuses a hello
+    /// whose stamp is not newer than one it accepted (so a recorded hello cannot be replayed).
+    /// This implementation uses the wall-clock time in nanoseconds, forced to increase within a
+    /// process. Returns the handshake and the hello record body.
     ///
     /// # Errors
     /// [`HandshakeError::Setup`] if Noise rejects the keys.
-    pub fn initial(local: &PrivateKey, server: &PublicKey, cipher: Cipher) -> Result<(Self, Vec<u8>), HandshakeError> {
-        Self::initial_with(local, server, cipher, None)
+    pub fn initial(
+        local: &PrivateKey,
+        server: &PublicKey,
+        cipher: Cipher,
+        stamp: u64,
+    ) -> Result<(Self, Vec<u8>), HandshakeError> {
+        Self::initial_with(local, server, cipher, stamp, None)
     }
 
     #[doc(hidden)]
@@ -241,12 +276,13 @@ impl ClientHandshake {
         local: &PrivateKey,
         server: &PublicKey,
         cipher: Cipher,
+        stamp: u64,
         ephemeral: Option<&[u8; 32]>,
     ) -> Result<(Self, Vec<u8>), HandshakeError> {
         let mut header = Vec::with_capacity(MAX_HANDSHAKE);
         header.extend_from_slice(&MAGIC);
         header.extend_from_slice(&[VERSION, kind_byte(hello::INITIAL, cipher)]);
-        let mut b = builder(protocol_name(false, cipher), &header, local)?
+        let mut b = builder(protocol_name(false, cipher), &header, local, None)?
             .remote_public_key(server.as_bytes())
             .map_err(|_| HandshakeError::Setup)?;
         if let Some(e) = ephemeral {
@@ -254,13 +290,16 @@ impl ClientHandshake {
         }
         let state = b.build_initiator().map_err(|_| HandshakeError::Setup)?;
         let mut hs = ClientHandshake { state, resume: false, cipher };
-        let out = hs.write_hello(header, &[])?;
+        let out = hs.write_hello(header, &stamp.to_be_bytes())?;
         Ok((hs, out))
     }
 
     /// Starts a resume (KKpsk0) with `ticket` and `cipher`, telling the server that the client
     /// has received `received` positions of the server's stream and has written `written`
-    /// positions of its own. The cipher need not be the one of earlier connections.
+    /// positions of its own. `attempt` numbers the session's resume attempts: it must be larger
+    /// than that of every earlier attempt of the session (the server refuses one that is not, so
+    /// that a recorded attempt cannot be replayed). The cipher need not be the one of earlier
+    /// connections.
     ///
     /// # Errors
     /// [`HandshakeError::Setup`] if Noise rejects the keys.
@@ -268,11 +307,11 @@ impl ClientHandshake {
         local: &PrivateKey,
         server: &PublicKey,
         ticket: &Ticket,
-        received: u64,
-        written: u64,
+        attempt: u64,
+        (received, written): (u64, u64),
         cipher: Cipher,
     ) -> Result<(Self, Vec<u8>), HandshakeError> {
-        Self::resume_with(local, server, ticket, received, written, cipher, None)
+        Self::resume_with(local, server, ticket, attempt, (received, written), cipher, None)
     }
 
     #[doc(hidden)]
@@ -281,8 +320,8 @@ impl ClientHandshake {
         local: &PrivateKey,
         server: &PublicKey,
         ticket: &Ticket,
-        received: u64,
-        written: u64,
+        attempt: u64,
+        (received, written): (u64, u64),
         cipher: Cipher,
         ephemeral: Option<&[u8; 32]>,
     ) -> Result<(Self, Vec<u8>), HandshakeError> {
@@ -290,7 +329,8 @@ impl ClientHandshake {
         header.extend_from_slice(&MAGIC);
         header.extend_from_slice(&[VERSION, kind_byte(hello::RESUME, cipher)]);
         header.extend_from_slice(&ticket.resume_id);
-        let mut b = builder(protocol_name(true, cipher), &header, local)?
+        header.extend_from_slice(&attempt.to_be_bytes());
+        let mut b = builder(protocol_name(true, cipher), &header, local, None)?
             .remote_public_key(server.as_bytes())
             .and_then(|b| b.psk(0, &ticket.secret))
             .map_err(|_| HandshakeError::Setup)?;
@@ -325,6 +365,7 @@ impl ClientHandshake {
                 return Err(match rest {
                     [1] => HandshakeError::UnknownSession,
                     [2] => HandshakeError::Busy,
+                    [3] => HandshakeError::Stale,
                     [c] => HandshakeError::Rejected(*c),
                     _ => HandshakeError::Malformed,
                 })
@@ -364,20 +405,61 @@ pub struct ResumeLookup {
 /// What kind of connection a verified hello asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Hello {
-    /// A new session from this allowed client key.
+    /// A new session from this client key.
     Initial {
         /// The client's authenticated static key.
         client: PublicKey,
+        /// The client's timestamp: the server accepts it only if it is newer than every one it
+        /// accepted before for this key.
+        stamp: u64,
     },
     /// A resume of an existing session.
     Resume {
         /// The ticket id used.
         resume_id: [u8; RESUME_ID_LEN],
+        /// The attempt number (from the cleartext header, authenticated as the prologue).
+        attempt: u64,
         /// How much of the server's stream the client has received.
         client_received: u64,
         /// The end of the client's stream so far.
         client_written: u64,
     },
+}
+
+/// The cleartext header of a hello, read before any cryptography (so that a server can refuse
+/// cheaply; nothing in it is authenticated until the Noise message is read).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    /// The cipher the client chose.
+    pub cipher: Cipher,
+    /// For a RESUME: the resume id and the attempt number. `None` for INITIAL.
+    pub resume: Option<([u8; RESUME_ID_LEN], u64)>,
+}
+
+/// Parses the cleartext header of a hello record body.
+///
+/// # Errors
+/// [`HandshakeError::Malformed`] for a wrong size, magic, kind or cipher code,
+/// [`HandshakeError::Version`] for another protocol version.
+pub fn parse_header(body: &[u8]) -> Result<Header, HandshakeError> {
+    if body.len() > MAX_HANDSHAKE || body.len() < INITIAL_HEADER || body[..4] != MAGIC {
+        return Err(HandshakeError::Malformed);
+    }
+    if body[4] != VERSION {
+        return Err(HandshakeError::Version(body[4]));
+    }
+    let cipher = Cipher::from_code(body[5] >> 4).ok_or(HandshakeError::Malformed)?;
+    match body[5] & 0x0f {
+        hello::INITIAL => Ok(Header { cipher, resume: None }),
+        hello::RESUME => {
+            let h = body.get(..RESUME_HEADER).ok_or(HandshakeError::Malformed)?;
+            let mut id = [0u8; RESUME_ID_LEN];
+            id.copy_from_slice(&h[6..6 + RESUME_ID_LEN]);
+            let attempt: [u8; 8] = h[6 + RESUME_ID_LEN..].try_into().map_err(|_| HandshakeError::Malformed)?;
+            Ok(Header { cipher, resume: Some((id, u64::from_be_bytes(attempt))) })
+        }
+        _ => Err(HandshakeError::Malformed),
+    }
 }
 
 /// A server's answer to a valid hello: the reply to send and an unconfirmed transport.
@@ -400,11 +482,66 @@ pub fn reject(code: RejectCode) -> Vec<u8> {
     vec![reply::REJECT, code.to_u8()]
 }
 
+/// A hello whose Noise message 1 authenticated, before the server answers it: the server decides
+/// here (allow-list, timestamp, limits) and then [`HelloRead::accept`]s or rejects it.
+pub struct HelloRead {
+    hello: Hello,
+    state: snow::HandshakeState,
+    cipher: Cipher,
+    /// For a resume: the server's `(received, written)` from the look-up.
+    offsets: Option<(u64, u64)>,
+}
+
+impl std::fmt::Debug for HelloRead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HelloRead").field("hello", &self.hello).field("cipher", &self.cipher).finish_non_exhaustive()
+    }
+}
+
+impl HelloRead {
+    /// What the hello asks for.
+    pub fn hello(&self) -> &Hello {
+        &self.hello
+    }
+
+    /// Writes the reply: for a first connection with the session's first ticket (`ticket`, or a
+    /// fresh one), for a resume with the server's offsets. Nothing is committed.
+    ///
+    /// # Errors
+    /// [`HandshakeError::Setup`] if Noise fails.
+    pub fn accept(mut self, ticket: Option<Ticket>) -> Result<ServerAccept, HandshakeError> {
+        let mut out = vec![0u8; MAX_HANDSHAKE];
+        out[0] = reply::ACCEPT;
+        let (n, ticket) = match self.offsets {
+            None => {
+                let ticket = ticket.unwrap_or_else(Ticket::generate);
+                let n = self
+                    .state
+                    .write_message(&ticket_payload(&ticket)[..], &mut out[1..])
+                    .map_err(|_| HandshakeError::Setup)?;
+                (n, Some(ticket))
+            }
+            Some((received, written)) => {
+                let n = self
+                    .state
+                    .write_message(&offsets(received, written), &mut out[1..])
+                    .map_err(|_| HandshakeError::Setup)?;
+                (n, None)
+            }
+        };
+        out.truncate(1 + n);
+        let transport = into_transport(self.state, self.cipher)?;
+        Ok(ServerAccept { hello: self.hello, reply: out, transport, ticket })
+    }
+}
+
 /// Server side: reads a client hello record body and answers it.
 ///
 /// `allowed` decides whether an initial client key is on the allow-list; `lookup` finds the
 /// session for a resume id. Nothing is committed here: the caller must wait for the client's
-/// first transport record to decrypt before it creates or attaches a session.
+/// first transport record to decrypt before it creates or attaches a session. The timestamp of
+/// a first connection and the attempt number of a resume are returned in [`Hello`] but not
+/// checked: a server that keeps them uses [`read_hello`] and decides before answering.
 ///
 /// # Errors
 /// [`HandshakeError::UnknownClient`] (drop silently), [`HandshakeError::UnknownSession`] (send
@@ -429,74 +566,81 @@ pub fn respond_with(
     ephemeral: Option<&[u8; 32]>,
     first_ticket: Option<Ticket>,
 ) -> Result<ServerAccept, HandshakeError> {
-    if body.len() > MAX_HANDSHAKE || body.len() < 6 || body[..4] != MAGIC {
-        return Err(HandshakeError::Malformed);
+    let read = read_hello_with(body, local, None, lookup, ephemeral)?;
+    if let Hello::Initial { client, .. } = read.hello() {
+        if !allowed(client) {
+            return Err(HandshakeError::UnknownClient);
+        }
     }
-    if body[4] != VERSION {
-        return Err(HandshakeError::Version(body[4]));
-    }
+    read.accept(first_ticket)
+}
+
+/// Server side, first half: reads the hello's Noise message 1 and returns what it asks for,
+/// without answering. With `statics`, a first connection's `ss` comes from that table (every
+/// claimed key costs the same, and a key without an entry fails to authenticate, as if it were
+/// forged); without, it is computed.
+///
+/// # Errors
+/// As [`respond`], except that [`HandshakeError::UnknownClient`] is never returned (the caller
+/// checks the key in [`Hello::Initial`]).
+pub fn read_hello(
+    body: &[u8],
+    local: &PrivateKey,
+    statics: Option<&StaticSecrets>,
+    lookup: impl FnOnce(&[u8; RESUME_ID_LEN]) -> Option<ResumeLookup>,
+) -> Result<HelloRead, HandshakeError> {
+    read_hello_with(body, local, statics, lookup, None)
+}
+
+fn read_hello_with(
+    body: &[u8],
+    local: &PrivateKey,
+    statics: Option<&StaticSecrets>,
+    lookup: impl FnOnce(&[u8; RESUME_ID_LEN]) -> Option<ResumeLookup>,
+    ephemeral: Option<&[u8; 32]>,
+) -> Result<HelloRead, HandshakeError> {
+    let head = parse_header(body)?;
+    let cipher = head.cipher;
     let mut payload = Zeroizing::new([0u8; MAX_HANDSHAKE]);
-    let cipher = Cipher::from_code(body[5] >> 4).ok_or(HandshakeError::Malformed)?;
-    let mut out = vec![0u8; MAX_HANDSHAKE];
-    out[0] = reply::ACCEPT;
-    match body[5] & 0x0f {
-        hello::INITIAL => {
-            let (header, msg) = body.split_at(6);
-            let mut b = builder(protocol_name(false, cipher), header, local)?;
+    match head.resume {
+        None => {
+            let (header, msg) = body.split_at(INITIAL_HEADER);
+            let tables = statics.map(|t| (t.clone(), Miss::Refuse));
+            let mut b = builder(protocol_name(false, cipher), header, local, tables)?;
             if let Some(e) = ephemeral {
                 b = b.fixed_ephemeral_key_for_testing_only(e);
             }
-            let mut hs = b.build_responder().map_err(|_| HandshakeError::Setup)?;
-            let n = hs.read_message(msg, &mut payload[..]).map_err(|_| HandshakeError::Auth)?;
-            if n != 0 {
-                return Err(HandshakeError::Malformed);
-            }
-            let client = hs
+            let mut state = b.build_responder().map_err(|_| HandshakeError::Setup)?;
+            let n = state.read_message(msg, &mut payload[..]).map_err(|_| HandshakeError::Auth)?;
+            let stamp: [u8; STAMP_LEN] = payload[..n].try_into().map_err(|_| HandshakeError::Malformed)?;
+            let client = state
                 .get_remote_static()
                 .and_then(|k| <[u8; 32]>::try_from(k).ok())
                 .map(PublicKey::from_bytes)
                 .ok_or(HandshakeError::Auth)?;
-            if !allowed(&client) {
-                return Err(HandshakeError::UnknownClient);
-            }
-            let ticket = first_ticket.unwrap_or_else(Ticket::generate);
-            let n = hs.write_message(&ticket_payload(&ticket)[..], &mut out[1..]).map_err(|_| HandshakeError::Setup)?;
-            out.truncate(1 + n);
-            let transport = into_transport(hs, cipher)?;
-            Ok(ServerAccept { hello: Hello::Initial { client }, reply: out, transport, ticket: Some(ticket) })
+            let hello = Hello::Initial { client, stamp: u64::from_be_bytes(stamp) };
+            Ok(HelloRead { hello, state, cipher, offsets: None })
         }
-        hello::RESUME => {
-            if body.len() < 6 + RESUME_ID_LEN {
-                return Err(HandshakeError::Malformed);
-            }
-            let (header, msg) = body.split_at(6 + RESUME_ID_LEN);
-            let mut resume_id = [0u8; RESUME_ID_LEN];
-            resume_id.copy_from_slice(&header[6..]);
+        Some((resume_id, attempt)) => {
+            let (header, msg) = body.split_at(RESUME_HEADER);
             let found = lookup(&resume_id).ok_or(HandshakeError::UnknownSession)?;
-            let mut b = builder(protocol_name(true, cipher), header, local)?
+            let tables = statics.map(|t| (t.clone(), Miss::Compute));
+            let mut b = builder(protocol_name(true, cipher), header, local, tables)?
                 .remote_public_key(found.client.as_bytes())
                 .and_then(|b| b.psk(0, &found.psk))
                 .map_err(|_| HandshakeError::Setup)?;
             if let Some(e) = ephemeral {
                 b = b.fixed_ephemeral_key_for_testing_only(e);
             }
-            let mut hs = b.build_responder().map_err(|_| HandshakeError::Setup)?;
-            let n = hs.read_message(msg, &mut payload[..]).map_err(|_| HandshakeError::Auth)?;
+            let mut state = b.build_responder().map_err(|_| HandshakeError::Setup)?;
+            let n = state.read_message(msg, &mut payload[..]).map_err(|_| HandshakeError::Auth)?;
             if n != 16 {
                 return Err(HandshakeError::Malformed);
             }
             let (client_received, client_written) = parse_offsets(&payload[..16])?;
-            let reply = offsets(found.received, found.written);
-            let n = hs.write_message(&reply, &mut out[1..]).map_err(|_| HandshakeError::Setup)?;
-            out.truncate(1 + n);
-            Ok(ServerAccept {
-                hello: Hello::Resume { resume_id, client_received, client_written },
-                reply: out,
-                transport: into_transport(hs, cipher)?,
-                ticket: None,
-            })
+            let hello = Hello::Resume { resume_id, attempt, client_received, client_written };
+            Ok(HelloRead { hello, state, cipher, offsets: Some((found.received, found.written)) })
         }
-        _ => Err(HandshakeError::Malformed),
     }
 }
 
@@ -521,11 +665,11 @@ mod tests {
     fn initial_handshake_authenticates_both_ends() {
         for cipher in Cipher::ALL {
             let (c, s) = pair();
-            let (hs, hello) = ClientHandshake::initial(&c.private, &s.public, cipher).unwrap();
+            let (hs, hello) = ClientHandshake::initial(&c.private, &s.public, cipher, 1).unwrap();
             assert!(hello.len() <= MAX_HANDSHAKE);
             assert_eq!(hello[5], hello::INITIAL | cipher.code() << 4);
             let acc = respond(&hello, &s.private, |k| *k == c.public, |_| None).unwrap();
-            assert_eq!(acc.hello, Hello::Initial { client: c.public });
+            assert_eq!(acc.hello, Hello::Initial { client: c.public, stamp: 1 });
             assert_eq!(acc.transport.cipher(), cipher);
             let mut done = hs.read_reply(&acc.reply).unwrap();
             assert_eq!(done.transport.cipher(), cipher);
@@ -540,7 +684,7 @@ mod tests {
         for cipher in Cipher::ALL {
             // Flipping the cipher code changes the prologue and the Noise protocol name: the
             // server cannot read message 1.
-            let (_, mut hello) = ClientHandshake::initial(&c.private, &s.public, cipher).unwrap();
+            let (_, mut hello) = ClientHandshake::initial(&c.private, &s.public, cipher, 1).unwrap();
             hello[5] ^= 0x10;
             assert_eq!(respond(&hello, &s.private, |_| true, |_| None).unwrap_err(), HandshakeError::Auth);
             hello[5] = hello::INITIAL | 0x20;
@@ -551,7 +695,7 @@ mod tests {
     #[test]
     fn unknown_client_is_refused_after_message_one() {
         let (c, s) = pair();
-        let (_, hello) = ClientHandshake::initial(&c.private, &s.public, Cipher::ChaChaPoly).unwrap();
+        let (_, hello) = ClientHandshake::initial(&c.private, &s.public, Cipher::ChaChaPoly, 1).unwrap();
         let err = respond(&hello, &s.private, |_| false, |_| None).unwrap_err();
         assert_eq!(err, HandshakeError::UnknownClient);
     }
@@ -561,7 +705,7 @@ mod tests {
         let (c, s) = pair();
         let impostor = Keypair::generate();
         // The client pins `s`, but `impostor` answers: it cannot even read message 1.
-        let (_, hello) = ClientHandshake::initial(&c.private, &s.public, Cipher::ChaChaPoly).unwrap();
+        let (_, hello) = ClientHandshake::initial(&c.private, &s.public, Cipher::ChaChaPoly, 1).unwrap();
         assert_eq!(respond(&hello, &impostor.private, |_| true, |_| None).unwrap_err(), HandshakeError::Auth);
     }
 
@@ -575,13 +719,16 @@ mod tests {
     fn resume_with_cipher(cipher: Cipher) {
         let (c, s) = pair();
         let t = Ticket::generate();
-        let (hs, hello) = ClientHandshake::resume(&c.private, &s.public, &t, 77, 5, cipher).unwrap();
+        let (hs, hello) = ClientHandshake::resume(&c.private, &s.public, &t, 1, (77, 5), cipher).unwrap();
         let lookup = |id: &[u8; 16]| {
             assert_eq!(id, &t.resume_id);
             Some(ResumeLookup { client: c.public, psk: t.secret.clone(), received: 99, written: 120 })
         };
         let acc = respond(&hello, &s.private, |_| panic!("no allow-list on resume"), lookup).unwrap();
-        assert_eq!(acc.hello, Hello::Resume { resume_id: t.resume_id, client_received: 77, client_written: 5 });
+        assert_eq!(
+            acc.hello,
+            Hello::Resume { resume_id: t.resume_id, attempt: 1, client_received: 77, client_written: 5 }
+        );
         assert_eq!(acc.transport.cipher(), cipher);
         let mut done = hs.read_reply(&acc.reply).unwrap();
         let mut st = acc.transport;
@@ -591,7 +738,7 @@ mod tests {
 
         // Another allowed client using this id fails: the server uses the stored key.
         let other = Keypair::generate();
-        let (_, hello) = ClientHandshake::resume(&other.private, &s.public, &t, 0, 0, cipher).unwrap();
+        let (_, hello) = ClientHandshake::resume(&other.private, &s.public, &t, 1, (0, 0), cipher).unwrap();
         let lookup =
             |_: &[u8; 16]| Some(ResumeLookup { client: c.public, psk: t.secret.clone(), received: 0, written: 0 });
         assert_eq!(respond(&hello, &s.private, |_| true, lookup).unwrap_err(), HandshakeError::Auth);
@@ -601,7 +748,7 @@ mod tests {
     fn tampered_resume_header_breaks_the_handshake() {
         let (c, s) = pair();
         let t = Ticket::generate();
-        let (_, mut hello) = ClientHandshake::resume(&c.private, &s.public, &t, 1, 1, Cipher::ChaChaPoly).unwrap();
+        let (_, mut hello) = ClientHandshake::resume(&c.private, &s.public, &t, 1, (1, 1), Cipher::ChaChaPoly).unwrap();
         hello[6] ^= 1; // change the id: the prologue no longer matches (and lookup fails)
         let lookup =
             |_: &[u8; 16]| Some(ResumeLookup { client: c.public, psk: t.secret.clone(), received: 0, written: 0 });
@@ -611,11 +758,11 @@ mod tests {
     #[test]
     fn rejects_are_typed() {
         let (c, s) = pair();
-        let (hs, _) = ClientHandshake::initial(&c.private, &s.public, Cipher::ChaChaPoly).unwrap();
+        let (hs, _) = ClientHandshake::initial(&c.private, &s.public, Cipher::ChaChaPoly, 1).unwrap();
         assert_eq!(hs.read_reply(&reject(RejectCode::UnknownSession)).unwrap_err(), HandshakeError::UnknownSession);
-        let (hs, _) = ClientHandshake::initial(&c.private, &s.public, Cipher::ChaChaPoly).unwrap();
+        let (hs, _) = ClientHandshake::initial(&c.private, &s.public, Cipher::ChaChaPoly, 1).unwrap();
         assert_eq!(hs.read_reply(&reject(RejectCode::Busy)).unwrap_err(), HandshakeError::Busy);
-        let (_, hello) = ClientHandshake::initial(&c.private, &s.public, Cipher::ChaChaPoly).unwrap();
+        let (_, hello) = ClientHandshake::initial(&c.private, &s.public, Cipher::ChaChaPoly, 1).unwrap();
         let mut bad = hello.clone();
         bad[4] = 9;
         assert_eq!(respond(&bad, &s.private, |_| true, |_| None).unwrap_err(), HandshakeError::Version(9));

@@ -9,11 +9,14 @@ pub mod cipher;
 mod dh;
 pub mod frame;
 pub mod handshake;
+pub mod rtt;
 pub mod session;
+pub mod statics;
 pub mod transport;
 
 pub use cipher::Cipher;
 pub use frame::{CloseCode, Frame, FrameError};
 pub use handshake::{ClientHandshake, HandshakeError, Hello, RejectCode, ResumeLookup, ServerAccept, Ticket};
 pub use session::{Attached, Event, Role, Session, SessionConfig, SessionError};
+pub use statics::StaticSecrets;
 pub use transport::{CryptoError, Transport};

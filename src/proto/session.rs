@@ -15,6 +15,7 @@ use zeroize::Zeroizing;
 use super::buffer::ByteQueue;
 use super::frame::{CloseCode, Frame, FrameError, MAX_DATA, MAX_FRAME, RESUME_ID_LEN};
 use super::handshake::Ticket;
+use super::rtt::{threshold, Check, Liveness, RttEstimate};
 use super::transport::{CryptoError, Transport, TAG_LEN};
 use crate::human::Rounded;
 
@@ -138,6 +139,12 @@ pub enum Event {
     TicketRetired([u8; RESUME_ID_LEN]),
     /// Client: a new ticket was stored; the session can now be resumed.
     TicketReceived,
+    /// The link has been silent this long with something outstanding, much longer than its
+    /// round trip: it may be dead (the client races a second connection). Reported once until
+    /// the link is heard from again.
+    Suspect(Duration),
+    /// A link reported [`Event::Suspect`] was heard from again.
+    Healthy,
 }
 
 /// Result of a successful [`Session::attach`].
@@ -151,6 +158,8 @@ struct Link {
     transport: Transport,
     last_recv: Instant,
     last_send: Instant,
+    /// What awaits an answer on this link, for the suspicion rule (see [`super::rtt`]).
+    live: Liveness,
 }
 
 /// One end of a resumable stream. See the module documentation.
@@ -185,6 +194,17 @@ pub struct Session {
     failed: Option<SessionError>,
     events: VecDeque<Event>,
     scratch: Zeroizing<Vec<u8>>,
+    /// Client: resume attempts numbered so far.
+    attempts: u64,
+    /// The round-trip estimate, across links.
+    rtt: RttEstimate,
+    /// Races (second connections on suspicion) since the link last made progress for a while:
+    /// each doubles the suspicion threshold.
+    races: u32,
+    /// When the last race was counted.
+    raced_at: Option<Instant>,
+    /// A probe PING is due (the peer stopped streaming to us).
+    probe_due: bool,
 }
 
 impl std::fmt::Debug for Session {
@@ -223,6 +243,11 @@ impl Session {
             failed: None,
             events: VecDeque::new(),
             scratch: Zeroizing::new(Vec::new()),
+            attempts: 0,
+            rtt: RttEstimate::default(),
+            races: 0,
+            raced_at: None,
+            probe_due: false,
         }
     }
 
@@ -392,6 +417,13 @@ impl Session {
         self.recv.end() + u64::from(self.peer_fin.is_some())
     }
 
+    /// The number of the next resume attempt (client): 1, 2, 3… for the session's life. The
+    /// server refuses a resume hello whose number it has already seen (a replay).
+    pub fn next_resume_attempt(&mut self) -> u64 {
+        self.attempts += 1;
+        self.attempts
+    }
+
     /// The ticket to resume with (client).
     pub fn ticket(&self) -> Option<&Ticket> {
         self.tickets.first()
@@ -439,9 +471,11 @@ impl Session {
     /// On the server, `used` is the resume id the client used and `new_ticket` the ticket to
     /// issue: the server keeps only those two.
     ///
+    /// A `peer_received` below what the peer has already acknowledged is taken as that ACK.
+    ///
     /// # Errors
-    /// [`SessionError::BadResume`] if `peer_received` is outside what this end can replay; the
-    /// session is then failed.
+    /// [`SessionError::BadResume`] if `peer_received` is beyond what this end has written: the
+    /// session is then failed, with a CLOSE(Protocol) queued on the new link.
     pub fn attach(
         &mut self,
         now: Instant,
@@ -453,15 +487,20 @@ impl Session {
         if let Some(e) = &self.failed {
             return Err(e.clone());
         }
-        if peer_received < self.send.start() || peer_received > self.written_offset() {
-            let e = SessionError::BadResume("peer's received offset is outside the replay buffer");
-            self.failed = Some(e.clone());
+        // Below what the peer already acknowledged: its offsets were taken before that ACK (a
+        // hello that raced a live link). It has those positions; resend from the ACK.
+        let peer_received = peer_received.max(self.send.start());
+        self.link = Some(Link { transport, last_recv: now, last_send: now, live: Liveness::new(now) });
+        if peer_received > self.written_offset() {
+            // The peer claims positions never written: nothing can repair that. The CLOSE that
+            // says so goes out on this new link.
+            let e = SessionError::BadResume("the peer claims to have received positions never written");
+            self.close(CloseCode::Protocol, e.clone());
             return Err(e);
         }
         self.apply_ack(peer_received);
         self.transmitted = self.transmitted.max(self.sent);
         self.sent = peer_received;
-        self.link = Some(Link { transport, last_recv: now, last_send: now });
         self.ack_sent = 0;
         self.ack_due = Some(now); // the first frame on a link is always an ACK
         self.pong_due = false;
@@ -521,6 +560,10 @@ impl Session {
         }
         let n = link.transport.open_in_place(body)?;
         link.last_recv = now;
+        let data = body.first() == Some(&super::frame::kind::DATA);
+        if link.live.heard(now, data) {
+            self.events.push_back(Event::Healthy);
+        }
         let res = self.handle_frame(now, &body[..n]);
         // The plaintext now lives in the receive buffer (which wipes it when released); what
         // is left in the caller's buffer is wiped here.
@@ -545,6 +588,7 @@ impl Session {
                 if end > next {
                     self.recv.push(&data[(next - offset) as usize..]);
                     self.schedule_ack(now);
+                    self.calm(now);
                 }
             }
             Frame::Ack(v) => {
@@ -555,9 +599,17 @@ impl Session {
                 }
                 self.sent = self.sent.max(v);
                 self.apply_ack(v);
+                if let Some(link) = &mut self.link {
+                    link.live.acked(now, v, &mut self.rtt);
+                }
+                self.calm(now);
             }
             Frame::Ping => self.pong_due = true,
-            Frame::Pong => {}
+            Frame::Pong => {
+                if let Some(link) = &mut self.link {
+                    link.live.ponged(now, &mut self.rtt);
+                }
+            }
             Frame::Ticket { resume_id, secret } => {
                 if self.role != Role::Client {
                     return Err(SessionError::Protocol("TICKET sent to a server"));
@@ -660,6 +712,7 @@ impl Session {
         if let Some(id) = self.ticket_ack_to_send.take() {
             seal(Frame::TicketAck(id), out)?;
         }
+        let data_from = self.sent;
         while out.len() - before < budget && self.sent < self.send.end() {
             let data = self.send.slice_from(self.sent, MAX_DATA);
             if data.is_empty() {
@@ -675,8 +728,13 @@ impl Session {
                 self.sent = f + 1;
             }
         }
-        if out.len() == before && now >= link.last_send + self.cfg.keepalive {
+        let probe = std::mem::take(&mut self.probe_due);
+        if (out.len() == before && now >= link.last_send + self.cfg.keepalive) || probe {
             seal(Frame::Ping, out)?;
+            link.live.sent_ping(now);
+        }
+        if self.sent > data_from {
+            link.live.sent_data(now, self.sent);
         }
         if out.len() > before {
             link.last_send = now;
@@ -694,6 +752,7 @@ impl Session {
             || self.ticket_ack_to_send.is_some()
             || self.sent < self.send.end()
             || self.fin == Some(self.sent)
+            || self.probe_due
             || now >= link.last_send + self.cfg.keepalive
     }
 
@@ -704,29 +763,80 @@ impl Session {
         if let Some(a) = self.ack_due {
             t = t.min(a);
         }
+        if let Some(s) = link.live.deadline(self.suspect_threshold()) {
+            t = t.min(s);
+        }
         Some(t)
     }
 
-    /// Advances timers.
+    /// Advances timers: a probe PING when the peer stopped streaming to us, [`Event::Suspect`]
+    /// when the link has been silent for the suspicion threshold with something outstanding.
     ///
     /// # Errors
     /// [`SessionError::Dead`] when nothing was received for the dead-peer time: the driver must
     /// drop the connection and resume.
     pub fn handle_timeout(&mut self, now: Instant) -> Result<(), SessionError> {
         let reading = self.wants_input();
+        let threshold = self.suspect_threshold();
         if let Some(link) = &mut self.link {
             if !reading {
                 // The program is not reading, so the driver is not either: silence from the
                 // peer proves nothing. Judge liveness again once reading resumes.
                 link.last_recv = now;
+                link.live.heard(now, false);
                 return Ok(());
             }
             let silent = now.saturating_duration_since(link.last_recv);
             if silent >= self.cfg.dead_after {
                 return Err(SessionError::Dead(silent));
             }
+            match link.live.check(now, threshold) {
+                Check::Nothing => {}
+                Check::Probe => self.probe_due = true,
+                Check::Suspect(quiet) => self.events.push_back(Event::Suspect(quiet)),
+            }
         }
         Ok(())
+    }
+
+    /// The driver learned that the network changed (an address or route came or went) or that
+    /// the machine slept: an attached link is suspect at once ([`Event::Suspect`]), since its
+    /// path may be gone and no timer has noticed yet.
+    pub fn path_changed(&mut self, now: Instant) {
+        if let Some(quiet) = self.link.as_mut().and_then(|l| l.live.force_suspect(now)) {
+            self.events.push_back(Event::Suspect(quiet));
+        }
+    }
+
+    /// The silence, with something outstanding, after which the link is suspect (see
+    /// [`super::rtt`]): `max(4 × smoothed RTT, 250 ms)`, doubled per recent race, at most the
+    /// dead-peer time.
+    pub fn suspect_threshold(&self) -> Duration {
+        threshold(&self.rtt, self.races, self.cfg.dead_after)
+    }
+
+    /// The smoothed round trip, once measured.
+    pub fn rtt(&self) -> Option<Duration> {
+        self.rtt.smoothed()
+    }
+
+    /// Client: a race (a second connection opened because the link was suspect) was attached.
+    /// Until the link makes progress for a while, each race doubles the suspicion threshold, so
+    /// that a link that is only slow (a peer whose program stopped reading) is raced less and
+    /// less often.
+    pub fn count_race(&mut self, now: Instant) {
+        self.races = self.races.saturating_add(1);
+        self.raced_at = Some(now);
+    }
+
+    /// Forgets past races once the link has made progress for eight thresholds since the last.
+    fn calm(&mut self, now: Instant) {
+        if let Some(at) = self.raced_at {
+            if now.saturating_duration_since(at) >= self.suspect_threshold() * 8 {
+                self.races = 0;
+                self.raced_at = None;
+            }
+        }
     }
 
     /// The next event for the driver.
@@ -749,7 +859,7 @@ mod tests {
 
     fn linked(cfg: SessionConfig, now: Instant) -> (Session, Transport) {
         let (c, s) = (Keypair::generate(), Keypair::generate());
-        let (hs, hello) = ClientHandshake::initial(&c.private, &s.public, Cipher::ChaChaPoly).unwrap();
+        let (hs, hello) = ClientHandshake::initial(&c.private, &s.public, Cipher::ChaChaPoly, 1).unwrap();
         let acc = respond(&hello, &s.private, |_| true, |_| None).unwrap();
         let mut client = Session::new(Role::Client, cfg);
         client.attach(now, hs.read_reply(&acc.reply).unwrap().transport, 0, None, None).unwrap();
@@ -820,7 +930,7 @@ mod resume_ack_tests {
         let (c, s) = (Keypair::generate(), Keypair::generate());
         let mut client = Session::new(Role::Client, SessionConfig::default());
         let mut server = Session::new(Role::Server, SessionConfig::default());
-        let (hs, hello) = ClientHandshake::initial(&c.private, &s.public, Cipher::ChaChaPoly).unwrap();
+        let (hs, hello) = ClientHandshake::initial(&c.private, &s.public, Cipher::ChaChaPoly, 1).unwrap();
         let acc = respond(&hello, &s.private, |_| true, |_| None).unwrap();
         client.attach(now, hs.read_reply(&acc.reply).unwrap().transport, 0, None, None).unwrap();
         server.attach(now, acc.transport, 0, None, Some(Ticket::generate())).unwrap();
@@ -848,8 +958,8 @@ mod resume_ack_tests {
             &c.private,
             &s.public,
             &t,
-            client.received_offset(),
-            client.written_offset(),
+            1,
+            (client.received_offset(), client.written_offset()),
             Cipher::ChaChaPoly,
         )
         .unwrap();

@@ -235,7 +235,7 @@ mod tests {
 
     fn pair(cipher: Cipher) -> (Transport, Transport) {
         let (c, s) = (Keypair::generate(), Keypair::generate());
-        let (hs, hello) = ClientHandshake::initial(&c.private, &s.public, cipher).unwrap();
+        let (hs, hello) = ClientHandshake::initial(&c.private, &s.public, cipher, 1).unwrap();
         let acc = respond(&hello, &s.private, |_| true, |_| None).unwrap();
         (hs.read_reply(&acc.reply).unwrap().transport, acc.transport)
     }

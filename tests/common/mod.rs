@@ -2,5 +2,13 @@
 
 pub mod chaos;
 pub mod cli;
+pub mod faults;
 pub mod harness;
+pub mod http;
+pub mod low_order;
 pub mod netns;
+pub mod postgres;
+pub mod procs;
+pub mod sshd;
+pub mod tunnel;
+pub mod world;

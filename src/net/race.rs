@@ -1,0 +1,223 @@
+//! Resuming in the background: the client's connection attempts, started on a short staggered
+//! schedule while the old link (if any) keeps running, until one resumes the session.
+//!
+//! A race starts when the link is lost, or earlier, when it is *suspect* (silent for much longer
+//! than its round trip, a network change, a wake from sleep). Attempts do not wait on the
+//! kernel: a new one starts every `RecoveryPolicy::stagger` (250 ms, jittered) while earlier ones
+//! are still pending, so the first SYN sent after the path works again gets through, instead of
+//! a SYN retransmission a second or more later. At most [`MAX_PENDING`] attempts are pending; the
+//! oldest is abandoned for a new one. A BUSY answer, and refused connections (nothing listening,
+//! or a middlebox resetting) after the first [`REFUSED_GRACE`], grow the delay instead, from
+//! `backoff_initial` doubling to `backoff_max`, with jitter, so that many clients returning after
+//! a server outage spread out.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tracing::debug;
+
+use crate::net::client::dial;
+use crate::net::config::ClientConfig;
+use crate::net::events::LinkEvent;
+use crate::net::stream::Shared;
+use crate::net::watch;
+use crate::net::Error;
+use crate::proto::handshake::ClientDone;
+use crate::proto::{HandshakeError, SessionError};
+
+/// Most attempts pending at once.
+pub(crate) const MAX_PENDING: usize = 8;
+/// How long refused connections are retried on the short schedule: a few seconds of resets (a
+/// middlebox, a server restarting) cost no more than the stagger; a longer outage backs off.
+pub(crate) const REFUSED_GRACE: Duration = Duration::from_secs(5);
+
+/// A resumed connection, handshake done, not yet attached.
+pub(crate) struct Won {
+    pub(crate) sock: TcpStream,
+    pub(crate) done: ClientDone,
+    pub(crate) peer: SocketAddr,
+    /// The client's received position that the hello carried.
+    pub(crate) received: u64,
+    /// When the race started.
+    pub(crate) started: Instant,
+    /// The race started on suspicion, with the old link still attached.
+    pub(crate) suspicion: bool,
+}
+
+/// One attempt's result, with the received position its hello carried.
+type Attempt = (Result<(TcpStream, ClientDone, SocketAddr), Error>, u64);
+
+/// What a race ends with.
+pub(crate) type Outcome = Result<Won, SessionError>;
+
+/// A running race: `cancel` stops it from starting new attempts (the old link answered again).
+pub(crate) struct Race {
+    cancel: Arc<AtomicBool>,
+}
+
+impl Race {
+    /// Starts a race that sends its outcome on `tx`. `since` is when the link was lost or became
+    /// suspect: the give-up time counts from there.
+    pub(crate) fn start(
+        shared: Arc<Shared>,
+        cfg: ClientConfig,
+        addr: String,
+        tx: mpsc::Sender<Outcome>,
+        since: Instant,
+        suspicion: bool,
+    ) -> Race {
+        let cancel = Arc::new(AtomicBool::new(false));
+        let c = cancel.clone();
+        tokio::spawn(async move {
+            if let Some(outcome) = run(&shared, &cfg, &addr, &c, since, suspicion).await {
+                let _ = tx.send(outcome).await;
+            }
+        });
+        Race { cancel }
+    }
+
+    /// Starts no more attempts; one already past its TCP connect may still win.
+    pub(crate) fn cancel(&self) {
+        self.cancel.store(true, Ordering::Relaxed);
+    }
+
+    /// True once [`Race::cancel`] was called.
+    pub(crate) fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::Relaxed)
+    }
+}
+
+/// How one attempt ended, for the schedule.
+enum Failed {
+    /// The session is lost (REJECT 1).
+    Lost,
+    /// The server answered BUSY: back off.
+    Busy,
+    /// Nothing listening (or a middlebox resetting): keep the short schedule for a few
+    /// seconds, then back off.
+    Refused,
+    /// Anything else (timeout, reset, silence): keep the short schedule.
+    Other,
+}
+
+fn classify(e: &Error) -> Failed {
+    match e {
+        Error::Handshake { source: HandshakeError::UnknownSession, .. } => Failed::Lost,
+        Error::Busy { .. } => Failed::Busy,
+        Error::Connect { source, .. } if source.kind() == std::io::ErrorKind::ConnectionRefused => Failed::Refused,
+        _ => Failed::Other,
+    }
+}
+
+fn jittered(d: Duration, jitter: f64) -> Duration {
+    let cut = rand::thread_rng().gen_range(0.0..=jitter.clamp(0.0, 1.0));
+    d.mul_f64(1.0 - cut)
+}
+
+/// The race itself. `None` if it was cancelled before any attempt succeeded.
+async fn run(
+    shared: &Shared,
+    cfg: &ClientConfig,
+    addr: &str,
+    cancel: &AtomicBool,
+    since: Instant,
+    suspicion: bool,
+) -> Option<Outcome> {
+    let policy = &cfg.recovery;
+    let started = Instant::now();
+    let mut pending: JoinSet<Attempt> = JoinSet::new();
+    let mut order: VecDeque<tokio::task::AbortHandle> = VecDeque::new();
+    let mut next = Instant::now();
+    let mut backoff = policy.backoff_initial;
+    let mut attempt = 0u32;
+    let mut finished = 0u32;
+    let mut signals = watch::signals();
+    let mut signals_ok = true;
+    loop {
+        // Suspend counts: a laptop that slept past the give-up time gives up on waking, but
+        // only after one attempt had its chance, so that it can learn the true answer (its
+        // session may be gone from the server: "session lost" says more than "gave up").
+        let elapsed = watch::boot_elapsed(since);
+        let tried = finished > 0 || started.elapsed() >= policy.handshake_timeout;
+        if elapsed >= policy.give_up_after && tried {
+            return Some(Err(SessionError::GaveUp(elapsed)));
+        }
+        let stopped = cancel.load(Ordering::Relaxed);
+        if stopped && pending.is_empty() {
+            return None;
+        }
+        let left = policy.give_up_after.saturating_sub(elapsed).max(if tried {
+            Duration::ZERO
+        } else {
+            policy.handshake_timeout
+        });
+        tokio::select! {
+            () = tokio::time::sleep_until(next.into()), if !stopped => {
+                let (ticket, number, offsets) = {
+                    let mut inner = shared.lock();
+                    let Some(t) = inner.session.ticket().cloned() else { return Some(Err(SessionError::Lost)) };
+                    let number = inner.session.next_resume_attempt();
+                    (t, number, (inner.session.received_offset(), inner.session.written_offset()))
+                };
+                attempt += 1;
+                shared.emit(LinkEvent::Reconnecting { attempt, elapsed: watch::boot_elapsed(since) });
+                if order.len() >= MAX_PENDING {
+                    if let Some(oldest) = order.pop_front() {
+                        oldest.abort();
+                    }
+                }
+                let (cfg, addr) = (cfg.clone(), addr.to_string());
+                let received = offsets.0;
+                let h = pending.spawn(async move {
+                    let limit = cfg.recovery.handshake_timeout.min(left);
+                    let r = match tokio::time::timeout(limit, dial(&addr, &cfg, Some((&ticket, number, offsets)))).await {
+                        Ok(r) => r,
+                        Err(_) => Err(Error::Timeout { addr: addr.clone(), after: limit }),
+                    };
+                    (r, received)
+                });
+                order.push_back(h);
+                order.retain(|h| !h.is_finished());
+                next = Instant::now() + jittered(policy.stagger, 0.2);
+            }
+            Some(done) = pending.join_next(), if !pending.is_empty() => {
+                finished += 1;
+                let Ok((r, received)) = done else { continue };
+                match r {
+                    Ok((sock, done, peer)) => {
+                        pending.abort_all();
+                        return Some(Ok(Won { sock, done, peer, received, started, suspicion }));
+                    }
+                    Err(e) => match classify(&e) {
+                        Failed::Lost => return Some(Err(SessionError::Lost)),
+                        Failed::Refused if started.elapsed() < REFUSED_GRACE => {
+                            debug!(error = %e, "reconnect attempt refused");
+                        }
+                        Failed::Busy | Failed::Refused => {
+                            debug!(error = %e, "reconnect attempt refused; backing off");
+                            next = next.max(Instant::now() + jittered(backoff, policy.jitter));
+                            backoff = (backoff * 2).min(policy.backoff_max);
+                        }
+                        Failed::Other => debug!(error = %e, "reconnect attempt failed"),
+                    },
+                }
+            }
+            () = tokio::time::sleep(left) => {}
+            // The network changed or the machine woke: the path may work now, try at once.
+            r = signals.changed(), if signals_ok => match r {
+                Ok(()) => {
+                    next = Instant::now();
+                    backoff = policy.backoff_initial;
+                }
+                Err(_) => signals_ok = false,
+            },
+        }
+    }
+}

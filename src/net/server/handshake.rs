@@ -1,0 +1,288 @@
+//! A new connection's handshake task: the hello, the server's decisions (allow-list, limits,
+//! resume rate), the reply and the key confirmation, then the commit of a new session or the
+//! hand-over of a resumed link to its session.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use super::session::{session_task, sync_tickets};
+use super::state::{Entry, NewLink, Reservation, State};
+use super::Peer;
+use crate::keys::PublicKey;
+use crate::net::events::LinkEvent;
+use crate::net::stream::{Shared, Stream};
+use crate::net::wire::{read_record, write_record};
+use crate::net::Error;
+use crate::proto::frame::{MAX_FRAME, RESUME_ID_LEN};
+use crate::proto::handshake::{self, hex_id, MAX_HANDSHAKE};
+use crate::proto::transport::TAG_LEN;
+use crate::proto::{
+    CloseCode, Event, HandshakeError, Hello, RejectCode, ResumeLookup, Role, Session, SessionError, Ticket, Transport,
+};
+
+/// Answers a connection over its source's handshake rate with REJECT BUSY before reading
+/// anything, so the client can tell "try again shortly" from an authentication refusal (the
+/// answer depends on nothing the client sent). It then waits, briefly, for the hello, so that
+/// closing does not reset the connection and destroy the answer in flight. At most
+/// [`MAX_REFUSING`] connections are answered at once; beyond that they are closed silently.
+pub(super) fn refuse_busy(state: &Arc<State>, mut sock: TcpStream) {
+    if state.refusing.fetch_add(1, Ordering::Relaxed) >= MAX_REFUSING {
+        state.refusing.fetch_sub(1, Ordering::Relaxed);
+        return;
+    }
+    let state = state.clone();
+    tokio::spawn(async move {
+        let answer = async {
+            write_record(&mut sock, &handshake::reject(RejectCode::Busy)).await?;
+            sock.shutdown().await?;
+            let mut sink = [0u8; MAX_HANDSHAKE + 2];
+            while sock.read(&mut sink).await? > 0 {}
+            Ok::<_, std::io::Error>(())
+        };
+        let _ = tokio::time::timeout(REFUSE_LINGER, answer).await;
+        state.refusing.fetch_sub(1, Ordering::Relaxed);
+    });
+}
+
+/// Most over-rate connections answered with BUSY at once (see [`refuse_busy`]).
+pub(super) const MAX_REFUSING: usize = 64;
+/// How long an over-rate connection is kept open for its BUSY answer to be read.
+pub(super) const REFUSE_LINGER: Duration = Duration::from_millis(500);
+
+pub(super) async fn handshake(mut sock: TcpStream, addr: SocketAddr, state: &Arc<State>) -> Result<(), Error> {
+    let _ = sock.set_nodelay(true);
+    let body = read_record(&mut sock, MAX_HANDSHAKE).await.map_err(Error::Io)?;
+    let fail = |source| Error::Handshake { addr: addr.to_string(), source };
+    let head = handshake::parse_header(&body).map_err(fail)?;
+    let cfg = &state.cfg;
+    let rate = cfg.limits.resumes_per_sec_per_session;
+    // A resume is judged before any cryptography: its session, its attempt number (a replay
+    // carries one already seen) and its session's resume budget (only spent at confirmation).
+    let entry = match head.resume {
+        None => None,
+        Some((id, attempt)) => {
+            let (entry, pending_first) = {
+                let t = state.table();
+                (t.by_ticket.get(&id).cloned(), t.first_pending.contains(&id))
+            };
+            let Some(entry) = entry else {
+                // A first ticket whose connection has not confirmed (yet) is not lost, not
+                // usable: BUSY makes the client try again shortly; by then the session is
+                // committed, or the first handshake has ended and the answer is UNKNOWN_SESSION.
+                let (code, e) = if pending_first {
+                    (RejectCode::Busy, HandshakeError::Busy)
+                } else {
+                    (RejectCode::UnknownSession, HandshakeError::UnknownSession)
+                };
+                let _ = write_record(&mut sock, &handshake::reject(code)).await;
+                return Err(fail(e));
+            };
+            if attempt <= entry.resume_mark.load(Ordering::Relaxed) {
+                return Err(fail(HandshakeError::Replayed));
+            }
+            if !entry.resume_tokens(Instant::now(), rate, false) {
+                debug!(%addr, id = %hex_id(&id), "resume rate limit");
+                let _ = write_record(&mut sock, &handshake::reject(RejectCode::Busy)).await;
+                return Err(fail(HandshakeError::Busy));
+            }
+            Some(entry)
+        }
+    };
+    let lookup = |id: &[u8; RESUME_ID_LEN]| {
+        let entry = entry.as_ref()?;
+        let inner = entry.shared.lock();
+        let t = inner.session.ticket_secret(id)?;
+        Some(ResumeLookup {
+            client: entry.client,
+            psk: t.secret.clone(),
+            received: inner.session.received_offset(),
+            written: inner.session.written_offset(),
+        })
+    };
+    let read = match handshake::read_hello(&body, &cfg.keypair.private, Some(&state.statics()), lookup) {
+        Ok(r) => r,
+        Err(HandshakeError::UnknownSession) => {
+            // The ticket was retired between the look-up above and this one.
+            let _ = write_record(&mut sock, &handshake::reject(RejectCode::UnknownSession)).await;
+            return Err(fail(HandshakeError::UnknownSession));
+        }
+        Err(e) => return Err(fail(e)),
+    };
+    // The hello authenticated. Decide, still committing nothing.
+    let mut _unconfirmed = None;
+    let mut reservation = None;
+    let mut number = 0;
+    match read.hello() {
+        Hello::Initial { client, stamp } => {
+            if state.allow().lookup(client).is_none() {
+                return Err(fail(HandshakeError::UnknownClient));
+            }
+            if !state.accept_stamp(client, *stamp) {
+                let _ = write_record(&mut sock, &handshake::reject(RejectCode::Stale)).await;
+                return Err(fail(HandshakeError::Stale));
+            }
+            // The hello is fresh (a recorded one was refused just above), so it may hold a
+            // session slot until its handshake ends: concurrent first connections cannot then
+            // overshoot a cap, and no replay can take one.
+            _unconfirmed = Unconfirmed::new(state, *client);
+            reservation = state.reserve(*client);
+            if _unconfirmed.is_none() || reservation.is_none() {
+                let _ = write_record(&mut sock, &handshake::reject(RejectCode::Busy)).await;
+                return Err(fail(HandshakeError::Busy));
+            }
+        }
+        Hello::Resume { attempt, .. } => {
+            let entry = entry.as_ref().ok_or(fail(HandshakeError::UnknownSession))?;
+            if entry.resume_mark.fetch_max(*attempt, Ordering::Relaxed) >= *attempt {
+                // A copy of this hello got here first.
+                return Err(fail(HandshakeError::Replayed));
+            }
+            // The attempt number orders the session's links: it grows with every attempt and is
+            // authenticated (the header is the prologue). The first link is 0.
+            number = *attempt;
+        }
+    }
+    let accept = read.accept(None).map_err(fail)?;
+    // Once the reply is sent the client holds the first ticket: it stays pending until this
+    // handshake ends, committed or not. (Declared after the reservation, so that a failed
+    // handshake gives its session slot back before the ticket stops being pending.)
+    let _pending = accept.ticket.as_ref().map(|t| FirstPending::new(state, t.resume_id));
+    write_record(&mut sock, &accept.reply).await.map_err(Error::Io)?;
+    // Key confirmation: nothing is committed until the client's first record decrypts.
+    let first = read_record(&mut sock, MAX_FRAME + TAG_LEN).await.map_err(Error::Io)?;
+    let (mut transport, first_ticket) = (accept.transport, accept.ticket);
+    let mut confirm = zeroize::Zeroizing::new(vec![0u8; first.len()]);
+    let n = transport.open(&first, &mut confirm).map_err(|_| fail(HandshakeError::Auth))?;
+    confirm.truncate(n);
+    match accept.hello {
+        Hello::Initial { client, .. } => {
+            let ticket = first_ticket.ok_or(fail(HandshakeError::Setup))?;
+            let r = reservation.ok_or(fail(HandshakeError::Busy))?;
+            commit_new(state, r, sock, addr, (client, ticket), (transport, &confirm))
+        }
+        Hello::Resume { resume_id, client_received, client_written, .. } => {
+            let entry = entry.ok_or(fail(HandshakeError::UnknownSession))?;
+            // Only a confirmed resume spends from the session's budget.
+            if !entry.resume_tokens(Instant::now(), rate, true) {
+                return Err(fail(HandshakeError::Busy));
+            }
+            let link =
+                NewLink { sock, transport, confirm, resume_id, client_received, client_written, peer: addr, number };
+            let _ = entry.replace.send(link).await;
+            Ok(())
+        }
+    }
+}
+
+/// A first connection between its authenticated hello and the end of its handshake, counted
+/// against its key's `max_unconfirmed_per_key`.
+struct Unconfirmed<'a> {
+    state: &'a State,
+    client: PublicKey,
+}
+
+impl<'a> Unconfirmed<'a> {
+    fn new(state: &'a State, client: PublicKey) -> Option<Self> {
+        let mut t = state.table();
+        let n = t.unconfirmed.entry(client).or_insert(0);
+        if *n >= state.cfg.limits.max_unconfirmed_per_key.max(1) {
+            return None;
+        }
+        *n += 1;
+        Some(Unconfirmed { state, client })
+    }
+}
+
+impl Drop for Unconfirmed<'_> {
+    fn drop(&mut self) {
+        let mut t = self.state.table();
+        if let Some(n) = t.unconfirmed.get_mut(&self.client) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                t.unconfirmed.remove(&self.client);
+            }
+        }
+    }
+}
+
+pub(super) fn commit_new(
+    state: &Arc<State>,
+    reservation: Reservation<'_>,
+    sock: TcpStream,
+    addr: SocketAddr,
+    (client, ticket): (PublicKey, Ticket),
+    (transport, confirm): (Transport, &[u8]),
+) -> Result<(), Error> {
+    let cfg = &state.cfg;
+    let now = Instant::now();
+    let cipher = transport.cipher();
+    let mut session = Session::new(Role::Server, cfg.session.clone());
+    session.attach(now, transport, 0, None, None).map_err(Error::Session)?;
+    session.adopt_ticket(ticket);
+    // The confirmation decrypted: the session exists whatever its frame holds. A frame that
+    // breaks a rule is a fault of this link, as on any link: the session waits for a resume.
+    let first = session.handle_frame(now, confirm);
+    let link = match &first {
+        Err(e) if e.is_link_fault() => {
+            debug!(%addr, error = %e, "first link's confirmation frame is invalid; waiting for a resume");
+            session.detach();
+            None
+        }
+        _ => Some(sock),
+    };
+    let shared = Shared::new(session, client);
+    let (tx, rx) = mpsc::channel(4);
+    let name = state.allow().lookup(&client).and_then(|p| p.name.clone());
+    let who = name.clone().unwrap_or_else(|| client.to_string());
+    let entry = Arc::new(Entry {
+        shared: shared.clone(),
+        client,
+        who,
+        opened: now,
+        replace: tx,
+        resume_tokens: Mutex::new(None),
+        resume_mark: AtomicU64::new(0),
+    });
+    reservation.keep();
+    // The client already holds the first ticket: map it to the session before anything else
+    // runs, so that a resume arriving at once finds it.
+    let events: Vec<Event> = std::iter::from_fn(|| shared.lock().session.poll_event()).collect();
+    for ev in events {
+        sync_tickets(state, &entry, ev);
+    }
+    let peer = Peer { key: client, name, addr };
+    info!(client = %entry.who, key = %client, %addr, %cipher, "session opened");
+    shared.emit(LinkEvent::Connected { peer: addr });
+    if state.accepted.try_send((Stream::new(shared.clone()), peer)).is_err() {
+        warn!(%addr, "accept queue full; dropping new session");
+        shared.fail(CloseCode::Limit, SessionError::Aborted("server accept queue full".into()));
+    }
+    tokio::spawn(session_task(state.clone(), entry, link, rx));
+    Ok(())
+}
+
+/// A first ticket marked pending for as long as its handshake task runs.
+pub(super) struct FirstPending<'a> {
+    state: &'a State,
+    id: [u8; RESUME_ID_LEN],
+}
+
+impl<'a> FirstPending<'a> {
+    fn new(state: &'a State, id: [u8; RESUME_ID_LEN]) -> Self {
+        state.table().first_pending.insert(id);
+        FirstPending { state, id }
+    }
+}
+
+impl Drop for FirstPending<'_> {
+    fn drop(&mut self) {
+        self.state.table().first_pending.remove(&self.id);
+    }
+}

@@ -1,0 +1,187 @@
+//! Each session's driver task on the server: it pumps the attached link, keeps the session
+//! while it is detached, attaches resumed links, and expires it.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use super::state::{Entry, NewLink, State};
+use crate::human::Rounded;
+use crate::net::events::{LinkEvent, LinkLost, LinkStatus};
+use crate::net::pump::{pump, PumpEnd};
+use crate::proto::{CloseCode, Event, SessionError, Ticket};
+
+/// Applies ticket events to the table.
+pub(super) fn sync_tickets(state: &State, entry: &Arc<Entry>, ev: Event) {
+    let mut t = state.table();
+    match ev {
+        Event::TicketIssued(id) => {
+            t.by_ticket.insert(id, entry.clone());
+        }
+        Event::TicketRetired(id) => {
+            t.by_ticket.remove(&id);
+        }
+        Event::TicketReceived | Event::Suspect(_) | Event::Healthy => {}
+    }
+}
+
+/// Drives one session until it ends: pumps its link, waits while it is detached (until its
+/// expiry), and attaches each newer confirmed link. `link` is `None` when the first link's
+/// confirmation frame already faulted.
+pub(super) async fn session_task(
+    state: Arc<State>,
+    entry: Arc<Entry>,
+    link: Option<TcpStream>,
+    mut rx: mpsc::Receiver<NewLink>,
+) {
+    let shared = entry.shared.clone();
+    let expiry = state.cfg.limits.session_expiry;
+    let mut link = link;
+    let mut faults = 0u64;
+    let mut lost_at = Instant::now();
+    // The number of the attached (or last attached) link: only a newer one may replace it. A
+    // link whose confirmation was held back while the client moved on is older, and its
+    // attach would undo what the newer link did (its ticket, its offsets).
+    let mut current = 0u64;
+    loop {
+        if shared.lock().session.failure().is_some() && link.is_none() {
+            break;
+        }
+        let newer = move |l: &NewLink| {
+            let fresh = l.number > current;
+            if !fresh {
+                debug!(link = l.number, current, "dropping an outdated link's confirmation");
+            }
+            fresh
+        };
+        let new = match link.take() {
+            Some(sock) => {
+                match pump(&shared, sock, Some((&mut rx, newer)), |ev| sync_tickets(&state, &entry, ev)).await {
+                    PumpEnd::Over => break,
+                    PumpEnd::Replaced(new) => {
+                        lost_at = Instant::now();
+                        new
+                    }
+                    PumpEnd::Fault(cause) => {
+                        let ended = {
+                            let mut inner = shared.lock();
+                            inner.session.detach();
+                            inner.session.failure().is_some()
+                        };
+                        if ended || !cause.is_link_fault() {
+                            break;
+                        }
+                        faults += 1;
+                        lost_at = Instant::now();
+                        info!(client = %entry.who, %cause, "session detached; waiting for resume");
+                        let lost = LinkLost { cause: cause.to_string(), faults };
+                        shared.set_status(LinkStatus::Reconnecting { cause: lost.cause.clone(), attempt: 0 });
+                        shared.emit(LinkEvent::Lost(lost));
+                        continue;
+                    }
+                }
+            }
+            None => {
+                let next = async {
+                    loop {
+                        match rx.recv().await {
+                            Some(l) if newer(&l) => return Some(l),
+                            Some(_) => {}
+                            None => return None,
+                        }
+                    }
+                };
+                match tokio::time::timeout_at((lost_at + expiry).into(), next).await {
+                    Ok(Some(new)) => new,
+                    Ok(None) | Err(_) => {
+                        info!(client = %entry.who, expiry = %Rounded(expiry), "session expired without a resume");
+                        state.expired.fetch_add(1, Ordering::Relaxed);
+                        shared.fail(CloseCode::Expired, SessionError::Expired(expiry));
+                        break;
+                    }
+                }
+            }
+        };
+        current = new.number;
+        let now = Instant::now();
+        let attached = {
+            let mut inner = shared.lock();
+            inner.session.detach();
+            let r = inner
+                .session
+                .attach(now, new.transport, new.client_received, Some(new.resume_id), Some(Ticket::generate()))
+                .and_then(|a| inner.session.handle_frame(now, &new.confirm).map(|()| a));
+            while let Some(ev) = inner.session.poll_event() {
+                sync_tickets(&state, &entry, ev);
+            }
+            inner.wake_all();
+            r
+        };
+        match attached {
+            Ok(a) => {
+                state.resumes.fetch_add(1, Ordering::Relaxed);
+                let replayed_received = new.client_written.saturating_sub(shared.lock().session.received_offset());
+                info!(
+                    client = %entry.who,
+                    addr = %new.peer,
+                    after = %Rounded(now.saturating_duration_since(lost_at)),
+                    replayed_to_client = a.replayed,
+                    replayed_from_client = replayed_received,
+                    "session resumed"
+                );
+                shared.set_status(LinkStatus::Connected);
+                shared.emit(LinkEvent::Resumed {
+                    peer: new.peer,
+                    after: now.saturating_duration_since(lost_at),
+                    replayed_sent: a.replayed,
+                    replayed_received,
+                });
+                link = Some(new.sock);
+            }
+            Err(e) if e.is_link_fault() => {
+                // The confirmation frame was bad: drop this connection only, as on a live link.
+                warn!(client = %entry.who, error = %e, "resumed connection sent a bad first frame; waiting for another");
+                shared.lock().session.detach();
+                lost_at = Instant::now();
+            }
+            Err(e @ SessionError::BadResume(_)) => {
+                // The client claims positions that were never sent: this end cannot resume it.
+                // The CLOSE(Protocol) that says so goes out on the new link.
+                warn!(client = %entry.who, error = %e, "resume failed; ending session");
+                link = Some(new.sock);
+            }
+            Err(e) => {
+                warn!(client = %entry.who, error = %e, "resume failed; ending session");
+                break;
+            }
+        }
+    }
+    // Clean up: forget tickets and release the session's share of the limits.
+    state.table().by_ticket.retain(|_, e| !Arc::ptr_eq(e, &entry));
+    state.release(&entry.client);
+    shared.report_end();
+    log_end(&entry);
+}
+
+/// Logs how a session ended, once, with its client and the bytes each way.
+pub(super) fn log_end(entry: &Entry) {
+    let (failure, to_client, from_client) = {
+        let inner = entry.shared.lock();
+        (inner.session.failure().cloned(), inner.session.written_offset(), inner.session.received_offset())
+    };
+    let lasted = Rounded(entry.opened.elapsed());
+    let who = &entry.who;
+    match failure {
+        None | Some(SessionError::Finished) => {
+            info!(client = %who, to_client, from_client, %lasted, "session closed")
+        }
+        Some(e @ SessionError::Expired(_)) => {
+            info!(client = %who, to_client, from_client, %lasted, reason = %e, "session ended")
+        }
+        Some(e) => warn!(client = %who, to_client, from_client, %lasted, reason = %e, "session ended"),
+    }
+}

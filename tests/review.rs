@@ -1,0 +1,334 @@
+//! The findings of the independent security review (issue 13), each against a real listener on
+//! loopback: replayed hellos hold nothing and use up nothing, a delayed older link cannot undo a
+//! newer one, one key cannot starve the others, and a low-order key authenticates nobody.
+//!
+//! The attacker here records and replays whole hellos and holds back records; it never has a
+//! private key. Replays come from many source addresses (127.0.0.2–127.0.0.254), so the
+//! per-source handshake rate is not what stops them. Run: `cargo test --release --test review`.
+
+mod common;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use common::harness::fast_session;
+use holdfast::keys::{AllowList, Keypair, PublicKey};
+use holdfast::net::Limits;
+use holdfast::proto::{Cipher, ClientHandshake, Frame, HandshakeError, Ticket, Transport};
+use holdfast::{ClientConfig, Error, Listener, ServerConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+async fn bounded<F: std::future::Future>(f: F) -> F::Output {
+    tokio::time::timeout(LIMIT, f).await.expect("test exceeded its time bound")
+}
+
+/// A server allowing `clients`, with `limits`; the clients' configurations.
+async fn server(limits: Limits, clients: &[Keypair]) -> (Listener, Vec<ClientConfig>, Keypair) {
+    let server_keys = Keypair::generate();
+    let copy = Keypair::from_private(holdfast::keys::PrivateKey::from_bytes(*server_keys.private.as_bytes()));
+    let allow = AllowList::from_keys(clients.iter().map(|k| (k.public, None)));
+    let mut scfg = ServerConfig::new(server_keys, allow);
+    scfg.limits = limits;
+    scfg.session = fast_session();
+    let listener = holdfast::bind("127.0.0.1:0", scfg).await.expect("bind loopback");
+    let cfgs = clients
+        .iter()
+        .map(|k| {
+            let mut c = ClientConfig::new(Keypair::from_private(k.private.clone()), copy.public);
+            c.session = fast_session();
+            c.recovery.backoff_initial = Duration::from_millis(10);
+            c.recovery.backoff_max = Duration::from_millis(100);
+            c
+        })
+        .collect();
+    (listener, cfgs, copy)
+}
+
+/// A TCP connection from source address 127.0.0.`last`.
+async fn connect_from(last: u8, server: SocketAddr) -> TcpStream {
+    let sock = TcpSocket::new_v4().unwrap();
+    sock.bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, last)), 0)).unwrap();
+    sock.connect(server).await.unwrap()
+}
+
+async fn send_record(sock: &mut TcpStream, body: &[u8]) {
+    let mut rec = Vec::new();
+    holdfast::proto::frame::push_record(&mut rec, body);
+    sock.write_all(&rec).await.unwrap();
+}
+
+/// The next record body, or `None` if the server closed first (within a bound).
+async fn recv_record(sock: &mut TcpStream) -> Option<Vec<u8>> {
+    let read = async {
+        let len = sock.read_u16().await.ok()? as usize;
+        let mut body = vec![0u8; len];
+        sock.read_exact(&mut body).await.ok()?;
+        Some(body)
+    };
+    tokio::time::timeout(Duration::from_secs(10), read).await.expect("the server neither answered nor closed")
+}
+
+fn seal(t: &mut Transport, f: Frame<'_>) -> Vec<u8> {
+    let mut plain = Vec::new();
+    f.encode(&mut plain);
+    let mut rec = Vec::new();
+    t.seal(&plain, &mut rec).unwrap();
+    rec
+}
+
+/// A first connection by hand: hello, reply, confirmation. Returns the connection, its transport
+/// and the first ticket, and the hello's bytes (what an attacker on the path records).
+async fn first_link(
+    addr: SocketAddr,
+    me: &Keypair,
+    server: &PublicKey,
+    stamp: u64,
+) -> (TcpStream, Transport, Ticket, Vec<u8>) {
+    let mut sock = TcpStream::connect(addr).await.unwrap();
+    let (hs, hello) = ClientHandshake::initial(&me.private, server, Cipher::AesGcm, stamp).unwrap();
+    send_record(&mut sock, &hello).await;
+    let mut done = hs.read_reply(&recv_record(&mut sock).await.expect("IK reply")).unwrap();
+    let ticket = done.ticket.take().expect("first ticket");
+    let rec = seal(&mut done.transport, Frame::Ack(0));
+    sock.write_all(&rec).await.unwrap();
+    (sock, done.transport, ticket, hello)
+}
+
+/// Sends a resume hello on a new connection and reads the reply: the connection and the new
+/// transport, or the handshake error.
+async fn resume_hello(
+    addr: SocketAddr,
+    me: &Keypair,
+    server: &PublicKey,
+    ticket: &Ticket,
+    attempt: u64,
+    offsets: (u64, u64),
+) -> Result<(TcpStream, Transport, Vec<u8>), HandshakeError> {
+    let mut sock = TcpStream::connect(addr).await.unwrap();
+    let (hs, hello) = ClientHandshake::resume(&me.private, server, ticket, attempt, offsets, Cipher::AesGcm)?;
+    send_record(&mut sock, &hello).await;
+    let reply = recv_record(&mut sock).await.ok_or(HandshakeError::Auth)?;
+    Ok((sock, hs.read_reply(&reply)?.transport, hello))
+}
+
+/// What a replayed hello gets: `None` for a silent close, else the reply's kind and code.
+async fn replay(addr: SocketAddr, from: u8, hello: &[u8]) -> Option<Vec<u8>> {
+    let mut sock = connect_from(from, addr).await;
+    send_record(&mut sock, hello).await;
+    recv_record(&mut sock).await
+}
+
+/// Review item 1: a recorded first-connection hello, replayed any number of times from many
+/// addresses, is refused (REJECT 3) and holds no session slot, so the real client still gets in.
+#[tokio::test]
+async fn replayed_first_hellos_are_refused_and_hold_nothing() {
+    bounded(async {
+        let me = Keypair::generate();
+        let limits = Limits { max_sessions_per_key: 3, handshakes_per_sec_per_ip: 1000, ..Limits::default() };
+        let (mut listener, cfgs, server) = server(limits, &[Keypair::from_private(me.private.clone())]).await;
+        let addr = listener.local_addr();
+        let (_live, _t, _ticket, recorded) = first_link(addr, &me, &server.public, 1_000_000_000_000).await;
+        let _stream = listener.accept().await.unwrap();
+        for i in 0..200u32 {
+            let answer = replay(addr, 2 + (i % 250) as u8, &recorded).await;
+            assert_eq!(answer, Some(vec![0x02, 0x03]), "replay {i} was not refused as stale");
+        }
+        assert_eq!(listener.stats().sessions, 1, "a replay holds a session slot");
+        // The real client opens its two remaining sessions at once.
+        let a = holdfast::connect(addr.to_string(), cfgs[0].clone()).await.expect("real client, session 2");
+        let b = holdfast::connect(addr.to_string(), cfgs[0].clone()).await.expect("real client, session 3");
+        drop((a, b));
+    })
+    .await;
+}
+
+/// Review item 3: replays of a failed resume attempt are refused before any cryptography (no
+/// reply at all) and do not spend the session's resume budget: the real client resumes at once.
+#[tokio::test]
+async fn replayed_resume_hellos_cost_nothing_and_spend_no_budget() {
+    bounded(async {
+        let me = Keypair::generate();
+        let limits = Limits { resumes_per_sec_per_session: 2, handshakes_per_sec_per_ip: 1000, ..Limits::default() };
+        let (mut listener, _cfgs, server) = server(limits, &[Keypair::from_private(me.private.clone())]).await;
+        let addr = listener.local_addr();
+        let (live, _t, ticket, _) = first_link(addr, &me, &server.public, 1).await;
+        let _stream = listener.accept().await.unwrap();
+        drop(live);
+        // A resume attempt that never confirms: recorded by the attacker.
+        let (sock, _t, recorded) =
+            resume_hello(addr, &me, &server.public, &ticket, 1, (0, 0)).await.expect("attempt 1");
+        drop(sock);
+        for i in 0..100u32 {
+            assert_eq!(replay(addr, 2 + (i % 250) as u8, &recorded).await, None, "replay {i} was answered");
+        }
+        // The real client's next attempts go through at once, budget intact (2 at once).
+        for attempt in 2..=3 {
+            let (mut sock, mut t, _) = resume_hello(addr, &me, &server.public, &ticket, attempt, (0, 0))
+                .await
+                .unwrap_or_else(|e| panic!("attempt {attempt}: {e}"));
+            sock.write_all(&seal(&mut t, Frame::Ack(0))).await.unwrap();
+            // Wait until the server has attached it (its first record arrives).
+            assert!(recv_record(&mut sock).await.is_some(), "attempt {attempt} was not attached");
+        }
+    })
+    .await;
+}
+
+/// Review item 2: the attacker holds back the confirmation of resume C1, lets the client resume
+/// on C2 (which gets the new ticket T2; its TICKET_ACK is held back too), then releases C1. The
+/// outdated C1 must change nothing: T2 still resumes, and the session lives.
+#[tokio::test]
+async fn a_delayed_older_resume_cannot_undo_a_newer_one() {
+    bounded(async {
+        let me = Keypair::generate();
+        let (mut listener, _cfgs, server) =
+            server(Limits::default(), &[Keypair::from_private(me.private.clone())]).await;
+        let addr = listener.local_addr();
+        let (live, _t, t1, _) = first_link(addr, &me, &server.public, 1).await;
+        let (mut stream, _) = listener.accept().await.unwrap();
+        drop(live);
+        let (mut c1, mut t_c1, _) = resume_hello(addr, &me, &server.public, &t1, 1, (0, 0)).await.expect("C1");
+        let (mut c2, mut t_c2, _) = resume_hello(addr, &me, &server.public, &t1, 2, (0, 0)).await.expect("C2");
+        c2.write_all(&seal(&mut t_c2, Frame::Ack(0))).await.unwrap();
+        // C2 is attached: its first records are the server's ACK and TICKET(T2).
+        let mut t2 = None;
+        while t2.is_none() {
+            let body = recv_record(&mut c2).await.expect("C2 records");
+            let mut plain = vec![0u8; body.len()];
+            let n = t_c2.open(&body, &mut plain).unwrap();
+            if let Frame::Ticket { resume_id, secret } = Frame::decode(&plain[..n]).unwrap() {
+                t2 = Some(Ticket { resume_id, secret: zeroize::Zeroizing::new(*secret) });
+            }
+        }
+        let t2 = t2.unwrap();
+        // The server sends data, which the client on C2 acknowledges: the replay buffer moves on,
+        // so C1's offsets (0) are now behind it as well.
+        stream.write_all(b"0123456789").await.unwrap();
+        let mut got = 0;
+        while got < 10 {
+            let body = recv_record(&mut c2).await.expect("C2 data");
+            let mut plain = vec![0u8; body.len()];
+            let n = t_c2.open(&body, &mut plain).unwrap();
+            if let Frame::Data { data, .. } = Frame::decode(&plain[..n]).unwrap() {
+                got += data.len();
+            }
+        }
+        c2.write_all(&seal(&mut t_c2, Frame::Ack(10))).await.unwrap();
+        // Release C1's confirmation, then drop C2 as the attacker resets the client.
+        c1.write_all(&seal(&mut t_c1, Frame::Ack(0))).await.unwrap();
+        let c1_answer = recv_record(&mut c1).await;
+        assert!(c1_answer.is_none(), "the outdated link was attached");
+        drop(c2);
+        // The client resumes with T2: the session and its ticket are intact.
+        let (mut c3, mut t_c3, _) = resume_hello(addr, &me, &server.public, &t2, 3, (10, 0))
+            .await
+            .expect("resume with T2 after the outdated C1");
+        c3.write_all(&seal(&mut t_c3, Frame::Ack(10))).await.unwrap();
+        assert!(recv_record(&mut c3).await.is_some(), "C3 was not attached");
+        stream.write_all(b"more").await.expect("the server's stream failed");
+    })
+    .await;
+}
+
+/// Review item 4: two keys at their share of the buffer budget, and a third key still gets in.
+#[tokio::test]
+async fn no_key_can_starve_the_others() {
+    bounded(async {
+        let keys: Vec<Keypair> = (0..3).map(|_| Keypair::generate()).collect();
+        // 9 MiB per session: a budget of 8 sessions, a share of 3 per key.
+        let limits = Limits { buffer_budget: 72 << 20, buffer_per_key: 27 << 20, ..Limits::default() };
+        let (listener, cfgs, _) = server(limits, &keys).await;
+        let addr = listener.local_addr().to_string();
+        let mut held = Vec::new();
+        for (k, cfg) in cfgs.iter().take(2).enumerate() {
+            for i in 0..3 {
+                held.push(
+                    holdfast::connect(addr.clone(), cfg.clone()).await.unwrap_or_else(|e| panic!("key {k} #{i}: {e}")),
+                );
+            }
+            let err = holdfast::connect(addr.clone(), cfg.clone()).await.unwrap_err();
+            assert!(matches!(err, Error::Busy { .. }), "key {k} went past its share: {err}");
+        }
+        held.push(holdfast::connect(addr.clone(), cfgs[2].clone()).await.expect("a third key still gets in"));
+        assert_eq!(listener.stats().sessions, 7);
+    })
+    .await;
+}
+
+/// Review item 5: a low-order key on the allow-list (here the all-zero one, which anyone can
+/// claim: its shared secret with every key is zero) authenticates nobody.
+#[tokio::test]
+async fn a_low_order_key_authenticates_nobody() {
+    bounded(async {
+        let zero = PublicKey::from_bytes([0u8; 32]);
+        let server_keys = Keypair::generate();
+        let server_pub = server_keys.public;
+        let server_private = holdfast::keys::PrivateKey::from_bytes(*server_keys.private.as_bytes());
+        let listener =
+            holdfast::bind("127.0.0.1:0", ServerConfig::new(server_keys, AllowList::from_keys([(zero, None)])))
+                .await
+                .unwrap();
+        let hello = common::low_order::hello_as_zero_key(&server_pub, 7);
+        let mut sock = TcpStream::connect(listener.local_addr()).await.unwrap();
+        send_record(&mut sock, &hello).await;
+        assert_eq!(recv_record(&mut sock).await, None, "a hello claiming the zero key was answered");
+        assert_eq!(listener.stats().sessions, 0);
+        // Without the precomputed table, the all-zero shared secret itself fails the handshake.
+        let allowed = |_: &PublicKey| true;
+        let err = holdfast::proto::handshake::respond(&hello, &server_private, allowed, |_| None);
+        assert_eq!(err.err(), Some(HandshakeError::Auth), "the zero key authenticated");
+    })
+    .await;
+}
+
+/// Review item 13: a first connection's key confirmation that decrypts but holds an invalid
+/// frame commits the session (the record proved the keys) and is a fault of that link only: the
+/// client resumes with the first ticket, as on any link.
+#[tokio::test]
+async fn an_invalid_first_frame_commits_and_the_session_resumes() {
+    bounded(async {
+        let me = Keypair::generate();
+        let (mut listener, _cfgs, server) =
+            server(Limits::default(), &[Keypair::from_private(me.private.clone())]).await;
+        let addr = listener.local_addr();
+        let mut sock = TcpStream::connect(addr).await.unwrap();
+        let (hs, hello) = ClientHandshake::initial(&me.private, &server.public, Cipher::AesGcm, 5).unwrap();
+        send_record(&mut sock, &hello).await;
+        let mut done = hs.read_reply(&recv_record(&mut sock).await.expect("IK reply")).unwrap();
+        let ticket = done.ticket.take().unwrap();
+        // A PING with a body: it decrypts, but no valid frame looks like that.
+        let mut rec = Vec::new();
+        done.transport.seal(&[0x03, 0x00], &mut rec).unwrap();
+        sock.write_all(&rec).await.unwrap();
+        assert_eq!(recv_record(&mut sock).await, None, "the server kept the link of an invalid frame");
+        let (_stream, _) = listener.accept().await.expect("the session was committed");
+        let (mut c2, mut t2, _) = resume_hello(addr, &me, &server.public, &ticket, 1, (0, 0)).await.expect("resume");
+        c2.write_all(&seal(&mut t2, Frame::Ack(0))).await.unwrap();
+        assert!(recv_record(&mut c2).await.is_some(), "the resumed link was not attached");
+    })
+    .await;
+}
+
+/// Review item 14: a key confirmation may hold any valid frame; DATA first is accepted and
+/// delivered.
+#[tokio::test]
+async fn a_data_first_confirmation_is_accepted() {
+    bounded(async {
+        let me = Keypair::generate();
+        let (mut listener, _cfgs, server) =
+            server(Limits::default(), &[Keypair::from_private(me.private.clone())]).await;
+        let mut sock = TcpStream::connect(listener.local_addr()).await.unwrap();
+        let (hs, hello) = ClientHandshake::initial(&me.private, &server.public, Cipher::ChaChaPoly, 6).unwrap();
+        send_record(&mut sock, &hello).await;
+        let mut done = hs.read_reply(&recv_record(&mut sock).await.expect("IK reply")).unwrap();
+        sock.write_all(&seal(&mut done.transport, Frame::Data { offset: 0, data: b"hi" })).await.unwrap();
+        let (mut stream, _) = listener.accept().await.expect("committed");
+        let mut got = [0u8; 2];
+        stream.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"hi");
+    })
+    .await;
+}
