@@ -9,10 +9,30 @@
 //! ignored when reading; anything else (extra text, url-safe base64, a wrong
 //! length) is rejected.
 //!
+//! A public key read from text (a key file, an allow-list line, [`str::parse`]) must not be a
+//! low-order point ([`PublicKey::is_low_order`]), such as the all-zero key: the Diffie-Hellman
+//! result with one is the same whatever the private key, so anyone could use it.
+//!
+//! [`load_private_key`] refuses a public key: a file named `*.pub`, or one that holds the
+//! same key as the `NAME.pub` next to it (any 32 bytes are a valid private key, so nothing
+//! else would catch the mistake). Errors about a file start with its path, and never show a
+//! path that looks like a key ([`looks_like_key`]).
+//!
 //! # Permissions
 //!
-//! On unix, [`load_private_key`] refuses a file whose mode grants any access
-//! to group or others (`mode & 0o077 != 0`), like `ssh` does.
+//! On unix, loading follows `ssh`'s `StrictModes` (details in `src/keys/fsperm.rs`):
+//!
+//! - every file loaded ([`load_private_key`], [`load_public_key`], [`AllowList::load`]) must be
+//!   owned by the process's effective user or by root, and must not be writable by group or
+//!   others ([`KeyError::Owner`], [`KeyError::Writable`]);
+//! - a private key must also not be readable by group or others: `mode & 0o077 == 0`
+//!   ([`KeyError::Permissions`]); public keys and allow-lists may be readable by anyone;
+//! - every directory above the file must be owned by that user or root and not writable by
+//!   group or others, unless it has the sticky bit, like `/tmp` ([`KeyError::UnsafeDirectory`]);
+//! - symbolic links are followed: the target is checked, and so are the directories above the
+//!   target and above the link.
+//!
+//! Each error names the command that fixes it (`chmod 600`, `chmod go-w`, `chown`).
 //! [`save_private_key`] creates files with mode `0600`, [`save_public_key`]
 //! with mode `0644`; both use `O_EXCL` and never overwrite an existing file.
 //!
@@ -22,21 +42,38 @@
 //! whitespace and a free-form name. `#` starts a comment, which may fill the
 //! line or follow the key and name. Blank lines are ignored. Malformed lines
 //! and duplicate keys are errors that name the 1-based line number.
+//!
+//! If the last word of a line is `services=NAME[,NAME...]`, that key may reach only those
+//! tunnel services ([`AllowedPeer::services`]; names as in [`crate::tunnel::check_name`]);
+//! without it, a key reaches every service, so older files mean what they meant:
+//!
+//! ```text
+//! # alice may use every service, the build machine only the git mirror
+//! HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw= alice laptop
+//! xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg= ci services=git
+//! ```
 
-use std::collections::HashMap;
 use std::fmt;
-use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::{DecodeError, DecodeSliceError, Engine as _};
+use curve25519_dalek::montgomery::MontgomeryPoint;
 use rand::RngCore as _;
 use snow::params::DHChoice;
 use snow::resolvers::{CryptoResolver as _, DefaultResolver};
-use subtle::{Choice, ConditionallySelectable as _, ConstantTimeEq as _};
 use zeroize::Zeroizing;
+
+mod allow;
+mod error;
+mod files;
+mod fsperm;
+
+pub use allow::{AllowList, AllowedPeer};
+use error::LOW_ORDER;
+pub use error::{looks_like_key, KeyError};
+use files::io_err;
+pub use files::{load_private_key, load_public_key, save_private_key, save_public_key};
 
 /// Length in bytes of X25519 private and public keys.
 pub const KEY_LEN: usize = 32;
@@ -45,64 +82,8 @@ const B64_LEN: usize = 44;
 /// Key files larger than this are rejected without being parsed.
 const MAX_KEY_FILE_LEN: usize = 1024;
 
-/// Errors from loading, saving and parsing keys and allow-lists.
-#[derive(thiserror::Error, Debug)]
-#[non_exhaustive]
-pub enum KeyError {
-    /// A file could not be opened, read, created or written.
-    #[error("cannot access {}", path.display())]
-    Io {
-        /// The file concerned.
-        path: PathBuf,
-        /// The underlying error.
-        source: std::io::Error,
-    },
-    /// A private key file is accessible by group or others (unix only).
-    #[error(
-        "private key file {} has mode {mode:04o}: it must not be readable by group or others (run: chmod 600 {})",
-        path.display(),
-        path.display()
-    )]
-    Permissions {
-        /// The private key file.
-        path: PathBuf,
-        /// Its permission bits (`st_mode & 0o7777`).
-        mode: u32,
-    },
-    /// Refused to overwrite an existing file.
-    #[error("refusing to overwrite existing file {}", path.display())]
-    Exists {
-        /// The file that already exists.
-        path: PathBuf,
-    },
-    /// A key file does not contain exactly one base64-encoded 32-byte key.
-    #[error("malformed key file {}: {reason}", path.display())]
-    Malformed {
-        /// The key file.
-        path: PathBuf,
-        /// What is wrong with it.
-        reason: String,
-    },
-    /// A key string (not from a file) could not be parsed.
-    #[error("invalid key: {reason}")]
-    InvalidKey {
-        /// What is wrong with it.
-        reason: String,
-    },
-    /// A line of an allow-list is malformed or repeats a key.
-    #[error(
-        "allow-list {}line {line}: {reason}",
-        path.as_ref().map(|p| format!("{} ", p.display())).unwrap_or_default()
-    )]
-    AllowList {
-        /// The allow-list file, if it was loaded from one.
-        path: Option<PathBuf>,
-        /// The 1-based line number.
-        line: usize,
-        /// What is wrong with the line.
-        reason: String,
-    },
-}
+/// Any scalar works: X25519 clamps it to a multiple of the cofactor 8 below the group order.
+const LOW_ORDER_PROBE: [u8; KEY_LEN] = [0x5a; KEY_LEN];
 
 /// Decodes one base64 key (surrounding whitespace ignored) into 32 bytes.
 fn decode_key(text: &str) -> Result<Zeroizing<[u8; KEY_LEN]>, String> {
@@ -158,6 +139,45 @@ impl PublicKey {
     pub fn as_bytes(&self) -> &[u8; KEY_LEN] {
         &self.0
     }
+
+    /// True if the key is a point of small order (dividing 8, or 4 on the twist), in any of its
+    /// encodings (canonical or not, top bit set or not): libsodium's blacklist, and what the
+    /// X25519 of RFC 7748 section 6.1 turns into an all-zero shared secret. Every private key
+    /// "matches" such a key, so it proves nothing about who holds it. Every parse from text
+    /// ([`str::parse`], [`load_public_key`], [`AllowList::parse`]) refuses them;
+    /// [`PublicKey::from_bytes`] does not check.
+    pub fn is_low_order(&self) -> bool {
+        // A clamped scalar is a multiple of 8 and smaller than either large prime factor, so the
+        // product is the identity (encoded as zero) exactly for the points of order 1, 2, 4 or 8.
+        MontgomeryPoint(self.0).mul_clamped(LOW_ORDER_PROBE).0 == [0u8; KEY_LEN]
+    }
+
+    /// Decodes a public key from text, refusing low-order keys with the reason.
+    fn decode(text: &str) -> Result<Self, ParseError> {
+        let key = PublicKey(*decode_key(text).map_err(ParseError::Malformed)?);
+        if key.is_low_order() {
+            return Err(ParseError::LowOrder(key));
+        }
+        Ok(key)
+    }
+}
+
+/// Why text is not a usable public key.
+enum ParseError {
+    /// Not 44 characters of standard base64 for 32 bytes.
+    Malformed(String),
+    /// A low-order point.
+    LowOrder(PublicKey),
+}
+
+impl ParseError {
+    /// The reason as one line, for errors that name their own context (an allow-list line).
+    fn reason(self) -> String {
+        match self {
+            ParseError::Malformed(reason) => reason,
+            ParseError::LowOrder(key) => format!("{key} {LOW_ORDER}"),
+        }
+    }
 }
 
 impl fmt::Display for PublicKey {
@@ -178,8 +198,15 @@ impl FromStr for PublicKey {
     type Err = KeyError;
 
     /// Parses standard base64 (surrounding whitespace ignored).
+    ///
+    /// # Errors
+    /// [`KeyError::InvalidKey`] for text that is not a key, [`KeyError::LowOrder`] for a
+    /// low-order key (see [`PublicKey::is_low_order`]).
     fn from_str(s: &str) -> Result<Self, KeyError> {
-        decode_key(s).map(|k| Self(*k)).map_err(|reason| KeyError::InvalidKey { reason })
+        PublicKey::decode(s).map_err(|e| match e {
+            ParseError::Malformed(reason) => KeyError::InvalidKey { reason },
+            ParseError::LowOrder(key) => KeyError::LowOrder { key, path: None },
+        })
     }
 }
 
@@ -266,192 +293,23 @@ impl Keypair {
     }
 }
 
-/// Maps an I/O error on `path` to [`KeyError::Io`].
-fn io_err(path: &Path) -> impl Fn(std::io::Error) -> KeyError + Copy + '_ {
-    move |source| KeyError::Io { path: path.to_owned(), source }
-}
-
-/// Reads and decodes a key file, refusing group/other access if `private` (unix).
-fn read_key_file(path: &Path, private: bool) -> Result<Zeroizing<[u8; KEY_LEN]>, KeyError> {
-    let io_err = io_err(path);
-    let malformed = |reason: String| KeyError::Malformed { path: path.to_owned(), reason };
-    let mut file = File::open(path).map_err(io_err)?;
-    #[cfg(unix)]
-    if private {
-        use std::os::unix::fs::PermissionsExt as _;
-        // fstat the opened file (no race with a rename between check and read).
-        let mode = file.metadata().map_err(io_err)?.permissions().mode() & 0o7777;
-        if mode & 0o077 != 0 {
-            return Err(KeyError::Permissions { path: path.to_owned(), mode });
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = private;
-    let mut buf = Zeroizing::new([0u8; MAX_KEY_FILE_LEN + 1]);
-    let mut len = 0;
-    while len < buf.len() {
-        match file.read(&mut buf[len..]) {
-            Ok(0) => break,
-            Ok(n) => len += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(io_err(e)),
-        }
-    }
-    if len > MAX_KEY_FILE_LEN {
-        return Err(malformed(format!("file is larger than {MAX_KEY_FILE_LEN} bytes")));
-    }
-    let text = std::str::from_utf8(&buf[..len]).map_err(|_| malformed("not valid utf-8".to_owned()))?;
-    decode_key(text).map_err(malformed)
-}
-
-/// Creates `path` exclusively with `mode` (unix) and writes `contents` to it.
-fn write_new_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), KeyError> {
-    let mut options = OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, mode);
-    #[cfg(not(unix))]
-    let _ = mode;
-    let mut file = options.open(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::AlreadyExists => KeyError::Exists { path: path.to_owned() },
-        _ => io_err(path)(e),
-    })?;
-    let written = file.write_all(contents).and_then(|()| file.sync_all());
-    if written.is_err() {
-        drop(file);
-        // Do not leave a truncated key behind that would block a retry.
-        let _ = fs::remove_file(path);
-    }
-    written.map_err(io_err(path))
-}
-
-/// Loads a private key file, refusing it on unix if group or others have any access.
-pub fn load_private_key(path: &Path) -> Result<PrivateKey, KeyError> {
-    read_key_file(path, true).map(PrivateKey)
-}
-
-/// Saves a private key as a new file with mode `0600`; fails if the file exists.
-pub fn save_private_key(path: &Path, key: &PrivateKey) -> Result<(), KeyError> {
-    write_new_file(path, &encode_key(&key.0)[..], 0o600)
-}
-
-/// Loads a public key file.
-pub fn load_public_key(path: &Path) -> Result<PublicKey, KeyError> {
-    read_key_file(path, false).map(|k| PublicKey(*k))
-}
-
-/// Saves a public key as a new file with mode `0644`; fails if the file exists.
-pub fn save_public_key(path: &Path, key: &PublicKey) -> Result<(), KeyError> {
-    write_new_file(path, &encode_key(&key.0)[..], 0o644)
-}
-
-/// One entry of an [`AllowList`].
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct AllowedPeer {
-    /// The peer's static public key.
-    pub key: PublicKey,
-    /// An optional human-readable name for logs.
-    pub name: Option<String>,
-}
-
-/// The set of peer public keys allowed to connect.
-#[derive(Clone, Debug, Default)]
-pub struct AllowList {
-    peers: Vec<AllowedPeer>,
-}
-
-impl AllowList {
-    /// Parses allow-list text (see the module docs for the format).
-    pub fn parse(text: &str) -> Result<Self, KeyError> {
-        Self::parse_with_path(text, None)
-    }
-
-    /// Reads and parses an allow-list file; errors name the file.
-    pub fn load(path: &Path) -> Result<Self, KeyError> {
-        let text = fs::read_to_string(path).map_err(io_err(path))?;
-        Self::parse_with_path(&text, Some(path))
-    }
-
-    fn parse_with_path(text: &str, path: Option<&Path>) -> Result<Self, KeyError> {
-        let mut peers = Vec::new();
-        let mut seen: HashMap<PublicKey, usize> = HashMap::new();
-        for (index, raw) in text.lines().enumerate() {
-            let line = index + 1;
-            let err = |reason| KeyError::AllowList { path: path.map(Path::to_owned), line, reason };
-            let content = raw.split_once('#').map_or(raw, |(before, _)| before).trim();
-            if content.is_empty() {
-                continue;
-            }
-            let (key_text, name) = match content.split_once(char::is_whitespace) {
-                Some((k, n)) => (k, Some(n.trim().to_owned())),
-                None => (content, None),
-            };
-            let key = PublicKey(*decode_key(key_text).map_err(err)?);
-            if let Some(first) = seen.insert(key, line) {
-                return Err(err(format!("duplicate key {key} (first listed on line {first})")));
-            }
-            peers.push(AllowedPeer { key, name });
-        }
-        Ok(Self { peers })
-    }
-
-    /// Builds an allow-list from keys and optional names; later duplicates of a key are ignored.
-    pub fn from_keys<I: IntoIterator<Item = (PublicKey, Option<String>)>>(keys: I) -> Self {
-        let mut peers: Vec<AllowedPeer> = Vec::new();
-        for (key, name) in keys {
-            if !peers.iter().any(|p| p.key == key) {
-                peers.push(AllowedPeer { key, name });
-            }
-        }
-        Self { peers }
-    }
-
-    /// Finds the entry for `key`, scanning every entry with constant-time comparisons.
-    pub fn lookup(&self, key: &PublicKey) -> Option<&AllowedPeer> {
-        let mut found = Choice::from(0);
-        let mut index = 0u64;
-        for (i, peer) in self.peers.iter().enumerate() {
-            let eq = peer.key.0.ct_eq(&key.0);
-            index.conditional_assign(&(i as u64), eq);
-            found |= eq;
-        }
-        if bool::from(found) {
-            usize::try_from(index).ok().and_then(|i| self.peers.get(i))
-        } else {
-            None
-        }
-    }
-
-    /// Number of allowed peers.
-    pub fn len(&self) -> usize {
-        self.peers.len()
-    }
-
-    /// True if no peer is allowed.
-    pub fn is_empty(&self) -> bool {
-        self.peers.is_empty()
-    }
-
-    /// Iterates over the entries in file order.
-    pub fn iter(&self) -> std::slice::Iter<'_, AllowedPeer> {
-        self.peers.iter()
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use std::fs;
+    use std::path::{Path, PathBuf};
+
     use super::*;
 
-    const WG_PRIVATE: &str = "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=";
+    pub(super) const WG_PRIVATE: &str = "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=";
     /// Public key of `WG_PRIVATE` as printed by `wg` on the wireguard.com quickstart page;
     /// cross-checked with OpenSSL (python `cryptography`).
-    const WG_PUBLIC: &str = "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=";
+    pub(super) const WG_PUBLIC: &str = "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=";
 
     /// A fresh directory under the system temp dir, removed on drop.
-    struct TempDir(PathBuf);
+    pub(super) struct TempDir(pub(super) PathBuf);
 
     impl TempDir {
-        fn new(tag: &str) -> Self {
+        pub(super) fn new(tag: &str) -> Self {
             let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
             let name = format!("holdfast-keys-{tag}-{}-{}", std::process::id(), t.unwrap().as_nanos());
             let dir = std::env::temp_dir().join(name);
@@ -466,20 +324,12 @@ mod tests {
         }
     }
 
-    fn hex(bytes: &[u8]) -> String {
+    pub(super) fn hex(bytes: &[u8]) -> String {
         bytes.iter().map(|b| format!("{b:02x}")).collect()
     }
 
-    fn names(err: &KeyError, path: &Path) -> bool {
+    pub(super) fn names(err: &KeyError, path: &Path) -> bool {
         err.to_string().contains(&*path.to_string_lossy())
-    }
-
-    /// `(line, loaded from a file)` of an allow-list error.
-    fn allow_err(err: &KeyError) -> Option<(usize, bool)> {
-        match err {
-            KeyError::AllowList { line, path, .. } => Some((*line, path.is_some())),
-            _ => None,
-        }
     }
 
     #[test]
@@ -498,123 +348,75 @@ mod tests {
         assert_eq!(hex(public.as_bytes()), expected);
     }
 
-    #[test]
-    fn generate_save_load_round_trip() {
-        let dir = TempDir::new("roundtrip");
-        let kp = Keypair::generate();
-        assert_eq!(kp.private.as_bytes()[0] & 7, 0);
-        assert_eq!(kp.private.as_bytes()[31] & 0xc0, 0x40);
-        assert_eq!(kp.public, kp.private.public_key());
-        let (priv_path, pub_path) = (dir.0.join("k.key"), dir.0.join("k.pub"));
-        save_private_key(&priv_path, &kp.private).unwrap();
-        save_public_key(&pub_path, &kp.public).unwrap();
-        let text = fs::read_to_string(&priv_path).unwrap();
-        assert_eq!(text, format!("{}\n", *kp.private.to_base64()));
-        assert_eq!(fs::read_to_string(&pub_path).unwrap(), format!("{}\n", kp.public));
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt as _;
-            let mode = fs::metadata(&priv_path).unwrap().permissions().mode();
-            assert_eq!(mode & 0o777, 0o600);
-        }
-        let loaded = load_private_key(&priv_path).unwrap();
-        assert_eq!(loaded.as_bytes(), kp.private.as_bytes());
-        assert_eq!(load_public_key(&pub_path).unwrap(), kp.public);
-        assert_eq!(kp.public.to_string().parse::<PublicKey>().unwrap(), kp.public);
-    }
-
-    #[test]
-    fn save_refuses_existing_file() {
-        let dir = TempDir::new("exists");
-        let path = dir.0.join("k.key");
-        fs::write(&path, "keep me").unwrap();
-        let kp = Keypair::generate();
-        let err = save_private_key(&path, &kp.private).unwrap_err();
-        assert!(matches!(err, KeyError::Exists { .. }) && names(&err, &path), "{err:?}");
-        let err = save_public_key(&path, &kp.public).unwrap_err();
-        assert!(matches!(err, KeyError::Exists { .. }), "{err:?}");
-        assert_eq!(fs::read_to_string(&path).unwrap(), "keep me");
-    }
-
     #[cfg(unix)]
+    /// libsodium's blacklist (`has_small_order` in `x25519_ref10.c`): the canonical and
+    /// non-canonical encodings of the points of order 1, 2, 4 and 8. With the top bit set (which
+    /// X25519 ignores) they are low-order too.
+    pub(super) fn low_order_encodings() -> Vec<[u8; KEY_LEN]> {
+        let mut list = vec![[0u8; KEY_LEN], [0u8; KEY_LEN]];
+        list[1][0] = 1;
+        for hex in [
+            "e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800",
+            "5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157",
+        ] {
+            let mut k = [0u8; KEY_LEN];
+            for (i, b) in k.iter_mut().enumerate() {
+                *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap();
+            }
+            list.push(k);
+        }
+        for low in [0xec, 0xed, 0xee] {
+            // p - 1, p and p + 1, with p = 2^255 - 19.
+            let mut k = [0xff; KEY_LEN];
+            k[0] = low;
+            k[31] = 0x7f;
+            list.push(k);
+        }
+        let high: Vec<_> = list
+            .iter()
+            .map(|k| {
+                let mut k = *k;
+                k[31] |= 0x80;
+                k
+            })
+            .collect();
+        list.extend(high);
+        list
+    }
+
+    pub(super) fn b64(bytes: &[u8; KEY_LEN]) -> String {
+        STANDARD.encode(bytes)
+    }
+
     #[test]
-    fn load_refuses_group_or_other_access() {
-        use std::os::unix::fs::PermissionsExt as _;
-        let dir = TempDir::new("perms");
-        let path = dir.0.join("k.key");
-        save_private_key(&path, &Keypair::generate().private).unwrap();
-        for (mode, shown) in [(0o644, "mode 0644"), (0o640, "mode 0640")] {
-            fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
-            let err = load_private_key(&path).unwrap_err();
-            assert!(matches!(err, KeyError::Permissions { mode: m, .. } if m == mode));
+    fn low_order_keys_are_refused_when_parsed() {
+        let dir = TempDir::new("low-order");
+        let low = low_order_encodings();
+        assert_eq!(low.len(), 14);
+        for (i, bytes) in low.iter().enumerate() {
+            let key = PublicKey::from_bytes(*bytes);
+            assert!(key.is_low_order(), "{}", hex(bytes));
+            let text = b64(bytes);
+            let err = text.parse::<PublicKey>().unwrap_err();
+            assert!(matches!(err, KeyError::LowOrder { path: None, .. }), "{err:?}");
             let msg = err.to_string();
-            assert!(names(&err, &path) && msg.contains(shown) && msg.contains("chmod 600"), "{msg}");
-        }
-        fs::set_permissions(&path, fs::Permissions::from_mode(0o400)).unwrap();
-        assert!(load_private_key(&path).is_ok());
-        // Public keys are not secret.
-        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
-        assert!(load_public_key(&path).is_ok());
-    }
-
-    #[test]
-    fn malformed_and_missing_files() {
-        let dir = TempDir::new("malformed");
-        let missing = dir.0.join("missing.key");
-        let err = load_private_key(&missing).unwrap_err();
-        assert!(matches!(err, KeyError::Io { .. }) && names(&err, &missing), "{err:?}");
-        let cases = [
-            "",
-            "not base64 at all!!!!!!!!!!!!!!!!!!!!!!!!!!\n",
-            "AAAA\n",
-            "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8yk==\n", // 31 bytes
-            "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw= extra\n",
-            "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykx=\n", // non-canonical
-            "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw\n",  // unpadded
-            "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=\n\u{0}",
-        ];
-        for (i, text) in cases.iter().enumerate() {
-            let path = dir.0.join(format!("bad{i}.pub"));
-            fs::write(&path, text).unwrap();
+            assert!(msg.contains("low-order key that anyone can impersonate") && msg.contains("holdfast keygen"));
+            assert!(msg.contains(&text), "{msg}");
+            let path = dir.0.join(format!("low{i}.pub"));
+            fs::write(&path, format!("{text}\n")).unwrap();
             let err = load_public_key(&path).unwrap_err();
-            assert!(matches!(err, KeyError::Malformed { .. }) && names(&err, &path), "{text:?}");
+            assert!(matches!(err, KeyError::LowOrder { path: Some(_), .. }) && names(&err, &path), "{err:?}");
         }
-        let path = dir.0.join("ok.pub");
-        fs::write(&path, format!("  \n{WG_PUBLIC}\r\n\n")).unwrap();
-        assert_eq!(load_public_key(&path).unwrap().to_string(), WG_PUBLIC);
-        assert!(matches!("AAAA".parse::<PublicKey>(), Err(KeyError::InvalidKey { .. })));
-    }
-
-    #[test]
-    fn allow_list_parsing() {
-        let other = Keypair::generate().public;
-        let head = format!("# peers\n\n{WG_PUBLIC}  laptop (home)  # trailing\n  \t\n{other}");
-        let list = AllowList::parse(&format!("{head}# x\n")).unwrap();
-        assert_eq!(list.len(), 2);
-        let wg: PublicKey = WG_PUBLIC.parse().unwrap();
-        assert_eq!(list.lookup(&wg).unwrap().name.as_deref(), Some("laptop (home)"));
-        assert_eq!(list.lookup(&other).unwrap().name, None);
-        assert!(list.lookup(&Keypair::generate().public).is_none());
-        assert_eq!(list.iter().map(|p| p.key).collect::<Vec<_>>(), [wg, other]);
-
-        let err = AllowList::parse(&format!("{head}\n{other}#no name\n")).unwrap_err();
-        assert_eq!(allow_err(&err), Some((6, false)));
-        assert!(err.to_string().contains("duplicate"), "{err}");
-        let err = AllowList::parse("# ok\n\nnot-a-key name\n").unwrap_err();
-        assert_eq!(allow_err(&err), Some((3, false)));
-        assert!(err.to_string().starts_with("allow-list line 3: "), "{err}");
-        assert!(AllowList::parse("# nothing\n").unwrap().is_empty());
-
-        let dir = TempDir::new("allow");
-        let path = dir.0.join("allow");
-        fs::write(&path, format!("{WG_PUBLIC}\nbogus\n")).unwrap();
-        let err = AllowList::load(&path).unwrap_err();
-        assert_eq!(allow_err(&err), Some((2, true)));
-        assert!(names(&err, &path) && err.to_string().contains("line 2"), "{err}");
-
-        let list = AllowList::from_keys([(wg, None), (other, Some("b".into())), (wg, Some("x".into()))]);
-        assert_eq!(list.len(), 2);
-        assert_eq!(list.lookup(&wg).unwrap().name, None);
+        // Real keys, and a non-canonical encoding of a point that is not of low order (u = 2).
+        for _ in 0..32 {
+            let key = Keypair::generate().public;
+            assert!(!key.is_low_order());
+            assert_eq!(key.to_string().parse::<PublicKey>().unwrap(), key);
+        }
+        let mut two = [0xff; KEY_LEN];
+        (two[0], two[31]) = (0xef, 0x7f);
+        assert!(!PublicKey::from_bytes(two).is_low_order());
+        assert!(!WG_PUBLIC.parse::<PublicKey>().unwrap().is_low_order());
     }
 
     #[test]

@@ -55,7 +55,7 @@ pub(crate) enum Cmd {
     Pubkey,
     /// Run a server offering named services to allowed clients.
     #[command(
-        after_help = "Example:\n  holdfast server --listen 0.0.0.0:7700 --key keys/server.key \\\n      --authorized keys/authorized --service ssh=127.0.0.1:22 --service db=127.0.0.1:5432\n\nThe authorized file has one client public key per line, optionally followed by a name;\n'#' starts a comment. Only the listed services are reachable.\n\nTo change who may connect without dropping anyone, edit the authorized file and send\nSIGHUP (kill -HUP PID): new connections follow the new list, live sessions go on."
+        after_help = "Example:\n  holdfast server --listen 0.0.0.0:7700 --key keys/server.key \\\n      --authorized keys/authorized --service ssh=127.0.0.1:22 --service db=127.0.0.1:5432\n\nThe authorized file has one client public key per line, optionally followed by a name and,\nas the last word, services=NAME[,NAME...] to let that key reach only those services (a key\nwithout it reaches every service); '#' starts a comment:\n  HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw= alice laptop services=ssh,db\nOnly the listed services are reachable. A service a key is not given is answered like an\nunknown one. The file and its directories must not be writable by group or others.\n\nTo change who may connect without dropping anyone, edit the authorized file and send\nSIGHUP (kill -HUP PID): new connections follow the new list, live sessions go on."
     )]
     Server(ServerArgs),
     /// Forward a local port to a service on the server; each local connection gets its own

@@ -4,6 +4,7 @@ use std::io::IsTerminal;
 use std::net::SocketAddr;
 
 use anyhow::{Context, Result};
+use holdfast::human::printable;
 use holdfast::net::{LinkEvent, Recovery, RecoveryPolicy, Rounded};
 use holdfast::proto::Cipher;
 use holdfast::tunnel;
@@ -16,7 +17,7 @@ use crate::{session_config, term};
 
 fn client_config(c: &ClientCommon) -> Result<ClientConfig> {
     tunnel::check_name(&c.service)?;
-    let mut cfg = ClientConfig::new(load_keypair(&c.key)?, load_server_key(&c.server_key)?);
+    let mut cfg = ClientConfig::new(load_keypair("--key", &c.key)?, load_server_key(&c.server_key)?);
     cfg.session = session_config(&c.timers)?;
     cfg.recovery = RecoveryPolicy { give_up_after: c.give_up, ..RecoveryPolicy::default() };
     cfg.cipher = match c.cipher {
@@ -37,7 +38,7 @@ fn client_config(c: &ClientCommon) -> Result<ClientConfig> {
 fn log_event(from: Option<SocketAddr>, ev: LinkEvent) {
     let from = from.map(|a| a.to_string()).unwrap_or_else(|| "stdio".into());
     match ev {
-        LinkEvent::Lost(l) => warn!(%from, cause = %l.cause, faults = l.faults, "link lost; reconnecting"),
+        LinkEvent::Lost(l) => warn!(%from, cause = %printable(&l.cause), faults = l.faults, "link lost; reconnecting"),
         LinkEvent::Resumed { after, replayed_sent, replayed_received, .. } => {
             info!(%from, after = %Rounded(after), replayed_sent, replayed_received, "link resumed")
         }
@@ -45,7 +46,7 @@ fn log_event(from: Option<SocketAddr>, ev: LinkEvent) {
             warn!(%from, quiet = %Rounded(quiet), "link suspect (no answer); trying a new connection")
         }
         LinkEvent::Healthy => info!(%from, "link answering again"),
-        LinkEvent::Failed { reason } => error!(%from, %reason, "stream failed"),
+        LinkEvent::Failed { reason } => error!(%from, reason = %printable(&reason), "stream failed"),
         LinkEvent::Reconnecting { attempt, elapsed } if attempt > 1 => {
             info!(%from, attempt, elapsed = %Rounded(elapsed), "still reconnecting")
         }
@@ -59,8 +60,14 @@ pub(crate) async fn client(args: ClientArgs) -> Result<()> {
     let local =
         tokio::net::TcpListener::bind(&args.local).await.with_context(|| format!("cannot listen on {}", args.local))?;
     if !args.no_check {
-        let mut probe = tunnel::open(&c.server, cfg.clone(), &c.service).await?;
-        let _ = tokio::io::AsyncWriteExt::shutdown(&mut probe).await;
+        let probe = tunnel::open(&c.server, cfg.clone(), &c.service).await?;
+        // End the probe as a normal close (both ends of the stream finished), not an abort
+        // that the server would log as a failed tunnel; it needs no waiting for.
+        tokio::spawn(async move {
+            if let Err(e) = tunnel::finish(probe, 1 << 20).await {
+                tracing::debug!(error = %printable(&e.to_string()), "start-up check did not end cleanly");
+            }
+        });
     }
     info!(local = %local.local_addr()?, server = %c.server, service = %c.service, "forwarding");
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();

@@ -3,19 +3,42 @@
 use std::io::Read;
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
-use holdfast::keys::{self, Keypair, PrivateKey, PublicKey};
+use anyhow::{anyhow, bail, Context, Result};
+use holdfast::keys::{self, KeyError, Keypair, PrivateKey, PublicKey};
 use zeroize::Zeroizing;
 
-pub(crate) fn load_keypair(path: &Path) -> Result<Keypair> {
-    Ok(Keypair::from_private(keys::load_private_key(path)?))
+/// Loads the private key file given as `flag` (`--key`). Errors name the flag and the file, and
+/// never show what was given if it looks like a key rather than a path.
+pub(crate) fn load_keypair(flag: &str, path: &Path) -> Result<Keypair> {
+    match keys::load_private_key(path) {
+        Ok(private) => Ok(Keypair::from_private(private)),
+        Err(KeyError::Io { .. }) if path.to_str().is_some_and(keys::looks_like_key) => bail!(
+            "{flag} takes the path of a private key file, and what was given looks like a key itself (not \
+             shown): keys must not be given on the command line, where the process list and shell history \
+             show them; put the key in a file (mode 0600) and give its path, or make a new one with holdfast \
+             keygen and treat this one as exposed"
+        ),
+        Err(KeyError::PublicKeyAsPrivate { path, private, same_as }) => {
+            let same = same_as.map(|p| format!(" (the same as {})", p.display())).unwrap_or_default();
+            let hint = if private == path { String::new() } else { format!(" ({})", private.display()) };
+            bail!("{flag} {}: this is a public key{same}; {flag} takes the private key file{hint}", path.display())
+        }
+        Err(e) => bail!("{flag} {e}"),
+    }
 }
 
+/// The server's public key from `--server-key`: the base64 key itself, or a file holding it.
 pub(crate) fn load_server_key(arg: &str) -> Result<PublicKey> {
-    if let Ok(k) = arg.parse::<PublicKey>() {
-        return Ok(k);
+    let parsed = arg.parse::<PublicKey>();
+    match parsed {
+        Ok(k) => return Ok(k),
+        // A key, but one that anyone can impersonate: say so rather than look for a file.
+        Err(e @ KeyError::LowOrder { .. }) => bail!("--server-key: {e}"),
+        // Not a file either: what is wrong with it as a key is more use than "no such file".
+        Err(e) if keys::looks_like_key(arg) && !Path::new(arg).exists() => bail!("--server-key: {e}"),
+        Err(_) => {}
     }
-    Ok(keys::load_public_key(Path::new(arg))?)
+    keys::load_public_key(Path::new(arg)).map_err(|e| anyhow!("--server-key {e}"))
 }
 
 pub(crate) fn keygen(out: &Path) -> Result<()> {

@@ -105,7 +105,7 @@ fn main() -> ExitCode {
     }
 }
 
-/// The error and its causes on one line, skipping causes the message already shows (errors
+/// The error and its causes on one line, control characters escaped, skipping causes the message already shows (errors
 /// whose text includes `{source}`, such as "cannot reach server X: Connection refused").
 fn error_line(e: &anyhow::Error) -> String {
     let mut line = e.to_string();
@@ -115,5 +115,20 @@ fn error_line(e: &anyhow::Error) -> String {
             line = format!("{line}: {cause}");
         }
     }
-    line.replace('\n', " ")
+    // Our own messages are one line already; a peer's text in them (a CLOSE reason) must not
+    // move the cursor or fake another line.
+    holdfast::human::printable(&line.replace('\n', " ")).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_line_is_one_line_without_control_characters() {
+        let peer = std::io::Error::other("peer closed the session (Abort): x\n2026-01-01 FAKE\u{1b}[31m");
+        let e = anyhow::Error::new(peer).context("stream failed");
+        let line = error_line(&e);
+        assert_eq!(line, "stream failed: peer closed the session (Abort): x 2026-01-01 FAKE\\u{1b}[31m");
+    }
 }

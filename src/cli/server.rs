@@ -3,10 +3,11 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::{Context, Result};
+use anyhow::{anyhow, Context, Result};
 use holdfast::keys::AllowList;
 use holdfast::tunnel::{self, Services};
 use holdfast::ServerConfig;
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tracing::{error, info, warn};
 
 use crate::args::ServerArgs;
@@ -14,8 +15,8 @@ use crate::keyfiles::load_keypair;
 use crate::session_config;
 
 pub(crate) async fn server(args: ServerArgs) -> Result<()> {
-    let keypair = load_keypair(&args.key)?;
-    let allow = AllowList::load(&args.authorized)?;
+    let keypair = load_keypair("--key", &args.key)?;
+    let allow = AllowList::load(&args.authorized).map_err(|e| anyhow!("--authorized {e}"))?;
     if allow.is_empty() {
         warn!(file = %args.authorized.display(), "the allow-list is empty: no client can connect");
     }
@@ -23,6 +24,8 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
     for spec in &args.services {
         services.add_spec(spec).with_context(|| format!("--service {spec}"))?;
     }
+    let services = Arc::new(services);
+    warn_unknown_services(&allow, &services);
     let mut cfg = ServerConfig::new(keypair, allow);
     cfg.session = session_config(&args.timers)?;
     cfg.limits.max_sessions = args.max_sessions;
@@ -30,11 +33,13 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
     cfg.limits.max_handshakes = args.max_handshakes;
     cfg.limits.session_expiry = args.session_expiry;
     let public = cfg.keypair.public;
+    // Watch SIGHUP before saying "ready": until then, its default action would end the server.
+    let hangups = signal(SignalKind::hangup()).context("cannot watch for SIGHUP")?;
     let listener = holdfast::bind(args.listen.clone(), cfg).await?;
     info!(listen = %listener.local_addr(), server_key = %public, services = services.len(), "server ready");
-    let reload = reload_on_hangup(listener.allow_list_handle(), args.authorized.clone());
+    let reload = reload_on_hangup(hangups, listener.allow_list_handle(), args.authorized.clone(), services.clone());
     tokio::select! {
-        r = tunnel::serve(listener, Arc::new(services)) => r?,
+        r = tunnel::serve(listener, services) => r?,
         _ = tokio::signal::ctrl_c() => info!("interrupted; exiting"),
         r = reload => r?,
     }
@@ -42,16 +47,21 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
 }
 
 /// Reloads the allow-list file on every SIGHUP. A file that does not load (missing, malformed,
-/// readable by others) is reported and the list in force stays; live sessions are untouched.
-async fn reload_on_hangup(handle: holdfast::net::AllowListHandle, path: PathBuf) -> Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut hangups = signal(SignalKind::hangup()).context("cannot watch for SIGHUP")?;
+/// writable by group or others, owned by another user: see `holdfast::keys`) is reported and the
+/// list in force stays; live sessions are untouched.
+async fn reload_on_hangup(
+    mut hangups: Signal,
+    handle: holdfast::net::AllowListHandle,
+    path: PathBuf,
+    services: Arc<Services>,
+) -> Result<()> {
     while hangups.recv().await.is_some() {
         match AllowList::load(&path) {
             Ok(list) => {
                 if list.is_empty() {
                     warn!(file = %path.display(), "the reloaded allow-list is empty: no new client can connect");
                 }
+                warn_unknown_services(&list, &services);
                 let n = list.len();
                 handle.set(list);
                 info!(file = %path.display(), clients = n, "allow-list reloaded");
@@ -60,4 +70,15 @@ async fn reload_on_hangup(handle: holdfast::net::AllowListHandle, path: PathBuf)
         }
     }
     std::future::pending().await
+}
+
+/// Warns about `services=` entries of the allow-list that name no service of this server (a
+/// typo, or a service not offered any more): those keys are refused them.
+fn warn_unknown_services(allow: &AllowList, services: &Services) {
+    for peer in allow.iter() {
+        for name in peer.services.iter().flatten().filter(|s| services.get(s).is_none()) {
+            let client = peer.name.clone().unwrap_or_else(|| peer.key.to_string());
+            warn!(%client, service = %name, "the allow-list gives this client a service the server does not offer");
+        }
+    }
 }

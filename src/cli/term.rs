@@ -7,6 +7,7 @@
 use std::io::{Read, Write};
 use std::os::fd::AsFd;
 
+use holdfast::human::printable;
 use holdfast::net::{LinkEvent, Recovery, Rounded};
 use tokio::sync::broadcast;
 
@@ -21,7 +22,7 @@ pub(crate) fn status_line(text: &str) {
 /// 4, 8, 16… so that a long outage says it is still trying without flooding the screen.
 pub(crate) fn describe(ev: &LinkEvent) -> Option<String> {
     match ev {
-        LinkEvent::Lost(l) => Some(format!("link lost ({}); reconnecting…", l.cause)),
+        LinkEvent::Lost(l) => Some(format!("link lost ({}); reconnecting…", printable(&l.cause))),
         LinkEvent::Reconnecting { attempt, elapsed } if *attempt >= 4 && attempt.is_power_of_two() => {
             Some(format!("still reconnecting (attempt {attempt}, {} so far)", Rounded(*elapsed)))
         }
@@ -30,7 +31,7 @@ pub(crate) fn describe(ev: &LinkEvent) -> Option<String> {
         }
         LinkEvent::Healthy => Some("link answering again".to_string()),
         LinkEvent::Resumed { after, .. } => Some(format!("link back; resumed after {}", Rounded(*after))),
-        LinkEvent::Failed { reason } => Some(format!("stream failed: {reason}")),
+        LinkEvent::Failed { reason } => Some(format!("stream failed: {}", printable(reason))),
         _ => None,
     }
 }
@@ -71,7 +72,7 @@ pub(crate) fn ask(cause: &str) -> Recovery {
         raw.make_raw();
         let _ = rustix::termios::tcsetattr(tty.as_fd(), rustix::termios::OptionalActions::Now, &raw);
     }
-    let _ = write!(tty, "\r\nholdfast: link lost ({cause}). Recover? [Y/n] ");
+    let _ = write!(tty, "\r\nholdfast: link lost ({}). Recover? [Y/n] ", printable(cause));
     let _ = tty.flush();
     let mut key = [0u8; 1];
     let answer = match tty.read(&mut key) {
@@ -107,5 +108,11 @@ mod tests {
         assert_eq!(describe(&quiet), None);
         let loud = LinkEvent::Reconnecting { attempt: 8, elapsed: Duration::from_secs(14) };
         assert_eq!(describe(&loud).unwrap(), "still reconnecting (attempt 8, 14.0s so far)");
+    }
+
+    #[test]
+    fn peer_text_in_status_lines_is_escaped() {
+        let failed = LinkEvent::Failed { reason: "peer closed the session (Abort): x\r\n\u{1b}[2Jfake".into() };
+        assert_eq!(describe(&failed).unwrap(), "stream failed: peer closed the session (Abort): x\\r\\n\\u{1b}[2Jfake");
     }
 }

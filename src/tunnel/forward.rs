@@ -6,9 +6,10 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
+use super::check_name;
 use super::request::request;
 use super::splice::splice_requested;
-use super::{check_name, TunnelError};
+use crate::human::printable;
 use crate::net::{ClientConfig, LinkEvent};
 
 /// Local port forwarding: every connection accepted on `local` gets its own resilient stream to
@@ -33,7 +34,7 @@ pub async fn forward(
             let stream = match request(&server, cfg, &service).await {
                 Ok(s) => s,
                 Err(e) => {
-                    warn!(%from, error = %e, "cannot open tunnel");
+                    warn!(%from, error = %printable(&e.to_string()), "cannot open tunnel");
                     let _ = tcp.set_zero_linger();
                     return;
                 }
@@ -51,10 +52,8 @@ pub async fn forward(
             debug!(%from, service = %service, "forwarding");
             match splice_requested(tcp, stream, &service).await {
                 Ok((up, down)) => info!(%from, up, down, "connection closed"),
-                Err(e @ (TunnelError::UnknownService(_) | TunnelError::ServiceRefused { .. })) => {
-                    warn!(%from, error = %e, "cannot open tunnel")
-                }
-                Err(e) => warn!(%from, error = %e, "connection failed"),
+                Err(e) if e.is_refusal() => warn!(%from, error = %printable(&e.to_string()), "cannot open tunnel"),
+                Err(e) => warn!(%from, error = %printable(&e.to_string()), "connection failed"),
             }
         });
     }

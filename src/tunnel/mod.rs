@@ -1,18 +1,22 @@
 //! Port forwarding and stdio mode, built only on the public library API.
 //!
 //! A tunnel stream starts with a *service request*: the client names a service, and the server
-//! alone decides where that name goes (nothing else is reachable through it).
+//! alone decides where that name goes (nothing else is reachable through it). The bytes and the
+//! rules are specified in Appendix A of `docs/PROTOCOL.md`:
 //!
 //! ```text
 //! request:  name_len: u8 (1..=64) | name: [A-Za-z0-9._-]
-//! reply:    status: u8 | msg_len: u8 | msg: UTF-8
-//!           status 0 = connected, 1 = unknown service, 2 = the service refused or failed
+//! reply:    status: u8 | msg_len: u8 | msg: UTF-8 (empty from this server)
+//!           status 0 = connected, 1 = unknown service (or not given to this client's key),
+//!           2 = unavailable (the server could not connect to it; the cause is in its log only)
 //! ```
 //!
 //! After a status-0 reply the stream carries the service's bytes both ways, with half-close:
 //! EOF on one side becomes an authenticated FIN on the other. The port forwarder sends the
 //! program's first bytes right behind the request instead of waiting a round trip for the reply;
-//! the server reads them only after answering 0, and discards them with the stream otherwise.
+//! the server reads them only after answering 0, and discards them otherwise. After a refusal
+//! both ends half-close and read the other's stream to its end ([`finish`]), so the session
+//! ends with a normal close, not an abort.
 
 mod forward;
 mod request;
@@ -29,7 +33,7 @@ use thiserror::Error;
 use crate::net;
 
 pub use forward::forward;
-pub use request::open;
+pub use request::{finish, open, FINISH_TIMEOUT};
 pub use serve::serve;
 pub use splice::splice;
 pub use stdio::stdio;
@@ -49,16 +53,27 @@ pub enum TunnelError {
     /// The server has no service of that name.
     #[error("the server has no service named '{0}'")]
     UnknownService(String),
-    /// The server could not reach the service.
-    #[error("service '{service}' refused the connection: {reason}")]
+    /// The server could not connect to the service (status 2). Why is in the server's log.
+    #[error(
+        "service '{service}' is unavailable: the server could not connect to it (its log has the cause){}",
+        if reason.is_empty() { String::new() } else { format!(": {reason}") }
+    )]
     ServiceRefused {
         /// The service asked for.
         service: String,
-        /// What the server reported.
+        /// The server's message, control characters escaped: empty from this version's server.
         reason: String,
     },
+    /// The server answered with a status this version does not know; the tunnel is refused.
+    #[error("the server refused service '{service}' with unknown status {status}")]
+    UnknownStatus {
+        /// The service asked for.
+        service: String,
+        /// The status byte.
+        status: u8,
+    },
     /// The name is not a valid service name.
-    #[error("invalid service name '{0}': use 1-64 characters from A-Z a-z 0-9 . _ -")]
+    #[error("invalid service name '{}': use 1-64 characters from A-Z a-z 0-9 . _ -", crate::human::printable(.0))]
     BadName(String),
     /// A malformed request or reply.
     #[error("malformed tunnel {0}")]
@@ -71,13 +86,39 @@ pub enum TunnelError {
     Io(#[from] io::Error),
 }
 
+impl TunnelError {
+    /// True if the server answered the request with a refusal (status 1, 2 or unknown), as
+    /// opposed to a failure of the connection or the session.
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            TunnelError::UnknownService(_) | TunnelError::ServiceRefused { .. } | TunnelError::UnknownStatus { .. }
+        )
+    }
+}
+
+/// The status byte of the server's reply (Appendix A of `docs/PROTOCOL.md`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Status {
+    /// 0: connected to the service; the stream now carries its bytes.
+    Connected = 0,
+    /// 1: no service of that name is offered to this client (none exists, or the client's key
+    /// is not given it). The two are not told apart.
+    UnknownService = 1,
+    /// 2: the service exists but the server could not connect to it.
+    Unavailable = 2,
+}
+
 impl From<TunnelError> for io::Error {
     fn from(e: TunnelError) -> io::Error {
         match e {
             TunnelError::Io(e) => e,
             TunnelError::Net(e) => e.into(),
             TunnelError::UnknownService(_) => io::Error::new(io::ErrorKind::NotFound, e),
-            TunnelError::ServiceRefused { .. } => io::Error::new(io::ErrorKind::ConnectionRefused, e),
+            TunnelError::ServiceRefused { .. } | TunnelError::UnknownStatus { .. } => {
+                io::Error::new(io::ErrorKind::ConnectionRefused, e)
+            }
             TunnelError::Timeout(_) => io::Error::new(io::ErrorKind::TimedOut, e),
             _ => io::Error::new(io::ErrorKind::InvalidData, e),
         }

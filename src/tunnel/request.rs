@@ -9,30 +9,92 @@ use tracing::debug;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
-use super::{check_name, TunnelError, MAX_SERVICE_NAME, REQUEST_TIMEOUT};
-use crate::net::{self, ClientConfig, Stream};
+use zeroize::Zeroizing;
 
-/// Client side: opens a stream to `service` on the server at `addr`.
+use super::{check_name, Status, TunnelError, MAX_SERVICE_NAME, REQUEST_TIMEOUT};
+use crate::human::printable;
+use crate::net::{self, ClientConfig, ReadHalf, Stream, WriteHalf};
+
+/// Client side: opens a stream to `service` on the server at `addr`. If the server refuses
+/// the service, the stream is closed cleanly ([`finish`]) before the error is returned, so the
+/// session ends as a normal close on both sides.
 ///
 /// # Errors
 /// [`TunnelError::Net`] for connection and handshake failures, [`TunnelError::UnknownService`],
-/// [`TunnelError::ServiceRefused`], [`TunnelError::Timeout`].
+/// [`TunnelError::ServiceRefused`], [`TunnelError::UnknownStatus`], [`TunnelError::Timeout`].
 pub async fn open(addr: &str, cfg: ClientConfig, service: &str) -> Result<Stream, TunnelError> {
     let mut stream = request(addr, cfg, service).await?;
-    read_reply(&mut stream, service).await?;
-    Ok(stream)
+    match read_reply(&mut stream, service).await {
+        Ok(()) => Ok(stream),
+        Err(e) if e.is_refusal() => {
+            let _ = finish(stream, REFUSAL_DRAIN).await;
+            Err(e)
+        }
+        Err(e) => Err(e),
+    }
 }
 
-pub(super) async fn write_reply(stream: &mut Stream, status: u8, msg: &str) -> io::Result<()> {
+/// How long [`finish`] waits for the peer's end of stream, and for ours to be acknowledged.
+pub const FINISH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most bytes the server discards after refusing a service (what the client sent behind its
+/// request before it read the refusal), and a client after a refusal (nothing is expected).
+pub(super) const REFUSAL_DRAIN: u64 = 16 << 20;
+
+/// Ends a tunnel stream cleanly: half-closes it and reads, discarding, whatever the peer still
+/// sends until its end of stream (at most `limit` bytes, within [`FINISH_TIMEOUT`]). Both ends
+/// of the stream are then finished, and the session ends with a normal close instead of being
+/// aborted. Returns the bytes discarded.
+///
+/// # Errors
+/// The stream's failure, or `TimedOut` / `InvalidData` if the peer did not end its stream in
+/// time or sent more than `limit`; the stream is then dropped, which aborts the session.
+pub async fn finish(stream: Stream, limit: u64) -> io::Result<u64> {
+    let (mut r, mut w) = stream.into_split();
+    finish_halves(&mut r, &mut w, limit).await
+}
+
+/// [`finish`] for a stream already split into halves.
+pub(super) async fn finish_halves(r: &mut ReadHalf, w: &mut WriteHalf, limit: u64) -> io::Result<u64> {
+    let drain = async {
+        let mut sink = Zeroizing::new([0u8; 16 * 1024]);
+        let mut total = 0u64;
+        loop {
+            match r.read(&mut sink[..]).await? {
+                0 => return Ok(total),
+                n => total += n as u64,
+            }
+            if total > limit {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, format!("peer sent more than {limit} bytes")));
+            }
+        }
+    };
+    let both = async {
+        let (shut, drained) = tokio::join!(w.shutdown(), drain);
+        shut?;
+        drained
+    };
+    match tokio::time::timeout(FINISH_TIMEOUT, both).await {
+        Ok(r) => r,
+        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "the peer did not end its stream in time")),
+    }
+}
+
+/// Server side: writes the reply. The message is cut to 255 bytes on a character boundary.
+pub(super) async fn write_reply(stream: &mut Stream, status: Status, msg: &str) -> io::Result<()> {
     let mut end = msg.len().min(255);
     while !msg.is_char_boundary(end) {
         end -= 1;
     }
-    let mut buf = vec![status, end as u8];
+    let mut buf = vec![status as u8, end as u8];
     buf.extend_from_slice(&msg.as_bytes()[..end]);
     stream.write_all(&buf).await
 }
 
+/// Server side: reads the request (the caller bounds the wait).
+///
+/// # Errors
+/// [`TunnelError::Malformed`] for a length out of range or a name that is not UTF-8,
+/// [`TunnelError::BadName`] for other characters, [`TunnelError::Io`].
 pub(super) async fn read_request(stream: &mut Stream) -> Result<String, TunnelError> {
     let len = stream.read_u8().await? as usize;
     if len == 0 || len > MAX_SERVICE_NAME {
@@ -62,7 +124,7 @@ pub(super) async fn read_reply<R: AsyncRead + Unpin>(stream: &mut R, service: &s
         let len = stream.read_u8().await? as usize;
         let mut msg = vec![0u8; len];
         stream.read_exact(&mut msg).await?;
-        Ok::<_, io::Error>((status, String::from_utf8_lossy(&msg).into_owned()))
+        Ok::<_, io::Error>((status, printable(&String::from_utf8_lossy(&msg)).into_owned()))
     };
     let (status, msg) = match tokio::time::timeout(REQUEST_TIMEOUT, reply).await {
         Ok(Ok(r)) => r,
@@ -70,11 +132,12 @@ pub(super) async fn read_reply<R: AsyncRead + Unpin>(stream: &mut R, service: &s
         Ok(Err(e)) => return Err(e.into()),
         Err(_) => return Err(TunnelError::Timeout("reply")),
     };
+    let service = service.to_string();
     match status {
         0 => Ok(()),
-        1 => Err(TunnelError::UnknownService(service.to_string())),
-        2 => Err(TunnelError::ServiceRefused { service: service.to_string(), reason: msg }),
-        _ => Err(TunnelError::Malformed("reply")),
+        1 => Err(TunnelError::UnknownService(service)),
+        2 => Err(TunnelError::ServiceRefused { service, reason: msg }),
+        status => Err(TunnelError::UnknownStatus { service, status }),
     }
 }
 

@@ -6,26 +6,27 @@ use std::io;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{tcp, TcpStream};
 
-use super::request::read_reply;
+use super::request::{finish_halves, read_reply, REFUSAL_DRAIN};
 use super::TunnelError;
 use crate::net::{ReadHalf, Stream, WriteHalf};
 
 /// Like [`splice`] for a stream whose service request was sent but not yet answered: the
 /// program's first bytes go up right behind the request, without waiting a round trip for the
 /// reply (the server reads them only after it connected the service and answered 0; otherwise
-/// it discards them with the stream). The reply is read before anything goes down.
+/// it discards them). The reply is read before anything goes down. After a refusal the upload
+/// stops and the stream is ended cleanly ([`finish_halves`]), so the session closes normally.
 pub(super) async fn splice_requested(
     mut tcp: TcpStream,
     stream: Stream,
     service: &str,
 ) -> Result<(u64, u64), TunnelError> {
-    let (mut sr, sw) = stream.into_split();
+    let (mut sr, mut sw) = stream.into_split();
     let res = {
         let (tr, tw) = tcp.split();
-        let up = tcp_to_stream(tr, sw);
+        let up = tcp_to_stream(tr, &mut sw);
         let down = async {
             read_reply(&mut sr, service).await?;
-            Ok::<_, TunnelError>(stream_to_tcp(sr, tw).await?)
+            Ok::<_, TunnelError>(stream_to_tcp(&mut sr, tw).await?)
         };
         tokio::pin!(up, down);
         let (mut up_res, mut down_res) = (None, None);
@@ -39,8 +40,8 @@ pub(super) async fn splice_requested(
             }
             if matches!(up_res, Some(Err(_))) {
                 if down_res.is_none() {
-                    // The stream failing under the upload is often the server refusing the
-                    // service: let its reply say so, if it comes at once.
+                    // The stream failing under the upload may come with the server's refusal:
+                    // let its reply say so, if it comes at once.
                     if let Ok(r) = tokio::time::timeout(std::time::Duration::from_millis(200), &mut down).await {
                         down_res = Some(r);
                     }
@@ -55,7 +56,10 @@ pub(super) async fn splice_requested(
             _ => Err(TunnelError::Malformed("reply")),
         }
     };
-    if res.is_err() {
+    if let Err(e) = &res {
+        if e.is_refusal() {
+            let _ = finish_halves(&mut sr, &mut sw, REFUSAL_DRAIN).await;
+        }
         // Reset rather than close, so the program does not mistake a failure for a clean end.
         let _ = tcp.set_zero_linger();
     }
@@ -68,7 +72,7 @@ const FILL: usize = 256 * 1024;
 
 /// Copies a TCP socket into a stream until EOF, then half-closes the stream. The socket is read
 /// straight into the stream's replay buffer: no copy buffer, so an idle tunnel holds none.
-async fn tcp_to_stream(from: tcp::ReadHalf<'_>, mut to: WriteHalf) -> io::Result<u64> {
+async fn tcp_to_stream(from: tcp::ReadHalf<'_>, to: &mut WriteHalf) -> io::Result<u64> {
     let sock: &TcpStream = from.as_ref();
     let mut total = 0u64;
     loop {
@@ -87,7 +91,7 @@ async fn tcp_to_stream(from: tcp::ReadHalf<'_>, mut to: WriteHalf) -> io::Result
 
 /// Copies a stream into a TCP socket until the stream ends, then half-closes the socket. The
 /// socket is written straight from the stream's receive buffer.
-async fn stream_to_tcp(mut from: ReadHalf, mut to: tcp::WriteHalf<'_>) -> io::Result<u64> {
+async fn stream_to_tcp(from: &mut ReadHalf, mut to: tcp::WriteHalf<'_>) -> io::Result<u64> {
     let mut total = 0u64;
     loop {
         let sock: &TcpStream = to.as_ref();
@@ -110,10 +114,10 @@ async fn stream_to_tcp(mut from: ReadHalf, mut to: tcp::WriteHalf<'_>) -> io::Re
 /// # Errors
 /// The first I/O error of either direction.
 pub async fn splice(mut tcp: TcpStream, stream: Stream) -> io::Result<(u64, u64)> {
-    let (sr, sw) = stream.into_split();
+    let (mut sr, mut sw) = stream.into_split();
     let res = {
         let (tr, tw) = tcp.split();
-        tokio::try_join!(tcp_to_stream(tr, sw), stream_to_tcp(sr, tw))
+        tokio::try_join!(tcp_to_stream(tr, &mut sw), stream_to_tcp(&mut sr, tw))
     };
     if res.is_err() {
         // Reset rather than close, so the program does not mistake a failure for a clean end.

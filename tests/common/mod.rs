@@ -1,6 +1,7 @@
 #![allow(dead_code)]
 
 pub mod chaos;
+pub mod cli;
 pub mod faults;
 pub mod harness;
 pub mod http;

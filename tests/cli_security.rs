@@ -1,0 +1,322 @@
+//! Security review fixes (issue 13), checked through the real binary: low-order keys, keys never
+//! echoed, file permissions, control characters from peers in the logs, per-key services.
+#![cfg(unix)]
+
+mod common;
+
+use std::net::SocketAddr;
+
+use common::cli::*;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::Path;
+
+use holdfast::keys::{self, Keypair, PrivateKey, PublicKey};
+use holdfast::proto::frame::push_record;
+use holdfast::proto::{Cipher, ClientHandshake, Frame, Transport};
+use holdfast::ClientConfig;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+
+/// The all-zero key: a low-order point, which every private key "matches".
+const ZERO_KEY: &str = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+
+fn server_args<'a>(keys: &'a Keys, authorized: &'a str) -> Vec<&'a str> {
+    let mut args = vec!["server", "--listen", "127.0.0.1:0", "--key", s(&keys.server_key)];
+    args.extend(["--authorized", authorized, "--service", "x=127.0.0.1:1"]);
+    args
+}
+
+/// A low-order key is refused wherever a public key is read from text: `--server-key` inline
+/// and as a file, and an allow-list line.
+#[tokio::test]
+async fn low_order_keys_are_refused_at_every_entry_point() {
+    let keys = Keys::new("low-order");
+    let server: SocketAddr = "127.0.0.1:9".parse().unwrap(); // refused before any connection
+    let zero_pub = keys.dir.path("zero.pub");
+    std::fs::write(&zero_pub, format!("{ZERO_KEY}\n")).unwrap();
+    for server_key in [ZERO_KEY, s(&zero_pub)] {
+        let mut args = keys.client_args("connect", server, "echo");
+        let i = args.iter().position(|a| a == "--server-key").unwrap();
+        args[i + 1] = server_key.to_string();
+        let (st, _, err) = run(&strs(&args), b"").await;
+        assert_error(st, &err, &["--server-key", "low-order key that anyone can impersonate", "holdfast keygen"]);
+        assert!(!err.contains("cannot access"), "{err}");
+    }
+    let real = Keypair::generate().public;
+    std::fs::write(&keys.authorized, format!("{real} alice\n{ZERO_KEY} anyone\n")).unwrap();
+    let (st, _, err) = run(&server_args(&keys, s(&keys.authorized)), b"").await;
+    assert_error(st, &err, &[s(&keys.authorized), "line 2", "low-order key that anyone can impersonate"]);
+}
+
+/// A closed port: the key checks come before any connection.
+fn nowhere() -> SocketAddr {
+    "127.0.0.1:9".parse().unwrap()
+}
+
+/// `holdfast connect` with `flag` set to `value` instead of the working one.
+async fn connect_with(keys: &Keys, flag: &str, value: &str) -> (std::process::ExitStatus, String) {
+    let mut args = keys.client_args("connect", nowhere(), "echo");
+    let i = args.iter().position(|a| a == flag).unwrap();
+    args[i + 1] = value.to_string();
+    let (st, _, err) = run(&strs(&args), b"").await;
+    (st, err)
+}
+
+/// `holdfast server` with its `--key` set to `key`.
+async fn server_with_key(keys: &Keys, key: &Path) -> (std::process::ExitStatus, String) {
+    let (st, _, err) = run(
+        &server_args(keys, s(&keys.authorized))
+            .iter()
+            .map(|a| if *a == s(&keys.server_key) { s(key) } else { a })
+            .collect::<Vec<_>>(),
+        b"",
+    )
+    .await;
+    (st, err)
+}
+
+/// A private key given as `--key` itself (not a file) is never echoed, on the client or the
+/// server: the message says that `--key` takes a file path.
+#[tokio::test]
+async fn a_key_given_as_key_is_never_echoed() {
+    let keys = Keys::new("echo-key");
+    let secret = Keypair::generate().private.to_base64();
+    let unpadded = secret.trim_end_matches('=').to_string();
+    for given in [secret.to_string(), unpadded] {
+        let (st, err) = connect_with(&keys, "--key", &given).await;
+        assert_error(
+            st,
+            &err,
+            &["--key takes the path of a private key file", "must not be given on the command line"],
+        );
+        assert!(!err.contains(&given[..12]) && !err.contains(&given[20..32]), "the key was echoed:\n{err}");
+        let mut args = server_args(&keys, s(&keys.authorized));
+        let i = args.iter().position(|a| *a == "--key").unwrap();
+        args[i + 1] = &given;
+        let (st, _, err) = run(&args, b"").await;
+        assert_error(st, &err, &["--key takes the path of a private key file"]);
+        assert!(!err.contains(&given[..12]), "the server echoed the key:\n{err}");
+    }
+}
+
+/// A public key given as `--key` (a `.pub` file, or a file holding the same key as its `.pub`
+/// sibling) is refused on the client and the server, even with mode 0600; before, it was used
+/// as a private key.
+#[tokio::test]
+async fn a_public_key_given_as_key_is_refused() {
+    let keys = Keys::new("pub-as-key");
+    std::fs::set_permissions(&keys.server_pub, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let server_key = s(&keys.server_key).to_string();
+    let (st, err) = connect_with(&keys, "--key", s(&keys.server_pub)).await;
+    let want = format!("this is a public key; --key takes the private key file ({server_key})");
+    assert_error(st, &err, &[&format!("--key {}", s(&keys.server_pub)), &want]);
+    let (st, err) = server_with_key(&keys, &keys.server_pub).await;
+    assert_error(st, &err, &[&want]);
+
+    // laptop.key holds the key of laptop.pub (copied over by mistake).
+    let public = Keypair::generate().public;
+    let (laptop_key, laptop_pub) = (keys.dir.path("laptop.key"), keys.dir.path("laptop.pub"));
+    keys::save_public_key(&laptop_pub, &public).unwrap();
+    std::fs::write(&laptop_key, format!("{public}\n")).unwrap();
+    std::fs::set_permissions(&laptop_key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let same = format!("this is a public key (the same as {}); --key takes the private key file", s(&laptop_pub));
+    let (st, err) = connect_with(&keys, "--key", s(&laptop_key)).await;
+    assert_error(st, &err, &[&same]);
+    let (st, err) = server_with_key(&keys, &laptop_key).await;
+    assert_error(st, &err, &[&same]);
+}
+
+/// Every file error starts with the flag the file came from.
+#[tokio::test]
+async fn file_errors_name_their_flag() {
+    let keys = Keys::new("flags");
+    let nope = keys.dir.path("nope");
+    for flag in ["--key", "--server-key"] {
+        let (st, err) = connect_with(&keys, flag, s(&nope)).await;
+        assert_error(st, &err, &[&format!("{flag} {}: cannot read: no such file", s(&nope))]);
+    }
+    let (st, err) = server_with_key(&keys, &nope).await;
+    assert_error(st, &err, &[&format!("--key {}: cannot read: no such file", s(&nope))]);
+    let (st, _, err) = run(&server_args(&keys, s(&nope)), b"").await;
+    assert_error(st, &err, &[&format!("--authorized {}: cannot read: no such file", s(&nope))]);
+}
+
+/// A fake log line, as a peer would smuggle it in after a newline.
+const FAKE: &str = "2026-01-01T00:00:00.000000Z  INFO holdfast: FAKE-LINE";
+
+/// True if some line of `log` starts with the fake log line (it was not escaped).
+fn has_fake_line(log: &str) -> bool {
+    log.lines().any(|l| l.starts_with("2026-01-01T00:00:00.000000Z"))
+}
+
+/// The client key of `keys` and the server's public key.
+fn client_keys(keys: &Keys) -> (PrivateKey, PublicKey) {
+    (keys::load_private_key(&keys.client_key).unwrap(), keys::load_public_key(&keys.server_pub).unwrap())
+}
+
+/// An authenticated client sends a service name with a newline and a fake log line in it: the
+/// server logs the name escaped, on its own line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_name_cannot_fake_a_log_line() {
+    let keys = Keys::new("log-name");
+    let echo = echo_service().await;
+    let (server, addr) = keys.server(&[format!("echo={echo}")]).await;
+    let (private, server_key) = client_keys(&keys);
+    let cfg = ClientConfig::new(Keypair::from_private(private), server_key);
+    let mut stream = holdfast::connect(addr.to_string(), cfg).await.unwrap();
+    let name = format!("x\n{FAKE}");
+    let mut request = vec![name.len() as u8];
+    request.extend_from_slice(name.as_bytes());
+    stream.write_all(&request).await.unwrap();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(LIMIT, stream.read_to_end(&mut rest)).await;
+    let log = server.wait_log("bad service request", 1).await;
+    assert!(!has_fake_line(&log), "the peer faked a log line:\n{log}");
+    let line = log.lines().find(|l| l.contains("bad service request")).unwrap();
+    assert!(line.contains(&format!("x\\n{FAKE}")), "the name is not shown escaped: {line}");
+}
+
+/// A first connection made by hand (IK handshake and key confirmation), so that the test can
+/// send frames the library never sends.
+async fn raw_session(addr: SocketAddr, client: &PrivateKey, server: &PublicKey) -> (TcpStream, Transport) {
+    let mut sock = TcpStream::connect(addr).await.unwrap();
+    // The stamp: wall-clock nanoseconds, as the library's own client uses.
+    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    let (hs, hello) = ClientHandshake::initial(client, server, Cipher::ChaChaPoly, stamp).unwrap();
+    let mut rec = Vec::new();
+    push_record(&mut rec, &hello);
+    sock.write_all(&rec).await.unwrap();
+    let len = sock.read_u16().await.unwrap() as usize;
+    let mut reply = vec![0u8; len];
+    sock.read_exact(&mut reply).await.unwrap();
+    let mut transport = hs.read_reply(&reply).unwrap().transport;
+    send_frame(&mut sock, &mut transport, Frame::Ack(0)).await;
+    (sock, transport)
+}
+
+async fn send_frame(sock: &mut TcpStream, transport: &mut Transport, frame: Frame<'_>) {
+    let (mut plain, mut rec) = (Vec::new(), Vec::new());
+    frame.encode(&mut plain);
+    transport.seal(&plain, &mut rec).unwrap();
+    sock.write_all(&rec).await.unwrap();
+}
+
+/// A client ends a live tunnel with a CLOSE whose reason holds a newline and a fake log line:
+/// the tunnel layer's line about it shows the reason escaped. (The session layer's own
+/// "session ended" line, in src/net/server.rs, is not checked here: it logs the reason as is
+/// until that file escapes it too with `holdfast::human::printable`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_reason_is_escaped_in_the_tunnel_log() {
+    let keys = Keys::new("log-close");
+    let echo = echo_service().await;
+    let (server, addr) = keys.server(&[format!("echo={echo}")]).await;
+    let (private, server_key) = client_keys(&keys);
+    let (mut sock, mut transport) = raw_session(addr, &private, &server_key).await;
+    send_frame(&mut sock, &mut transport, Frame::Data { offset: 0, data: b"\x04echo" }).await;
+    server.wait_log("tunnel open", 1).await;
+    let reason = format!("bye\n{FAKE}");
+    send_frame(&mut sock, &mut transport, Frame::Close { code: 2, reason: &reason }).await;
+    let log = server.wait_log("tunnel failed", 1).await;
+    let line = log.lines().find(|l| l.contains("tunnel failed")).unwrap();
+    assert!(line.contains(&format!("bye\\n{FAKE}")), "the reason is not shown escaped: {line}");
+}
+
+/// An allow-list that group or others can change is refused at start-up and on a reload (the
+/// list in force stays); readable by others is fine, it holds public keys only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allow_list_others_can_change_is_refused() {
+    let keys = Keys::new("allow-perms");
+    let chmod = |mode| std::fs::set_permissions(&keys.authorized, std::fs::Permissions::from_mode(mode)).unwrap();
+    chmod(0o664);
+    let (st, _, err) = run(&server_args(&keys, s(&keys.authorized)), b"").await;
+    let fix = format!("chmod go-w {}", s(&keys.authorized));
+    assert_error(st, &err, &[&format!("--authorized {}: has mode 0664", s(&keys.authorized)), &fix]);
+
+    chmod(0o644);
+    let echo = echo_service().await;
+    let (server, addr) = keys.server(&[format!("echo={echo}")]).await;
+    chmod(0o666);
+    let pid = server.child.id().and_then(|p| rustix::process::Pid::from_raw(p as i32)).expect("server pid");
+    rustix::process::kill_process(pid, rustix::process::Signal::HUP).expect("send SIGHUP");
+    let log = server.wait_log("allow-list not reloaded", 1).await;
+    assert!(log.contains(&fix), "{log}");
+    let (st, out, err) = run(&strs(&keys.client_args("connect", addr, "echo")), b"hi").await;
+    assert!(st.success() && out == b"hi", "the list in force was lost:\n{err}");
+}
+
+/// Sends a raw service request for `name` and returns everything the server sends back until
+/// its end of stream, after ending ours; and how the session ended.
+async fn raw_request(keys: &Keys, addr: SocketAddr, name: &str) -> (Vec<u8>, holdfast::LinkStatus) {
+    let (private, server_key) = client_keys(keys);
+    let stream = holdfast::connect(addr.to_string(), ClientConfig::new(Keypair::from_private(private), server_key));
+    let mut stream = stream.await.unwrap();
+    let mut status = stream.status();
+    let mut request = vec![name.len() as u8];
+    request.extend_from_slice(name.as_bytes());
+    stream.write_all(&request).await.unwrap();
+    stream.shutdown().await.unwrap();
+    let mut reply = Vec::new();
+    tokio::time::timeout(LIMIT, stream.read_to_end(&mut reply)).await.expect("no end of stream").unwrap();
+    drop(stream);
+    let ended = |s: &holdfast::LinkStatus| matches!(s, holdfast::LinkStatus::Closed | holdfast::LinkStatus::Failed(_));
+    let end = tokio::time::timeout(LIMIT, status.wait_for(ended)).await.expect("session did not end").unwrap().clone();
+    (reply, end)
+}
+
+/// Refusals are a status code with an empty message: the server's own error text (here
+/// ECONNREFUSED) stays in its log. Then the server ends its stream, and the session closes
+/// normally.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_are_codes_without_server_details() {
+    let keys = Keys::new("codes");
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let (server, addr) = keys.server(&[format!("dead={dead}")]).await;
+    assert_eq!(raw_request(&keys, addr, "nope").await, (vec![1, 0], holdfast::LinkStatus::Closed));
+    assert_eq!(raw_request(&keys, addr, "dead").await, (vec![2, 0], holdfast::LinkStatus::Closed));
+    let log = server.wait_log("cannot connect to the service", 1).await;
+    assert!(log.contains("Connection refused"), "the server does not log the cause:\n{log}");
+}
+
+/// A key restricted with `services=` reaches only those services; any other is refused exactly
+/// as a service that does not exist. A key without the option still reaches every service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_can_be_restricted_per_key() {
+    let keys = Keys::new("per-key");
+    let restricted = Keypair::generate();
+    let restricted_key = keys.dir.path("restricted.key");
+    keys::save_private_key(&restricted_key, &restricted.private).unwrap();
+    let open = keys::load_private_key(&keys.client_key).unwrap();
+    let text = format!(
+        "{} open-client\n{} ci runner services=echo\n{} typo services=ehco\n",
+        Keypair::from_private(open).public,
+        restricted.public,
+        Keypair::generate().public
+    );
+    std::fs::write(&keys.authorized, text).unwrap();
+    let (echo, other) = (echo_service().await, echo_service().await);
+    let (server, addr) = keys.server(&[format!("echo={echo}"), format!("other={other}")]).await;
+    let as_restricted = |service: &str| {
+        let mut args = keys.client_args("connect", addr, service);
+        let i = args.iter().position(|a| a == "--key").unwrap();
+        args[i + 1] = s(&restricted_key).to_string();
+        args
+    };
+    for service in ["echo", "other"] {
+        let (st, out, err) = run(&strs(&keys.client_args("connect", addr, service)), b"hi").await;
+        assert!(st.success() && out == b"hi", "the unrestricted key was refused {service}:\n{err}");
+    }
+    let (st, out, err) = run(&strs(&as_restricted("echo")), b"hi").await;
+    assert!(st.success() && out == b"hi", "the restricted key was refused its service:\n{err}");
+    let (st, _, refused) = run(&strs(&as_restricted("other")), b"hi").await;
+    assert_error(st, &refused, &["no service named 'other'"]);
+    // Word for word what a service that does not exist gets.
+    let (_, _, missing) = run(&strs(&as_restricted("missing")), b"hi").await;
+    assert_eq!(
+        refused.lines().last().unwrap().replace("'other'", "'x'"),
+        missing.lines().last().unwrap().replace("'missing'", "'x'")
+    );
+    let log = server.wait_log("tunnel refused: not given to this client", 1).await;
+    let typo = log.lines().find(|l| l.contains("a service the server does not offer")).expect("no warning for ehco");
+    assert!(typo.contains("client=typo service=ehco"), "{typo}");
+    assert!(log.contains("client=ci runner service=other"), "{log}");
+}
