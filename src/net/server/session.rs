@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use super::state::{Entry, NewLink, State};
-use crate::human::Rounded;
+use crate::human::{printable, Rounded};
 use crate::net::events::{LinkEvent, LinkLost, LinkStatus};
 use crate::net::pump::{pump, PumpEnd};
 use crate::proto::{CloseCode, Event, SessionError, Ticket};
@@ -77,7 +77,7 @@ pub(super) async fn session_task(
                         }
                         faults += 1;
                         lost_at = Instant::now();
-                        info!(client = %entry.who, %cause, "session detached; waiting for resume");
+                        info!(client = %entry.who, cause = %printable(&cause.to_string()), "session detached; waiting for resume");
                         let lost = LinkLost { cause: cause.to_string(), faults };
                         shared.set_status(LinkStatus::Reconnecting { cause: lost.cause.clone(), attempt: 0 });
                         shared.emit(LinkEvent::Lost(lost));
@@ -144,18 +144,18 @@ pub(super) async fn session_task(
             }
             Err(e) if e.is_link_fault() => {
                 // The confirmation frame was bad: drop this connection only, as on a live link.
-                warn!(client = %entry.who, error = %e, "resumed connection sent a bad first frame; waiting for another");
+                warn!(client = %entry.who, error = %printable(&e.to_string()), "resumed connection sent a bad first frame; waiting for another");
                 shared.lock().session.detach();
                 lost_at = Instant::now();
             }
             Err(e @ SessionError::BadResume(_)) => {
                 // The client claims positions that were never sent: this end cannot resume it.
                 // The CLOSE(Protocol) that says so goes out on the new link.
-                warn!(client = %entry.who, error = %e, "resume failed; ending session");
+                warn!(client = %entry.who, error = %printable(&e.to_string()), "resume failed; ending session");
                 link = Some(new.sock);
             }
             Err(e) => {
-                warn!(client = %entry.who, error = %e, "resume failed; ending session");
+                warn!(client = %entry.who, error = %printable(&e.to_string()), "resume failed; ending session");
                 break;
             }
         }
@@ -180,8 +180,10 @@ pub(super) fn log_end(entry: &Entry) {
             info!(client = %who, to_client, from_client, %lasted, "session closed")
         }
         Some(e @ SessionError::Expired(_)) => {
-            info!(client = %who, to_client, from_client, %lasted, reason = %e, "session ended")
+            info!(client = %who, to_client, from_client, %lasted, reason = %printable(&e.to_string()), "session ended")
         }
-        Some(e) => warn!(client = %who, to_client, from_client, %lasted, reason = %e, "session ended"),
+        Some(e) => {
+            warn!(client = %who, to_client, from_client, %lasted, reason = %printable(&e.to_string()), "session ended")
+        }
     }
 }
