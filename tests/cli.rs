@@ -209,6 +209,30 @@ async fn connect_closes_the_session_when_ssh_hangs_up() {
     assert!(!log.contains("session detached"), "the server kept the session for a resume:\n{log}");
 }
 
+/// A client whose key is not on the allow-list learns nothing, but the server's log names its key
+/// in a line ready to paste into the allow-list (once, however often it retries).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_logs_each_refused_client_key() {
+    let keys = Keys::new("refused");
+    let echo = echo_service().await;
+    let (server, addr) = keys.server(&[format!("echo={echo}")]).await;
+    let stranger = Keypair::generate();
+    let stranger_key = keys.dir.path("stranger.key");
+    keys::save_private_key(&stranger_key, &stranger.private).unwrap();
+    let mut args = keys.client_args("connect", addr, "echo");
+    let k = args.iter().position(|a| a == "--key").unwrap();
+    args[k + 1] = s(&stranger_key).to_string();
+    for _ in 0..3 {
+        let (status, _, err) = run(&strs(&args), b"hi").await;
+        assert!(!status.success());
+        assert!(err.contains("the server logs every refused client key"), "{err}");
+    }
+    let log = server.wait_log("not on the allow-list", 1).await;
+    let line = log.lines().find(|l| l.contains("not on the allow-list")).unwrap();
+    assert!(line.contains(&format!("{} NAME", stranger.public)), "{line}");
+    assert_eq!(log.matches("not on the allow-list").count(), 1, "logged more than once:\n{log}");
+}
+
 /// SIGHUP reloads the allow-list: a key added to the file can connect, a removed one can no
 /// longer start a session, a bad file keeps the list in force, and a live session goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -288,7 +312,7 @@ async fn connect_errors_name_their_cause() {
     assert!(!err.contains("(os error 111): "), "cause repeated: {err}");
 
     // The server drops both silently by design, so the client names both possibilities.
-    let refused = ["dropped the handshake", "server key is wrong", "not on the server's allow-list"];
+    let refused = ["dropped the handshake", "pinned server key", "not on its allow-list", "logs every refused client key"];
     let (st, _, err) = connect(addr, "echo", &set("--server-key", Keypair::generate().public.to_string())).await;
     assert_error(st, &err, &refused);
     let stranger = keys.dir.path("stranger.key");

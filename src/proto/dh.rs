@@ -11,7 +11,7 @@
 //! secret scalar; whether `u` is on the curve or its twist depends only on the public key.
 
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Condvar, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
 use curve25519_dalek::montgomery::MontgomeryPoint;
 use snow::params::{CipherChoice, DHChoice, HashChoice};
@@ -210,7 +210,10 @@ impl Dh for Dh25519 {
             // connected. An unknown key gets a value that fails the message's authentication.
             (Some((table, miss)), 1) => match (table.ss(&u), miss) {
                 (Some(ss), _) => ss,
-                (None, Miss::Refuse) => table.decoy(),
+                (None, Miss::Refuse(claimed)) => {
+                    *claimed.lock().unwrap_or_else(|p| p.into_inner()) = Some(u);
+                    table.decoy()
+                }
                 (None, Miss::Compute) => Zeroizing::new(x25519(&self.private, &u)),
             },
             _ => Zeroizing::new(x25519(&self.private, &u)),
@@ -227,10 +230,11 @@ impl Dh for Dh25519 {
 }
 
 /// What a responder's `ss` does for a client key that has no precomputed result.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub(crate) enum Miss {
-    /// First connection: the key is not allowed, so the handshake must fail; use a decoy.
-    Refuse,
+    /// First connection: the key is not allowed, so the handshake must fail; use a decoy, and
+    /// note the key that was claimed (for the server's log; nothing proves the claim).
+    Refuse(Arc<Mutex<Option<[u8; 32]>>>),
     /// Resume: the key is the session's (perhaps no longer on the allow-list); compute it.
     Compute,
 }

@@ -112,6 +112,11 @@ pub enum HandshakeError {
     /// The client's static key is not on the server's allow-list.
     #[error("client key is not authorized")]
     UnknownClient,
+    /// Server: a first-connection hello claimed this key, which is not on the allow-list (the
+    /// hello then fails to authenticate; nothing proves the claimant holds the key). Handled as
+    /// a silent refusal, like [`HandshakeError::Auth`].
+    #[error("client key {0} is not on the allow-list")]
+    NotAllowed(PublicKey),
     /// The resume id names no live session.
     #[error("session is unknown or expired")]
     UnknownSession,
@@ -605,13 +610,19 @@ fn read_hello_with(
     match head.resume {
         None => {
             let (header, msg) = body.split_at(INITIAL_HEADER);
-            let tables = statics.map(|t| (t.clone(), Miss::Refuse));
+            let claimed = std::sync::Arc::new(std::sync::Mutex::new(None));
+            let tables = statics.map(|t| (t.clone(), Miss::Refuse(claimed.clone())));
             let mut b = builder(protocol_name(false, cipher), header, local, tables)?;
             if let Some(e) = ephemeral {
                 b = b.fixed_ephemeral_key_for_testing_only(e);
             }
             let mut state = b.build_responder().map_err(|_| HandshakeError::Setup)?;
-            let n = state.read_message(msg, &mut payload[..]).map_err(|_| HandshakeError::Auth)?;
+            let n = state.read_message(msg, &mut payload[..]).map_err(|_| {
+                match *claimed.lock().unwrap_or_else(|p| p.into_inner()) {
+                    Some(k) => HandshakeError::NotAllowed(PublicKey::from_bytes(k)),
+                    None => HandshakeError::Auth,
+                }
+            })?;
             let stamp: [u8; STAMP_LEN] = payload[..n].try_into().map_err(|_| HandshakeError::Malformed)?;
             let client = state
                 .get_remote_static()

@@ -108,6 +108,18 @@ pub(super) async fn handshake(mut sock: TcpStream, addr: SocketAddr, state: &Arc
     };
     let read = match handshake::read_hello(&body, &cfg.keypair.private, Some(&state.statics()), lookup) {
         Ok(r) => r,
+        Err(HandshakeError::NotAllowed(key)) => {
+            // Silent to the client (it learns nothing about the list); the operator is told,
+            // within a rate, which key to add.
+            if state.refusal_log.allow(key) {
+                warn!(
+                    %addr,
+                    key = %key,
+                    "refused a client whose key is not on the allow-list; to let it in, add this line to the --authorized file: {key} NAME"
+                );
+            }
+            return Err(fail(HandshakeError::NotAllowed(key)));
+        }
         Err(HandshakeError::UnknownSession) => {
             // The ticket was retired between the look-up above and this one.
             let _ = write_record(&mut sock, &handshake::reject(RejectCode::UnknownSession)).await;

@@ -110,6 +110,7 @@ pub async fn bind(addr: impl Into<String>, cfg: ServerConfig) -> Result<Listener
         buffered: AtomicUsize::new(0),
         expired: AtomicUsize::new(0),
         resumes: AtomicUsize::new(0),
+        refusal_log: Default::default(),
         refusing: AtomicUsize::new(0),
         pending: Mutex::new(Pending::default()),
         accepted: tx,

@@ -102,6 +102,8 @@ pub(super) struct State {
     pub(super) buffered: AtomicUsize,
     pub(super) expired: AtomicUsize,
     pub(super) resumes: AtomicUsize,
+    /// Which refused client keys were logged lately (see [`RefusalLog`]).
+    pub(super) refusal_log: RefusalLog,
     /// Over-rate connections being answered with BUSY.
     pub(super) refusing: AtomicUsize,
     pub(super) pending: Mutex<Pending>,
@@ -248,6 +250,43 @@ impl Stamps {
     }
 }
 
+/// Rate limit of the "refused a client key" log line: each key at most once a minute, and at
+/// most [`RefusalLog::PER_MINUTE`] lines a minute in all, so that a scanner claiming random keys
+/// cannot flood the log.
+#[derive(Default)]
+pub(super) struct RefusalLog {
+    inner: Mutex<RefusalWindow>,
+}
+
+#[derive(Default)]
+struct RefusalWindow {
+    start: Option<Instant>,
+    lines: usize,
+    keys: HashMap<PublicKey, Instant>,
+}
+
+impl RefusalLog {
+    const PER_MINUTE: usize = 10;
+
+    /// True if a line for `key` may be logged now (and counts it).
+    pub(super) fn allow(&self, key: PublicKey) -> bool {
+        let now = Instant::now();
+        let minute = std::time::Duration::from_secs(60);
+        let mut w = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if w.start.is_none_or(|s| now.duration_since(s) >= minute) {
+            w.start = Some(now);
+            w.lines = 0;
+            w.keys.retain(|_, at| now.duration_since(*at) < minute);
+        }
+        if w.lines >= Self::PER_MINUTE || w.keys.get(&key).is_some_and(|at| now.duration_since(*at) < minute) {
+            return false;
+        }
+        w.lines += 1;
+        w.keys.insert(key, now);
+        true
+    }
+}
+
 /// A session slot held by a handshake; released on drop unless the session was committed.
 pub(super) struct Reservation<'a> {
     pub(super) state: &'a State,
@@ -318,5 +357,21 @@ mod tests {
         for i in 0..10 {
             assert!(!s.accept(base + i), "an evicted stamp was accepted again");
         }
+    }
+}
+
+#[cfg(test)]
+mod refusal_tests {
+    use super::RefusalLog;
+    use crate::keys::Keypair;
+
+    #[test]
+    fn each_key_is_logged_once_a_minute_and_at_most_ten_lines_in_all() {
+        let log = RefusalLog::default();
+        let first = Keypair::generate().public;
+        assert!(log.allow(first));
+        assert!(!log.allow(first), "the same key twice in a minute");
+        let logged = (0..50).filter(|_| log.allow(Keypair::generate().public)).count();
+        assert_eq!(logged, RefusalLog::PER_MINUTE - 1);
     }
 }
