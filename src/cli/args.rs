@@ -30,10 +30,10 @@ Examples:
 #[command(name = "holdfast", version, about = ABOUT, long_about = LONG_ABOUT, after_help = EXAMPLES)]
 pub(crate) struct Cli {
     /// More log output on stderr (-v debug, -vv trace). RUST_LOG overrides.
-    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    #[arg(short, long, action = clap::ArgAction::Count, global = true, help_heading = "Output")]
     pub(crate) verbose: u8,
-    /// Only log errors.
-    #[arg(short, long, global = true)]
+    /// Only log errors (and, for `connect` on a terminal, no status lines).
+    #[arg(short, long, global = true, help_heading = "Output")]
     pub(crate) quiet: bool,
     #[command(subcommand)]
     pub(crate) cmd: Cmd,
@@ -90,8 +90,8 @@ pub(crate) enum Cmd {
 
 #[derive(Args)]
 pub(crate) struct ServerArgs {
-    /// Address to listen on.
-    #[arg(long, value_name = "ADDR")]
+    /// Address to listen on, HOST[:PORT] (port 7700 if none is given), e.g. 0.0.0.0:7700.
+    #[arg(long, value_name = "HOST[:PORT]", value_parser = parse_holdfast_addr)]
     pub(crate) listen: String,
     /// The server's private key file (mode 0600).
     #[arg(long, value_name = "FILE")]
@@ -103,18 +103,18 @@ pub(crate) struct ServerArgs {
     #[arg(long = "service", value_name = "NAME=HOST:PORT", required = true)]
     pub(crate) services: Vec<String>,
     /// Most sessions at once.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 1024, help_heading = "Limits")]
     pub(crate) max_sessions: usize,
     /// Most sessions per client key.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, help_heading = "Limits")]
     pub(crate) max_sessions_per_key: usize,
     /// Most connections in their handshake at once.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, help_heading = "Limits")]
     pub(crate) max_handshakes: usize,
     /// How long a session whose client vanished is kept for it to resume.
-    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration, help_heading = "Limits")]
     pub(crate) session_expiry: Duration,
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = "Timers and buffers")]
     pub(crate) timers: Timers,
 }
 
@@ -141,8 +141,8 @@ pub(crate) enum OnFault {
 
 #[derive(Args, Clone)]
 pub(crate) struct ClientCommon {
-    /// The server, HOST:PORT (re-resolved on every reconnect).
-    #[arg(long, value_name = "HOST:PORT")]
+    /// The server, HOST[:PORT] (port 7700 if none is given; re-resolved on every reconnect).
+    #[arg(long, value_name = "HOST[:PORT]", value_parser = parse_holdfast_addr)]
     pub(crate) server: String,
     /// The server's public key: a .pub file, or the base64 key itself.
     #[arg(long, value_name = "FILE|KEY")]
@@ -150,20 +150,21 @@ pub(crate) struct ClientCommon {
     /// This client's private key file (mode 0600).
     #[arg(long, value_name = "FILE")]
     pub(crate) key: PathBuf,
-    /// The service to reach, by the name the server gives it.
+    /// The service to reach, by the name the server gives it (`client`: for every --local that
+    /// names none).
     #[arg(long, value_name = "NAME")]
-    pub(crate) service: String,
+    pub(crate) service: Option<String>,
     /// What to do when the real connection fails.
-    #[arg(long, value_enum, default_value = "recover")]
+    #[arg(long, value_enum, default_value = "recover", help_heading = "Recovery")]
     pub(crate) on_fault: OnFault,
-    /// Give up after this long without a connection; the stream then fails.
-    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    /// Give up after this long without a connection (time asleep counts); the stream then fails.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration, help_heading = "Recovery")]
     pub(crate) give_up: Duration,
     /// The link's cipher. `auto` picks AES-256-GCM where this CPU has AES instructions (about
     /// three times faster there) and ChaCha20-Poly1305 elsewhere. The server accepts either.
     #[arg(long, value_enum, default_value = "auto")]
     pub(crate) cipher: CipherArg,
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = "Timers and buffers")]
     pub(crate) timers: Timers,
 }
 
@@ -181,9 +182,10 @@ pub(crate) enum CipherArg {
 
 #[derive(Args)]
 pub(crate) struct ClientArgs {
-    /// Local address to accept connections on.
-    #[arg(long, value_name = "ADDR")]
-    pub(crate) local: String,
+    /// A local address to accept connections on, HOST:PORT, optionally with the service for it:
+    /// HOST:PORT=SERVICE. Repeat for more forwards in one process (like ssh -L).
+    #[arg(long, value_name = "HOST:PORT[=SERVICE]", required = true, value_parser = parse_local)]
+    pub(crate) local: Vec<(String, Option<String>)>,
     /// Skip the start-up check that the server and service answer.
     #[arg(long)]
     pub(crate) no_check: bool,
@@ -195,6 +197,58 @@ pub(crate) struct ClientArgs {
 pub(crate) struct ConnectArgs {
     #[command(flatten)]
     pub(crate) common: ClientCommon,
+}
+
+/// The port of holdfast servers when an address names none.
+pub(crate) const DEFAULT_PORT: u16 = 7700;
+
+/// `HOST` or `HOST:PORT` (IPv6 as `[ADDR]:PORT`, or bare): the address with its port, 7700 if
+/// none was given.
+pub(crate) fn parse_holdfast_addr(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Err("an address is empty; give HOST or HOST:PORT".into());
+    }
+    if s.parse::<std::net::Ipv6Addr>().is_ok() {
+        return Ok(format!("[{s}]:{DEFAULT_PORT}"));
+    }
+    match split_port(s) {
+        Some((_, port)) => {
+            port.parse::<u16>().map(|_| s.to_string()).map_err(|_| format!("'{port}' is not a port number (0-65535)"))
+        }
+        None => Ok(format!("{s}:{DEFAULT_PORT}")),
+    }
+}
+
+/// `HOST:PORT` split at the port's colon (`[ADDR]:PORT` for IPv6); `None` without a port.
+fn split_port(s: &str) -> Option<(&str, &str)> {
+    if let Some(rest) = s.strip_prefix('[') {
+        let (host, after) = rest.split_once(']')?;
+        return after.strip_prefix(':').map(|p| (host, p));
+    }
+    if s.matches(':').count() == 1 {
+        return s.split_once(':');
+    }
+    None
+}
+
+/// `--local HOST:PORT[=SERVICE]`: a port is required (a local forward has no natural default).
+pub(crate) fn parse_local(s: &str) -> Result<(String, Option<String>), String> {
+    let (addr, service) = match s.split_once('=') {
+        Some((a, svc)) => (a.trim(), Some(svc.trim().to_string())),
+        None => (s.trim(), None),
+    };
+    if let Some(svc) = &service {
+        holdfast::tunnel::check_name(svc).map_err(|e| e.to_string())?;
+    }
+    if addr.parse::<u16>().is_ok() {
+        return Err(format!("'{addr}' is a port alone; give HOST:PORT, for example 127.0.0.1:{addr}"));
+    }
+    match split_port(addr) {
+        Some((_, port)) if port.parse::<u16>().is_ok() => Ok((addr.to_string(), service)),
+        Some((_, port)) => Err(format!("'{port}' is not a port number (0-65535)")),
+        None => Err(format!("'{addr}' has no port; give HOST:PORT, for example {addr}:2222")),
+    }
 }
 
 pub(crate) fn parse_size(s: &str) -> Result<u64, String> {

@@ -3,7 +3,7 @@
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use holdfast::human::printable;
 use holdfast::net::{LinkEvent, Recovery, RecoveryPolicy, Rounded};
 use holdfast::proto::Cipher;
@@ -16,7 +16,9 @@ use crate::keyfiles::{load_keypair, load_server_key};
 use crate::{session_config, term};
 
 fn client_config(c: &ClientCommon) -> Result<ClientConfig> {
-    tunnel::check_name(&c.service)?;
+    if let Some(service) = &c.service {
+        tunnel::check_name(service)?;
+    }
     let mut cfg = ClientConfig::new(load_keypair("--key", &c.key)?, load_server_key(&c.server_key)?);
     cfg.session = session_config(&c.timers)?;
     cfg.recovery = RecoveryPolicy { give_up_after: c.give_up, ..RecoveryPolicy::default() };
@@ -57,27 +59,44 @@ fn log_event(from: Option<SocketAddr>, ev: LinkEvent) {
 pub(crate) async fn client(args: ClientArgs) -> Result<()> {
     let c = &args.common;
     let cfg = client_config(c)?;
-    let local =
-        tokio::net::TcpListener::bind(&args.local).await.with_context(|| format!("cannot listen on {}", args.local))?;
-    if !args.no_check {
-        let probe = tunnel::open(&c.server, cfg.clone(), &c.service).await?;
-        // End the probe as a normal close (both ends of the stream finished), not an abort
-        // that the server would log as a failed tunnel; it needs no waiting for.
-        tokio::spawn(async move {
-            if let Err(e) = tunnel::finish(probe, 1 << 20).await {
-                tracing::debug!(error = %printable(&e.to_string()), "start-up check did not end cleanly");
-            }
-        });
+    let mut forwards = Vec::new();
+    for (addr, service) in &args.local {
+        let Some(service) = service.clone().or_else(|| c.service.clone()) else {
+            bail!("--local {addr}: no service; give --local {addr}=SERVICE, or --service NAME for every --local");
+        };
+        let listener =
+            tokio::net::TcpListener::bind(addr).await.with_context(|| format!("--local {addr}: cannot listen"))?;
+        forwards.push((listener, service));
     }
-    info!(local = %local.local_addr()?, server = %c.server, service = %c.service, "forwarding");
+    if !args.no_check {
+        let mut checked = std::collections::BTreeSet::new();
+        for (_, service) in &forwards {
+            if !checked.insert(service.clone()) {
+                continue;
+            }
+            let probe = tunnel::open(&c.server, cfg.clone(), service).await?;
+            // End the probe as a normal close (both ends of the stream finished), not an abort
+            // that the server would log as a failed tunnel; it needs no waiting for.
+            tokio::spawn(async move {
+                if let Err(e) = tunnel::finish(probe, 1 << 20).await {
+                    tracing::debug!(error = %printable(&e.to_string()), "start-up check did not end cleanly");
+                }
+            });
+        }
+    }
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         while let Some((from, ev)) = rx.recv().await {
             log_event(Some(from), ev);
         }
     });
+    let mut running = tokio::task::JoinSet::new();
+    for (listener, service) in forwards {
+        info!(local = %listener.local_addr()?, server = %c.server, %service, "forwarding");
+        running.spawn(tunnel::forward(listener, c.server.clone(), cfg.clone(), service, Some(tx.clone())));
+    }
     tokio::select! {
-        r = tunnel::forward(local, c.server.clone(), cfg, c.service.clone(), Some(tx)) => r?,
+        Some(r) = running.join_next() => r.context("a forward stopped")??,
         _ = tokio::signal::ctrl_c() => info!("interrupted; exiting"),
     }
     Ok(())
@@ -87,7 +106,8 @@ pub(crate) async fn connect(args: ConnectArgs, quiet: bool) -> Result<()> {
     let c = &args.common;
     // stdout carries only stream bytes. On a terminal (ssh's, in raw mode) link events become
     // short status lines; otherwise they are logged.
-    let stream = tunnel::open(&c.server, client_config(c)?, &c.service).await?;
+    let Some(service) = &c.service else { bail!("--service NAME is required: the service to reach on the server") };
+    let stream = tunnel::open(&c.server, client_config(c)?, service).await?;
     let events = stream.events();
     if std::io::stderr().is_terminal() {
         if !quiet {

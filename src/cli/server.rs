@@ -15,14 +15,14 @@ use crate::keyfiles::load_keypair;
 use crate::session_config;
 
 pub(crate) async fn server(args: ServerArgs) -> Result<()> {
+    let mut services = Services::new();
+    for spec in &args.services {
+        services.add_spec(spec).with_context(|| format!("--service {spec}"))?;
+    }
     let keypair = load_keypair("--key", &args.key)?;
     let allow = AllowList::load(&args.authorized).map_err(|e| anyhow!("--authorized {e}"))?;
     if allow.is_empty() {
         warn!(file = %args.authorized.display(), "the allow-list is empty: no client can connect");
-    }
-    let mut services = Services::new();
-    for spec in &args.services {
-        services.add_spec(spec).with_context(|| format!("--service {spec}"))?;
     }
     let services = Arc::new(services);
     warn_unknown_services(&allow, &services);
@@ -36,7 +36,8 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
     // Watch SIGHUP before saying "ready": until then, its default action would end the server.
     let hangups = signal(SignalKind::hangup()).context("cannot watch for SIGHUP")?;
     let listener = holdfast::bind(args.listen.clone(), cfg).await?;
-    info!(listen = %listener.local_addr(), server_key = %public, services = services.len(), "server ready");
+    let offered: Vec<String> = services.iter().map(|(n, t)| format!("{n}={t}")).collect();
+    info!(listen = %listener.local_addr(), server_key = %public, services = %offered.join(","), "server ready");
     let reload = reload_on_hangup(hangups, listener.allow_list_handle(), args.authorized.clone(), services.clone());
     tokio::select! {
         r = tunnel::serve(listener, services) => r?,

@@ -51,7 +51,7 @@ pub async fn forward(
             }
             debug!(%from, service = %service, "forwarding");
             match splice_requested(tcp, stream, &service).await {
-                Ok((up, down)) => info!(%from, up, down, "connection closed"),
+                Ok((to_service, to_program)) => info!(%from, to_service, to_program, "connection closed"),
                 Err(e) if e.is_refusal() => warn!(%from, error = %printable(&e.to_string()), "cannot open tunnel"),
                 Err(e) => warn!(%from, error = %printable(&e.to_string()), "connection failed"),
             }

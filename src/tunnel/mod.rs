@@ -72,6 +72,14 @@ pub enum TunnelError {
         /// The status byte.
         status: u8,
     },
+    /// A service name was given twice.
+    #[error("service '{name}' is given twice (first as {first}); give each name once")]
+    DuplicateService {
+        /// The name.
+        name: String,
+        /// The target it was first given.
+        first: String,
+    },
     /// The name is not a valid service name.
     #[error("invalid service name '{}': use 1-64 characters from A-Z a-z 0-9 . _ -", crate::human::printable(.0))]
     BadName(String),
@@ -153,11 +161,21 @@ impl Services {
     /// Adds a service.
     ///
     /// # Errors
-    /// [`TunnelError::BadName`] for an invalid name.
+    /// [`TunnelError::BadName`] for an invalid name, [`TunnelError::DuplicateService`] for a
+    /// name already given (a second `--service web=…` would otherwise silently replace the
+    /// first).
     pub fn add(&mut self, name: &str, target: &str) -> Result<(), TunnelError> {
         check_name(name)?;
+        if let Some(first) = self.0.get(name) {
+            return Err(TunnelError::DuplicateService { name: name.to_string(), first: first.clone() });
+        }
         self.0.insert(name.to_string(), target.to_string());
         Ok(())
+    }
+
+    /// The services, by name: (name, target).
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(n, t)| (n.as_str(), t.as_str()))
     }
 
     /// Parses `NAME=HOST:PORT`.

@@ -68,7 +68,7 @@ async fn serve_one(mut stream: Stream, peer: Peer, services: Arc<Services>, allo
     }
     info!(client = %who, service = %name, %target, "tunnel open");
     match splice(tcp, stream).await {
-        Ok((up, down)) => info!(client = %who, service = %name, up, down, "tunnel closed"),
+        Ok((to_client, to_service)) => info!(client = %who, service = %name, to_service, to_client, "tunnel closed"),
         Err(e) => warn!(client = %who, service = %name, error = %printable(&e.to_string()), "tunnel failed"),
     }
 }

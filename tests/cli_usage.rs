@@ -1,0 +1,120 @@
+//! What a new user meets first (issue 16): messages for addresses without a port, the default
+//! port, duplicate services, several forwards in one process, and `--help` grouped the way
+//! users read it. Real binary, loopback, ports chosen at run time.
+#![cfg(unix)]
+
+mod common;
+
+use common::cli::{echo_roundtrip, echo_service, run, s, strs, Keys, Proc, MIB};
+
+#[tokio::test]
+async fn addresses_without_a_port_say_so() {
+    let (status, _, err) =
+        run(&["client", "--local", "8082", "--server", "h", "--server-key", "k", "--key", "f", "--service", "x"], b"")
+            .await;
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert!(err.contains("'8082' is a port alone; give HOST:PORT, for example 127.0.0.1:8082"), "{err}");
+    let (_, _, err) = run(
+        &["client", "--local", "127.0.0.1", "--server", "h", "--server-key", "k", "--key", "f", "--service", "x"],
+        b"",
+    )
+    .await;
+    assert!(err.contains("'127.0.0.1' has no port"), "{err}");
+    assert!(!err.contains("invalid socket address"), "{err}");
+    let (_, _, err) =
+        run(&["connect", "--server", "h:77x", "--server-key", "k", "--key", "f", "--service", "x"], b"").await;
+    assert!(err.contains("'77x' is not a port number"), "{err}");
+}
+
+/// `--server HOST` and `--listen HOST` mean port 7700 (when it is free here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_port_is_7700() {
+    if std::net::TcpListener::bind("127.0.0.1:7700").is_err() {
+        eprintln!("the_default_port_is_7700: skipped: port 7700 is in use on this machine");
+        return;
+    }
+    let keys = Keys::new("port");
+    let echo = echo_service().await;
+    let server = Proc::spawn(
+        &[
+            "server",
+            "--listen",
+            "127.0.0.1",
+            "--key",
+            s(&keys.server_key),
+            "--authorized",
+            s(&keys.authorized),
+            "--service",
+            &format!("echo={echo}"),
+        ],
+        false,
+    );
+    let addr = server.logged_addr("server ready", "listen=").await;
+    assert_eq!(addr.port(), 7700);
+    let mut args = keys.client_args("connect", addr, "echo");
+    let i = args.iter().position(|a| a == "--server").unwrap();
+    args[i + 1] = "127.0.0.1".into();
+    let (status, out, err) = run(&strs(&args), b"default port").await;
+    assert!(status.success(), "{err}");
+    assert_eq!(out, b"default port");
+}
+
+#[tokio::test]
+async fn a_service_name_given_twice_is_refused() {
+    let keys = Keys::new("dup");
+    let (status, _, err) = run(
+        &[
+            "server",
+            "--listen",
+            "127.0.0.1:0",
+            "--key",
+            s(&keys.server_key),
+            "--authorized",
+            s(&keys.authorized),
+            "--service",
+            "web=127.0.0.1:1",
+            "--service",
+            "web=127.0.0.1:2",
+        ],
+        b"",
+    )
+    .await;
+    assert!(!status.success());
+    assert!(err.contains("service 'web' is given twice (first as 127.0.0.1:1)"), "{err}");
+}
+
+/// Several forwards in one process, each to its own service, like `ssh -L` given twice; the
+/// server's start-up line lists each service with its target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_carries_several_forwards() {
+    let keys = Keys::new("multi");
+    let (a, b) = (echo_service().await, echo_service().await);
+    let (server, addr) = keys.server(&[format!("one={a}"), format!("two={b}")]).await;
+    assert!(server.stderr().contains(&format!("services=one={a},two={b}")), "{}", server.stderr());
+    let mut args = keys.client_args("client", addr, "one");
+    args.retain(|x| x != "--service" && x != "one");
+    args.extend(["--local", "127.0.0.1:0=one", "--local", "127.0.0.1:0=two"].map(String::from));
+    let client = Proc::spawn(&strs(&args), false);
+    let log = client.wait_log("forwarding", 2).await;
+    let locals: Vec<std::net::SocketAddr> = log
+        .lines()
+        .filter(|l| l.contains("forwarding"))
+        .filter_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("local=")).and_then(|v| v.parse().ok()))
+        .collect();
+    assert_eq!(locals.len(), 2, "{log}");
+    echo_roundtrip(locals[0], 1, MIB).await;
+    echo_roundtrip(locals[1], 2, MIB).await;
+    let tunnels = server.wait_log("tunnel open", 4).await;
+    assert!(tunnels.contains("service=one") && tunnels.contains("service=two"), "{tunnels}");
+}
+
+#[tokio::test]
+async fn help_groups_options_as_users_read_them() {
+    let (_, out, _) = run(&["server", "--help"], b"").await;
+    let help = String::from_utf8_lossy(&out);
+    let pos = |w: &str| help.find(w).unwrap_or_else(|| panic!("no {w} in:\n{help}"));
+    // The server's own options first; logging options (global) come last, not among them.
+    assert!(pos("--listen") < pos("--key") && pos("--key") < pos("--authorized"));
+    assert!(pos("--service") < pos("Limits:") && pos("Limits:") < pos("Output:"));
+    assert!(pos("--verbose") > pos("--session-expiry"), "-v sits among the server's options:\n{help}");
+}
