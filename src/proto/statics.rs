@@ -124,8 +124,8 @@ mod tests {
             assert!(matches!(&outcome[0], Ok(Hello::Initial { client, .. }) if *client == known.public));
             assert_eq!(
                 outcome[1].as_ref().err(),
-                Some(&HandshakeError::Auth),
-                "an unknown key must fail like a forgery"
+                Some(&HandshakeError::NotAllowed(unknown.public)),
+                "an unknown key must fail (message 1 does not authenticate), naming the claim"
             );
         }
     }
