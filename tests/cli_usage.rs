@@ -118,3 +118,32 @@ async fn help_groups_options_as_users_read_them() {
     assert!(pos("--service") < pos("Limits:") && pos("Limits:") < pos("Output:"));
     assert!(pos("--verbose") > pos("--session-expiry"), "-v sits among the server's options:\n{help}");
 }
+
+/// Ctrl-C or SIGTERM on the server: no new sessions, and every open tunnel ends cleanly (the
+/// program reads every byte and then EOF, not a reset), then the server exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_ends_every_tunnel_cleanly() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let keys = Keys::new("term");
+    let echo = echo_service().await;
+    let (mut server, addr) = keys.server(&[format!("echo={echo}")]).await;
+    let mut args = keys.client_args("client", addr, "echo");
+    args.extend(["--local", "127.0.0.1:0", "--no-check"].map(String::from));
+    let client = Proc::spawn(&strs(&args), false);
+    let local = client.logged_addr("forwarding", "local=").await;
+    let mut conn = tokio::net::TcpStream::connect(local).await.unwrap();
+    conn.write_all(b"before the stop").await.unwrap();
+    let mut got = [0u8; 15];
+    conn.read_exact(&mut got).await.unwrap();
+    let pid = server.child.id().and_then(|p| rustix::process::Pid::from_raw(p as i32)).expect("pid");
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    let mut rest = Vec::new();
+    let end = tokio::time::timeout(common::cli::LIMIT, conn.read_to_end(&mut rest)).await.expect("no end in time");
+    assert!(end.is_ok(), "the program saw {end:?}, not a clean end");
+    conn.shutdown().await.unwrap();
+    let (status, log) = server.exit().await;
+    assert!(status.success(), "server exit {status}:\n{log}");
+    assert!(log.contains("every tunnel ended; exiting"), "{log}");
+    assert!(log.contains("session closed"), "{log}");
+    assert!(!client.stderr().contains("stream failed"), "{}", client.stderr());
+}

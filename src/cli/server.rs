@@ -14,6 +14,9 @@ use crate::args::ServerArgs;
 use crate::keyfiles::load_keypair;
 use crate::session_config;
 
+/// How long a stopping server waits for its open tunnels to end cleanly.
+const SHUTDOWN_DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
+
 pub(crate) async fn server(args: ServerArgs) -> Result<()> {
     let mut services = Services::new();
     for spec in &args.services {
@@ -39,9 +42,33 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
     let offered: Vec<String> = services.iter().map(|(n, t)| format!("{n}={t}")).collect();
     info!(listen = %listener.local_addr(), server_key = %public, services = %offered.join(","), "server ready");
     let reload = reload_on_hangup(hangups, listener.allow_list_handle(), args.authorized.clone(), services.clone());
+    // Ctrl-C or SIGTERM: stop accepting and end every tunnel cleanly within the drain time; a
+    // second one exits at once.
+    let mut term = signal(SignalKind::terminate()).context("cannot watch for SIGTERM")?;
+    let stop = async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        info!(drain = %holdfast::human::Rounded(SHUTDOWN_DRAIN), "stopping: no new sessions; ending open tunnels (again to exit at once)");
+        tokio::spawn(async move {
+            let mut term = signal(SignalKind::terminate()).ok();
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+            }
+            std::process::exit(130);
+        });
+    };
     tokio::select! {
-        r = tunnel::serve(listener, services) => r?,
-        _ = tokio::signal::ctrl_c() => info!("interrupted; exiting"),
+        r = tunnel::serve_until(listener, services, stop, SHUTDOWN_DRAIN) => {
+            let left = r?;
+            if left > 0 {
+                warn!(tunnels = left, "drain time over; exiting with tunnels still open");
+            } else {
+                info!("every tunnel ended; exiting");
+            }
+        }
         r = reload => r?,
     }
     Ok(())

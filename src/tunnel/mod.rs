@@ -34,8 +34,8 @@ use crate::net;
 
 pub use forward::forward;
 pub use request::{finish, open, FINISH_TIMEOUT};
-pub use serve::serve;
-pub use splice::splice;
+pub use serve::{serve, serve_until};
+pub use splice::{splice, splice_until};
 pub use stdio::stdio;
 
 /// Longest service name.

@@ -5,10 +5,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::request::{finish, read_request, write_reply, REFUSAL_DRAIN};
-use super::splice::splice;
+use super::splice::splice_until;
 use super::{Services, Status, REQUEST_TIMEOUT};
 use crate::human::printable;
 use crate::net::{self, AllowListHandle, Listener, Peer, Stream};
@@ -24,15 +25,55 @@ pub const SERVICE_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 ///
 /// # Errors
 /// Returns only if the listener stops.
-pub async fn serve(mut listener: Listener, services: Arc<Services>) -> Result<(), net::Error> {
-    let allow = listener.allow_list_handle();
-    loop {
-        let (stream, peer) = listener.accept().await?;
-        tokio::spawn(serve_one(stream, peer, services.clone(), allow.clone()));
-    }
+pub async fn serve(listener: Listener, services: Arc<Services>) -> Result<(), net::Error> {
+    serve_until(listener, services, std::future::pending(), Duration::ZERO).await.map(|_| ())
 }
 
-async fn serve_one(mut stream: Stream, peer: Peer, services: Arc<Services>, allow: AllowListHandle) {
+/// Like [`serve`], until `stop` resolves. Then it stops accepting (the listener is dropped), and
+/// ends every open tunnel cleanly: the service's side is read no more, the client gets a FIN
+/// after every byte already read from the service, and the tunnel is over when the client has
+/// ended its side too. It waits for that at most `drain`; returns the number of tunnels still
+/// open then (they end when the process exits).
+///
+/// # Errors
+/// Returns early only if the listener stops.
+pub async fn serve_until(
+    mut listener: Listener,
+    services: Arc<Services>,
+    stop: impl std::future::Future<Output = ()>,
+    drain: Duration,
+) -> Result<usize, net::Error> {
+    let allow = listener.allow_list_handle();
+    let (stopping, stopped) = watch::channel(false);
+    let mut open = tokio::task::JoinSet::new();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            r = listener.accept() => {
+                let (stream, peer) = r?;
+                open.spawn(serve_one(stream, peer, services.clone(), allow.clone(), stopped.clone()));
+            }
+            Some(_) = open.join_next(), if !open.is_empty() => {}
+            () = &mut stop => break,
+        }
+    }
+    drop(listener);
+    let _ = stopping.send(true);
+    let n = open.len();
+    if n > 0 {
+        info!(tunnels = n, drain = %crate::human::Rounded(drain), "shutting down: ending every tunnel cleanly");
+    }
+    let _ = tokio::time::timeout(drain, async { while open.join_next().await.is_some() {} }).await;
+    Ok(open.len())
+}
+
+async fn serve_one(
+    mut stream: Stream,
+    peer: Peer,
+    services: Arc<Services>,
+    allow: AllowListHandle,
+    stop: watch::Receiver<bool>,
+) {
     let who = peer.name.clone().unwrap_or_else(|| peer.key.to_string());
     // A malformed request, or none in time: no reply, and the stream is dropped (the session
     // is aborted). Nothing the client sent is logged unescaped.
@@ -67,10 +108,15 @@ async fn serve_one(mut stream: Stream, peer: Peer, services: Arc<Services>, allo
         return;
     }
     info!(client = %who, service = %name, %target, "tunnel open");
-    match splice(tcp, stream).await {
+    let mut status = stream.status();
+    match splice_until(tcp, stream, Some(stop)).await {
         Ok((to_client, to_service)) => info!(client = %who, service = %name, to_service, to_client, "tunnel closed"),
         Err(e) => warn!(client = %who, service = %name, error = %printable(&e.to_string()), "tunnel failed"),
     }
+    // The stream's end goes out with its session's last records: wait for them (bounded), so
+    // that a stopping server does not exit before its clients heard the close.
+    let ended = |s: &net::LinkStatus| matches!(s, net::LinkStatus::Closed | net::LinkStatus::Failed(_));
+    let _ = tokio::time::timeout(Duration::from_secs(3), status.wait_for(ended)).await;
 }
 
 /// Answers a refusal, then ends the stream cleanly: half-closes it and discards what the

@@ -5,6 +5,7 @@ use std::io;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::{tcp, TcpStream};
+use tokio::sync::watch;
 
 use super::request::{finish_halves, read_reply, REFUSAL_DRAIN};
 use super::TunnelError;
@@ -73,10 +74,34 @@ const FILL: usize = 256 * 1024;
 /// Copies a TCP socket into a stream until EOF, then half-closes the stream. The socket is read
 /// straight into the stream's replay buffer: no copy buffer, so an idle tunnel holds none.
 async fn tcp_to_stream(from: tcp::ReadHalf<'_>, to: &mut WriteHalf) -> io::Result<u64> {
+    tcp_to_stream_until(from, to, &mut None).await
+}
+
+/// Like [`tcp_to_stream`], and when `stop` turns true it stops reading the socket and
+/// half-closes the stream as at EOF (the server is shutting down).
+async fn tcp_to_stream_until(
+    from: tcp::ReadHalf<'_>,
+    to: &mut WriteHalf,
+    stop: &mut Option<watch::Receiver<bool>>,
+) -> io::Result<u64> {
     let sock: &TcpStream = from.as_ref();
     let mut total = 0u64;
     loop {
-        sock.readable().await?;
+        let stopping = async {
+            match stop.as_mut() {
+                Some(rx) => {
+                    let _ = rx.wait_for(|s| *s).await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            r = sock.readable() => r?,
+            () = stopping => {
+                to.shutdown().await?;
+                return Ok(total);
+            }
+        }
         match to.write_with(FILL, |bufs| sock.try_read_vectored(bufs)).await {
             Ok(0) => {
                 to.shutdown().await?;
@@ -113,11 +138,25 @@ async fn stream_to_tcp(from: &mut ReadHalf, mut to: tcp::WriteHalf<'_>) -> io::R
 ///
 /// # Errors
 /// The first I/O error of either direction.
-pub async fn splice(mut tcp: TcpStream, stream: Stream) -> io::Result<(u64, u64)> {
+pub async fn splice(tcp: TcpStream, stream: Stream) -> io::Result<(u64, u64)> {
+    splice_until(tcp, stream, None).await
+}
+
+/// Like [`splice`]; when `stop` turns true, the TCP side is read no more and the stream is
+/// half-closed (a FIN after every byte already read), then the copy goes on until the peer ends
+/// its side too: a clean end of the stream, as if the service had closed its connection.
+///
+/// # Errors
+/// As [`splice`].
+pub async fn splice_until(
+    mut tcp: TcpStream,
+    stream: Stream,
+    mut stop: Option<watch::Receiver<bool>>,
+) -> io::Result<(u64, u64)> {
     let (mut sr, mut sw) = stream.into_split();
     let res = {
         let (tr, tw) = tcp.split();
-        tokio::try_join!(tcp_to_stream(tr, &mut sw), stream_to_tcp(&mut sr, tw))
+        tokio::try_join!(tcp_to_stream_until(tr, &mut sw, &mut stop), stream_to_tcp(&mut sr, tw))
     };
     if res.is_err() {
         // Reset rather than close, so the program does not mistake a failure for a clean end.
