@@ -147,3 +147,35 @@ async fn sigterm_ends_every_tunnel_cleanly() {
     assert!(log.contains("session closed"), "{log}");
     assert!(!client.stderr().contains("stream failed"), "{}", client.stderr());
 }
+
+/// One fault is one line; durations are rounded for people; a program that resets its own
+/// connection is a close, not an error (issue 16 item 10).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_logs_one_line_per_event() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let keys = Keys::new("logs");
+    let echo = echo_service().await;
+    let (_server, addr) = keys.server(&[format!("echo={echo}")]).await;
+    let proxy = common::chaos::ChaosProxy::start(addr).await.unwrap();
+    let mut args = keys.client_args("client", proxy.addr(), "echo");
+    args.extend(["--local", "127.0.0.1:0", "--no-check"].map(String::from));
+    let client = Proc::spawn(&strs(&args), false);
+    let local = client.logged_addr("forwarding", "local=").await;
+    let mut conn = tokio::net::TcpStream::connect(local).await.unwrap();
+    conn.write_all(b"x").await.unwrap();
+    let mut b = [0u8; 1];
+    conn.read_exact(&mut b).await.unwrap();
+    proxy.kill_all();
+    let log = client.wait_log("link resumed", 1).await;
+    assert_eq!(log.matches("link lost").count(), 1, "one fault, one loss line:\n{log}");
+    assert!(!log.contains("resuming"), "{log}");
+    let after = log.lines().find(|l| l.contains("link resumed")).and_then(|l| l.split("after=").nth(1)).unwrap();
+    let after = after.split_whitespace().next().unwrap();
+    assert!(after.len() <= 7 && !after.contains("ns"), "unrounded duration {after:?}");
+    // The program resets its own connection.
+    conn.set_zero_linger().unwrap();
+    drop(conn);
+    let log = client.wait_log("the local program reset its connection", 1).await;
+    let _ = client.wait_log("stream ended by this end", 1).await;
+    assert!(!log.contains("ERROR"), "a local close was logged as an error:\n{log}");
+}

@@ -48,6 +48,9 @@ fn log_event(from: Option<SocketAddr>, ev: LinkEvent) {
             warn!(%from, quiet = %Rounded(quiet), "link suspect (no answer); trying a new connection")
         }
         LinkEvent::Healthy => info!(%from, "link answering again"),
+        LinkEvent::Failed { reason } if reason.starts_with("stream aborted") => {
+            info!(%from, reason = %printable(&reason), "stream ended by this end")
+        }
         LinkEvent::Failed { reason } => error!(%from, reason = %printable(&reason), "stream failed"),
         LinkEvent::Reconnecting { attempt, elapsed } if attempt > 1 => {
             info!(%from, attempt, elapsed = %Rounded(elapsed), "still reconnecting")

@@ -6,9 +6,9 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use super::check_name;
 use super::request::request;
 use super::splice::splice_requested;
+use super::{check_name, TunnelError};
 use crate::human::printable;
 use crate::net::{ClientConfig, LinkEvent};
 
@@ -39,6 +39,7 @@ pub async fn forward(
                     return;
                 }
             };
+            let reported = events.is_some();
             if let Some(tx) = events {
                 let mut rx = stream.events();
                 tokio::spawn(async move {
@@ -53,6 +54,13 @@ pub async fn forward(
             match splice_requested(tcp, stream, &service).await {
                 Ok((to_service, to_program)) => info!(%from, to_service, to_program, "connection closed"),
                 Err(e) if e.is_refusal() => warn!(%from, error = %printable(&e.to_string()), "cannot open tunnel"),
+                Err(TunnelError::Io(e))
+                    if matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe) =>
+                {
+                    info!(%from, error = %e, "the local program reset its connection; its stream is ended")
+                }
+                // The stream's own failure is already reported by its link events.
+                Err(e) if reported => debug!(%from, error = %printable(&e.to_string()), "connection failed"),
                 Err(e) => warn!(%from, error = %printable(&e.to_string()), "connection failed"),
             }
         });
