@@ -179,3 +179,14 @@ async fn client_logs_one_line_per_event() {
     let _ = client.wait_log("stream ended by this end", 1).await;
     assert!(!log.contains("ERROR"), "a local close was logged as an error:\n{log}");
 }
+
+#[tokio::test]
+async fn the_manual_page_renders() {
+    let (status, out, err) = run(&["man"], b"").await;
+    assert!(status.success(), "{err}");
+    let page = String::from_utf8_lossy(&out);
+    assert!(page.starts_with(".ie") || page.contains(".TH holdfast 1"), "not a man page:\n{page}");
+    for cmd in ["keygen", "server", "client", "connect", "demo"] {
+        assert!(page.contains(cmd), "no {cmd} in the man page");
+    }
+}

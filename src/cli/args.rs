@@ -86,6 +86,9 @@ pub(crate) enum Cmd {
         /// The shell.
         shell: clap_complete::Shell,
     },
+    /// Print the manual page (roff), generated from the same text as --help.
+    #[command(after_help = "Example:\n  holdfast man > /usr/local/share/man/man1/holdfast.1 && man holdfast")]
+    Man,
 }
 
 #[derive(Args)]

@@ -61,6 +61,11 @@ async fn run(cli: Cli) -> Result<bool> {
         Cmd::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "holdfast", &mut std::io::stdout());
         }
+        Cmd::Man => {
+            let mut page = Vec::new();
+            clap_mangen::Man::new(Cli::command()).render(&mut page).context("cannot render the manual page")?;
+            std::io::Write::write_all(&mut std::io::stdout(), &page).context("cannot write the manual page")?;
+        }
     }
     Ok(true)
 }
