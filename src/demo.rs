@@ -58,14 +58,21 @@ pub struct DemoReport {
     pub up_hash: String,
     /// Hex SHA-256 of the downward stream as sent.
     pub down_hash: String,
-    /// Connection resets injected.
+    /// Connection resets injected into a live link.
     pub resets: u32,
-    /// Silent stalls injected.
+    /// Silent paths injected into a live link: the old connection stops carrying anything while
+    /// new connections work, as when a laptop roams to another network.
     pub stalls: u32,
+    /// Faults not injected because the transfer had already finished.
+    pub skipped: u32,
     /// Resumes observed.
     pub resumes: u32,
-    /// Time from each detected loss to its resume.
-    pub resume_times: Vec<Duration>,
+    /// Time from each reset's injection to data flowing again both ways (detection included).
+    pub reset_times: Vec<Duration>,
+    /// The same for each silent path.
+    pub stall_times: Vec<Duration>,
+    /// The timers both ends used: (keepalive, dead-peer time).
+    pub timers: (Duration, Duration),
     /// Bytes replayed by the client, by the server.
     pub replayed: (u64, u64),
     /// Wall time of the whole transfer.
@@ -228,11 +235,9 @@ fn hex(h: &[u8]) -> String {
 /// # Errors
 /// [`DemoError`] if the set-up fails or a fault is not followed by a resume in time.
 pub async fn run(opts: DemoOptions) -> Result<DemoReport, DemoError> {
-    let session = SessionConfig {
-        keepalive: Duration::from_millis(300),
-        dead_after: Duration::from_millis(1500),
-        ..SessionConfig::default()
-    };
+    // The defaults: a silent path is noticed by the suspicion rule (much longer than the round
+    // trip without an answer), not by shortened timers.
+    let session = SessionConfig::default();
     // The local service: receives the upward stream and sends the downward one.
     let service = TcpListener::bind("127.0.0.1:0").await?;
     let service_addr = service.local_addr()?;
@@ -262,7 +267,6 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport, DemoError> {
     // The holdfast client forwarding a local port through the relay.
     let mut ccfg = ClientConfig::new(client_keys, server_pub);
     ccfg.session = session;
-    ccfg.recovery.backoff_initial = Duration::from_millis(20);
     let local = TcpListener::bind("127.0.0.1:0").await?;
     let local_addr = local.local_addr()?;
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
@@ -288,8 +292,11 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport, DemoError> {
         down_hash: String::new(),
         resets: 0,
         stalls: 0,
+        skipped: 0,
         resumes: 0,
-        resume_times: Vec::new(),
+        reset_times: Vec::new(),
+        stall_times: Vec::new(),
+        timers: (SessionConfig::default().keepalive, SessionConfig::default().dead_after),
         replayed: (0, 0),
         elapsed: Duration::ZERO,
     };
@@ -308,9 +315,8 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport, DemoError> {
         }
     };
     let on_event = |report: &mut DemoReport, ev: LinkEvent| {
-        if let LinkEvent::Resumed { after, replayed_sent, replayed_received, .. } = ev {
+        if let LinkEvent::Resumed { replayed_sent, replayed_received, .. } = ev {
             report.resumes += 1;
-            report.resume_times.push(after);
             report.replayed.0 += replayed_sent;
             report.replayed.1 += replayed_received;
         }
@@ -328,28 +334,51 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport, DemoError> {
             progress(&report);
         }
         if app_task.is_finished() {
+            report.skipped = opts.faults - i;
             break;
         }
         let resumes_before = report.resumes;
-        if i == 0 {
+        let faulted = Instant::now();
+        // Every third fault, starting with the first, is a silent path; the others are resets.
+        let silent = i % 3 == 0;
+        if silent {
             relay.stall_all();
-            report.stalls += 1;
         } else {
             relay.reset_all();
-            report.resets += 1;
         }
         // A fault that lands as the transfer ends may find no stream left to resume: stop
         // waiting once the program has all its bytes.
         let deadline = Instant::now() + Duration::from_secs(30);
         while report.resumes == resumes_before && !app_task.is_finished() {
-            match tokio::time::timeout(Duration::from_millis(25), ev_rx.recv()).await {
+            match tokio::time::timeout(Duration::from_millis(2), ev_rx.recv()).await {
                 Ok(Some((_, ev))) => on_event(&mut report, ev),
                 Ok(None) => return Err(DemoError::NoResume(i + 1)),
                 Err(_) if Instant::now() >= deadline => return Err(DemoError::NoResume(i + 1)),
                 Err(_) => {}
             }
-            progress(&report);
         }
+        if report.resumes == resumes_before {
+            report.skipped = opts.faults - i;
+            break;
+        }
+        // Data flowing again: both directions received more after the resume.
+        let (up0, down0) = (counters[1].load(Ordering::Relaxed), counters[3].load(Ordering::Relaxed));
+        let flowing = deadline.min(Instant::now() + Duration::from_secs(5));
+        while !app_task.is_finished()
+            && Instant::now() < flowing
+            && (counters[1].load(Ordering::Relaxed) == up0 || counters[3].load(Ordering::Relaxed) == down0)
+        {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let took = faulted.elapsed();
+        if silent {
+            report.stalls += 1;
+            report.stall_times.push(took);
+        } else {
+            report.resets += 1;
+            report.reset_times.push(took);
+        }
+        progress(&report);
     }
     while !app_task.is_finished() {
         tokio::time::sleep(Duration::from_millis(50)).await;

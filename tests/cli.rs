@@ -420,6 +420,15 @@ async fn demo_reports_every_byte_matched() {
         assert!(line.contains("SHA-256 match"), "{line}");
     }
     assert!(out.contains("result: OK"), "{out}");
+    // The report counts what happened: every fault it says hit the link was resumed, and it
+    // names the timers it used.
+    let num = |prefix: &str| -> u32 {
+        let l =
+            out.lines().find(|l| l.trim_start().starts_with(prefix)).unwrap_or_else(|| panic!("no {prefix}:\n{out}"));
+        l.trim_start()[prefix.len()..].split_whitespace().next().unwrap().parse().unwrap()
+    };
+    assert_eq!(num("faults that hit the live link:"), num("resumes:"), "{out}");
+    assert!(out.contains("timers: the defaults"), "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

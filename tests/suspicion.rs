@@ -130,7 +130,7 @@ fn a_quiet_download_is_probed_and_a_live_one_is_never_suspect() {
 }
 
 #[test]
-fn races_double_the_threshold_up_to_the_dead_peer_time_and_calm_resets_it() {
+fn races_double_the_threshold_up_to_the_dead_peer_time_until_the_stream_moves() {
     let mut p = Pair::new();
     let base = p.c.suspect_threshold();
     for k in 1..=10u32 {
@@ -138,16 +138,15 @@ fn races_double_the_threshold_up_to_the_dead_peer_time_and_calm_resets_it() {
         let want = (base * 2u32.pow(k)).min(SessionConfig::default().dead_after);
         assert_eq!(p.c.suspect_threshold(), want, "after {k} races");
     }
-    // The link makes progress for eight thresholds: the races are forgotten.
-    let end = p.now + p.c.suspect_threshold() * 8;
-    while p.now < end {
-        p.c.write(&[1u8; 10]).unwrap();
-        p.exchange(10 * MS);
-        p.now += 100 * MS;
-    }
+    // Without progress, nothing is forgotten; the stream moving again forgets the races.
+    p.now += Duration::from_secs(60);
+    let _ = p.c.handle_timeout(p.now);
+    assert_eq!(p.c.suspect_threshold(), SessionConfig::default().dead_after);
     p.c.write(&[1u8; 10]).unwrap();
     p.exchange(MS);
-    let rtt = p.c.rtt().expect("measured");
+    p.now += 20 * MS;
+    p.exchange(MS);
+    let rtt = p.c.rtt().unwrap_or_default();
     assert_eq!(p.c.suspect_threshold(), (rtt * 4).max(MIN_SUSPECT), "races were not forgotten");
 }
 

@@ -9,10 +9,9 @@
 //!   unanswered. A link whose peer was streaming DATA to us and then went quiet gets one probe
 //!   PING, so that a download, which sends us nothing to acknowledge, is watched too.
 //! - **Suspect** when something is outstanding and nothing at all was received for the
-//!   threshold: `max(4 × smoothed RTT, 250 ms)`, doubled after every race (a race the old link
-//!   survived, or one whose new link goes quiet too, as when the peer's program stops reading),
-//!   back to the base once the link has made progress for a while, and never above the
-//!   dead-peer time.
+//!   threshold: `max(4 × smoothed RTT, 250 ms)`, doubled after every race until the stream makes
+//!   progress again (so a peer whose program stopped reading, whose new link is as quiet as the
+//!   old, is raced less and less often), and never above the dead-peer time.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};

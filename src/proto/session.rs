@@ -588,7 +588,7 @@ impl Session {
                 if end > next {
                     self.recv.push(&data[(next - offset) as usize..]);
                     self.schedule_ack(now);
-                    self.calm(now);
+                    self.calm();
                 }
             }
             Frame::Ack(v) => {
@@ -598,11 +598,14 @@ impl Session {
                     return Err(SessionError::Protocol("ACK of bytes never sent"));
                 }
                 self.sent = self.sent.max(v);
+                let progress = v > self.send.start();
                 self.apply_ack(v);
                 if let Some(link) = &mut self.link {
                     link.live.acked(now, v, &mut self.rtt);
                 }
-                self.calm(now);
+                if progress {
+                    self.calm();
+                }
             }
             Frame::Ping => self.pong_due = true,
             Frame::Pong => {
@@ -821,21 +824,21 @@ impl Session {
     }
 
     /// Client: a race (a second connection opened because the link was suspect) was attached.
-    /// Until the link makes progress for a while, each race doubles the suspicion threshold, so
-    /// that a link that is only slow (a peer whose program stopped reading) is raced less and
-    /// less often.
+    /// Until the stream makes progress again, each race doubles the suspicion threshold, so that
+    /// a link that is only slow (a peer whose program stopped reading) is raced less and less
+    /// often.
     pub fn count_race(&mut self, now: Instant) {
         self.races = self.races.saturating_add(1);
         self.raced_at = Some(now);
     }
 
-    /// Forgets past races once the link has made progress for eight thresholds since the last.
-    fn calm(&mut self, now: Instant) {
-        if let Some(at) = self.raced_at {
-            if now.saturating_duration_since(at) >= self.suspect_threshold() * 8 {
-                self.races = 0;
-                self.raced_at = None;
-            }
+    /// Forgets past races once the stream makes progress (an ACK that releases bytes, or new
+    /// DATA): the race was needed, the link it left behind was dead. A race after which nothing
+    /// moves (a peer whose program stopped reading: the new link is as quiet as the old) keeps
+    /// its doubling.
+    fn calm(&mut self) {
+        if self.raced_at.take().is_some() {
+            self.races = 0;
         }
     }
 
