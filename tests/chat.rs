@@ -230,7 +230,19 @@ async fn every_line_arrives_once_in_order_through_faults() {
         }
         alice.proxy.refuse_new(false);
         let resumed = alice.wait_status(mark, "[link] resumed").await;
-        assert!(alice.status[resumed].contains("lines typed meanwhile"), "{}", alice.status[resumed]);
+        // Every one of the 30 lines typed while down was marked, and the resume counts them all.
+        let marked = alice.status[mark..].iter().filter(|s| s.contains("[link] down: line kept")).count();
+        assert_eq!(marked, 30, "{:#?}", &alice.status[mark..]);
+        let n: usize = alice.status[resumed]
+            .split("; the ")
+            .nth(1)
+            .and_then(|t| t.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no count: {}", alice.status[resumed]));
+        assert!(n >= 30, "only {n} lines counted as not yet delivered: {}", alice.status[resumed]);
+        // The others were told that alice was away, and that she is back.
+        bob.wait_text("alice away", |t| t.iter().any(|l| l.starts_with("* alice's link is down"))).await;
+        bob.wait_text("alice back", |t| t.iter().any(|l| l == "* alice is back")).await;
 
         // 3. Carol's link goes silent (stalled, not reset) while lines flow to her: her client
         //    finds it suspect (silent far longer than its round trip), races a new connection

@@ -114,7 +114,8 @@ impl Sent {
 #[derive(Default)]
 struct LinkView {
     down_since: Option<Instant>,
-    typed_while_down: usize,
+    /// The link is suspect or lost: lines typed now wait for a resume.
+    quiet: bool,
     /// When a "reconnecting" line was last shown.
     last_shown: Option<Instant>,
 }
@@ -129,10 +130,10 @@ const RECONNECT_EVERY: Duration = Duration::from_secs(3);
 
 impl LinkView {
     /// Shows what a received link event means; returns false once the event channel closed.
-    fn show(&mut self, ev: Result<LinkEvent, RecvError>, out: &Out) -> bool {
+    fn show(&mut self, ev: Result<LinkEvent, RecvError>, out: &Out, pending: usize) -> bool {
         match ev {
             Ok(ev) => {
-                if let Some(s) = self.on_event(&ev) {
+                if let Some(s) = self.on_event(&ev, pending) {
                     status(out, s);
                 }
                 true
@@ -142,13 +143,19 @@ impl LinkView {
         }
     }
 
-    fn on_event(&mut self, ev: &LinkEvent) -> Option<String> {
+    /// `pending` is the number of typed lines the room has not acknowledged yet.
+    fn on_event(&mut self, ev: &LinkEvent, pending: usize) -> Option<String> {
+        let kept = match pending {
+            0 => String::new(),
+            1 => " The line typed and not yet delivered is kept.".to_string(),
+            n => format!(" The {n} lines typed and not yet delivered are kept."),
+        };
         Some(match ev {
             LinkEvent::Lost(lost) => {
-                self.down_since = Some(Instant::now());
-                self.typed_while_down = 0;
+                self.down_since.get_or_insert_with(Instant::now);
+                self.quiet = true;
                 self.last_shown = None;
-                format!("[link] lost (fault {}): {}. Reconnecting; keep typing.", lost.faults, cause(&lost.cause))
+                format!("[link] lost (fault {}): {}. Reconnecting; keep typing.{kept}", lost.faults, cause(&lost.cause))
             }
             // Attempt 1 starts at once and the "lost" line already says so; later attempts are
             // shown every few seconds, not every retry.
@@ -160,11 +167,11 @@ impl LinkView {
             }
             LinkEvent::Resumed { peer, after, replayed_sent, replayed_received } => {
                 self.down_since = None;
-                let typed = std::mem::take(&mut self.typed_while_down);
-                let typed = match typed {
+                self.quiet = false;
+                let typed = match pending {
                     0 => String::new(),
-                    1 => "; the line typed meanwhile is on its way".to_string(),
-                    n => format!("; the {n} lines typed meanwhile are on their way"),
+                    1 => "; the 1 line not yet delivered is on its way".to_string(),
+                    n => format!("; the {n} lines not yet delivered are on their way"),
                 };
                 format!(
                     "[link] resumed after {} via {peer}: replayed {replayed_sent} B sent, {replayed_received} B received{typed}",
@@ -172,9 +179,15 @@ impl LinkView {
                 )
             }
             LinkEvent::Suspect { quiet } => {
-                format!("[link] suspect: no answer for {}; trying a new connection, keep typing.", secs(*quiet))
+                self.down_since.get_or_insert_with(Instant::now);
+                self.quiet = true;
+                format!("[link] suspect: no answer for {}; trying a new connection, keep typing.{kept}", secs(*quiet))
             }
-            LinkEvent::Healthy => "[link] answering again".to_string(),
+            LinkEvent::Healthy => {
+                self.down_since = None;
+                self.quiet = false;
+                "[link] answering again".to_string()
+            }
             LinkEvent::Failed { reason } => format!("[link] failed: {reason}"),
             _ => return None,
         })
@@ -263,14 +276,14 @@ pub async fn run_client(
                             }
                             sent.push(data.len(), Some(line));
                             sent.prune(stream.unacked());
-                            if matches!(*link.borrow(), LinkStatus::Reconnecting { .. }) {
-                                view.typed_while_down += 1;
-                                status(&out, format!("[link] down: line kept, it is sent after the resume ({} waiting)", view.typed_while_down));
+                            if view.quiet || matches!(*link.borrow(), LinkStatus::Reconnecting { .. }) {
+                                let waiting = sent.undelivered(stream.unacked()).len();
+                                status(&out, format!("[link] down: line kept, it is sent after the resume ({waiting} waiting)"));
                             }
                         }
                     },
                 },
-                ev = events.recv(), if events_open => events_open = view.show(ev, &out),
+                ev = events.recv(), if events_open => events_open = view.show(ev, &out, sent.undelivered(stream.unacked()).len()),
             }
         },
     };
@@ -294,11 +307,14 @@ pub async fn run_client(
         }
         Next::Quit => {
             let waiting = sent.undelivered(stream.unacked()).len();
-            if waiting > 0 && matches!(*link.borrow(), LinkStatus::Reconnecting { .. }) {
+            let down = view.quiet || matches!(*link.borrow(), LinkStatus::Reconnecting { .. });
+            if down {
                 status(
                     &out,
                     format!("[link] leaving once the link is back and {waiting} typed line(s) are delivered; Ctrl-C again leaves at once"),
                 );
+            } else if waiting > 0 {
+                status(&out, format!("[chat] leaving once {waiting} typed line(s) are delivered; Ctrl-C again leaves at once"));
             } else {
                 status(&out, "[chat] leaving");
             }
@@ -314,7 +330,7 @@ pub async fn run_client(
                             None => input_open = false,
                             Some(_) => {}
                         },
-                        ev = events.recv(), if events_open => events_open = view.show(ev, &out),
+                        ev = events.recv(), if events_open => events_open = view.show(ev, &out, waiting),
                     }
                 }
             };

@@ -32,6 +32,9 @@ enum ToRoom {
     Join { id: u64, name: String, key: PublicKey, tx: Queue, bye: Bye, reply: oneshot::Sender<Result<String, String>> },
     Said { id: u64, text: String },
     Gone { id: u64, why: Option<String> },
+    /// A member's link went down (`up == false`) or came back: the others are told, so that a
+    /// member who leaves during an outage is not simply silent.
+    Link { id: u64, up: bool },
 }
 
 /// Lines queued for one member.
@@ -122,6 +125,16 @@ fn handle(members: &mut BTreeMap<u64, Member>, msg: ToRoom, out: &Out) {
             if let Some(m) = members.get(&id) {
                 let line = format!("{}: {}", m.name, clean(&text));
                 broadcast(members, id, &line, out);
+            }
+        }
+        ToRoom::Link { id, up } => {
+            if let Some(m) = members.get(&id) {
+                let notice = if up {
+                    format!("* {} is back", m.name)
+                } else {
+                    format!("* {}'s link is down; the room keeps their place until they are back or it expires", m.name)
+                };
+                broadcast(members, id, &notice, out);
             }
         }
         ToRoom::Gone { id, why } => {
@@ -256,6 +269,15 @@ async fn member(
                 Ok(ev) => {
                     if let Some(s) = room_event(&name, &ev) {
                         status(&out, s);
+                    }
+                    match ev {
+                        LinkEvent::Lost(_) => {
+                            let _ = room.send(ToRoom::Link { id, up: false });
+                        }
+                        LinkEvent::Resumed { .. } => {
+                            let _ = room.send(ToRoom::Link { id, up: true });
+                        }
+                        _ => {}
                     }
                 }
                 Err(RecvError::Lagged(_)) => {}
