@@ -952,13 +952,23 @@ async fn read_record(s: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<()> {
     Ok(())
 }
 
+/// A first-connection timestamp: the server accepts each once (protocol version 3), so every
+/// raw handshake gets a new one, near the wall clock like a real client's.
+fn stamp() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    NEXT.fetch_max(now, Ordering::Relaxed);
+    NEXT.fetch_add(1, Ordering::Relaxed) + 1
+}
+
 async fn raw_handshake(server: SocketAddr, src: Ipv4Addr, keys: &RawKeys) -> io::Result<(TcpStream, Transport)> {
     let sock = TcpSocket::new_v4()?;
     sock.bind(SocketAddr::from((src, 0)))?;
     let mut s = sock.connect(server).await?;
     s.set_nodelay(true)?;
-    let (hs, hello) = ClientHandshake::initial(&keys.client, &keys.server, holdfast::proto::Cipher::preferred(), 1)
-        .map_err(|e| err(e.to_string()))?;
+    let (hs, hello) =
+        ClientHandshake::initial(&keys.client, &keys.server, holdfast::proto::Cipher::preferred(), stamp())
+            .map_err(|e| err(e.to_string()))?;
     let mut rec = Vec::new();
     push_record(&mut rec, &hello);
     s.write_all(&rec).await?;
@@ -1167,7 +1177,8 @@ async fn idle_memory(
     // receive window, 1 GiB in all by default); a 16 KiB replay bound lets 1000 sessions fit.
     // Buffers are allocated as data arrives, so the bound does not change an idle session's cost.
     let cap = (sessions + 100).to_string();
-    let post = ["--max-sessions", &cap, "--max-sessions-per-key", &cap, "--buffer", "16KiB"];
+    let post =
+        ["--max-sessions", &cap, "--max-sessions-per-key", &cap, "--buffer", "16KiB", "--buffer-per-key", "1GiB"];
     let (server, sport) = holdfast_server_with(dir, keys, svc, "mem-server.log", &[], &post).await?;
     let mut tool = Tool { name: "mem", entry: loopback(sport), children: vec![server], server_pid: None };
     let pid = tool.children[0].id();
@@ -1437,7 +1448,9 @@ async fn run(opts: Opts) {
     if opts.metric("hs") {
         eprintln!("handshake rate (load {})", loadavg());
         let run = async {
-            let (server, port) = holdfast_server(&dir, &keys, svc, "hs-server.log", &["-q"]).await?;
+            // One key opens every session here: lift its share of the buffer budget.
+            let share = ["--buffer-per-key", "1GiB"];
+            let (server, port) = holdfast_server_with(&dir, &keys, svc, "hs-server.log", &["-q"], &share).await?;
             let mut tool = Tool { name: "hs", entry: loopback(port), children: vec![server], server_pid: None };
             let pid = tool.children[0].id();
             let mut rates = Vec::new();

@@ -83,6 +83,23 @@ fn silent_outages_with_default_timers() {
     w.finish();
 }
 
+/// A 60 s silent outage (a benchmark: over a minute; `cargo test --release --test recovery --
+/// --ignored outage_60s`).
+#[test]
+#[ignore = "a minute long; run for BENCHMARKS.md"]
+fn outage_60s_with_default_timers() {
+    let Some(mut w) = World::start("outage_60s_with_default_timers", "r7", Opts::defaults()) else {
+        return;
+    };
+    sleep_ms(400);
+    w.blackhole(true);
+    sleep_ms(60_000);
+    let t0 = w.blackhole(false);
+    let r = w.resume_after(t0);
+    record("default timers: silent outage 60 s", r);
+    w.finish();
+}
+
 /// A middlebox resets every tunnel packet for 2 s: connection attempts are refused, and the
 /// client retries on the short schedule for the first seconds instead of backing off.
 #[test]

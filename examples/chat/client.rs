@@ -314,7 +314,10 @@ pub async fn run_client(
                     format!("[link] leaving once the link is back and {waiting} typed line(s) are delivered; Ctrl-C again leaves at once"),
                 );
             } else if waiting > 0 {
-                status(&out, format!("[chat] leaving once {waiting} typed line(s) are delivered; Ctrl-C again leaves at once"));
+                status(
+                    &out,
+                    format!("[chat] leaving once {waiting} typed line(s) are delivered; Ctrl-C again leaves at once"),
+                );
             } else {
                 status(&out, "[chat] leaving");
             }

@@ -29,12 +29,28 @@ pub struct RoomOpts {
 }
 
 enum ToRoom {
-    Join { id: u64, name: String, key: PublicKey, tx: Queue, bye: Bye, reply: oneshot::Sender<Result<String, String>> },
-    Said { id: u64, text: String },
-    Gone { id: u64, why: Option<String> },
+    Join {
+        id: u64,
+        name: String,
+        key: PublicKey,
+        tx: Queue,
+        bye: Bye,
+        reply: oneshot::Sender<Result<String, String>>,
+    },
+    Said {
+        id: u64,
+        text: String,
+    },
+    Gone {
+        id: u64,
+        why: Option<String>,
+    },
     /// A member's link went down (`up == false`) or came back: the others are told, so that a
     /// member who leaves during an outage is not simply silent.
-    Link { id: u64, up: bool },
+    Link {
+        id: u64,
+        up: bool,
+    },
 }
 
 /// Lines queued for one member.

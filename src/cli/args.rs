@@ -111,6 +111,14 @@ pub(crate) struct ServerArgs {
     /// Most sessions per client key.
     #[arg(long, default_value_t = 64, help_heading = "Limits")]
     pub(crate) max_sessions_per_key: usize,
+    /// Memory all sessions' buffers may be charged together (each is charged its replay buffer
+    /// plus its receive window, 9 MiB by default).
+    #[arg(long, default_value = "1GiB", value_parser = parse_size, help_heading = "Limits")]
+    pub(crate) buffer_budget: u64,
+    /// The share of --buffer-budget the sessions of one client key may take together (so that
+    /// no key can starve the others; 256 MiB is 28 sessions at the default buffer sizes).
+    #[arg(long, default_value = "256MiB", value_parser = parse_size, help_heading = "Limits")]
+    pub(crate) buffer_per_key: u64,
     /// Most connections in their handshake at once.
     #[arg(long, default_value_t = 256, help_heading = "Limits")]
     pub(crate) max_handshakes: usize,

@@ -34,6 +34,8 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
     cfg.limits.max_sessions = args.max_sessions;
     cfg.limits.max_sessions_per_key = args.max_sessions_per_key;
     cfg.limits.max_handshakes = args.max_handshakes;
+    cfg.limits.buffer_budget = usize::try_from(args.buffer_budget).context("--buffer-budget is too large")?;
+    cfg.limits.buffer_per_key = usize::try_from(args.buffer_per_key).context("--buffer-per-key is too large")?;
     cfg.limits.session_expiry = args.session_expiry;
     let public = cfg.keypair.public;
     // Watch SIGHUP before saying "ready": until then, its default action would end the server.

@@ -174,7 +174,7 @@ pub struct Limits {
     pub buffer_per_key: usize,
     /// First-connection handshakes of one client key between its authenticated hello and the
     /// end of the handshake, at once; more are refused with `Busy`. A real client has one at a
-    /// time per connection it opens. Default 16.
+    /// time per connection it opens. Default 64 (a browser through a forward opens dozens at once).
     pub max_unconfirmed_per_key: usize,
     /// Resumes per second for one session, on average: a token bucket with a burst of `n`,
     /// refilled at `n` per second. A resume finding the bucket empty is refused with `Busy`, and
@@ -199,7 +199,7 @@ impl Default for Limits {
             max_sessions_per_key: 64,
             buffer_budget: 1 << 30,
             buffer_per_key: 256 << 20,
-            max_unconfirmed_per_key: 16,
+            max_unconfirmed_per_key: 64,
             resumes_per_sec_per_session: 10,
             session_expiry: Duration::from_secs(3600),
             handshake_timeout: Duration::from_secs(10),
