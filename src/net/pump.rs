@@ -77,7 +77,8 @@ pub(crate) async fn pump<R>(
             // Read until the peer closes too (bounded). Closing a socket with unread bytes makes
             // the kernel send a reset, which can destroy our last ACK and CLOSE in flight.
             let drain = async {
-                let mut sink = [0u8; 4096];
+                // On the heap: an array would sit in every session's pump future.
+                let mut sink = vec![0u8; 4096];
                 while let Ok(n) = rd.read(&mut sink).await {
                     if n == 0 {
                         break;

@@ -56,7 +56,8 @@ pub async fn finish(stream: Stream, limit: u64) -> io::Result<u64> {
 /// [`finish`] for a stream already split into halves.
 pub(super) async fn finish_halves(r: &mut ReadHalf, w: &mut WriteHalf, limit: u64) -> io::Result<u64> {
     let drain = async {
-        let mut sink = Zeroizing::new([0u8; 16 * 1024]);
+        // On the heap, allocated only here: an array would sit in the future of every tunnel.
+        let mut sink = Zeroizing::new(vec![0u8; 16 * 1024]);
         let mut total = 0u64;
         loop {
             match r.read(&mut sink[..]).await? {

@@ -69,7 +69,7 @@ pub async fn stdio(stream: Stream, hangup: impl Future<Output = ()>) -> io::Resu
                     // (stdin, read to its EOF) is delivered, and what the peer still sends is
                     // discarded until its end of stream, within a grace time.
                     drop(down);
-                    let mut discard = Zeroizing::new([0u8; 4096]);
+                    let mut discard = Zeroizing::new(vec![0u8; 4096]);
                     let finish = async {
                         let up = match up_res {
                             Some(n) => n,
