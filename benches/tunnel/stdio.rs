@@ -4,14 +4,13 @@
 
 use std::io;
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 
-use super::{pct_us, HoldfastKeys, BIN, MSG, SERVICE_NAME};
+use super::{echo_rtt, HoldfastKeys, BIN, SERVICE_NAME};
 
-/// Round trips of `MSG` bytes through a fresh `holdfast connect` to the server on `port`:
+/// Round trips of 64 B through a fresh `holdfast connect` to the server on `port`:
 /// (p50, p99) in µs.
 pub(crate) async fn rtt(keys: &HoldfastKeys, port: u16, samples: usize) -> io::Result<(f64, f64)> {
     let mut child = Command::new(BIN)
@@ -30,21 +29,8 @@ pub(crate) async fn rtt(keys: &HoldfastKeys, port: u16, samples: usize) -> io::R
     let (Some(mut input), Some(mut output)) = (child.stdin.take(), child.stdout.take()) else {
         return Err(io::Error::other("no pipes to holdfast connect"));
     };
-    input.write_all(b"E").await?;
-    let msg = [0x42u8; MSG];
-    let mut back = [0u8; MSG];
-    let warm = samples / 10;
-    let mut times = Vec::with_capacity(samples);
-    for i in 0..warm + samples {
-        let t = Instant::now();
-        input.write_all(&msg).await?;
-        output.read_exact(&mut back).await?;
-        if i >= warm {
-            times.push(t.elapsed());
-        }
-    }
+    let times = echo_rtt(&mut output, &mut input, samples).await;
     drop(input);
     let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
-    times.sort();
-    Ok((pct_us(&times, 0.50), pct_us(&times, 0.99)))
+    times
 }
