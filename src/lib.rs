@@ -69,6 +69,7 @@ pub mod demo;
 pub mod harden;
 pub mod human;
 pub mod keys;
+pub mod mux;
 pub mod net;
 pub mod proto;
 

@@ -197,9 +197,15 @@ pub(crate) struct ClientArgs {
     /// HOST:PORT=SERVICE. Repeat for more forwards in one process (like ssh -L).
     #[arg(long, value_name = "HOST:PORT[=SERVICE]", required = true, value_parser = parse_local)]
     pub(crate) local: Vec<(String, Option<String>)>,
-    /// Skip the start-up check that the server and service answer.
+    /// Skip the start-up check that the server and service answer (it opens one connection to
+    /// each service, which the service may log).
     #[arg(long)]
     pub(crate) no_check: bool,
+    /// One holdfast session per local connection, instead of carrying every connection as a
+    /// stream of one multiplexed session (the default; a server that does not multiplex gets
+    /// one session per connection anyway).
+    #[arg(long)]
+    pub(crate) no_mux: bool,
     #[command(flatten)]
     pub(crate) common: ClientCommon,
 }

@@ -93,10 +93,14 @@ pub(crate) async fn client(args: ClientArgs) -> Result<()> {
             log_event(Some(from), ev);
         }
     });
+    // One multiplexed session with the server carries every forward's connections.
+    let pool = (!args.no_mux).then(|| tunnel::MuxPool::new(c.server.clone(), cfg.clone(), Some(tx.clone())));
     let mut running = tokio::task::JoinSet::new();
     for (listener, service) in forwards {
         info!(local = %listener.local_addr()?, server = %c.server, %service, "forwarding");
-        running.spawn(tunnel::forward(listener, c.server.clone(), cfg.clone(), service, Some(tx.clone())));
+        let forward =
+            tunnel::forward_via(listener, c.server.clone(), cfg.clone(), service, Some(tx.clone()), pool.clone());
+        running.spawn(forward);
     }
     tokio::select! {
         Some(r) = running.join_next() => r.context("a forward stopped")??,

@@ -1,20 +1,25 @@
 //! Local port forwarding: a local listener whose every connection is carried to a service.
 
 use std::io;
+use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
+use super::mux::{join, MuxPool};
 use super::request::request;
 use super::splice::splice_requested;
 use super::{check_name, TunnelError};
 use crate::human::printable;
 use crate::net::{ClientConfig, LinkEvent};
 
-/// Local port forwarding: every connection accepted on `local` gets its own resilient stream to
-/// `service` (one virtual socket per real local connection). Link events of every stream are
-/// sent to `events` with the local peer's address, if given. Runs until the listener fails.
+/// Local port forwarding: every connection accepted on `local` is carried to `service`, as a
+/// stream of one multiplexed session with the server ([`MuxPool`]): no handshake per
+/// connection, and one resume for all after a fault. Against a server that does not multiplex,
+/// each connection gets a resilient session of its own. Link events are sent to `events`, with
+/// the local peer's address (per-connection sessions) or the server's (the shared session).
+/// Runs until the listener fails.
 ///
 /// # Errors
 /// Returns only if accepting on `local` fails.
@@ -25,12 +30,53 @@ pub async fn forward(
     service: String,
     events: Option<mpsc::UnboundedSender<(std::net::SocketAddr, LinkEvent)>>,
 ) -> io::Result<()> {
+    let pool = MuxPool::new(server.clone(), cfg.clone(), events.clone());
+    forward_via(local, server, cfg, service, events, Some(pool)).await
+}
+
+/// Like [`forward`], with the multiplexed session given (`Some`: one pool can serve several
+/// forwards to the same server) or none (`None`: one session per connection, always).
+///
+/// # Errors
+/// Returns only if accepting on `local` fails.
+pub async fn forward_via(
+    local: TcpListener,
+    server: String,
+    cfg: ClientConfig,
+    service: String,
+    events: Option<mpsc::UnboundedSender<(std::net::SocketAddr, LinkEvent)>>,
+    pool: Option<Arc<MuxPool>>,
+) -> io::Result<()> {
     check_name(&service)?;
     loop {
         let (tcp, from) = local.accept().await?;
         let _ = tcp.set_nodelay(true);
         let (server, cfg, service, events) = (server.clone(), cfg.clone(), service.clone(), events.clone());
+        let pool = pool.clone();
         tokio::spawn(async move {
+            if let Some(pool) = pool {
+                match pool.open(&service).await {
+                    Ok(Some(sub)) => {
+                        debug!(%from, service = %service, "forwarding (multiplexed)");
+                        match join(tcp, sub, None).await {
+                            Ok((to_service, to_program)) => info!(%from, to_service, to_program, "connection closed"),
+                            Err(e)
+                                if matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe) =>
+                            {
+                                info!(%from, error = %e, "the local program reset its connection; its stream is ended")
+                            }
+                            Err(e) => warn!(%from, error = %printable(&e.to_string()), "connection failed"),
+                        }
+                        return;
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        warn!(%from, error = %printable(&e.to_string()), "cannot open tunnel");
+                        let _ = tcp.set_zero_linger();
+                        return;
+                    }
+                }
+            }
             let stream = match request(&server, cfg, &service).await {
                 Ok(s) => s,
                 Err(e) => {

@@ -19,6 +19,7 @@
 //! ends with a normal close, not an abort.
 
 mod forward;
+mod mux;
 mod request;
 mod serve;
 mod splice;
@@ -32,7 +33,8 @@ use thiserror::Error;
 
 use crate::net;
 
-pub use forward::forward;
+pub use forward::{forward, forward_via};
+pub use mux::MuxPool;
 pub use request::{finish, open, FINISH_TIMEOUT};
 pub use serve::{serve, serve_until};
 pub use splice::{splice, splice_until};

@@ -81,7 +81,11 @@ pub(super) async fn finish_halves(r: &mut ReadHalf, w: &mut WriteHalf, limit: u6
 }
 
 /// Server side: writes the reply. The message is cut to 255 bytes on a character boundary.
-pub(super) async fn write_reply(stream: &mut Stream, status: Status, msg: &str) -> io::Result<()> {
+pub(super) async fn write_reply<W: tokio::io::AsyncWrite + Unpin>(
+    stream: &mut W,
+    status: Status,
+    msg: &str,
+) -> io::Result<()> {
     let mut end = msg.len().min(255);
     while !msg.is_char_boundary(end) {
         end -= 1;
@@ -91,21 +95,32 @@ pub(super) async fn write_reply(stream: &mut Stream, status: Status, msg: &str) 
     stream.write_all(&buf).await
 }
 
+/// What a request asks for.
+pub(super) enum Request {
+    /// A service, by name.
+    Service(String),
+    /// Multiplexing: the stream carries yamux from the reply on (name length 0).
+    Mux,
+}
+
 /// Server side: reads the request (the caller bounds the wait).
 ///
 /// # Errors
 /// [`TunnelError::Malformed`] for a length out of range or a name that is not UTF-8,
 /// [`TunnelError::BadName`] for other characters, [`TunnelError::Io`].
-pub(super) async fn read_request(stream: &mut Stream) -> Result<String, TunnelError> {
+pub(super) async fn read_request<R: AsyncRead + Unpin>(stream: &mut R) -> Result<Request, TunnelError> {
     let len = stream.read_u8().await? as usize;
-    if len == 0 || len > MAX_SERVICE_NAME {
+    if len == 0 {
+        return Ok(Request::Mux);
+    }
+    if len > MAX_SERVICE_NAME {
         return Err(TunnelError::Malformed("request"));
     }
     let mut name = vec![0u8; len];
     stream.read_exact(&mut name).await?;
     let name = String::from_utf8(name).map_err(|_| TunnelError::Malformed("request"))?;
     check_name(&name)?;
-    Ok(name)
+    Ok(Request::Service(name))
 }
 
 /// Connects and sends the service request, without waiting for the reply.
@@ -148,7 +163,7 @@ pub const BUSY_PATIENCE: Duration = Duration::from_secs(10);
 
 /// Connects, retrying for up to [`BUSY_PATIENCE`] while the server is busy, with a jittered
 /// backoff from 50 ms to 1 s so that a burst spreads out instead of retrying in lockstep.
-async fn connect_when_not_busy(addr: &str, cfg: ClientConfig) -> Result<Stream, net::Error> {
+pub(super) async fn connect_when_not_busy(addr: &str, cfg: ClientConfig) -> Result<Stream, net::Error> {
     let start = Instant::now();
     let mut delay = Duration::from_millis(50);
     loop {

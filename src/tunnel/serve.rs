@@ -8,7 +8,8 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use super::request::{finish, read_request, write_reply, REFUSAL_DRAIN};
+use super::mux::serve_mux;
+use super::request::{finish, read_request, write_reply, Request, REFUSAL_DRAIN};
 use super::splice::splice_until;
 use super::{Services, Status, REQUEST_TIMEOUT};
 use crate::human::printable;
@@ -78,45 +79,71 @@ async fn serve_one(
     // A malformed request, or none in time: no reply, and the stream is dropped (the session
     // is aborted). Nothing the client sent is logged unescaped.
     let name = match tokio::time::timeout(REQUEST_TIMEOUT, read_request(&mut stream)).await {
-        Ok(Ok(n)) => n,
+        Ok(Ok(Request::Service(n))) => n,
+        Ok(Ok(Request::Mux)) => return serve_mux(stream, peer, services, allow, stop).await,
         Ok(Err(e)) => return warn!(client = %who, error = %printable(&e.to_string()), "bad service request"),
         Err(_) => return warn!(client = %who, "no service request in time"),
     };
-    let Some(target) = services.get(&name) else {
-        return refuse(stream, Status::UnknownService, &who, &name, "unknown service").await;
+    let target = match resolve(&name, &peer, &services, &allow) {
+        Ok(t) => t,
+        Err((status, why)) => return refuse(stream, status, &who, &name, why).await,
     };
-    let given = allow.get().lookup(&peer.key).map(|entry| entry.allows(&name));
-    if given != Some(true) {
-        let why =
-            if given.is_none() { "the client is no longer on the allow-list" } else { "not given to this client" };
-        return refuse(stream, Status::UnknownService, &who, &name, why).await;
-    }
-    let tcp = match tokio::time::timeout(SERVICE_CONNECT_TIMEOUT, TcpStream::connect(target)).await {
-        Ok(Ok(t)) => t,
-        failed => {
-            // The cause stays here: the client only learns that the service is unavailable.
-            let error = match failed {
-                Ok(Err(e)) => e.to_string(),
-                _ => format!("no connection within {}", crate::human::Rounded(SERVICE_CONNECT_TIMEOUT)),
-            };
-            warn!(client = %who, service = %name, %target, %error, "cannot connect to the service");
-            return refuse(stream, Status::Unavailable, &who, &name, "service unavailable").await;
-        }
+    let Some(tcp) = connect_service(&who, &name, target).await else {
+        return refuse(stream, Status::Unavailable, &who, &name, "service unavailable").await;
     };
     let _ = tcp.set_nodelay(true);
     if write_reply(&mut stream, Status::Connected, "").await.is_err() {
         return;
     }
     info!(client = %who, service = %name, %target, "tunnel open");
-    let mut status = stream.status();
+    let status = stream.status();
     match splice_until(tcp, stream, Some(stop)).await {
         Ok((to_client, to_service)) => info!(client = %who, service = %name, to_service, to_client, "tunnel closed"),
         Err(e) => warn!(client = %who, service = %name, error = %printable(&e.to_string()), "tunnel failed"),
     }
-    // The stream's end goes out with its session's last records: wait for them (bounded), so
-    // that a stopping server does not exit before its clients heard the close.
+    session_end(status).await;
+}
+
+/// The stream's end goes out with its session's last records: waits for them (bounded), so
+/// that a stopping server does not exit before its clients heard the close.
+pub(super) async fn session_end(mut status: watch::Receiver<net::LinkStatus>) {
     let ended = |s: &net::LinkStatus| matches!(s, net::LinkStatus::Closed | net::LinkStatus::Failed(_));
     let _ = tokio::time::timeout(Duration::from_secs(3), status.wait_for(ended)).await;
+}
+
+/// The target of the service `name` for `peer`, or the refusal: an unknown service, or one this
+/// client is not given (answered alike, so that it does not learn that the service exists).
+pub(super) fn resolve<'a>(
+    name: &str,
+    peer: &Peer,
+    services: &'a Services,
+    allow: &AllowListHandle,
+) -> Result<&'a str, (Status, &'static str)> {
+    let target = services.get(name).ok_or((Status::UnknownService, "unknown service"))?;
+    match allow.get().lookup(&peer.key).map(|entry| entry.allows(name)) {
+        Some(true) => Ok(target),
+        Some(false) => Err((Status::UnknownService, "not given to this client")),
+        None => Err((Status::UnknownService, "the client is no longer on the allow-list")),
+    }
+}
+
+/// Connects to a service's target (bounded); the cause of a failure is logged here, and the
+/// client only learns that the service is unavailable.
+pub(super) async fn connect_service(who: &str, name: &str, target: &str) -> Option<TcpStream> {
+    match tokio::time::timeout(SERVICE_CONNECT_TIMEOUT, TcpStream::connect(target)).await {
+        Ok(Ok(t)) => {
+            let _ = t.set_nodelay(true);
+            Some(t)
+        }
+        failed => {
+            let error = match failed {
+                Ok(Err(e)) => e.to_string(),
+                _ => format!("no connection within {}", crate::human::Rounded(SERVICE_CONNECT_TIMEOUT)),
+            };
+            warn!(client = %who, service = %name, %target, %error, "cannot connect to the service");
+            None
+        }
+    }
 }
 
 /// Answers a refusal, then ends the stream cleanly: half-closes it and discards what the

@@ -1,0 +1,278 @@
+//! Tunnels as streams of one multiplexed session ([`crate::mux`]): the client opens one session
+//! per server and key and carries every forwarded connection as a stream inside it. Opening one
+//! costs no handshake and no new TCP connection, and one fault costs one resume for all.
+//!
+//! On the wire (`docs/PROTOCOL.md` appendix A): the session's stream starts with a service
+//! request whose name length is 0, meaning "multiplex"; the server answers status 0, and yamux
+//! runs on the stream from then on. Each yamux stream then starts with an ordinary service
+//! request and reply. A server that does not multiplex treats the empty name as a malformed
+//! request and ends the stream: the client then opens one session per connection, as before.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+use zeroize::Zeroizing;
+
+use super::request::{connect_when_not_busy, read_reply, read_request, write_reply, Request};
+use super::serve::{connect_service, resolve, session_end};
+use super::{Services, Status, TunnelError, REQUEST_TIMEOUT};
+use crate::human::printable;
+use crate::mux::{Mux, MuxStream};
+use crate::net::{AllowListHandle, ClientConfig, LinkEvent, Peer, Stream};
+
+/// Copy buffer of each direction of a multiplexed tunnel.
+const COPY_BUF: usize = 64 * 1024;
+
+/// Client side: the multiplexed session of a forward (or of several), opened on first use and
+/// again after it ended (a lost session), shared by every connection.
+pub struct MuxPool {
+    server: String,
+    cfg: ClientConfig,
+    events: Option<mpsc::UnboundedSender<(std::net::SocketAddr, LinkEvent)>>,
+    mux: tokio::sync::Mutex<Option<Mux>>,
+    unsupported: AtomicBool,
+}
+
+impl std::fmt::Debug for MuxPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MuxPool").field("server", &self.server).finish_non_exhaustive()
+    }
+}
+
+impl MuxPool {
+    /// A pool for `server`; the session's link events go to `events` (with the server's address
+    /// as the "from" of each, since they concern every stream).
+    pub fn new(
+        server: String,
+        cfg: ClientConfig,
+        events: Option<mpsc::UnboundedSender<(std::net::SocketAddr, LinkEvent)>>,
+    ) -> Arc<Self> {
+        Arc::new(MuxPool {
+            server,
+            cfg,
+            events,
+            mux: tokio::sync::Mutex::new(None),
+            unsupported: AtomicBool::new(false),
+        })
+    }
+
+    /// A stream to `service`, its request answered. `Ok(None)` if the server does not
+    /// multiplex (the caller opens a session of its own instead).
+    ///
+    /// # Errors
+    /// As [`crate::tunnel::open`].
+    pub async fn open(&self, service: &str) -> Result<Option<MuxStream>, TunnelError> {
+        if self.unsupported.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        let mux = {
+            let mut slot = self.mux.lock().await;
+            match slot.as_ref().filter(|m| !m.is_closed()) {
+                Some(m) => m.clone(),
+                None => match self.start().await? {
+                    Some(m) => slot.insert(m).clone(),
+                    None => return Ok(None),
+                },
+            }
+        };
+        let mut sub = mux.open().await.map_err(|e| TunnelError::Io(e.into()))?;
+        let mut req = vec![service.len() as u8];
+        req.extend_from_slice(service.as_bytes());
+        sub.write_all(&req).await?;
+        read_reply(&mut sub, service).await?;
+        Ok(Some(sub))
+    }
+
+    /// Opens the multiplexed session; `None` if the server does not multiplex.
+    async fn start(&self) -> Result<Option<Mux>, TunnelError> {
+        let mut stream = connect_when_not_busy(&self.server, self.cfg.clone()).await?;
+        stream.write_all(&[0]).await?;
+        match read_reply(&mut stream, "(multiplexing)").await {
+            Ok(()) => {}
+            Err(TunnelError::Malformed(_) | TunnelError::Io(_) | TunnelError::Net(_)) => {
+                info!(server = %self.server, "the server does not multiplex: one session per connection");
+                self.unsupported.store(true, Ordering::Relaxed);
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        }
+        if let Some(tx) = self.events.clone() {
+            let mut rx = stream.events();
+            let from = stream_peer(&self.server);
+            tokio::spawn(async move {
+                while let Ok(ev) = rx.recv().await {
+                    if tx.send((from, ev)).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        debug!(server = %self.server, "multiplexed session open");
+        let (mux, _task) = Mux::start(stream, true, None);
+        Ok(Some(mux))
+    }
+}
+
+/// The address shown with a multiplexed session's events: the server's, if it parses.
+fn stream_peer(server: &str) -> std::net::SocketAddr {
+    server.parse().unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0)))
+}
+
+/// Server side: the session asked to multiplex. Answers 0, then serves every stream the client
+/// opens as a tunnel of its own, until the session ends or `stop` turns true.
+pub(super) async fn serve_mux(
+    mut stream: Stream,
+    peer: Peer,
+    services: Arc<Services>,
+    allow: AllowListHandle,
+    stop: watch::Receiver<bool>,
+) {
+    let who = peer.name.clone().unwrap_or_else(|| peer.key.to_string());
+    if write_reply(&mut stream, Status::Connected, "").await.is_err() {
+        return;
+    }
+    info!(client = %who, "multiplexed session open");
+    let status = stream.status();
+    let (tx, mut inbound) = mpsc::channel(crate::mux::MAX_STREAMS);
+    let (mux, task) = Mux::start(stream, false, Some(tx));
+    let mut open = tokio::task::JoinSet::new();
+    let mut stopping = stop.clone();
+    let mut stopped = false;
+    // On a stop, the streams open finish as any tunnel does (the services are read no more
+    // and each stream is half-closed); then the session is closed.
+    loop {
+        if stopped && open.is_empty() {
+            mux.close();
+        }
+        tokio::select! {
+            sub = inbound.recv() => match sub {
+                Some(sub) => {
+                    let (peer, services, allow, stop) = (peer.clone(), services.clone(), allow.clone(), stop.clone());
+                    open.spawn(serve_sub(sub, peer, services, allow, stop));
+                }
+                None => break,
+            },
+            Some(_) = open.join_next(), if !open.is_empty() => {}
+            _ = stopping.wait_for(|s| *s), if !stopped => stopped = true,
+        }
+    }
+    while open.join_next().await.is_some() {}
+    match task.await {
+        Ok(Ok(())) | Err(_) => info!(client = %who, "multiplexed session ended"),
+        Ok(Err(e)) => warn!(client = %who, error = %printable(&e.to_string()), "multiplexed session failed"),
+    }
+    session_end(status).await;
+}
+
+/// One stream of a multiplexed session: a service request, then the service's bytes.
+async fn serve_sub(
+    mut sub: MuxStream,
+    peer: Peer,
+    services: Arc<Services>,
+    allow: AllowListHandle,
+    stop: watch::Receiver<bool>,
+) {
+    let who = peer.name.clone().unwrap_or_else(|| peer.key.to_string());
+    let name = match tokio::time::timeout(REQUEST_TIMEOUT, read_request(&mut sub)).await {
+        Ok(Ok(Request::Service(n))) => n,
+        Ok(Ok(Request::Mux)) => return warn!(client = %who, "multiplexing requested inside a multiplexed stream"),
+        Ok(Err(e)) => return warn!(client = %who, error = %printable(&e.to_string()), "bad service request"),
+        Err(_) => return warn!(client = %who, "no service request in time"),
+    };
+    let target = match resolve(&name, &peer, &services, &allow) {
+        Ok(t) => t,
+        Err((status, why)) => return refuse_sub(sub, status, &who, &name, why).await,
+    };
+    let Some(tcp) = connect_service(&who, &name, target).await else {
+        return refuse_sub(sub, Status::Unavailable, &who, &name, "service unavailable").await;
+    };
+    if write_reply(&mut sub, Status::Connected, "").await.is_err() {
+        return;
+    }
+    info!(client = %who, service = %name, %target, "tunnel open (multiplexed)");
+    match join(tcp, sub, Some(stop)).await {
+        Ok((to_client, to_service)) => info!(client = %who, service = %name, to_service, to_client, "tunnel closed"),
+        // A stream reset by the client (its program reset its connection) is a close.
+        Err(e) if matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe) => {
+            info!(client = %who, service = %name, error = %e, "tunnel ended: reset by the client")
+        }
+        Err(e) => warn!(client = %who, service = %name, error = %printable(&e.to_string()), "tunnel failed"),
+    }
+}
+
+/// Answers a refusal on a stream and ends it: FIN, then what the client still sends is read
+/// and dropped until its FIN (bounded).
+async fn refuse_sub(mut sub: MuxStream, status: Status, who: &str, name: &str, what: &str) {
+    if write_reply(&mut sub, status, "").await.is_err() {
+        return;
+    }
+    let _ = sub.shutdown().await;
+    let mut sink = Zeroizing::new(vec![0u8; 4096]);
+    let drain = async { while matches!(sub.read(&mut sink[..]).await, Ok(1..)) {} };
+    let _ = tokio::time::timeout(Duration::from_secs(10), drain).await;
+    info!(client = %who, service = %name, "tunnel refused: {what}");
+}
+
+/// Joins a TCP connection and a stream both ways, with half-close; returns the bytes moved
+/// (TCP to stream, stream to TCP). With `stop`, the TCP side is read no more once it turns true
+/// and the stream is half-closed, as at EOF. On an error the TCP connection is reset, so that
+/// the program does not take a failure for a clean end.
+///
+/// # Errors
+/// The first I/O error of either direction.
+pub(super) async fn join<S: AsyncRead + AsyncWrite + Unpin>(
+    mut tcp: TcpStream,
+    stream: S,
+    mut stop: Option<watch::Receiver<bool>>,
+) -> io::Result<(u64, u64)> {
+    let (mut sr, mut sw) = tokio::io::split(stream);
+    let res = {
+        let (mut tr, mut tw) = tcp.split();
+        let up = async {
+            let mut buf = Zeroizing::new(vec![0u8; COPY_BUF]);
+            let mut total = 0u64;
+            loop {
+                let stopping = async {
+                    match stop.as_mut() {
+                        Some(rx) => drop(rx.wait_for(|s| *s).await),
+                        None => std::future::pending().await,
+                    }
+                };
+                let n = tokio::select! {
+                    r = tr.read(&mut buf[..]) => r?,
+                    () = stopping => 0,
+                };
+                if n == 0 {
+                    sw.shutdown().await?;
+                    return Ok::<_, io::Error>(total);
+                }
+                sw.write_all(&buf[..n]).await?;
+                total += n as u64;
+            }
+        };
+        let down = async {
+            let mut buf = Zeroizing::new(vec![0u8; COPY_BUF]);
+            let mut total = 0u64;
+            loop {
+                let n = sr.read(&mut buf[..]).await?;
+                if n == 0 {
+                    tw.shutdown().await?;
+                    return Ok::<_, io::Error>(total);
+                }
+                tw.write_all(&buf[..n]).await?;
+                total += n as u64;
+            }
+        };
+        tokio::try_join!(up, down)
+    };
+    if res.is_err() {
+        let _ = tcp.set_zero_linger();
+    }
+    res
+}
