@@ -201,11 +201,12 @@ async fn figures(k: Kills, tunnel: &Tunnel, resets_ok: bool) -> String {
         words.filter_map(|w| w.strip_prefix(key)?.parse::<u64>().ok()).sum()
     };
     format!(
-        "{} kills ({} mid-flow on demand) destroyed {} sockets in {} rounds; {sessions} sessions ended, {aborted} of them by a reset; {} resumes, {} B replayed to the client, {} B from it",
+        "{} kills ({} mid-flow on demand) destroyed {} sockets in {} rounds; {sessions} sessions and {} tunnels ended, {aborted} by a reset; {} resumes, {} B replayed to the client, {} B from it",
         k.kills,
         k.on_demand,
         k.sockets,
         k.rounds,
+        log.matches("tunnel open").count(),
         log.matches("session resumed").count(),
         sum("replayed_to_client="),
         sum("replayed_from_client="),

@@ -57,20 +57,31 @@ impl Tunnel {
     /// Waits (bounded) until every session the server opened has ended, and checks how: each
     /// must be `session closed` (a clean end both ways), or, if `resets_ok`, `session ended`
     /// because one end's program reset its connection, which holdfast passes on as an abort.
-    /// Nothing else (expiry, a protocol error) is accepted. Returns (sessions, aborted).
+    /// A multiplexed session (a forward's) lives as long as its client: it counts as done when
+    /// every tunnel on it has ended, and a tunnel may fail only if `resets_ok`. Nothing else
+    /// (expiry, a protocol error) is accepted. Returns (sessions, aborted).
     pub async fn wait_sessions_ended(&self, resets_ok: bool) -> (usize, usize) {
         let counts = |t: &str| {
+            let tunnels_done = ["tunnel closed", "tunnel ended", "tunnel failed", "tunnel refused"];
             (
-                t.matches("session opened").count(),
-                t.matches("session closed").count(),
-                t.matches("session ended").count(),
+                t.matches("session opened").count() - t.matches("multiplexed session open").count(),
+                t.matches("session closed").count() + t.matches("session ended").count(),
+                t.matches("tunnel open").count(),
+                tunnels_done.iter().map(|p| t.matches(p).count()).sum::<usize>(),
             )
         };
-        let ok = self.server.wait_for(|t| matches!(counts(t), (o, c, e) if o > 0 && c + e >= o)).await;
+        let ok = self
+            .server
+            .wait_for(|t| matches!(counts(t), (o, e, to, td) if (o > 0 || to > 0) && e >= o && td >= to))
+            .await;
         let log = self.server.log();
         assert!(ok, "not every session ended; server log:\n{}", super::procs::tail(&log, 200));
-        let (opened, _, ended) = counts(&log);
-        let bad = log.lines().filter(|l| l.contains("session ended") && !(resets_ok && l.contains("stream aborted")));
+        let opened = log.matches("session opened").count();
+        let ended = log.matches("session ended").count() + log.matches("tunnel failed").count();
+        let bad = log.lines().filter(|l| {
+            (l.contains("session ended") && !(resets_ok && l.contains("stream aborted")))
+                || (l.contains("tunnel failed") && !resets_ok)
+        });
         let bad: Vec<&str> = bad.collect();
         assert!(bad.is_empty(), "sessions that did not close cleanly:\n{}", bad.join("\n"));
         (opened, ended)

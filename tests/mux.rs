@@ -1,0 +1,164 @@
+//! Many streams on one session (issue 15): a forward carries every local connection as a
+//! stream of one multiplexed session. A burst opens no new sessions, one fault costs one resume
+//! for every stream, a stalled stream stalls no other, and the library API opens, half-closes
+//! and resets streams one by one.
+
+mod common;
+
+use std::time::Duration;
+
+use common::chaos::ChaosProxy;
+use common::cli::{echo_service, strs, Keys, Proc, LIMIT, MIB};
+use common::harness::{pattern_hash, recv_hash, send_pattern, server_and_client};
+use holdfast::mux::Mux;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::time::timeout;
+
+/// A server with an echo service and a client forwarding to it through a chaos proxy.
+async fn forward(tag: &str) -> (Keys, Proc, ChaosProxy, Proc, std::net::SocketAddr) {
+    let keys = Keys::new(tag);
+    let echo = echo_service().await;
+    let (server, addr) = keys.server(&[format!("echo={echo}")]).await;
+    let proxy = ChaosProxy::start(addr).await.unwrap();
+    let mut args = keys.client_args("client", proxy.addr(), "echo");
+    args.extend(["--local", "127.0.0.1:0", "--no-check"].map(String::from));
+    let client = Proc::spawn(&strs(&args), false);
+    let local = client.logged_addr("forwarding", "local=").await;
+    (keys, server, proxy, client, local)
+}
+
+/// Echoes `len` pattern bytes through `local` on a new connection; true if the SHA-256 of
+/// what came back is the pattern's.
+async fn echoed(local: std::net::SocketAddr, seed: u64, len: usize) -> std::io::Result<bool> {
+    let (mut r, mut w) = TcpStream::connect(local).await?.into_split();
+    let send = tokio::spawn(async move { send_pattern(&mut w, seed, len).await });
+    let (n, got) = recv_hash(&mut r).await?;
+    let sent = send.await.map_err(std::io::Error::other)??;
+    Ok(n == len as u64 && got == sent && sent == pattern_hash(seed, len))
+}
+
+/// 200 connections opened as fast as possible all succeed, on one session: no handshake each,
+/// so no per-source handshake limit to meet and nothing to refuse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_200_connections_all_succeed_on_one_session() {
+    let (_keys, server, proxy, client, local) = forward("mux-burst").await;
+    let mut burst = tokio::task::JoinSet::new();
+    for i in 0..200u64 {
+        burst.spawn(echoed(local, i, 1000 + i as usize));
+    }
+    let results = timeout(LIMIT, burst.join_all()).await.expect("the burst did not finish in time");
+    let ok = results.iter().filter(|r| matches!(r, Ok(true))).count();
+    assert_eq!(ok, 200, "{ok} of 200 connections echoed intact; client log:\n{}", client.stderr());
+    assert_eq!(proxy.connections_accepted(), 1, "the burst opened more than one connection to the server");
+    let log = server.wait_log("tunnel closed", 200).await;
+    assert_eq!(log.matches("session opened").count(), 1, "{log}");
+}
+
+/// 40 streams moving data both ways through a reset of the session's connection: one resume,
+/// and every stream's bytes intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forty_streams_survive_a_reset_with_one_resume() {
+    let (_keys, server, proxy, client, local) = forward("mux-40").await;
+    const LEN: usize = 2 * MIB;
+    let mut streams = tokio::task::JoinSet::new();
+    for i in 0..40u64 {
+        streams.spawn(echoed(local, 100 + i, LEN));
+    }
+    // Mid-transfer: a quarter of all the bytes have crossed.
+    assert!(proxy.wait_for_bytes((40 * LEN / 2) as u64, LIMIT).await, "the streams did not start");
+    proxy.kill_all();
+    let results = timeout(LIMIT * 2, streams.join_all()).await.expect("the streams did not finish in time");
+    let ok = results.iter().filter(|r| matches!(r, Ok(true))).count();
+    assert_eq!(ok, 40, "{ok} of 40 streams intact: {results:?}\nclient log:\n{}", client.stderr());
+    let log = client.wait_log("link resumed", 1).await;
+    assert_eq!(log.matches("link lost").count(), 1, "one reset, one loss:\n{log}");
+    assert_eq!(log.matches("link resumed").count(), 1, "one reset, one resume:\n{log}");
+    let slog = server.wait_log("tunnel closed", 40).await;
+    assert_eq!(slog.matches("session opened").count(), 1, "{slog}");
+    assert_eq!(slog.matches("session resumed").count(), 1, "{slog}");
+}
+
+/// A program that stops reading fills only its own stream's window: the other streams, the
+/// session's ACKs and its keepalives go on (yamux issue 102 is the deadlock this avoids). With
+/// one-second dead-peer timers, a stalled session would be declared lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_reader_stalls_no_other_stream() {
+    let (_keys, server, _proxy, client, local) = forward("mux-stall").await;
+    // The stalled program: it writes, the echo comes back, and it never reads.
+    let mut stalled = TcpStream::connect(local).await.unwrap();
+    let block = vec![7u8; MIB];
+    let mut written = 0usize;
+    // It writes until everything on the way back is full (TCP buffers, its stream's window,
+    // the echo's buffers): a write that does not finish within a second is the proof.
+    while let Ok(r) = timeout(Duration::from_secs(1), stalled.write_all(&block)).await {
+        r.unwrap();
+        written += block.len();
+        assert!(written < 512 * MIB, "nothing pushed back on the stalled stream");
+    }
+    // Meanwhile the others carry 64 MiB, intact, and the link is never suspected.
+    let mut others = tokio::task::JoinSet::new();
+    for i in 0..4u64 {
+        others.spawn(echoed(local, 500 + i, 16 * MIB));
+    }
+    let results = timeout(LIMIT, others.join_all()).await.expect("the other streams stalled");
+    assert!(results.iter().all(|r| matches!(r, Ok(true))), "{results:?}");
+    let log = client.stderr();
+    assert!(!log.contains("link lost") && !log.contains("suspect"), "the stall reached the session:\n{log}");
+    // The stalled program reads at last, and gets its bytes.
+    drop(stalled);
+    server.wait_log("tunnel closed", 4).await;
+}
+
+/// The library API: streams opened from either end, each half-closed or reset alone, over one
+/// resilient session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn library_streams_open_half_close_and_reset_alone() {
+    let (listener, ccfg) = server_and_client().await;
+    let addr = listener.local_addr().to_string();
+    let mut listener = listener;
+    let accept = tokio::spawn(async move { listener.accept().await.unwrap() });
+    let client = holdfast::connect(&addr, ccfg).await.unwrap();
+    let (server, _peer) = accept.await.unwrap();
+    let (tx, mut inbound) = mpsc::channel(8);
+    let (server_mux, _t1) = Mux::start(server, false, Some(tx));
+    let (tx, mut client_inbound) = mpsc::channel(8);
+    let (client_mux, _t2) = Mux::start(client, true, Some(tx));
+
+    // Client to server: bytes, then a half-close; the server answers after the EOF.
+    let mut a = client_mux.open().await.unwrap();
+    a.write_all(b"question").await.unwrap();
+    a.shutdown().await.unwrap();
+    let mut a_srv = timeout(LIMIT, inbound.recv()).await.unwrap().unwrap();
+    let mut got = Vec::new();
+    a_srv.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, b"question");
+    a_srv.write_all(b"answer").await.unwrap();
+    a_srv.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    a.read_to_end(&mut back).await.unwrap();
+    assert_eq!(back, b"answer");
+
+    // Server to client, while another stream is reset: the reset ends that stream alone.
+    let mut b = client_mux.open().await.unwrap();
+    b.write_all(b"x").await.unwrap();
+    let mut b_srv = timeout(LIMIT, inbound.recv()).await.unwrap().unwrap();
+    let mut one = [0u8; 1];
+    b_srv.read_exact(&mut one).await.unwrap();
+    let mut c_srv = server_mux.open().await.unwrap();
+    c_srv.write_all(b"from the server").await.unwrap();
+    let mut c = timeout(LIMIT, client_inbound.recv()).await.unwrap().unwrap();
+    drop(b); // a reset: dropped without a shutdown
+    let mut rest = Vec::new();
+    let end = timeout(LIMIT, b_srv.read_to_end(&mut rest)).await.expect("the reset did not reach the server");
+    assert!(rest.is_empty(), "{end:?}");
+    let mut got = [0u8; 15];
+    c.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"from the server");
+    c.write_all(b"still here").await.unwrap();
+    let mut got = [0u8; 10];
+    c_srv.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"still here");
+    assert!(!client_mux.is_closed() && !server_mux.is_closed());
+}
