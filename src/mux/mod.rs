@@ -30,10 +30,14 @@ mod socket;
 use socket::Lent;
 
 /// Most streams open on one session at once; opening more waits.
-pub const MAX_STREAMS: usize = 128;
+pub const MAX_STREAMS: usize = 64;
+/// Most streams yamux keeps per session, in both directions together. Twice what one end
+/// opens: a stream that has ended at the opener may not have ended at the peer yet, and must
+/// not make the peer's multiplexer refuse the next one.
+pub const MAX_KEPT: usize = 2 * MAX_STREAMS;
 /// The receive window all streams of a session may use together (yamux gives each stream
 /// 256 KiB at first and tunes it up to this share).
-pub const SESSION_WINDOW: usize = MAX_STREAMS * 256 * 1024;
+pub const SESSION_WINDOW: usize = MAX_KEPT * 256 * 1024;
 
 /// Errors of the multiplexing layer.
 #[derive(Debug, Error)]
@@ -55,7 +59,7 @@ impl From<MuxError> for io::Error {
 
 fn config() -> yamux::Config {
     let mut c = yamux::Config::default();
-    c.set_max_num_streams(MAX_STREAMS);
+    c.set_max_num_streams(MAX_KEPT);
     c.set_max_connection_receive_window(Some(SESSION_WINDOW));
     c
 }
@@ -156,11 +160,10 @@ async fn drive(
         loop {
             match conn.poll_next_inbound(cx) {
                 Poll::Ready(Some(Ok(s))) => {
-                    // An inbound stream takes a slot too; without one (or without a taker) it
-                    // is dropped, which resets it.
-                    let slot = slots.clone().try_acquire_owned().ok();
-                    if let (Some(tx), Some(slot)) = (&inbound, slot) {
-                        let _ = tx.try_send(MuxStream { inner: s.compat(), _slot: Some(slot) });
+                    // yamux bounds inbound streams (MAX_KEPT); one without a taker (or past a
+                    // full queue) is dropped, which resets it.
+                    if let Some(tx) = &inbound {
+                        let _ = tx.try_send(MuxStream { inner: s.compat(), _slot: None });
                     }
                 }
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(MuxError::from(e))),

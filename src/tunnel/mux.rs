@@ -139,7 +139,7 @@ pub(super) async fn serve_mux(
     }
     info!(client = %who, "multiplexed session open");
     let status = stream.status();
-    let (tx, mut inbound) = mpsc::channel(crate::mux::MAX_STREAMS);
+    let (tx, mut inbound) = mpsc::channel(crate::mux::MAX_KEPT);
     let (mux, task) = Mux::start(stream, false, Some(tx));
     let mut open = tokio::task::JoinSet::new();
     let mut stopping = stop.clone();
