@@ -12,11 +12,11 @@
 //! - `HOLDFAST_BENCH_RUNS` rounds per metric (default 5); figures are medians over rounds, and
 //!   every round measures every path back to back so that they share the machine's load.
 //! - `HOLDFAST_BENCH_MIB` MiB per bulk transfer (default 256).
-//! - `HOLDFAST_BENCH_PATHS` comma list among `direct,holdfast,holdfast-chacha,socat,stunnel,spiped,ssh`
-//!   (`holdfast-chacha` is holdfast with `--cipher chacha20-poly1305`, the cipher of the stunnel
+//! - `HOLDFAST_BENCH_PATHS` comma list among `direct,holdfast,holdfast-nomux,holdfast-chacha,socat,stunnel,spiped,ssh`
+//!   (`holdfast-nomux` opens a session per connection, as before multiplexing; `holdfast-chacha` is holdfast with `--cipher chacha20-poly1305`, the cipher of the stunnel
 //!   path; plain `holdfast` uses the default, AES-256-GCM on CPUs with AES instructions).
-//! - `HOLDFAST_BENCH_METRICS` comma list among `tput,rtt,stdio,conn,resume,hs,mem` (default all;
-//!   `stdio` is the RTT through `holdfast connect`'s pipes, measured in the same rounds).
+//! - `HOLDFAST_BENCH_METRICS` comma list among `tput,rtt,stdio,conn,streams,resume,hs,mem` (default all;
+//!   `streams` is 8 concurrent downloads and one beside a stalled stream; `stdio` is the RTT through `holdfast connect`'s pipes, measured in the same rounds).
 //! - `HOLDFAST_BENCH_RESETS` resets in the resume test (default 60).
 //! - `HOLDFAST_BENCH_SESSIONS` idle sessions in the memory test (default 1000).
 //!
@@ -40,6 +40,8 @@ use tokio::sync::{watch, Notify, Semaphore};
 
 #[path = "tunnel/stdio.rs"]
 mod stdio;
+#[path = "tunnel/streams.rs"]
+mod streams;
 
 const BIN: &str = env!("CARGO_BIN_EXE_holdfast");
 const SERVICE_NAME: &str = "bench";
@@ -73,8 +75,11 @@ impl Opts {
         Opts {
             runs: env_or("HOLDFAST_BENCH_RUNS", 5usize).max(1),
             bytes: env_or("HOLDFAST_BENCH_MIB", 256u64).max(1) << 20,
-            paths: env_list("HOLDFAST_BENCH_PATHS", "direct,holdfast,holdfast-chacha,socat,stunnel,spiped,ssh"),
-            metrics: env_list("HOLDFAST_BENCH_METRICS", "tput,rtt,conn,resume,hs,mem"),
+            paths: env_list(
+                "HOLDFAST_BENCH_PATHS",
+                "direct,holdfast,holdfast-nomux,holdfast-chacha,socat,stunnel,spiped,ssh",
+            ),
+            metrics: env_list("HOLDFAST_BENCH_METRICS", "tput,rtt,conn,streams,resume,hs,mem"),
             resets: env_or("HOLDFAST_BENCH_RESETS", 60usize).max(1),
             sessions: env_or("HOLDFAST_BENCH_SESSIONS", 1000usize).max(1),
             rtt_samples: env_or("HOLDFAST_BENCH_RTT", 5000usize).max(100),
@@ -1237,6 +1242,8 @@ struct PathStats {
     rtt99: Vec<f64>,
     conn50: Vec<f64>,
     conn90: Vec<f64>,
+    down8: Vec<f64>,
+    stalled: Vec<f64>,
     errors: Vec<String>,
 }
 
@@ -1287,6 +1294,7 @@ async fn run(opts: Opts) {
                 Setup::Ready(Tool { name: "direct TCP", entry: loopback(svc), children: vec![], server_pid: None })
             }
             "holdfast" => setup_holdfast(&dir, &keys, svc, "holdfast", &[]).await,
+            "holdfast-nomux" => setup_holdfast(&dir, &keys, svc, "holdfast --no-mux", &["--no-mux"]).await,
             "holdfast-chacha" => {
                 setup_holdfast(&dir, &keys, svc, "holdfast ChaCha20", &["--cipher", "chacha20-poly1305"]).await
             }
@@ -1350,6 +1358,18 @@ async fn run(opts: Opts) {
                     Err(_) => st.errors.push(s("down: timed out")),
                 }
             }
+            if opts.metric("streams") {
+                match tokio::time::timeout(limit, streams::tput_down_n(t.entry, opts.bytes, 8)).await {
+                    Ok(Ok(v)) => st.down8.push(v),
+                    Ok(Err(e)) => st.errors.push(format!("8 streams: {e}")),
+                    Err(_) => st.errors.push(s("8 streams: timed out")),
+                }
+                match tokio::time::timeout(limit, streams::tput_down_beside_stalled(t.entry, opts.bytes)).await {
+                    Ok(Ok(v)) => st.stalled.push(v),
+                    Ok(Err(e)) => st.errors.push(format!("beside a stalled stream: {e}")),
+                    Err(_) => st.errors.push(s("beside a stalled stream: timed out")),
+                }
+            }
             if opts.metric("rtt") {
                 match tokio::time::timeout(limit, rtt(t.entry, opts.rtt_samples)).await {
                     Ok(Ok((a, b))) => {
@@ -1400,6 +1420,17 @@ async fn run(opts: Opts) {
         println!("| {p} | {why} | | | | | |");
     }
     println!();
+    if opts.metric("streams") {
+        println!("## Many streams (medians of {} rounds)", opts.runs);
+        println!();
+        println!("| path | 1 stream down Gbit/s | 8 streams down, total Gbit/s | 1 stream down beside a stalled one, Gbit/s |");
+        println!("|---|---:|---:|---:|");
+        for n in &names {
+            let (one, eight, stalled) = (med(n, |s| &s.down), med(n, |s| &s.down8), med(n, |s| &s.stalled));
+            println!("| {n} | {} | {} | {} |", fmt_opt(one, 2), fmt_opt(eight, 2), fmt_opt(stalled, 2));
+        }
+        println!();
+    }
     if names.contains(&"holdfast") {
         println!("## holdfast relative to each path (same run; > 1 means holdfast is larger)");
         println!();

@@ -52,7 +52,7 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
         }
-        info!(drain = %holdfast::human::Rounded(SHUTDOWN_DRAIN), "stopping: no new sessions; ending open tunnels (again to exit at once)");
+        info!(drain = %holdfast::human::Rounded(SHUTDOWN_DRAIN), "stopping: no new sessions; ending open tunnels (signal again to exit at once)");
         tokio::spawn(async move {
             let mut term = signal(SignalKind::terminate()).ok();
             tokio::select! {
