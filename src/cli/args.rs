@@ -103,8 +103,15 @@ pub(crate) struct ServerArgs {
     #[arg(long, value_name = "FILE")]
     pub(crate) authorized: PathBuf,
     /// A service: NAME=HOST:PORT (repeat for more).
-    #[arg(long = "service", value_name = "NAME=HOST:PORT", required = true)]
+    #[arg(long = "service", value_name = "NAME=HOST:PORT", required_unless_present = "allow_connect")]
     pub(crate) services: Vec<String>,
+    /// Where clients' SOCKS5 CONNECTs (holdfast client --socks) may go: [CLIENT@]HOST:PORT,
+    /// repeat for more; none by default. HOST: a name, *.suffix, *, an address or a CIDR block
+    /// (an address rule is checked against the resolved address); PORT: N, N-M or *. CLIENT is
+    /// a name from the allow-list, to give one key a rule. Example: --allow-connect
+    /// '*.internal:443' --allow-connect 'laptop@10.0.0.0/8:*'.
+    #[arg(long = "allow-connect", value_name = "[CLIENT@]HOST:PORT")]
+    pub(crate) allow_connect: Vec<String>,
     /// Most sessions at once.
     #[arg(long, default_value_t = 1024, help_heading = "Limits")]
     pub(crate) max_sessions: usize,
@@ -195,8 +202,13 @@ pub(crate) enum CipherArg {
 pub(crate) struct ClientArgs {
     /// A local address to accept connections on, HOST:PORT, optionally with the service for it:
     /// HOST:PORT=SERVICE. Repeat for more forwards in one process (like ssh -L).
-    #[arg(long, value_name = "HOST:PORT[=SERVICE]", required = true, value_parser = parse_local)]
+    #[arg(long, value_name = "HOST:PORT[=SERVICE]", required_unless_present = "socks", value_parser = parse_local)]
     pub(crate) local: Vec<(String, Option<String>)>,
+    /// A local SOCKS5 listener, HOST:PORT, as ssh -D: each CONNECT is carried to the server,
+    /// which resolves the name and connects where its --allow-connect rules let this key go.
+    /// Example: --socks 127.0.0.1:1080, then curl --socks5-hostname 127.0.0.1:1080 URL.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub(crate) socks: Option<String>,
     /// Skip the start-up check that the server and service answer (it opens one connection to
     /// each service, which the service may log).
     #[arg(long)]

@@ -96,6 +96,13 @@ pub(crate) async fn client(args: ClientArgs) -> Result<()> {
     // One multiplexed session with the server carries every forward's connections.
     let pool = (!args.no_mux).then(|| tunnel::MuxPool::new(c.server.clone(), cfg.clone(), Some(tx.clone())));
     let mut running = tokio::task::JoinSet::new();
+    if let Some(addr) = &args.socks {
+        let Some(pool) = pool.clone() else { bail!("--socks needs multiplexing: drop --no-mux") };
+        let listener =
+            tokio::net::TcpListener::bind(addr).await.with_context(|| format!("--socks {addr}: cannot listen"))?;
+        info!(socks = %listener.local_addr()?, server = %c.server, "dynamic forwarding (SOCKS5)");
+        running.spawn(tunnel::socks(listener, pool));
+    }
     for (listener, service) in forwards {
         info!(local = %listener.local_addr()?, server = %c.server, %service, "forwarding");
         let forward =

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{anyhow, Context, Result};
+use holdfast::human::printable;
 use holdfast::keys::AllowList;
 use holdfast::tunnel::{self, Services};
 use holdfast::ServerConfig;
@@ -21,6 +22,9 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
     let mut services = Services::new();
     for spec in &args.services {
         services.add_spec(spec).with_context(|| format!("--service {spec}"))?;
+    }
+    for rule in &args.allow_connect {
+        services.allow_connect(rule.parse().with_context(|| format!("--allow-connect {}", printable(rule)))?);
     }
     let keypair = load_keypair("--key", &args.key)?;
     let allow = AllowList::load(&args.authorized).map_err(|e| anyhow!("--authorized {e}"))?;
@@ -42,7 +46,9 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
     let hangups = signal(SignalKind::hangup()).context("cannot watch for SIGHUP")?;
     let listener = holdfast::bind(args.listen.clone(), cfg).await?;
     let offered: Vec<String> = services.iter().map(|(n, t)| format!("{n}={t}")).collect();
-    info!(listen = %listener.local_addr(), server_key = %public, services = %offered.join(","), "server ready");
+    let connect: Vec<String> = services.connect_rules().iter().map(ToString::to_string).collect();
+    let connect = if connect.is_empty() { "none".to_string() } else { connect.join(",") };
+    info!(listen = %listener.local_addr(), server_key = %public, services = %offered.join(","), allow_connect = %connect, "server ready");
     let reload = reload_on_hangup(hangups, listener.allow_list_handle(), args.authorized.clone(), services.clone());
     // Ctrl-C or SIGTERM: stop accepting and end every tunnel cleanly within the drain time; a
     // second one exits at once.

@@ -18,10 +18,12 @@
 //! both ends half-close and read the other's stream to its end ([`finish`]), so the session
 //! ends with a normal close, not an abort.
 
+mod connect;
 mod forward;
 mod mux;
 mod request;
 mod serve;
+mod socks;
 mod splice;
 mod stdio;
 
@@ -33,10 +35,12 @@ use thiserror::Error;
 
 use crate::net;
 
+pub use connect::{allowed_addrs, check_host, ConnectRule};
 pub use forward::{forward, forward_via};
 pub use mux::MuxPool;
 pub use request::{finish, open, FINISH_TIMEOUT};
 pub use serve::{serve, serve_until};
+pub use socks::socks;
 pub use splice::{splice, splice_until};
 pub use stdio::stdio;
 
@@ -150,9 +154,13 @@ pub fn check_name(name: &str) -> Result<(), TunnelError> {
     }
 }
 
-/// The services a server offers: name to `host:port`.
+/// The services a server offers (name to `host:port`), and where dynamic forwarding may
+/// connect ([`ConnectRule`]s; none by default).
 #[derive(Debug, Clone, Default)]
-pub struct Services(BTreeMap<String, String>);
+pub struct Services {
+    map: BTreeMap<String, String>,
+    connect: Vec<ConnectRule>,
+}
 
 impl Services {
     /// No services.
@@ -168,16 +176,16 @@ impl Services {
     /// first).
     pub fn add(&mut self, name: &str, target: &str) -> Result<(), TunnelError> {
         check_name(name)?;
-        if let Some(first) = self.0.get(name) {
+        if let Some(first) = self.map.get(name) {
             return Err(TunnelError::DuplicateService { name: name.to_string(), first: first.clone() });
         }
-        self.0.insert(name.to_string(), target.to_string());
+        self.map.insert(name.to_string(), target.to_string());
         Ok(())
     }
 
     /// The services, by name: (name, target).
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.0.iter().map(|(n, t)| (n.as_str(), t.as_str()))
+        self.map.iter().map(|(n, t)| (n.as_str(), t.as_str()))
     }
 
     /// Parses `NAME=HOST:PORT`.
@@ -193,18 +201,28 @@ impl Services {
         self.add(name, target)
     }
 
+    /// Lets clients connect where `rule` says (SOCKS5 CONNECT through `holdfast client --socks`).
+    pub fn allow_connect(&mut self, rule: ConnectRule) {
+        self.connect.push(rule);
+    }
+
+    /// The `--allow-connect` rules, in the order given.
+    pub fn connect_rules(&self) -> &[ConnectRule] {
+        &self.connect
+    }
+
     /// The target of `name`.
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.0.get(name).map(String::as_str)
+        self.map.get(name).map(String::as_str)
     }
 
     /// Number of services.
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.map.len()
     }
 
     /// True when there are none.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.map.is_empty()
     }
 }

@@ -68,6 +68,23 @@ impl MuxPool {
     /// # Errors
     /// As [`crate::tunnel::open`].
     pub async fn open(&self, service: &str) -> Result<Option<MuxStream>, TunnelError> {
+        let mut req = vec![service.len() as u8];
+        req.extend_from_slice(service.as_bytes());
+        self.open_with(&req, service).await
+    }
+
+    /// A stream connected by the server to `host:port` (dynamic forwarding; the server's
+    /// `--allow-connect` rules decide). `Ok(None)` if the server does not multiplex.
+    ///
+    /// # Errors
+    /// As [`MuxPool::open`]; a destination not allowed is [`TunnelError::UnknownService`] and
+    /// one the server cannot reach is [`TunnelError::ServiceRefused`], both named `host:port`.
+    pub async fn open_connect(&self, host: &str, port: u16) -> Result<Option<MuxStream>, TunnelError> {
+        let req = super::request::connect_request(host, port)?;
+        self.open_with(&req, &format!("{host}:{port}")).await
+    }
+
+    async fn open_with(&self, req: &[u8], label: &str) -> Result<Option<MuxStream>, TunnelError> {
         if self.unsupported.load(Ordering::Relaxed) {
             return Ok(None);
         }
@@ -82,10 +99,8 @@ impl MuxPool {
             }
         };
         let mut sub = mux.open().await.map_err(|e| TunnelError::Io(e.into()))?;
-        let mut req = vec![service.len() as u8];
-        req.extend_from_slice(service.as_bytes());
-        sub.write_all(&req).await?;
-        read_reply(&mut sub, service).await?;
+        sub.write_all(req).await?;
+        read_reply(&mut sub, label).await?;
         Ok(Some(sub))
     }
 
@@ -179,23 +194,33 @@ async fn serve_sub(
     stop: watch::Receiver<bool>,
 ) {
     let who = peer.name.clone().unwrap_or_else(|| peer.key.to_string());
-    let name = match tokio::time::timeout(REQUEST_TIMEOUT, read_request(&mut sub)).await {
-        Ok(Ok(Request::Service(n))) => n,
+    let (name, tcp, target) = match tokio::time::timeout(REQUEST_TIMEOUT, read_request(&mut sub)).await {
+        Ok(Ok(Request::Service(name))) => {
+            let target = match resolve(&name, &peer, &services, &allow) {
+                Ok(t) => t,
+                Err((status, why)) => return refuse_sub(sub, status, &who, &name, why).await,
+            };
+            let Some(tcp) = connect_service(&who, &name, target).await else {
+                return refuse_sub(sub, Status::Unavailable, &who, &name, "service unavailable").await;
+            };
+            (name, tcp, target.to_string())
+        }
+        Ok(Ok(Request::Connect { host, port })) => {
+            let name = format!("connect {}", printable(&format!("{host}:{port}")));
+            let (tcp, target) = match connect_destination(&peer, &services, &allow, &who, &host, port).await {
+                Ok(t) => t,
+                Err((status, why)) => return refuse_sub(sub, status, &who, &name, why).await,
+            };
+            (name, tcp, target.to_string())
+        }
         Ok(Ok(Request::Mux)) => return warn!(client = %who, "multiplexing requested inside a multiplexed stream"),
         Ok(Err(e)) => return warn!(client = %who, error = %printable(&e.to_string()), "bad service request"),
         Err(_) => return warn!(client = %who, "no service request in time"),
     };
-    let target = match resolve(&name, &peer, &services, &allow) {
-        Ok(t) => t,
-        Err((status, why)) => return refuse_sub(sub, status, &who, &name, why).await,
-    };
-    let Some(tcp) = connect_service(&who, &name, target).await else {
-        return refuse_sub(sub, Status::Unavailable, &who, &name, "service unavailable").await;
-    };
     if write_reply(&mut sub, Status::Connected, "").await.is_err() {
         return;
     }
-    info!(client = %who, service = %name, %target, "tunnel open (multiplexed)");
+    info!(client = %who, service = %name, target = %printable(&target), "tunnel open (multiplexed)");
     match join(tcp, sub, Some(stop)).await {
         Ok((to_client, to_service)) => info!(client = %who, service = %name, to_service, to_client, "tunnel closed"),
         // A stream reset by the client (its program reset its connection) is a close.
@@ -204,6 +229,37 @@ async fn serve_sub(
         }
         Err(e) => warn!(client = %who, service = %name, error = %printable(&e.to_string()), "tunnel failed"),
     }
+}
+
+/// Connects to `host:port` for a dynamic forward, if the `--allow-connect` rules give it to
+/// this client (by its allow-list name); else the refusal: status 1 for a destination not
+/// allowed, 2 for one that does not resolve or answer (the cause is logged here).
+async fn connect_destination(
+    peer: &Peer,
+    services: &Services,
+    allow: &AllowListHandle,
+    who: &str,
+    host: &str,
+    port: u16,
+) -> Result<(TcpStream, std::net::SocketAddr), (Status, &'static str)> {
+    if allow.get().lookup(&peer.key).is_none() {
+        return Err((Status::UnknownService, "the client is no longer on the allow-list"));
+    }
+    let rules = services.connect_rules();
+    let addrs = match super::allowed_addrs(rules, peer.name.as_deref(), host, port).await {
+        Ok(a) if a.is_empty() => return Err((Status::UnknownService, "destination not allowed (--allow-connect)")),
+        Ok(a) => a,
+        Err(e) => {
+            warn!(client = %who, host = %printable(host), port, error = %e, "cannot resolve the destination");
+            return Err((Status::Unavailable, "destination does not resolve"));
+        }
+    };
+    for addr in addrs {
+        if let Some(tcp) = connect_service(who, &format!("connect {}", printable(host)), &addr.to_string()).await {
+            return Ok((tcp, addr));
+        }
+    }
+    Err((Status::Unavailable, "destination unavailable"))
 }
 
 /// Answers a refusal on a stream and ends it: FIN, then what the client still sends is read

@@ -101,6 +101,28 @@ pub(super) enum Request {
     Service(String),
     /// Multiplexing: the stream carries yamux from the reply on (name length 0).
     Mux,
+    /// A connection to `host:port`, for dynamic forwarding (first byte [`CONNECT_REQUEST`]).
+    Connect {
+        /// A host name or address, checked by [`super::check_host`].
+        host: String,
+        /// The port.
+        port: u16,
+    },
+}
+
+/// The first byte of a connect request: `0xFF || host_len: u8 || host || port: u16 BE`.
+pub(super) const CONNECT_REQUEST: u8 = 0xFF;
+
+/// The bytes of a connect request to `host:port`.
+///
+/// # Errors
+/// [`TunnelError::Malformed`] for a host [`super::check_host`] refuses.
+pub(super) fn connect_request(host: &str, port: u16) -> Result<Vec<u8>, TunnelError> {
+    super::check_host(host)?;
+    let mut req = vec![CONNECT_REQUEST, host.len() as u8];
+    req.extend_from_slice(host.as_bytes());
+    req.extend_from_slice(&port.to_be_bytes());
+    Ok(req)
 }
 
 /// Server side: reads the request (the caller bounds the wait).
@@ -112,6 +134,15 @@ pub(super) async fn read_request<R: AsyncRead + Unpin>(stream: &mut R) -> Result
     let len = stream.read_u8().await? as usize;
     if len == 0 {
         return Ok(Request::Mux);
+    }
+    if len == CONNECT_REQUEST as usize {
+        let n = stream.read_u8().await? as usize;
+        let mut host = vec![0u8; n];
+        stream.read_exact(&mut host).await?;
+        let port = stream.read_u16().await?;
+        let host = String::from_utf8(host).map_err(|_| TunnelError::Malformed("connect host"))?;
+        super::check_host(&host)?;
+        return Ok(Request::Connect { host, port });
     }
     if len > MAX_SERVICE_NAME {
         return Err(TunnelError::Malformed("request"));

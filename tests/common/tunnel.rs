@@ -28,6 +28,11 @@ pub struct Tunnel {
 impl Tunnel {
     /// Writes keys into `dir` and starts the server; returns once it logged its address.
     pub async fn start(dir: &TempDir, services: &[(&str, SocketAddr)]) -> Tunnel {
+        Self::start_with(dir, services, &[]).await
+    }
+
+    /// [`Tunnel::start`] with more server arguments (`--allow-connect` rules, say).
+    pub async fn start_with(dir: &TempDir, services: &[(&str, SocketAddr)], extra: &[&str]) -> Tunnel {
         let (server, client) = (Keypair::generate(), Keypair::generate());
         let (server_key, server_pub) = (dir.path("server.key"), dir.path("server.pub"));
         let (client_key, authorized) = (dir.path("laptop.key"), dir.path("authorized"));
@@ -43,7 +48,7 @@ impl Tunnel {
         for (name, addr) in services {
             cmd.args(["--service", &format!("{name}={addr}")]);
         }
-        cmd.args(FAST).env_remove("RUST_LOG");
+        cmd.args(FAST).args(extra).env_remove("RUST_LOG");
         let server = Proc::spawn("holdfast server", &mut cmd, Out::Null);
         let addr = server.logged_addr("server ready", "listen=").await;
         Tunnel { server, addr, server_pub, client_key, wrapper }
@@ -108,6 +113,17 @@ impl Tunnel {
         cmd.env_remove("RUST_LOG");
         let client = Proc::spawn("holdfast client", &mut cmd, Out::Null);
         let local = client.logged_addr("forwarding", "local=").await;
+        (client, local)
+    }
+
+    /// Starts `holdfast client --socks 127.0.0.1:0` (dynamic forwarding); returns it and the
+    /// SOCKS5 address.
+    pub async fn socks(&self) -> (Proc, SocketAddr) {
+        let mut cmd = Command::new(BIN);
+        cmd.args(self.client_args("client", "unused")).args(["--socks", "127.0.0.1:0", "--no-check"]);
+        cmd.env_remove("RUST_LOG");
+        let client = Proc::spawn("holdfast client --socks", &mut cmd, Out::Null);
+        let local = client.logged_addr("dynamic forwarding", "socks=").await;
         (client, local)
     }
 
