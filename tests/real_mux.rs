@@ -1,7 +1,9 @@
 //! Real programs through many streams on one session (issue 15): 40 parallel curl downloads
 //! through one forward while its connection is killed, and curl through dynamic forwarding
 //! (SOCKS5, names resolved by the server) through kills, with a destination the server does
-//! not allow refused by a SOCKS error. Each test prints "skipped: <reason>" without curl, root
+//! not allow refused by a SOCKS error; and curl through a reverse forward (the server listens,
+//! the client's web server answers) through kills, with its listener released the moment the
+//! client exits. Each test prints "skipped: <reason>" without curl, root
 //! or `ss -K` (CI installs them and sets HOLDFAST_REQUIRE_TOOLS, which turns a skip into a
 //! failure).
 
@@ -142,6 +144,53 @@ async fn curl_through_socks_survives_kills_and_denied_destinations_get_a_socks_e
     assert_eq!(sessions, 1, "{}", tunnel.server.log());
     eprintln!(
         "{name}: 2 x 64 MiB through SOCKS5 (by name, by address), SHA-256 equal, through {} kills; denied destination: curl exit 97; passed in {:.1?}",
+        k.kills,
+        start.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_through_a_reverse_forward_survives_kills_and_its_listener_goes_with_the_client() {
+    let name = "curl_through_a_reverse_forward_survives_kills_and_its_listener_goes_with_the_client";
+    if !ready(name).await {
+        return;
+    }
+    let start = Instant::now();
+    const LEN: u64 = 64 * MIB;
+    let dir = TempDir::new("reverse");
+    let gate = Gate::new();
+    // The web server is on the client's side; the server listens for it.
+    let web = http::serve(43, LEN, gate.clone(), 8 * MIB).await;
+    let tunnel = Tunnel::start_with(&dir, &[], &["--allow-listen", "laptop@127.0.0.1:*"]).await;
+    let remote = format!("127.0.0.1:0={}", web.addr);
+    let mut client = tunnel.client(&["--remote", &remote, "--remote", "127.0.0.2:80=127.0.0.1:1"]);
+    let listen = tunnel.server.logged_addr("reverse forward listening", "listen=").await;
+    // A listen address no rule gives is refused, and said so on both ends.
+    tunnel.server.wait_log("reverse forward refused: not allowed", 1).await;
+    client.wait_log("does not allow listening on 127.0.0.2:80", 1).await;
+
+    let kills = KillLoop::start(tunnel.port(), Duration::from_millis(300), &gate);
+    let got = download("curl through the reverse forward", &[&format!("http://{listen}/")]).await;
+    let k = kills.stop();
+    assert_eq!(got, (LEN, hex(&Pattern::sha256(43, LEN))), "the download differs");
+    assert!(k.kills >= 3, "only {} kills: recovery was not tested", k.kills);
+
+    // The client exits (SIGTERM): the session closes, and the listener is released at once.
+    let pid = client.child.id().and_then(|p| rustix::process::Pid::from_raw(p as i32)).expect("pid");
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    let (status, log) = client.exit().await;
+    assert!(status.success(), "client exit {status}:\n{log}");
+    tunnel.server.wait_log("the listener is released", 1).await;
+    let log = tunnel.server.wait_log("session closed", 1).await;
+    assert!(!log.contains("session detached; waiting for resume client=laptop cause=peer"), "{log}");
+    let refused = tokio::net::TcpStream::connect(listen).await;
+    assert_eq!(
+        refused.err().map(|e| e.kind()),
+        Some(std::io::ErrorKind::ConnectionRefused),
+        "the listener outlived its client"
+    );
+    eprintln!(
+        "{name}: 64 MiB through the reverse forward, SHA-256 equal, through {} kills; after the client's exit the port refuses connections; passed in {:.1?}",
         k.kills,
         start.elapsed()
     );

@@ -103,7 +103,7 @@ pub(crate) struct ServerArgs {
     #[arg(long, value_name = "FILE")]
     pub(crate) authorized: PathBuf,
     /// A service: NAME=HOST:PORT (repeat for more).
-    #[arg(long = "service", value_name = "NAME=HOST:PORT", required_unless_present = "allow_connect")]
+    #[arg(long = "service", value_name = "NAME=HOST:PORT", required_unless_present_any = ["allow_connect", "allow_listen"])]
     pub(crate) services: Vec<String>,
     /// Where clients' SOCKS5 CONNECTs (holdfast client --socks) may go: [CLIENT@]HOST:PORT,
     /// repeat for more; none by default. HOST: a name, *.suffix, *, an address or a CIDR block
@@ -112,6 +112,11 @@ pub(crate) struct ServerArgs {
     /// '*.internal:443' --allow-connect 'laptop@10.0.0.0/8:*'.
     #[arg(long = "allow-connect", value_name = "[CLIENT@]HOST:PORT")]
     pub(crate) allow_connect: Vec<String>,
+    /// Where clients' reverse forwards (holdfast client --remote) may listen on this machine:
+    /// [CLIENT@]ADDRESS:PORT, ADDRESS an IP, a CIDR block or *; PORT N, N-M or *. None by
+    /// default. Example: --allow-listen 'laptop@127.0.0.1:8000-8099'.
+    #[arg(long = "allow-listen", value_name = "[CLIENT@]ADDRESS:PORT")]
+    pub(crate) allow_listen: Vec<String>,
     /// Most sessions at once.
     #[arg(long, default_value_t = 1024, help_heading = "Limits")]
     pub(crate) max_sessions: usize,
@@ -202,13 +207,19 @@ pub(crate) enum CipherArg {
 pub(crate) struct ClientArgs {
     /// A local address to accept connections on, HOST:PORT, optionally with the service for it:
     /// HOST:PORT=SERVICE. Repeat for more forwards in one process (like ssh -L).
-    #[arg(long, value_name = "HOST:PORT[=SERVICE]", required_unless_present = "socks", value_parser = parse_local)]
+    #[arg(long, value_name = "HOST:PORT[=SERVICE]", required_unless_present_any = ["socks", "remote"], value_parser = parse_local)]
     pub(crate) local: Vec<(String, Option<String>)>,
     /// A local SOCKS5 listener, HOST:PORT, as ssh -D: each CONNECT is carried to the server,
     /// which resolves the name and connects where its --allow-connect rules let this key go.
     /// Example: --socks 127.0.0.1:1080, then curl --socks5-hostname 127.0.0.1:1080 URL.
     #[arg(long, value_name = "HOST:PORT")]
     pub(crate) socks: Option<String>,
+    /// A reverse forward, as ssh -R: SERVER_IP:PORT=HOST:PORT asks the server to listen on
+    /// SERVER_IP:PORT (where its --allow-listen rules let this key) and carries every
+    /// connection to it back here, to HOST:PORT. Port 0 lets the server choose (logged).
+    /// Repeat for more. Example: --remote 127.0.0.1:8080=127.0.0.1:3000.
+    #[arg(long, value_name = "SERVER_IP:PORT=HOST:PORT", value_parser = parse_remote)]
+    pub(crate) remote: Vec<(String, String)>,
     /// Skip the start-up check that the server and service answer (it opens one connection to
     /// each service, which the service may log).
     #[arg(long)]
@@ -262,6 +273,22 @@ fn split_port(s: &str) -> Option<(&str, &str)> {
 }
 
 /// `--local HOST:PORT[=SERVICE]`: a port is required (a local forward has no natural default).
+/// `SERVER_IP:PORT=HOST:PORT` of `--remote`.
+pub(crate) fn parse_remote(s: &str) -> Result<(String, String), String> {
+    let Some((bind, target)) = s.split_once('=') else {
+        return Err(format!(
+            "'{s}' has no '='; give SERVER_IP:PORT=HOST:PORT, for example 127.0.0.1:8080=127.0.0.1:3000"
+        ));
+    };
+    if bind.trim().parse::<std::net::SocketAddr>().is_err() {
+        return Err(format!("'{bind}' is not an IP:PORT on the server (for example 127.0.0.1:8080, or [::1]:8080)"));
+    }
+    match split_port(target.trim()) {
+        Some((_, port)) if port.parse::<u16>().is_ok() => Ok((bind.trim().to_string(), target.trim().to_string())),
+        _ => Err(format!("'{target}' is not HOST:PORT (for example 127.0.0.1:3000)")),
+    }
+}
+
 pub(crate) fn parse_local(s: &str) -> Result<(String, Option<String>), String> {
     let (addr, service) = match s.split_once('=') {
         Some((a, svc)) => (a.trim(), Some(svc.trim().to_string())),

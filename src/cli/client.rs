@@ -59,6 +59,14 @@ fn log_event(from: Option<SocketAddr>, ev: LinkEvent) {
     }
 }
 
+/// Resolves on SIGTERM (never, if it cannot be watched).
+async fn terminated() {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut s) => drop(s.recv().await),
+        Err(_) => std::future::pending().await,
+    }
+}
+
 pub(crate) async fn client(args: ClientArgs) -> Result<()> {
     let c = &args.common;
     let cfg = client_config(c)?;
@@ -103,6 +111,14 @@ pub(crate) async fn client(args: ClientArgs) -> Result<()> {
         info!(socks = %listener.local_addr()?, server = %c.server, "dynamic forwarding (SOCKS5)");
         running.spawn(tunnel::socks(listener, pool));
     }
+    for (bind, target) in &args.remote {
+        let Some(pool) = pool.clone() else { bail!("--remote needs multiplexing: drop --no-mux") };
+        let (bind, target) = (bind.clone(), target.clone());
+        running.spawn(async move {
+            tunnel::remote(pool, bind, target).await;
+            Ok(())
+        });
+    }
     for (listener, service) in forwards {
         info!(local = %listener.local_addr()?, server = %c.server, %service, "forwarding");
         let forward =
@@ -112,6 +128,12 @@ pub(crate) async fn client(args: ClientArgs) -> Result<()> {
     tokio::select! {
         Some(r) = running.join_next() => r.context("a forward stopped")??,
         _ = tokio::signal::ctrl_c() => info!("interrupted; exiting"),
+        _ = terminated() => info!("terminated; exiting"),
+    }
+    // End the shared session cleanly, so that the server frees it (and any reverse forward's
+    // listener) now rather than holding it for a resume.
+    if let Some(pool) = pool {
+        pool.close().await;
     }
     Ok(())
 }

@@ -23,6 +23,9 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
     for spec in &args.services {
         services.add_spec(spec).with_context(|| format!("--service {spec}"))?;
     }
+    for rule in &args.allow_listen {
+        services.allow_listen(rule.parse().with_context(|| format!("--allow-listen {}", printable(rule)))?);
+    }
     for rule in &args.allow_connect {
         services.allow_connect(rule.parse().with_context(|| format!("--allow-connect {}", printable(rule)))?);
     }
@@ -48,7 +51,9 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
     let offered: Vec<String> = services.iter().map(|(n, t)| format!("{n}={t}")).collect();
     let connect: Vec<String> = services.connect_rules().iter().map(ToString::to_string).collect();
     let connect = if connect.is_empty() { "none".to_string() } else { connect.join(",") };
-    info!(listen = %listener.local_addr(), server_key = %public, services = %offered.join(","), allow_connect = %connect, "server ready");
+    let listen: Vec<String> = services.listen_rules().iter().map(ToString::to_string).collect();
+    let listen = if listen.is_empty() { "none".to_string() } else { listen.join(",") };
+    info!(listen = %listener.local_addr(), server_key = %public, services = %offered.join(","), allow_connect = %connect, allow_listen = %listen, "server ready");
     let reload = reload_on_hangup(hangups, listener.allow_list_handle(), args.authorized.clone(), services.clone());
     // Ctrl-C or SIGTERM: stop accepting and end every tunnel cleanly within the drain time; a
     // second one exits at once.

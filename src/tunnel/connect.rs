@@ -138,6 +138,12 @@ impl ConnectRule {
             }
     }
 
+    /// True if this rule gives `client` the address `addr` (for `--allow-listen`, where only
+    /// address rules can match).
+    pub fn gives(&self, client: Option<&str>, addr: SocketAddr) -> bool {
+        self.gives_addr(client, addr)
+    }
+
     /// True if this rule gives `client` the address `addr`.
     fn gives_addr(&self, client: Option<&str>, addr: SocketAddr) -> bool {
         self.for_client(client)

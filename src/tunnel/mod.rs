@@ -22,6 +22,7 @@ mod connect;
 mod forward;
 mod mux;
 mod request;
+mod reverse;
 mod serve;
 mod socks;
 mod splice;
@@ -39,6 +40,7 @@ pub use connect::{allowed_addrs, check_host, ConnectRule};
 pub use forward::{forward, forward_via};
 pub use mux::MuxPool;
 pub use request::{finish, open, FINISH_TIMEOUT};
+pub use reverse::remote;
 pub use serve::{serve, serve_until};
 pub use socks::socks;
 pub use splice::{splice, splice_until};
@@ -160,6 +162,7 @@ pub fn check_name(name: &str) -> Result<(), TunnelError> {
 pub struct Services {
     map: BTreeMap<String, String>,
     connect: Vec<ConnectRule>,
+    listen: Vec<ConnectRule>,
 }
 
 impl Services {
@@ -204,6 +207,17 @@ impl Services {
     /// Lets clients connect where `rule` says (SOCKS5 CONNECT through `holdfast client --socks`).
     pub fn allow_connect(&mut self, rule: ConnectRule) {
         self.connect.push(rule);
+    }
+
+    /// Lets clients ask the server to listen where `rule` says (reverse forwarding, `holdfast
+    /// client --remote`); only address and CIDR rules can match a listen address.
+    pub fn allow_listen(&mut self, rule: ConnectRule) {
+        self.listen.push(rule);
+    }
+
+    /// The `--allow-listen` rules, in the order given.
+    pub fn listen_rules(&self) -> &[ConnectRule] {
+        &self.listen
     }
 
     /// The `--allow-connect` rules, in the order given.

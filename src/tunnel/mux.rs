@@ -37,6 +37,9 @@ pub struct MuxPool {
     events: Option<mpsc::UnboundedSender<(std::net::SocketAddr, LinkEvent)>>,
     mux: tokio::sync::Mutex<Option<Mux>>,
     unsupported: AtomicBool,
+    /// Reverse forwards in force: the server's listener address to the local target.
+    pub(super) remotes: super::reverse::Remotes,
+    driver: std::sync::Mutex<Option<tokio::task::JoinHandle<Result<(), crate::mux::MuxError>>>>,
 }
 
 impl std::fmt::Debug for MuxPool {
@@ -59,7 +62,22 @@ impl MuxPool {
             events,
             mux: tokio::sync::Mutex::new(None),
             unsupported: AtomicBool::new(false),
+            remotes: Default::default(),
+            driver: std::sync::Mutex::new(None),
         })
+    }
+
+    /// Ends the multiplexed session cleanly, if one is open (waits at most 3 s): its streams
+    /// end, and the server releases what the session held at once (its reverse forwards'
+    /// listeners above all), instead of keeping the session for a resume that will not come.
+    pub async fn close(&self) {
+        if let Some(m) = self.mux.lock().await.take() {
+            m.close();
+        }
+        let driver = self.driver.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        if let Some(d) = driver {
+            let _ = tokio::time::timeout(Duration::from_secs(3), d).await;
+        }
     }
 
     /// A stream to `service`, its request answered. `Ok(None)` if the server does not
@@ -70,7 +88,7 @@ impl MuxPool {
     pub async fn open(&self, service: &str) -> Result<Option<MuxStream>, TunnelError> {
         let mut req = vec![service.len() as u8];
         req.extend_from_slice(service.as_bytes());
-        self.open_with(&req, service).await
+        Ok(self.open_with(&req, service).await?.map(|(s, _)| s))
     }
 
     /// A stream connected by the server to `host:port` (dynamic forwarding; the server's
@@ -81,10 +99,22 @@ impl MuxPool {
     /// one the server cannot reach is [`TunnelError::ServiceRefused`], both named `host:port`.
     pub async fn open_connect(&self, host: &str, port: u16) -> Result<Option<MuxStream>, TunnelError> {
         let req = super::request::connect_request(host, port)?;
-        self.open_with(&req, &format!("{host}:{port}")).await
+        Ok(self.open_with(&req, &format!("{host}:{port}")).await?.map(|(s, _)| s))
     }
 
-    async fn open_with(&self, req: &[u8], label: &str) -> Result<Option<MuxStream>, TunnelError> {
+    /// A stream asking the server to listen on `bind` (reverse forwarding), and the address it
+    /// listens on; the listener lives as long as the stream. `Ok(None)` if the server does not
+    /// multiplex.
+    ///
+    /// # Errors
+    /// As [`MuxPool::open`]: not allowed is [`TunnelError::UnknownService`], cannot listen
+    /// [`TunnelError::ServiceRefused`].
+    pub(super) async fn open_listen(&self, bind: &str) -> Result<Option<(MuxStream, String)>, TunnelError> {
+        let req = super::request::tagged(super::request::LISTEN_REQUEST, bind);
+        self.open_with(&req, bind).await
+    }
+
+    async fn open_with(&self, req: &[u8], label: &str) -> Result<Option<(MuxStream, String)>, TunnelError> {
         if self.unsupported.load(Ordering::Relaxed) {
             return Ok(None);
         }
@@ -100,8 +130,8 @@ impl MuxPool {
         };
         let mut sub = mux.open().await.map_err(|e| TunnelError::Io(e.into()))?;
         sub.write_all(req).await?;
-        read_reply(&mut sub, label).await?;
-        Ok(Some(sub))
+        let msg = read_reply(&mut sub, label).await?;
+        Ok(Some((sub, msg)))
     }
 
     /// Opens the multiplexed session; `None` if the server does not multiplex.
@@ -109,7 +139,7 @@ impl MuxPool {
         let mut stream = connect_when_not_busy(&self.server, self.cfg.clone()).await?;
         stream.write_all(&[0]).await?;
         match read_reply(&mut stream, "(multiplexing)").await {
-            Ok(()) => {}
+            Ok(_) => {}
             Err(TunnelError::Malformed(_) | TunnelError::Io(_) | TunnelError::Net(_)) => {
                 info!(server = %self.server, "the server does not multiplex: one session per connection");
                 self.unsupported.store(true, Ordering::Relaxed);
@@ -129,7 +159,11 @@ impl MuxPool {
             });
         }
         debug!(server = %self.server, "multiplexed session open");
-        let (mux, _task) = Mux::start(stream, true, None);
+        // Streams the server opens are connections to this client's reverse forwards.
+        let (tx, rx) = mpsc::channel(crate::mux::MAX_KEPT);
+        tokio::spawn(super::reverse::accept_inbound(rx, self.remotes.clone()));
+        let (mux, task) = Mux::start(stream, true, Some(tx));
+        *self.driver.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(task);
         Ok(Some(mux))
     }
 }
@@ -169,7 +203,7 @@ pub(super) async fn serve_mux(
             sub = inbound.recv() => match sub {
                 Some(sub) => {
                     let (peer, services, allow, stop) = (peer.clone(), services.clone(), allow.clone(), stop.clone());
-                    open.spawn(serve_sub(sub, peer, services, allow, stop));
+                    open.spawn(serve_sub(sub, mux.clone(), peer, services, allow, stop));
                 }
                 None => break,
             },
@@ -188,6 +222,7 @@ pub(super) async fn serve_mux(
 /// One stream of a multiplexed session: a service request, then the service's bytes.
 async fn serve_sub(
     mut sub: MuxStream,
+    mux: Mux,
     peer: Peer,
     services: Arc<Services>,
     allow: AllowListHandle,
@@ -212,6 +247,9 @@ async fn serve_sub(
                 Err((status, why)) => return refuse_sub(sub, status, &who, &name, why).await,
             };
             (name, tcp, target.to_string())
+        }
+        Ok(Ok(Request::Listen(addr))) => {
+            return super::reverse::serve_listen(sub, addr, mux, (peer, services, allow), stop).await;
         }
         Ok(Ok(Request::Mux)) => return warn!(client = %who, "multiplexing requested inside a multiplexed stream"),
         Ok(Err(e)) => return warn!(client = %who, error = %printable(&e.to_string()), "bad service request"),

@@ -25,7 +25,7 @@ use crate::net::{self, ClientConfig, ReadHalf, Stream, WriteHalf};
 pub async fn open(addr: &str, cfg: ClientConfig, service: &str) -> Result<Stream, TunnelError> {
     let mut stream = request(addr, cfg, service).await?;
     match read_reply(&mut stream, service).await {
-        Ok(()) => Ok(stream),
+        Ok(_) => Ok(stream),
         Err(e) if e.is_refusal() => {
             let _ = finish(stream, REFUSAL_DRAIN).await;
             Err(e)
@@ -101,6 +101,8 @@ pub(super) enum Request {
     Service(String),
     /// Multiplexing: the stream carries yamux from the reply on (name length 0).
     Mux,
+    /// A listener on the server for reverse forwarding (first byte [`LISTEN_REQUEST`]).
+    Listen(std::net::SocketAddr),
     /// A connection to `host:port`, for dynamic forwarding (first byte [`CONNECT_REQUEST`]).
     Connect {
         /// A host name or address, checked by [`super::check_host`].
@@ -108,6 +110,34 @@ pub(super) enum Request {
         /// The port.
         port: u16,
     },
+}
+
+/// The first byte of a listen request (reverse forwarding): `0xFE || addr_len: u8 || addr`,
+/// `addr` an `IP:PORT` for the server to listen on.
+pub(super) const LISTEN_REQUEST: u8 = 0xFE;
+/// The first byte of a stream the server opens for a connection to a reverse forward's
+/// listener: `0xFD || addr_len: u8 || addr`, `addr` the listener's address as the server
+/// answered the listen request.
+pub(super) const REVERSE_OPEN: u8 = 0xFD;
+
+/// Writes `tag || len || text` (a listen request or a reverse open).
+pub(super) fn tagged(tag: u8, text: &str) -> Vec<u8> {
+    let text = &text.as_bytes()[..text.len().min(255)];
+    let mut v = vec![tag, text.len() as u8];
+    v.extend_from_slice(text);
+    v
+}
+
+/// Reads the `len || text` behind a tag, as an `IP:PORT`.
+///
+/// # Errors
+/// [`TunnelError::Malformed`] if it is not one, [`TunnelError::Io`].
+pub(super) async fn read_addr<R: AsyncRead + Unpin>(stream: &mut R) -> Result<std::net::SocketAddr, TunnelError> {
+    let n = stream.read_u8().await? as usize;
+    let mut text = vec![0u8; n];
+    stream.read_exact(&mut text).await?;
+    let text = std::str::from_utf8(&text).map_err(|_| TunnelError::Malformed("listen address"))?;
+    text.parse().map_err(|_| TunnelError::Malformed("listen address (want IP:PORT)"))
 }
 
 /// The first byte of a connect request: `0xFF || host_len: u8 || host || port: u16 BE`.
@@ -134,6 +164,9 @@ pub(super) async fn read_request<R: AsyncRead + Unpin>(stream: &mut R) -> Result
     let len = stream.read_u8().await? as usize;
     if len == 0 {
         return Ok(Request::Mux);
+    }
+    if len == LISTEN_REQUEST as usize {
+        return Ok(Request::Listen(read_addr(stream).await?));
     }
     if len == CONNECT_REQUEST as usize {
         let n = stream.read_u8().await? as usize;
@@ -165,7 +198,7 @@ pub(super) async fn request(addr: &str, cfg: ClientConfig, service: &str) -> Res
 }
 
 /// Reads the server's reply to a service request (within [`REQUEST_TIMEOUT`]).
-pub(super) async fn read_reply<R: AsyncRead + Unpin>(stream: &mut R, service: &str) -> Result<(), TunnelError> {
+pub(super) async fn read_reply<R: AsyncRead + Unpin>(stream: &mut R, service: &str) -> Result<String, TunnelError> {
     let reply = async {
         let status = stream.read_u8().await?;
         let len = stream.read_u8().await? as usize;
@@ -181,7 +214,7 @@ pub(super) async fn read_reply<R: AsyncRead + Unpin>(stream: &mut R, service: &s
     };
     let service = service.to_string();
     match status {
-        0 => Ok(()),
+        0 => Ok(msg),
         1 => Err(TunnelError::UnknownService(service)),
         2 => Err(TunnelError::ServiceRefused { service, reason: msg }),
         status => Err(TunnelError::UnknownStatus { service, status }),

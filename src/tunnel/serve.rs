@@ -81,8 +81,8 @@ async fn serve_one(
     let name = match tokio::time::timeout(REQUEST_TIMEOUT, read_request(&mut stream)).await {
         Ok(Ok(Request::Service(n))) => n,
         Ok(Ok(Request::Mux)) => return serve_mux(stream, peer, services, allow, stop).await,
-        Ok(Ok(Request::Connect { .. })) => {
-            return warn!(client = %who, "a connect request outside a multiplexed session (this server takes them only inside one)")
+        Ok(Ok(Request::Connect { .. } | Request::Listen(_))) => {
+            return warn!(client = %who, "a connect or listen request outside a multiplexed session (this server takes them only inside one)")
         }
         Ok(Err(e)) => return warn!(client = %who, error = %printable(&e.to_string()), "bad service request"),
         Err(_) => return warn!(client = %who, "no service request in time"),

@@ -127,6 +127,15 @@ impl Tunnel {
         (client, local)
     }
 
+    /// Starts `holdfast client` with `extra` arguments (say `--remote A=B`), not waiting for
+    /// anything.
+    pub fn client(&self, extra: &[&str]) -> Proc {
+        let mut cmd = Command::new(BIN);
+        cmd.args(self.client_args("client", "unused")).args(extra).arg("--no-check");
+        cmd.env_remove("RUST_LOG");
+        Proc::spawn("holdfast client", &mut cmd, Out::Null)
+    }
+
     /// An ssh `ProxyCommand` running `holdfast connect` for `service` under [`WRAPPER`], which
     /// writes connect's exit status to the returned file when it exits.
     pub fn proxy_command(&self, service: &str, rc_file: &std::path::Path) -> String {
