@@ -355,19 +355,7 @@ async fn curl_moves_256mib_each_way_through_kills() {
             cmd
         };
         let url = format!("http://{local}/");
-        let down = async {
-            let mut cmd = curl(&["-o", "-", &url]);
-            let mut p = Proc::spawn("curl download", &mut cmd, Out::Piped);
-            let mut stdout = p.child.stdout.take().unwrap();
-            let (mut hash, mut buf, mut got) = (Sha256::new(), vec![0u8; 64 * 1024], 0u64);
-            while let n @ 1.. = stdout.read(&mut buf).await.unwrap() {
-                hash.update(&buf[..n]);
-                got += n as u64;
-            }
-            let (status, log) = p.exit().await;
-            assert!(status.success(), "curl download exited {status}:\n{log}");
-            (got, hex(&hash.finalize()))
-        };
+        let down = http::download("curl download", curl(&["-o", "-", &url]));
         let up = async {
             let out = output("curl upload", &mut curl(&["-T", s(&up_file), &format!("{url}up")]), LIMIT * 4).await;
             assert!(out.status.success(), "curl upload exited {}:\n{}", out.status, err_text(&out));

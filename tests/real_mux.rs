@@ -13,10 +13,8 @@ use std::time::{Duration, Instant};
 
 use common::faults::{check_ss_kill, Gate, KillLoop};
 use common::http::{self, Pattern};
-use common::procs::{self, check_tools, err_text, hex, output, Out, Proc, TempDir, LIMIT};
+use common::procs::{self, check_tools, err_text, hex, output, TempDir, LIMIT};
 use common::tunnel::Tunnel;
-use sha2::{Digest as _, Sha256};
-use tokio::io::AsyncReadExt as _;
 use tokio::process::Command;
 use tokio::time::timeout;
 
@@ -53,16 +51,7 @@ fn curl(args: &[&str]) -> Command {
 async fn download(what: &str, args: &[&str]) -> (u64, String) {
     let mut cmd = curl(args);
     cmd.args(["-o", "-"]);
-    let mut p = Proc::spawn(what, &mut cmd, Out::Piped);
-    let mut stdout = p.child.stdout.take().unwrap();
-    let (mut hash, mut buf, mut got) = (Sha256::new(), vec![0u8; 64 * 1024], 0u64);
-    while let n @ 1.. = stdout.read(&mut buf).await.unwrap() {
-        hash.update(&buf[..n]);
-        got += n as u64;
-    }
-    let (status, log) = p.exit().await;
-    assert!(status.success(), "{what} exited {status}:\n{log}");
-    (got, hex(&hash.finalize()))
+    http::download(what, cmd).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -97,7 +97,7 @@ pub enum SessionError {
     #[error("gave up reconnecting after {} without a link", Rounded(*.0))]
     GaveUp(Duration),
     /// The recovery hook answered "fail".
-    #[error("ended without recovering: the on-fault hook answered no to recovery after: {0}")]
+    #[error("recovery declined: the on-fault hook answered no, after: {0}")]
     Declined(String),
     /// The server no longer knows the session (it restarted, or the session expired there).
     #[error(

@@ -167,3 +167,19 @@ async fn read_head(sock: &mut TcpStream) -> std::io::Result<(String, Vec<u8>)> {
         buf.extend_from_slice(&tmp[..n]);
     }
 }
+
+/// Runs `cmd` (curl writing the body to stdout) and returns the body's length and SHA-256 in
+/// hex; panics, with its stderr, if it does not exit 0.
+pub async fn download(what: &str, mut cmd: tokio::process::Command) -> (u64, String) {
+    use tokio::io::AsyncReadExt as _;
+    let mut p = super::procs::Proc::spawn(what, &mut cmd, super::procs::Out::Piped);
+    let mut stdout = p.child.stdout.take().unwrap();
+    let (mut hash, mut buf, mut got) = (Sha256::new(), vec![0u8; 64 * 1024], 0u64);
+    while let n @ 1.. = stdout.read(&mut buf).await.unwrap() {
+        hash.update(&buf[..n]);
+        got += n as u64;
+    }
+    let (status, log) = p.exit().await;
+    assert!(status.success(), "{what} exited {status}:\n{log}");
+    (got, hex(&hash.finalize()))
+}
