@@ -41,7 +41,7 @@ pub enum Error {
     /// The server closed the connection during the handshake without answering. holdfast
     /// servers do this, on purpose, when they cannot authenticate the client.
     #[error(
-        "server {addr} dropped the handshake: either the pinned server key (--server-key) is not this server's, or this client's key is not on its allow-list; the server logs every refused client key, so its operator can tell which"
+        "server {addr} dropped the handshake: either the pinned server key (--server-key) is not this server's, or this client's key is not on its allow-list. The server logs every refused client key (each at most once a minute): if its log has no refusal of this client's key, the pinned server key is the wrong one"
     )]
     HandshakeRefused {
         /// The address dialled.
