@@ -225,7 +225,7 @@ async fn the_server_logs_each_refused_client_key() {
     for _ in 0..3 {
         let (status, _, err) = run(&strs(&args), b"hi").await;
         assert!(!status.success());
-        assert!(err.contains("the server logs every refused client key"), "{err}");
+        assert!(err.contains("The server logs every refused client key"), "{err}");
     }
     let log = server.wait_log("not on the allow-list", 1).await;
     let line = log.lines().find(|l| l.contains("not on the allow-list")).unwrap();
@@ -313,7 +313,7 @@ async fn connect_errors_name_their_cause() {
 
     // The server drops both silently by design, so the client names both possibilities.
     let refused =
-        ["dropped the handshake", "pinned server key", "not on its allow-list", "logs every refused client key"];
+        ["dropped the handshake", "pinned server key", "not on its allow-list", "logs every refused client key", "the pinned server key is the wrong one"];
     let (st, _, err) = connect(addr, "echo", &set("--server-key", Keypair::generate().public.to_string())).await;
     assert_error(st, &err, &refused);
     let stranger = keys.dir.path("stranger.key");

@@ -7,7 +7,8 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use super::mux::{join, MuxPool};
+use super::join::{join, Refused};
+use super::mux::MuxPool;
 use super::request::request;
 use super::splice::splice_requested;
 use super::{check_name, TunnelError};
@@ -55,11 +56,15 @@ pub async fn forward_via(
         let pool = pool.clone();
         tokio::spawn(async move {
             if let Some(pool) = pool {
-                match pool.open(&service).await {
+                match pool.open_unanswered(&service).await {
                     Ok(Some(sub)) => {
                         debug!(%from, service = %service, "forwarding (multiplexed)");
-                        match join(tcp, sub, None).await {
+                        match join(tcp, sub, None, Some(&service)).await {
                             Ok((to_service, to_program)) => info!(%from, to_service, to_program, "connection closed"),
+                            Err(e) if Refused::of(&e).is_some() => {
+                                let why = Refused::of(&e).map(ToString::to_string).unwrap_or_default();
+                                warn!(%from, error = %printable(&why), "cannot open tunnel")
+                            }
                             Err(e)
                                 if matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe) =>
                             {

@@ -20,6 +20,7 @@
 
 mod connect;
 mod forward;
+mod join;
 mod mux;
 mod request;
 mod reverse;

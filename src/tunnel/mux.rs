@@ -13,21 +13,19 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 use zeroize::Zeroizing;
 
+use super::join::join;
 use super::request::{connect_when_not_busy, read_reply, read_request, write_reply, Request};
 use super::serve::{connect_service, resolve, session_end};
 use super::{Services, Status, TunnelError, REQUEST_TIMEOUT};
 use crate::human::printable;
 use crate::mux::{Mux, MuxStream};
 use crate::net::{AllowListHandle, ClientConfig, LinkEvent, Peer, Stream};
-
-/// Copy buffer of each direction of a multiplexed tunnel.
-const COPY_BUF: usize = 64 * 1024;
 
 /// Client side: the multiplexed session of a forward (or of several), opened on first use and
 /// again after it ended (a lost session), shared by every connection.
@@ -114,7 +112,22 @@ impl MuxPool {
         self.open_with(&req, bind).await
     }
 
-    async fn open_with(&self, req: &[u8], label: &str) -> Result<Option<(MuxStream, String)>, TunnelError> {
+    /// A stream with a request for `service` sent and its reply not yet read: the caller reads
+    /// it (as [`super::join::join`] does with its `answer`), and may send the service's first
+    /// bytes before it, which saves a round trip. `Ok(None)` if the server does not multiplex.
+    ///
+    /// # Errors
+    /// As [`MuxPool::open`], except the refusals, which come with the reply.
+    pub async fn open_unanswered(&self, service: &str) -> Result<Option<MuxStream>, TunnelError> {
+        let mut req = vec![service.len() as u8];
+        req.extend_from_slice(service.as_bytes());
+        let Some(mut sub) = self.open_raw().await? else { return Ok(None) };
+        sub.write_all(&req).await?;
+        Ok(Some(sub))
+    }
+
+    /// A new stream of the session (opening the session first if there is none).
+    async fn open_raw(&self) -> Result<Option<MuxStream>, TunnelError> {
         if self.unsupported.load(Ordering::Relaxed) {
             return Ok(None);
         }
@@ -128,7 +141,11 @@ impl MuxPool {
                 },
             }
         };
-        let mut sub = mux.open().await.map_err(|e| TunnelError::Io(e.into()))?;
+        Ok(Some(mux.open().await.map_err(|e| TunnelError::Io(e.into()))?))
+    }
+
+    async fn open_with(&self, req: &[u8], label: &str) -> Result<Option<(MuxStream, String)>, TunnelError> {
+        let Some(mut sub) = self.open_raw().await? else { return Ok(None) };
         sub.write_all(req).await?;
         let msg = read_reply(&mut sub, label).await?;
         Ok(Some((sub, msg)))
@@ -259,7 +276,7 @@ async fn serve_sub(
         return;
     }
     info!(client = %who, service = %name, target = %printable(&target), "tunnel open (multiplexed)");
-    match join(tcp, sub, Some(stop)).await {
+    match join(tcp, sub, Some(stop), None).await {
         Ok((to_client, to_service)) => info!(client = %who, service = %name, to_service, to_client, "tunnel closed"),
         // A stream reset by the client (its program reset its connection) is a close.
         Err(e) if matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe) => {
@@ -311,62 +328,4 @@ async fn refuse_sub(mut sub: MuxStream, status: Status, who: &str, name: &str, w
     let drain = async { while matches!(sub.read(&mut sink[..]).await, Ok(1..)) {} };
     let _ = tokio::time::timeout(Duration::from_secs(10), drain).await;
     info!(client = %who, service = %name, "tunnel refused: {what}");
-}
-
-/// Joins a TCP connection and a stream both ways, with half-close; returns the bytes moved
-/// (TCP to stream, stream to TCP). With `stop`, the TCP side is read no more once it turns true
-/// and the stream is half-closed, as at EOF. On an error the TCP connection is reset, so that
-/// the program does not take a failure for a clean end.
-///
-/// # Errors
-/// The first I/O error of either direction.
-pub(super) async fn join<S: AsyncRead + AsyncWrite + Unpin>(
-    mut tcp: TcpStream,
-    stream: S,
-    mut stop: Option<watch::Receiver<bool>>,
-) -> io::Result<(u64, u64)> {
-    let (mut sr, mut sw) = tokio::io::split(stream);
-    let res = {
-        let (mut tr, mut tw) = tcp.split();
-        let up = async {
-            let mut buf = Zeroizing::new(vec![0u8; COPY_BUF]);
-            let mut total = 0u64;
-            loop {
-                let stopping = async {
-                    match stop.as_mut() {
-                        Some(rx) => drop(rx.wait_for(|s| *s).await),
-                        None => std::future::pending().await,
-                    }
-                };
-                let n = tokio::select! {
-                    r = tr.read(&mut buf[..]) => r?,
-                    () = stopping => 0,
-                };
-                if n == 0 {
-                    sw.shutdown().await?;
-                    return Ok::<_, io::Error>(total);
-                }
-                sw.write_all(&buf[..n]).await?;
-                total += n as u64;
-            }
-        };
-        let down = async {
-            let mut buf = Zeroizing::new(vec![0u8; COPY_BUF]);
-            let mut total = 0u64;
-            loop {
-                let n = sr.read(&mut buf[..]).await?;
-                if n == 0 {
-                    tw.shutdown().await?;
-                    return Ok::<_, io::Error>(total);
-                }
-                tw.write_all(&buf[..n]).await?;
-                total += n as u64;
-            }
-        };
-        tokio::try_join!(up, down)
-    };
-    if res.is_err() {
-        let _ = tcp.set_zero_linger();
-    }
-    res
 }

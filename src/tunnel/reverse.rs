@@ -17,7 +17,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
-use super::mux::{join, MuxPool};
+use super::join::join;
+use super::mux::MuxPool;
 use super::request::{read_addr, read_reply, tagged, write_reply, REVERSE_OPEN};
 use super::serve::connect_service;
 use super::{Services, Status, TunnelError, REQUEST_TIMEOUT};
@@ -101,7 +102,7 @@ async fn carry_back(mut sub: MuxStream, remotes: Remotes) {
     if write_reply(&mut sub, Status::Connected, "").await.is_err() {
         return;
     }
-    match join(tcp, sub, None).await {
+    match join(tcp, sub, None, None).await {
         Ok((to_server, to_target)) => {
             info!(server_listens = %at, %target, to_server, to_target, "reverse connection closed")
         }
@@ -187,7 +188,7 @@ async fn reverse_one(
             return warn!(client = %who, listen = %at, %from, error = %why, "reverse connection refused");
         }
     };
-    match join(tcp, sub, Some(stop)).await {
+    match join(tcp, sub, Some(stop), None).await {
         Ok((to_client, to_program)) => {
             info!(client = %who, listen = %at, %from, to_client, to_program, "reverse connection closed")
         }

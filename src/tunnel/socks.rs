@@ -13,7 +13,8 @@ use fast_socks5::{ReplyError, Socks5Command};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 
-use super::mux::{join, MuxPool};
+use super::join::join;
+use super::mux::MuxPool;
 use super::{TunnelError, REQUEST_TIMEOUT};
 use crate::human::printable;
 
@@ -62,7 +63,7 @@ async fn carry(proto: Commanded, host: String, port: u16, pool: &MuxPool, from: 
         Ok(Some(sub)) => {
             let Ok(tcp) = proto.reply_success(std::net::SocketAddr::from(([0, 0, 0, 0], 0))).await else { return };
             debug!(%from, %dest, "SOCKS connection open");
-            match join(tcp, sub, None).await {
+            match join(tcp, sub, None, None).await {
                 Ok((to_server, to_program)) => info!(%from, %dest, to_server, to_program, "connection closed"),
                 Err(e) => info!(%from, %dest, error = %e, "connection ended by a reset"),
             }
