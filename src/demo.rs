@@ -63,7 +63,8 @@ pub struct DemoReport {
     /// Silent paths injected into a live link: the old connection stops carrying anything while
     /// new connections work, as when a laptop roams to another network.
     pub stalls: u32,
-    /// Faults not injected because the transfer had already finished.
+    /// Faults that found the transfer finished: not injected, or injected as it ended and
+    /// followed by no resume.
     pub skipped: u32,
     /// Resumes observed.
     pub resumes: u32,
@@ -324,6 +325,8 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport, DemoError> {
 
     // Inject faults spread over the transfer; each waits for the previous resume.
     let total = 2 * len;
+    // A fault injected just as the transfer ended, whose resume (if any) came after it.
+    let mut late: Option<bool> = None;
     for i in 0..opts.faults {
         let mark = total * u64::from(i + 1) / u64::from(opts.faults + 1);
         while relay.forwarded.load(Ordering::Relaxed) < mark && !app_task.is_finished() {
@@ -359,6 +362,7 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport, DemoError> {
         }
         if report.resumes == resumes_before {
             report.skipped = opts.faults - i;
+            late = Some(silent);
             break;
         }
         // Data flowing again: both directions received more after the resume.
@@ -391,6 +395,18 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport, DemoError> {
     let (svc_sent, svc_got) = service_task.await.map_err(std::io::Error::other)??;
     while let Ok((_, ev)) = ev_rx.try_recv() {
         on_event(&mut report, ev);
+    }
+    // The last fault landed as the transfer ended: if a resume followed it, it hit the link
+    // (its recovery time is not measured: nothing was left to flow).
+    if let Some(silent) = late {
+        if report.resumes > report.resets + report.stalls {
+            report.skipped -= 1;
+            if silent {
+                report.stalls += 1;
+            } else {
+                report.resets += 1;
+            }
+        }
     }
     progress(&report);
     if opts.progress {

@@ -312,8 +312,13 @@ async fn connect_errors_name_their_cause() {
     assert!(!err.contains("(os error 111): "), "cause repeated: {err}");
 
     // The server drops both silently by design, so the client names both possibilities.
-    let refused =
-        ["dropped the handshake", "pinned server key", "not on its allow-list", "logs every refused client key", "the pinned server key is the wrong one"];
+    let refused = [
+        "dropped the handshake",
+        "pinned server key",
+        "not on its allow-list",
+        "logs every refused client key",
+        "the pinned server key is the wrong one",
+    ];
     let (st, _, err) = connect(addr, "echo", &set("--server-key", Keypair::generate().public.to_string())).await;
     assert_error(st, &err, &refused);
     let stranger = keys.dir.path("stranger.key");
