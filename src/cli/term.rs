@@ -31,7 +31,7 @@ pub(crate) fn describe(ev: &LinkEvent) -> Option<String> {
         }
         LinkEvent::Healthy => Some("link answering again".to_string()),
         LinkEvent::Resumed { after, .. } => Some(format!("link back; resumed after {}", Rounded(*after))),
-        LinkEvent::Failed { reason } => Some(format!("stream failed: {}", printable(reason))),
+        // A failure gets no status line: `connect` exits with the error, said once.
         _ => None,
     }
 }
@@ -112,7 +112,9 @@ mod tests {
 
     #[test]
     fn peer_text_in_status_lines_is_escaped() {
-        let failed = LinkEvent::Failed { reason: "peer closed the session (Abort): x\r\n\u{1b}[2Jfake".into() };
-        assert_eq!(describe(&failed).unwrap(), "stream failed: peer closed the session (Abort): x\\r\\n\\u{1b}[2Jfake");
+        let lost = LinkEvent::Lost(LinkLost { cause: "peer said: x\r\n\u{1b}[2Jfake".into(), faults: 1 });
+        assert_eq!(describe(&lost).unwrap(), "link lost (peer said: x\\r\\n\\u{1b}[2Jfake); reconnecting…");
+        let failed = LinkEvent::Failed { reason: "session lost".into() };
+        assert_eq!(describe(&failed), None, "a failure is said once, by connect's exit error");
     }
 }
