@@ -58,10 +58,10 @@ pub(crate) enum Cmd {
         after_help = "Example:\n  holdfast server --listen 0.0.0.0:7700 --key keys/server.key \\\n      --authorized keys/authorized --service ssh=127.0.0.1:22 --service db=127.0.0.1:5432\n\nThe authorized file has one client public key per line, optionally followed by a name and,\nas the last word, services=NAME[,NAME...] to let that key reach only those services (a key\nwithout it reaches every service); '#' starts a comment:\n  HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw= alice laptop services=ssh,db\nOnly the listed services are reachable. A service a key is not given is answered like an\nunknown one. The file and its directories must not be writable by group or others.\n\nTo change who may connect without dropping anyone, edit the authorized file and send\nSIGHUP (kill -HUP PID): new connections follow the new list, live sessions go on."
     )]
     Server(ServerArgs),
-    /// Forward a local port to a service on the server; each local connection gets its own
-    /// resilient stream.
+    /// Forward local ports to services on the server (like ssh -L), SOCKS5 (like ssh -D) or
+    /// server ports back here (like ssh -R), all as streams of one resilient session.
     #[command(
-        after_help = "Example:\n  holdfast client --server host:7700 --server-key keys/server.pub \\\n      --key keys/laptop.key --local 127.0.0.1:2222 --service ssh\n  ssh -p 2222 user@127.0.0.1"
+        after_help = "Examples:\n  holdfast client --server host:7700 --server-key keys/server.pub \\\n      --key keys/laptop.key --local 127.0.0.1:2222 --service ssh\n  ssh -p 2222 user@127.0.0.1\n\n  holdfast client ... --socks 127.0.0.1:1080        (server: --allow-connect '*.internal:*')\n  holdfast client ... --remote 127.0.0.1:8080=127.0.0.1:3000   (server: --allow-listen '127.0.0.1:8080')"
     )]
     Client(ClientArgs),
     /// Carry one stream on stdin/stdout, for `ssh -o ProxyCommand`. EOF on stdin is a half-close.
