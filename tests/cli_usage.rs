@@ -192,6 +192,10 @@ async fn the_manual_page_renders() {
     let page = String::from_utf8_lossy(&out);
     assert!(page.starts_with(".ie") || page.contains(".TH holdfast 1"), "not a man page:\n{page}");
     for cmd in ["keygen", "server", "client", "connect", "demo"] {
-        assert!(page.contains(cmd), "no {cmd} in the man page");
+        assert!(page.contains(&format!(".SH \"{}\"", cmd.to_uppercase())), "no section for {cmd} in the man page");
+    }
+    // Every subcommand's flags are in the page, not only the top-level ones.
+    for flag in ["allow\\-listen", "socks", "on\\-fault", "session\\-expiry"] {
+        assert!(page.contains(flag), "no {flag} in the man page");
     }
 }
