@@ -39,15 +39,19 @@ fn roaming_with_default_timers() {
     };
     sleep_ms(300);
     let ns_c = w.ns_c.clone();
+    // t0 is taken as the last step (the new route) starts: the client may resume as soon as
+    // the kernel has it, before the `ip` process that added it has even exited, so a t0 taken
+    // afterwards could come after the resume. The figure therefore includes that step's time.
+    let mut t0 = 0;
     for args in [
         &["addr", "del", "10.1.0.2/24", "dev", "hfc"][..],
         &["addr", "add", "10.1.7.2/24", "dev", "hfc"],
         &["route", "add", "default", "via", "10.1.7.1"],
     ] {
+        t0 = now_ns();
         let r = w.lab.ip(&ns_c, args);
         w.check(r.is_ok(), &format!("roaming step failed: {r:?}"));
     }
-    let t0 = now_ns();
     let r = w.resume_after(t0);
     record("default timers: roaming (new address and route)", r);
     let peers = w.server_peers();
