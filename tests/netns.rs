@@ -108,15 +108,17 @@ fn roaming_client_address_changes() {
     sleep_ms(300);
     let fault = now_ns();
     let ns_c = w.ns_c.clone();
+    // t0: as the new route's step starts (the client may resume before `ip` exits).
+    let mut t0 = 0;
     for args in [
         &["addr", "del", "10.1.0.2/24", "dev", "hfc"][..],
         &["addr", "add", "10.1.7.2/24", "dev", "hfc"],
         &["route", "add", "default", "via", "10.1.7.1"],
     ] {
+        t0 = now_ns();
         let r = w.lab.ip(&ns_c, args);
         w.check(r.is_ok(), &format!("roaming step failed: {r:?}"));
     }
-    let t0 = now_ns();
     w.lost_at(fault, RESUME);
     let r = w.resume_after(t0);
     record("roaming (address change)", r);
