@@ -61,9 +61,9 @@ pub async fn forward_via(
                         debug!(%from, service = %service, "forwarding (multiplexed)");
                         match join(tcp, sub, None, Some(&service)).await {
                             Ok((to_service, to_program)) => info!(%from, to_service, to_program, "connection closed"),
+                            // The refusal's text is the error's own (`Refused` is transparent).
                             Err(e) if Refused::of(&e).is_some() => {
-                                let why = Refused::of(&e).map(ToString::to_string).unwrap_or_default();
-                                warn!(%from, error = %printable(&why), "cannot open tunnel")
+                                warn!(%from, error = %printable(&e.to_string()), "cannot open tunnel")
                             }
                             Err(e)
                                 if matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe) =>

@@ -199,7 +199,7 @@ pub(super) async fn serve_mux(
     allow: AllowListHandle,
     stop: watch::Receiver<bool>,
 ) {
-    let who = peer.name.clone().unwrap_or_else(|| peer.key.to_string());
+    let who = peer.label();
     if write_reply(&mut stream, Status::Connected, "").await.is_err() {
         return;
     }
@@ -245,7 +245,7 @@ async fn serve_sub(
     allow: AllowListHandle,
     stop: watch::Receiver<bool>,
 ) {
-    let who = peer.name.clone().unwrap_or_else(|| peer.key.to_string());
+    let who = peer.label();
     let (name, tcp, target) = match tokio::time::timeout(REQUEST_TIMEOUT, read_request(&mut sub)).await {
         Ok(Ok(Request::Service(name))) => {
             let target = match resolve(&name, &peer, &services, &allow) {

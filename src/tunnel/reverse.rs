@@ -120,7 +120,7 @@ pub(super) async fn serve_listen(
     (peer, services, allow): (Peer, Arc<Services>, AllowListHandle),
     stop: watch::Receiver<bool>,
 ) {
-    let who = peer.name.clone().unwrap_or_else(|| peer.key.to_string());
+    let who = peer.label();
     let allowed = allow.get().lookup(&peer.key).is_some()
         && services.listen_rules().iter().any(|r| r.gives(peer.name.as_deref(), addr));
     if !allowed {

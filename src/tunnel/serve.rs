@@ -75,7 +75,7 @@ async fn serve_one(
     allow: AllowListHandle,
     stop: watch::Receiver<bool>,
 ) {
-    let who = peer.name.clone().unwrap_or_else(|| peer.key.to_string());
+    let who = peer.label();
     // A malformed request, or none in time: no reply, and the stream is dropped (the session
     // is aborted). Nothing the client sent is logged unescaped.
     let name = match tokio::time::timeout(REQUEST_TIMEOUT, read_request(&mut stream)).await {

@@ -63,6 +63,13 @@ pub struct Peer {
     pub addr: SocketAddr,
 }
 
+impl Peer {
+    /// How logs name the client: its allow-list name, or else its key.
+    pub fn label(&self) -> String {
+        self.name.clone().unwrap_or_else(|| self.key.to_string())
+    }
+}
+
 /// Counters describing a server's state, for status output and tests.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ServerStats {
