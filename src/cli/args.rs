@@ -117,6 +117,18 @@ pub(crate) struct ServerArgs {
     /// default. Example: --allow-listen 'laptop@127.0.0.1:8000-8099'.
     #[arg(long = "allow-listen", value_name = "[CLIENT@]ADDRESS:PORT")]
     pub(crate) allow_listen: Vec<String>,
+    /// This server's id in a fleet behind a load balancer: every resume id it issues begins
+    /// with N (bytes 8-9 of a resume connection, big-endian), so that the balancer can send each
+    /// resume to the server that holds its session. Give every server its own. See
+    /// docs/DEPLOY.md for the HAProxy configuration.
+    #[arg(long, value_name = "N", help_heading = "Fleet")]
+    pub(crate) server_id: Option<u16>,
+    /// A load balancer's address or CIDR block (repeat for more): connections from it must begin
+    /// with a PROXY protocol v2 header (HAProxy: send-proxy-v2), and the client address it names
+    /// is used for the per-source limits and the logs. Connections from other addresses are
+    /// served as usual and never read for a header. Example: --proxy-from 10.0.0.5.
+    #[arg(long = "proxy-from", value_name = "ADDRESS|CIDR", value_parser = parse_net, help_heading = "Fleet")]
+    pub(crate) proxy_from: Vec<ipnet::IpNet>,
     /// Most sessions at once.
     #[arg(long, default_value_t = 1024, help_heading = "Limits")]
     pub(crate) max_sessions: usize,
@@ -305,6 +317,15 @@ pub(crate) fn parse_local(s: &str) -> Result<(String, Option<String>), String> {
         Some((_, port)) => Err(format!("'{port}' is not a port number (0-65535)")),
         None => Err(format!("'{addr}' has no port; give HOST:PORT, for example {addr}:2222")),
     }
+}
+
+/// An address (a /32 or /128 block) or a CIDR block.
+pub(crate) fn parse_net(s: &str) -> Result<ipnet::IpNet, String> {
+    let s = s.trim();
+    if let Ok(ip) = s.parse::<std::net::IpAddr>() {
+        return Ok(ip.into());
+    }
+    s.parse().map_err(|_| format!("'{s}' is neither an IP address nor a CIDR block like 10.0.0.0/24"))
 }
 
 pub(crate) fn parse_size(s: &str) -> Result<u64, String> {

@@ -44,6 +44,8 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
     cfg.limits.buffer_budget = usize::try_from(args.buffer_budget).context("--buffer-budget is too large")?;
     cfg.limits.buffer_per_key = usize::try_from(args.buffer_per_key).context("--buffer-per-key is too large")?;
     cfg.limits.session_expiry = args.session_expiry;
+    cfg.server_id = args.server_id;
+    cfg.proxy_from = args.proxy_from.clone();
     let public = cfg.keypair.public;
     // Watch SIGHUP before saying "ready": until then, its default action would end the server.
     let hangups = signal(SignalKind::hangup()).context("cannot watch for SIGHUP")?;
@@ -53,7 +55,10 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
     let connect = if connect.is_empty() { "none".to_string() } else { connect.join(",") };
     let listen: Vec<String> = services.listen_rules().iter().map(ToString::to_string).collect();
     let listen = if listen.is_empty() { "none".to_string() } else { listen.join(",") };
-    info!(listen = %listener.local_addr(), server_key = %public, services = %offered.join(","), allow_connect = %connect, allow_listen = %listen, "server ready");
+    let id = args.server_id.map_or_else(|| "none".to_string(), |n| n.to_string());
+    let lbs: Vec<String> = args.proxy_from.iter().map(ToString::to_string).collect();
+    let lbs = if lbs.is_empty() { "none".to_string() } else { lbs.join(",") };
+    info!(listen = %listener.local_addr(), server_key = %public, services = %offered.join(","), allow_connect = %connect, allow_listen = %listen, server_id = %id, proxy_from = %lbs, "server ready");
     let reload = reload_on_hangup(hangups, listener.allow_list_handle(), args.authorized.clone(), services.clone());
     // Ctrl-C or SIGTERM: stop accepting and end every tunnel cleanly within the drain time; a
     // second one exits at once.

@@ -218,6 +218,14 @@ pub struct ServerConfig {
     pub limits: Limits,
     /// Buffers and timers of each stream.
     pub session: SessionConfig,
+    /// This server's id in a fleet: put in the first two bytes (big-endian) of every resume id
+    /// it issues, so that a load balancer can send each resume to the server that holds its
+    /// session (`docs/DEPLOY.md`). `None` (the default): resume ids are wholly random.
+    pub server_id: Option<u16>,
+    /// The load balancers: a connection from one of these addresses must begin with a PROXY
+    /// protocol v2 header, and the client it names is the one the server's per-source limits
+    /// and logs use. Connections from anywhere else are never read for a PROXY header.
+    pub proxy_from: Vec<ipnet::IpNet>,
 }
 
 impl fmt::Debug for ServerConfig {
@@ -227,6 +235,8 @@ impl fmt::Debug for ServerConfig {
             .field("allowed_clients", &self.allow.len())
             .field("limits", &self.limits)
             .field("session", &self.session)
+            .field("server_id", &self.server_id)
+            .field("proxy_from", &self.proxy_from)
             .finish()
     }
 }
@@ -239,6 +249,8 @@ impl ServerConfig {
             allow: Arc::new(allow),
             limits: Limits::default(),
             session: SessionConfig::default(),
+            server_id: None,
+            proxy_from: Vec::new(),
         }
     }
 }

@@ -64,6 +64,15 @@ pub enum Error {
         /// What went wrong.
         source: HandshakeError,
     },
+    /// A connection from a load balancer (`ServerConfig::proxy_from`) did not begin with a
+    /// usable PROXY v2 header.
+    #[error("connection from load balancer {addr}: {source}")]
+    ProxyHeader {
+        /// The load balancer's address.
+        addr: String,
+        /// What was wrong with the header.
+        source: server::proxy::ProxyHeaderError,
+    },
     /// A connect or handshake took too long.
     #[error("handshake with {addr} timed out after {}", crate::human::Rounded(*after))]
     Timeout {
@@ -100,7 +109,7 @@ impl From<Error> for io::Error {
             Error::Busy { .. } => K::ResourceBusy,
             Error::Handshake { source: HandshakeError::UnknownSession, .. } => K::NotConnected,
             Error::Handshake { source: HandshakeError::Busy, .. } => K::ResourceBusy,
-            Error::Handshake { .. } => K::InvalidData,
+            Error::Handshake { .. } | Error::ProxyHeader { .. } => K::InvalidData,
             Error::Timeout { .. } => K::TimedOut,
             Error::Session(s) => return stream::to_io(s.clone()),
             Error::Keys(_) => K::InvalidInput,

@@ -164,6 +164,16 @@ impl Ticket {
         rand::rngs::OsRng.fill_bytes(&mut t.secret[..]);
         t
     }
+
+    /// A fresh random ticket whose resume id begins with `server_id` (big-endian), for a
+    /// server in a fleet; the other 14 bytes of the id and the secret are random.
+    pub fn for_server(server_id: Option<u16>) -> Self {
+        let mut t = Ticket::generate();
+        if let Some(id) = server_id {
+            t.resume_id[..2].copy_from_slice(&id.to_be_bytes());
+        }
+        t
+    }
 }
 
 /// Short printable form of a resume id, for logs (the id is public).
@@ -659,6 +669,19 @@ fn read_hello_with(
 mod tests {
     use super::*;
     use crate::keys::Keypair;
+
+    #[test]
+    fn a_fleet_servers_resume_ids_begin_with_its_id_and_the_rest_is_random() {
+        let (a, b) = (Ticket::for_server(Some(0x0102)), Ticket::for_server(Some(0x0102)));
+        assert_eq!(a.resume_id[..2], [1, 2]);
+        assert_eq!(b.resume_id[..2], [1, 2]);
+        assert_ne!(a.resume_id[2..], b.resume_id[2..]);
+        assert_ne!(a.secret[..], b.secret[..]);
+        // Without an id the first bytes are random too (two zero bytes: 1 in 65536).
+        let ids: std::collections::HashSet<[u8; 2]> =
+            (0..16).map(|_| Ticket::for_server(None).resume_id[..2].try_into().unwrap()).collect();
+        assert!(ids.len() > 1);
+    }
 
     fn pair() -> (Keypair, Keypair) {
         (Keypair::generate(), Keypair::generate())

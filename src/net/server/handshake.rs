@@ -12,6 +12,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
+use super::proxy;
 use super::session::{session_task, sync_tickets};
 use super::state::{Entry, NewLink, Reservation, State};
 use super::Peer;
@@ -58,6 +59,21 @@ pub(super) const REFUSE_LINGER: Duration = Duration::from_millis(500);
 
 pub(super) async fn handshake(mut sock: TcpStream, addr: SocketAddr, state: &Arc<State>) -> Result<(), Error> {
     let _ = sock.set_nodelay(true);
+    // From a load balancer: the client is the one its PROXY header names, and the per-source
+    // handshake rate (skipped for the balancer in the accept loop) applies to that client.
+    let addr = if proxy::trusted(&state.cfg.proxy_from, addr.ip()) {
+        let client = proxy::read_header(&mut sock, addr)
+            .await
+            .map_err(|source| Error::ProxyHeader { addr: addr.to_string(), source })?;
+        if client != addr && !state.rate_ok(client.ip()) {
+            debug!(%client, "handshake rate limit");
+            let _ = write_record(&mut sock, &handshake::reject(RejectCode::Busy)).await;
+            return Err(Error::Handshake { addr: client.to_string(), source: HandshakeError::Busy });
+        }
+        client
+    } else {
+        addr
+    };
     let body = read_record(&mut sock, MAX_HANDSHAKE).await.map_err(Error::Io)?;
     let fail = |source| Error::Handshake { addr: addr.to_string(), source };
     let head = handshake::parse_header(&body).map_err(fail)?;
@@ -161,7 +177,7 @@ pub(super) async fn handshake(mut sock: TcpStream, addr: SocketAddr, state: &Arc
             number = *attempt;
         }
     }
-    let accept = read.accept(None).map_err(fail)?;
+    let accept = read.accept(Some(Ticket::for_server(cfg.server_id))).map_err(fail)?;
     // Once the reply is sent the client holds the first ticket: it stays pending until this
     // handshake ends, committed or not. (Declared after the reservation, so that a failed
     // handshake gives its session slot back before the ticket stops being pending.)

@@ -2,6 +2,7 @@
 //! each session's driver, which keeps a detached session until it resumes or expires.
 
 mod handshake;
+pub mod proxy;
 mod session;
 mod state;
 
@@ -172,7 +173,8 @@ async fn accept_loop(tcp: TcpListener, state: Arc<State>) {
                 continue;
             }
         };
-        if !state.rate_ok(addr.ip()) {
+        // A load balancer's connections are limited per client, once its PROXY header is read.
+        if !proxy::trusted(&state.cfg.proxy_from, addr.ip()) && !state.rate_ok(addr.ip()) {
             debug!(%addr, "handshake rate limit");
             refuse_busy(&state, sock);
             continue;
