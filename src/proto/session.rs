@@ -101,8 +101,8 @@ pub enum SessionError {
     Declined(String),
     /// The server no longer knows the session (it restarted, or the session expired there).
     #[error(
-        "session lost: the server no longer knows it (restarted, expired, or the first link broke before the \
-         server confirmed it); not starting a new one"
+        "session lost: the server no longer knows it (restarted, expired, the first link broke before the \
+         server confirmed it, or a load balancer sent the resume to another server); not starting a new one"
     )]
     Lost,
     /// The server expired the detached session.

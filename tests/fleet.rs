@@ -1,0 +1,290 @@
+//! A fleet of three `holdfast server`s behind the real HAProxy (issue 14, part 2), on loopback:
+//! first connections are balanced (leastconn), and each resume is sent, by the server id at the
+//! front of its resume id, to the server that holds its session. 30 `holdfast connect` clients
+//! stream through HAProxy while their links are killed; every byte must come back intact. The
+//! servers take each client's real address from HAProxy's PROXY v2 header: HAProxy connects to
+//! them from 127.0.0.2, and their logs must name only the clients' 127.0.0.1 addresses. Then one
+//! server is killed (SIGKILL): exactly its own sessions are lost, each reported to its client
+//! as lost, and every other session goes on.
+//!
+//! The HAProxy configuration is the one of `docs/DEPLOY.md`, with loopback addresses. Prints
+//! "skipped: <reason>" without haproxy, root or `ss -K` (CI installs them and sets
+//! HOLDFAST_REQUIRE_TOOLS, which turns a skip into a failure).
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::faults::{check_ss_kill, kill_connections, Gate, KillLoop};
+use common::procs::{self, check_tools, free_port, s, tail, Out, Proc, TempDir, LIMIT};
+use common::tunnel::{BIN, FAST, GIVE_UP};
+use holdfast::keys::{self, Keypair};
+use rand::{RngCore, SeedableRng};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::process::Command;
+use tokio::time::timeout;
+
+const SERVERS: u16 = 3;
+const CLIENTS: usize = 30;
+const KIB: usize = 1 << 10;
+
+/// The HAProxy configuration of `docs/DEPLOY.md` for servers `ports` (ids 1, 2, 3), listening
+/// on `front`, connecting to the servers from `lb`.
+fn haproxy_config(front: u16, ports: &[u16], lb: &str) -> String {
+    let mut c = format!(
+        "global
+    maxconn 4096
+defaults
+    mode tcp
+    timeout connect 2s
+    timeout client 1h
+    timeout server 1h
+    retries 2
+    option redispatch
+frontend holdfast
+    bind 127.0.0.1:{front}
+    # Wait for the client's hello (its first 10 bytes hold the kind and the server id).
+    tcp-request inspect-delay 5s
+    tcp-request content accept if {{ req.len ge 10 }}
+    default_backend fleet
+backend fleet
+    balance leastconn
+    # A RESUME hello: record length (2), magic (4), version (1), then kind 0x02 or 0x12; the
+    # resume id follows at offset 8, and its first two bytes are the server's --server-id.
+    acl resume req.payload(7,1) -m bin 02 12
+"
+    );
+    for (i, _) in ports.iter().enumerate() {
+        c += &format!("    use-server hf{n} if resume {{ req.payload(8,2) -m bin {n:04x} }}\n", n = i + 1);
+    }
+    for (i, port) in ports.iter().enumerate() {
+        c += &format!(
+            "    server hf{n} 127.0.0.1:{port} send-proxy-v2 source {lb} check check-send-proxy inter 300ms fall 1 rise 1\n",
+            n = i + 1
+        );
+    }
+    c
+}
+
+async fn echo_service() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((sock, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = sock.into_split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut v);
+    v
+}
+
+/// One `holdfast connect` through HAProxy to the echo service.
+struct Client {
+    proc: Proc,
+    stdin: tokio::process::ChildStdin,
+    stdout: tokio::process::ChildStdout,
+}
+
+impl Client {
+    fn start(i: usize, front: u16, server_pub: &str, key: &str) -> Client {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["connect", "--server", &format!("127.0.0.1:{front}"), "--service", "echo"]);
+        cmd.args(["--server-key", server_pub, "--key", key]).args(FAST).args(GIVE_UP).env_remove("RUST_LOG");
+        let mut proc = Proc::spawn(&format!("holdfast connect {i}"), &mut cmd, Out::Piped);
+        let stdin = proc.child.stdin.take().unwrap();
+        let stdout = proc.child.stdout.take().unwrap();
+        Client { proc, stdin, stdout }
+    }
+
+    /// Sends `data` and reads its echo, concurrently; the SHA-256 of what came back. Each
+    /// `pace` bytes sent (if any), the links are killed.
+    async fn exchange(&mut self, data: &[u8], pace: Option<(&Gate, usize)>) -> std::io::Result<[u8; 32]> {
+        let (stdin, stdout) = (&mut self.stdin, &mut self.stdout);
+        let send = async {
+            let mut next = pace.map_or(usize::MAX, |(_, step)| step);
+            for (n, chunk) in data.chunks(16 * KIB).enumerate() {
+                stdin.write_all(chunk).await?;
+                if (n + 1) * 16 * KIB >= next {
+                    if let Some((gate, step)) = pace {
+                        gate.kill_now().await;
+                        next += step;
+                    }
+                }
+            }
+            stdin.flush().await
+        };
+        let recv = async {
+            let mut hash = Sha256::new();
+            let mut buf = vec![0u8; 64 * KIB];
+            let mut left = data.len();
+            while left > 0 {
+                let n = stdout.read(&mut buf[..left.min(64 * KIB)]).await?;
+                if n == 0 {
+                    return Err(std::io::ErrorKind::UnexpectedEof.into());
+                }
+                hash.update(&buf[..n]);
+                left -= n;
+            }
+            Ok::<_, std::io::Error>(hash.finalize().into())
+        };
+        let (sent, got) = tokio::join!(send, recv);
+        sent?;
+        got
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_behind_haproxy_routes_every_resume_home_and_a_dead_server_loses_only_its_own() {
+    let name = "a_fleet_behind_haproxy_routes_every_resume_home_and_a_dead_server_loses_only_its_own";
+    let ready = match check_tools(&["ss", "haproxy"]) {
+        Ok(()) => check_ss_kill().await,
+        Err(e) => Err(e),
+    };
+    if let Err(reason) = ready {
+        procs::skip(name, &reason);
+        return;
+    }
+    let start = Instant::now();
+    let dir = TempDir::new("fleet");
+    // One key pair and one allow-list for the whole fleet: a client pins one server key.
+    let (server, client) = (Keypair::generate(), Keypair::generate());
+    let (server_key, server_pub) = (dir.path("server.key"), dir.path("server.pub"));
+    let (client_key, authorized) = (dir.path("laptop.key"), dir.path("authorized"));
+    keys::save_private_key(&server_key, &server.private).unwrap();
+    keys::save_public_key(&server_pub, &server.public).unwrap();
+    keys::save_private_key(&client_key, &client.private).unwrap();
+    std::fs::write(&authorized, format!("{} laptop\n", client.public)).unwrap();
+    let echo = echo_service().await;
+
+    let lb = "127.0.0.2";
+    let mut servers = Vec::new();
+    for id in 1..=SERVERS {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["server", "--listen", "127.0.0.1:0", "--key", s(&server_key), "--authorized", s(&authorized)]);
+        cmd.args(["--service", &format!("echo={echo}"), "--server-id", &id.to_string(), "--proxy-from", lb]);
+        // The 30 clients share one key, and come through one balancer.
+        cmd.args(["--max-sessions-per-key", "100", "--buffer-per-key", "1GiB"]).args(FAST).env_remove("RUST_LOG");
+        let p = Proc::spawn(&format!("holdfast server {id}"), &mut cmd, Out::Null);
+        let addr = p.logged_addr("server ready", "listen=").await;
+        servers.push((p, addr));
+    }
+    let front = free_port();
+    let ports: Vec<u16> = servers.iter().map(|(_, a)| a.port()).collect();
+    let cfg = dir.path("haproxy.cfg");
+    std::fs::write(&cfg, haproxy_config(front, &ports, lb)).unwrap();
+    let check = procs::output("haproxy -c", Command::new("haproxy").args(["-c", "-f", s(&cfg)]), LIMIT).await;
+    assert!(check.status.success(), "haproxy rejects the configuration:\n{}", procs::err_text(&check));
+    let haproxy = Proc::spawn("haproxy", Command::new("haproxy").args(["-db", "-f", s(&cfg)]), Out::Log);
+    let deadline = Instant::now() + LIMIT;
+    while tokio::net::TcpStream::connect(("127.0.0.1", front)).await.is_err() {
+        assert!(Instant::now() < deadline, "haproxy did not listen:\n{}", haproxy.log());
+        tokio::time::sleep(Duration::from_millis(20)).await; // polling for a listener, bounded
+    }
+
+    // Phase 1: 30 clients, 1 MiB each way, links killed all along.
+    const LEN: usize = 1024 * KIB;
+    let mut clients: Vec<Client> =
+        (0..CLIENTS).map(|i| Client::start(i, front, s(&server_pub), s(&client_key))).collect();
+    // Faults start once every session exists: a first connection that fails is an error to
+    // its user, not a fault to survive (there is nothing yet to resume).
+    let deadline = Instant::now() + LIMIT;
+    let sessions = || servers.iter().map(|(p, _)| p.log().matches("session opened").count()).sum::<usize>();
+    while sessions() < CLIENTS {
+        assert!(Instant::now() < deadline, "only {} of {CLIENTS} sessions opened", sessions());
+        tokio::time::sleep(Duration::from_millis(20)).await; // polling the logs, bounded
+    }
+    let gate = Gate::new();
+    let kills = KillLoop::start(front, Duration::from_millis(400), &gate);
+    let mut all = Vec::new();
+    for (i, mut c) in clients.drain(..).enumerate() {
+        let gate = gate.clone();
+        all.push(tokio::spawn(async move {
+            let data = pattern(i as u64, LEN);
+            let want: [u8; 32] = Sha256::digest(&data).into();
+            let pace = (i == 0).then_some((&gate, 128 * KIB));
+            let got = c.exchange(&data, pace).await;
+            (c, want, got)
+        }));
+    }
+    for (i, task) in all.into_iter().enumerate() {
+        let (c, want, got) = timeout(LIMIT * 3, task).await.expect("phase 1 did not finish").unwrap();
+        match got {
+            Ok(h) => assert_eq!(h, want, "client {i}: the echo differs"),
+            Err(e) => panic!("client {i} failed ({e}); its log:\n{}", tail(&c.proc.log(), 30)),
+        }
+        clients.push(c);
+    }
+    let k = kills.stop();
+    assert!(k.kills >= 5, "only {} kills: recovery was not tested", k.kills);
+
+    let logs: Vec<String> = servers.iter().map(|(p, _)| p.log()).collect();
+    let opened: Vec<usize> = logs.iter().map(|l| l.matches("session opened").count()).collect();
+    let resumed: Vec<usize> = logs.iter().map(|l| l.matches("session resumed").count()).collect();
+    assert_eq!(opened.iter().sum::<usize>(), CLIENTS, "sessions opened per server: {opened:?}");
+    for (i, log) in logs.iter().enumerate() {
+        assert!(opened[i] > 0 && resumed[i] > 0, "server {} opened {opened:?}, resumed {resumed:?}", i + 1);
+        // (A resume sent to the wrong server would have been refused there as an unknown
+        // session, and its client's stream would have failed above.)
+        assert!(!log.contains("session ended") && !log.contains("expired"), "server {}:\n{}", i + 1, tail(log, 40));
+        // PROXY v2: each server sees the clients (127.0.0.1), never the balancer (127.0.0.2).
+        let addrs: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("session opened") || l.contains("session resumed"))
+            .filter_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("addr=")))
+            .collect();
+        assert_eq!(addrs.len(), opened[i] + resumed[i]);
+        assert!(addrs.iter().all(|a| a.starts_with("127.0.0.1:")), "server {} logged {addrs:?}", i + 1);
+    }
+
+    // Phase 2: server 2 dies. Its sessions, and only those, are lost and said so.
+    let (mut dead, _) = servers.remove(1);
+    let pid = rustix::process::Pid::from_raw(dead.pid() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::KILL).unwrap();
+    let _ = dead.exit().await;
+    kill_connections(front).await.unwrap();
+    let mut all = Vec::new();
+    for (i, mut c) in clients.into_iter().enumerate() {
+        all.push(tokio::spawn(async move {
+            let data = pattern(1000 + i as u64, 64 * KIB);
+            let want: [u8; 32] = Sha256::digest(&data).into();
+            let got = c.exchange(&data, None).await;
+            (c, want, got)
+        }));
+    }
+    let (mut lost, mut fine) = (0, 0);
+    for (i, task) in all.into_iter().enumerate() {
+        let (mut c, want, got) = timeout(LIMIT * 2, task).await.expect("phase 2 did not finish").unwrap();
+        match got {
+            Ok(h) => {
+                assert_eq!(h, want, "client {i}: the echo after the server's death differs");
+                fine += 1;
+            }
+            Err(_) => {
+                drop(c.stdin);
+                let (status, log) = c.proc.exit().await;
+                assert!(!status.success(), "client {i} lost its stream but exited {status}:\n{log}");
+                assert!(log.contains("session lost"), "client {i} did not say its session was lost:\n{log}");
+                lost += 1;
+            }
+        }
+    }
+    assert_eq!(lost, opened[1], "sessions lost; server 2 held {}, and {fine} went on", opened[1]);
+    assert_eq!(fine, CLIENTS - opened[1]);
+    eprintln!(
+        "{name}: {CLIENTS} clients x 1 MiB each way through HAProxy, every SHA-256 equal, through {} kills; sessions per server {opened:?}, resumes {resumed:?}, every one at home; server 2 killed: {lost} lost (its own), {fine} went on; passed in {:.1?}",
+        k.kills,
+        start.elapsed()
+    );
+    drop(haproxy);
+}
