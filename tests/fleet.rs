@@ -288,3 +288,20 @@ async fn a_fleet_behind_haproxy_routes_every_resume_home_and_a_dead_server_loses
     );
     drop(haproxy);
 }
+
+#[tokio::test]
+async fn the_haproxy_configuration_of_the_deployment_guide_is_valid() {
+    let name = "the_haproxy_configuration_of_the_deployment_guide_is_valid";
+    if procs::which("haproxy").is_none() {
+        procs::skip(name, "not installed: haproxy");
+        return;
+    }
+    let guide = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/DEPLOY.md")).unwrap();
+    let block = guide.split("```haproxy\n").nth(1).and_then(|b| b.split("```").next()).expect("no haproxy block");
+    assert!(block.contains("use-server hf1 if resume { req.payload(8,2) -m bin 0001 }"), "{block}");
+    let dir = TempDir::new("deploy-guide");
+    let cfg = dir.path("haproxy.cfg");
+    std::fs::write(&cfg, block).unwrap();
+    let out = procs::output("haproxy -c", Command::new("haproxy").args(["-c", "-f", s(&cfg)]), LIMIT).await;
+    assert!(out.status.success(), "haproxy rejects docs/DEPLOY.md's configuration:\n{}", procs::err_text(&out));
+}
