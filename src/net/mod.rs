@@ -23,7 +23,7 @@ pub use crate::human::Rounded;
 pub use client::connect;
 pub use config::{ClientConfig, Limits, Recovery, RecoveryHook, RecoveryPolicy, ServerConfig};
 pub use events::{LinkEvent, LinkLost, LinkStatus};
-pub use server::{bind, AllowListHandle, Listener, Peer, ServerStats};
+pub use server::{bind, bind_with_handover, AllowListHandle, Listener, Peer, Retirement, ServerStats};
 pub use stream::{ReadHalf, Stream, WriteHalf};
 
 /// Errors of the driver layer: everything a connect, bind or accept can fail with.
@@ -73,6 +73,14 @@ pub enum Error {
         /// What was wrong with the header.
         source: server::proxy::ProxyHeaderError,
     },
+    /// Taking over from a running server (or offering the same to the next one) failed.
+    #[error("server upgrade through {path}: {source}")]
+    Handover {
+        /// The handover socket's path.
+        path: String,
+        /// What went wrong.
+        source: server::handover::HandoverError,
+    },
     /// A connect or handshake took too long.
     #[error("handshake with {addr} timed out after {}", crate::human::Rounded(*after))]
     Timeout {
@@ -110,6 +118,7 @@ impl From<Error> for io::Error {
             Error::Handshake { source: HandshakeError::UnknownSession, .. } => K::NotConnected,
             Error::Handshake { source: HandshakeError::Busy, .. } => K::ResourceBusy,
             Error::Handshake { .. } | Error::ProxyHeader { .. } => K::InvalidData,
+            Error::Handover { .. } => K::Other,
             Error::Timeout { .. } => K::TimedOut,
             Error::Session(s) => return stream::to_io(s.clone()),
             Error::Keys(_) => K::InvalidInput,

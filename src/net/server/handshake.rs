@@ -12,7 +12,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use super::proxy;
+use super::{handover, proxy};
 use super::session::{session_task, sync_tickets};
 use super::state::{Entry, NewLink, Reservation, State};
 use super::Peer;
@@ -57,24 +57,43 @@ pub(super) const MAX_REFUSING: usize = 64;
 /// How long an over-rate connection is kept open for its BUSY answer to be read.
 pub(super) const REFUSE_LINGER: Duration = Duration::from_millis(500);
 
-pub(super) async fn handshake(mut sock: TcpStream, addr: SocketAddr, state: &Arc<State>) -> Result<(), Error> {
+/// A connection's handshake, from its first byte, or (`hello`) from the hello a newer process
+/// already read from it before handing it over.
+pub(super) async fn handshake(
+    mut sock: TcpStream,
+    addr: SocketAddr,
+    state: &Arc<State>,
+    hello: Option<Vec<u8>>,
+) -> Result<(), Error> {
     let _ = sock.set_nodelay(true);
-    // From a load balancer: the client is the one its PROXY header names, and the per-source
-    // handshake rate (skipped for the balancer in the accept loop) applies to that client.
-    let addr = if proxy::trusted(&state.cfg.proxy_from, addr.ip()) {
-        let client = proxy::read_header(&mut sock, addr)
-            .await
-            .map_err(|source| Error::ProxyHeader { addr: addr.to_string(), source })?;
-        if client != addr && !state.rate_ok(client.ip()) {
-            debug!(%client, "handshake rate limit");
-            let _ = write_record(&mut sock, &handshake::reject(RejectCode::Busy)).await;
-            return Err(Error::Handshake { addr: client.to_string(), source: HandshakeError::Busy });
+    let (addr, body) = match hello {
+        Some(body) => (addr, body),
+        None => {
+            let addr = client_addr(&mut sock, addr, state).await?;
+            (addr, read_record(&mut sock, MAX_HANDSHAKE).await.map_err(Error::Io)?)
         }
-        client
-    } else {
-        addr
     };
-    let body = read_record(&mut sock, MAX_HANDSHAKE).await.map_err(Error::Io)?;
+    hello_read(sock, addr, body, state).await
+}
+
+/// The client of a connection: its peer, or, from a load balancer, the client its PROXY header
+/// names, held to the per-source handshake rate (which the accept loop skips for the balancer).
+async fn client_addr(sock: &mut TcpStream, addr: SocketAddr, state: &State) -> Result<SocketAddr, Error> {
+    if !proxy::trusted(&state.cfg.proxy_from, addr.ip()) {
+        return Ok(addr);
+    }
+    let client = proxy::read_header(sock, addr)
+        .await
+        .map_err(|source| Error::ProxyHeader { addr: addr.to_string(), source })?;
+    if client != addr && !state.rate_ok(client.ip()) {
+        debug!(%client, "handshake rate limit");
+        let _ = write_record(sock, &handshake::reject(RejectCode::Busy)).await;
+        return Err(Error::Handshake { addr: client.to_string(), source: HandshakeError::Busy });
+    }
+    Ok(client)
+}
+
+async fn hello_read(mut sock: TcpStream, addr: SocketAddr, body: Vec<u8>, state: &Arc<State>) -> Result<(), Error> {
     let fail = |source| Error::Handshake { addr: addr.to_string(), source };
     let head = handshake::parse_header(&body).map_err(fail)?;
     let cfg = &state.cfg;
@@ -89,6 +108,10 @@ pub(super) async fn handshake(mut sock: TcpStream, addr: SocketAddr, state: &Arc
                 (t.by_ticket.get(&id).cloned(), t.first_pending.contains(&id))
             };
             let Some(entry) = entry else {
+                // Not a session of this process: perhaps of the one it took over from.
+                if !pending_first && hand_down(&sock, addr, &body, state).await {
+                    return Ok(());
+                }
                 // A first ticket whose connection has not confirmed (yet) is not lost, not
                 // usable: BUSY makes the client try again shortly; by then the session is
                 // committed, or the first handshake has ended and the answer is UNKNOWN_SESSION.
@@ -205,6 +228,24 @@ pub(super) async fn handshake(mut sock: TcpStream, addr: SocketAddr, state: &Arc
                 NewLink { sock, transport, confirm, resume_id, client_received, client_written, peer: addr, number };
             let _ = entry.replace.send(link).await;
             Ok(())
+        }
+    }
+}
+
+/// Hands a resume for a session this process does not hold to the process it took over from,
+/// if there is one. True if it was handed (this process is then done with the connection).
+async fn hand_down(sock: &TcpStream, addr: SocketAddr, body: &[u8], state: &State) -> bool {
+    use std::os::fd::AsFd;
+    let Some(old) = state.predecessor() else { return false };
+    match handover::forward(&old, sock.as_fd(), addr, body).await {
+        Ok(()) => {
+            debug!(%addr, "a resume for a session of the earlier server process: handed to it");
+            true
+        }
+        Err(e) => {
+            warn!(error = %e, "cannot hand a resume to the earlier server process; its sessions can no longer resume");
+            state.lose_predecessor();
+            false
         }
     }
 }

@@ -2,18 +2,21 @@
 //! each session's driver, which keeps a detached session until it resumes or expires.
 
 mod handshake;
+pub mod handover;
 pub mod proxy;
 mod session;
 mod state;
 
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
+use tokio::task::{AbortHandle, JoinHandle};
 use tracing::{debug, info, warn};
 
 use handshake::{handshake, refuse_busy};
@@ -91,11 +94,17 @@ pub struct Listener {
     incoming: mpsc::Receiver<(Stream, Peer)>,
     local: SocketAddr,
     task: JoinHandle<()>,
+    /// Waits for a new process to take the listener over (with a handover path).
+    handover: Option<JoinHandle<()>>,
+    took_over_from: Option<u32>,
 }
 
 impl Drop for Listener {
     fn drop(&mut self) {
         self.task.abort();
+        if let Some(h) = &self.handover {
+            h.abort();
+        }
     }
 }
 
@@ -106,6 +115,47 @@ impl Drop for Listener {
 pub async fn bind(addr: impl Into<String>, cfg: ServerConfig) -> Result<Listener, Error> {
     let addr = addr.into();
     let tcp = TcpListener::bind(&addr).await.map_err(|source| Error::Bind { addr: addr.clone(), source })?;
+    start(tcp, cfg, None)
+}
+
+/// Binds a server that can be upgraded without losing a session (see [`handover`]): if a
+/// server already runs with the same `handover` path, its listening socket is taken over (and
+/// `addr` is not bound: the socket keeps its address), and resumes of its sessions are handed
+/// to it; otherwise `addr` is bound. Either way this server then listens at `handover` for the
+/// next process to take over from it, and [`Listener::retirement`] says when that happened.
+///
+/// # Errors
+/// [`Error::Bind`] as for [`bind`]; [`Error::Handover`] if the running server did not hand its
+/// listener over, or the handover socket cannot be bound.
+pub async fn bind_with_handover(
+    addr: impl Into<String>,
+    cfg: ServerConfig,
+    handover: impl AsRef<Path>,
+) -> Result<Listener, Error> {
+    let addr = addr.into();
+    let path = handover.as_ref();
+    let fail = |source| Error::Handover { path: path.display().to_string(), source };
+    let (tcp, old) = match handover::take_over(path).await.map_err(fail)? {
+        Some((std, sock, pid)) => (TcpListener::from_std(std).map_err(Error::Io)?, Some((sock, pid))),
+        None => (TcpListener::bind(&addr).await.map_err(|source| Error::Bind { addr: addr.clone(), source })?, None),
+    };
+    let unix = handover::bind(path).map_err(fail)?;
+    let listen = tcp.as_fd().try_clone_to_owned().map_err(Error::Io)?;
+    let (sock, pid) = old.unzip();
+    let mut listener = start(tcp, cfg, sock)?;
+    if let Some(pid) = pid {
+        info!(from_pid = pid, local = %listener.local, "took over the listener of the running server");
+        if addr.parse::<SocketAddr>().is_ok_and(|a| a != listener.local && a.port() != 0) {
+            warn!(listen = %addr, local = %listener.local, "a handover keeps the listening socket's address; to move the server to another address, stop it and start it again there");
+        }
+    }
+    listener.took_over_from = pid;
+    let (state, accept) = (listener.state.clone(), listener.task.abort_handle());
+    listener.handover = Some(tokio::spawn(retire_when_asked(unix, listen, state, accept)));
+    Ok(listener)
+}
+
+fn start(tcp: TcpListener, cfg: ServerConfig, predecessor: Option<tokio::net::UnixStream>) -> Result<Listener, Error> {
     let local = tcp.local_addr().map_err(Error::Io)?;
     let (tx, rx) = mpsc::channel(64);
     let statics = StaticSecrets::new(&cfg.keypair.private, cfg.allow.iter().map(|p| &p.key));
@@ -122,10 +172,65 @@ pub async fn bind(addr: impl Into<String>, cfg: ServerConfig) -> Result<Listener
         refusing: AtomicUsize::new(0),
         pending: Mutex::new(Pending::default()),
         accepted: tx,
+        predecessor: Mutex::new(None),
+        retired: Default::default(),
+        changed: Default::default(),
     });
+    if let Some(sock) = predecessor {
+        let sock = Arc::new(sock);
+        *state.predecessor.lock().unwrap_or_else(|p| p.into_inner()) = Some(sock.clone());
+        tokio::spawn(watch_predecessor(sock, state.clone()));
+    }
     let task = tokio::spawn(accept_loop(tcp, state.clone()));
     info!(%local, "listening");
-    Ok(Listener { state, incoming: rx, local, task })
+    Ok(Listener { state, incoming: rx, local, task, handover: None, took_over_from: None })
+}
+
+/// Forgets the predecessor when it exits (its end of the handover connection closes): its
+/// sessions are gone, and their resumes are answered "unknown session" from then on.
+async fn watch_predecessor(sock: Arc<tokio::net::UnixStream>, state: Arc<State>) {
+    let mut buf = [0u8; 64];
+    loop {
+        if sock.readable().await.is_err() {
+            break;
+        }
+        match sock.try_read(&mut buf) {
+            // The old process sends nothing after the listener: only its end matters.
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => break,
+        }
+    }
+    info!("the earlier server process has exited; resumes of its sessions are now answered \"unknown session\"");
+    state.lose_predecessor();
+}
+
+/// Waits for a new process to take the listener over; then stops accepting, and runs the
+/// handshakes of the resumes the new process hands down, for as long as it lives.
+async fn retire_when_asked(unix: tokio::net::UnixListener, listen: OwnedFd, state: Arc<State>, accept: AbortHandle) {
+    let (new, pid) = handover::hand_over(&unix, listen.as_fd()).await;
+    accept.abort();
+    drop((listen, unix));
+    state.retired.store(true, Ordering::Relaxed);
+    state.changed.notify_waiters();
+    let sessions = state.sessions.load(Ordering::Relaxed);
+    info!(new_pid = pid, sessions, "handed the listener over to a new server process; keeping this process's sessions until they end");
+    tokio::spawn(async move {
+        loop {
+            match handover::next_resume(&new).await {
+                Ok(Some((sock, addr, body))) => spawn_handshake(&state, sock, addr, Some(body)),
+                Ok(None) => {
+                    info!("the new server process closed the handover connection (it exited): this process's sessions can no longer resume");
+                    break;
+                }
+                Err(e) => {
+                    warn!(error = %e, "the handover connection failed: this process's sessions can no longer resume");
+                    break;
+                }
+            }
+        }
+    });
 }
 
 impl Listener {
@@ -151,6 +256,18 @@ impl Listener {
         AllowListHandle { state: self.state.clone() }
     }
 
+    /// The id of the process this listener was taken over from ([`bind_with_handover`]), if
+    /// it was.
+    pub fn took_over_from(&self) -> Option<u32> {
+        self.took_over_from
+    }
+
+    /// A handle that tells when this server has handed its listener to a new process, and when
+    /// its last session has ended: then it can exit.
+    pub fn retirement(&self) -> Retirement {
+        Retirement { state: self.state.clone() }
+    }
+
     /// Current counters.
     pub fn stats(&self) -> ServerStats {
         let s = &self.state;
@@ -159,6 +276,58 @@ impl Listener {
             handshakes: s.pending().live.len(),
             expired: s.expired.load(Ordering::Relaxed),
             resumes: s.resumes.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Tells when a server bound with [`bind_with_handover`] has handed its listener over, and when
+/// its last session has ended (see [`Listener::retirement`]).
+#[derive(Clone)]
+pub struct Retirement {
+    state: Arc<State>,
+}
+
+impl std::fmt::Debug for Retirement {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Retirement").field("handed_over", &self.handed_over()).field("sessions", &self.sessions()).finish()
+    }
+}
+
+impl Retirement {
+    /// True once a new process has taken the listener over.
+    pub fn handed_over(&self) -> bool {
+        self.state.retired.load(Ordering::Relaxed)
+    }
+
+    /// Sessions alive in this process (attached, detached, or being set up).
+    pub fn sessions(&self) -> usize {
+        self.state.sessions.load(Ordering::Relaxed)
+    }
+
+    /// Waits until a new process has taken the listener over and every session of this one has
+    /// ended (or expired): nothing is left for this process to do.
+    pub async fn done(&self) {
+        loop {
+            let changed = self.state.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.handed_over() && self.sessions() == 0 {
+                return;
+            }
+            changed.await;
+        }
+    }
+
+    /// Waits until a new process has taken the listener over.
+    pub async fn until_handed_over(&self) {
+        loop {
+            let changed = self.state.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.handed_over() {
+                return;
+            }
+            changed.await;
         }
     }
 }
@@ -179,27 +348,33 @@ async fn accept_loop(tcp: TcpListener, state: Arc<State>) {
             refuse_busy(&state, sock);
             continue;
         }
-        // At the cap, close the oldest unfinished handshake: real ones finish in a round trip,
-        // so the evicted one is almost always slow, silent or hostile.
-        let mut pending = state.pending();
-        while pending.live.len() >= state.cfg.limits.max_handshakes.max(1) {
-            let Some((_, oldest)) = pending.live.pop_front() else { break };
-            debug!(%addr, "handshake cap reached; evicting the oldest handshake");
-            oldest.abort();
-        }
-        let id = pending.next_id;
-        pending.next_id += 1;
-        let st = state.clone();
-        // The task cannot deregister before it is registered: it needs the lock held here.
-        let task = tokio::spawn(async move {
-            let limit = st.cfg.limits.handshake_timeout;
-            match tokio::time::timeout(limit, handshake(sock, addr, &st)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => debug!(%addr, error = %e, "handshake failed"),
-                Err(_) => debug!(%addr, "handshake deadline passed"),
-            }
-            st.pending().live.retain(|(i, _)| *i != id);
-        });
-        pending.live.push_back((id, task.abort_handle()));
+        spawn_handshake(&state, sock, addr, None);
     }
+}
+
+/// Runs a connection's handshake in a task of its own, bounded in time and in number: at the
+/// cap, the oldest unfinished handshake is closed (real ones finish in a round trip, so the
+/// evicted one is almost always slow, silent or hostile). `hello` is the hello already read
+/// from it, for a connection handed over by a newer process.
+fn spawn_handshake(state: &Arc<State>, sock: tokio::net::TcpStream, addr: SocketAddr, hello: Option<Vec<u8>>) {
+    let mut pending = state.pending();
+    while pending.live.len() >= state.cfg.limits.max_handshakes.max(1) {
+        let Some((_, oldest)) = pending.live.pop_front() else { break };
+        debug!(%addr, "handshake cap reached; evicting the oldest handshake");
+        oldest.abort();
+    }
+    let id = pending.next_id;
+    pending.next_id += 1;
+    let st = state.clone();
+    // The task cannot deregister before it is registered: it needs the lock held here.
+    let task = tokio::spawn(async move {
+        let limit = st.cfg.limits.handshake_timeout;
+        match tokio::time::timeout(limit, handshake(sock, addr, &st, hello)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => debug!(%addr, error = %e, "handshake failed"),
+            Err(_) => debug!(%addr, "handshake deadline passed"),
+        }
+        st.pending().live.retain(|(i, _)| *i != id);
+    });
+    pending.live.push_back((id, task.abort_handle()));
 }

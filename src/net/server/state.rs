@@ -108,6 +108,13 @@ pub(super) struct State {
     pub(super) refusing: AtomicUsize,
     pub(super) pending: Mutex<Pending>,
     pub(super) accepted: mpsc::Sender<(Stream, Peer)>,
+    /// The connection to the process this one took the listener over from, while it lives:
+    /// resumes of sessions this process does not know are handed to it (see `handover`).
+    pub(super) predecessor: Mutex<Option<Arc<tokio::net::UnixStream>>>,
+    /// True once this process has handed its listener to a new one.
+    pub(super) retired: std::sync::atomic::AtomicBool,
+    /// Woken when a session ends or the process retires.
+    pub(super) changed: tokio::sync::Notify,
 }
 
 impl State {
@@ -185,6 +192,18 @@ impl State {
         }
         self.sessions.fetch_sub(1, Ordering::Relaxed);
         self.buffered.fetch_sub(self.charge(), Ordering::Relaxed);
+        drop(t);
+        self.changed.notify_waiters();
+    }
+
+    /// The connection to the predecessor process, if there is one.
+    pub(super) fn predecessor(&self) -> Option<Arc<tokio::net::UnixStream>> {
+        self.predecessor.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Forgets the predecessor (it exited, or its connection failed).
+    pub(super) fn lose_predecessor(&self) {
+        *self.predecessor.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
     /// Token bucket per source address (per /64 for IPv6).
