@@ -16,20 +16,16 @@ mod common;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use common::echo::{echo_service, pattern, Client, KIB};
 use common::faults::{check_ss_kill, kill_connections, Gate, KillLoop};
 use common::procs::{self, check_tools, free_port, s, tail, Out, Proc, TempDir, LIMIT};
-use common::tunnel::{BIN, FAST, GIVE_UP};
+use common::tunnel::{BIN, FAST};
 use holdfast::keys::{self, Keypair};
-use rand::{RngCore, SeedableRng};
-use sha2::{Digest, Sha256};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
 use tokio::process::Command;
 use tokio::time::timeout;
 
 const SERVERS: u16 = 3;
 const CLIENTS: usize = 30;
-const KIB: usize = 1 << 10;
 
 /// The HAProxy configuration of `docs/DEPLOY.md` for servers `ports` (ids 1, 2, 3), listening
 /// on `front`, connecting to the servers from `lb`.
@@ -69,81 +65,6 @@ backend fleet
     c
 }
 
-async fn echo_service() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((sock, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = sock.into_split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    addr
-}
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut v = vec![0u8; len];
-    rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut v);
-    v
-}
-
-/// One `holdfast connect` through HAProxy to the echo service.
-struct Client {
-    proc: Proc,
-    stdin: tokio::process::ChildStdin,
-    stdout: tokio::process::ChildStdout,
-}
-
-impl Client {
-    fn start(i: usize, front: u16, server_pub: &str, key: &str) -> Client {
-        let mut cmd = Command::new(BIN);
-        cmd.args(["connect", "--server", &format!("127.0.0.1:{front}"), "--service", "echo"]);
-        cmd.args(["--server-key", server_pub, "--key", key]).args(FAST).args(GIVE_UP).env_remove("RUST_LOG");
-        let mut proc = Proc::spawn(&format!("holdfast connect {i}"), &mut cmd, Out::Piped);
-        let stdin = proc.child.stdin.take().unwrap();
-        let stdout = proc.child.stdout.take().unwrap();
-        Client { proc, stdin, stdout }
-    }
-
-    /// Sends `data` and reads its echo, concurrently; the SHA-256 of what came back. Each
-    /// `pace` bytes sent (if any), the links are killed.
-    async fn exchange(&mut self, data: &[u8], pace: Option<(&Gate, usize)>) -> std::io::Result<[u8; 32]> {
-        let (stdin, stdout) = (&mut self.stdin, &mut self.stdout);
-        let send = async {
-            let mut next = pace.map_or(usize::MAX, |(_, step)| step);
-            for (n, chunk) in data.chunks(16 * KIB).enumerate() {
-                stdin.write_all(chunk).await?;
-                if (n + 1) * 16 * KIB >= next {
-                    if let Some((gate, step)) = pace {
-                        gate.kill_now().await;
-                        next += step;
-                    }
-                }
-            }
-            stdin.flush().await
-        };
-        let recv = async {
-            let mut hash = Sha256::new();
-            let mut buf = vec![0u8; 64 * KIB];
-            let mut left = data.len();
-            while left > 0 {
-                let n = stdout.read(&mut buf[..left.min(64 * KIB)]).await?;
-                if n == 0 {
-                    return Err(std::io::ErrorKind::UnexpectedEof.into());
-                }
-                hash.update(&buf[..n]);
-                left -= n;
-            }
-            Ok::<_, std::io::Error>(hash.finalize().into())
-        };
-        let (sent, got) = tokio::join!(send, recv);
-        sent?;
-        got
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fleet_behind_haproxy_routes_every_resume_home_and_a_dead_server_loses_only_its_own() {
     let name = "a_fleet_behind_haproxy_routes_every_resume_home_and_a_dead_server_loses_only_its_own";
@@ -180,6 +101,7 @@ async fn a_fleet_behind_haproxy_routes_every_resume_home_and_a_dead_server_loses
         servers.push((p, addr));
     }
     let front = free_port();
+    let front_addr: SocketAddr = ([127, 0, 0, 1], front).into();
     let ports: Vec<u16> = servers.iter().map(|(_, a)| a.port()).collect();
     let cfg = dir.path("haproxy.cfg");
     std::fs::write(&cfg, haproxy_config(front, &ports, lb)).unwrap();
@@ -195,7 +117,7 @@ async fn a_fleet_behind_haproxy_routes_every_resume_home_and_a_dead_server_loses
     // Phase 1: 30 clients, 1 MiB each way, links killed all along.
     const LEN: usize = 1024 * KIB;
     let mut clients: Vec<Client> =
-        (0..CLIENTS).map(|i| Client::start(i, front, s(&server_pub), s(&client_key))).collect();
+        (0..CLIENTS).map(|i| Client::start(i, front_addr, s(&server_pub), s(&client_key))).collect();
     // Faults start once every session exists: a first connection that fails is an error to
     // its user, not a fault to survive (there is nothing yet to resume).
     let deadline = Instant::now() + LIMIT;
@@ -210,10 +132,9 @@ async fn a_fleet_behind_haproxy_routes_every_resume_home_and_a_dead_server_loses
     for (i, mut c) in clients.drain(..).enumerate() {
         let gate = gate.clone();
         all.push(tokio::spawn(async move {
-            let data = pattern(i as u64, LEN);
-            let want: [u8; 32] = Sha256::digest(&data).into();
+            let (data, want) = pattern(i as u64, LEN);
             let pace = (i == 0).then_some((&gate, 128 * KIB));
-            let got = c.exchange(&data, pace).await;
+            let got = c.exchange(&data, pace, None).await;
             (c, want, got)
         }));
     }
@@ -256,23 +177,21 @@ async fn a_fleet_behind_haproxy_routes_every_resume_home_and_a_dead_server_loses
     let mut all = Vec::new();
     for (i, mut c) in clients.into_iter().enumerate() {
         all.push(tokio::spawn(async move {
-            let data = pattern(1000 + i as u64, 64 * KIB);
-            let want: [u8; 32] = Sha256::digest(&data).into();
-            let got = c.exchange(&data, None).await;
+            let (data, want) = pattern(1000 + i as u64, 64 * KIB);
+            let got = c.exchange(&data, None, None).await;
             (c, want, got)
         }));
     }
     let (mut lost, mut fine) = (0, 0);
     for (i, task) in all.into_iter().enumerate() {
-        let (mut c, want, got) = timeout(LIMIT * 2, task).await.expect("phase 2 did not finish").unwrap();
+        let (c, want, got) = timeout(LIMIT * 2, task).await.expect("phase 2 did not finish").unwrap();
         match got {
             Ok(h) => {
                 assert_eq!(h, want, "client {i}: the echo after the server's death differs");
                 fine += 1;
             }
             Err(_) => {
-                drop(c.stdin);
-                let (status, log) = c.proc.exit().await;
+                let (status, log) = c.close().await;
                 assert!(!status.success(), "client {i} lost its stream but exited {status}:\n{log}");
                 assert!(log.contains("session lost"), "client {i} did not say its session was lost:\n{log}");
                 lost += 1;

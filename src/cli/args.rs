@@ -55,7 +55,7 @@ pub(crate) enum Cmd {
     Pubkey,
     /// Run a server offering named services to allowed clients.
     #[command(
-        after_help = "Example:\n  holdfast server --listen 0.0.0.0:7700 --key keys/server.key \\\n      --authorized keys/authorized --service ssh=127.0.0.1:22 --service db=127.0.0.1:5432\n\nThe authorized file has one client public key per line, optionally followed by a name and,\nas the last word, services=NAME[,NAME...] to let that key reach only those services (a key\nwithout it reaches every service); '#' starts a comment:\n  HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw= alice laptop services=ssh,db\nOnly the listed services are reachable. A service a key is not given is answered like an\nunknown one. The file and its directories must not be writable by group or others.\n\nTo change who may connect without dropping anyone, edit the authorized file and send\nSIGHUP (kill -HUP PID): new connections follow the new list, live sessions go on."
+        after_help = "Example:\n  holdfast server --listen 0.0.0.0:7700 --key keys/server.key \\\n      --authorized keys/authorized --service ssh=127.0.0.1:22 --service db=127.0.0.1:5432\n\nThe authorized file has one client public key per line, optionally followed by a name and,\nas the last word, services=NAME[,NAME...] to let that key reach only those services (a key\nwithout it reaches every service); '#' starts a comment:\n  HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw= alice laptop services=ssh,db\nOnly the listed services are reachable. A service a key is not given is answered like an\nunknown one. The file and its directories must not be writable by group or others.\n\nTo change who may connect without dropping anyone, edit the authorized file and send\nSIGHUP (kill -HUP PID): new connections follow the new list, live sessions go on.\n\nTo upgrade the binary or change any flag without dropping a session, run the server with\n--handover /run/holdfast/handover.sock and send SIGUSR2 (or start the new server by hand with\nthe same --handover): the new process takes the port over, the old one keeps its sessions\nuntil they end. docs/DEPLOY.md has a systemd unit that does this on `systemctl reload`."
     )]
     Server(ServerArgs),
     /// Forward local ports to services on the server (like ssh -L), SOCKS5 (like ssh -D) or
@@ -129,6 +129,16 @@ pub(crate) struct ServerArgs {
     /// served as usual and never read for a header. Example: --proxy-from 10.0.0.5.
     #[arg(long = "proxy-from", value_name = "ADDRESS|CIDR", value_parser = parse_net, help_heading = "Fleet")]
     pub(crate) proxy_from: Vec<ipnet::IpNet>,
+    /// Allow upgrades that keep every session: a Unix socket path, e.g. /run/holdfast/handover.sock.
+    /// A server started with the same path while one runs takes its listening socket over; the
+    /// old one stops accepting, keeps its sessions (resumes of them are handed to it) and exits
+    /// when the last one ends. SIGUSR2 starts the new process (this binary, these arguments).
+    #[arg(long, value_name = "PATH", help_heading = "Upgrades")]
+    pub(crate) handover: Option<PathBuf>,
+    /// After handing over, the longest this process keeps its sessions before exiting (they are
+    /// then lost, and their clients told so). Default: until the last one ends or expires.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, requires = "handover", help_heading = "Upgrades")]
+    pub(crate) retire_after: Option<Duration>,
     /// Most sessions at once.
     #[arg(long, default_value_t = 1024, help_heading = "Limits")]
     pub(crate) max_sessions: usize,

@@ -7,6 +7,7 @@ use anyhow::{anyhow, Context, Result};
 use holdfast::human::printable;
 use holdfast::keys::AllowList;
 use holdfast::tunnel::{self, Services};
+use holdfast::net::Retirement;
 use holdfast::ServerConfig;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tracing::{error, info, warn};
@@ -49,7 +50,12 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
     let public = cfg.keypair.public;
     // Watch SIGHUP before saying "ready": until then, its default action would end the server.
     let hangups = signal(SignalKind::hangup()).context("cannot watch for SIGHUP")?;
-    let listener = holdfast::bind(args.listen.clone(), cfg).await?;
+    let listener = match &args.handover {
+        Some(path) => holdfast::net::bind_with_handover(args.listen.clone(), cfg, path).await?,
+        None => holdfast::bind(args.listen.clone(), cfg).await?,
+    };
+    let retirement = listener.retirement();
+    let upgrades = upgrade_on_usr2(args.handover.is_some(), retirement.clone())?;
     let offered: Vec<String> = services.iter().map(|(n, t)| format!("{n}={t}")).collect();
     let connect: Vec<String> = services.connect_rules().iter().map(ToString::to_string).collect();
     let connect = if connect.is_empty() { "none".to_string() } else { connect.join(",") };
@@ -58,15 +64,20 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
     let id = args.server_id.map_or_else(|| "none".to_string(), |n| n.to_string());
     let lbs: Vec<String> = args.proxy_from.iter().map(ToString::to_string).collect();
     let lbs = if lbs.is_empty() { "none".to_string() } else { lbs.join(",") };
-    info!(listen = %listener.local_addr(), server_key = %public, services = %offered.join(","), allow_connect = %connect, allow_listen = %listen, server_id = %id, proxy_from = %lbs, "server ready");
+    info!(listen = %listener.local_addr(), server_key = %public, services = %offered.join(","), allow_connect = %connect, allow_listen = %listen, server_id = %id, proxy_from = %lbs, pid = std::process::id(), "server ready");
+    // Under systemd (Type=notify): ready, and this is the service's main process now (after a
+    // handover, the new process takes that role from the old one).
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::MainPid(std::process::id()), sd_notify::NotifyState::Ready]);
     let reload = reload_on_hangup(hangups, listener.allow_list_handle(), args.authorized.clone(), services.clone());
     // Ctrl-C or SIGTERM: stop accepting and end every tunnel cleanly within the drain time; a
     // second one exits at once.
     let mut term = signal(SignalKind::terminate()).context("cannot watch for SIGTERM")?;
+    let retire_after = args.retire_after;
     let stop = async move {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
+            () = retired(retirement, retire_after) => return,
         }
         info!(drain = %holdfast::human::Rounded(SHUTDOWN_DRAIN), "stopping: no new sessions; ending open tunnels (signal again to exit at once)");
         tokio::spawn(async move {
@@ -88,8 +99,74 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
             }
         }
         r = reload => r?,
+        r = upgrades => r?,
     }
     Ok(())
+}
+
+/// Resolves when this process has handed its listener over and has nothing left to do: its
+/// last session ended, or `bound` passed since the handover (its sessions are then lost).
+async fn retired(retirement: Retirement, bound: Option<std::time::Duration>) {
+    retirement.until_handed_over().await;
+    let limit = async {
+        match bound {
+            Some(b) => tokio::time::sleep(b).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        () = retirement.done() => info!("handed over, and this process's last session has ended; exiting"),
+        () = limit => warn!(sessions = retirement.sessions(), "--retire-after has passed since the handover; exiting with sessions still open (their clients will be told they are lost)"),
+    }
+}
+
+/// On SIGUSR2, starts a new server process (the binary now at this one's path, with this one's
+/// arguments), which takes the listener over through --handover. If it exits before it has
+/// taken over (a bad new binary or configuration), this process says so and goes on serving.
+fn upgrade_on_usr2(enabled: bool, retirement: Retirement) -> Result<impl std::future::Future<Output = Result<()>>> {
+    let mut usr2 = signal(SignalKind::user_defined2()).context("cannot watch for SIGUSR2")?;
+    Ok(async move {
+        while usr2.recv().await.is_some() {
+            if !enabled {
+                warn!("SIGUSR2 ignored: start the server with --handover PATH to upgrade it without losing sessions");
+                continue;
+            }
+            if retirement.handed_over() {
+                warn!("SIGUSR2 ignored: this process has already handed over; signal the newest one");
+                continue;
+            }
+            let exe = match std::env::current_exe() {
+                // A binary replaced on disk (the upgrade) reads as "PATH (deleted)": run PATH.
+                Ok(p) => PathBuf::from(p.to_string_lossy().trim_end_matches(" (deleted)")),
+                Err(e) => {
+                    error!(error = %e, "SIGUSR2: cannot find this program's path; start the new server by hand with the same --handover");
+                    continue;
+                }
+            };
+            let mut cmd = tokio::process::Command::new(&exe);
+            cmd.args(std::env::args_os().skip(1)).stdin(std::process::Stdio::null());
+            match cmd.spawn() {
+                Ok(mut child) => {
+                    let pid = child.id().unwrap_or(0);
+                    info!(new_pid = pid, exe = %exe.display(), "SIGUSR2: started a new server process to take over");
+                    let r = retirement.clone();
+                    tokio::spawn(async move {
+                        tokio::select! {
+                            status = child.wait() => {
+                                if !r.handed_over() {
+                                    let status = status.map_or_else(|e| e.to_string(), |s| s.to_string());
+                                    error!(new_pid = pid, %status, "the new server process exited before taking over (see its error above); this one goes on serving");
+                                }
+                            }
+                            () = r.until_handed_over() => {}
+                        }
+                    });
+                }
+                Err(e) => error!(exe = %exe.display(), error = %e, "SIGUSR2: cannot start the new server process"),
+            }
+        }
+        std::future::pending().await
+    })
 }
 
 /// Reloads the allow-list file on every SIGHUP. A file that does not load (missing, malformed,

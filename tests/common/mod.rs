@@ -2,6 +2,7 @@
 
 pub mod chaos;
 pub mod cli;
+pub mod echo;
 pub mod faults;
 pub mod harness;
 pub mod http;

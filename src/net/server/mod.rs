@@ -304,14 +304,16 @@ impl Retirement {
         self.state.sessions.load(Ordering::Relaxed)
     }
 
-    /// Waits until a new process has taken the listener over and every session of this one has
-    /// ended (or expired): nothing is left for this process to do.
+    /// Waits until a new process has taken the listener over, every session of this one has
+    /// ended (or expired), and the process this one took over from, if any, has exited: until
+    /// then, resumes of that one's sessions pass through this one. Then nothing is left for this
+    /// process to do.
     pub async fn done(&self) {
         loop {
             let changed = self.state.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            if self.handed_over() && self.sessions() == 0 {
+            if self.handed_over() && self.sessions() == 0 && self.state.predecessor().is_none() {
                 return;
             }
             changed.await;

@@ -204,6 +204,7 @@ impl State {
     /// Forgets the predecessor (it exited, or its connection failed).
     pub(super) fn lose_predecessor(&self) {
         *self.predecessor.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.changed.notify_waiters();
     }
 
     /// Token bucket per source address (per /64 for IPv6).

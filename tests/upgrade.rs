@@ -1,0 +1,243 @@
+//! Upgrading a server without losing a session (issue 14, part 1), with real processes on
+//! loopback. A `holdfast server --handover PATH` hands its listening socket to a new server
+//! started with the same path, keeps its own sessions, and exits when they have ended.
+//!
+//! - 20 `holdfast connect` streams, data flowing both ways, while the links are killed and the
+//!   server is upgraded twice in a row (once by starting the new server by hand, once by
+//!   SIGUSR2): every byte intact (SHA-256), no session lost, the first server's sessions
+//!   resume through two handovers, a new session lands on the newest process, and the old
+//!   processes exit once their sessions end.
+//! - A crash (SIGKILL) of an old process that holds sessions: each of its clients is told its
+//!   session is lost, never left hanging, while the new process serves on.
+//!
+//! Each test prints "skipped: <reason>" without root or `ss -K` (CI has both and sets
+//! HOLDFAST_REQUIRE_TOOLS, which turns a skip into a failure).
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::echo::{echo_service, pattern, Client, KIB};
+use common::faults::{check_ss_kill, kill_connections, Gate, KillLoop};
+use common::procs::{self, check_tools, s, tail, Out, Proc, TempDir, LIMIT};
+use common::tunnel::{BIN, FAST};
+use holdfast::keys::{self, Keypair};
+use rustix::process::{kill_process, Pid, Signal};
+use tokio::process::Command;
+use tokio::time::timeout;
+
+async fn ready(name: &str) -> bool {
+    let ready = match check_tools(&["ss"]) {
+        Ok(()) => check_ss_kill().await,
+        Err(e) => Err(e),
+    };
+    match ready {
+        Ok(()) => true,
+        Err(reason) => {
+            procs::skip(name, &reason);
+            false
+        }
+    }
+}
+
+/// Keys, an echo service and the arguments of every server process of one test.
+struct Setup {
+    _dir: TempDir,
+    server_pub: PathBuf,
+    client_key: PathBuf,
+    args: Vec<String>,
+}
+
+impl Setup {
+    async fn new(tag: &str) -> Setup {
+        let dir = TempDir::new(tag);
+        let (server, client) = (Keypair::generate(), Keypair::generate());
+        let (server_key, server_pub) = (dir.path("server.key"), dir.path("server.pub"));
+        let (client_key, authorized) = (dir.path("laptop.key"), dir.path("authorized"));
+        keys::save_private_key(&server_key, &server.private).unwrap();
+        keys::save_public_key(&server_pub, &server.public).unwrap();
+        keys::save_private_key(&client_key, &client.private).unwrap();
+        std::fs::write(&authorized, format!("{} laptop\n", client.public)).unwrap();
+        let echo = echo_service().await;
+        let mut args: Vec<String> = ["server", "--listen", "127.0.0.1:0", "--key", s(&server_key)].map(String::from).into();
+        args.extend(["--authorized", s(&authorized), "--service", &format!("echo={echo}")].map(String::from));
+        args.extend(["--handover", s(&dir.path("handover.sock"))].map(String::from));
+        args.extend(FAST.map(String::from));
+        Setup { _dir: dir, server_pub, client_key, args }
+    }
+
+    fn server(&self, n: usize) -> Proc {
+        let mut cmd = Command::new(BIN);
+        cmd.args(&self.args).env_remove("RUST_LOG");
+        Proc::spawn(&format!("holdfast server {n}"), &mut cmd, Out::Null)
+    }
+
+    fn client(&self, i: usize, addr: SocketAddr) -> Client {
+        Client::start(i, addr, s(&self.server_pub), s(&self.client_key))
+    }
+}
+
+/// The pid logged on the `n`th (from 1) "server ready" line of `log`.
+fn ready_pid(log: &str, n: usize) -> u32 {
+    let line = log.lines().filter(|l| l.contains("server ready")).nth(n - 1).expect("no such server ready line");
+    line.split_whitespace().find_map(|w| w.strip_prefix("pid=")).and_then(|p| p.parse().ok()).expect("no pid")
+}
+
+fn signal(pid: u32, sig: Signal) {
+    kill_process(Pid::from_raw(pid as i32).unwrap(), sig).unwrap();
+}
+
+/// Waits (bounded) until `progress` reaches `at`.
+async fn progress_reaches(progress: &AtomicU64, at: u64) {
+    let deadline = Instant::now() + LIMIT;
+    while progress.load(Ordering::Relaxed) < at {
+        assert!(Instant::now() < deadline, "the transfers stalled at {} bytes", progress.load(Ordering::Relaxed));
+        tokio::time::sleep(Duration::from_millis(5)).await; // polling a counter, bounded
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_streams_survive_two_upgrades_in_a_row_while_links_are_killed() {
+    let name = "twenty_streams_survive_two_upgrades_in_a_row_while_links_are_killed";
+    if !ready(name).await {
+        return;
+    }
+    let start = Instant::now();
+    const CLIENTS: usize = 20;
+    const LEN: usize = 4096 * KIB;
+    let setup = Setup::new("upgrade").await;
+    let first = setup.server(1);
+    let addr = first.logged_addr("server ready", "listen=").await;
+    let mut clients: Vec<Client> = (0..CLIENTS).map(|i| setup.client(i, addr)).collect();
+    first.wait_log("session opened", CLIENTS).await;
+
+    // Data both ways on every stream, links killed all along; the upgrades happen mid-transfer.
+    let gate = Gate::new();
+    let kills = KillLoop::start(addr.port(), Duration::from_millis(400), &gate);
+    let progress = Arc::new(AtomicU64::new(0));
+    let mut all = Vec::new();
+    for (i, mut c) in clients.drain(..).enumerate() {
+        let (gate, progress) = (gate.clone(), progress.clone());
+        all.push(tokio::spawn(async move {
+            let (data, want) = pattern(i as u64, LEN);
+            let pace = (i == 0).then_some((&gate, 256 * KIB));
+            let got = c.exchange(&data, pace, Some(&progress)).await;
+            (c, want, got)
+        }));
+    }
+    let total = (CLIENTS * LEN) as u64;
+
+    // Upgrade 1: a new server started by hand with the same --handover.
+    progress_reaches(&progress, total / 5).await;
+    let at_first_upgrade = progress.load(Ordering::Relaxed);
+    let second = setup.server(2);
+    second.wait_log("took over the listener of the running server", 1).await;
+    assert_eq!(second.logged_addr("server ready", "listen=").await, addr, "the port moved");
+    first.wait_log("handed the listener over to a new server process", 1).await;
+
+    // Upgrade 2: SIGUSR2 to the newest, which starts the next itself (its log goes to the
+    // same stderr as the second's).
+    progress_reaches(&progress, total / 2).await;
+    let at_second_upgrade = progress.load(Ordering::Relaxed);
+    signal(second.pid(), Signal::USR2);
+    second.wait_log("handed the listener over to a new server process", 1).await;
+    let third_pid = ready_pid(&second.wait_log("server ready", 2).await, 2);
+    assert_ne!(third_pid, second.pid());
+
+    for (i, task) in all.into_iter().enumerate() {
+        let (c, want, got) = timeout(LIMIT * 3, task).await.expect("the transfers did not finish").unwrap();
+        match got {
+            Ok(h) => assert_eq!(h, want, "client {i}: the echo differs"),
+            Err(e) => panic!("client {i} failed ({e}); its log:\n{}", tail(&c.proc.log(), 30)),
+        }
+        clients.push(c);
+    }
+    let k = kills.stop();
+    assert!(k.kills >= 5, "only {} kills: recovery was not tested", k.kills);
+    assert!(at_first_upgrade < total && at_second_upgrade < total, "an upgrade came after the data");
+
+    // The first server's sessions resumed after both handovers: through the third process, to
+    // the second, to the first.
+    let log1 = first.log();
+    let after_handover = log1.split("handed the listener over").nth(1).unwrap_or_default();
+    let resumed_late = after_handover.matches("session resumed").count();
+    assert!(resumed_late > 0, "no session of the first server resumed after the handover:\n{}", tail(&log1, 40));
+    assert_eq!(log1.matches("session opened").count(), CLIENTS);
+
+    // A new session lands on the newest process, which logs on the second's stderr; the second
+    // (retired) opens none itself.
+    let before = second.log().matches("session opened").count();
+    assert_eq!(before, 0, "a session opened on the second server or before the third was up");
+    let mut late = setup.client(99, addr);
+    let (data, want) = pattern(99, 64 * KIB);
+    assert_eq!(late.exchange(&data, None, None).await.unwrap(), want);
+    second.wait_log("session opened", 1).await;
+    assert_eq!(first.log().matches("session opened").count(), CLIENTS, "a new session went to the first");
+
+    // The streams end: the first server exits once its last session has ended, then the
+    // second, which only passed resumes on to it. The third serves on.
+    for (i, c) in clients.into_iter().enumerate() {
+        let (status, log) = c.close().await;
+        assert!(status.success(), "client {i} exited {status}:\n{log}");
+    }
+    let mut first = first;
+    let (status, log1) = first.exit().await;
+    assert!(status.success(), "the first server exited {status}:\n{}", tail(&log1, 20));
+    assert!(log1.contains("this process's last session has ended; exiting"), "{}", tail(&log1, 20));
+    assert!(!log1.contains("session ended") && !log1.contains("expired"), "{}", tail(&log1, 40));
+    second.wait_log("this process's last session has ended; exiting", 1).await;
+    assert_eq!(late.exchange(&pattern(100, 4 * KIB).0, None, None).await.map(|_| ()).ok(), Some(()));
+    signal(third_pid, Signal::TERM);
+    eprintln!(
+        "{name}: {CLIENTS} streams x 4 MiB each way, every SHA-256 equal, through {} kills and two upgrades (at {} and {} MiB); {resumed_late} resumes of the first server's sessions after its handover; passed in {:.1?}",
+        k.kills,
+        at_first_upgrade >> 20,
+        at_second_upgrade >> 20,
+        start.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_process_that_crashes_is_reported_to_each_of_its_clients_as_session_lost() {
+    let name = "an_old_process_that_crashes_is_reported_to_each_of_its_clients_as_session_lost";
+    if !ready(name).await {
+        return;
+    }
+    const CLIENTS: usize = 5;
+    let setup = Setup::new("upgrade-crash").await;
+    let mut first = setup.server(1);
+    let addr = first.logged_addr("server ready", "listen=").await;
+    let mut clients: Vec<Client> = (0..CLIENTS).map(|i| setup.client(i, addr)).collect();
+    first.wait_log("session opened", CLIENTS).await;
+    for (i, c) in clients.iter_mut().enumerate() {
+        let (data, want) = pattern(i as u64, 64 * KIB);
+        assert_eq!(c.exchange(&data, None, None).await.unwrap(), want);
+    }
+    let second = setup.server(2);
+    first.wait_log("handed the listener over to a new server process", 1).await;
+    let mut late = setup.client(9, addr);
+    let (data, want) = pattern(9, 64 * KIB);
+    assert_eq!(late.exchange(&data, None, None).await.unwrap(), want);
+
+    signal(first.pid(), Signal::KILL);
+    let _ = first.exit().await;
+    second.wait_log("the earlier server process has exited", 1).await;
+    kill_connections(addr.port()).await.unwrap();
+    for (i, mut c) in clients.into_iter().enumerate() {
+        let (data, _) = pattern(100 + i as u64, 4 * KIB);
+        assert!(c.exchange(&data, None, None).await.is_err(), "client {i}'s stream went on after its server died");
+        let (status, log) = c.close().await;
+        assert!(!status.success(), "client {i} exited {status}");
+        assert!(log.contains("session lost"), "client {i} was not told its session is lost:\n{log}");
+    }
+    // The new process's own session is untouched.
+    let (data, want) = pattern(10, 64 * KIB);
+    assert_eq!(late.exchange(&data, None, None).await.unwrap(), want);
+    let (status, log) = late.close().await;
+    assert!(status.success(), "{log}");
+    drop(second);
+}
