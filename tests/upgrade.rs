@@ -63,7 +63,8 @@ impl Setup {
         keys::save_private_key(&client_key, &client.private).unwrap();
         std::fs::write(&authorized, format!("{} laptop\n", client.public)).unwrap();
         let echo = echo_service().await;
-        let mut args: Vec<String> = ["server", "--listen", "127.0.0.1:0", "--key", s(&server_key)].map(String::from).into();
+        let mut args: Vec<String> =
+            ["server", "--listen", "127.0.0.1:0", "--key", s(&server_key)].map(String::from).into();
         args.extend(["--authorized", s(&authorized), "--service", &format!("echo={echo}")].map(String::from));
         args.extend(["--handover", s(&dir.path("handover.sock"))].map(String::from));
         args.extend(FAST.map(String::from));
@@ -239,5 +240,65 @@ async fn an_old_process_that_crashes_is_reported_to_each_of_its_clients_as_sessi
     assert_eq!(late.exchange(&data, None, None).await.unwrap(), want);
     let (status, log) = late.close().await;
     assert!(status.success(), "{log}");
+    drop(second);
+}
+
+#[tokio::test]
+async fn the_example_systemd_unit_is_valid() {
+    let name = "the_example_systemd_unit_is_valid";
+    if procs::which("systemd-analyze").is_none() {
+        procs::skip(name, "not installed: systemd-analyze");
+        return;
+    }
+    let unit =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/holdfast-server.service")).unwrap();
+    assert!(
+        unit.contains("--handover /run/holdfast/handover.sock") && unit.contains("ExecReload=/bin/kill -USR2 $MAINPID")
+    );
+    // systemd checks that ExecStart's program exists: point it at the binary under test.
+    let dir = TempDir::new("unit");
+    let path = dir.path("holdfast-server.service");
+    std::fs::write(&path, unit.replace("/usr/local/bin/holdfast", BIN)).unwrap();
+    let out =
+        procs::output("systemd-analyze verify", Command::new("systemd-analyze").args(["verify", s(&path)]), LIMIT)
+            .await;
+    let err = procs::err_text(&out);
+    // It warns (and still exits 0) about unknown keys and bad values: any output is a failure.
+    assert!(out.status.success() && err.trim().is_empty(), "systemd-analyze verify: {}\n{err}", out.status);
+}
+
+/// A notification socket as systemd's: a datagram socket at `NOTIFY_SOCKET`.
+fn notify_socket(dir: &TempDir) -> (std::os::unix::net::UnixDatagram, PathBuf) {
+    let path = dir.path("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(LIMIT)).unwrap();
+    (sock, path)
+}
+
+fn next_notification(sock: &std::os::unix::net::UnixDatagram) -> String {
+    let mut buf = [0u8; 512];
+    let n = sock.recv(&mut buf).expect("no notification in time");
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_is_told_ready_and_the_new_main_process_after_a_handover() {
+    let setup = Setup::new("notify").await;
+    let (sock, path) = notify_socket(&setup._dir);
+    let spawn = |n: usize| {
+        let mut cmd = Command::new(BIN);
+        cmd.args(&setup.args).env_remove("RUST_LOG").env("NOTIFY_SOCKET", &path);
+        Proc::spawn(&format!("holdfast server {n}"), &mut cmd, Out::Null)
+    };
+    let first = spawn(1);
+    let got = tokio::task::block_in_place(|| next_notification(&sock));
+    assert!(got.contains(&format!("MAINPID={}", first.pid())) && got.contains("READY=1"), "{got:?}");
+    let second = spawn(2);
+    let got = tokio::task::block_in_place(|| next_notification(&sock));
+    assert!(got.contains(&format!("MAINPID={}", second.pid())) && got.contains("READY=1"), "{got:?}");
+    // The first had no session: it exits as soon as it has handed over.
+    let mut first = first;
+    let (status, log) = first.exit().await;
+    assert!(status.success(), "{}", tail(&log, 20));
     drop(second);
 }

@@ -31,8 +31,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use rustix::net::{
-    recvmsg, sendmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
-    SendAncillaryMessage, SendFlags,
+    recvmsg, sendmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer, SendAncillaryMessage,
+    SendFlags,
 };
 use thiserror::Error;
 use tokio::io::Interest;
@@ -73,7 +73,10 @@ pub enum HandoverError {
     #[error("the process at the handover socket runs as user {0}, not as this server's user; refusing to hand over")]
     OtherUser(u32),
     /// The old server did not hand over its listener in time.
-    #[error("the server at the handover socket did not hand over its listener within {}", crate::human::Rounded(ANSWER_TIME))]
+    #[error(
+        "the server at the handover socket did not hand over its listener within {}",
+        crate::human::Rounded(ANSWER_TIME)
+    )]
     NoAnswer,
     /// A message broke the handover protocol (a bug, or not a holdfast server at the path).
     #[error("the handover protocol was broken: {0}")]
@@ -264,7 +267,9 @@ pub(super) async fn forward(
 
 /// The old process's side: the next resume handed down by the new process; `None` once the new
 /// process has closed the connection (it exited).
-pub(super) async fn next_resume(new: &UnixStream) -> Result<Option<(tokio::net::TcpStream, SocketAddr, Vec<u8>)>, HandoverError> {
+pub(super) async fn next_resume(
+    new: &UnixStream,
+) -> Result<Option<(tokio::net::TcpStream, SocketAddr, Vec<u8>)>, HandoverError> {
     let Some(m) = recv(new).await? else { return Ok(None) };
     let (Kind::Resume, Some(fd), Some(addr)) = (m.kind, m.fd, m.addr) else {
         return Err(HandoverError::Protocol("expected a resume with its connection"));

@@ -12,10 +12,10 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use super::{handover, proxy};
 use super::session::{session_task, sync_tickets};
 use super::state::{Entry, NewLink, Reservation, State};
 use super::Peer;
+use super::{handover, proxy};
 use crate::keys::PublicKey;
 use crate::net::events::LinkEvent;
 use crate::net::stream::{Shared, Stream};
@@ -82,9 +82,8 @@ async fn client_addr(sock: &mut TcpStream, addr: SocketAddr, state: &State) -> R
     if !proxy::trusted(&state.cfg.proxy_from, addr.ip()) {
         return Ok(addr);
     }
-    let client = proxy::read_header(sock, addr)
-        .await
-        .map_err(|source| Error::ProxyHeader { addr: addr.to_string(), source })?;
+    let client =
+        proxy::read_header(sock, addr).await.map_err(|source| Error::ProxyHeader { addr: addr.to_string(), source })?;
     if client != addr && !state.rate_ok(client.ip()) {
         debug!(%client, "handshake rate limit");
         let _ = write_record(sock, &handshake::reject(RejectCode::Busy)).await;

@@ -1,8 +1,8 @@
 //! The server listener: the accept loop, handshake tasks with limits, the session table and
 //! each session's driver, which keeps a detached session until it resumes or expires.
 
-mod handshake;
 pub mod handover;
+mod handshake;
 pub mod proxy;
 mod session;
 mod state;
@@ -215,7 +215,10 @@ async fn retire_when_asked(unix: tokio::net::UnixListener, listen: OwnedFd, stat
     state.retired.store(true, Ordering::Relaxed);
     state.changed.notify_waiters();
     let sessions = state.sessions.load(Ordering::Relaxed);
-    info!(new_pid = pid, sessions, "handed the listener over to a new server process; keeping this process's sessions until they end");
+    info!(
+        new_pid = pid,
+        sessions, "handed the listener over to a new server process; keeping this process's sessions until they end"
+    );
     tokio::spawn(async move {
         loop {
             match handover::next_resume(&new).await {
@@ -289,7 +292,10 @@ pub struct Retirement {
 
 impl std::fmt::Debug for Retirement {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Retirement").field("handed_over", &self.handed_over()).field("sessions", &self.sessions()).finish()
+        f.debug_struct("Retirement")
+            .field("handed_over", &self.handed_over())
+            .field("sessions", &self.sessions())
+            .finish()
     }
 }
 

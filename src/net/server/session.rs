@@ -113,7 +113,13 @@ pub(super) async fn session_task(
             inner.session.detach();
             let r = inner
                 .session
-                .attach(now, new.transport, new.client_received, Some(new.resume_id), Some(Ticket::for_server(state.cfg.server_id)))
+                .attach(
+                    now,
+                    new.transport,
+                    new.client_received,
+                    Some(new.resume_id),
+                    Some(Ticket::for_server(state.cfg.server_id)),
+                )
                 .and_then(|a| inner.session.handle_frame(now, &new.confirm).map(|()| a));
             while let Some(ev) = inner.session.poll_event() {
                 sync_tickets(&state, &entry, ev);
