@@ -4,9 +4,10 @@
 mod handshake;
 mod session;
 mod state;
+mod stats;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,6 +18,8 @@ use tracing::{debug, info, warn};
 
 use handshake::{handshake, refuse_busy};
 use state::{Pending, State, Table};
+use stats::Refusal;
+pub use stats::{Refusals, ServerStats, StatsHandle};
 
 use crate::keys::{AllowList, PublicKey};
 use crate::net::config::ServerConfig;
@@ -70,19 +73,6 @@ impl Peer {
     }
 }
 
-/// Counters describing a server's state, for status output and tests.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ServerStats {
-    /// Sessions alive (attached or detached).
-    pub sessions: usize,
-    /// Connections in their handshake now.
-    pub handshakes: usize,
-    /// Sessions expired since start.
-    pub expired: usize,
-    /// Successful resumes since start.
-    pub resumes: usize,
-}
-
 /// A bound holdfast server. Dropping it stops accepting; live sessions keep running until they
 /// end or expire.
 pub struct Listener {
@@ -117,6 +107,7 @@ pub async fn bind(addr: impl Into<String>, cfg: ServerConfig) -> Result<Listener
         buffered: AtomicUsize::new(0),
         expired: AtomicUsize::new(0),
         resumes: AtomicUsize::new(0),
+        counters: Default::default(),
         refusal_log: Default::default(),
         refusing: AtomicUsize::new(0),
         pending: Mutex::new(Pending::default()),
@@ -152,13 +143,13 @@ impl Listener {
 
     /// Current counters.
     pub fn stats(&self) -> ServerStats {
-        let s = &self.state;
-        ServerStats {
-            sessions: s.sessions.load(Ordering::Relaxed),
-            handshakes: s.pending().live.len(),
-            expired: s.expired.load(Ordering::Relaxed),
-            resumes: s.resumes.load(Ordering::Relaxed),
-        }
+        self.stats_handle().stats()
+    }
+
+    /// A handle that reads the counters while something else owns the listener (for example a
+    /// metrics endpoint beside [`crate::tunnel::serve_until`]).
+    pub fn stats_handle(&self) -> StatsHandle {
+        StatsHandle { state: self.state.clone() }
     }
 }
 
@@ -174,6 +165,7 @@ async fn accept_loop(tcp: TcpListener, state: Arc<State>) {
         };
         if !state.rate_ok(addr.ip()) {
             debug!(%addr, "handshake rate limit");
+            state.counters.refused(Refusal::RateLimited);
             refuse_busy(&state, sock);
             continue;
         }
@@ -184,6 +176,7 @@ async fn accept_loop(tcp: TcpListener, state: Arc<State>) {
             let Some((_, oldest)) = pending.live.pop_front() else { break };
             debug!(%addr, "handshake cap reached; evicting the oldest handshake");
             oldest.abort();
+            state.counters.refused(Refusal::Evicted);
         }
         let id = pending.next_id;
         pending.next_id += 1;
@@ -193,8 +186,14 @@ async fn accept_loop(tcp: TcpListener, state: Arc<State>) {
             let limit = st.cfg.limits.handshake_timeout;
             match tokio::time::timeout(limit, handshake(sock, addr, &st)).await {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => debug!(%addr, error = %e, "handshake failed"),
-                Err(_) => debug!(%addr, "handshake deadline passed"),
+                Ok(Err(e)) => {
+                    st.counters.refused(Refusal::of(&e));
+                    debug!(%addr, error = %e, "handshake failed");
+                }
+                Err(_) => {
+                    st.counters.refused(Refusal::TimedOut);
+                    debug!(%addr, "handshake deadline passed");
+                }
             }
             st.pending().live.retain(|(i, _)| *i != id);
         });
