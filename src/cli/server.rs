@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use holdfast::human::printable;
 use holdfast::keys::AllowList;
 use holdfast::tunnel::{self, Services};
@@ -12,13 +12,21 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 use tracing::{error, info, warn};
 
 use crate::args::ServerArgs;
+use crate::config::required;
 use crate::keyfiles::load_keypair;
-use crate::session_config;
+use crate::{metrics, session_config};
 
 /// How long a stopping server waits for its open tunnels to end cleanly.
 const SHUTDOWN_DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub(crate) async fn server(args: ServerArgs) -> Result<()> {
+    let listen = required(args.listen.clone(), "listen", "server", "0.0.0.0:7700")?;
+    let key = required(args.key.clone(), "key", "server", "keys/server.key")?;
+    let authorized = required(args.authorized.clone(), "authorized", "server", "keys/authorized")?;
+    if args.services.is_empty() && args.allow_connect.is_empty() && args.allow_listen.is_empty() {
+        bail!("no service: give --service NAME=HOST:PORT (or `service = [\"NAME=HOST:PORT\"]` in [server] of a --config file), or --allow-connect / --allow-listen");
+    }
+    let metrics = metrics::check_addr(args.metrics, args.metrics_public)?;
     let mut services = Services::new();
     for spec in &args.services {
         services.add_spec(spec).with_context(|| format!("--service {spec}"))?;
@@ -29,10 +37,10 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
     for rule in &args.allow_connect {
         services.allow_connect(rule.parse().with_context(|| format!("--allow-connect {}", printable(rule)))?);
     }
-    let keypair = load_keypair("--key", &args.key)?;
-    let allow = AllowList::load(&args.authorized).map_err(|e| anyhow!("--authorized {e}"))?;
+    let keypair = load_keypair("--key", &key)?;
+    let allow = AllowList::load(&authorized).map_err(|e| anyhow!("--authorized {e}"))?;
     if allow.is_empty() {
-        warn!(file = %args.authorized.display(), "the allow-list is empty: no client can connect");
+        warn!(file = %authorized.display(), "the allow-list is empty: no client can connect");
     }
     let services = Arc::new(services);
     warn_unknown_services(&allow, &services);
@@ -47,14 +55,18 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
     let public = cfg.keypair.public;
     // Watch SIGHUP before saying "ready": until then, its default action would end the server.
     let hangups = signal(SignalKind::hangup()).context("cannot watch for SIGHUP")?;
-    let listener = holdfast::bind(args.listen.clone(), cfg).await?;
+    let listener = holdfast::bind(listen, cfg).await?;
     let offered: Vec<String> = services.iter().map(|(n, t)| format!("{n}={t}")).collect();
     let connect: Vec<String> = services.connect_rules().iter().map(ToString::to_string).collect();
     let connect = if connect.is_empty() { "none".to_string() } else { connect.join(",") };
     let listen: Vec<String> = services.listen_rules().iter().map(ToString::to_string).collect();
     let listen = if listen.is_empty() { "none".to_string() } else { listen.join(",") };
     info!(listen = %listener.local_addr(), server_key = %public, services = %offered.join(","), allow_connect = %connect, allow_listen = %listen, "server ready");
-    let reload = reload_on_hangup(hangups, listener.allow_list_handle(), args.authorized.clone(), services.clone());
+    let metrics = match metrics {
+        Some(addr) => Some(metrics::serve(addr, listener.stats_handle(), listener.allow_list_handle()).await?),
+        None => None,
+    };
+    let reload = reload_on_hangup(hangups, listener.allow_list_handle(), authorized, services.clone());
     // Ctrl-C or SIGTERM: stop accepting and end every tunnel cleanly within the drain time; a
     // second one exits at once.
     let mut term = signal(SignalKind::terminate()).context("cannot watch for SIGTERM")?;
@@ -83,6 +95,9 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
             }
         }
         r = reload => r?,
+        r = async { match metrics { Some(task) => task.await, None => std::future::pending().await } } => {
+            r.context("the metrics endpoint stopped")??;
+        }
     }
     Ok(())
 }

@@ -1,0 +1,1 @@
+//! Tests of the config file's parser and merge (filled below).
