@@ -222,3 +222,21 @@ fn the_sections_name_exactly_the_flags() {
     assert_eq!(client_keys, flags("client"), "config::ClientSection and `holdfast client` differ");
     assert!(flags("connect").is_subset(&client_keys), "a flag of `connect` is missing from [client]");
 }
+
+#[test]
+fn a_config_others_can_change_is_refused() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let t = Temp::new("writable", "[server]\nlisten = \"127.0.0.1:0\"\n");
+    std::fs::set_permissions(t.file(), std::fs::Permissions::from_mode(0o666)).unwrap();
+    let msg = format!("{:#}", parse(&["server", "--config", &t.file()]).err().expect("a world-writable config"));
+    assert!(msg.contains("--config") && msg.contains(&t.file()) && msg.contains("chmod"), "{msg}");
+    std::fs::set_permissions(t.file(), std::fs::Permissions::from_mode(0o644)).unwrap();
+    assert!(parse(&["server", "--config", &t.file()]).is_ok());
+}
+
+#[test]
+fn a_config_larger_than_the_bound_is_refused() {
+    let t = Temp::new("large", &format!("[server]\n# {}\n", "x".repeat(MAX_FILE as usize)));
+    let msg = format!("{:#}", parse(&["server", "--config", &t.file()]).err().expect("a huge config"));
+    assert!(msg.contains("larger than"), "{msg}");
+}
