@@ -172,15 +172,17 @@ pub(super) async fn session_task(
     log_end(&entry, &state.counters);
 }
 
-/// Logs how a session ended, once, with its client and the bytes each way.
+/// Logs how a session ended, once, with its client and the stream positions each way, and
+/// adds its stream bytes (the positions less a FIN's) to the counters.
 pub(super) fn log_end(entry: &Entry, counters: &Counters) {
-    let (failure, to_client, from_client) = {
+    let (failure, to_client, from_client, fins) = {
         let inner = entry.shared.lock();
-        (inner.session.failure().cloned(), inner.session.written_offset(), inner.session.received_offset())
+        let s = &inner.session;
+        (s.failure().cloned(), s.written_offset(), s.received_offset(), (s.is_shut_down(), s.peer_finished()))
     };
     let lasted = Rounded(entry.opened.elapsed());
-    counters.bytes_to_clients.fetch_add(to_client, Ordering::Relaxed);
-    counters.bytes_from_clients.fetch_add(from_client, Ordering::Relaxed);
+    counters.bytes_to_clients.fetch_add(to_client.saturating_sub(u64::from(fins.0)), Ordering::Relaxed);
+    counters.bytes_from_clients.fetch_add(from_client.saturating_sub(u64::from(fins.1)), Ordering::Relaxed);
     let who = &entry.who;
     match failure {
         None | Some(SessionError::Finished) => {
