@@ -51,8 +51,8 @@ pub(crate) fn check_addr(addr: Option<SocketAddr>, public: bool) -> Result<Optio
     }
 }
 
-/// Binds the metrics endpoint on `addr` and serves it in a task; the task ends only if
-/// accepting fails for good.
+/// Binds the metrics endpoint on `addr` and serves it in a task, which never ends by itself.
+/// Returns the bound address and the task.
 ///
 /// # Errors
 /// If `addr` cannot be bound.
@@ -60,12 +60,12 @@ pub(crate) async fn serve(
     addr: SocketAddr,
     stats: StatsHandle,
     allow: AllowListHandle,
-) -> Result<JoinHandle<Result<()>>> {
+) -> Result<(SocketAddr, JoinHandle<Result<()>>)> {
     let listener = TcpListener::bind(addr).await.with_context(|| format!("--metrics {addr}: cannot listen"))?;
     let local = listener.local_addr().context("--metrics: no local address")?;
     info!(metrics = %local, path = "/metrics", "metrics endpoint ready");
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    Ok(tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         loop {
             let (sock, peer) = match listener.accept().await {
                 Ok(x) => x,
@@ -87,7 +87,8 @@ pub(crate) async fn serve(
                 drop(slot);
             });
         }
-    }))
+    });
+    Ok((local, task))
 }
 
 /// Reads one request head and answers it.
@@ -205,4 +206,58 @@ pub(crate) fn render(stats: &StatsHandle, allow: &AllowListHandle) -> String {
         warn!("metrics: cannot encode");
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use holdfast::keys::{AllowList, Keypair};
+    use holdfast::{ClientConfig, ServerConfig};
+
+    use super::*;
+
+    async fn request(addr: SocketAddr, bytes: &[u8]) -> String {
+        let mut sock = TcpStream::connect(addr).await.unwrap();
+        sock.write_all(bytes).await.unwrap();
+        let mut reply = String::new();
+        tokio::time::timeout(Duration::from_secs(10), sock.read_to_string(&mut reply)).await.unwrap().unwrap();
+        reply
+    }
+
+    #[tokio::test]
+    async fn a_client_without_a_name_is_labelled_by_its_public_key_and_odd_requests_are_refused() {
+        let (server, client) = (Keypair::generate(), Keypair::generate());
+        let server_pub = server.public;
+        let client_pub = client.public;
+        let allow = AllowList::from_keys([(client_pub, None)]);
+        let mut listener = holdfast::bind("127.0.0.1:0", ServerConfig::new(server, allow)).await.unwrap();
+        let (local, _task) =
+            serve("127.0.0.1:0".parse().unwrap(), listener.stats_handle(), listener.allow_list_handle()).await.unwrap();
+        let _stream =
+            holdfast::connect(listener.local_addr().to_string(), ClientConfig::new(client, server_pub)).await.unwrap();
+        let _accepted = listener.accept().await.unwrap();
+        let reply = request(local, b"GET /metrics?x=1 HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert!(reply.starts_with("HTTP/1.1 200 OK\r\n"), "{reply}");
+        assert!(reply.contains(&format!("holdfast_client_sessions{{client=\"{client_pub}\"}} 1\n")), "{reply}");
+        assert!(reply.contains("holdfast_sessions{state=\"attached\"} 1\n"), "{reply}");
+        let reply = request(local, b"POST /metrics HTTP/1.1\r\n\r\n").await;
+        assert!(reply.starts_with("HTTP/1.1 405 "), "{reply}");
+        let reply = request(local, b"GET /metrics/x HTTP/1.1\r\n\r\n").await;
+        assert!(reply.starts_with("HTTP/1.1 404 "), "{reply}");
+        let mut huge = b"GET /metrics HTTP/1.1\r\nX: ".to_vec();
+        // One byte over: the server has read all of it when it answers (unread bytes would make
+        // its close a reset, which could beat the answer).
+        huge.resize(MAX_REQUEST + 1, b'a');
+        let reply = request(local, &huge).await;
+        assert!(reply.starts_with("HTTP/1.1 431 "), "{reply}");
+    }
+
+    #[test]
+    fn only_loopback_unless_public() {
+        assert!(check_addr(Some("127.0.0.1:9770".parse().unwrap()), false).is_ok());
+        assert!(check_addr(Some("[::1]:9770".parse().unwrap()), false).is_ok());
+        let e = check_addr(Some("0.0.0.0:9770".parse().unwrap()), false).unwrap_err().to_string();
+        assert!(e.contains("--metrics-public"), "{e}");
+        assert!(check_addr(Some("0.0.0.0:9770".parse().unwrap()), true).is_ok());
+        assert!(check_addr(None, false).unwrap().is_none());
+    }
 }

@@ -63,7 +63,7 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
     let listen = if listen.is_empty() { "none".to_string() } else { listen.join(",") };
     info!(listen = %listener.local_addr(), server_key = %public, services = %offered.join(","), allow_connect = %connect, allow_listen = %listen, "server ready");
     let metrics = match metrics {
-        Some(addr) => Some(metrics::serve(addr, listener.stats_handle(), listener.allow_list_handle()).await?),
+        Some(addr) => Some(metrics::serve(addr, listener.stats_handle(), listener.allow_list_handle()).await?.1),
         None => None,
     };
     let reload = reload_on_hangup(hangups, listener.allow_list_handle(), authorized, services.clone());
