@@ -151,7 +151,9 @@ pub(crate) struct ServerArgs {
     pub(crate) metrics: Option<std::net::SocketAddr>,
     /// Let --metrics listen on an address other than loopback. The metrics carry no secret
     /// but do name the allowed clients and show when they are connected.
-    #[arg(long, requires = "metrics", help_heading = "Metrics")]
+    // Not `requires = "metrics"`: the config file is checked alone first, where that would
+    // refuse `metrics-public = true` with `--metrics` on the command line; see check_addr.
+    #[arg(long, help_heading = "Metrics")]
     pub(crate) metrics_public: bool,
     #[command(flatten, next_help_heading = "Timers and buffers")]
     pub(crate) timers: Timers,

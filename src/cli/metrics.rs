@@ -47,6 +47,7 @@ pub(crate) fn check_addr(addr: Option<SocketAddr>, public: bool) -> Result<Optio
              are connected. Listen on 127.0.0.1 (a local Prometheus or agent scrapes it), or add \
              --metrics-public (`metrics-public = true` in [server]) to serve them on {a}"
         ),
+        None if public => bail!("--metrics-public needs --metrics IP:PORT (or `metrics = \"IP:PORT\"` in [server])"),
         other => Ok(other),
     }
 }
@@ -259,5 +260,6 @@ mod tests {
         assert!(e.contains("--metrics-public"), "{e}");
         assert!(check_addr(Some("0.0.0.0:9770".parse().unwrap()), true).is_ok());
         assert!(check_addr(None, false).unwrap().is_none());
+        assert!(check_addr(None, true).unwrap_err().to_string().contains("needs --metrics"));
     }
 }

@@ -180,6 +180,14 @@ fn connect_skips_the_forward_keys_and_switches_follow_booleans() {
 }
 
 #[test]
+fn a_file_is_checked_alone_without_refusing_what_the_command_line_completes() {
+    // `metrics-public` is only meaningful with `metrics`, which the command line gives here.
+    let t = Temp::new("complete", "[server]\nmetrics-public = true\n");
+    let a = server(&["server", "--config", &t.file(), "--metrics", "0.0.0.0:9770"]);
+    assert!(a.metrics_public && a.metrics.is_some());
+}
+
+#[test]
 fn a_missing_section_is_an_error() {
     let t = Temp::new("nosection", "[client]\nserver = \"h\"\n");
     let msg = format!("{:#}", parse(&["server", "--config", &t.file()]).err().expect("no [server] section"));
