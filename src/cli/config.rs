@@ -193,11 +193,11 @@ fn read(path: &Path, section: &str, sub: &Command) -> Result<Vec<Setting>> {
     Ok(settings)
 }
 
-/// `value` taken relative to the config file's directory, unless it is absolute or a base64
-/// public key (which `--server-key` also takes).
+/// `value` taken relative to the config file's directory, unless it is absolute or looks like a
+/// base64 key (`--server-key` also takes the key itself; a bad one is then reported as a key).
 fn relative_to(dir: &Path, value: &str) -> OsString {
     let p = Path::new(value);
-    if p.is_absolute() || value.parse::<holdfast::keys::PublicKey>().is_ok() {
+    if p.is_absolute() || holdfast::keys::looks_like_key(value) {
         return value.into();
     }
     dir.join(p).into_os_string()
