@@ -73,7 +73,7 @@ pub use allow::{AllowList, AllowedPeer};
 use error::LOW_ORDER;
 pub use error::{looks_like_key, KeyError};
 use files::io_err;
-pub use files::{load_private_key, load_public_key, save_private_key, save_public_key};
+pub use files::{load_private_key, load_public_key, read_trusted_file, save_private_key, save_public_key};
 
 /// Length in bytes of X25519 private and public keys.
 pub const KEY_LEN: usize = 32;

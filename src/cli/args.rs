@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum, ValueHint};
 
 const ABOUT: &str = "TCP streams that survive network faults, encrypted with Noise.";
 const LONG_ABOUT: &str = "\
@@ -55,18 +55,18 @@ pub(crate) enum Cmd {
     Pubkey,
     /// Run a server offering named services to allowed clients.
     #[command(
-        after_help = "Example:\n  holdfast server --listen 0.0.0.0:7700 --key keys/server.key \\\n      --authorized keys/authorized --service ssh=127.0.0.1:22 --service db=127.0.0.1:5432\n\nThe authorized file has one client public key per line, optionally followed by a name and,\nas the last word, services=NAME[,NAME...] to let that key reach only those services (a key\nwithout it reaches every service); '#' starts a comment:\n  HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw= alice laptop services=ssh,db\nOnly the listed services are reachable. A service a key is not given is answered like an\nunknown one. The file and its directories must not be writable by group or others.\n\nTo change who may connect without dropping anyone, edit the authorized file and send\nSIGHUP (kill -HUP PID): new connections follow the new list, live sessions go on.\n\nTo upgrade the binary or change any flag without dropping a session, run the server with\n--handover /run/holdfast/handover.sock and send SIGUSR2 (or start the new server by hand with\nthe same --handover): the new process takes the port over, the old one keeps its sessions\nuntil they end. docs/DEPLOY.md has a systemd unit that does this on `systemctl reload`."
+        after_help = "Example:\n  holdfast server --listen 0.0.0.0:7700 --key keys/server.key \\\n      --authorized keys/authorized --service ssh=127.0.0.1:22 --service db=127.0.0.1:5432\n\nThe authorized file has one client public key per line, optionally followed by a name and,\nas the last word, services=NAME[,NAME...] to let that key reach only those services (a key\nwithout it reaches every service); '#' starts a comment:\n  HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw= alice laptop services=ssh,db\nOnly the listed services are reachable. A service a key is not given is answered like an\nunknown one. The file and its directories must not be writable by group or others.\n\nTo change who may connect without dropping anyone, edit the authorized file and send\nSIGHUP (kill -HUP PID): new connections follow the new list, live sessions go on.\n\nEvery flag can be set in a TOML file instead, under its long name in a [server] section;\nflags on the command line override it (a list flag replaces the file's list), and relative\npaths in it are relative to the file's directory:\n  holdfast server --config /etc/holdfast/server.toml --metrics 127.0.0.1:9770\n  # server.toml\n  [server]\n  listen = \"0.0.0.0:7700\"\n  key = \"keys/server.key\"\n  authorized = \"keys/authorized\"\n  service = [\"ssh=127.0.0.1:22\"]\n  session-expiry = \"2h\"\n\nWith --metrics, GET http://127.0.0.1:9770/metrics answers in the Prometheus text format\n(sessions attached and detached, handshakes, resumes, expiries, refusals, sessions per client).\n\nTo upgrade the binary or change any flag without dropping a session, run the server with\n--handover /run/holdfast/handover.sock and send SIGUSR2 (or start the new server by hand with\nthe same --handover): the new process takes the port over, the old one keeps its sessions\nuntil they end. docs/DEPLOY.md has a systemd unit that does this on `systemctl reload`."
     )]
     Server(ServerArgs),
     /// Forward local ports to services on the server (like ssh -L), SOCKS5 (like ssh -D) or
     /// server ports back here (like ssh -R), all as streams of one resilient session.
     #[command(
-        after_help = "Examples:\n  holdfast client --server host:7700 --server-key keys/server.pub \\\n      --key keys/laptop.key --local 127.0.0.1:2222 --service ssh\n  ssh -p 2222 user@127.0.0.1\n\n  holdfast client ... --socks 127.0.0.1:1080        (server: --allow-connect '*.internal:*')\n  holdfast client ... --remote 127.0.0.1:8080=127.0.0.1:3000   (server: --allow-listen '127.0.0.1:8080')"
+        after_help = "Examples:\n  holdfast client --server host:7700 --server-key keys/server.pub \\\n      --key keys/laptop.key --local 127.0.0.1:2222 --service ssh\n  ssh -p 2222 user@127.0.0.1\n\n  holdfast client ... --socks 127.0.0.1:1080        (server: --allow-connect '*.internal:*')\n  holdfast client ... --remote 127.0.0.1:8080=127.0.0.1:3000   (server: --allow-listen '127.0.0.1:8080')\n\nEvery flag can be set in a TOML file instead, under its long name in a [client] section (the\nsame file serves `holdfast connect`); flags override it, and relative paths in it are relative to its directory:\n  holdfast client --config ~/.config/holdfast/client.toml --local 127.0.0.1:2222=ssh\n  # client.toml\n  [client]\n  server = \"host:7700\"\n  server-key = \"keys/server.pub\"\n  key = \"keys/laptop.key\"\n  local = [\"127.0.0.1:2222=ssh\", \"127.0.0.1:5433=db\"]"
     )]
     Client(ClientArgs),
     /// Carry one stream on stdin/stdout, for `ssh -o ProxyCommand`. EOF on stdin is a half-close.
     #[command(
-        after_help = "Example:\n  ssh -o ProxyCommand='holdfast connect --server host:7700 \\\n      --server-key keys/server.pub --key keys/laptop.key --service ssh' user@host"
+        after_help = "Example:\n  ssh -o ProxyCommand='holdfast connect --server host:7700 \\\n      --server-key keys/server.pub --key keys/laptop.key --service ssh' user@host\n\nWith a config file (its [client] section; only the keys `connect` has are used):\n  ssh -o ProxyCommand='holdfast connect --config client.toml --service ssh' user@host"
     )]
     Connect(ConnectArgs),
     /// Run a whole tunnel on loopback, break its connection on purpose while data flows both
@@ -91,19 +91,27 @@ pub(crate) enum Cmd {
     Man,
 }
 
+/// The flags of `holdfast server`. Each one can also be set in the `[server]` section of a
+/// `--config` file, under its long name: add the field to `config::ServerSection` too (a test
+/// checks that both list the same flags).
 #[derive(Args)]
 pub(crate) struct ServerArgs {
+    /// Settings from a TOML file, section [server]; flags given here override it.
+    #[arg(long, value_name = "FILE", value_hint = ValueHint::FilePath)]
+    pub(crate) config: Option<PathBuf>,
     /// Address to listen on, HOST[:PORT] (port 7700 if none is given), e.g. 0.0.0.0:7700.
+    /// Required (here or in the config file).
     #[arg(long, value_name = "HOST[:PORT]", value_parser = parse_holdfast_addr)]
-    pub(crate) listen: String,
-    /// The server's private key file (mode 0600).
-    #[arg(long, value_name = "FILE")]
-    pub(crate) key: PathBuf,
-    /// Allow-list of client public keys (reloaded on SIGHUP).
-    #[arg(long, value_name = "FILE")]
-    pub(crate) authorized: PathBuf,
-    /// A service: NAME=HOST:PORT (repeat for more).
-    #[arg(long = "service", value_name = "NAME=HOST:PORT", required_unless_present_any = ["allow_connect", "allow_listen"])]
+    pub(crate) listen: Option<String>,
+    /// The server's private key file (mode 0600). Required.
+    #[arg(long, value_name = "FILE", value_hint = ValueHint::FilePath)]
+    pub(crate) key: Option<PathBuf>,
+    /// Allow-list of client public keys (reloaded on SIGHUP). Required.
+    #[arg(long, value_name = "FILE", value_hint = ValueHint::FilePath)]
+    pub(crate) authorized: Option<PathBuf>,
+    /// A service: NAME=HOST:PORT (repeat for more). At least one, unless --allow-connect or
+    /// --allow-listen is given.
+    #[arg(long = "service", value_name = "NAME=HOST:PORT")]
     pub(crate) services: Vec<String>,
     /// Where clients' SOCKS5 CONNECTs (holdfast client --socks) may go: [CLIENT@]HOST:PORT,
     /// repeat for more; none by default. HOST: a name, *.suffix, *, an address or a CIDR block
@@ -159,6 +167,16 @@ pub(crate) struct ServerArgs {
     /// How long a session whose client vanished is kept for it to resume.
     #[arg(long, default_value = "1h", value_parser = humantime::parse_duration, help_heading = "Limits")]
     pub(crate) session_expiry: Duration,
+    /// Serve Prometheus metrics (GET /metrics) on this address, e.g. 127.0.0.1:9770. Off by
+    /// default; a loopback address only, unless --metrics-public is given.
+    #[arg(long, value_name = "IP:PORT", help_heading = "Metrics")]
+    pub(crate) metrics: Option<std::net::SocketAddr>,
+    /// Let --metrics listen on an address other than loopback. The metrics carry no secret
+    /// but do name the allowed clients and show when they are connected.
+    // Not `requires = "metrics"`: the config file is checked alone first, where that would
+    // refuse `metrics-public = true` with `--metrics` on the command line; see check_addr.
+    #[arg(long, help_heading = "Metrics")]
+    pub(crate) metrics_public: bool,
     #[command(flatten, next_help_heading = "Timers and buffers")]
     pub(crate) timers: Timers,
 }
@@ -184,17 +202,23 @@ pub(crate) enum OnFault {
     Ask,
 }
 
+/// The flags `holdfast client` and `holdfast connect` share. Each can also be set in the
+/// `[client]` section of a `--config` file (see `config::ClientSection`).
 #[derive(Args, Clone)]
 pub(crate) struct ClientCommon {
+    /// Settings from a TOML file, section [client]; flags given here override it.
+    #[arg(long, value_name = "FILE", value_hint = ValueHint::FilePath)]
+    pub(crate) config: Option<PathBuf>,
     /// The server, HOST[:PORT] (port 7700 if none is given; re-resolved on every reconnect).
+    /// Required (here or in the config file).
     #[arg(long, value_name = "HOST[:PORT]", value_parser = parse_holdfast_addr)]
-    pub(crate) server: String,
-    /// The server's public key: a .pub file, or the base64 key itself.
-    #[arg(long, value_name = "FILE|KEY")]
-    pub(crate) server_key: String,
-    /// This client's private key file (mode 0600).
-    #[arg(long, value_name = "FILE")]
-    pub(crate) key: PathBuf,
+    pub(crate) server: Option<String>,
+    /// The server's public key: a .pub file, or the base64 key itself. Required.
+    #[arg(long, value_name = "FILE|KEY", value_hint = ValueHint::FilePath)]
+    pub(crate) server_key: Option<String>,
+    /// This client's private key file (mode 0600). Required.
+    #[arg(long, value_name = "FILE", value_hint = ValueHint::FilePath)]
+    pub(crate) key: Option<PathBuf>,
     /// The service to reach, by the name the server gives it (`client`: for every --local that
     /// names none).
     #[arg(long, value_name = "NAME")]
@@ -228,8 +252,9 @@ pub(crate) enum CipherArg {
 #[derive(Args)]
 pub(crate) struct ClientArgs {
     /// A local address to accept connections on, HOST:PORT, optionally with the service for it:
-    /// HOST:PORT=SERVICE. Repeat for more forwards in one process (like ssh -L).
-    #[arg(long, value_name = "HOST:PORT[=SERVICE]", required_unless_present_any = ["socks", "remote"], value_parser = parse_local)]
+    /// HOST:PORT=SERVICE. Repeat for more forwards in one process (like ssh -L). At least one,
+    /// unless --socks or --remote is given.
+    #[arg(long, value_name = "HOST:PORT[=SERVICE]", value_parser = parse_local)]
     pub(crate) local: Vec<(String, Option<String>)>,
     /// A local SOCKS5 listener, HOST:PORT, as ssh -D: each CONNECT is carried to the server,
     /// which resolves the name and connects where its --allow-connect rules let this key go.

@@ -12,14 +12,20 @@ use holdfast::ClientConfig;
 use tracing::{error, info, warn};
 
 use crate::args::{CipherArg, ClientArgs, ClientCommon, ConnectArgs, OnFault};
+use crate::config::required;
 use crate::keyfiles::{load_keypair, load_server_key};
 use crate::{session_config, term};
 
-fn client_config(c: &ClientCommon) -> Result<ClientConfig> {
+/// The server's address and the client's configuration: the required flags checked (after the
+/// config file was merged) and the keys loaded.
+fn client_config(c: &ClientCommon) -> Result<(String, ClientConfig)> {
+    let server = required(c.server.clone(), "server", "client", "host:7700")?;
+    let server_key = required(c.server_key.clone(), "server-key", "client", "keys/server.pub")?;
+    let key = required(c.key.clone(), "key", "client", "keys/laptop.key")?;
     if let Some(service) = &c.service {
         tunnel::check_name(service)?;
     }
-    let mut cfg = ClientConfig::new(load_keypair("--key", &c.key)?, load_server_key(&c.server_key)?);
+    let mut cfg = ClientConfig::new(load_keypair("--key", &key)?, load_server_key(&server_key)?);
     cfg.session = session_config(&c.timers)?;
     cfg.recovery = RecoveryPolicy { give_up_after: c.give_up, ..RecoveryPolicy::default() };
     cfg.cipher = match c.cipher {
@@ -32,7 +38,7 @@ fn client_config(c: &ClientCommon) -> Result<ClientConfig> {
             tokio::task::spawn_blocking(move || term::ask(&lost.cause)).await.unwrap_or(Recovery::Fail)
         });
     }
-    Ok(cfg)
+    Ok((server, cfg))
 }
 
 /// Logs a stream's link event, one line per event. `from` is the local program's address (a
@@ -69,7 +75,10 @@ async fn terminated() {
 
 pub(crate) async fn client(args: ClientArgs) -> Result<()> {
     let c = &args.common;
-    let cfg = client_config(c)?;
+    if args.local.is_empty() && args.socks.is_none() && args.remote.is_empty() {
+        bail!("nothing to forward: give --local HOST:PORT[=SERVICE] (or `local = [\"HOST:PORT=SERVICE\"]` in [client] of a --config file), --socks or --remote");
+    }
+    let (server, cfg) = client_config(c)?;
     let mut forwards = Vec::new();
     for (addr, service) in &args.local {
         let Some(service) = service.clone().or_else(|| c.service.clone()) else {
@@ -85,7 +94,7 @@ pub(crate) async fn client(args: ClientArgs) -> Result<()> {
             if !checked.insert(service.clone()) {
                 continue;
             }
-            let probe = tunnel::open(&c.server, cfg.clone(), service).await?;
+            let probe = tunnel::open(&server, cfg.clone(), service).await?;
             // End the probe as a normal close (both ends of the stream finished), not an abort
             // that the server would log as a failed tunnel; it needs no waiting for.
             tokio::spawn(async move {
@@ -102,13 +111,13 @@ pub(crate) async fn client(args: ClientArgs) -> Result<()> {
         }
     });
     // One multiplexed session with the server carries every forward's connections.
-    let pool = (!args.no_mux).then(|| tunnel::MuxPool::new(c.server.clone(), cfg.clone(), Some(tx.clone())));
+    let pool = (!args.no_mux).then(|| tunnel::MuxPool::new(server.clone(), cfg.clone(), Some(tx.clone())));
     let mut running = tokio::task::JoinSet::new();
     if let Some(addr) = &args.socks {
         let Some(pool) = pool.clone() else { bail!("--socks needs multiplexing: drop --no-mux") };
         let listener =
             tokio::net::TcpListener::bind(addr).await.with_context(|| format!("--socks {addr}: cannot listen"))?;
-        info!(socks = %listener.local_addr()?, server = %c.server, "dynamic forwarding (SOCKS5)");
+        info!(socks = %listener.local_addr()?, server = %server, "dynamic forwarding (SOCKS5)");
         running.spawn(tunnel::socks(listener, pool));
     }
     for (bind, target) in &args.remote {
@@ -120,9 +129,9 @@ pub(crate) async fn client(args: ClientArgs) -> Result<()> {
         });
     }
     for (listener, service) in forwards {
-        info!(local = %listener.local_addr()?, server = %c.server, %service, "forwarding");
+        info!(local = %listener.local_addr()?, server = %server, %service, "forwarding");
         let forward =
-            tunnel::forward_via(listener, c.server.clone(), cfg.clone(), service, Some(tx.clone()), pool.clone());
+            tunnel::forward_via(listener, server.clone(), cfg.clone(), service, Some(tx.clone()), pool.clone());
         running.spawn(forward);
     }
     tokio::select! {
@@ -142,8 +151,11 @@ pub(crate) async fn connect(args: ConnectArgs, quiet: bool) -> Result<()> {
     let c = &args.common;
     // stdout carries only stream bytes. On a terminal (ssh's, in raw mode) link events become
     // short status lines; otherwise they are logged.
-    let Some(service) = &c.service else { bail!("--service NAME is required: the service to reach on the server") };
-    let stream = tunnel::open(&c.server, client_config(c)?, service).await?;
+    let Some(service) = &c.service else {
+        bail!("--service NAME is required: the service to reach on the server (or `service = \"NAME\"` in [client] of a --config file)")
+    };
+    let (server, cfg) = client_config(c)?;
+    let stream = tunnel::open(&server, cfg, service).await?;
     let events = stream.events();
     if std::io::stderr().is_terminal() {
         if !quiet {

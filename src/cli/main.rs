@@ -2,8 +2,10 @@
 
 mod args;
 mod client;
+mod config;
 mod demo;
 mod keyfiles;
+mod metrics;
 mod server;
 mod term;
 
@@ -11,7 +13,7 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
-use clap::{CommandFactory, Parser};
+use clap::CommandFactory;
 use holdfast::proto::SessionConfig;
 use tracing::warn;
 
@@ -88,7 +90,16 @@ fn manual() -> std::io::Result<Vec<u8>> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match config::parse_from(std::env::args_os().collect()) {
+        Ok(cli) => cli,
+        Err(e) => match e.downcast_ref::<clap::Error>() {
+            Some(usage) => usage.exit(),
+            None => {
+                eprintln!("holdfast: error: {}", error_line(&e));
+                return ExitCode::from(2);
+            }
+        },
+    };
     init_logs(&cli);
     // Private keys live in this process's memory: never let a core dump copy them to disk.
     if let Err(e) = holdfast::harden::disable_core_dumps() {

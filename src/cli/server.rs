@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use holdfast::human::printable;
 use holdfast::keys::AllowList;
 use holdfast::net::Retirement;
@@ -13,13 +13,21 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 use tracing::{error, info, warn};
 
 use crate::args::ServerArgs;
+use crate::config::required;
 use crate::keyfiles::load_keypair;
-use crate::session_config;
+use crate::{metrics, session_config};
 
 /// How long a stopping server waits for its open tunnels to end cleanly.
 const SHUTDOWN_DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub(crate) async fn server(args: ServerArgs) -> Result<()> {
+    let listen = required(args.listen.clone(), "listen", "server", "0.0.0.0:7700")?;
+    let key = required(args.key.clone(), "key", "server", "keys/server.key")?;
+    let authorized = required(args.authorized.clone(), "authorized", "server", "keys/authorized")?;
+    if args.services.is_empty() && args.allow_connect.is_empty() && args.allow_listen.is_empty() {
+        bail!("no service: give --service NAME=HOST:PORT (or `service = [\"NAME=HOST:PORT\"]` in [server] of a --config file), or --allow-connect / --allow-listen");
+    }
+    let metrics = metrics::check_addr(args.metrics, args.metrics_public)?;
     let mut services = Services::new();
     for spec in &args.services {
         services.add_spec(spec).with_context(|| format!("--service {spec}"))?;
@@ -30,10 +38,10 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
     for rule in &args.allow_connect {
         services.allow_connect(rule.parse().with_context(|| format!("--allow-connect {}", printable(rule)))?);
     }
-    let keypair = load_keypair("--key", &args.key)?;
-    let allow = AllowList::load(&args.authorized).map_err(|e| anyhow!("--authorized {e}"))?;
+    let keypair = load_keypair("--key", &key)?;
+    let allow = AllowList::load(&authorized).map_err(|e| anyhow!("--authorized {e}"))?;
     if allow.is_empty() {
-        warn!(file = %args.authorized.display(), "the allow-list is empty: no client can connect");
+        warn!(file = %authorized.display(), "the allow-list is empty: no client can connect");
     }
     let services = Arc::new(services);
     warn_unknown_services(&allow, &services);
@@ -51,8 +59,8 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
     // Watch SIGHUP before saying "ready": until then, its default action would end the server.
     let hangups = signal(SignalKind::hangup()).context("cannot watch for SIGHUP")?;
     let listener = match &args.handover {
-        Some(path) => holdfast::net::bind_with_handover(args.listen.clone(), cfg, path).await?,
-        None => holdfast::bind(args.listen.clone(), cfg).await?,
+        Some(path) => holdfast::net::bind_with_handover(listen, cfg, path).await?,
+        None => holdfast::bind(listen, cfg).await?,
     };
     let retirement = listener.retirement();
     let upgrades = upgrade_on_usr2(args.handover.is_some(), retirement.clone())?;
@@ -68,7 +76,11 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
     // Under systemd (Type=notify): ready, and this is the service's main process now (after a
     // handover, the new process takes that role from the old one).
     let _ = sd_notify::notify(&[sd_notify::NotifyState::MainPid(std::process::id()), sd_notify::NotifyState::Ready]);
-    let reload = reload_on_hangup(hangups, listener.allow_list_handle(), args.authorized.clone(), services.clone());
+    let metrics = match metrics {
+        Some(addr) => Some(metrics::serve(addr, listener.stats_handle(), listener.allow_list_handle()).await?.1),
+        None => None,
+    };
+    let reload = reload_on_hangup(hangups, listener.allow_list_handle(), authorized, services.clone());
     // Ctrl-C or SIGTERM: stop accepting and end every tunnel cleanly within the drain time; a
     // second one exits at once.
     let mut term = signal(SignalKind::terminate()).context("cannot watch for SIGTERM")?;
@@ -100,6 +112,9 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
         }
         r = reload => r?,
         r = upgrades => r?,
+        r = async { match metrics { Some(task) => task.await, None => std::future::pending().await } } => {
+            r.context("the metrics endpoint stopped")??;
+        }
     }
     Ok(())
 }

@@ -112,6 +112,26 @@ pub fn load_public_key(path: &Path) -> Result<PublicKey, KeyError> {
     Ok(key)
 }
 
+/// Reads a text file that decides what holdfast trusts without holding a secret (the CLI's
+/// `--config` file: it names the key files and the allow-list, and sets the forwarding
+/// rules), at most `max` bytes, checked as the allow-list is: anyone may read it, but only this
+/// user or root may be able to change it or a directory above it (see [`crate::keys`]).
+///
+/// # Errors
+/// [`KeyError::Io`] if it cannot be read, is larger than `max` or is not UTF-8; on unix
+/// [`KeyError::Writable`], [`KeyError::Owner`] or [`KeyError::UnsafeDirectory`].
+pub fn read_trusted_file(path: &Path, max: u64) -> Result<String, KeyError> {
+    let read_err = io_err(path, "cannot read");
+    let file = File::open(path).map_err(read_err)?;
+    let mut text = String::new();
+    (&file).take(max.saturating_add(1)).read_to_string(&mut text).map_err(read_err)?;
+    if text.len() as u64 > max {
+        return Err(read_err(std::io::Error::other(format!("larger than {max} bytes"))));
+    }
+    fsperm::check(path, &file, Kind::Public)?;
+    Ok(text)
+}
+
 /// Saves a public key as a new file with mode `0644`; fails if the file exists.
 pub fn save_public_key(path: &Path, key: &PublicKey) -> Result<(), KeyError> {
     write_new_file(path, &encode_key(&key.0)[..], 0o644)

@@ -23,7 +23,7 @@ pub use crate::human::Rounded;
 pub use client::connect;
 pub use config::{ClientConfig, Limits, Recovery, RecoveryHook, RecoveryPolicy, ServerConfig};
 pub use events::{LinkEvent, LinkLost, LinkStatus};
-pub use server::{bind, bind_with_handover, AllowListHandle, Listener, Peer, Retirement, ServerStats};
+pub use server::{bind, bind_with_handover, AllowListHandle, Listener, Peer, Refusals, Retirement, ServerStats, StatsHandle};
 pub use stream::{ReadHalf, Stream, WriteHalf};
 
 /// Errors of the driver layer: everything a connect, bind or accept can fail with.

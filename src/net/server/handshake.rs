@@ -319,6 +319,7 @@ pub(super) fn commit_new(
         resume_mark: AtomicU64::new(0),
     });
     reservation.keep();
+    state.counters.opened.fetch_add(1, Ordering::Relaxed);
     // The client already holds the first ticket: map it to the session before anything else
     // runs, so that a resume arriving at once finds it.
     let events: Vec<Event> = std::iter::from_fn(|| shared.lock().session.poll_event()).collect();

@@ -6,6 +6,7 @@ mod handshake;
 pub mod proxy;
 mod session;
 mod state;
+mod stats;
 
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
@@ -21,6 +22,8 @@ use tracing::{debug, info, warn};
 
 use handshake::{handshake, refuse_busy};
 use state::{Pending, State, Table};
+use stats::Refusal;
+pub use stats::{Refusals, ServerStats, StatsHandle};
 
 use crate::keys::{AllowList, PublicKey};
 use crate::net::config::ServerConfig;
@@ -72,19 +75,6 @@ impl Peer {
     pub fn label(&self) -> String {
         self.name.clone().unwrap_or_else(|| self.key.to_string())
     }
-}
-
-/// Counters describing a server's state, for status output and tests.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ServerStats {
-    /// Sessions alive (attached or detached).
-    pub sessions: usize,
-    /// Connections in their handshake now.
-    pub handshakes: usize,
-    /// Sessions expired since start.
-    pub expired: usize,
-    /// Successful resumes since start.
-    pub resumes: usize,
 }
 
 /// A bound holdfast server. Dropping it stops accepting; live sessions keep running until they
@@ -168,6 +158,7 @@ fn start(tcp: TcpListener, cfg: ServerConfig, predecessor: Option<tokio::net::Un
         buffered: AtomicUsize::new(0),
         expired: AtomicUsize::new(0),
         resumes: AtomicUsize::new(0),
+        counters: Default::default(),
         refusal_log: Default::default(),
         refusing: AtomicUsize::new(0),
         pending: Mutex::new(Pending::default()),
@@ -273,13 +264,13 @@ impl Listener {
 
     /// Current counters.
     pub fn stats(&self) -> ServerStats {
-        let s = &self.state;
-        ServerStats {
-            sessions: s.sessions.load(Ordering::Relaxed),
-            handshakes: s.pending().live.len(),
-            expired: s.expired.load(Ordering::Relaxed),
-            resumes: s.resumes.load(Ordering::Relaxed),
-        }
+        self.stats_handle().stats()
+    }
+
+    /// A handle that reads the counters while something else owns the listener (for example a
+    /// metrics endpoint beside [`crate::tunnel::serve_until`]).
+    pub fn stats_handle(&self) -> StatsHandle {
+        StatsHandle { state: self.state.clone() }
     }
 }
 
@@ -353,6 +344,7 @@ async fn accept_loop(tcp: TcpListener, state: Arc<State>) {
         // A load balancer's connections are limited per client, once its PROXY header is read.
         if !proxy::trusted(&state.cfg.proxy_from, addr.ip()) && !state.rate_ok(addr.ip()) {
             debug!(%addr, "handshake rate limit");
+            state.counters.refused(Refusal::RateLimited);
             refuse_busy(&state, sock);
             continue;
         }
@@ -370,6 +362,7 @@ fn spawn_handshake(state: &Arc<State>, sock: tokio::net::TcpStream, addr: Socket
         let Some((_, oldest)) = pending.live.pop_front() else { break };
         debug!(%addr, "handshake cap reached; evicting the oldest handshake");
         oldest.abort();
+        state.counters.refused(Refusal::Evicted);
     }
     let id = pending.next_id;
     pending.next_id += 1;
@@ -379,8 +372,14 @@ fn spawn_handshake(state: &Arc<State>, sock: tokio::net::TcpStream, addr: Socket
         let limit = st.cfg.limits.handshake_timeout;
         match tokio::time::timeout(limit, handshake(sock, addr, &st, hello)).await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => debug!(%addr, error = %e, "handshake failed"),
-            Err(_) => debug!(%addr, "handshake deadline passed"),
+            Ok(Err(e)) => {
+                st.counters.refused(Refusal::of(&e));
+                debug!(%addr, error = %e, "handshake failed");
+            }
+            Err(_) => {
+                st.counters.refused(Refusal::TimedOut);
+                debug!(%addr, "handshake deadline passed");
+            }
         }
         st.pending().live.retain(|(i, _)| *i != id);
     });

@@ -10,6 +10,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use super::state::{Entry, NewLink, State};
+use super::stats::{Counters, Phase};
 use crate::human::{printable, Rounded};
 use crate::net::events::{LinkEvent, LinkLost, LinkStatus};
 use crate::net::pump::{pump, PumpEnd};
@@ -47,6 +48,7 @@ pub(super) async fn session_task(
     // link whose confirmation was held back while the client moved on is older, and its
     // attach would undo what the newer link did (its ticket, its offsets).
     let mut current = 0u64;
+    let mut phase = Phase::new(&state.counters);
     loop {
         if shared.lock().session.failure().is_some() && link.is_none() {
             break;
@@ -58,6 +60,7 @@ pub(super) async fn session_task(
             }
             fresh
         };
+        phase.set(link.is_some());
         let new = match link.take() {
             Some(sock) => {
                 match pump(&shared, sock, Some((&mut rx, newer)), |ev| sync_tickets(&state, &entry, ev)).await {
@@ -75,6 +78,7 @@ pub(super) async fn session_task(
                         if ended || !cause.is_link_fault() {
                             break;
                         }
+                        phase.set(false);
                         faults += 1;
                         lost_at = Instant::now();
                         info!(client = %entry.who, cause = %printable(&cause.to_string()), "session detached; waiting for resume");
@@ -166,20 +170,25 @@ pub(super) async fn session_task(
             }
         }
     }
+    drop(phase);
     // Clean up: forget tickets and release the session's share of the limits.
     state.table().by_ticket.retain(|_, e| !Arc::ptr_eq(e, &entry));
     state.release(&entry.client);
     shared.report_end();
-    log_end(&entry);
+    log_end(&entry, &state.counters);
 }
 
-/// Logs how a session ended, once, with its client and the bytes each way.
-pub(super) fn log_end(entry: &Entry) {
-    let (failure, to_client, from_client) = {
+/// Logs how a session ended, once, with its client and the stream positions each way, and
+/// adds its stream bytes (the positions less a FIN's) to the counters.
+pub(super) fn log_end(entry: &Entry, counters: &Counters) {
+    let (failure, to_client, from_client, fins) = {
         let inner = entry.shared.lock();
-        (inner.session.failure().cloned(), inner.session.written_offset(), inner.session.received_offset())
+        let s = &inner.session;
+        (s.failure().cloned(), s.written_offset(), s.received_offset(), (s.is_shut_down(), s.peer_finished()))
     };
     let lasted = Rounded(entry.opened.elapsed());
+    counters.bytes_to_clients.fetch_add(to_client.saturating_sub(u64::from(fins.0)), Ordering::Relaxed);
+    counters.bytes_from_clients.fetch_add(from_client.saturating_sub(u64::from(fins.1)), Ordering::Relaxed);
     let who = &entry.who;
     match failure {
         None | Some(SessionError::Finished) => {

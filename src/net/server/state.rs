@@ -102,6 +102,8 @@ pub(super) struct State {
     pub(super) buffered: AtomicUsize,
     pub(super) expired: AtomicUsize,
     pub(super) resumes: AtomicUsize,
+    /// The counters only [`super::StatsHandle`] reads.
+    pub(super) counters: super::stats::Counters,
     /// Which refused client keys were logged lately (see [`RefusalLog`]).
     pub(super) refusal_log: RefusalLog,
     /// Over-rate connections being answered with BUSY.
