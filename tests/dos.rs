@@ -300,32 +300,90 @@ where
     out
 }
 
-#[tokio::test]
-async fn buffer_budget_caps_sessions() {
+/// Waits (bounded) until `cond` holds of the server's counters, sampling them; panics with
+/// `what` if it does not. Every sample is passed to `check` too.
+async fn wait_stats(
+    listener: &Listener,
+    what: &str,
+    check: impl Fn(&holdfast::net::ServerStats),
+    cond: impl Fn(&holdfast::net::ServerStats) -> bool,
+) {
+    let deadline = Instant::now() + LIMIT / 2;
+    loop {
+        let s = listener.stats();
+        check(&s);
+        if cond(&s) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: {s:?}");
+        tokio::time::sleep(Duration::from_millis(2)).await; // sampling counters, bounded
+    }
+}
+
+/// The buffer budget is charged by what sessions hold: more sessions than the worst case would
+/// allow are admitted, and when their buffers fill the budget, the server stops reading their
+/// sockets (the clients wait) instead of going over it or refusing anyone; every byte arrives
+/// once the program reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_buffer_budget_holds_senders_back_instead_of_refusing_sessions() {
     bounded(async {
-        let mut session = fast_session();
-        session.max_buffer = 1 << 20;
-        session.recv_window = 1 << 20;
-        // 2 MiB per session: a 5 MiB budget holds two.
-        let limits = Limits { buffer_budget: 5 << 20, ..Limits::default() };
-        let (listener, cfgs) = {
-            let server_keys = Keypair::generate();
-            let client = Keypair::generate();
-            let allow = AllowList::from_keys([(client.public, None)]);
-            let server_pub = server_keys.public;
-            let mut scfg = ServerConfig::new(server_keys, allow);
-            scfg.limits = limits;
-            scfg.session = session;
-            let listener = holdfast::bind("127.0.0.1:0", scfg).await.unwrap();
-            (listener, ClientConfig::new(client, server_pub))
-        };
+        const BUDGET: usize = 256 << 10;
+        const SESSIONS: usize = 12;
+        const LEN: usize = 512 << 10;
+        // Each session could buffer 1 MiB received plus 1 MiB to replay: the old worst-case
+        // charge would admit none of them into 256 KiB.
+        let limits = Limits { buffer_budget: BUDGET, ..Limits::default() };
+        let (mut listener, cfgs) = server(limits, 1).await;
         let addr = listener.local_addr().to_string();
-        let s1 = holdfast::connect(addr.clone(), cfgs.clone()).await.expect("first fits");
-        let s2 = holdfast::connect(addr.clone(), cfgs.clone()).await.expect("second fits");
-        let err = holdfast::connect(addr.clone(), cfgs.clone()).await.unwrap_err();
-        assert!(is_busy(&err), "over budget: {err}");
-        assert_eq!(listener.stats().sessions, 2);
-        drop((s1, s2));
+        let mut senders = Vec::new();
+        for i in 0..SESSIONS {
+            let mut s =
+                holdfast::connect(addr.clone(), cfgs[0].clone()).await.unwrap_or_else(|e| panic!("session {i}: {e}"));
+            senders.push(tokio::spawn(async move {
+                let data: Vec<u8> = (0..LEN).map(|j| (j * 7 + i) as u8).collect();
+                s.write_all(&data).await.unwrap();
+                s.shutdown().await.unwrap();
+                s
+            }));
+        }
+        let mut streams = Vec::new();
+        for _ in 0..SESSIONS {
+            streams.push(listener.accept().await.unwrap().0);
+        }
+        // The server's program reads nothing yet: the buffers fill up to the budget, not past.
+        let never_over = |s: &holdfast::net::ServerStats| assert!(s.buffered <= BUDGET, "over the budget: {s:?}");
+        wait_stats(&listener, "the budget never filled", never_over, |s| s.buffered + 64 * 1024 > BUDGET).await;
+        assert_eq!(listener.stats().sessions, SESSIONS, "a session was refused");
+        for _ in 0..200 {
+            never_over(&listener.stats());
+            tokio::task::yield_now().await;
+        }
+        // The program reads: every byte of every session arrives.
+        let mut readers = Vec::new();
+        for (i, mut s) in streams.into_iter().enumerate() {
+            readers.push(tokio::spawn(async move {
+                let mut got = Vec::new();
+                s.read_to_end(&mut got).await.unwrap();
+                (i, got)
+            }));
+        }
+        let mut order = Vec::new();
+        for r in readers {
+            let (_, got) = r.await.unwrap();
+            assert_eq!(got.len(), LEN);
+            order.push(got);
+        }
+        // The streams were accepted in an unknown order: match each by its pattern.
+        let mut seen: Vec<usize> = order.iter().map(|g| usize::from(g[0])).collect();
+        seen.sort_unstable();
+        assert_eq!(seen, (0..SESSIONS).collect::<Vec<_>>());
+        for got in &order {
+            let i = usize::from(got[0]);
+            assert!(got.iter().enumerate().all(|(j, &b)| b == (j * 7 + i) as u8), "session {i}'s bytes differ");
+        }
+        for s in senders {
+            drop(s.await.unwrap());
+        }
     })
     .await;
 }

@@ -1,6 +1,7 @@
 //! The tokio driver: the client connector with its reconnect loop, the server listener with
 //! its session table and limits, and the public [`Stream`].
 
+pub(crate) mod budget;
 pub mod client;
 pub mod config;
 pub mod events;
@@ -23,7 +24,9 @@ pub use crate::human::Rounded;
 pub use client::connect;
 pub use config::{ClientConfig, Limits, Recovery, RecoveryHook, RecoveryPolicy, ServerConfig};
 pub use events::{LinkEvent, LinkLost, LinkStatus};
-pub use server::{bind, bind_with_handover, AllowListHandle, Listener, Peer, Refusals, Retirement, ServerStats, StatsHandle};
+pub use server::{
+    bind, bind_with_handover, AllowListHandle, Listener, Peer, Refusals, Retirement, ServerStats, StatsHandle,
+};
 pub use stream::{ReadHalf, Stream, WriteHalf};
 
 /// Errors of the driver layer: everything a connect, bind or accept can fail with.

@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, BufMut, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -106,10 +106,23 @@ pub(crate) async fn pump<R>(
                 None => std::future::pending().await,
             }
         };
+        // Reading waits for bytes first, then for room in the server's memory budget for what
+        // they may add to the receive buffer (a client has no budget): an idle session takes
+        // nothing, and a spent budget holds the peer back through TCP.
+        let readable = async {
+            rd.readable().await?;
+            let grant = std::future::poll_fn(|cx| match shared.lock().budget_room(READ_CHUNK, cx) {
+                0 => std::task::Poll::Pending,
+                n => std::task::Poll::Ready(n),
+            });
+            Ok::<usize, std::io::Error>(grant.await)
+        };
         tokio::select! {
-            res = rd.read_buf(&mut inbuf), if want_read => {
+            res = readable, if want_read => {
+                let res = res.and_then(|grant| rd.try_read_buf(&mut (&mut inbuf).limit(grant)));
                 let closed = match res {
                     Ok(0) => Some("connection closed without a FIN frame".to_string()),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                     Err(e) => Some(e.to_string()),
                     Ok(_) => None,
                 };
@@ -142,6 +155,7 @@ pub(crate) async fn pump<R>(
                     inbuf.reserve(READ_CHUNK);
                 }
                 inner.discard_unread();
+                let _ = inner.settle();
                 inner.wake_all();
             }
             res = wr.write(&out[out_pos..]), if out_pos < out.len() => {

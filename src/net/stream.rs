@@ -10,6 +10,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{broadcast, watch, Notify};
 
 use crate::keys::PublicKey;
+use crate::net::budget::Charge;
 use crate::net::events::{LinkEvent, LinkStatus};
 use crate::proto::{Session, SessionError};
 
@@ -30,6 +31,8 @@ pub(crate) struct Inner {
     /// Handles (read side, write side) still alive.
     pub(crate) reader_alive: bool,
     pub(crate) writer_alive: bool,
+    /// A server session's charge against the server's memory budget (`None` on a client).
+    pub(crate) charge: Option<Charge>,
 }
 
 impl Shared {
@@ -41,6 +44,7 @@ impl Shared {
                 write_waker: None,
                 reader_alive: true,
                 writer_alive: true,
+                charge: None,
             }),
             wake_driver: Notify::new(),
             events: broadcast::channel(256).0,
@@ -108,6 +112,43 @@ impl Inner {
     fn write_room(&self) -> usize {
         let s = &self.session;
         s.send_space().min(WRITE_AHEAD.saturating_sub(s.unsent()))
+    }
+
+    /// Of `want` more bytes for the session's buffers, how many the memory budget allows now
+    /// (all of them without a budget); with none, `cx` is woken when room comes back.
+    pub(crate) fn budget_room(&mut self, want: usize, cx: &mut Context<'_>) -> usize {
+        match self.charge.as_mut() {
+            Some(c) => c.room(&self.session, want, cx),
+            None => want,
+        }
+    }
+
+    /// Gives back to the budget what the session's buffers no longer hold. True if the
+    /// session was waiting for room and now has some: the caller wakes the driver.
+    pub(crate) fn settle(&mut self) -> bool {
+        match self.charge.as_mut() {
+            Some(c) => c.settle(&self.session),
+            None => false,
+        }
+    }
+
+    /// Bytes the program may write now, the memory budget allowing; `Pending` (with `cx` to be
+    /// woken) if none and the session can still take bytes.
+    fn poll_room(&mut self, want: usize, cx: &mut Context<'_>) -> Poll<usize> {
+        let open = self.session.failure().is_none() && !self.session.is_shut_down();
+        let room = self.write_room().min(want);
+        if room == 0 && open {
+            self.write_waker = Some(cx.waker().clone());
+            return Poll::Pending;
+        }
+        let room = if open { self.budget_room(room, cx) } else { room };
+        if room == 0 && open {
+            // Woken by the budget when room is given back, or by the driver when this
+            // session's own buffers drain (acknowledgements).
+            self.write_waker = Some(cx.waker().clone());
+            return Poll::Pending;
+        }
+        Poll::Ready(room)
     }
 
     /// Wakes a write waiting for room (the driver handed bytes to the socket).
@@ -248,12 +289,8 @@ impl WriteHalf {
     ) -> io::Result<usize> {
         std::future::poll_fn(|cx| {
             let mut inner = self.shared.lock();
-            let room = inner.write_room();
-            if room == 0 && inner.session.failure().is_none() && !inner.session.is_shut_down() {
-                inner.write_waker = Some(cx.waker().clone());
-                return Poll::Pending;
-            }
-            match inner.session.write_with(max.min(room.max(1)), &mut fill) {
+            let room = std::task::ready!(inner.poll_room(max, cx));
+            match inner.session.write_with(room.max(1), &mut fill) {
                 Ok(Some(Ok(n))) => {
                     drop(inner);
                     if n > 0 {
@@ -292,7 +329,7 @@ impl ReadHalf {
             let was_full = !inner.session.wants_input();
             match inner.session.read_with(&mut drain) {
                 Ok(Some(Ok(n))) => {
-                    if was_full && inner.session.wants_input() {
+                    if inner.settle() || (was_full && inner.session.wants_input()) {
                         drop(inner);
                         self.shared.wake_driver.notify_one();
                     }
@@ -336,7 +373,7 @@ fn poll_read(shared: &Shared, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Po
     match inner.session.read(buf.initialize_unfilled()) {
         Ok(Some(n)) => {
             buf.advance(n);
-            if was_full && inner.session.wants_input() {
+            if inner.settle() || (was_full && inner.session.wants_input()) {
                 drop(inner);
                 shared.wake_driver.notify_one();
             }
@@ -355,11 +392,7 @@ fn poll_write(shared: &Shared, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Re
         return Poll::Ready(Ok(0));
     }
     let mut inner = shared.lock();
-    let room = inner.write_room();
-    if room == 0 && inner.session.failure().is_none() && !inner.session.is_shut_down() {
-        inner.write_waker = Some(cx.waker().clone());
-        return Poll::Pending;
-    }
+    let room = std::task::ready!(inner.poll_room(data.len(), cx));
     match inner.session.write(&data[..data.len().min(room.max(1))]) {
         Ok(0) => {
             inner.write_waker = Some(cx.waker().clone());

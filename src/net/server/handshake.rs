@@ -17,6 +17,7 @@ use super::state::{Entry, NewLink, Reservation, State};
 use super::Peer;
 use super::{handover, proxy};
 use crate::keys::PublicKey;
+use crate::net::budget::Charge;
 use crate::net::events::LinkEvent;
 use crate::net::stream::{Shared, Stream};
 use crate::net::wire::{read_record, write_record};
@@ -306,6 +307,7 @@ pub(super) fn commit_new(
         _ => Some(sock),
     };
     let shared = Shared::new(session, client);
+    shared.lock().charge = Some(Charge::new(state.budget.clone(), state.key_budget(&client)));
     let (tx, rx) = mpsc::channel(4);
     let name = state.allow().lookup(&client).and_then(|p| p.name.clone());
     let who = name.clone().unwrap_or_else(|| client.to_string());

@@ -149,13 +149,14 @@ fn start(tcp: TcpListener, cfg: ServerConfig, predecessor: Option<tokio::net::Un
     let local = tcp.local_addr().map_err(Error::Io)?;
     let (tx, rx) = mpsc::channel(64);
     let statics = StaticSecrets::new(&cfg.keypair.private, cfg.allow.iter().map(|p| &p.key));
+    let budget = crate::net::budget::Budget::new(cfg.limits.buffer_budget);
     let state = Arc::new(State {
         allow: std::sync::RwLock::new(cfg.allow.clone()),
         statics: std::sync::RwLock::new(statics),
         cfg,
         table: Mutex::new(Table::default()),
         sessions: AtomicUsize::new(0),
-        buffered: AtomicUsize::new(0),
+        budget,
         expired: AtomicUsize::new(0),
         resumes: AtomicUsize::new(0),
         counters: Default::default(),

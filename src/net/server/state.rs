@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 
 use crate::keys::{AllowList, PublicKey};
+use crate::net::budget::Budget;
 use crate::net::config::ServerConfig;
 use crate::net::stream::{Shared, Stream};
 use crate::proto::frame::RESUME_ID_LEN;
@@ -82,6 +83,8 @@ pub(super) struct Table {
     /// one (and try to resume with it) before the server has committed its session.
     pub(super) first_pending: HashSet<[u8; RESUME_ID_LEN]>,
     pub(super) per_key: HashMap<PublicKey, usize>,
+    /// Per client key with sessions: its sessions' memory budget.
+    pub(super) key_budgets: HashMap<PublicKey, Arc<Budget>>,
     pub(super) rate: HashMap<IpAddr, (f64, Instant)>,
     /// Per allowed client key: the first-connection timestamps whose hello authenticated (see
     /// [`Stamps`]).
@@ -99,7 +102,8 @@ pub(super) struct State {
     pub(super) statics: std::sync::RwLock<StaticSecrets>,
     pub(super) table: Mutex<Table>,
     pub(super) sessions: AtomicUsize,
-    pub(super) buffered: AtomicUsize,
+    /// The memory budget of every session's buffers together (`Limits::buffer_budget`).
+    pub(super) budget: Arc<Budget>,
     pub(super) expired: AtomicUsize,
     pub(super) resumes: AtomicUsize,
     /// The counters only [`super::StatsHandle`] reads.
@@ -145,9 +149,11 @@ impl State {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Memory charged to one session against `buffer_budget`: its worst-case buffers.
-    pub(super) fn charge(&self) -> usize {
-        self.cfg.session.max_buffer.saturating_add(self.cfg.session.recv_window)
+    /// The memory budget of `client`'s sessions together (`Limits::buffer_per_key`), made on
+    /// its first session and dropped with its last.
+    pub(super) fn key_budget(&self, client: &PublicKey) -> Arc<Budget> {
+        let limit = self.cfg.limits.buffer_per_key;
+        self.table().key_budgets.entry(*client).or_insert_with(|| Budget::new(limit)).clone()
     }
 
     /// Accepts a first connection's timestamp if it is newer than every one accepted before for
@@ -159,14 +165,10 @@ impl State {
     /// True if every session limit would admit one more session for `client` now.
     fn admits(&self, t: &Table, client: &PublicKey) -> bool {
         let limits = &self.cfg.limits;
+        // Buffers are charged as they fill (`net::budget`), not here: an idle session holds
+        // none, and a full budget makes writers wait instead of refusing sessions.
         let per_key = t.per_key.get(client).copied().unwrap_or(0);
-        let charge = self.charge();
-        let budget_ok = self.buffered.load(Ordering::Relaxed).saturating_add(charge) <= limits.buffer_budget;
-        let share_ok = (per_key + 1).saturating_mul(charge) <= limits.buffer_per_key;
-        self.sessions.load(Ordering::Relaxed) < limits.max_sessions
-            && per_key < limits.max_sessions_per_key
-            && budget_ok
-            && share_ok
+        self.sessions.load(Ordering::Relaxed) < limits.max_sessions && per_key < limits.max_sessions_per_key
     }
 
     /// Takes a session slot for `client` if every session limit allows it. Only a fresh hello
@@ -179,7 +181,6 @@ impl State {
         }
         *t.per_key.entry(client).or_insert(0) += 1;
         self.sessions.fetch_add(1, Ordering::Relaxed);
-        self.buffered.fetch_add(self.charge(), Ordering::Relaxed);
         Some(Reservation { state: self, client, kept: false })
     }
 
@@ -190,10 +191,10 @@ impl State {
             *n = n.saturating_sub(1);
             if *n == 0 {
                 t.per_key.remove(client);
+                t.key_budgets.remove(client);
             }
         }
         self.sessions.fetch_sub(1, Ordering::Relaxed);
-        self.buffered.fetch_sub(self.charge(), Ordering::Relaxed);
         drop(t);
         self.changed.notify_waiters();
     }

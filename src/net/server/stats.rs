@@ -23,6 +23,9 @@ pub struct ServerStats {
     pub detached: usize,
     /// Connections in their handshake now.
     pub handshakes: usize,
+    /// Bytes the sessions' buffers hold now, charged against `Limits::buffer_budget`
+    /// (`net::budget`): never above it.
+    pub buffered: usize,
     /// Sessions opened since start (first connections whose handshake completed).
     pub opened: u64,
     /// Sessions expired since start.
@@ -180,6 +183,7 @@ impl StatsHandle {
             attached: c.attached.load(Ordering::Relaxed),
             detached: c.detached.load(Ordering::Relaxed),
             handshakes: s.pending().live.len(),
+            buffered: s.budget.held(),
             opened: c.opened.load(Ordering::Relaxed),
             expired: s.expired.load(Ordering::Relaxed),
             resumes: s.resumes.load(Ordering::Relaxed),

@@ -1,0 +1,256 @@
+//! The server's memory budget for session buffers, charged by what sessions actually hold.
+//!
+//! Every server session holds a [`Charge`] against two [`Budget`]s: the server's
+//! (`Limits::buffer_budget`) and its client key's (`Limits::buffer_per_key`). What a session
+//! holds is the bytes in its replay buffer (written, not yet acknowledged) and in its receive
+//! buffer (received, not yet read by the program). Before either grows, the session takes room
+//! from both budgets; when they shrink, it gives the room back. When a budget is spent, writers
+//! wait and the session stops reading its socket (TCP then holds the peer back) until room
+//! comes back: the bound is never exceeded and nothing is dropped or refused. An idle session
+//! holds nothing, so admission no longer charges each session its worst case.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+
+use crate::proto::Session;
+
+/// Bytes a session keeps taken beyond what it holds, so that a busy one does not take and give
+/// back on every frame.
+const SLACK: usize = 64 * 1024;
+/// The least a session takes at once when it needs room.
+const STEP: usize = 64 * 1024;
+
+/// A bound on the bytes that sessions may hold together, with the tasks waiting for room.
+#[derive(Debug)]
+pub(crate) struct Budget {
+    limit: usize,
+    /// Bytes taken by sessions (what they hold, and some room ahead).
+    used: AtomicUsize,
+    /// Bytes the sessions' buffers held when each last looked (never above `used`).
+    held: AtomicUsize,
+    waiters: Mutex<Vec<Waker>>,
+}
+
+impl Budget {
+    pub(crate) fn new(limit: usize) -> Arc<Budget> {
+        Arc::new(Budget {
+            limit,
+            used: AtomicUsize::new(0),
+            held: AtomicUsize::new(0),
+            waiters: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Bytes taken now.
+    pub(crate) fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// Bytes the sessions' buffers hold, as of each one's last change.
+    pub(crate) fn held(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
+    }
+
+    /// Takes up to `want` bytes; returns how many were taken (0 when the budget is spent).
+    fn take(&self, want: usize) -> usize {
+        let mut used = self.used.load(Ordering::Relaxed);
+        loop {
+            let n = want.min(self.limit.saturating_sub(used));
+            if n == 0 {
+                return 0;
+            }
+            match self.used.compare_exchange_weak(used, used + n, Ordering::AcqRel, Ordering::Relaxed) {
+                Ok(_) => return n,
+                Err(now) => used = now,
+            }
+        }
+    }
+
+    /// Gives `n` bytes back and wakes every task waiting for room.
+    fn give(&self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        self.used.fetch_sub(n, Ordering::AcqRel);
+        let waiters = std::mem::take(&mut *self.waiters.lock().unwrap_or_else(|p| p.into_inner()));
+        for w in waiters {
+            w.wake();
+        }
+    }
+
+    /// Ready when the budget has room; otherwise wakes `cx` when some is given back.
+    fn poll_room(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.used() < self.limit {
+            return Poll::Ready(());
+        }
+        let mut waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
+            waiters.push(cx.waker().clone());
+        }
+        drop(waiters);
+        // Room given back between the check and the registration would wake nobody.
+        if self.used() < self.limit {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+}
+
+/// What one session has taken from its budgets (the server's and its key's).
+#[derive(Debug)]
+pub(crate) struct Charge {
+    budgets: [Arc<Budget>; 2],
+    /// Taken from both budgets.
+    held: usize,
+    /// What the session's buffers held when last looked at, as counted in the budgets.
+    seen: usize,
+    /// A [`Charge::room`] found no room: whoever frees some must wake the session's tasks.
+    blocked: bool,
+}
+
+impl Charge {
+    pub(crate) fn new(server: Arc<Budget>, key: Arc<Budget>) -> Charge {
+        Charge { budgets: [key, server], held: 0, seen: 0, blocked: false }
+    }
+
+    /// The bytes `session` holds in its buffers, counted in the budgets' `held`.
+    fn in_use(&mut self, session: &Session) -> usize {
+        let now = session.unacked().saturating_add(session.readable());
+        if now != self.seen {
+            for b in &self.budgets {
+                if now > self.seen {
+                    b.held.fetch_add(now - self.seen, Ordering::Relaxed);
+                } else {
+                    b.held.fetch_sub(self.seen - now, Ordering::Relaxed);
+                }
+            }
+            self.seen = now;
+        }
+        now
+    }
+
+    /// Room for `want` more bytes in `session`'s buffers: takes what is missing from both
+    /// budgets (at least [`STEP`] at a time), and returns how many bytes may be added now
+    /// (`want` or fewer; 0 if the budgets are spent, and then `cx` is woken when room comes
+    /// back).
+    pub(crate) fn room(&mut self, session: &Session, want: usize, cx: &mut Context<'_>) -> usize {
+        let in_use = self.in_use(session);
+        let free = self.held.saturating_sub(in_use);
+        if free < want {
+            self.held += self.take((want - free).max(STEP));
+        }
+        let free = self.held.saturating_sub(in_use).min(want);
+        self.blocked = free == 0;
+        if free == 0 {
+            for b in &self.budgets {
+                if b.poll_room(cx).is_pending() {
+                    return 0;
+                }
+            }
+            // Room came back while registering: the caller polls again at once.
+            cx.waker().wake_by_ref();
+        }
+        free
+    }
+
+    /// Takes up to `want` from both budgets alike.
+    fn take(&self, want: usize) -> usize {
+        let [key, server] = &self.budgets;
+        let k = key.take(want);
+        let s = server.take(k);
+        key.give(k - s);
+        s
+    }
+
+    /// Gives back what `session` no longer needs, beyond [`SLACK`]. True if the session had
+    /// found no room and now has some: its waiting tasks must be woken (room it keeps as slack
+    /// wakes nobody through the budgets).
+    pub(crate) fn settle(&mut self, session: &Session) -> bool {
+        let in_use = self.in_use(session);
+        let keep = in_use.saturating_add(SLACK);
+        if self.held > keep {
+            let n = self.held - keep;
+            self.held = keep;
+            for b in &self.budgets {
+                b.give(n);
+            }
+        }
+        let unblocked = self.blocked && self.held > in_use;
+        if unblocked {
+            self.blocked = false;
+        }
+        unblocked
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        for b in &self.budgets {
+            b.held.fetch_sub(self.seen, Ordering::Relaxed);
+            b.give(self.held);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{Role, SessionConfig};
+
+    fn noop_cx() -> Context<'static> {
+        Context::from_waker(Waker::noop())
+    }
+
+    #[test]
+    fn a_budget_is_never_exceeded_and_room_given_back_is_taken_again() {
+        let (server, key) = (Budget::new(200 * 1024), Budget::new(1 << 30));
+        let mut a = Charge::new(server.clone(), key.clone());
+        let mut b = Charge::new(server.clone(), key.clone());
+        let s = Session::new(Role::Server, SessionConfig::default());
+        let mut cx = noop_cx();
+        assert_eq!(a.room(&s, 150 * 1024, &mut cx), 150 * 1024);
+        // The rest of the budget, and no more.
+        assert_eq!(b.room(&s, 150 * 1024, &mut cx), 50 * 1024);
+        assert_eq!(server.used(), 200 * 1024);
+        // Nothing is in use in either session: settling gives back all but the slack.
+        a.settle(&s);
+        assert_eq!(a.held, SLACK);
+        assert_eq!(b.room(&s, 150 * 1024, &mut cx), 200 * 1024 - SLACK, "all the budget but a's slack");
+        assert!(server.used() <= 200 * 1024);
+        drop((a, b));
+        assert_eq!((server.used(), key.used()), (0, 0), "a session's end gives everything back");
+    }
+
+    #[test]
+    fn a_key_budget_bounds_its_sessions_and_the_server_budget_is_not_leaked() {
+        let (server, key) = (Budget::new(1 << 20), Budget::new(100 * 1024));
+        let mut a = Charge::new(server.clone(), key.clone());
+        let s = Session::new(Role::Server, SessionConfig::default());
+        assert_eq!(a.room(&s, 1 << 20, &mut noop_cx()), 100 * 1024);
+        assert_eq!((server.used(), key.used()), (100 * 1024, 100 * 1024));
+    }
+
+    #[test]
+    fn a_writer_without_room_is_woken_when_room_comes_back() {
+        struct Flag(std::sync::atomic::AtomicBool);
+        impl std::task::Wake for Flag {
+            fn wake(self: Arc<Self>) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let (server, key) = (Budget::new(STEP), Budget::new(1 << 30));
+        let s = Session::new(Role::Server, SessionConfig::default());
+        let mut a = Charge::new(server.clone(), key.clone());
+        assert_eq!(a.room(&s, STEP, &mut noop_cx()), STEP);
+        let flag = Arc::new(Flag(Default::default()));
+        let waker = Waker::from(flag.clone());
+        let mut b = Charge::new(server.clone(), key);
+        assert_eq!(b.room(&s, 1, &mut Context::from_waker(&waker)), 0);
+        assert!(!flag.0.load(Ordering::SeqCst));
+        drop(a);
+        assert!(flag.0.load(Ordering::SeqCst), "giving room back wakes the waiting writer");
+        assert_eq!(b.room(&s, 1, &mut Context::from_waker(&waker)), 1);
+    }
+}
