@@ -176,7 +176,13 @@ async fn silent_and_trickling_clients_are_cut_at_the_handshake_deadline() {
 async fn unauthenticated_connections_are_capped_and_the_oldest_is_evicted() {
     bounded(async {
         let cap = 8;
-        let limits = Limits { max_handshakes: cap, handshake_timeout: Duration::from_secs(30), ..Limits::default() };
+        // Every handshake counts as slow at once: the silent ones are evicted, oldest first.
+        let limits = Limits {
+            max_handshakes: cap,
+            slow_handshake: Duration::ZERO,
+            handshake_timeout: Duration::from_secs(30),
+            ..Limits::default()
+        };
         let (mut listener, mut cfgs) = server(limits, 1).await;
         let addr = listener.local_addr();
 
@@ -202,6 +208,36 @@ async fn unauthenticated_connections_are_capped_and_the_oldest_is_evicted() {
         assert_eq!(listener.stats().handshakes, cap);
         // A real client still gets in: it evicts a silent one and finishes in a round trip.
         echo_round_trip(&mut listener, cfgs.remove(0), 1000).await.expect("real client connects at the cap");
+    })
+    .await;
+}
+
+/// In a storm (every handshake at the cap young), a new connection is told BUSY instead of
+/// evicting a handshake under way.
+#[tokio::test]
+async fn at_the_cap_young_handshakes_are_kept_and_the_newcomer_told_busy() {
+    bounded(async {
+        let cap = 8;
+        let limits = Limits {
+            max_handshakes: cap,
+            slow_handshake: Duration::from_secs(30),
+            handshake_timeout: Duration::from_secs(30),
+            ..Limits::default()
+        };
+        let (listener, _) = server(limits, 1).await;
+        let addr = listener.local_addr();
+        let mut young = Vec::new();
+        for i in 0..cap {
+            young.push(connect_from(10 + i as u8, addr).await.unwrap());
+        }
+        wait_for(|| listener.stats().handshakes == cap, "the first connections to be in handshake").await;
+        let mut late = connect_from(40, addr).await.unwrap();
+        let answer = read_until_closed(&mut late, Duration::from_secs(5)).await;
+        assert_eq!(answer.as_deref(), Some(&[0, 2, 0x02, 0x02][..]), "the newcomer was not answered REJECT BUSY");
+        for (i, sock) in young.iter_mut().enumerate() {
+            assert!(closed_within(sock, Duration::from_millis(100)).await.is_none(), "handshake {i} was evicted");
+        }
+        assert_eq!(listener.stats().handshakes, cap);
     })
     .await;
 }

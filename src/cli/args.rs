@@ -147,20 +147,27 @@ pub(crate) struct ServerArgs {
     /// then lost, and their clients told so). Default: until the last one ends or expires.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, requires = "handover", help_heading = "Upgrades")]
     pub(crate) retire_after: Option<Duration>,
-    /// Most sessions at once.
-    #[arg(long, default_value_t = 1024, help_heading = "Limits")]
+    /// Most sessions at once (each takes two file descriptors: the server raises its limit at
+    /// start as far as the system allows, and says so if that is too few).
+    #[arg(long, default_value_t = 16384, help_heading = "Limits")]
     pub(crate) max_sessions: usize,
     /// Most sessions per client key.
     #[arg(long, default_value_t = 64, help_heading = "Limits")]
     pub(crate) max_sessions_per_key: usize,
-    /// Memory all sessions' buffers may be charged together (each is charged its replay buffer
-    /// plus its receive window, 9 MiB by default).
+    /// Memory all sessions' buffers may hold together (bytes sent and not yet acknowledged,
+    /// received and not yet passed on). Sessions are charged what they hold, not their worst
+    /// case; when it is spent, transfers wait (nothing is dropped, no session refused).
     #[arg(long, default_value = "1GiB", value_parser = parse_size, help_heading = "Limits")]
     pub(crate) buffer_budget: u64,
-    /// The share of --buffer-budget the sessions of one client key may take together (so that
-    /// no key can starve the others; 256 MiB is 28 sessions at the default buffer sizes).
+    /// The share of --buffer-budget the sessions of one client key may hold together, so that
+    /// no key can starve the others.
     #[arg(long, default_value = "256MiB", value_parser = parse_size, help_heading = "Limits")]
     pub(crate) buffer_per_key: u64,
+    /// New connections per second from one source address (a /64 for IPv6), with a burst of as
+    /// many; more are told BUSY and retry. Raise it when many clients share one address (a
+    /// large NAT), or for a load test from one host.
+    #[arg(long, default_value_t = 20, help_heading = "Limits")]
+    pub(crate) handshake_rate: u32,
     /// Most connections in their handshake at once.
     #[arg(long, default_value_t = 256, help_heading = "Limits")]
     pub(crate) max_handshakes: usize,

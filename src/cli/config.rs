@@ -64,6 +64,7 @@ struct ServerSection {
     buffer_budget: Option<String>,
     buffer_per_key: Option<String>,
     max_handshakes: Option<u64>,
+    handshake_rate: Option<u64>,
     session_expiry: Option<String>,
     metrics: Option<String>,
     metrics_public: Option<bool>,

@@ -38,6 +38,7 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
     for rule in &args.allow_connect {
         services.allow_connect(rule.parse().with_context(|| format!("--allow-connect {}", printable(rule)))?);
     }
+    raise_fd_limit(args.max_sessions);
     let keypair = load_keypair("--key", &key)?;
     let allow = AllowList::load(&authorized).map_err(|e| anyhow!("--authorized {e}"))?;
     if allow.is_empty() {
@@ -50,6 +51,7 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
     cfg.limits.max_sessions = args.max_sessions;
     cfg.limits.max_sessions_per_key = args.max_sessions_per_key;
     cfg.limits.max_handshakes = args.max_handshakes;
+    cfg.limits.handshakes_per_sec_per_ip = args.handshake_rate.max(1);
     cfg.limits.buffer_budget = usize::try_from(args.buffer_budget).context("--buffer-budget is too large")?;
     cfg.limits.buffer_per_key = usize::try_from(args.buffer_per_key).context("--buffer-per-key is too large")?;
     cfg.limits.session_expiry = args.session_expiry;
@@ -117,6 +119,24 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Raises the soft file-descriptor limit to the hard one (each session takes two: its link and
+/// its service connection), and warns if that still holds fewer than `max_sessions` need.
+fn raise_fd_limit(max_sessions: usize) {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut lim = getrlimit(Resource::Nofile);
+    if lim.current < lim.maximum {
+        lim.current = lim.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, lim.clone()) {
+            warn!(error = %e, "cannot raise the file-descriptor limit");
+        }
+    }
+    let now = getrlimit(Resource::Nofile).current;
+    let need = (max_sessions as u64).saturating_mul(2).saturating_add(256);
+    if let Some(n) = now.filter(|&n| n < need) {
+        warn!(limit = n, sessions = n.saturating_sub(256) / 2, max_sessions, "the file-descriptor limit holds fewer sessions than --max-sessions; raise it (ulimit -n, or LimitNOFILE= under systemd)");
+    }
 }
 
 /// Resolves when this process has handed its listener over and has nothing left to do: its

@@ -153,24 +153,33 @@ pub struct Limits {
     /// trip, so slow or silent connections are the ones that get evicted, and a flood of them
     /// cannot lock real clients out. Default 256 (about 256 file descriptors and a few KiB each).
     pub max_handshakes: usize,
+    /// At the `max_handshakes` cap, the oldest handshake is closed only if it has run this long
+    /// (a real one takes a round trip); if every handshake in progress is younger, as in a storm
+    /// of resumes after an outage, the new connection is told BUSY instead and retries after its
+    /// backoff, so the handshakes under way can finish. Default 250 ms: to keep every slot
+    /// young, a flood must open `max_handshakes` connections every 250 ms (1024/s), from 52
+    /// sources or more at the default per-source rate.
+    pub slow_handshake: Duration,
     /// New handshakes per second from one source (with a burst of the same size). IPv6 sources
     /// are counted per /64, because one host usually owns a whole /64. Default 20: a real client
     /// opens one connection per fault; 20 leaves room for a NAT with several clients.
     pub handshakes_per_sec_per_ip: u32,
-    /// Sessions (attached, detached, or finishing their handshake) at once. Default 1024.
+    /// Sessions (attached, detached, or finishing their handshake) at once. Default 16384. Each
+    /// takes two file descriptors (its link and its service connection) and, idle, a few tens
+    /// of KiB of memory outside `buffer_budget` (`BENCHMARKS.md` measures it).
     pub max_sessions: usize,
     /// Sessions per client key, so one allowed client cannot take every slot. Default 64.
     pub max_sessions_per_key: usize,
-    /// Memory budget for all sessions' buffers. Each session is charged its worst case, the
-    /// replay buffer bound plus the receive window (`max_buffer + recv_window` of its
-    /// [`SessionConfig`], 9 MiB by default), from its authenticated, fresh hello (a replayed
-    /// hello is refused before it is charged) until the session ends; a new session that does not
-    /// fit is refused with `Busy`. Default 1 GiB (about 113 sessions at the default buffer sizes).
+    /// Memory budget for all sessions' buffers together: the bytes in their replay buffers
+    /// (written, not yet acknowledged) and receive buffers (received, not yet read). Sessions
+    /// are charged what they hold, as it changes, not their worst case: an idle session holds
+    /// nothing. When the budget is spent, writers wait and sessions stop reading their sockets
+    /// (TCP holds their peers back) until room comes back; the budget is never exceeded and no
+    /// session is refused for it. Default 1 GiB.
     pub buffer_budget: usize,
-    /// The share of `buffer_budget` that the sessions of one client key may be charged
-    /// together, so that no key can starve the others. Default 256 MiB, a quarter of the
-    /// default budget (28 sessions at the default buffer sizes): two keys at their share leave
-    /// half of the budget to everyone else.
+    /// The share of `buffer_budget` that the sessions of one client key may hold together, so
+    /// that no key can starve the others: at its share, that key's sessions wait, others go on.
+    /// Default 256 MiB, a quarter of the default budget.
     pub buffer_per_key: usize,
     /// First-connection handshakes of one client key between its authenticated hello and the
     /// end of the handshake, at once; more are refused with `Busy`. A real client has one at a
@@ -194,8 +203,9 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_handshakes: 256,
+            slow_handshake: Duration::from_millis(250),
             handshakes_per_sec_per_ip: 20,
-            max_sessions: 1024,
+            max_sessions: 16384,
             max_sessions_per_key: 64,
             buffer_budget: 1 << 30,
             buffer_per_key: 256 << 20,

@@ -353,14 +353,29 @@ async fn accept_loop(tcp: TcpListener, state: Arc<State>) {
     }
 }
 
-/// Runs a connection's handshake in a task of its own, bounded in time and in number: at the
-/// cap, the oldest unfinished handshake is closed (real ones finish in a round trip, so the
-/// evicted one is almost always slow, silent or hostile). `hello` is the hello already read
-/// from it, for a connection handed over by a newer process.
+/// Runs a connection's handshake in a task of its own, bounded in time and in number. At the
+/// cap, the oldest unfinished handshake is closed if it has run longer than
+/// `Limits::slow_handshake`
+/// (real ones finish in a round trip, so an old one is slow, silent or hostile: a flood of
+/// those cannot lock real clients out); otherwise every handshake in progress is young, as in a
+/// storm of resumes after a network outage, and the new connection is told BUSY instead, to
+/// retry after its backoff, so that the handshakes already under way can finish. `hello` is the
+/// hello already read from it, for a connection handed over by a newer process.
 fn spawn_handshake(state: &Arc<State>, sock: tokio::net::TcpStream, addr: SocketAddr, hello: Option<Vec<u8>>) {
     let mut pending = state.pending();
+    let now = std::time::Instant::now();
     while pending.live.len() >= state.cfg.limits.max_handshakes.max(1) {
-        let Some((_, oldest)) = pending.live.pop_front() else { break };
+        match pending.live.front() {
+            Some(&(_, started, _)) if now.saturating_duration_since(started) < state.cfg.limits.slow_handshake => {
+                drop(pending);
+                debug!(%addr, "handshake cap reached, every handshake young; answering BUSY");
+                state.counters.refused(Refusal::Busy);
+                refuse_busy(state, sock);
+                return;
+            }
+            _ => {}
+        }
+        let Some((_, _, oldest)) = pending.live.pop_front() else { break };
         debug!(%addr, "handshake cap reached; evicting the oldest handshake");
         oldest.abort();
         state.counters.refused(Refusal::Evicted);
@@ -382,7 +397,7 @@ fn spawn_handshake(state: &Arc<State>, sock: tokio::net::TcpStream, addr: Socket
                 debug!(%addr, "handshake deadline passed");
             }
         }
-        st.pending().live.retain(|(i, _)| *i != id);
+        st.pending().live.retain(|(i, _, _)| *i != id);
     });
-    pending.live.push_back((id, task.abort_handle()));
+    pending.live.push_back((id, now, task.abort_handle()));
 }

@@ -73,7 +73,8 @@ impl Entry {
 #[derive(Default)]
 pub(super) struct Pending {
     pub(super) next_id: u64,
-    pub(super) live: VecDeque<(u64, AbortHandle)>,
+    /// (id, started, task) of each handshake, oldest first.
+    pub(super) live: VecDeque<(u64, Instant, AbortHandle)>,
 }
 
 #[derive(Default)]
