@@ -44,6 +44,8 @@ async fn server(limits: Limits, n: usize) -> (Listener, Vec<ClientConfig>) {
             c.recovery.backoff_initial = Duration::from_millis(10);
             c.recovery.backoff_max = Duration::from_millis(100);
             c.recovery.handshake_timeout = Duration::from_secs(10);
+            // These tests look at BUSY answers themselves.
+            c.recovery.busy_wait = Duration::ZERO;
             c
         })
         .collect();
@@ -571,4 +573,30 @@ async fn wait_for(mut cond: impl FnMut() -> bool, what: &str) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     panic!("timed out waiting for {what}");
+}
+
+/// A first connection told BUSY (here: the server is at its session cap) tries again, backing
+/// off, and gets in once a slot frees, instead of failing at once.
+#[tokio::test]
+async fn a_first_connection_waits_out_a_busy_server() {
+    bounded(async {
+        let limits = Limits { max_sessions: 1, ..Limits::default() };
+        let (mut listener, cfgs) = server(limits, 1).await;
+        let addr = listener.local_addr().to_string();
+        let first = holdfast::connect(addr.clone(), cfgs[0].clone()).await.expect("the first session");
+        let (held, _) = listener.accept().await.unwrap();
+        let mut patient = cfgs[0].clone();
+        patient.recovery.busy_wait = Duration::from_secs(20);
+        let second = tokio::spawn(holdfast::connect(addr, patient));
+        wait_for(|| listener.stats().refused.busy >= 2, "the second connection to be told BUSY, twice").await;
+        assert!(!second.is_finished(), "the second connection gave up at BUSY");
+        drop((first, held));
+        let mut s = second.await.unwrap().expect("the second connection got in once a slot freed");
+        let (mut theirs, _) = listener.accept().await.unwrap();
+        s.write_all(b"in").await.unwrap();
+        let mut got = [0u8; 2];
+        theirs.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"in");
+    })
+    .await;
 }

@@ -43,7 +43,19 @@ use crate::proto::{ClientHandshake, CloseCode, Event, HandshakeError, Role, Sess
 /// ```
 pub async fn connect(addr: impl Into<String>, cfg: ClientConfig) -> Result<Stream, Error> {
     let addr = addr.into();
-    let (sock, done, peer) = dial(&addr, &cfg, None).await?;
+    // A BUSY server is at a limit for now: try again, backing off, for a while.
+    let start = Instant::now();
+    let mut attempt = 0;
+    let (sock, done, peer) = loop {
+        match dial(&addr, &cfg, None).await {
+            Err(Error::Busy { .. }) if start.elapsed() < cfg.recovery.busy_wait => {
+                let delay = super::race::jittered(cfg.recovery.backoff(attempt), cfg.recovery.jitter);
+                attempt += 1;
+                tokio::time::sleep(delay.min(cfg.recovery.busy_wait.saturating_sub(start.elapsed()))).await;
+            }
+            r => break r?,
+        }
+    };
     let ticket = done.ticket.ok_or(Error::Handshake { addr: addr.clone(), source: HandshakeError::Malformed })?;
     let mut session = Session::new(Role::Client, cfg.session.clone());
     session.attach(Instant::now(), done.transport, 0, None, None).map_err(Error::Session)?;

@@ -51,6 +51,11 @@ pub struct RecoveryPolicy {
     pub race: bool,
     /// Asked on each fault; `None` recovers silently. Default `None`.
     pub hook: Option<RecoveryHook>,
+    /// How long a first connection ([`crate::connect`]) keeps trying while the server answers
+    /// BUSY (it is at a limit: a storm of resumes, its session cap), backing off with jitter
+    /// as a reconnect does, before it fails with [`crate::Error::Busy`]. Default 10 s; zero
+    /// fails at the first BUSY.
+    pub busy_wait: Duration,
 }
 
 impl Default for RecoveryPolicy {
@@ -64,6 +69,7 @@ impl Default for RecoveryPolicy {
             stagger: Duration::from_millis(250),
             race: true,
             hook: None,
+            busy_wait: Duration::from_secs(10),
         }
     }
 }
@@ -78,6 +84,7 @@ impl fmt::Debug for RecoveryPolicy {
             .field("handshake_timeout", &self.handshake_timeout)
             .field("stagger", &self.stagger)
             .field("race", &self.race)
+            .field("busy_wait", &self.busy_wait)
             .field("hook", &self.hook.is_some())
             .finish()
     }

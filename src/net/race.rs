@@ -116,7 +116,7 @@ fn classify(e: &Error) -> Failed {
     }
 }
 
-fn jittered(d: Duration, jitter: f64) -> Duration {
+pub(crate) fn jittered(d: Duration, jitter: f64) -> Duration {
     let cut = rand::thread_rng().gen_range(0.0..=jitter.clamp(0.0, 1.0));
     d.mul_f64(1.0 - cut)
 }
