@@ -487,7 +487,7 @@ async fn resumes_are_rate_limited_per_session_and_still_succeed() {
 async fn a_real_client_gets_through_a_flood_of_junk() {
     bounded(async {
         raise_fd_limit(4096);
-        let limits = Limits { handshake_timeout: Duration::from_secs(3), ..Limits::default() };
+        let limits = Limits { max_handshakes: 256, handshake_timeout: Duration::from_secs(3), ..Limits::default() };
         let (mut listener, mut cfgs) = server(limits, 1).await;
         let addr = listener.local_addr();
         let junk_count = 500usize;

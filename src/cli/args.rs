@@ -169,7 +169,7 @@ pub(crate) struct ServerArgs {
     #[arg(long, default_value_t = 20, help_heading = "Limits")]
     pub(crate) handshake_rate: u32,
     /// Most connections in their handshake at once.
-    #[arg(long, default_value_t = 256, help_heading = "Limits")]
+    #[arg(long, default_value_t = 2048, help_heading = "Limits")]
     pub(crate) max_handshakes: usize,
     /// How long a session whose client vanished is kept for it to resume.
     #[arg(long, default_value = "1h", value_parser = humantime::parse_duration, help_heading = "Limits")]

@@ -124,17 +124,16 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
 /// Raises the soft file-descriptor limit to the hard one (each session takes two: its link and
 /// its service connection), and warns if that still holds fewer than `max_sessions` need.
 fn raise_fd_limit(max_sessions: usize) {
-    use rustix::process::{getrlimit, setrlimit, Resource};
-    let mut lim = getrlimit(Resource::Nofile);
-    if lim.current < lim.maximum {
-        lim.current = lim.maximum;
-        if let Err(e) = setrlimit(Resource::Nofile, lim.clone()) {
-            warn!(error = %e, "cannot raise the file-descriptor limit");
-        }
-    }
-    let now = getrlimit(Resource::Nofile).current;
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
     let need = (max_sessions as u64).saturating_mul(2).saturating_add(256);
-    if let Some(n) = now.filter(|&n| n < need) {
+    let lim = getrlimit(Resource::Nofile);
+    let hard = lim.maximum.unwrap_or(u64::MAX);
+    // Above the hard limit only with privilege (root); otherwise up to the hard limit.
+    let wanted = Rlimit { current: Some(need.max(lim.current.unwrap_or(0))), maximum: Some(need.max(hard)) };
+    if lim.current.is_some_and(|c| c < need) && setrlimit(Resource::Nofile, wanted).is_err() {
+        let _ = setrlimit(Resource::Nofile, Rlimit { current: lim.maximum, maximum: lim.maximum });
+    }
+    if let Some(n) = getrlimit(Resource::Nofile).current.filter(|&n| n < need) {
         warn!(limit = n, sessions = n.saturating_sub(256) / 2, max_sessions, "the file-descriptor limit holds fewer sessions than --max-sessions; raise it (ulimit -n, or LimitNOFILE= under systemd)");
     }
 }

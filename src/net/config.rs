@@ -209,7 +209,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            max_handshakes: 256,
+            max_handshakes: 2048,
             slow_handshake: Duration::from_millis(250),
             handshakes_per_sec_per_ip: 20,
             max_sessions: 16384,

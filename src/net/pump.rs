@@ -47,6 +47,11 @@ pub(crate) async fn pump<R>(
         let now = Instant::now();
         let (deadline, want_read, over) = {
             let mut inner = shared.lock();
+            // Room taken for a read that did not happen (no bytes after all, or another branch
+            // won) goes back to the budget: an idle session holds none.
+            if inner.settle() {
+                inner.wake_all();
+            }
             if inner.session.is_finished() && inner.session.failure().is_none() {
                 inner.session.close(CloseCode::Normal, SessionError::Finished);
             } else if !inner.reader_alive

@@ -104,8 +104,27 @@ impl Drop for Listener {
 /// [`Error::Bind`] if the address cannot be bound (for example it is in use).
 pub async fn bind(addr: impl Into<String>, cfg: ServerConfig) -> Result<Listener, Error> {
     let addr = addr.into();
-    let tcp = TcpListener::bind(&addr).await.map_err(|source| Error::Bind { addr: addr.clone(), source })?;
+    let tcp = listen(&addr).await.map_err(|source| Error::Bind { addr: addr.clone(), source })?;
     start(tcp, cfg, None)
+}
+
+/// Connections the kernel queues for the accept loop. After an outage every client of a server
+/// reconnects at once; with the usual 1024, the excess SYNs are dropped and retried by the
+/// clients' kernels a second or more later (Linux caps it at `net.core.somaxconn`).
+const BACKLOG: u32 = 8192;
+
+/// Binds and listens on `addr` (the first of its addresses that binds), with [`BACKLOG`].
+async fn listen(addr: &str) -> std::io::Result<TcpListener> {
+    let mut last = None;
+    for a in tokio::net::lookup_host(addr).await? {
+        let sock = if a.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+        sock.set_reuseaddr(true)?;
+        match sock.bind(a).and_then(|()| sock.listen(BACKLOG)) {
+            Ok(l) => return Ok(l),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::new(std::io::ErrorKind::AddrNotAvailable, "the name has no address")))
 }
 
 /// Binds a server that can be upgraded without losing a session (see [`handover`]): if a
@@ -127,7 +146,7 @@ pub async fn bind_with_handover(
     let fail = |source| Error::Handover { path: path.display().to_string(), source };
     let (tcp, old) = match handover::take_over(path).await.map_err(fail)? {
         Some((std, sock, pid)) => (TcpListener::from_std(std).map_err(Error::Io)?, Some((sock, pid))),
-        None => (TcpListener::bind(&addr).await.map_err(|source| Error::Bind { addr: addr.clone(), source })?, None),
+        None => (listen(&addr).await.map_err(|source| Error::Bind { addr: addr.clone(), source })?, None),
     };
     let unix = handover::bind(path).map_err(fail)?;
     let listen = tcp.as_fd().try_clone_to_owned().map_err(Error::Io)?;
