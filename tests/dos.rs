@@ -201,8 +201,17 @@ async fn unauthenticated_connections_are_capped_and_the_oldest_is_evicted() {
             assert!(listener.stats().handshakes <= cap);
         }
         for (i, sock) in old.iter_mut().enumerate() {
-            let closed = closed_within(sock, Duration::from_millis(if i < 4 { 3000 } else { 200 })).await;
-            assert_eq!(closed.is_some(), i < 4, "connection {i}: evicted {:?}", closed);
+            if i < 4 {
+                // Evicted, and told BUSY first (not a silent close, which means "refused").
+                let answer = read_until_closed(sock, Duration::from_secs(3)).await;
+                assert_eq!(
+                    answer.as_deref(),
+                    Some(&[0, 2, 0x02, 0x02][..]),
+                    "connection {i} was not evicted with BUSY"
+                );
+            } else {
+                assert!(closed_within(sock, Duration::from_millis(200)).await.is_none(), "connection {i} was evicted");
+            }
         }
         for sock in &mut new {
             assert!(closed_within(sock, Duration::from_millis(100)).await.is_none(), "a new connection was cut");

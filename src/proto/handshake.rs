@@ -497,6 +497,11 @@ pub fn reject(code: RejectCode) -> Vec<u8> {
     vec![reply::REJECT, code.to_u8()]
 }
 
+/// The whole record of a REJECT BUSY reply, length prefix included (4 bytes).
+pub fn busy_record() -> [u8; 4] {
+    [0, 2, reply::REJECT, RejectCode::Busy.to_u8()]
+}
+
 /// A hello whose Noise message 1 authenticated, before the server answers it: the server decides
 /// here (allow-list, timestamp, limits) and then [`HelloRead::accept`]s or rejects it.
 pub struct HelloRead {

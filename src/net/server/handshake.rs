@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use super::session::{session_task, sync_tickets};
-use super::state::{Entry, NewLink, Reservation, State};
+use super::state::{Claim, Entry, NewLink, Reservation, State};
 use super::Peer;
 use super::{handover, proxy};
 use crate::keys::PublicKey;
@@ -65,6 +65,7 @@ pub(super) async fn handshake(
     addr: SocketAddr,
     state: &Arc<State>,
     hello: Option<Vec<u8>>,
+    claim: &Claim,
 ) -> Result<(), Error> {
     let _ = sock.set_nodelay(true);
     let (addr, body) = match hello {
@@ -74,7 +75,7 @@ pub(super) async fn handshake(
             (addr, read_record(&mut sock, MAX_HANDSHAKE).await.map_err(Error::Io)?)
         }
     };
-    hello_read(sock, addr, body, state).await
+    hello_read(sock, addr, body, state, claim).await
 }
 
 /// The client of a connection: its peer, or, from a load balancer, the client its PROXY header
@@ -93,7 +94,13 @@ async fn client_addr(sock: &mut TcpStream, addr: SocketAddr, state: &State) -> R
     Ok(client)
 }
 
-async fn hello_read(mut sock: TcpStream, addr: SocketAddr, body: Vec<u8>, state: &Arc<State>) -> Result<(), Error> {
+async fn hello_read(
+    mut sock: TcpStream,
+    addr: SocketAddr,
+    body: Vec<u8>,
+    state: &Arc<State>,
+    claim: &Claim,
+) -> Result<(), Error> {
     let fail = |source| Error::Handshake { addr: addr.to_string(), source };
     let head = handshake::parse_header(&body).map_err(fail)?;
     let cfg = &state.cfg;
@@ -109,7 +116,7 @@ async fn hello_read(mut sock: TcpStream, addr: SocketAddr, body: Vec<u8>, state:
             };
             let Some(entry) = entry else {
                 // Not a session of this process: perhaps of the one it took over from.
-                if !pending_first && hand_down(&sock, addr, &body, state).await {
+                if !pending_first && claim.for_task() && hand_down(&sock, addr, &body, state).await {
                     return Ok(());
                 }
                 // A first ticket whose connection has not confirmed (yet) is not lost, not
@@ -205,6 +212,9 @@ async fn hello_read(mut sock: TcpStream, addr: SocketAddr, body: Vec<u8>, state:
     // handshake ends, committed or not. (Declared after the reservation, so that a failed
     // handshake gives its session slot back before the ticket stops being pending.)
     let _pending = accept.ticket.as_ref().map(|t| FirstPending::new(state, t.resume_id));
+    if !claim.for_task() {
+        return Err(fail(HandshakeError::Busy));
+    }
     write_record(&mut sock, &accept.reply).await.map_err(Error::Io)?;
     // Key confirmation: nothing is committed until the client's first record decrypts.
     let first = read_record(&mut sock, MAX_FRAME + TAG_LEN).await.map_err(Error::Io)?;

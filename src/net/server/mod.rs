@@ -21,7 +21,7 @@ use tokio::task::{AbortHandle, JoinHandle};
 use tracing::{debug, info, warn};
 
 use handshake::{handshake, refuse_busy};
-use state::{Pending, State, Table};
+use state::{Claim, Live, Pending, State, Table};
 use stats::Refusal;
 pub use stats::{Refusals, ServerStats, StatsHandle};
 
@@ -384,28 +384,41 @@ fn spawn_handshake(state: &Arc<State>, sock: tokio::net::TcpStream, addr: Socket
     let mut pending = state.pending();
     let now = std::time::Instant::now();
     while pending.live.len() >= state.cfg.limits.max_handshakes.max(1) {
-        match pending.live.front() {
-            Some(&(_, started, _)) if now.saturating_duration_since(started) < state.cfg.limits.slow_handshake => {
-                drop(pending);
-                debug!(%addr, "handshake cap reached, every handshake young; answering BUSY");
-                state.counters.refused(Refusal::Busy);
-                refuse_busy(state, sock);
-                return;
-            }
-            _ => {}
-        }
-        let Some((_, _, oldest)) = pending.live.pop_front() else { break };
+        // The oldest that has not replied: one that has replied is finishing with an
+        // authenticated client (bounded by the handshake deadline), and is left to finish.
+        let slow = state.cfg.limits.slow_handshake;
+        let victim = pending.live.iter().position(|l| !l.claim.by_task());
+        let evictable = victim.filter(|&i| now.saturating_duration_since(pending.live[i].started) >= slow);
+        let Some(live) = evictable.and_then(|i| pending.live.remove(i)) else {
+            drop(pending);
+            debug!(%addr, "handshake cap reached, every handshake young or replied; answering BUSY");
+            state.counters.refused(Refusal::Busy);
+            refuse_busy(state, sock);
+            return;
+        };
         debug!(%addr, "handshake cap reached; evicting the oldest handshake");
-        oldest.abort();
+        if live.claim.for_eviction() {
+            // Told BUSY, its client retries after its backoff instead of taking the silent close
+            // for an authentication refusal.
+            if let Some(fd) = live.busy {
+                let mut s = std::net::TcpStream::from(fd);
+                let _ = s.set_nonblocking(true);
+                let _ = std::io::Write::write(&mut s, &crate::proto::handshake::busy_record());
+            }
+        }
+        live.task.abort();
         state.counters.refused(Refusal::Evicted);
     }
     let id = pending.next_id;
     pending.next_id += 1;
     let st = state.clone();
+    let claim = Claim::default();
+    let busy = sock.as_fd().try_clone_to_owned().ok();
+    let task_claim = claim.clone();
     // The task cannot deregister before it is registered: it needs the lock held here.
     let task = tokio::spawn(async move {
         let limit = st.cfg.limits.handshake_timeout;
-        match tokio::time::timeout(limit, handshake(sock, addr, &st, hello)).await {
+        match tokio::time::timeout(limit, handshake(sock, addr, &st, hello, &task_claim)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 st.counters.refused(Refusal::of(&e));
@@ -416,7 +429,7 @@ fn spawn_handshake(state: &Arc<State>, sock: tokio::net::TcpStream, addr: Socket
                 debug!(%addr, "handshake deadline passed");
             }
         }
-        st.pending().live.retain(|(i, _, _)| *i != id);
+        st.pending().live.retain(|l| l.id != id);
     });
-    pending.live.push_back((id, now, task.abort_handle()));
+    pending.live.push_back(Live { id, started: now, task: task.abort_handle(), claim, busy });
 }

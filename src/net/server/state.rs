@@ -73,8 +73,47 @@ impl Entry {
 #[derive(Default)]
 pub(super) struct Pending {
     pub(super) next_id: u64,
-    /// (id, started, task) of each handshake, oldest first.
-    pub(super) live: VecDeque<(u64, Instant, AbortHandle)>,
+    /// Each handshake in progress, oldest first.
+    pub(super) live: VecDeque<Live>,
+}
+
+/// A handshake in progress, as the cap sees it.
+pub(super) struct Live {
+    pub(super) id: u64,
+    pub(super) started: Instant,
+    pub(super) task: AbortHandle,
+    pub(super) claim: Claim,
+    /// A second descriptor of its connection, to answer BUSY on if it is evicted.
+    pub(super) busy: Option<std::os::fd::OwnedFd>,
+}
+
+/// Who speaks next on a handshake's connection: its task (to send its reply, or to hand the
+/// connection to an earlier process) or the cap evicting it (to answer BUSY). Whichever claims
+/// it first; the other stays silent, so the two never write into each other's bytes.
+#[derive(Clone, Default)]
+pub(super) struct Claim(Arc<std::sync::atomic::AtomicU8>);
+
+impl Claim {
+    const OPEN: u8 = 0;
+    const EVICTED: u8 = 1;
+    const TASK: u8 = 2;
+
+    /// The task claims the connection; false if it was evicted first.
+    pub(super) fn for_task(&self) -> bool {
+        let r = self.0.compare_exchange(Self::OPEN, Self::TASK, Ordering::AcqRel, Ordering::Acquire);
+        matches!(r, Ok(_) | Err(Self::TASK))
+    }
+
+    /// The cap claims the connection to evict it; false if its task got there first (it has
+    /// replied to an authenticated client, or handed the connection on).
+    pub(super) fn for_eviction(&self) -> bool {
+        self.0.compare_exchange(Self::OPEN, Self::EVICTED, Ordering::AcqRel, Ordering::Acquire).is_ok()
+    }
+
+    /// True once the task has claimed the connection.
+    pub(super) fn by_task(&self) -> bool {
+        self.0.load(Ordering::Acquire) == Self::TASK
+    }
 }
 
 #[derive(Default)]
