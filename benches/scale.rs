@@ -117,7 +117,7 @@ fn start_server(dir: &Path, svc: SocketAddr, port: u16) -> Server {
             "127.0.0.1:9771",
         ])
         .args(std::env::var("HOLDFAST_SCALE_SERVER_ARGS").unwrap_or_default().split_whitespace())
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", std::env::var("HOLDFAST_SCALE_LOG").unwrap_or_else(|_| "warn".into()))
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -284,5 +284,7 @@ async fn run(n: usize) {
     );
     drop(streams);
     drop(srv);
-    let _ = std::fs::remove_dir_all(&dir);
+    if std::env::var_os("HOLDFAST_SCALE_LOG").is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
