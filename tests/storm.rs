@@ -10,7 +10,7 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use common::echo::echo_service;
 use common::faults::{check_ss_kill, kill_connections};
