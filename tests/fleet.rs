@@ -16,11 +16,10 @@ mod common;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::echo::{echo_service, pattern, Client, KIB};
-use common::faults::{check_ss_kill, kill_connections, Gate, KillLoop};
-use common::procs::{self, check_tools, free_port, s, tail, Out, Proc, TempDir, LIMIT};
-use common::tunnel::{BIN, FAST};
-use holdfast::keys::{self, Keypair};
+use common::echo::{collect, echo_service, pattern, Client, KIB};
+use common::faults::{kill_connections, ready, Gate, KillLoop};
+use common::procs::{self, free_port, s, tail, Out, Proc, TempDir, LIMIT};
+use common::tunnel::{write_keys, KeyFiles, BIN, FAST};
 use tokio::process::Command;
 use tokio::time::timeout;
 
@@ -68,24 +67,13 @@ backend fleet
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fleet_behind_haproxy_routes_every_resume_home_and_a_dead_server_loses_only_its_own() {
     let name = "a_fleet_behind_haproxy_routes_every_resume_home_and_a_dead_server_loses_only_its_own";
-    let ready = match check_tools(&["ss", "haproxy"]) {
-        Ok(()) => check_ss_kill().await,
-        Err(e) => Err(e),
-    };
-    if let Err(reason) = ready {
-        procs::skip(name, &reason);
+    if !ready(name, &["ss", "haproxy"]).await {
         return;
     }
     let start = Instant::now();
     let dir = TempDir::new("fleet");
     // One key pair and one allow-list for the whole fleet: a client pins one server key.
-    let (server, client) = (Keypair::generate(), Keypair::generate());
-    let (server_key, server_pub) = (dir.path("server.key"), dir.path("server.pub"));
-    let (client_key, authorized) = (dir.path("laptop.key"), dir.path("authorized"));
-    keys::save_private_key(&server_key, &server.private).unwrap();
-    keys::save_public_key(&server_pub, &server.public).unwrap();
-    keys::save_private_key(&client_key, &client.private).unwrap();
-    std::fs::write(&authorized, format!("{} laptop\n", client.public)).unwrap();
+    let KeyFiles { server_key, server_pub, client_key, authorized, .. } = write_keys(&dir);
     let echo = echo_service().await;
 
     let lb = "127.0.0.2";
@@ -138,14 +126,7 @@ async fn a_fleet_behind_haproxy_routes_every_resume_home_and_a_dead_server_loses
             (c, want, got)
         }));
     }
-    for (i, task) in all.into_iter().enumerate() {
-        let (c, want, got) = timeout(LIMIT * 3, task).await.expect("phase 1 did not finish").unwrap();
-        match got {
-            Ok(h) => assert_eq!(h, want, "client {i}: the echo differs"),
-            Err(e) => panic!("client {i} failed ({e}); its log:\n{}", tail(&c.proc.log(), 30)),
-        }
-        clients.push(c);
-    }
+    clients = collect(all, "phase 1").await;
     let k = kills.stop();
     assert!(k.kills >= 5, "only {} kills: recovery was not tested", k.kills);
 

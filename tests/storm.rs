@@ -13,10 +13,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use common::echo::echo_service;
-use common::faults::{check_ss_kill, kill_connections};
-use common::procs::{self, check_tools, s, tail, Out, Proc, TempDir, LIMIT};
-use common::tunnel::BIN;
-use holdfast::keys::{self, Keypair};
+use common::faults::{kill_connections, ready};
+use common::procs::{s, tail, Out, Proc, TempDir, LIMIT};
+use common::tunnel::{write_keys, KeyFiles, BIN};
 use holdfast::{ClientConfig, LinkEvent, Stream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
@@ -38,23 +37,16 @@ async fn echo_byte(s: &mut Stream, b: u8) -> std::io::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_hundred_sessions_all_resume_from_a_storm_and_a_newcomer_gets_in() {
     let name = "four_hundred_sessions_all_resume_from_a_storm_and_a_newcomer_gets_in";
-    let ready = match check_tools(&["ss"]) {
-        Ok(()) => check_ss_kill().await,
-        Err(e) => Err(e),
-    };
-    if let Err(reason) = ready {
-        procs::skip(name, &reason);
+    if !ready(name, &["ss"]).await {
         return;
     }
     let start = Instant::now();
     let dir = TempDir::new("storm");
-    let (server, client) = (Keypair::generate(), Keypair::generate());
-    keys::save_private_key(&dir.path("server.key"), &server.private).unwrap();
-    std::fs::write(dir.path("authorized"), format!("{} bench\n", client.public)).unwrap();
+    let KeyFiles { server, server_key, client, authorized, .. } = write_keys(&dir);
     let echo = echo_service().await;
     let mut cmd = Command::new(BIN);
-    cmd.args(["server", "--listen", "127.0.0.1:0", "--key", s(&dir.path("server.key"))]);
-    cmd.args(["--authorized", s(&dir.path("authorized")), "--service", &format!("echo={echo}")]);
+    cmd.args(["server", "--listen", "127.0.0.1:0", "--key", s(&server_key)]);
+    cmd.args(["--authorized", s(&authorized), "--service", &format!("echo={echo}")]);
     // One host, one key: the per-source and per-key limits are for the Internet. A small
     // handshake cap, so that the storm meets it; a small buffer budget, to be checked.
     cmd.args(["--handshake-rate", "100000", "--max-sessions-per-key", "1000", "--max-handshakes", "64"]);

@@ -21,28 +21,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::echo::{echo_service, pattern, Client, KIB};
-use common::faults::{check_ss_kill, kill_connections, Gate, KillLoop};
-use common::procs::{self, check_tools, s, tail, Out, Proc, TempDir, LIMIT};
-use common::tunnel::{BIN, FAST};
-use holdfast::keys::{self, Keypair};
+use common::echo::{collect, echo_service, pattern, Client, KIB};
+use common::faults::{kill_connections, ready, Gate, KillLoop};
+use common::procs::{self, s, tail, Out, Proc, TempDir, LIMIT};
+use common::tunnel::{write_keys, KeyFiles, BIN, FAST};
 use rustix::process::{kill_process, Pid, Signal};
 use tokio::process::Command;
-use tokio::time::timeout;
-
-async fn ready(name: &str) -> bool {
-    let ready = match check_tools(&["ss"]) {
-        Ok(()) => check_ss_kill().await,
-        Err(e) => Err(e),
-    };
-    match ready {
-        Ok(()) => true,
-        Err(reason) => {
-            procs::skip(name, &reason);
-            false
-        }
-    }
-}
 
 /// Keys, an echo service and the arguments of every server process of one test.
 struct Setup {
@@ -55,13 +39,7 @@ struct Setup {
 impl Setup {
     async fn new(tag: &str) -> Setup {
         let dir = TempDir::new(tag);
-        let (server, client) = (Keypair::generate(), Keypair::generate());
-        let (server_key, server_pub) = (dir.path("server.key"), dir.path("server.pub"));
-        let (client_key, authorized) = (dir.path("laptop.key"), dir.path("authorized"));
-        keys::save_private_key(&server_key, &server.private).unwrap();
-        keys::save_public_key(&server_pub, &server.public).unwrap();
-        keys::save_private_key(&client_key, &client.private).unwrap();
-        std::fs::write(&authorized, format!("{} laptop\n", client.public)).unwrap();
+        let KeyFiles { server_key, server_pub, client_key, authorized, .. } = write_keys(&dir);
         let echo = echo_service().await;
         let mut args: Vec<String> =
             ["server", "--listen", "127.0.0.1:0", "--key", s(&server_key)].map(String::from).into();
@@ -104,7 +82,7 @@ async fn progress_reaches(progress: &AtomicU64, at: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_streams_survive_two_upgrades_in_a_row_while_links_are_killed() {
     let name = "twenty_streams_survive_two_upgrades_in_a_row_while_links_are_killed";
-    if !ready(name).await {
+    if !ready(name, &["ss"]).await {
         return;
     }
     let start = Instant::now();
@@ -149,14 +127,7 @@ async fn twenty_streams_survive_two_upgrades_in_a_row_while_links_are_killed() {
     let third_pid = ready_pid(&second.wait_log("server ready", 2).await, 2);
     assert_ne!(third_pid, second.pid());
 
-    for (i, task) in all.into_iter().enumerate() {
-        let (c, want, got) = timeout(LIMIT * 3, task).await.expect("the transfers did not finish").unwrap();
-        match got {
-            Ok(h) => assert_eq!(h, want, "client {i}: the echo differs"),
-            Err(e) => panic!("client {i} failed ({e}); its log:\n{}", tail(&c.proc.log(), 30)),
-        }
-        clients.push(c);
-    }
+    let clients = collect(all, "the transfers").await;
     let k = kills.stop();
     assert!(k.kills >= 5, "only {} kills: recovery was not tested", k.kills);
     assert!(at_first_upgrade < total && at_second_upgrade < total, "an upgrade came after the data");
@@ -205,7 +176,7 @@ async fn twenty_streams_survive_two_upgrades_in_a_row_while_links_are_killed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_old_process_that_crashes_is_reported_to_each_of_its_clients_as_session_lost() {
     let name = "an_old_process_that_crashes_is_reported_to_each_of_its_clients_as_session_lost";
-    if !ready(name).await {
+    if !ready(name, &["ss"]).await {
         return;
     }
     const CLIENTS: usize = 5;

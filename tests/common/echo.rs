@@ -11,7 +11,7 @@ use tokio::net::TcpListener;
 use tokio::process::Command;
 
 use super::faults::Gate;
-use super::procs::{Out, Proc};
+use super::procs::{tail, Out, Proc, LIMIT};
 use super::tunnel::{BIN, FAST, GIVE_UP};
 
 pub const KIB: usize = 1 << 10;
@@ -111,4 +111,22 @@ impl Client {
         let _ = self.stdout.read_to_end(&mut rest).await;
         self.proc.exit().await
     }
+}
+
+/// What a client's exchange task returns: the client, the SHA-256 sent, the one echoed back.
+pub type Exchanged = (Client, [u8; 32], std::io::Result<[u8; 32]>);
+
+/// Waits (bounded) for every exchange task and checks each echo; returns the clients in order.
+pub async fn collect(tasks: Vec<tokio::task::JoinHandle<Exchanged>>, what: &str) -> Vec<Client> {
+    let mut clients = Vec::with_capacity(tasks.len());
+    for (i, task) in tasks.into_iter().enumerate() {
+        let (c, want, got) =
+            tokio::time::timeout(LIMIT * 3, task).await.unwrap_or_else(|_| panic!("{what} did not finish")).unwrap();
+        match got {
+            Ok(h) => assert_eq!(h, want, "client {i}: the echo differs"),
+            Err(e) => panic!("client {i} failed ({e}); its log:\n{}", tail(&c.proc.log(), 30)),
+        }
+        clients.push(c);
+    }
+    clients
 }

@@ -189,3 +189,19 @@ pub async fn check_ss_kill() -> Result<(), String> {
         _ => Ok(()),
     }
 }
+
+/// True if `tools` are installed and `ss -K` works here; otherwise reports `test` as skipped (or
+/// fails it in CI, see [`super::procs::skip`]) and returns false.
+pub async fn ready(test: &str, tools: &[&str]) -> bool {
+    let ready = match super::procs::check_tools(tools) {
+        Ok(()) => check_ss_kill().await,
+        Err(e) => Err(e),
+    };
+    match ready {
+        Ok(()) => true,
+        Err(reason) => {
+            super::procs::skip(test, &reason);
+            false
+        }
+    }
+}

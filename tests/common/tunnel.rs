@@ -16,6 +16,28 @@ pub const FAST: [&str; 4] = ["--keepalive", "200ms", "--dead-after", "1s"];
 /// so that a test whose server is gone fails with holdfast's error rather than a timeout.
 pub const GIVE_UP: [&str; 2] = ["--give-up", "15s"];
 
+/// Key files in a test's directory: a server key pair and one client, `laptop`, allowed.
+pub struct KeyFiles {
+    pub server: Keypair,
+    pub server_key: PathBuf,
+    pub server_pub: PathBuf,
+    pub client: Keypair,
+    pub client_key: PathBuf,
+    pub authorized: PathBuf,
+}
+
+/// Writes fresh keys into `dir` (see [`KeyFiles`]).
+pub fn write_keys(dir: &TempDir) -> KeyFiles {
+    let (server, client) = (Keypair::generate(), Keypair::generate());
+    let (server_key, server_pub) = (dir.path("server.key"), dir.path("server.pub"));
+    let (client_key, authorized) = (dir.path("laptop.key"), dir.path("authorized"));
+    keys::save_private_key(&server_key, &server.private).unwrap();
+    keys::save_public_key(&server_pub, &server.public).unwrap();
+    keys::save_private_key(&client_key, &client.private).unwrap();
+    std::fs::write(&authorized, format!("{} laptop\n", client.public)).unwrap();
+    KeyFiles { server, server_key, server_pub, client, client_key, authorized }
+}
+
 /// A running `holdfast server` offering `NAME=ADDR` services, with one allowed client key.
 pub struct Tunnel {
     pub server: Proc,
@@ -33,13 +55,7 @@ impl Tunnel {
 
     /// [`Tunnel::start`] with more server arguments (`--allow-connect` rules, say).
     pub async fn start_with(dir: &TempDir, services: &[(&str, SocketAddr)], extra: &[&str]) -> Tunnel {
-        let (server, client) = (Keypair::generate(), Keypair::generate());
-        let (server_key, server_pub) = (dir.path("server.key"), dir.path("server.pub"));
-        let (client_key, authorized) = (dir.path("laptop.key"), dir.path("authorized"));
-        keys::save_private_key(&server_key, &server.private).unwrap();
-        keys::save_public_key(&server_pub, &server.public).unwrap();
-        keys::save_private_key(&client_key, &client.private).unwrap();
-        std::fs::write(&authorized, format!("{} laptop\n", client.public)).unwrap();
+        let KeyFiles { server_key, server_pub, client_key, authorized, .. } = write_keys(dir);
         let wrapper = dir.path("proxy-wrapper.sh");
         std::fs::write(&wrapper, WRAPPER).unwrap();
 
