@@ -16,7 +16,8 @@ mod common;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::echo::{collect, echo_service, pattern, Client, KIB};
+use common::cli::echo_service;
+use common::echo::{collect, pattern, Client, KIB};
 use common::faults::{kill_connections, ready, Gate, KillLoop};
 use common::procs::{self, free_port, s, tail, Out, Proc, TempDir, LIMIT};
 use common::tunnel::{write_keys, KeyFiles, BIN, FAST};

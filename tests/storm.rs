@@ -12,7 +12,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Instant;
 
-use common::echo::echo_service;
+use common::cli::echo_service;
 use common::faults::{kill_connections, ready};
 use common::procs::{s, tail, Out, Proc, TempDir, LIMIT};
 use common::tunnel::{write_keys, KeyFiles, BIN};

@@ -21,7 +21,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::echo::{collect, echo_service, pattern, Client, KIB};
+use common::cli::echo_service;
+use common::echo::{collect, pattern, Client, KIB};
 use common::faults::{kill_connections, ready, Gate, KillLoop};
 use common::procs::{self, s, tail, Out, Proc, TempDir, LIMIT};
 use common::tunnel::{write_keys, KeyFiles, BIN, FAST};

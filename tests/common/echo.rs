@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use rand::{RngCore, SeedableRng};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
 use tokio::process::Command;
 
 use super::faults::Gate;
@@ -15,21 +14,6 @@ use super::procs::{tail, Out, Proc, LIMIT};
 use super::tunnel::{BIN, FAST, GIVE_UP};
 
 pub const KIB: usize = 1 << 10;
-
-/// A TCP echo service on loopback: each connection echoed until EOF, then closed.
-pub async fn echo_service() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((sock, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = sock.into_split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    addr
-}
 
 /// `len` seeded pseudo-random bytes, and their SHA-256.
 pub fn pattern(seed: u64, len: usize) -> (Vec<u8>, [u8; 32]) {
