@@ -148,7 +148,7 @@ fn flags_override_the_file_and_a_list_flag_replaces_its_list() {
     assert_eq!(a.allow_connect, ["*:443"], "a list not given on the command line comes from the file");
     assert_eq!(a.timers.keepalive, Duration::from_secs(2));
     // The defaults stay for what neither gives.
-    assert_eq!(a.max_handshakes, 256);
+    assert_eq!(a.max_handshakes, 2048);
 }
 
 #[test]
