@@ -134,7 +134,14 @@ fn raise_fd_limit(max_sessions: usize) {
         let _ = setrlimit(Resource::Nofile, Rlimit { current: lim.maximum, maximum: lim.maximum });
     }
     if let Some(n) = getrlimit(Resource::Nofile).current.filter(|&n| n < need) {
-        warn!(limit = n, sessions = n.saturating_sub(256) / 2, max_sessions, "the file-descriptor limit holds fewer sessions than --max-sessions; raise it (ulimit -n, or LimitNOFILE= under systemd)");
+        let sessions = n.saturating_sub(256) / 2;
+        let msg = "the file-descriptor limit holds fewer sessions than --max-sessions; to allow them all, raise it (ulimit -n, or LimitNOFILE= under systemd)";
+        // A limit that still holds thousands of sessions is worth knowing, not a warning.
+        if sessions < 1024 {
+            warn!(limit = n, sessions, max_sessions, "{msg}");
+        } else {
+            info!(limit = n, sessions, max_sessions, "{msg}");
+        }
     }
 }
 
