@@ -144,35 +144,93 @@ impl ConnectRule {
         self.gives_addr(client, addr)
     }
 
-    /// True if this rule gives `client` the address `addr`.
+    /// True if this rule gives `client` the address `addr`. An IPv4-mapped IPv6 address
+    /// (`::ffff:a.b.c.d`) reaches the IPv4 address, so it is matched as that: `[::]/0` does not
+    /// give `::ffff:127.0.0.1`, and `127.0.0.0/8` does.
     fn gives_addr(&self, client: Option<&str>, addr: SocketAddr) -> bool {
         self.for_client(client)
             && self.port(addr.port())
             && match &self.host {
                 Host::Any => true,
-                Host::Net(n) => n.contains(&addr.ip()),
+                Host::Net(n) => n.contains(&addr.ip().to_canonical()),
                 _ => false,
             }
     }
+
+    /// True if this is an address or CIDR rule.
+    fn is_net(&self) -> bool {
+        matches!(self.host, Host::Net(_))
+    }
+}
+
+/// What the rules decide about a connect request before any name is looked up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Plan {
+    /// No rule can give it: refused without a look-up (status 1).
+    Refuse,
+    /// An address (the host was an IP literal, never looked up) that the rules give.
+    Addr(SocketAddr),
+    /// A name to look up. `by_name`: a name rule gives the name itself, so every address it
+    /// resolves to is allowed; otherwise only addresses that address rules give are, and every
+    /// failure (no such name, a look-up that fails or times out) is answered as "not allowed",
+    /// so that the answer does not tell whether a name exists.
+    Lookup {
+        /// A name rule matched.
+        by_name: bool,
+    },
+}
+
+/// Decides `host:port` for `client` (its allow-list name) as far as the rules can without a
+/// look-up: an IP literal is decided here, and a name that neither a name rule nor an address
+/// rule for this client and port could give is refused here.
+pub fn plan(rules: &[ConnectRule], client: Option<&str>, host: &str, port: u16) -> Plan {
+    if let Ok(ip) = host.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
+        let addr = SocketAddr::new(ip, port);
+        return if rules.iter().any(|r| r.gives_addr(client, addr)) { Plan::Addr(addr) } else { Plan::Refuse };
+    }
+    if rules.iter().any(|r| r.gives_name(client, host, port)) {
+        return Plan::Lookup { by_name: true };
+    }
+    if rules.iter().any(|r| r.is_net() && r.for_client(client) && r.port(port)) {
+        return Plan::Lookup { by_name: false };
+    }
+    Plan::Refuse
+}
+
+/// The addresses of a looked-up name that the rules give `client`: all of them if a name rule
+/// gave the name (`by_name`), else those an address rule gives.
+pub fn allowed_of(
+    rules: &[ConnectRule],
+    client: Option<&str>,
+    by_name: bool,
+    addrs: impl IntoIterator<Item = SocketAddr>,
+) -> Vec<SocketAddr> {
+    addrs.into_iter().filter(|a| by_name || rules.iter().any(|r| r.gives_addr(client, *a))).collect()
 }
 
 /// Resolves `host:port` for `client` (its allow-list name) and keeps the addresses the rules
-/// give it. `Ok(empty)` if none: the destination is not allowed.
+/// give it. `Ok(empty)` if none: the destination is not allowed. IP literals are not looked up,
+/// and neither are names no rule could give. The server bounds its look-ups (count and time)
+/// through [`super::Services`]; this function, for other uses, does not.
 ///
 /// # Errors
-/// The resolver's error (the name does not resolve).
+/// The resolver's error, only when a name rule gave the name (otherwise a failed look-up is
+/// `Ok(empty)`, as a name that resolves outside every rule: the answer does not tell them apart).
 pub async fn allowed_addrs(
     rules: &[ConnectRule],
     client: Option<&str>,
     host: &str,
     port: u16,
 ) -> std::io::Result<Vec<SocketAddr>> {
-    if !rules.iter().any(|r| r.for_client(client) && r.port(port)) {
-        return Ok(Vec::new());
+    match plan(rules, client, host, port) {
+        Plan::Refuse => Ok(Vec::new()),
+        Plan::Addr(a) => Ok(vec![a]),
+        Plan::Lookup { by_name } => match tokio::net::lookup_host((host, port)).await {
+            Ok(addrs) => Ok(allowed_of(rules, client, by_name, addrs)),
+            Err(e) if by_name => Err(e),
+            Err(_) => Ok(Vec::new()),
+        },
     }
-    let by_name = rules.iter().any(|r| r.gives_name(client, host, port));
-    let addrs = tokio::net::lookup_host((host, port)).await?;
-    Ok(addrs.filter(|a| by_name || rules.iter().any(|r| r.gives_addr(client, *a))).collect())
 }
 
 #[cfg(test)]
@@ -218,5 +276,41 @@ mod tests {
         let got = allowed_addrs(&rules, None, "127.0.0.1", 80).await.unwrap();
         assert_eq!(got, vec!["127.0.0.1:80".parse().unwrap()]);
         assert!(allowed_addrs(&rules, None, "127.0.0.1", 81).await.unwrap().is_empty());
+    }
+
+    #[test]
+    fn mapped_ipv6_addresses_match_as_ipv4() {
+        let mapped: SocketAddr = "[::ffff:127.0.0.1]:22".parse().unwrap();
+        assert!(!rule("[::]/0:*").gives_addr(None, mapped), "an IPv6 rule gave an IPv4 address");
+        assert!(!rule("[::ffff:0:0]/96:*").gives_addr(None, mapped), "an IPv6 rule gave an IPv4 address");
+        assert!(rule("127.0.0.0/8:22").gives_addr(None, mapped));
+        assert!(!rule("10.0.0.0/8:22").gives_addr(None, mapped));
+        assert!(rule("[::]/0:*").gives_addr(None, "[::1]:22".parse().unwrap()));
+        // A listen request for the mapped address is judged alike.
+        assert!(!rule("[::]/0:*").gives(None, mapped));
+        assert_eq!(plan(&[rule("[::]/0:*")], None, "::ffff:127.0.0.1", 22), Plan::Refuse);
+    }
+
+    #[test]
+    fn names_only_address_rules_could_cover_get_one_answer() {
+        let rules = [rule("10.0.0.0/8:5432")];
+        // Literals are decided without a look-up; names are looked up, and refused alike
+        // whether they do not exist or resolve elsewhere.
+        assert_eq!(plan(&rules, None, "10.1.2.3", 5432), Plan::Addr("10.1.2.3:5432".parse().unwrap()));
+        assert_eq!(plan(&rules, None, "127.0.0.1", 5432), Plan::Refuse);
+        assert_eq!(plan(&rules, None, "db.example", 5432), Plan::Lookup { by_name: false });
+        assert_eq!(plan(&rules, None, "db.example", 22), Plan::Refuse, "no rule for the port: no look-up");
+        assert_eq!(plan(&[rule("*.internal:*")], None, "db.example", 22), Plan::Refuse);
+        assert_eq!(plan(&[rule("*.internal:*")], None, "db.internal", 22), Plan::Lookup { by_name: true });
+        let outside = ["127.0.0.1:5432".parse().unwrap()];
+        assert!(allowed_of(&rules, None, false, outside).is_empty());
+        assert_eq!(allowed_of(&rules, None, true, outside), outside.to_vec());
+    }
+
+    #[tokio::test]
+    async fn a_name_that_does_not_resolve_is_not_allowed_either() {
+        let rules = [rule("10.0.0.0/8:5432")];
+        let missing = allowed_addrs(&rules, None, "no-such-name.invalid", 5432).await;
+        assert!(matches!(missing, Ok(ref a) if a.is_empty()), "{missing:?}");
     }
 }

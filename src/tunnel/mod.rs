@@ -21,6 +21,7 @@
 mod connect;
 mod forward;
 mod join;
+mod limits;
 mod mux;
 mod request;
 mod reverse;
@@ -38,7 +39,9 @@ use thiserror::Error;
 use crate::net;
 
 pub use connect::{allowed_addrs, check_host, ConnectRule};
+pub use connect::{allowed_of, plan, Plan};
 pub use forward::{forward, forward_via};
+pub use limits::{ResolveFn, TunnelLimits};
 pub use mux::MuxPool;
 pub use request::{finish, open, FINISH_TIMEOUT};
 pub use reverse::remote;
@@ -157,13 +160,15 @@ pub fn check_name(name: &str) -> Result<(), TunnelError> {
     }
 }
 
-/// The services a server offers (name to `host:port`), and where dynamic forwarding may
-/// connect ([`ConnectRule`]s; none by default).
+/// The services a server offers (name to `host:port`), where dynamic forwarding may connect
+/// and reverse forwarding listen ([`ConnectRule`]s; none by default), and the bounds on what
+/// those hold ([`TunnelLimits`]). Clones share the bounds' counts.
 #[derive(Debug, Clone, Default)]
 pub struct Services {
     map: BTreeMap<String, String>,
     connect: Vec<ConnectRule>,
     listen: Vec<ConnectRule>,
+    bounds: std::sync::Arc<limits::Bounds>,
 }
 
 impl Services {
@@ -224,6 +229,33 @@ impl Services {
     /// The `--allow-connect` rules, in the order given.
     pub fn connect_rules(&self) -> &[ConnectRule] {
         &self.connect
+    }
+
+    /// Puts `limits` in force (for servers started with these services from then on).
+    pub fn set_limits(&mut self, limits: TunnelLimits) {
+        self.bounds = std::sync::Arc::new(limits::Bounds::new(limits, self.bounds.resolver()));
+    }
+
+    /// The bounds in force.
+    pub fn limits(&self) -> &TunnelLimits {
+        &self.bounds.limits
+    }
+
+    /// Resolves connect requests' names with `resolver` instead of the system's (getaddrinfo);
+    /// it runs on a thread of its own, within the [`TunnelLimits`] look-up bounds. For tests,
+    /// or a server with a resolver of its own.
+    pub fn set_resolver(&mut self, resolver: std::sync::Arc<ResolveFn>) {
+        self.bounds = std::sync::Arc::new(limits::Bounds::new(self.bounds.limits.clone(), resolver));
+    }
+
+    /// Connections to reverse forwards' listeners that the server holds now, the most it ever
+    /// held at once, and the reverse forwards' listeners open now.
+    pub fn reverse_counts(&self) -> (usize, usize, usize) {
+        self.bounds.reverse_counts()
+    }
+
+    pub(super) fn bounds(&self) -> &std::sync::Arc<limits::Bounds> {
+        &self.bounds
     }
 
     /// The target of `name`.

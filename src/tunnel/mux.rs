@@ -210,6 +210,7 @@ pub(super) async fn serve_mux(
     let mut open = tokio::task::JoinSet::new();
     let mut stopping = stop.clone();
     let mut stopped = false;
+    let ctx = SessionCtx { lookups: services.bounds().session_lookups(), status: status.clone() };
     // On a stop, the streams open finish as any tunnel does (the services are read no more
     // and each stream is half-closed); then the session is closed.
     loop {
@@ -220,7 +221,7 @@ pub(super) async fn serve_mux(
             sub = inbound.recv() => match sub {
                 Some(sub) => {
                     let (peer, services, allow, stop) = (peer.clone(), services.clone(), allow.clone(), stop.clone());
-                    open.spawn(serve_sub(sub, mux.clone(), peer, services, allow, stop));
+                    open.spawn(serve_sub(sub, mux.clone(), peer, services, allow, stop, ctx.clone()));
                 }
                 None => break,
             },
@@ -236,6 +237,14 @@ pub(super) async fn serve_mux(
     session_end(status).await;
 }
 
+/// What the streams of one multiplexed session share: its look-up permits, and its link's
+/// status (a reverse forward accepts only while the session is attached).
+#[derive(Clone)]
+pub(super) struct SessionCtx {
+    pub(super) lookups: Arc<tokio::sync::Semaphore>,
+    pub(super) status: watch::Receiver<crate::net::LinkStatus>,
+}
+
 /// One stream of a multiplexed session: a service request, then the service's bytes.
 async fn serve_sub(
     mut sub: MuxStream,
@@ -244,6 +253,7 @@ async fn serve_sub(
     services: Arc<Services>,
     allow: AllowListHandle,
     stop: watch::Receiver<bool>,
+    ctx: SessionCtx,
 ) {
     let who = peer.label();
     let (name, tcp, target) = match tokio::time::timeout(REQUEST_TIMEOUT, read_request(&mut sub)).await {
@@ -259,14 +269,14 @@ async fn serve_sub(
         }
         Ok(Ok(Request::Connect { host, port })) => {
             let name = format!("connect {}", printable(&format!("{host}:{port}")));
-            let (tcp, target) = match connect_destination(&peer, &services, &allow, &who, &host, port).await {
+            let (tcp, target) = match connect_destination(&peer, &services, &allow, &ctx, (&host, port)).await {
                 Ok(t) => t,
                 Err((status, why)) => return refuse_sub(sub, status, &who, &name, why).await,
             };
             (name, tcp, target.to_string())
         }
         Ok(Ok(Request::Listen(addr))) => {
-            return super::reverse::serve_listen(sub, addr, mux, (peer, services, allow), stop).await;
+            return super::reverse::serve_listen(sub, addr, mux, (peer, services, allow), stop, ctx.status).await;
         }
         Ok(Ok(Request::Mux)) => return warn!(client = %who, "multiplexing requested inside a multiplexed stream"),
         Ok(Err(e)) => return warn!(client = %who, error = %printable(&e.to_string()), "bad service request"),
@@ -288,27 +298,45 @@ async fn serve_sub(
 
 /// Connects to `host:port` for a dynamic forward, if the `--allow-connect` rules give it to
 /// this client (by its allow-list name); else the refusal: status 1 for a destination not
-/// allowed, 2 for one that does not resolve or answer (the cause is logged here).
+/// allowed, 2 for one that a name rule gives but that does not resolve or answer (the cause is
+/// logged here). A name that only address rules could give is looked up, and any failure is
+/// answered 1, as for a name that resolves outside them: the answer does not tell whether a
+/// name exists. IP literals are never looked up; names are looked up within the session's and
+/// the key's bounds ([`super::TunnelLimits`]).
 async fn connect_destination(
     peer: &Peer,
     services: &Services,
     allow: &AllowListHandle,
-    who: &str,
-    host: &str,
-    port: u16,
+    ctx: &SessionCtx,
+    (host, port): (&str, u16),
 ) -> Result<(TcpStream, std::net::SocketAddr), (Status, &'static str)> {
+    let who = &peer.label();
     if allow.get().lookup(&peer.key).is_none() {
         return Err((Status::UnknownService, "the client is no longer on the allow-list"));
     }
     let rules = services.connect_rules();
-    let addrs = match super::allowed_addrs(rules, peer.name.as_deref(), host, port).await {
-        Ok(a) if a.is_empty() => return Err((Status::UnknownService, "destination not allowed (--allow-connect)")),
-        Ok(a) => a,
-        Err(e) => {
-            warn!(client = %who, host = %printable(host), port, error = %e, "cannot resolve the destination");
-            return Err((Status::Unavailable, "destination does not resolve"));
+    let client = peer.name.as_deref();
+    let not_allowed = (Status::UnknownService, "destination not allowed (--allow-connect)");
+    let addrs = match super::plan(rules, client, host, port) {
+        super::Plan::Refuse => return Err(not_allowed),
+        super::Plan::Addr(a) => vec![a],
+        super::Plan::Lookup { by_name } => {
+            match services.bounds().lookup(peer.key, &ctx.lookups, host, port).await {
+                Ok(found) => super::allowed_of(rules, client, by_name, found),
+                Err(e) if by_name => {
+                    warn!(client = %who, host = %printable(host), port, error = %e, "cannot resolve the destination");
+                    return Err((Status::Unavailable, "destination does not resolve"));
+                }
+                Err(e) => {
+                    debug!(client = %who, host = %printable(host), port, error = %e, "cannot resolve a destination only address rules could give");
+                    Vec::new()
+                }
+            }
         }
     };
+    if addrs.is_empty() {
+        return Err(not_allowed);
+    }
     for addr in addrs {
         if let Some(tcp) = connect_service(who, &format!("connect {}", printable(host)), &addr.to_string()).await {
             return Ok((tcp, addr));

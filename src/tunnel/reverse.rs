@@ -3,9 +3,11 @@
 //! back to the client as a stream of its multiplexed session, to a local target.
 //!
 //! The listener lives exactly as long as the stream that asked for it (`docs/PROTOCOL.md`
-//! B.3): while the session is detached it stays, and a new connection waits at most
-//! [`REQUEST_TIMEOUT`] for the client's answer before it is reset; when the session ends (or the
-//! client drops the request's stream, or the server stops) it is closed at once.
+//! B.3): while the session is detached it stays but accepts nothing (the kernel's backlog holds
+//! new connections), and a connection accepted before waits at most [`REQUEST_TIMEOUT`] for the
+//! client's answer before it is reset; when the session ends (or the client drops the request's
+//! stream, or the server stops) it is closed at once. What its connections hold is bounded
+//! ([`super::TunnelLimits`]).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -13,18 +15,19 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::AsyncReadExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 use super::join::join;
+use super::limits::ReversePermit;
 use super::mux::MuxPool;
 use super::request::{read_addr, read_reply, tagged, write_reply, REVERSE_OPEN};
 use super::serve::connect_service;
 use super::{Services, Status, TunnelError, REQUEST_TIMEOUT};
 use crate::human::printable;
 use crate::mux::{Mux, MuxStream};
-use crate::net::{AllowListHandle, Peer};
+use crate::net::{AllowListHandle, LinkStatus, Peer};
 
 /// Client side: the reverse forwards in force, by the server's listener address.
 pub(super) type Remotes = Arc<Mutex<HashMap<SocketAddr, String>>>;
@@ -33,11 +36,18 @@ fn lock(r: &Remotes) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, String>> {
     r.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// First pause before asking again after a refusal; it doubles after each refusal, up to
+/// [`RETRY_MAX`], and starts again from here after a listener that worked.
+pub const RETRY_FIRST: Duration = Duration::from_secs(5);
+/// Longest pause between two listen requests that were refused.
+pub const RETRY_MAX: Duration = Duration::from_secs(300);
+
 /// Client side: keeps a reverse forward from `bind` on the server to `target` here, for as
-/// long as the process runs: asks again after the session was lost, or after a refusal (every
-/// 5 s, logged once per cause).
+/// long as the process runs: asks again after the session was lost, or after a refusal, backing
+/// off from [`RETRY_FIRST`] to [`RETRY_MAX`]; each cause is logged once, when it first appears.
 pub async fn remote(pool: Arc<MuxPool>, bind: String, target: String) {
     let mut last = String::new();
+    let mut pause = RETRY_FIRST;
     loop {
         let said = match pool.open_listen(&bind).await {
             Ok(Some((mut control, at))) => match at.parse::<SocketAddr>() {
@@ -50,6 +60,7 @@ pub async fn remote(pool: Arc<MuxPool>, bind: String, target: String) {
                     lock(&pool.remotes).remove(&at);
                     warn!(server_listens = %at, "reverse forward closed (the session ended, or the server stopped); asking again");
                     last.clear();
+                    pause = RETRY_FIRST;
                     continue;
                 }
                 Err(_) => format!("the server answered an unusable address '{}'", printable(&at)),
@@ -64,10 +75,15 @@ pub async fn remote(pool: Arc<MuxPool>, bind: String, target: String) {
             Err(e) => format!("cannot ask the server to listen on {bind}: {}", printable(&e.to_string())),
         };
         if said != last {
-            warn!("{said}; trying again every 5s");
+            warn!(
+                "{said}; asking again in {}, then less and less often (at most every {}); this is logged again only if the cause changes",
+                crate::human::Rounded(pause),
+                crate::human::Rounded(RETRY_MAX)
+            );
             last = said;
         }
-        tokio::time::sleep(Duration::from_secs(5)).await; // retry pace, not synchronisation
+        tokio::time::sleep(pause).await; // retry pace, not synchronisation
+        pause = (pause * 2).min(RETRY_MAX);
     }
 }
 
@@ -113,14 +129,22 @@ async fn carry_back(mut sub: MuxStream, remotes: Remotes) {
 /// Server side: a listen request on a stream of `mux`. Listens if the `--allow-listen` rules
 /// give `addr` to this client, answers with the address listened on, and carries each
 /// connection to the client, until the stream ends, the session ends or `stop` turns true.
+///
+/// A connection is accepted only with a permit of this listener and one of the client's key
+/// ([`super::TunnelLimits`]), and only while the session is attached (`status`): otherwise the
+/// kernel's backlog holds it. Accept errors (out of descriptors, say) back off from 50 ms to
+/// 1 s and are logged at most every 10 s.
 pub(super) async fn serve_listen(
     mut control: MuxStream,
     addr: SocketAddr,
     mux: Mux,
     (peer, services, allow): (Peer, Arc<Services>, AllowListHandle),
     stop: watch::Receiver<bool>,
+    mut status: watch::Receiver<LinkStatus>,
 ) {
     let who = peer.label();
+    // An IPv4-mapped address is the IPv4 address: judged and bound as that.
+    let addr = SocketAddr::new(addr.ip().to_canonical(), addr.port());
     let allowed = allow.get().lookup(&peer.key).is_some()
         && services.listen_rules().iter().any(|r| r.gives(peer.name.as_deref(), addr));
     if !allowed {
@@ -128,7 +152,7 @@ pub(super) async fn serve_listen(
         let _ = write_reply(&mut control, Status::UnknownService, "").await;
         return;
     }
-    let listener = match TcpListener::bind(addr).await {
+    let listener = match bind_listener(addr) {
         Ok(l) => l,
         Err(e) => {
             warn!(client = %who, %addr, error = %e, "reverse forward refused: cannot listen");
@@ -141,15 +165,35 @@ pub(super) async fn serve_listen(
         return;
     }
     info!(client = %who, listen = %at, "reverse forward listening");
+    let bounds = services.bounds().clone();
+    let (permits, _counted) = (bounds.listener_permits(), bounds.listener());
     let mut sink = [0u8; 64];
     let mut stopping = stop.clone();
+    let mut pause = Duration::ZERO;
+    let mut errors = Throttle::default();
     loop {
+        let next = async {
+            if !pause.is_zero() {
+                tokio::time::sleep(pause).await; // back-off after an accept error
+            }
+            let permit = bounds.reverse_permit(&permits, peer.key).await;
+            // While the client is away nothing is accepted: the backlog holds the connections.
+            let _ = status.wait_for(|s| !matches!(s, LinkStatus::Reconnecting { .. })).await;
+            (permit, listener.accept().await)
+        };
         tokio::select! {
-            r = listener.accept() => match r {
+            (mut permit, r) = next => match r {
                 Ok((tcp, from)) => {
-                    tokio::spawn(reverse_one(tcp, from, at, mux.clone(), who.clone(), stop.clone()));
+                    pause = Duration::ZERO;
+                    permit.accepted();
+                    tokio::spawn(reverse_one(tcp, from, at, mux.clone(), who.clone(), stop.clone(), permit));
                 }
-                Err(e) => warn!(client = %who, listen = %at, error = %e, "accept failed"),
+                Err(e) => {
+                    pause = (pause * 2).clamp(Duration::from_millis(50), Duration::from_secs(1));
+                    if let Some(more) = errors.allow() {
+                        warn!(client = %who, listen = %at, error = %e, more_since_last_logged = more, "accept failed; backing off (logged at most every 10s)");
+                    }
+                }
             },
             r = control.read(&mut sink) => if !matches!(r, Ok(1..)) { break },
             _ = stopping.wait_for(|s| *s) => break,
@@ -159,9 +203,44 @@ pub(super) async fn serve_listen(
     info!(client = %who, listen = %at, "reverse forward closed; the listener is released");
 }
 
+/// Binds a reverse forward's listener. An IPv6 address listens for IPv6 only
+/// (`IPV6_V6ONLY`): `[::]:P` must not also take IPv4 connections, which no IPv6 rule gives.
+pub(super) fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let sock = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        let s = TcpSocket::new_v6()?;
+        rustix::net::sockopt::set_ipv6_v6only(&s, true)?;
+        s
+    };
+    sock.set_reuseaddr(true)?;
+    sock.bind(addr)?;
+    sock.listen(1024)
+}
+
+/// Lets a repeated log line through at most every 10 s; counts the ones held back.
+#[derive(Default)]
+struct Throttle {
+    last: Option<std::time::Instant>,
+    held: u64,
+}
+
+impl Throttle {
+    /// `Some(lines held back since the last one)` if this one may be logged.
+    fn allow(&mut self) -> Option<u64> {
+        let now = std::time::Instant::now();
+        if self.last.is_some_and(|t| now.duration_since(t) < Duration::from_secs(10)) {
+            self.held += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.held))
+    }
+}
+
 /// One connection to a reverse forward's listener, carried to the client on a new stream. The
 /// client must answer within [`REQUEST_TIMEOUT`] (it may be detached), else the connection is
-/// reset.
+/// reset. `_permit` is held until the connection ends.
 async fn reverse_one(
     tcp: TcpStream,
     from: SocketAddr,
@@ -169,6 +248,7 @@ async fn reverse_one(
     mux: Mux,
     who: String,
     stop: watch::Receiver<bool>,
+    _permit: ReversePermit,
 ) {
     let _ = tcp.set_nodelay(true);
     let open = async {
@@ -193,5 +273,31 @@ async fn reverse_one(
             info!(client = %who, listen = %at, %from, to_client, to_program, "reverse connection closed")
         }
         Err(e) => info!(client = %who, listen = %at, %from, error = %e, "reverse connection ended by a reset"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_ipv6_reverse_listener_takes_no_ipv4_connection() {
+        let Ok(listener) = bind_listener("[::]:0".parse().unwrap()) else {
+            return eprintln!("no IPv6 on this host: skipped");
+        };
+        let port = listener.local_addr().unwrap().port();
+        let v4 = TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], port))).await;
+        assert!(v4.is_err(), "an IPv4 connection reached a listener on [::]:{port}");
+        let v6 = TcpStream::connect(SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port))).await;
+        assert!(v6.is_ok(), "{v6:?}");
+    }
+
+    #[test]
+    fn a_repeated_line_is_logged_once_per_period() {
+        let mut t = Throttle::default();
+        assert_eq!(t.allow(), Some(0));
+        assert_eq!((t.allow(), t.allow()), (None, None));
+        t.last = Some(std::time::Instant::now() - Duration::from_secs(11));
+        assert_eq!(t.allow(), Some(2));
     }
 }
