@@ -23,7 +23,6 @@ use crate::keys::PublicKey;
 
 /// The bounds on what clients' dynamic and reverse forwards hold on the server.
 #[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
 pub struct TunnelLimits {
     /// Connections one reverse forward's listener holds at once (default 64).
     pub reverse_per_listener: usize,

@@ -254,7 +254,7 @@ impl Services {
         self.bounds.reverse_counts()
     }
 
-    pub(super) fn bounds(&self) -> &std::sync::Arc<limits::Bounds> {
+    fn bounds(&self) -> &std::sync::Arc<limits::Bounds> {
         &self.bounds
     }
 

@@ -1,0 +1,199 @@
+//! What one client of dynamic or reverse forwarding can hold on the server is bounded, and
+//! does not stop another key (the second security review, issue 21, items 2, 3 and 8): plain
+//! connections to a reverse forward's listener, name look-ups that never return, and names
+//! tested for existence. Everything runs in this process, on loopback, through the library.
+//! Run: `cargo test --release --test tunnel_bounds`.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use common::cli::echo_service;
+use common::harness::fast_session;
+use holdfast::keys::{AllowList, Keypair};
+use holdfast::tunnel::{self, MuxPool, ResolveFn, Services, TunnelError, TunnelLimits};
+use holdfast::{ClientConfig, ServerConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// A tunnel server on loopback offering `services` to two keys, `a` and `b`; a pool (one
+/// multiplexed session) for each. The server stops when the returned task is dropped.
+async fn start(services: Arc<Services>) -> (Arc<MuxPool>, Arc<MuxPool>, tokio::task::JoinHandle<()>) {
+    let server_keys = Keypair::generate();
+    let server_pub = server_keys.public;
+    let (a, b) = (Keypair::generate(), Keypair::generate());
+    let allow = AllowList::from_keys([(a.public, Some("a".to_string())), (b.public, Some("b".to_string()))]);
+    let mut scfg = ServerConfig::new(server_keys, allow);
+    scfg.session = fast_session();
+    let listener = holdfast::bind("127.0.0.1:0", scfg).await.expect("bind loopback");
+    let addr = listener.local_addr().to_string();
+    let task = tokio::spawn(async move {
+        let _ = tunnel::serve(listener, services).await;
+    });
+    let pool = |k: Keypair| {
+        let mut c = ClientConfig::new(k, server_pub);
+        c.session = fast_session();
+        MuxPool::new(addr.clone(), c, None)
+    };
+    (pool(a), pool(b), task)
+}
+
+/// Polls `cond` (bounded) until it holds: waiting for a state, not for time.
+async fn until(what: &str, cond: impl Fn() -> bool) {
+    let wait = async {
+        while !cond() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    timeout(LIMIT, wait).await.unwrap_or_else(|_| panic!("timed out waiting for {what}"));
+}
+
+/// `b`'s service `web` echoes a line.
+async fn web_echoes(pool: &MuxPool) {
+    let mut s = pool.open("web").await.expect("service web refused").expect("the server multiplexes");
+    s.write_all(b"ping\n").await.unwrap();
+    let mut got = [0u8; 5];
+    timeout(LIMIT, s.read_exact(&mut got)).await.expect("no echo in time").unwrap();
+    assert_eq!(&got, b"ping\n");
+}
+
+/// Item 2: plain connections (no key needed) to a reverse forward's listener: the server
+/// accepts only as many as the listener's bound, the rest wait in the kernel's backlog, and
+/// another key's service still answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reverse_listener_holds_at_most_its_bound_and_another_key_gets_in() {
+    const BOUND: usize = 8;
+    let echo = echo_service().await;
+    let mut services = Services::new();
+    services.add("web", &echo.to_string()).unwrap();
+    services.allow_listen("127.0.0.1:*".parse().unwrap());
+    services.set_limits(TunnelLimits { reverse_per_listener: BOUND, ..TunnelLimits::default() });
+    let services = Arc::new(services);
+    let (a, b, server) = start(services.clone()).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let at = SocketAddr::from(([127, 0, 0, 1], port));
+    let forward = tokio::spawn(tunnel::remote(a.clone(), at.to_string(), echo.to_string()));
+    until("the reverse forward's listener", || services.reverse_counts().2 == 1).await;
+
+    // Five times the bound, each held open by the echo service behind the client.
+    let mut plain = Vec::new();
+    for _ in 0..5 * BOUND {
+        plain.push(timeout(LIMIT, TcpStream::connect(at)).await.expect("connect timed out").unwrap());
+    }
+    until("the bound's worth of accepted connections", || services.reverse_counts().0 >= BOUND).await;
+    // A round trip of another key through the same server, while they wait.
+    web_echoes(&b).await;
+    let (open, most, _) = services.reverse_counts();
+    assert_eq!((open, most), (BOUND, BOUND), "the server held more connections than the listener's bound");
+
+    // Closing the held ones lets the waiting ones in, still within the bound.
+    drop(plain);
+    until("every connection released", || services.reverse_counts().0 == 0).await;
+    assert_eq!(services.reverse_counts().1, BOUND);
+    forward.abort();
+    a.close().await;
+    b.close().await;
+    server.abort();
+}
+
+/// A resolver whose names ending `.stuck` never answer until released; `exists.test` is
+/// 127.0.0.1 and other names do not exist. It counts the look-ups it was asked for.
+struct Resolver {
+    gate: Arc<(Mutex<bool>, Condvar)>,
+    asked: Arc<AtomicUsize>,
+}
+
+impl Resolver {
+    fn new() -> (Resolver, Arc<ResolveFn>) {
+        let gate = Arc::new((Mutex::new(false), Condvar::new()));
+        let asked = Arc::new(AtomicUsize::new(0));
+        let (g, n) = (gate.clone(), asked.clone());
+        let f: Arc<ResolveFn> = Arc::new(move |host: &str, port| {
+            n.fetch_add(1, Ordering::SeqCst);
+            if host.ends_with(".stuck") {
+                let (open, cv) = &*g;
+                let mut open = open.lock().unwrap();
+                while !*open {
+                    open = cv.wait(open).unwrap();
+                }
+                return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "released"));
+            }
+            match host {
+                "exists.test" => Ok(vec![SocketAddr::from(([127, 0, 0, 1], port))]),
+                _ => Err(std::io::Error::new(std::io::ErrorKind::NotFound, "no such name")),
+            }
+        });
+        (Resolver { gate, asked }, f)
+    }
+
+    fn release(&self) {
+        *self.gate.0.lock().unwrap() = true;
+        self.gate.1.notify_all();
+    }
+}
+
+impl Drop for Resolver {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+/// Item 3: one key's look-ups that never return hold only its session's bound, and another
+/// key's service, whose target is a name, still connects. The runtime has two blocking
+/// threads, as a busy server's pool might have none to spare: clients' look-ups must not use it.
+#[test]
+fn one_keys_stuck_lookups_do_not_hold_up_another_keys_service() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let echo = echo_service().await;
+        let (resolver, resolve) = Resolver::new();
+        let mut services = Services::new();
+        services.add("web", &format!("localhost:{}", echo.port())).unwrap();
+        services.allow_connect("*:*".parse().unwrap());
+        services.set_resolver(resolve);
+        let per_session = services.limits().lookups_per_session;
+        let (a, b, server) = start(Arc::new(services)).await;
+        let mut stuck = tokio::task::JoinSet::new();
+        for i in 0..64 {
+            let a = a.clone();
+            stuck.spawn(async move { a.open_connect(&format!("n{i}.stuck"), 80).await.map(|_| ()) });
+        }
+        until("the session's bound of look-ups", || resolver.asked.load(Ordering::SeqCst) >= per_session).await;
+        web_echoes(&b).await;
+        assert_eq!(resolver.asked.load(Ordering::SeqCst), per_session, "one session ran more look-ups than its bound");
+        resolver.release();
+        stuck.abort_all();
+        a.close().await;
+        b.close().await;
+        server.abort();
+    });
+}
+
+/// Item 8: with only an address rule, a name that does not exist and one that resolves outside
+/// the rule get the same answer (status 1), so a client cannot probe which names exist.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_gets_one_answer_whether_it_exists_or_not() {
+    let (_resolver, resolve) = Resolver::new();
+    let mut services = Services::new();
+    services.allow_connect("10.0.0.0/8:5432".parse().unwrap());
+    services.set_resolver(resolve);
+    let (a, b, server) = start(Arc::new(services)).await;
+    for name in ["exists.test", "missing.test"] {
+        let r = timeout(LIMIT, a.open_connect(name, 5432)).await.expect("no answer in time");
+        assert!(matches!(r, Err(TunnelError::UnknownService(_))), "{name}: {r:?}");
+    }
+    a.close().await;
+    b.close().await;
+    server.abort();
+}
