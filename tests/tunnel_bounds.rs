@@ -169,6 +169,10 @@ fn one_keys_stuck_lookups_do_not_hold_up_another_keys_service() {
             let a = a.clone();
             stuck.spawn(async move { a.open_connect(&format!("n{i}.stuck"), 80).await.map(|_| ()) });
         }
+        // Two look-ups stuck (what the runtime's two blocking threads could hold) before `b`
+        // asks; then the session's bound, and not one more.
+        until("stuck look-ups", || resolver.asked.load(Ordering::SeqCst) >= 2).await;
+        web_echoes(&b).await;
         until("the session's bound of look-ups", || resolver.asked.load(Ordering::SeqCst) >= per_session).await;
         web_echoes(&b).await;
         assert_eq!(resolver.asked.load(Ordering::SeqCst), per_session, "one session ran more look-ups than its bound");

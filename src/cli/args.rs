@@ -266,6 +266,8 @@ pub(crate) struct ClientArgs {
     /// A local SOCKS5 listener, HOST:PORT, as ssh -D: each CONNECT is carried to the server,
     /// which resolves the name and connects where its --allow-connect rules let this key go.
     /// Example: --socks 127.0.0.1:1080, then curl --socks5-hostname 127.0.0.1:1080 URL.
+    /// The listener has no authentication: whoever reaches it uses this key's rights, so give
+    /// a loopback address (any other is logged as a warning).
     #[arg(long, value_name = "HOST:PORT")]
     pub(crate) socks: Option<String>,
     /// A reverse forward, as ssh -R: SERVER_IP:PORT=HOST:PORT asks the server to listen on

@@ -117,7 +117,11 @@ pub(crate) async fn client(args: ClientArgs) -> Result<()> {
         let Some(pool) = pool.clone() else { bail!("--socks needs multiplexing: drop --no-mux") };
         let listener =
             tokio::net::TcpListener::bind(addr).await.with_context(|| format!("--socks {addr}: cannot listen"))?;
-        info!(socks = %listener.local_addr()?, server = %server, "dynamic forwarding (SOCKS5)");
+        let at = listener.local_addr()?;
+        if !at.ip().to_canonical().is_loopback() {
+            warn!(socks = %at, "--socks listens on an address that is not a loopback address: anyone who can reach it can use this key's --allow-connect rights into the server's networks (SOCKS5 here has no authentication); give 127.0.0.1:PORT or [::1]:PORT unless that is what you want");
+        }
+        info!(socks = %at, server = %server, "dynamic forwarding (SOCKS5)");
         running.spawn(tunnel::socks(listener, pool));
     }
     for (bind, target) in &args.remote {
@@ -134,8 +138,18 @@ pub(crate) async fn client(args: ClientArgs) -> Result<()> {
             tunnel::forward_via(listener, server.clone(), cfg.clone(), service, Some(tx.clone()), pool.clone());
         running.spawn(forward);
     }
+    let lost = async {
+        match &pool {
+            Some(p) => p.failed().await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
         Some(r) = running.join_next() => r.context("a forward stopped")??,
+        reason = lost => bail!(
+            "the session with the server failed: {}. Every forward's connections ended with it, and this client does not start a new session unasked; run it again for a new one (Restart=on-failure under systemd does)",
+            printable(&reason)
+        ),
         _ = tokio::signal::ctrl_c() => info!("interrupted; exiting"),
         _ = terminated() => info!("terminated; exiting"),
     }

@@ -25,7 +25,7 @@ use super::serve::{connect_service, resolve, session_end};
 use super::{Services, Status, TunnelError, REQUEST_TIMEOUT};
 use crate::human::printable;
 use crate::mux::{Mux, MuxStream};
-use crate::net::{AllowListHandle, ClientConfig, LinkEvent, Peer, Stream};
+use crate::net::{AllowListHandle, ClientConfig, LinkEvent, LinkStatus, Peer, Stream};
 
 /// Client side: the multiplexed session of a forward (or of several), opened on first use and
 /// again after it ended (a lost session), shared by every connection.
@@ -38,6 +38,9 @@ pub struct MuxPool {
     /// Reverse forwards in force: the server's listener address to the local target.
     pub(super) remotes: super::reverse::Remotes,
     driver: std::sync::Mutex<Option<tokio::task::JoinHandle<Result<(), crate::mux::MuxError>>>>,
+    /// Why a session of this pool failed for good (lost, given up, closed by an error), once one
+    /// did: then no new one is started.
+    failed: watch::Sender<Option<String>>,
 }
 
 impl std::fmt::Debug for MuxPool {
@@ -62,7 +65,24 @@ impl MuxPool {
             unsupported: AtomicBool::new(false),
             remotes: Default::default(),
             driver: std::sync::Mutex::new(None),
+            failed: watch::channel(None).0,
         })
+    }
+
+    /// Resolves when a session of this pool has failed for good (the server lost it, the client
+    /// gave up reconnecting, or it ended with an error), with the reason. The pool then starts
+    /// no new session: every later open fails with that reason, as a lone stream would, since a
+    /// new session would silently drop what the old one had in flight.
+    pub async fn failed(&self) -> String {
+        let mut rx = self.failed.subscribe();
+        let reason = match rx.wait_for(Option::is_some).await {
+            Ok(r) => r.clone(),
+            Err(_) => None,
+        };
+        match reason {
+            Some(r) => r,
+            None => std::future::pending().await,
+        }
     }
 
     /// Ends the multiplexed session cleanly, if one is open (waits at most 3 s): its streams
@@ -131,6 +151,11 @@ impl MuxPool {
         if self.unsupported.load(Ordering::Relaxed) {
             return Ok(None);
         }
+        if let Some(reason) = self.failed.borrow().clone() {
+            return Err(TunnelError::Io(io::Error::other(format!(
+                "the multiplexed session failed ({reason}); this pool starts no new one"
+            ))));
+        }
         let mux = {
             let mut slot = self.mux.lock().await;
             match slot.as_ref().filter(|m| !m.is_closed()) {
@@ -175,6 +200,16 @@ impl MuxPool {
                 }
             });
         }
+        let mut status = stream.status();
+        let failed = self.failed.clone();
+        tokio::spawn(async move {
+            if let Ok(s) = status.wait_for(|s| matches!(s, LinkStatus::Failed(_) | LinkStatus::Closed)).await {
+                if let LinkStatus::Failed(reason) = &*s {
+                    let reason = reason.clone();
+                    failed.send_replace(Some(reason));
+                }
+            }
+        });
         debug!(server = %self.server, "multiplexed session open");
         // Streams the server opens are connections to this client's reverse forwards.
         let (tx, rx) = mpsc::channel(crate::mux::MAX_KEPT);

@@ -1,0 +1,84 @@
+//! The `client` binary's forwards, as an operator meets them (issue 21, items 10 and 14): a
+//! SOCKS listener open to the network is said to be, a lost session ends the client with an
+//! error instead of a new session started unasked, and a refused `--remote` is logged once.
+//! Run: `cargo test --release --test cli_tunnel`.
+
+mod common;
+
+use common::chaos::ChaosProxy;
+use common::cli::{assert_error, echo_service, run, strs, Keys, Proc, LIMIT};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+
+/// `--socks` on a non-loopback address is logged as a warning (once, at start), and the help
+/// says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socks_on_a_non_loopback_address_is_warned_about() {
+    let keys = Keys::new("socks-open");
+    let mut args = keys.client_args("client", common::cli::closed_port(), "unused");
+    args.extend(["--socks", "0.0.0.0:0"].map(String::from));
+    let open = Proc::spawn(&strs(&args), false);
+    let log = open.wait_log("dynamic forwarding (SOCKS5)", 1).await;
+    let warned: Vec<&str> = log.lines().filter(|l| l.contains(" WARN ") && l.contains("not a loopback address")).collect();
+    assert_eq!(warned.len(), 1, "no single warning for --socks 0.0.0.0:\n{log}");
+    drop(open);
+
+    let mut args = keys.client_args("client", common::cli::closed_port(), "unused");
+    args.extend(["--socks", "127.0.0.1:0"].map(String::from));
+    let local = Proc::spawn(&strs(&args), false);
+    let log = local.wait_log("dynamic forwarding (SOCKS5)", 1).await;
+    assert!(!log.contains("not a loopback address"), "a loopback --socks was warned about:\n{log}");
+    drop(local);
+
+    let (st, out, _) = run(&["client", "--help"], b"").await;
+    let help = String::from_utf8_lossy(&out);
+    assert!(st.success() && help.contains("no authentication") && help.contains("loopback"), "{help}");
+}
+
+/// The server restarts under a `client --local` forward: its multiplexed session is lost, and
+/// the client exits with an error that says so, without opening a session on the new server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_exits_with_an_error_when_its_session_is_lost() {
+    let keys = Keys::new("client-lost");
+    let echo = echo_service().await;
+    let svc = [format!("echo={echo}")];
+    let (mut old, old_addr) = keys.server(&svc).await;
+    let proxy = ChaosProxy::start(old_addr).await.unwrap();
+    let mut args = keys.client_args("client", proxy.addr(), "echo");
+    args.extend(["--local", "127.0.0.1:0", "--no-check"].map(String::from));
+    let mut client = Proc::spawn(&strs(&args), false);
+    let local = client.logged_addr("forwarding", "local=").await;
+    let mut conn = TcpStream::connect(local).await.unwrap();
+    conn.write_all(b"hello\n").await.unwrap();
+    let mut echoed = [0u8; 6];
+    timeout(LIMIT, conn.read_exact(&mut echoed)).await.expect("no echo").unwrap();
+    assert_eq!(&echoed, b"hello\n");
+
+    let (new, new_addr) = keys.server(&svc).await;
+    old.child.start_kill().unwrap();
+    let _ = old.exit().await;
+    proxy.set_target(new_addr);
+    proxy.kill_all();
+
+    let (st, err) = client.exit().await;
+    assert_error(st, &err, &["session lost", "run it again"]);
+    assert!(!new.stderr().contains("session opened"), "the client opened a new session:\n{}", new.stderr());
+}
+
+/// A `--remote` the server refuses is logged by the client once, with its back-off, and asked
+/// again less and less often: the server logs the first refusal, and not one every 5 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_remote_is_logged_once() {
+    let keys = Keys::new("remote-refused");
+    let echo = echo_service().await;
+    let (server, addr) = keys.server(&[format!("echo={echo}")]).await;
+    let mut args = keys.client_args("client", addr, "echo");
+    args.extend(["--remote", "127.0.0.1:0=127.0.0.1:1", "--no-check"].map(String::from));
+    let client = Proc::spawn(&strs(&args), false);
+    let log = client.wait_log("does not allow listening", 1).await;
+    let line = log.lines().find(|l| l.contains("does not allow listening")).unwrap();
+    assert!(line.contains(" WARN ") && line.contains("logged again only if the cause changes"), "{line}");
+    server.wait_log("reverse forward refused", 1).await;
+    assert!(log.matches("does not allow listening").count() == 1, "{log}");
+}
