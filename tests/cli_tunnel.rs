@@ -82,3 +82,28 @@ async fn a_refused_remote_is_logged_once() {
     server.wait_log("reverse forward refused", 1).await;
     assert!(log.matches("does not allow listening").count() == 1, "{log}");
 }
+
+/// A server that stops listening resets the connections it had not taken yet (the kernel does);
+/// a client meeting that is told so, not that its key may be refused (a refusal is a clean
+/// close, which still gets the key message).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_before_the_answer_is_not_called_a_key_problem() {
+    let keys = Keys::new("reset-hello");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let resetter = tokio::spawn(async move {
+        while let Ok((sock, _)) = listener.accept().await {
+            // Read the hello's length, then reset, as a closed listener's backlog is.
+            let mut sock = sock;
+            let mut len = [0u8; 2];
+            let _ = sock.read_exact(&mut len).await;
+            let _ = sock.set_zero_linger();
+            drop(sock);
+        }
+    });
+    let args = keys.client_args("connect", addr, "echo");
+    let (st, _, err) = run(&strs(&args), b"").await;
+    assert_error(st, &err, &["reset the connection before answering", "stopping"]);
+    assert!(!err.contains("allow-list"), "a reset was called a key problem:\n{err}");
+    resetter.abort();
+}

@@ -26,7 +26,8 @@ use crate::proto::{ClientHandshake, CloseCode, Event, HandshakeError, Role, Sess
 /// session (the server accepted nothing) rather than resuming.
 ///
 /// # Errors
-/// [`Error::Connect`] if the server cannot be reached, [`Error::HandshakeRefused`] if it drops
+/// [`Error::Connect`] if the server cannot be reached, [`Error::HandshakeReset`] if it resets
+/// the connection before answering, [`Error::HandshakeRefused`] if it drops
 /// the handshake (wrong pinned key or client not allowed), [`Error::Handshake`] for protocol
 /// failures, [`Error::Timeout`] if the handshake takes longer than the policy allows.
 ///
@@ -96,10 +97,11 @@ pub(crate) async fn dial(
         write_record(&mut sock, &hello).await.map_err(Error::Io)?;
         let reply = match read_record(&mut sock, MAX_HANDSHAKE + 1).await {
             Ok(r) => r,
-            Err(e)
-                if e.kind() == std::io::ErrorKind::UnexpectedEof || e.kind() == std::io::ErrorKind::ConnectionReset =>
-            {
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
                 return Err(Error::HandshakeRefused { addr: addr.to_string() })
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                return Err(Error::HandshakeReset { addr: addr.to_string() })
             }
             Err(e) => return Err(Error::Io(e)),
         };

@@ -50,6 +50,16 @@ pub enum Error {
         /// The address dialled.
         addr: String,
     },
+    /// The server reset the connection before answering the hello. A holdfast server never
+    /// does that to refuse a client (it closes cleanly); a server process that stops listening
+    /// resets the connections it had not taken yet.
+    #[error(
+        "server {addr} reset the connection before answering: it had not taken the connection when it stopped listening (it is stopping or restarting), or something on the path reset it. Try again shortly; if every attempt is reset, check that the server runs and that nothing between resets connections"
+    )]
+    HandshakeReset {
+        /// The address dialled.
+        addr: String,
+    },
     /// The server answered BUSY: it is at a limit (new connections from this address per
     /// second, sessions in all or for this client key, or its memory budget). Try again shortly.
     #[error(
@@ -117,6 +127,7 @@ impl From<Error> for io::Error {
         let kind = match &e {
             Error::Connect { source, .. } | Error::Bind { source, .. } => source.kind(),
             Error::HandshakeRefused { .. } => K::PermissionDenied,
+            Error::HandshakeReset { .. } => K::ConnectionReset,
             Error::Busy { .. } => K::ResourceBusy,
             Error::Handshake { source: HandshakeError::UnknownSession, .. } => K::NotConnected,
             Error::Handshake { source: HandshakeError::Busy, .. } => K::ResourceBusy,

@@ -346,9 +346,16 @@ pub(super) fn commit_new(
     let peer = Peer { key: client, name, addr };
     info!(client = %entry.who, key = %client, %addr, %cipher, "session opened");
     shared.emit(LinkEvent::Connected { peer: addr });
-    if state.accepted.try_send((Stream::new(shared.clone()), peer)).is_err() {
-        warn!(%addr, "accept queue full; dropping new session");
-        shared.fail(CloseCode::Limit, SessionError::Aborted("server accept queue full".into()));
+    match state.accepted.try_send((Stream::new(shared.clone()), peer)) {
+        Ok(()) => {}
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            warn!(%addr, "accept queue full; dropping new session");
+            shared.fail(CloseCode::Limit, SessionError::Aborted("server accept queue full".into()));
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => {
+            info!(client = %entry.who, %addr, "the server is stopping: closing the session it just opened");
+            shared.fail(CloseCode::Shutdown, SessionError::Aborted("the server is stopping".into()));
+        }
     }
     tokio::spawn(session_task(state.clone(), entry, link, rx));
     Ok(())
