@@ -20,7 +20,8 @@ async fn socks_on_a_non_loopback_address_is_warned_about() {
     args.extend(["--socks", "0.0.0.0:0"].map(String::from));
     let open = Proc::spawn(&strs(&args), false);
     let log = open.wait_log("dynamic forwarding (SOCKS5)", 1).await;
-    let warned: Vec<&str> = log.lines().filter(|l| l.contains(" WARN ") && l.contains("not a loopback address")).collect();
+    let warned: Vec<&str> =
+        log.lines().filter(|l| l.contains(" WARN ") && l.contains("not a loopback address")).collect();
     assert_eq!(warned.len(), 1, "no single warning for --socks 0.0.0.0:\n{log}");
     drop(open);
 

@@ -293,7 +293,8 @@ mod tests {
             }
             Ok(vec![SocketAddr::from(([127, 0, 0, 1], port))])
         });
-        let limits = TunnelLimits { lookups_per_session: 1, lookup_timeout: Duration::from_millis(50), ..Default::default() };
+        let limits =
+            TunnelLimits { lookups_per_session: 1, lookup_timeout: Duration::from_millis(50), ..Default::default() };
         let bounds = Arc::new(Bounds::new(limits, resolver));
         let key = Keypair::generate().public;
         let session = bounds.session_lookups();

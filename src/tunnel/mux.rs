@@ -355,19 +355,17 @@ async fn connect_destination(
     let addrs = match super::plan(rules, client, host, port) {
         super::Plan::Refuse => return Err(not_allowed),
         super::Plan::Addr(a) => vec![a],
-        super::Plan::Lookup { by_name } => {
-            match services.bounds().lookup(peer.key, &ctx.lookups, host, port).await {
-                Ok(found) => super::allowed_of(rules, client, by_name, found),
-                Err(e) if by_name => {
-                    warn!(client = %who, host = %printable(host), port, error = %e, "cannot resolve the destination");
-                    return Err((Status::Unavailable, "destination does not resolve"));
-                }
-                Err(e) => {
-                    debug!(client = %who, host = %printable(host), port, error = %e, "cannot resolve a destination only address rules could give");
-                    Vec::new()
-                }
+        super::Plan::Lookup { by_name } => match services.bounds().lookup(peer.key, &ctx.lookups, host, port).await {
+            Ok(found) => super::allowed_of(rules, client, by_name, found),
+            Err(e) if by_name => {
+                warn!(client = %who, host = %printable(host), port, error = %e, "cannot resolve the destination");
+                return Err((Status::Unavailable, "destination does not resolve"));
             }
-        }
+            Err(e) => {
+                debug!(client = %who, host = %printable(host), port, error = %e, "cannot resolve a destination only address rules could give");
+                Vec::new()
+            }
+        },
     };
     if addrs.is_empty() {
         return Err(not_allowed);
