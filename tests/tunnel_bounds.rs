@@ -11,9 +11,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
+use common::chaos::ChaosProxy;
 use common::cli::echo_service;
 use common::harness::fast_session;
 use holdfast::keys::{AllowList, Keypair};
+use holdfast::net::StatsHandle;
 use holdfast::tunnel::{self, MuxPool, ResolveFn, Services, TunnelError, TunnelLimits};
 use holdfast::{ClientConfig, ServerConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -25,6 +27,16 @@ const LIMIT: Duration = Duration::from_secs(60);
 /// A tunnel server on loopback offering `services` to two keys, `a` and `b`; a pool (one
 /// multiplexed session) for each. The server stops when the returned task is dropped.
 async fn start(services: Arc<Services>) -> (Arc<MuxPool>, Arc<MuxPool>, tokio::task::JoinHandle<()>) {
+    let (a, b, task, _, _) = start_with(services, false).await;
+    (a, b, task)
+}
+
+/// [`start`], with `a` reaching the server through a chaos proxy if `proxied`; also the
+/// server's counters.
+async fn start_with(
+    services: Arc<Services>,
+    proxied: bool,
+) -> (Arc<MuxPool>, Arc<MuxPool>, tokio::task::JoinHandle<()>, Option<ChaosProxy>, StatsHandle) {
     let server_keys = Keypair::generate();
     let server_pub = server_keys.public;
     let (a, b) = (Keypair::generate(), Keypair::generate());
@@ -32,16 +44,21 @@ async fn start(services: Arc<Services>) -> (Arc<MuxPool>, Arc<MuxPool>, tokio::t
     let mut scfg = ServerConfig::new(server_keys, allow);
     scfg.session = fast_session();
     let listener = holdfast::bind("127.0.0.1:0", scfg).await.expect("bind loopback");
-    let addr = listener.local_addr().to_string();
+    let addr = listener.local_addr();
+    let stats = listener.stats_handle();
     let task = tokio::spawn(async move {
         let _ = tunnel::serve(listener, services).await;
     });
-    let pool = |k: Keypair| {
+    let proxy = if proxied { Some(ChaosProxy::start(addr).await.unwrap()) } else { None };
+    let pool = |k: Keypair, to: SocketAddr| {
         let mut c = ClientConfig::new(k, server_pub);
         c.session = fast_session();
-        MuxPool::new(addr.clone(), c, None)
+        c.recovery.backoff_initial = Duration::from_millis(10);
+        c.recovery.backoff_max = Duration::from_millis(100);
+        MuxPool::new(to.to_string(), c, None)
     };
-    (pool(a), pool(b), task)
+    let a_to = proxy.as_ref().map_or(addr, ChaosProxy::addr);
+    (pool(a, a_to), pool(b, addr), task, proxy, stats)
 }
 
 /// Polls `cond` (bounded) until it holds: waiting for a state, not for time.
@@ -96,6 +113,47 @@ async fn a_reverse_listener_holds_at_most_its_bound_and_another_key_gets_in() {
     drop(plain);
     until("every connection released", || services.reverse_counts().0 == 0).await;
     assert_eq!(services.reverse_counts().1, BOUND);
+    forward.abort();
+    a.close().await;
+    b.close().await;
+    server.abort();
+}
+
+/// Item 2: while the session that asked for a reverse forward is detached, its listener
+/// accepts nothing (the kernel's backlog holds the connections); when the client is back, they
+/// are carried to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_detached_sessions_listener_accepts_nothing_until_it_resumes() {
+    let echo = echo_service().await;
+    let mut services = Services::new();
+    services.add("web", &echo.to_string()).unwrap();
+    services.allow_listen("127.0.0.1:*".parse().unwrap());
+    let services = Arc::new(services);
+    let (a, b, server, proxy, stats) = start_with(services.clone(), true).await;
+    let proxy = proxy.unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let at = SocketAddr::from(([127, 0, 0, 1], port));
+    let forward = tokio::spawn(tunnel::remote(a.clone(), at.to_string(), echo.to_string()));
+    until("the reverse forward's listener", || services.reverse_counts().2 == 1).await;
+
+    proxy.refuse_new(true);
+    proxy.kill_all();
+    until("the session detached", || stats.stats().detached == 1).await;
+    let mut plain = Vec::new();
+    for _ in 0..20 {
+        plain.push(timeout(LIMIT, TcpStream::connect(at)).await.expect("connect timed out").unwrap());
+    }
+    // A round trip of another key through the same server, while they wait.
+    web_echoes(&b).await;
+    assert_eq!(services.reverse_counts().1, 0, "a listener accepted while its session was detached");
+
+    proxy.refuse_new(false);
+    until("the waiting connections carried", || services.reverse_counts().0 == 20).await;
+    let mut first = plain.swap_remove(0);
+    first.write_all(b"back\n").await.unwrap();
+    let mut got = [0u8; 5];
+    timeout(LIMIT, first.read_exact(&mut got)).await.expect("no echo in time").unwrap();
+    assert_eq!(&got, b"back\n");
     forward.abort();
     a.close().await;
     b.close().await;

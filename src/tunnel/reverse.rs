@@ -178,8 +178,16 @@ pub(super) async fn serve_listen(
             }
             let permit = bounds.reverse_permit(&permits, peer.key).await;
             // While the client is away nothing is accepted: the backlog holds the connections.
-            let _ = status.wait_for(|s| !matches!(s, LinkStatus::Reconnecting { .. })).await;
-            (permit, listener.accept().await)
+            let away = |s: &LinkStatus| matches!(s, LinkStatus::Reconnecting { .. });
+            loop {
+                let _ = status.wait_for(|s| !away(s)).await;
+                tokio::select! {
+                    r = listener.accept() => return (permit, r),
+                    closed = async { status.wait_for(away).await.is_err() } => if closed {
+                        return (permit, listener.accept().await);
+                    },
+                }
+            }
         };
         tokio::select! {
             (mut permit, r) = next => match r {
