@@ -1,6 +1,6 @@
 //! Security properties on the stable toolchain, so CI covers what the fuzzers cover:
 //!
-//! - the four fuzz entry points (`fuzz/src/lib.rs`, included here) on proptest-generated input
+//! - the fuzz entry points (`fuzz/src/lib.rs`, included here) on proptest-generated input
 //!   and on every file of the committed seed corpus (`fuzz/corpus/<target>/`);
 //! - no secret in `Debug` output;
 //! - private key file permissions;
@@ -47,6 +47,23 @@ fn seed_corpora_pass_every_target() {
     }
     for data in corpus("session_events") {
         harness::session_events(&data);
+    }
+}
+
+/// The seed corpora of the parser targets (`config` runs in the binary's own tests).
+#[test]
+fn seed_corpora_pass_every_parser_target() {
+    let targets: [(&str, fn(&[u8])); 5] = [
+        ("tunnel_request", harness::tunnel_request),
+        ("proxy_header", harness::proxy_header),
+        ("handover", harness::handover_message),
+        ("metrics_head", harness::metrics_head),
+        ("allow_list", harness::allow_list),
+    ];
+    for (target, run) in targets {
+        for data in corpus(target) {
+            run(&data);
+        }
     }
 }
 

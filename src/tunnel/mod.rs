@@ -22,7 +22,7 @@ mod connect;
 mod forward;
 mod join;
 mod mux;
-mod request;
+pub(crate) mod request;
 mod reverse;
 mod serve;
 mod socks;
