@@ -4,11 +4,15 @@
 //! runs in the binary's tests (`config::tests::the_fuzz_seeds_parse_without_a_panic`).
 #![no_main]
 
+// Formatted with the main crate (`cargo fmt --all` at the root), not here: from this path,
+// rustfmt would look for config.rs's test module in the wrong directory.
 #[path = "../../src/cli/args.rs"]
 #[allow(dead_code)]
+#[rustfmt::skip]
 mod args;
 #[path = "../../src/cli/config.rs"]
 #[allow(dead_code)]
+#[rustfmt::skip]
 mod config;
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {

@@ -102,7 +102,9 @@ async fn answer(mut sock: TcpStream, stats: &StatsHandle, allow: &AllowListHandl
     match head.route() {
         Route::Metrics => respond(&mut sock, "200 OK", CONTENT_TYPE, &render(stats, allow)).await,
         Route::NotFound => respond(&mut sock, "404 Not Found", "text/plain", "only /metrics is here\n").await,
-        Route::MethodNotAllowed => respond(&mut sock, "405 Method Not Allowed", "text/plain", "GET /metrics only\n").await,
+        Route::MethodNotAllowed => {
+            respond(&mut sock, "405 Method Not Allowed", "text/plain", "GET /metrics only\n").await
+        }
     }
 }
 
