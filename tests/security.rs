@@ -53,7 +53,8 @@ fn seed_corpora_pass_every_target() {
 /// The seed corpora of the parser targets (`config` runs in the binary's own tests).
 #[test]
 fn seed_corpora_pass_every_parser_target() {
-    let targets: [(&str, fn(&[u8])); 5] = [
+    type Target = (&'static str, fn(&[u8]));
+    let targets: [Target; 5] = [
         ("tunnel_request", harness::tunnel_request),
         ("proxy_header", harness::proxy_header),
         ("handover", harness::handover_message),
