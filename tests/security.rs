@@ -115,6 +115,25 @@ proptest! {
 }
 
 proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    /// The parser targets on random bytes, and on random bytes behind each opener the tunnel
+    /// parsers branch on (service length, multiplex, connect, listen, reverse open).
+    #[test]
+    fn parser_targets_on_any_input(
+        tag in prop_oneof![Just(None), (0u8..=255).prop_map(Some), Just(Some(0xFF)), Just(Some(0xFE)), Just(Some(0xFD))],
+        rest in proptest::collection::vec(any::<u8>(), 0..1200),
+    ) {
+        let data: Vec<u8> = tag.into_iter().chain(rest).collect();
+        harness::tunnel_request(&data);
+        harness::proxy_header(&data);
+        harness::handover_message(&data);
+        harness::metrics_head(&data);
+        harness::allow_list(&data);
+    }
+}
+
+proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
     /// Mode byte then raw hello or edits of a valid IK / KKpsk0 hello.
