@@ -66,12 +66,15 @@
 #![warn(missing_docs)]
 
 pub mod demo;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod harden;
 pub mod human;
 pub mod keys;
 pub mod mux;
 pub mod net;
 pub mod proto;
+pub mod scrape;
 
 pub mod tunnel;
 

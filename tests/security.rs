@@ -1,6 +1,6 @@
 //! Security properties on the stable toolchain, so CI covers what the fuzzers cover:
 //!
-//! - the four fuzz entry points (`fuzz/src/lib.rs`, included here) on proptest-generated input
+//! - the fuzz entry points (`fuzz/src/lib.rs`, included here) on proptest-generated input
 //!   and on every file of the committed seed corpus (`fuzz/corpus/<target>/`);
 //! - no secret in `Debug` output;
 //! - private key file permissions;
@@ -50,6 +50,24 @@ fn seed_corpora_pass_every_target() {
     }
 }
 
+/// The seed corpora of the parser targets (`config` runs in the binary's own tests).
+#[test]
+fn seed_corpora_pass_every_parser_target() {
+    type Target = (&'static str, fn(&[u8]));
+    let targets: [Target; 5] = [
+        ("tunnel_request", harness::tunnel_request),
+        ("proxy_header", harness::proxy_header),
+        ("handover", harness::handover_message),
+        ("metrics_head", harness::metrics_head),
+        ("allow_list", harness::allow_list),
+    ];
+    for (target, run) in targets {
+        for data in corpus(target) {
+            run(&data);
+        }
+    }
+}
+
 fn enc(f: Frame<'_>) -> Vec<u8> {
     let mut v = Vec::new();
     f.encode(&mut v);
@@ -93,6 +111,25 @@ proptest! {
         // A stream cut anywhere still splits cleanly up to the cut.
         let at = if wire.is_empty() { 0 } else { cut.index(wire.len()) };
         harness::frame_decode(&wire[..at]);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    /// The parser targets on random bytes, and on random bytes behind each opener the tunnel
+    /// parsers branch on (service length, multiplex, connect, listen, reverse open).
+    #[test]
+    fn parser_targets_on_any_input(
+        tag in prop_oneof![Just(None), (0u8..=255).prop_map(Some), Just(Some(0xFF)), Just(Some(0xFE)), Just(Some(0xFD))],
+        rest in proptest::collection::vec(any::<u8>(), 0..1200),
+    ) {
+        let data: Vec<u8> = tag.into_iter().chain(rest).collect();
+        harness::tunnel_request(&data);
+        harness::proxy_header(&data);
+        harness::handover_message(&data);
+        harness::metrics_head(&data);
+        harness::allow_list(&data);
     }
 }
 

@@ -15,13 +15,18 @@
 //! - an independent construction with plain `snow`, following only the text of the spec (hello
 //!   header = Noise prologue, payload layouts, reply kind byte), gives the same bytes;
 //! - two real [`Session`]s, fed the same transports, emit exactly the transcript records;
-//! - every record opens with the peer's transport and every frame decodes back.
+//! - every record opens with the peer's transport and every frame decodes back;
+//! - every refusal record reads, on the client, as its code;
+//! - section 20.5 of `docs/PROTOCOL.md` lists exactly these vectors, in this order, with these
+//!   bytes.
 
 use std::time::Instant;
 
 use holdfast::keys::{PrivateKey, PublicKey};
 use holdfast::proto::frame::{push_record, split_record};
-use holdfast::proto::handshake::{reject, respond_with, ClientHandshake, Hello, RejectCode, ResumeLookup, Ticket};
+use holdfast::proto::handshake::{
+    reject, respond_with, ClientHandshake, HandshakeError, Hello, RejectCode, ResumeLookup, Ticket,
+};
 use holdfast::proto::{Cipher, CloseCode, Event, Frame, Role, Session, SessionConfig, SessionError, Transport};
 use zeroize::Zeroizing;
 
@@ -365,6 +370,7 @@ fn compute() -> Vec<(&'static str, Vec<u8>)> {
     // Refusals.
     v.push(("reject_unknown_session", record(&reject(RejectCode::UnknownSession))));
     v.push(("reject_busy", record(&reject(RejectCode::Busy))));
+    v.push(("reject_stale", record(&reject(RejectCode::Stale))));
 
     // Rekey: a fresh copy of the first connection; each side sends PINGs only. The record with
     // nonce 65535 is the last under the handshake key, nonce 65536 the first under REKEY(k).
@@ -450,6 +456,7 @@ const EXPECTED: &[(&str, &str)] = &[
     ("kk_s4_close", "00233c67b9bb5b632313590cea8f35bbfe4f67b43a7fd17351f35a15751db55711ae0256cc"),
     ("reject_unknown_session", "00020201"),
     ("reject_busy", "00020202"),
+    ("reject_stale", "00020203"),
     ("rekey_c65535_ping", "00113c3f03a4cd7b397a8558ef0b4108600993"),
     ("rekey_s65535_ping", "0011b3f0fac3d6b2f7d24b060b97d0cd030efb"),
     ("rekey_c65536_ping", "0011bce4ebce1446167c9da6bfb2c533bd60c7"),
@@ -706,6 +713,64 @@ fn frames_decode_and_records_open() {
     for name in ["kk_s0_ack", "kk_s1_ticket", "kk_s2_ack", "kk_s3_fin", "kk_s4_close"] {
         let plain = open(&mut kk.client, &get(&v, name));
         Frame::decode(&plain).expect(name);
+    }
+}
+
+/// The refusal vectors are what the server sends (`reject`, above) and what a client reads as
+/// each refusal.
+#[test]
+fn refusals_read_as_their_codes() {
+    let v = compute();
+    for (name, want) in [
+        ("reject_unknown_session", HandshakeError::UnknownSession),
+        ("reject_busy", HandshakeError::Busy),
+        ("reject_stale", HandshakeError::Stale),
+    ] {
+        let rec = get(&v, name);
+        let (body, used) = split_record(&rec).expect("a whole record");
+        assert_eq!(used, rec.len());
+        let (hs, _) = ClientHandshake::initial_with(
+            &client_static(),
+            &server_static().public_key(),
+            Cipher::ChaChaPoly,
+            IK_STAMP,
+            Some(&seq32(CLIENT_E_IK)),
+        )
+        .expect("hello");
+        assert_eq!(hs.read_reply(body).err(), Some(want), "{name}");
+    }
+}
+
+/// `docs/PROTOCOL.md` section 20.5 holds every vector, in the order of [`compute`], with the
+/// same bytes: the text cannot fall behind the code.
+#[test]
+fn the_document_holds_every_vector() {
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/PROTOCOL.md")).expect("read PROTOCOL.md");
+    let start = doc.find("\n### 20.5 Values").expect("section 20.5");
+    let end = start + doc[start..].find("\n## 21.").expect("section 21 after 20.5");
+    let mut documented: Vec<(String, String)> = Vec::new();
+    let mut lines = doc[start..end].lines();
+    while let Some(line) = lines.next() {
+        let Some(rest) = line.strip_prefix("#### `") else { continue };
+        let name = rest.split('`').next().expect("a name").to_string();
+        let mut hexed = String::new();
+        let mut inside = false;
+        for l in lines.by_ref() {
+            match (inside, l.trim()) {
+                (false, "```") => inside = true,
+                (true, "```") => break,
+                (true, h) => hexed.push_str(h),
+                (false, _) => {}
+            }
+        }
+        documented.push((name, hexed));
+    }
+    let got: Vec<(String, String)> = compute().iter().map(|(n, b)| (n.to_string(), hex(b))).collect();
+    let names = |v: &[(String, String)]| v.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+    assert_eq!(names(&documented), names(&got), "section 20.5 does not list the vectors of the code, in order");
+    for ((name, doc_hex), (_, code_hex)) in documented.iter().zip(&got) {
+        assert_eq!(doc_hex, code_hex, "section 20.5 gives other bytes for {name}");
     }
 }
 

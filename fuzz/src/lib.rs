@@ -1,4 +1,5 @@
-//! Harness shared by the cargo-fuzz targets in `fuzz/fuzz_targets/` and by the stable property
+//! Harness shared by the cargo-fuzz targets in `fuzz/fuzz_targets/` (all but `config`, which
+//! includes the command-line program's parser itself) and by the stable property
 //! tests in `tests/security.rs` (which include this file with `#[path]`), so CI runs the same
 //! entry points as the fuzzers.
 //!
@@ -819,4 +820,35 @@ pub fn session_events(data: &[u8]) {
             }
         }
     }
+}
+
+// ---- parsers a peer or a stranger reaches --------------------------------------------------
+//
+// Each runs the real parser through `holdfast::fuzzing` (hidden from the library's docs), which
+// also checks what the parser accepted against the encoder that writes it.
+
+/// Tunnel stream openers: the service, multiplex, connect and listen requests the server reads,
+/// the reverse open and the reply a client reads (PROTOCOL.md appendices A and B).
+pub fn tunnel_request(data: &[u8]) {
+    holdfast::fuzzing::tunnel_request(data);
+}
+
+/// The PROXY protocol v2 header a server reads from a trusted load balancer.
+pub fn proxy_header(data: &[u8]) {
+    holdfast::fuzzing::proxy_header(data);
+}
+
+/// A message one server process reads from the other during an upgrade (the handover socket).
+pub fn handover_message(data: &[u8]) {
+    holdfast::fuzzing::handover_message(data);
+}
+
+/// The request head of a metrics scrape, in reads of the size `data[0]`.
+pub fn metrics_head(data: &[u8]) {
+    holdfast::fuzzing::metrics_head(data);
+}
+
+/// The allow-list file.
+pub fn allow_list(data: &[u8]) {
+    holdfast::fuzzing::allow_list(data);
 }

@@ -156,12 +156,38 @@ struct Setting {
 
 /// Reads `path` and turns its `section` into flags of the subcommand `sub`.
 fn read(path: &Path, section: &str, sub: &Command) -> Result<Vec<Setting>> {
-    let shown = path.display();
     // Checked like the allow-list: whoever can change the config decides who gets in.
     let text = holdfast::keys::read_trusted_file(path, MAX_FILE).map_err(|e| anyhow!("--config {e}"))?;
-    let file: File = toml::from_str(&text).map_err(|e| toml_error(path, &text, &e))?;
+    settings(path, &text, section, sub)
+}
+
+/// A config file's text through the whole parser, for each subcommand that reads it, as
+/// [`parse_from`] runs it but without a file: the entry point of the fuzz target `config`
+/// (`fuzz/fuzz_targets/config.rs`, which includes this file) and of the seed-corpus test.
+/// Refusals are the parser's answers; only a panic is a bug.
+#[cfg_attr(not(test), allow(dead_code, reason = "the fuzz target's entry point"))]
+pub(crate) fn check_text(text: &str) {
+    let cmd = Cli::command();
+    let path = Path::new("/etc/holdfast/holdfast.toml");
+    for name in ["server", "client", "connect"] {
+        let Some(sub) = cmd.find_subcommand(name) else { continue };
+        let section = if name == "server" { "server" } else { "client" };
+        let Ok(settings) = settings(path, text, section, sub) else { continue };
+        let mut alone: Vec<OsString> = vec!["holdfast".into(), name.into()];
+        alone.extend(settings.into_iter().flat_map(|s| s.args));
+        if let Ok(matches) = cmd.clone().try_get_matches_from(&alone) {
+            let _ = Cli::from_arg_matches(&matches);
+        }
+    }
+}
+
+/// Turns the `section` of `text`, the contents of the config file `path`, into flags of the
+/// subcommand `sub`.
+fn settings(path: &Path, text: &str, section: &str, sub: &Command) -> Result<Vec<Setting>> {
+    let shown = path.display();
+    let file: File = toml::from_str(text).map_err(|e| toml_error(path, text, &e))?;
     let present = if section == "server" { file.server.is_some() } else { file.client.is_some() };
-    let table: toml::Table = toml::from_str(&text).map_err(|e| toml_error(path, &text, &e))?;
+    let table: toml::Table = toml::from_str(text).map_err(|e| toml_error(path, text, &e))?;
     let Some(toml::Value::Table(values)) = table.get(section).filter(|_| present) else {
         bail!("config {shown} has no [{section}] section, which `holdfast {}` reads", sub.get_name());
     };

@@ -2,7 +2,7 @@
 //! Prometheus text exposition format (0.0.4).
 //!
 //! The HTTP side is deliberately tiny: one request per connection (`Connection: close`), a
-//! request head of at most [`MAX_REQUEST`] bytes read within [`REQUEST_TIMEOUT`], at most
+//! request head of at most [`MAX_REQUEST`](holdfast::scrape::MAX_REQUEST) bytes read within [`REQUEST_TIMEOUT`], at most
 //! [`MAX_CONNECTIONS`] connections at once (more are closed at once), `GET /metrics` answered,
 //! 404 for any other path and 405 for any other method. Every scrape takes a fresh snapshot
 //! (atomic loads and two short locks: the handshake list and the per-key table), so nothing
@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use holdfast::net::{AllowListHandle, StatsHandle};
+use holdfast::scrape::{Head, Progress, Route};
 use prometheus_client::encoding::prometheus_text::{encode, CONTENT_TYPE};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -25,8 +26,6 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-/// The longest request head read; a longer one is answered 431 and closed.
-const MAX_REQUEST: usize = 8 * 1024;
 /// How long a scraper has to send its request head.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most scrape connections served at once.
@@ -100,35 +99,28 @@ async fn answer(mut sock: TcpStream, stats: &StatsHandle, allow: &AllowListHandl
         Ok(Err(e)) => return Err(e),
         Err(_) => return Ok(()),
     };
-    let line = head.lines().next().unwrap_or_default();
-    let mut words = line.split_whitespace();
-    let (method, target) = (words.next().unwrap_or_default(), words.next().unwrap_or_default());
-    let path = target.split('?').next().unwrap_or_default();
-    match (method, path) {
-        ("GET", "/metrics") => respond(&mut sock, "200 OK", CONTENT_TYPE, &render(stats, allow)).await,
-        ("GET", _) => respond(&mut sock, "404 Not Found", "text/plain", "only /metrics is here\n").await,
-        _ => respond(&mut sock, "405 Method Not Allowed", "text/plain", "GET /metrics only\n").await,
+    match head.route() {
+        Route::Metrics => respond(&mut sock, "200 OK", CONTENT_TYPE, &render(stats, allow)).await,
+        Route::NotFound => respond(&mut sock, "404 Not Found", "text/plain", "only /metrics is here\n").await,
+        Route::MethodNotAllowed => {
+            respond(&mut sock, "405 Method Not Allowed", "text/plain", "GET /metrics only\n").await
+        }
     }
 }
 
-/// The request head, up to its blank line; `None` if it is longer than [`MAX_REQUEST`].
-async fn read_head(sock: &mut TcpStream) -> std::io::Result<Option<String>> {
-    let mut buf = Vec::with_capacity(1024);
+/// The request head, up to its blank line (parsed by [`holdfast::scrape`]); `None` if it is
+/// longer than [`MAX_REQUEST`](holdfast::scrape::MAX_REQUEST).
+async fn read_head(sock: &mut TcpStream) -> std::io::Result<Option<Head>> {
+    let mut head = Head::default();
     let mut chunk = [0u8; 1024];
     loop {
         let n = sock.read(&mut chunk).await?;
-        if n == 0 {
-            break;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        if buf.windows(4).any(|w| w == b"\r\n\r\n") || buf.windows(2).any(|w| w == b"\n\n") {
-            break;
-        }
-        if buf.len() > MAX_REQUEST {
-            return Ok(None);
+        match head.push(&chunk[..n]) {
+            Progress::More => {}
+            Progress::Complete => return Ok(Some(head)),
+            Progress::TooLong => return Ok(None),
         }
     }
-    Ok(Some(String::from_utf8_lossy(&buf).into_owned()))
 }
 
 async fn respond(sock: &mut TcpStream, status: &str, content_type: &str, body: &str) -> std::io::Result<()> {
@@ -213,6 +205,7 @@ pub(crate) fn render(stats: &StatsHandle, allow: &AllowListHandle) -> String {
 #[cfg(test)]
 mod tests {
     use holdfast::keys::{AllowList, Keypair};
+    use holdfast::scrape::MAX_REQUEST;
     use holdfast::{ClientConfig, ServerConfig};
 
     use super::*;

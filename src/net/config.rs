@@ -158,13 +158,13 @@ pub struct Limits {
     /// Connections still in their handshake at once. When a new connection arrives at the cap,
     /// the *oldest* unfinished handshake is closed to make room: a real handshake takes one round
     /// trip, so slow or silent connections are the ones that get evicted, and a flood of them
-    /// cannot lock real clients out. Default 256 (about 256 file descriptors and a few KiB each).
+    /// cannot lock real clients out. Default 2048 (a file descriptor and a few KiB each).
     pub max_handshakes: usize,
     /// At the `max_handshakes` cap, the oldest handshake is closed only if it has run this long
     /// (a real one takes a round trip); if every handshake in progress is younger, as in a storm
     /// of resumes after an outage, the new connection is told BUSY instead and retries after its
     /// backoff, so the handshakes under way can finish. Default 250 ms: to keep every slot
-    /// young, a flood must open `max_handshakes` connections every 250 ms (1024/s), from 52
+    /// young, a flood must open `max_handshakes` connections every 250 ms (8192/s), from 410
     /// sources or more at the default per-source rate.
     pub slow_handshake: Duration,
     /// New handshakes per second from one source (with a burst of the same size). IPv6 sources

@@ -683,6 +683,11 @@ impl Session {
     /// [`SessionError::Crypto`] if encryption fails (the link must be dropped).
     pub fn poll_transmit(&mut self, now: Instant, out: &mut Vec<u8>, budget: usize) -> Result<(), SessionError> {
         let Some(link) = self.link.as_mut() else { return Ok(()) };
+        if self.failed.is_some() && self.close_to_send.is_none() {
+            // The session is over: its CLOSE (if any) was the last record on the link. An ACK
+            // still due, a PONG or a PING must not follow it.
+            return Ok(());
+        }
         let before = out.len();
         let mut seal = |f: Frame<'_>, out: &mut Vec<u8>| -> Result<(), SessionError> {
             link.transport.seal_with(out, |o| f.encode(o)).map_err(SessionError::from)
@@ -748,6 +753,9 @@ impl Session {
     /// True when [`Session::poll_transmit`] would produce something now.
     pub fn has_transmit(&self, now: Instant) -> bool {
         let Some(link) = &self.link else { return false };
+        if self.failed.is_some() {
+            return self.close_to_send.is_some();
+        }
         self.close_to_send.is_some()
             || self.ack_due.is_some_and(|d| d <= now)
             || self.pong_due
@@ -1006,5 +1014,52 @@ mod resume_ack_tests {
         }
         assert_eq!(&got[..total - 4], &data[..]);
         assert_eq!(&got[total - 4..total], b"more");
+    }
+
+    /// Frames in a run of records, opened with the peer's transport.
+    fn frames_of(t: &mut Transport, mut wire: &[u8]) -> Vec<String> {
+        let mut v = Vec::new();
+        while let Some((body, used)) = split_record(wire) {
+            let mut plain = vec![0u8; body.len()];
+            let n = t.open(body, &mut plain).unwrap();
+            v.push(format!("{:?}", Frame::decode(&plain[..n]).unwrap()));
+            wire = &wire[used..];
+        }
+        v
+    }
+
+    /// PROTOCOL.md section 17, step 3: a finished end sends the ACK of the peer's FIN, then its
+    /// CLOSE, and nothing after the CLOSE, however often the driver polls (it used to repeat the
+    /// ACK after the CLOSE when the peer's FIN had scheduled one).
+    #[test]
+    fn nothing_follows_the_close() {
+        let now = Instant::now();
+        let (c, s) = (Keypair::generate(), Keypair::generate());
+        let (hs, hello) = ClientHandshake::initial(&c.private, &s.public, Cipher::ChaChaPoly, 1).unwrap();
+        let acc = respond(&hello, &s.private, |_| true, |_| None).unwrap();
+        let mut session = Session::new(Role::Client, SessionConfig::default());
+        session.attach(now, hs.read_reply(&acc.reply).unwrap().transport, 0, None, None).unwrap();
+        let mut peer = acc.transport;
+        let mut out = Vec::new();
+        session.shutdown();
+        session.poll_transmit(now, &mut out, usize::MAX).unwrap();
+        assert_eq!(frames_of(&mut peer, &out), ["Ack(0)", "Fin(0)"]);
+        // The peer acknowledges our FIN, then ends its own stream: we are finished.
+        let mut wire = Vec::new();
+        peer.seal_with(&mut wire, |o| Frame::Ack(1).encode(o)).unwrap();
+        peer.seal_with(&mut wire, |o| Frame::Fin(0).encode(o)).unwrap();
+        feed(&mut session, now, &wire).unwrap();
+        assert!(session.is_finished());
+        session.close(CloseCode::Normal, SessionError::Finished);
+        out.clear();
+        session.poll_transmit(now, &mut out, usize::MAX).unwrap();
+        let close = format!("{:?}", Frame::Close { code: 0, reason: "session finished" });
+        assert_eq!(frames_of(&mut peer, &out), ["Ack(1)".to_string(), close]);
+        let later = now + Duration::from_secs(60);
+        assert!(!session.has_transmit(later), "something is due after the CLOSE");
+        out.clear();
+        session.poll_transmit(now, &mut out, usize::MAX).unwrap();
+        session.poll_transmit(later, &mut out, usize::MAX).unwrap();
+        assert_eq!(frames_of(&mut peer, &out), Vec::<String>::new(), "records after the CLOSE");
     }
 }

@@ -23,7 +23,7 @@ mod forward;
 mod join;
 mod limits;
 mod mux;
-mod request;
+pub(crate) mod request;
 mod reverse;
 mod serve;
 mod socks;

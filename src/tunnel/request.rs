@@ -96,7 +96,7 @@ pub(super) async fn write_reply<W: tokio::io::AsyncWrite + Unpin>(
 }
 
 /// What a request asks for.
-pub(super) enum Request {
+pub(crate) enum Request {
     /// A service, by name.
     Service(String),
     /// Multiplexing: the stream carries yamux from the reply on (name length 0).
@@ -114,14 +114,14 @@ pub(super) enum Request {
 
 /// The first byte of a listen request (reverse forwarding): `0xFE || addr_len: u8 || addr`,
 /// `addr` an `IP:PORT` for the server to listen on.
-pub(super) const LISTEN_REQUEST: u8 = 0xFE;
+pub(crate) const LISTEN_REQUEST: u8 = 0xFE;
 /// The first byte of a stream the server opens for a connection to a reverse forward's
 /// listener: `0xFD || addr_len: u8 || addr`, `addr` the listener's address as the server
 /// answered the listen request.
-pub(super) const REVERSE_OPEN: u8 = 0xFD;
+pub(crate) const REVERSE_OPEN: u8 = 0xFD;
 
 /// Writes `tag || len || text` (a listen request or a reverse open).
-pub(super) fn tagged(tag: u8, text: &str) -> Vec<u8> {
+pub(crate) fn tagged(tag: u8, text: &str) -> Vec<u8> {
     let text = &text.as_bytes()[..text.len().min(255)];
     let mut v = vec![tag, text.len() as u8];
     v.extend_from_slice(text);
@@ -132,7 +132,7 @@ pub(super) fn tagged(tag: u8, text: &str) -> Vec<u8> {
 ///
 /// # Errors
 /// [`TunnelError::Malformed`] if it is not one, [`TunnelError::Io`].
-pub(super) async fn read_addr<R: AsyncRead + Unpin>(stream: &mut R) -> Result<std::net::SocketAddr, TunnelError> {
+pub(crate) async fn read_addr<R: AsyncRead + Unpin>(stream: &mut R) -> Result<std::net::SocketAddr, TunnelError> {
     let n = stream.read_u8().await? as usize;
     let mut text = vec![0u8; n];
     stream.read_exact(&mut text).await?;
@@ -141,13 +141,13 @@ pub(super) async fn read_addr<R: AsyncRead + Unpin>(stream: &mut R) -> Result<st
 }
 
 /// The first byte of a connect request: `0xFF || host_len: u8 || host || port: u16 BE`.
-pub(super) const CONNECT_REQUEST: u8 = 0xFF;
+pub(crate) const CONNECT_REQUEST: u8 = 0xFF;
 
 /// The bytes of a connect request to `host:port`.
 ///
 /// # Errors
 /// [`TunnelError::Malformed`] for a host [`super::check_host`] refuses.
-pub(super) fn connect_request(host: &str, port: u16) -> Result<Vec<u8>, TunnelError> {
+pub(crate) fn connect_request(host: &str, port: u16) -> Result<Vec<u8>, TunnelError> {
     super::check_host(host)?;
     let mut req = vec![CONNECT_REQUEST, host.len() as u8];
     req.extend_from_slice(host.as_bytes());
@@ -160,7 +160,7 @@ pub(super) fn connect_request(host: &str, port: u16) -> Result<Vec<u8>, TunnelEr
 /// # Errors
 /// [`TunnelError::Malformed`] for a length out of range or a name that is not UTF-8,
 /// [`TunnelError::BadName`] for other characters, [`TunnelError::Io`].
-pub(super) async fn read_request<R: AsyncRead + Unpin>(stream: &mut R) -> Result<Request, TunnelError> {
+pub(crate) async fn read_request<R: AsyncRead + Unpin>(stream: &mut R) -> Result<Request, TunnelError> {
     let len = stream.read_u8().await? as usize;
     if len == 0 {
         return Ok(Request::Mux);
@@ -198,7 +198,7 @@ pub(super) async fn request(addr: &str, cfg: ClientConfig, service: &str) -> Res
 }
 
 /// Reads the server's reply to a service request (within [`REQUEST_TIMEOUT`]).
-pub(super) async fn read_reply<R: AsyncRead + Unpin>(stream: &mut R, service: &str) -> Result<String, TunnelError> {
+pub(crate) async fn read_reply<R: AsyncRead + Unpin>(stream: &mut R, service: &str) -> Result<String, TunnelError> {
     let reply = async {
         let status = stream.read_u8().await?;
         let len = stream.read_u8().await? as usize;

@@ -248,3 +248,19 @@ fn a_config_larger_than_the_bound_is_refused() {
     let msg = format!("{:#}", parse(&["server", "--config", &t.file()]).err().expect("a huge config"));
     assert!(msg.contains("larger than"), "{msg}");
 }
+
+/// The seed corpus of the fuzz target `config` (`fuzz/corpus/config/`, with any crash input
+/// added as a regression) goes through the same entry point without a panic.
+#[test]
+fn the_fuzz_seeds_parse_without_a_panic() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/config");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+        let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+        if let Ok(text) = std::str::from_utf8(&bytes) {
+            check_text(text);
+        }
+        n += 1;
+    }
+    assert!(n > 0, "no seeds in {}", dir.display());
+}

@@ -279,6 +279,20 @@ pub(super) async fn next_resume(
     Ok(Some((tokio::net::TcpStream::from_std(std)?, addr, m.body)))
 }
 
+/// Decodes `data` (cut or zero-padded to a message) as a message read from the other process,
+/// and checks that one that decodes encodes back to a message that decodes the same: the fuzz
+/// target `handover` ([`crate::fuzzing::handover_message`]).
+pub(crate) fn check_message(data: &[u8]) {
+    let mut m = [0u8; MSG];
+    let n = data.len().min(MSG);
+    m[..n].copy_from_slice(&data[..n]);
+    let Ok(r) = decode(&m, None) else { return };
+    assert!(r.body.len() <= MAX_BODY);
+    let again = encode(r.kind, r.addr, &r.body).expect("a decoded message encodes");
+    let r2 = decode(&again, None).expect("an encoded message decodes");
+    assert_eq!((r2.kind, r2.addr, &r2.body), (r.kind, r.addr, &r.body), "a message changed on its way back");
+}
+
 // Every hello a server reads fits in a message.
 const _: () = assert!(crate::proto::handshake::MAX_HANDSHAKE <= MAX_BODY);
 
