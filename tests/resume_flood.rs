@@ -207,3 +207,39 @@ async fn a_keys_unconfirmed_resumes_count_in_its_per_key_limit() {
     })
     .await;
 }
+
+/// Resumes that replied and never confirm can be evicted at the handshake cap: closed silently
+/// (their reply is already on the wire, so nothing else is written after it), and another
+/// key's first connection gets in instead of being told BUSY.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answered_unconfirmed_resumes_are_evicted_at_the_cap_silently() {
+    bounded(async {
+        const CAP: usize = 4;
+        let (a, b) = (Keypair::generate(), Keypair::generate());
+        // Every handshake counts as slow at once: evictable as soon as it can be.
+        let limits = Limits {
+            max_handshakes: CAP,
+            slow_handshake: Duration::ZERO,
+            resumes_per_sec_per_session: 1000,
+            ..Limits::default()
+        };
+        let (mut listener, server) = server(limits, &[&a, &b]).await;
+        let addr = listener.local_addr();
+        let (t1, _s1) = session(&mut listener, &a, &server, 1).await;
+        let (t2, _s2) = session(&mut listener, &a, &server, 2).await;
+        let mut held = Vec::new();
+        flood(addr, &a, &server, &t1, 1..3, &mut held).await;
+        flood(addr, &a, &server, &t2, 1..3, &mut held).await;
+        assert_eq!(held.len(), CAP, "the flood's resumes were not all answered");
+        assert_eq!(listener.stats().handshakes, CAP);
+
+        let mut cfg = ClientConfig::new(copy(&b), server);
+        cfg.recovery.busy_wait = Duration::ZERO;
+        let other = holdfast::connect(addr.to_string(), cfg).await.expect("another key's first connection at the cap");
+        assert_eq!(listener.stats().refused.evicted, 1);
+        // The oldest was evicted: after its ACCEPT, the server closed it and wrote nothing more.
+        assert_eq!(recv_record(&mut held[0]).await, None, "bytes after the ACCEPT of an evicted resume");
+        drop((held, other));
+    })
+    .await;
+}

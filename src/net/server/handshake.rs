@@ -14,8 +14,8 @@ use tracing::{debug, info, warn};
 
 use super::session::{session_task, sync_tickets};
 use super::state::{Claim, Entry, NewLink, Reservation, ResumesFull, Slot, State};
-use super::Peer;
 use super::stats::Refusal;
+use super::Peer;
 use super::{handover, proxy};
 use crate::keys::PublicKey;
 use crate::net::budget::Charge;

@@ -391,8 +391,7 @@ fn spawn_handshake(state: &Arc<State>, sock: tokio::net::TcpStream, addr: Socket
         let slow = state.cfg.limits.slow_handshake;
         let mut open = false;
         let victim = pending.live.iter().position(|l| {
-            now.saturating_duration_since(l.started) >= slow
-                && l.claim.for_eviction().inspect(|&o| open = o).is_some()
+            now.saturating_duration_since(l.started) >= slow && l.claim.for_eviction().inspect(|&o| open = o).is_some()
         });
         let Some(live) = victim.and_then(|i| pending.live.remove(i)) else {
             drop(pending);
