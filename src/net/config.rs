@@ -196,12 +196,12 @@ pub struct Limits {
     /// refused with `Busy`. A real client has one at a time per connection it opens. Default 64
     /// (a browser through a forward opens dozens at once). Besides, a session has at most two
     /// unconfirmed resumes: a newer one replaces the older once that one has waited 1 s, or is
-    /// refused with `Busy` (`docs/PROTOCOL.md` section 9.1, step 3.8).
+    /// refused with `Busy` (`docs/PROTOCOL.md` section 9.1, step 3.9).
     pub max_unconfirmed_per_key: usize,
     /// Resumes per second for one session, on average: a token bucket with a burst of `n`,
     /// refilled at `n` per second. A resume finding the bucket empty is refused with `Busy`, and
-    /// the client retries after its backoff. A token is spent when the server answers a resume
-    /// hello that authenticated, whether or not it is then confirmed. Each resume costs the
+    /// the client retries after its backoff. A token is spent by every resume hello that
+    /// authenticates, whether or not it is then confirmed. Each resume costs the
     /// server four X25519 operations, a ticket rotation and a replay of up to `max_buffer`
     /// bytes, so a malicious allowed client must not loop on it.
     /// Default 10: a link that faults more often than that, for long, is not usable anyway, and

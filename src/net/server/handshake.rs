@@ -141,8 +141,12 @@ async fn hello_read(
             if attempt <= entry.resume_mark.load(Ordering::Relaxed) {
                 return Err(fail(HandshakeError::Replayed));
             }
-            if !entry.resume_tokens(Instant::now(), rate, false) {
-                debug!(%addr, id = %hex_id(&id), "resume rate limit");
+            let now = Instant::now();
+            if !entry.resume_tokens(now, rate, false)
+                || entry.resumes_full(now)
+                || Unconfirmed::full(state, &entry.client)
+            {
+                debug!(%addr, id = %hex_id(&id), "resume refused: rate limit, two unconfirmed resumes of the session, or its key's limit");
                 let _ = write_record(&mut sock, &handshake::reject(RejectCode::Busy)).await;
                 return Err(fail(HandshakeError::Busy));
             }
@@ -214,8 +218,14 @@ async fn hello_read(
             // The attempt number orders the session's links: it grows with every attempt and is
             // authenticated (the header is the prologue). The first link is 0.
             number = *attempt;
+            // The hello authenticated: whatever the answer, it spends a token of the session's
+            // resume rate (a replayed or forged hello never gets here).
+            if !entry.resume_tokens(Instant::now(), rate, true) {
+                busy(&mut sock, claim).await;
+                return Err(fail(HandshakeError::Busy));
+            }
             // Until it confirms, the resume counts against its key's handshakes and is one of
-            // its session's (at most two) unconfirmed resumes; then the answer spends a token.
+            // its session's (at most two) unconfirmed resumes.
             _unconfirmed = Unconfirmed::new(state, entry.client);
             if _unconfirmed.is_none() {
                 busy(&mut sock, claim).await;
@@ -229,10 +239,6 @@ async fn hello_read(
                     return Err(fail(HandshakeError::Busy));
                 }
             };
-            if !entry.resume_tokens(Instant::now(), rate, true) {
-                busy(&mut sock, claim).await;
-                return Err(fail(HandshakeError::Busy));
-            }
         }
     }
     let accept = read.accept(Some(Ticket::for_server(cfg.server_id))).map_err(fail)?;
@@ -334,6 +340,12 @@ struct Unconfirmed<'a> {
 }
 
 impl<'a> Unconfirmed<'a> {
+    /// True if `client` is at its limit now (looked at before any cryptography).
+    fn full(state: &State, client: &PublicKey) -> bool {
+        let n = state.table().unconfirmed.get(client).copied().unwrap_or(0);
+        n >= state.cfg.limits.max_unconfirmed_per_key.max(1)
+    }
+
     fn new(state: &'a State, client: PublicKey) -> Option<Self> {
         let mut t = state.table();
         let n = t.unconfirmed.entry(client).or_insert(0);

@@ -100,6 +100,16 @@ impl Entry {
         Ok(victim)
     }
 
+    /// True if a new resume of the session would be refused now by [`Entry::start_resume`]
+    /// because its two unconfirmed resumes are too young to be replaced: checked before any
+    /// cryptography, so that a flood of hellos for a session that has two costs no
+    /// Diffie-Hellman operation.
+    pub(super) fn resumes_full(&self, now: Instant) -> bool {
+        let list = self.resuming.lock().unwrap_or_else(|p| p.into_inner());
+        list.len() >= Self::MAX_RESUMING
+            && list.first().is_some_and(|o| now.saturating_duration_since(o.since) < Self::SUPERSEDE_AFTER)
+    }
+
     /// Forgets handshake `id` as an unconfirmed resume of the session (it confirmed or ended).
     pub(super) fn end_resume(&self, id: u64) {
         self.resuming.lock().unwrap_or_else(|p| p.into_inner()).retain(|r| r.id != id);
@@ -107,9 +117,9 @@ impl Entry {
 
     /// The session's resume bucket (burst `rate`, refilled at `rate` per second), refilled to
     /// `now`; `take` spends a token if there is one. True if a token was there. A token is spent
-    /// when the server answers a resume hello that authenticated (never for a hello alone, so a
-    /// replayed or forged hello cannot use up a real client's budget); a client looping on
-    /// resumes, confirming them or not, is held to `rate` answers per second on average.
+    /// by every resume hello that authenticates, whatever the answer (never by one that does
+    /// not, so a replayed or forged hello cannot use up a real client's budget); a client
+    /// looping on resumes, confirming them or not, is held to `rate` per second on average.
     pub(super) fn resume_tokens(&self, now: Instant, rate: u32, take: bool) -> bool {
         let rate = f64::from(rate.max(1));
         let mut bucket = self.resume_tokens.lock().unwrap_or_else(|p| p.into_inner());
