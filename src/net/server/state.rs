@@ -485,3 +485,63 @@ mod refusal_tests {
         assert_eq!(logged, RefusalLog::PER_MINUTE - 1);
     }
 }
+
+#[cfg(test)]
+mod resume_tests {
+    use std::sync::atomic::AtomicU64;
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+
+    use super::{Claim, Entry, ResumesFull};
+    use crate::keys::Keypair;
+    use crate::net::stream::Shared;
+    use crate::proto::{Role, Session, SessionConfig};
+
+    fn entry() -> Entry {
+        let client = Keypair::generate().public;
+        let (replace, _) = tokio::sync::mpsc::channel(1);
+        Entry {
+            shared: Shared::new(Session::new(Role::Server, SessionConfig::default()), client),
+            client,
+            who: String::new(),
+            opened: Instant::now(),
+            replace,
+            resume_tokens: Mutex::new(None),
+            resume_mark: AtomicU64::new(0),
+            resuming: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Review 2, item 1: a session holds at most two unconfirmed resumes; a newer one replaces
+    /// the older once that one has waited a second (silently if it has replied), and never one
+    /// whose task holds its connection (writing its reply, or confirmed).
+    #[test]
+    fn a_session_holds_two_unconfirmed_resumes_and_a_newer_one_replaces_the_older() {
+        let e = entry();
+        let (t0, later) = (Instant::now(), Entry::SUPERSEDE_AFTER);
+        let c: Vec<Claim> = (0..5).map(|_| Claim::default()).collect();
+        assert_eq!(e.start_resume(1, &c[1], t0), Ok(None));
+        assert_eq!(e.start_resume(2, &c[2], t0), Ok(None));
+        let young = t0 + later - Duration::from_millis(1);
+        assert!(e.resumes_full(young));
+        assert_eq!(e.start_resume(3, &c[3], young), Err(ResumesFull), "a young resume was replaced");
+        // The oldest has replied and waits for its confirmation: replaced, silently.
+        assert!(c[1].for_task());
+        c[1].awaiting();
+        assert!(!e.resumes_full(t0 + later));
+        assert_eq!(e.start_resume(3, &c[3], t0 + later), Ok(Some((1, false))));
+        assert!(!c[1].confirmed(), "an evicted resume confirmed");
+        // The next oldest has not replied: replaced, and may be told BUSY.
+        assert_eq!(e.start_resume(4, &c[4], t0 + 2 * later), Ok(Some((2, true))));
+        assert!(!c[2].for_task(), "an evicted resume's task took the connection");
+        // The oldest now is writing its reply: not replaced.
+        assert!(c[3].for_task());
+        assert_eq!(e.start_resume(5, &c[0], t0 + 4 * later), Err(ResumesFull));
+        // It confirmed and ended: room again.
+        c[3].awaiting();
+        assert!(c[3].confirmed());
+        e.end_resume(3);
+        assert_eq!(e.start_resume(5, &c[0], t0 + 4 * later), Ok(None));
+        assert_eq!(e.resuming.lock().unwrap().len(), Entry::MAX_RESUMING);
+    }
+}
