@@ -113,8 +113,8 @@ async fn hello_read(
     let cfg = &state.cfg;
     let rate = cfg.limits.resumes_per_sec_per_session;
     // A resume is judged before any cryptography: its session, its attempt number (a replay
-    // carries one already seen) and its session's resume budget (spent only once the hello has
-    // authenticated, when the server answers it).
+    // carries one already seen), its session's resume budget (spent only once the hello has
+    // authenticated), its session's unconfirmed resumes and its key's handshakes.
     let entry = match head.resume {
         None => None,
         Some((id, attempt)) => {
