@@ -147,11 +147,12 @@ async fn replayed_first_hellos_are_refused_and_hold_nothing() {
 
 /// Review item 3: replays of a failed resume attempt are refused before any cryptography (no
 /// reply at all) and do not spend the session's resume budget: the real client resumes at once.
+/// (The recorded attempt itself, answered by the server, spent one of the burst of 3.)
 #[tokio::test]
 async fn replayed_resume_hellos_cost_nothing_and_spend_no_budget() {
     bounded(async {
         let me = Keypair::generate();
-        let limits = Limits { resumes_per_sec_per_session: 2, handshakes_per_sec_per_ip: 1000, ..Limits::default() };
+        let limits = Limits { resumes_per_sec_per_session: 3, handshakes_per_sec_per_ip: 1000, ..Limits::default() };
         let (mut listener, _cfgs, server) = server(limits, &[Keypair::from_private(me.private.clone())]).await;
         let addr = listener.local_addr();
         let (live, _t, ticket, _) = first_link(addr, &me, &server.public, 1).await;
@@ -164,7 +165,7 @@ async fn replayed_resume_hellos_cost_nothing_and_spend_no_budget() {
         for i in 0..100u32 {
             assert_eq!(replay(addr, 2 + (i % 250) as u8, &recorded).await, None, "replay {i} was answered");
         }
-        // The real client's next attempts go through at once, budget intact (2 at once).
+        // The real client's next attempts go through at once, budget intact (2 left at once).
         for attempt in 2..=3 {
             let (mut sock, mut t, _) = resume_hello(addr, &me, &server.public, &ticket, attempt, (0, 0))
                 .await
@@ -357,6 +358,28 @@ async fn a_data_first_confirmation_is_accepted() {
         let mut got = [0u8; 2];
         stream.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"hi");
+    })
+    .await;
+}
+
+/// Second review, item 10c: a client whose clock once ran ahead is not locked out once it is put
+/// right. A first connection stamped 30 s ahead of the server's clock is accepted; a real
+/// client, stamping with the right time, then still gets in (it used to get REJECT 3 until its
+/// clock caught up). A stamp more than 60 s ahead is refused with REJECT 3 and changes nothing.
+#[tokio::test]
+async fn a_client_clock_that_ran_ahead_does_not_lock_its_key_out() {
+    bounded(async {
+        let me = Keypair::generate();
+        let (mut listener, cfgs, server) =
+            server(Limits::default(), &[Keypair::from_private(me.private.clone())]).await;
+        let addr = listener.local_addr();
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+        let far =
+            ClientHandshake::initial(&me.private, &server.public, Cipher::AesGcm, now + 600_000_000_000).unwrap().1;
+        assert_eq!(replay(addr, 2, &far).await, Some(vec![0x02, 0x03]), "a stamp 10 min ahead was not refused");
+        let (_ahead, _t, _ticket, _) = first_link(addr, &me, &server.public, now + 30_000_000_000).await;
+        let _first = listener.accept().await.unwrap();
+        let _stream = holdfast::connect(addr.to_string(), cfgs[0].clone()).await.expect("the clock put right");
     })
     .await;
 }

@@ -181,6 +181,7 @@ pub(crate) fn render(stats: &StatsHandle, allow: &AllowListHandle) -> String {
             ("unknown_session", r.unknown_session),
             ("timed_out", r.timed_out),
             ("evicted", r.evicted),
+            ("superseded", r.superseded),
             ("failed", r.failed),
         ],
     );

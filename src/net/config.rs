@@ -156,9 +156,12 @@ impl ClientConfig {
 #[derive(Debug, Clone)]
 pub struct Limits {
     /// Connections still in their handshake at once. When a new connection arrives at the cap,
-    /// the *oldest* unfinished handshake is closed to make room: a real handshake takes one round
-    /// trip, so slow or silent connections are the ones that get evicted, and a flood of them
-    /// cannot lock real clients out. Default 2048 (a file descriptor and a few KiB each).
+    /// the *oldest* handshake that can be evicted is closed to make room: a real handshake takes
+    /// one round trip, so slow or silent connections are the ones that get evicted, and a flood
+    /// of them cannot lock real clients out. A handshake can be evicted until the server replies,
+    /// and a resume again after its reply until its key confirmation arrives (so resumes that
+    /// are never confirmed cannot hold the slots). Default 2048 (a file descriptor and a few KiB
+    /// each).
     pub max_handshakes: usize,
     /// At the `max_handshakes` cap, the oldest handshake is closed only if it has run this long
     /// (a real one takes a round trip); if every handshake in progress is younger, as in a storm
@@ -188,14 +191,19 @@ pub struct Limits {
     /// that no key can starve the others: at its share, that key's sessions wait, others go on.
     /// Default 256 MiB, a quarter of the default budget.
     pub buffer_per_key: usize,
-    /// First-connection handshakes of one client key between its authenticated hello and the
-    /// end of the handshake, at once; more are refused with `Busy`. A real client has one at a
-    /// time per connection it opens. Default 64 (a browser through a forward opens dozens at once).
+    /// Handshakes of one client key past their authenticated hello, at once: first connections
+    /// until their handshake ends, and resumes until their key confirmation decrypts. More are
+    /// refused with `Busy`. A real client has one at a time per connection it opens. Default 64
+    /// (a browser through a forward opens dozens at once). Besides, a session has at most two
+    /// unconfirmed resumes: a newer one replaces the older once that one has waited 1 s, or is
+    /// refused with `Busy` (`docs/PROTOCOL.md` section 9.1, step 3.9).
     pub max_unconfirmed_per_key: usize,
     /// Resumes per second for one session, on average: a token bucket with a burst of `n`,
     /// refilled at `n` per second. A resume finding the bucket empty is refused with `Busy`, and
-    /// the client retries after its backoff. Each resume costs the server four X25519 operations, a ticket rotation and a
-    /// replay of up to `max_buffer` bytes, so a malicious allowed client must not loop on it.
+    /// the client retries after its backoff. A token is spent by every resume hello that
+    /// authenticates, whether or not it is then confirmed. Each resume costs the
+    /// server four X25519 operations, a ticket rotation and a replay of up to `max_buffer`
+    /// bytes, so a malicious allowed client must not loop on it.
     /// Default 10: a link that faults more often than that, for long, is not usable anyway, and
     /// the burst lets a few faults in quick succession resume without delay.
     pub resumes_per_sec_per_session: u32,

@@ -126,10 +126,12 @@ pub enum HandshakeError {
     /// A resume hello whose attempt number the server has already seen: a replay.
     #[error("a replayed resume hello (its attempt number was already used)")]
     Replayed,
-    /// The server has accepted a first connection with a newer timestamp from this client key.
+    /// The server refused a first connection's timestamp: it has accepted a newer one from this
+    /// client key, or the timestamp is more than 60 s ahead of the server's clock.
     #[error(
-        "the server refused the hello as stale: it has seen a newer connection from this client key (a replayed hello, \
-         another machine using the same key, or this machine's clock went back)"
+        "the server refused the hello as stale: it has seen a newer connection from this client key, or this \
+         machine's clock is more than 60 s ahead of the server's (a replayed hello, another machine using the same \
+         key, or this machine's clock went back or runs ahead); check the clocks of both machines"
     )]
     Stale,
     /// The server answered with a reject code this version does not know.

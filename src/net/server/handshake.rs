@@ -13,7 +13,8 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use super::session::{session_task, sync_tickets};
-use super::state::{Claim, Entry, NewLink, Reservation, State};
+use super::state::{Claim, Entry, NewLink, Reservation, ResumesFull, Slot, State};
+use super::stats::Refusal;
 use super::Peer;
 use super::{handover, proxy};
 use crate::keys::PublicKey;
@@ -70,7 +71,7 @@ pub(super) async fn handshake(
     addr: SocketAddr,
     state: &Arc<State>,
     hello: Option<Vec<u8>>,
-    claim: &Claim,
+    slot: &Slot,
 ) -> Result<(), Error> {
     let _ = sock.set_nodelay(true);
     let (addr, body) = match hello {
@@ -80,7 +81,7 @@ pub(super) async fn handshake(
             (addr, read_record(&mut sock, MAX_HANDSHAKE).await.map_err(Error::Io)?)
         }
     };
-    hello_read(sock, addr, body, state, claim).await
+    hello_read(sock, addr, body, state, slot).await
 }
 
 /// The client of a connection: its peer, or, from a load balancer, the client its PROXY header
@@ -104,14 +105,16 @@ async fn hello_read(
     addr: SocketAddr,
     body: Vec<u8>,
     state: &Arc<State>,
-    claim: &Claim,
+    slot: &Slot,
 ) -> Result<(), Error> {
+    let claim = &slot.claim;
     let fail = |source| Error::Handshake { addr: addr.to_string(), source };
     let head = handshake::parse_header(&body).map_err(fail)?;
     let cfg = &state.cfg;
     let rate = cfg.limits.resumes_per_sec_per_session;
     // A resume is judged before any cryptography: its session, its attempt number (a replay
-    // carries one already seen) and its session's resume budget (only spent at confirmation).
+    // carries one already seen), its session's resume budget (spent only once the hello has
+    // authenticated), its session's unconfirmed resumes and its key's handshakes.
     let entry = match head.resume {
         None => None,
         Some((id, attempt)) => {
@@ -138,8 +141,12 @@ async fn hello_read(
             if attempt <= entry.resume_mark.load(Ordering::Relaxed) {
                 return Err(fail(HandshakeError::Replayed));
             }
-            if !entry.resume_tokens(Instant::now(), rate, false) {
-                debug!(%addr, id = %hex_id(&id), "resume rate limit");
+            let now = Instant::now();
+            if !entry.resume_tokens(now, rate, false)
+                || entry.resumes_full(now)
+                || Unconfirmed::full(state, &entry.client)
+            {
+                debug!(%addr, id = %hex_id(&id), "resume refused: rate limit, two unconfirmed resumes of the session, or its key's limit");
                 let _ = write_record(&mut sock, &handshake::reject(RejectCode::Busy)).await;
                 return Err(fail(HandshakeError::Busy));
             }
@@ -180,6 +187,7 @@ async fn hello_read(
     };
     // The hello authenticated. Decide, still committing nothing.
     let mut _unconfirmed = None;
+    let mut _resuming = None;
     let mut reservation = None;
     let mut number = 0;
     match read.hello() {
@@ -210,6 +218,27 @@ async fn hello_read(
             // The attempt number orders the session's links: it grows with every attempt and is
             // authenticated (the header is the prologue). The first link is 0.
             number = *attempt;
+            // The hello authenticated: whatever the answer, it spends a token of the session's
+            // resume rate (a replayed or forged hello never gets here).
+            if !entry.resume_tokens(Instant::now(), rate, true) {
+                busy(&mut sock, claim).await;
+                return Err(fail(HandshakeError::Busy));
+            }
+            // Until it confirms, the resume counts against its key's handshakes and is one of
+            // its session's (at most two) unconfirmed resumes.
+            _unconfirmed = Unconfirmed::new(state, entry.client);
+            if _unconfirmed.is_none() {
+                busy(&mut sock, claim).await;
+                return Err(fail(HandshakeError::Busy));
+            }
+            _resuming = match ResumeSlot::new(state, entry, slot) {
+                Ok(r) => Some(r),
+                Err(ResumesFull) => {
+                    debug!(%addr, "resume refused: its session has two unconfirmed resumes already");
+                    busy(&mut sock, claim).await;
+                    return Err(fail(HandshakeError::Busy));
+                }
+            };
         }
     }
     let accept = read.accept(Some(Ticket::for_server(cfg.server_id))).map_err(fail)?;
@@ -221,8 +250,16 @@ async fn hello_read(
         return Err(fail(HandshakeError::Busy));
     }
     write_record(&mut sock, &accept.reply).await.map_err(Error::Io)?;
+    if _resuming.is_some() {
+        // Only reading from now on: a resume waiting for its confirmation may be evicted.
+        claim.awaiting();
+    }
     // Key confirmation: nothing is committed until the client's first record decrypts.
     let first = read_record(&mut sock, MAX_FRAME + TAG_LEN).await.map_err(Error::Io)?;
+    if !claim.confirmed() {
+        return Err(fail(HandshakeError::Busy));
+    }
+    drop((_resuming, _unconfirmed));
     let (mut transport, first_ticket) = (accept.transport, accept.ticket);
     let mut confirm = zeroize::Zeroizing::new(vec![0u8; first.len()]);
     let n = transport.open(&first, &mut confirm).map_err(|_| fail(HandshakeError::Auth))?;
@@ -235,10 +272,6 @@ async fn hello_read(
         }
         Hello::Resume { resume_id, client_received, client_written, .. } => {
             let entry = entry.ok_or(fail(HandshakeError::UnknownSession))?;
-            // Only a confirmed resume spends from the session's budget.
-            if !entry.resume_tokens(Instant::now(), rate, true) {
-                return Err(fail(HandshakeError::Busy));
-            }
             let link =
                 NewLink { sock, transport, confirm, resume_id, client_received, client_written, peer: addr, number };
             let _ = entry.replace.send(link).await;
@@ -265,14 +298,54 @@ async fn hand_down(sock: &TcpStream, addr: SocketAddr, body: &[u8], state: &Stat
     }
 }
 
-/// A first connection between its authenticated hello and the end of its handshake, counted
-/// against its key's `max_unconfirmed_per_key`.
+/// Answers BUSY on a connection nobody has written on yet (see [`Claim`]).
+async fn busy(sock: &mut TcpStream, claim: &Claim) {
+    if claim.for_task() {
+        let _ = write_record(sock, &handshake::reject(RejectCode::Busy)).await;
+    }
+}
+
+/// A resume between its authenticated hello and its key confirmation, registered with its
+/// session (see [`Entry::start_resume`]) for as long as it lives.
+struct ResumeSlot<'a> {
+    entry: &'a Entry,
+    id: u64,
+}
+
+impl<'a> ResumeSlot<'a> {
+    /// Registers the handshake of `slot` with `entry`; closes the older unconfirmed resume it
+    /// supersedes, if any.
+    fn new(state: &State, entry: &'a Entry, slot: &Slot) -> Result<Self, ResumesFull> {
+        let victim = entry.start_resume(slot.id, &slot.claim, Instant::now())?;
+        if let Some((id, open)) = victim {
+            state.close_handshake(id, open);
+            state.counters.refused(Refusal::Superseded);
+        }
+        Ok(ResumeSlot { entry, id: slot.id })
+    }
+}
+
+impl Drop for ResumeSlot<'_> {
+    fn drop(&mut self) {
+        self.entry.end_resume(self.id);
+    }
+}
+
+/// A handshake between its authenticated hello and the end of its handshake (a first
+/// connection) or its key confirmation (a resume), counted against its key's
+/// `max_unconfirmed_per_key`.
 struct Unconfirmed<'a> {
     state: &'a State,
     client: PublicKey,
 }
 
 impl<'a> Unconfirmed<'a> {
+    /// True if `client` is at its limit now (looked at before any cryptography).
+    fn full(state: &State, client: &PublicKey) -> bool {
+        let n = state.table().unconfirmed.get(client).copied().unwrap_or(0);
+        n >= state.cfg.limits.max_unconfirmed_per_key.max(1)
+    }
+
     fn new(state: &'a State, client: PublicKey) -> Option<Self> {
         let mut t = state.table();
         let n = t.unconfirmed.entry(client).or_insert(0);
@@ -334,6 +407,7 @@ pub(super) fn commit_new(
         replace: tx,
         resume_tokens: Mutex::new(None),
         resume_mark: AtomicU64::new(0),
+        resuming: Mutex::new(Vec::new()),
     });
     reservation.keep();
     state.counters.opened.fetch_add(1, Ordering::Relaxed);

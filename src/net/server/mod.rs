@@ -5,6 +5,7 @@ pub mod handover;
 mod handshake;
 pub mod proxy;
 mod session;
+mod stamps;
 mod state;
 mod stats;
 
@@ -21,7 +22,7 @@ use tokio::task::{AbortHandle, JoinHandle};
 use tracing::{debug, info, warn};
 
 use handshake::{handshake, refuse_busy};
-use state::{Claim, Live, Pending, State, Table};
+use state::{Claim, Live, Pending, Slot, State, Table};
 use stats::Refusal;
 pub use stats::{Refusals, ServerStats, StatsHandle};
 
@@ -373,52 +374,46 @@ async fn accept_loop(tcp: TcpListener, state: Arc<State>) {
 }
 
 /// Runs a connection's handshake in a task of its own, bounded in time and in number. At the
-/// cap, the oldest unfinished handshake is closed if it has run longer than
-/// `Limits::slow_handshake`
-/// (real ones finish in a round trip, so an old one is slow, silent or hostile: a flood of
-/// those cannot lock real clients out); otherwise every handshake in progress is young, as in a
-/// storm of resumes after a network outage, and the new connection is told BUSY instead, to
+/// cap, the oldest handshake that can be evicted is closed if it has run longer than
+/// `Limits::slow_handshake` (real ones finish in a round trip, so an old one is slow, silent or
+/// hostile: a flood of those cannot lock real clients out). A handshake can be evicted until it
+/// writes its reply, and a resume again once its reply is written, until its key confirmation
+/// arrives (a resume that never confirms holds nothing); a first connection that has replied is
+/// left to finish (its client holds the first ticket; it is bounded by the handshake deadline
+/// and `Limits::max_unconfirmed_per_key`). If none can be evicted, as in a storm of resumes
+/// after a network outage where every handshake is young, the new connection is told BUSY, to
 /// retry after its backoff, so that the handshakes already under way can finish. `hello` is the
 /// hello already read from it, for a connection handed over by a newer process.
 fn spawn_handshake(state: &Arc<State>, sock: tokio::net::TcpStream, addr: SocketAddr, hello: Option<Vec<u8>>) {
     let mut pending = state.pending();
     let now = std::time::Instant::now();
     while pending.live.len() >= state.cfg.limits.max_handshakes.max(1) {
-        // The oldest that has not replied: one that has replied is finishing with an
-        // authenticated client (bounded by the handshake deadline), and is left to finish.
         let slow = state.cfg.limits.slow_handshake;
-        let victim = pending.live.iter().position(|l| !l.claim.by_task());
-        let evictable = victim.filter(|&i| now.saturating_duration_since(pending.live[i].started) >= slow);
-        let Some(live) = evictable.and_then(|i| pending.live.remove(i)) else {
+        let mut open = false;
+        let victim = pending.live.iter().position(|l| {
+            now.saturating_duration_since(l.started) >= slow && l.claim.for_eviction().inspect(|&o| open = o).is_some()
+        });
+        let Some(live) = victim.and_then(|i| pending.live.remove(i)) else {
             drop(pending);
-            debug!(%addr, "handshake cap reached, every handshake young or replied; answering BUSY");
+            debug!(%addr, "handshake cap reached, every handshake young or replying; answering BUSY");
             state.counters.refused(Refusal::Busy);
             refuse_busy(state, sock);
             return;
         };
         debug!(%addr, "handshake cap reached; evicting the oldest handshake");
-        if live.claim.for_eviction() {
-            // Told BUSY, its client retries after its backoff instead of taking the silent close
-            // for an authentication refusal.
-            if let Some(fd) = live.busy {
-                let mut s = std::net::TcpStream::from(fd);
-                let _ = s.set_nonblocking(true);
-                let _ = std::io::Write::write(&mut s, &crate::proto::handshake::busy_record());
-            }
-        }
-        live.task.abort();
+        live.close(open);
         state.counters.refused(Refusal::Evicted);
     }
     let id = pending.next_id;
     pending.next_id += 1;
     let st = state.clone();
-    let claim = Claim::default();
+    let slot = Slot { id, claim: Claim::default() };
+    let claim = slot.claim.clone();
     let busy = sock.as_fd().try_clone_to_owned().ok();
-    let task_claim = claim.clone();
     // The task cannot deregister before it is registered: it needs the lock held here.
     let task = tokio::spawn(async move {
         let limit = st.cfg.limits.handshake_timeout;
-        match tokio::time::timeout(limit, handshake(sock, addr, &st, hello, &task_claim)).await {
+        match tokio::time::timeout(limit, handshake(sock, addr, &st, hello, &slot)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 st.counters.refused(Refusal::of(&e));

@@ -18,6 +18,7 @@ use crate::net::stream::{Shared, Stream};
 use crate::proto::frame::RESUME_ID_LEN;
 use crate::proto::{StaticSecrets, Transport};
 
+use super::stamps::{wall_clock, Stamps};
 use super::Peer;
 
 /// A new connection for an existing session, confirmed and ready to attach.
@@ -48,13 +49,77 @@ pub(super) struct Entry {
     /// The highest resume attempt number whose hello authenticated: a hello whose number is not
     /// above it is a replay, refused before any cryptography.
     pub(super) resume_mark: AtomicU64,
+    /// The session's resumes between their authenticated hello and their key confirmation,
+    /// oldest first: at most [`Entry::MAX_RESUMING`] (see [`Entry::start_resume`]).
+    pub(super) resuming: Mutex<Vec<Resuming>>,
 }
 
+/// A resume handshake of a session, past its authenticated hello and not yet confirmed.
+pub(super) struct Resuming {
+    /// Its handshake's id in [`Pending`].
+    pub(super) id: u64,
+    /// When its hello authenticated.
+    pub(super) since: Instant,
+    pub(super) claim: Claim,
+}
+
+/// Why [`Entry::start_resume`] refused a resume.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct ResumesFull;
+
 impl Entry {
+    /// Most resumes of one session between their authenticated hello and their key confirmation.
+    pub(super) const MAX_RESUMING: usize = 2;
+    /// How long the older of a session's unconfirmed resumes is kept from a newer one: a real
+    /// resume confirms one round trip after its reply, and a client retrying on a slow link
+    /// (its attempts staggered by about 250 ms) must not have each attempt cut by the next.
+    pub(super) const SUPERSEDE_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
+    /// Registers handshake `id` (whose claim is `claim`) as one of the session's unconfirmed
+    /// resumes. If the session already has [`Entry::MAX_RESUMING`], the oldest of them is
+    /// claimed for eviction, if it has waited [`Entry::SUPERSEDE_AFTER`] and has not confirmed:
+    /// its id is returned, with true if it had not replied yet (it may be told BUSY), and the
+    /// caller closes it ([`State::close_handshake`]). Otherwise the new one is refused.
+    pub(super) fn start_resume(
+        &self,
+        id: u64,
+        claim: &Claim,
+        now: Instant,
+    ) -> Result<Option<(u64, bool)>, ResumesFull> {
+        let mut list = self.resuming.lock().unwrap_or_else(|p| p.into_inner());
+        let mut victim = None;
+        if list.len() >= Self::MAX_RESUMING {
+            let oldest = &list[0];
+            if now.saturating_duration_since(oldest.since) < Self::SUPERSEDE_AFTER {
+                return Err(ResumesFull);
+            }
+            let open = oldest.claim.for_eviction().ok_or(ResumesFull)?;
+            victim = Some((list.remove(0).id, open));
+        }
+        list.push(Resuming { id, since: now, claim: claim.clone() });
+        Ok(victim)
+    }
+
+    /// True if a new resume of the session would be refused now by [`Entry::start_resume`]
+    /// because its two unconfirmed resumes are too young to be replaced: checked before any
+    /// cryptography, so that a flood of hellos for a session that has two costs no
+    /// Diffie-Hellman operation.
+    pub(super) fn resumes_full(&self, now: Instant) -> bool {
+        let list = self.resuming.lock().unwrap_or_else(|p| p.into_inner());
+        list.len() >= Self::MAX_RESUMING
+            && list.first().is_some_and(|o| now.saturating_duration_since(o.since) < Self::SUPERSEDE_AFTER)
+    }
+
+    /// Forgets handshake `id` as an unconfirmed resume of the session (it confirmed or ended).
+    pub(super) fn end_resume(&self, id: u64) {
+        self.resuming.lock().unwrap_or_else(|p| p.into_inner()).retain(|r| r.id != id);
+    }
+
     /// The session's resume bucket (burst `rate`, refilled at `rate` per second), refilled to
-    /// `now`; `take` spends a token if there is one. True if a token was there. Only a confirmed
-    /// resume spends one, so a replayed or unconfirmed hello cannot use up a real client's
-    /// budget; a client looping on resumes is still held to `rate` per second on average.
+    /// `now`; `take` spends a token if there is one. True if a token was there. A token is spent
+    /// by every resume hello that authenticates, whatever the answer (never by one that does
+    /// not, so a replayed or forged hello cannot use up a real client's budget); a client
+    /// looping on resumes, confirming them or not, is held to `rate` per second on average.
     pub(super) fn resume_tokens(&self, now: Instant, rate: u32, take: bool) -> bool {
         let rate = f64::from(rate.max(1));
         let mut bucket = self.resume_tokens.lock().unwrap_or_else(|p| p.into_inner());
@@ -87,9 +152,36 @@ pub(super) struct Live {
     pub(super) busy: Option<std::os::fd::OwnedFd>,
 }
 
+impl Live {
+    /// Closes the handshake, which an evictor has claimed ([`Claim::for_eviction`]): tells its
+    /// client BUSY if nothing was written on the connection yet (`open`), so that it retries
+    /// after its backoff instead of taking the close for an authentication refusal, and stops
+    /// its task (which drops the connection).
+    pub(super) fn close(self, open: bool) {
+        if open {
+            if let Some(fd) = self.busy {
+                let mut s = std::net::TcpStream::from(fd);
+                let _ = s.set_nonblocking(true);
+                let _ = std::io::Write::write(&mut s, &crate::proto::handshake::busy_record());
+            }
+        }
+        self.task.abort();
+    }
+}
+
+/// The id and claim of a handshake in progress, as its own task knows them.
+#[derive(Clone, Default)]
+pub(super) struct Slot {
+    pub(super) id: u64,
+    pub(super) claim: Claim,
+}
+
 /// Who speaks next on a handshake's connection: its task (to send its reply, or to hand the
-/// connection to an earlier process) or the cap evicting it (to answer BUSY). Whichever claims
-/// it first; the other stays silent, so the two never write into each other's bytes.
+/// connection to an earlier process) or an evictor (the handshake cap, or a newer resume of the
+/// same session) closing it. Whichever claims it first; the other stays silent, so the two
+/// never write into each other's bytes. A resume's task gives its claim back once its reply is
+/// written ([`Claim::awaiting`]): it then only reads, and an evictor may close it, silently,
+/// until its key confirmation arrives ([`Claim::confirmed`]).
 #[derive(Clone, Default)]
 pub(super) struct Claim(Arc<std::sync::atomic::AtomicU8>);
 
@@ -97,6 +189,9 @@ impl Claim {
     const OPEN: u8 = 0;
     const EVICTED: u8 = 1;
     const TASK: u8 = 2;
+    /// The task has written its whole reply and waits for the key confirmation, writing
+    /// nothing: an evictor may close the connection, and writes nothing either.
+    const AWAITING: u8 = 3;
 
     /// The task claims the connection; false if it was evicted first.
     pub(super) fn for_task(&self) -> bool {
@@ -104,15 +199,31 @@ impl Claim {
         matches!(r, Ok(_) | Err(Self::TASK))
     }
 
-    /// The cap claims the connection to evict it; false if its task got there first (it has
-    /// replied to an authenticated client, or handed the connection on).
-    pub(super) fn for_eviction(&self) -> bool {
-        self.0.compare_exchange(Self::OPEN, Self::EVICTED, Ordering::AcqRel, Ordering::Acquire).is_ok()
+    /// The task has written its reply and now only waits for the key confirmation: until
+    /// [`Claim::confirmed`], the connection may be evicted.
+    pub(super) fn awaiting(&self) {
+        let _ = self.0.compare_exchange(Self::TASK, Self::AWAITING, Ordering::AcqRel, Ordering::Acquire);
     }
 
-    /// True once the task has claimed the connection.
-    pub(super) fn by_task(&self) -> bool {
-        self.0.load(Ordering::Acquire) == Self::TASK
+    /// The key confirmation arrived: the task takes the connection back; false if it was
+    /// evicted meanwhile.
+    pub(super) fn confirmed(&self) -> bool {
+        let r = self.0.compare_exchange(Self::AWAITING, Self::TASK, Ordering::AcqRel, Ordering::Acquire);
+        matches!(r, Ok(_) | Err(Self::TASK))
+    }
+
+    /// An evictor claims the connection: `Some(true)` if nothing was written on it yet (it may
+    /// answer BUSY), `Some(false)` if the task's reply was (it must close silently), `None` if
+    /// the task holds it (it is writing its reply, handing the connection on, or confirmed).
+    pub(super) fn for_eviction(&self) -> Option<bool> {
+        let evict = |from| self.0.compare_exchange(from, Self::EVICTED, Ordering::AcqRel, Ordering::Acquire).is_ok();
+        if evict(Self::OPEN) {
+            Some(true)
+        } else if evict(Self::AWAITING) {
+            Some(false)
+        } else {
+            None
+        }
     }
 }
 
@@ -196,10 +307,11 @@ impl State {
         self.table().key_budgets.entry(*client).or_insert_with(|| Budget::new(limit)).clone()
     }
 
-    /// Accepts a first connection's timestamp if it is newer than every one accepted before for
-    /// `client` (an allowed key), and remembers it.
+    /// Accepts a first connection's timestamp if `client`'s (an allowed key's) stamp window
+    /// takes it ([`Stamps::accept`], against the server's clock now), and remembers it.
     pub(super) fn accept_stamp(&self, client: &PublicKey, stamp: u64) -> bool {
-        self.table().first_marks.entry(*client).or_default().accept(stamp)
+        let now = wall_clock();
+        self.table().first_marks.entry(*client).or_default().accept(stamp, now)
     }
 
     /// True if every session limit would admit one more session for `client` now.
@@ -239,6 +351,19 @@ impl State {
         self.changed.notify_waiters();
     }
 
+    /// Closes handshake `id`, which an evictor has claimed (see [`Live::close`]), if it is
+    /// still in progress.
+    pub(super) fn close_handshake(&self, id: u64, open: bool) {
+        let live = {
+            let mut p = self.pending();
+            let i = p.live.iter().position(|l| l.id == id);
+            i.and_then(|i| p.live.remove(i))
+        };
+        if let Some(live) = live {
+            live.close(open);
+        }
+    }
+
     /// The connection to the predecessor process, if there is one.
     pub(super) fn predecessor(&self) -> Option<Arc<tokio::net::UnixStream>> {
         self.predecessor.lock().unwrap_or_else(|p| p.into_inner()).clone()
@@ -268,48 +393,6 @@ impl State {
         } else {
             false
         }
-    }
-}
-
-/// The first-connection timestamps one client key has used, as a sliding window: a timestamp is
-/// accepted once, and only if it is no more than [`Stamps::WINDOW`] older than the newest one
-/// accepted. The window lets one client's concurrent connections (each stamped when it starts)
-/// arrive out of order; a recorded hello is refused, whatever its age: inside the window its
-/// stamp is remembered, and below the window it is too old.
-#[derive(Default)]
-pub(super) struct Stamps {
-    /// Accepted stamps within the window of the newest.
-    recent: std::collections::BTreeSet<u64>,
-    /// Stamps at or below this are refused (the bottom of the window, or above stamps evicted
-    /// to bound memory).
-    floor: u64,
-}
-
-impl Stamps {
-    /// How much older than the newest accepted stamp a stamp may be: 10 s, in nanoseconds.
-    pub(super) const WINDOW: u64 = 10_000_000_000;
-    /// Most stamps remembered per key; beyond this the oldest are dropped (and refused).
-    const MAX: usize = 4096;
-
-    /// Accepts `stamp` if it was never accepted and is within the window, and remembers it.
-    pub(super) fn accept(&mut self, stamp: u64) -> bool {
-        if stamp <= self.floor || self.recent.contains(&stamp) {
-            return false;
-        }
-        let newest = self.recent.last().copied().unwrap_or(0).max(stamp);
-        self.floor = self.floor.max(newest.saturating_sub(Self::WINDOW));
-        if stamp <= self.floor {
-            return false;
-        }
-        self.recent.insert(stamp);
-        let floor = self.floor;
-        self.recent.retain(|&s| s > floor);
-        while self.recent.len() > Self::MAX {
-            if let Some(oldest) = self.recent.pop_first() {
-                self.floor = oldest;
-            }
-        }
-        true
     }
 }
 
@@ -388,42 +471,6 @@ pub(super) fn rate_key(ip: IpAddr) -> IpAddr {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::Stamps;
-
-    #[test]
-    fn a_stamp_is_accepted_once_and_only_within_the_window() {
-        let w = Stamps::WINDOW;
-        let mut s = Stamps::default();
-        let t = 100 * w;
-        assert!(s.accept(t));
-        assert!(!s.accept(t), "the same stamp twice (a replay)");
-        // Concurrent connections arrive out of order: an older stamp within the window is new.
-        assert!(s.accept(t - w / 2));
-        assert!(!s.accept(t - w / 2));
-        assert!(s.accept(t + 1));
-        // Older than the window of the newest: refused, even if never seen.
-        assert!(!s.accept(t + 1 - w));
-        assert!(s.accept(t + 3 * w));
-        assert!(!s.accept(t + 2), "below the moved window");
-        assert!(!s.accept(t), "an old stamp, seen before and now below the window");
-    }
-
-    #[test]
-    fn the_window_is_bounded_and_evicted_stamps_stay_refused() {
-        let mut s = Stamps::default();
-        let base = 1_000 * Stamps::WINDOW;
-        for i in 0..(Stamps::MAX as u64 + 10) {
-            assert!(s.accept(base + i));
-        }
-        assert!(s.recent.len() <= Stamps::MAX);
-        for i in 0..10 {
-            assert!(!s.accept(base + i), "an evicted stamp was accepted again");
-        }
-    }
-}
-
-#[cfg(test)]
 mod refusal_tests {
     use super::RefusalLog;
     use crate::keys::Keypair;
@@ -436,5 +483,65 @@ mod refusal_tests {
         assert!(!log.allow(first), "the same key twice in a minute");
         let logged = (0..50).filter(|_| log.allow(Keypair::generate().public)).count();
         assert_eq!(logged, RefusalLog::PER_MINUTE - 1);
+    }
+}
+
+#[cfg(test)]
+mod resume_tests {
+    use std::sync::atomic::AtomicU64;
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+
+    use super::{Claim, Entry, ResumesFull};
+    use crate::keys::Keypair;
+    use crate::net::stream::Shared;
+    use crate::proto::{Role, Session, SessionConfig};
+
+    fn entry() -> Entry {
+        let client = Keypair::generate().public;
+        let (replace, _) = tokio::sync::mpsc::channel(1);
+        Entry {
+            shared: Shared::new(Session::new(Role::Server, SessionConfig::default()), client),
+            client,
+            who: String::new(),
+            opened: Instant::now(),
+            replace,
+            resume_tokens: Mutex::new(None),
+            resume_mark: AtomicU64::new(0),
+            resuming: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Review 2, item 1: a session holds at most two unconfirmed resumes; a newer one replaces
+    /// the older once that one has waited a second (silently if it has replied), and never one
+    /// whose task holds its connection (writing its reply, or confirmed).
+    #[test]
+    fn a_session_holds_two_unconfirmed_resumes_and_a_newer_one_replaces_the_older() {
+        let e = entry();
+        let (t0, later) = (Instant::now(), Entry::SUPERSEDE_AFTER);
+        let c: Vec<Claim> = (0..5).map(|_| Claim::default()).collect();
+        assert_eq!(e.start_resume(1, &c[1], t0), Ok(None));
+        assert_eq!(e.start_resume(2, &c[2], t0), Ok(None));
+        let young = t0 + later - Duration::from_millis(1);
+        assert!(e.resumes_full(young));
+        assert_eq!(e.start_resume(3, &c[3], young), Err(ResumesFull), "a young resume was replaced");
+        // The oldest has replied and waits for its confirmation: replaced, silently.
+        assert!(c[1].for_task());
+        c[1].awaiting();
+        assert!(!e.resumes_full(t0 + later));
+        assert_eq!(e.start_resume(3, &c[3], t0 + later), Ok(Some((1, false))));
+        assert!(!c[1].confirmed(), "an evicted resume confirmed");
+        // The next oldest has not replied: replaced, and may be told BUSY.
+        assert_eq!(e.start_resume(4, &c[4], t0 + 2 * later), Ok(Some((2, true))));
+        assert!(!c[2].for_task(), "an evicted resume's task took the connection");
+        // The oldest now is writing its reply: not replaced.
+        assert!(c[3].for_task());
+        assert_eq!(e.start_resume(5, &c[0], t0 + 4 * later), Err(ResumesFull));
+        // It confirmed and ended: room again.
+        c[3].awaiting();
+        assert!(c[3].confirmed());
+        e.end_resume(3);
+        assert_eq!(e.start_resume(5, &c[0], t0 + 4 * later), Ok(None));
+        assert_eq!(e.resuming.lock().unwrap().len(), Entry::MAX_RESUMING);
     }
 }

@@ -58,6 +58,9 @@ pub struct Refusals {
     pub timed_out: u64,
     /// Closed to make room at the handshake cap (the oldest unfinished handshake).
     pub evicted: u64,
+    /// Resumes closed before their key confirmation by a newer resume of the same session
+    /// (a session has at most two unconfirmed resumes).
+    pub superseded: u64,
     /// Anything else: malformed or undecryptable messages, a wrong protocol version, I/O errors.
     pub failed: u64,
 }
@@ -72,11 +75,12 @@ pub(super) enum Refusal {
     UnknownSession,
     TimedOut,
     Evicted,
+    Superseded,
     Failed,
 }
 
 impl Refusal {
-    const COUNT: usize = 8;
+    const COUNT: usize = 9;
 
     /// The reason a failed handshake counts under.
     pub(super) fn of(e: &Error) -> Refusal {
@@ -120,6 +124,7 @@ impl Counters {
             unknown_session: n(Refusal::UnknownSession),
             timed_out: n(Refusal::TimedOut),
             evicted: n(Refusal::Evicted),
+            superseded: n(Refusal::Superseded),
             failed: n(Refusal::Failed),
         }
     }
