@@ -241,7 +241,7 @@ async fn reload_on_hangup(
 fn warn_unknown_services(allow: &AllowList, services: &Services) {
     for peer in allow.iter() {
         for name in peer.services.iter().flatten().filter(|s| services.get(s).is_none()) {
-            let client = peer.name.clone().unwrap_or_else(|| peer.key.to_string());
+            let client = holdfast::net::client_label(peer.name.as_deref(), &peer.key);
             warn!(%client, service = %name, "the allow-list gives this client a service the server does not offer");
         }
     }

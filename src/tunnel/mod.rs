@@ -24,6 +24,7 @@ mod join;
 mod mux;
 mod request;
 mod reverse;
+mod rights;
 mod serve;
 mod socks;
 mod splice;

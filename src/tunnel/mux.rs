@@ -20,10 +20,12 @@ use tracing::{debug, info, warn};
 use zeroize::Zeroizing;
 
 use super::join::join;
+use super::rights;
 use super::request::{connect_when_not_busy, read_reply, read_request, write_reply, Request};
 use super::serve::{connect_service, resolve, session_end};
 use super::{Services, Status, TunnelError, REQUEST_TIMEOUT};
 use crate::human::printable;
+use crate::keys::AllowedPeer;
 use crate::mux::{Mux, MuxStream};
 use crate::net::{AllowListHandle, ClientConfig, LinkEvent, Peer, Stream};
 
@@ -246,8 +248,20 @@ async fn serve_sub(
     stop: watch::Receiver<bool>,
 ) {
     let who = peer.label();
-    let (name, tcp, target) = match tokio::time::timeout(REQUEST_TIMEOUT, read_request(&mut sub)).await {
-        Ok(Ok(Request::Service(name))) => {
+    let request = match tokio::time::timeout(REQUEST_TIMEOUT, read_request(&mut sub)).await {
+        Ok(Ok(Request::Mux)) => return warn!(client = %who, "multiplexing requested inside a multiplexed stream"),
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return warn!(client = %who, error = %printable(&e.to_string()), "bad service request"),
+        Err(_) => return warn!(client = %who, "no service request in time"),
+    };
+    // The rights of the key now, from the list in force: not the name the session opened with.
+    let Some(entry) = rights::current(&peer, &allow) else {
+        let gone = "the client is no longer on the allow-list";
+        return refuse_sub(sub, Status::UnknownService, &who, &request_label(&request), gone).await;
+    };
+    let who = rights::label(&entry);
+    let (name, tcp, target) = match request {
+        Request::Service(name) => {
             let target = match resolve(&name, &peer, &services, &allow) {
                 Ok(t) => t,
                 Err((status, why)) => return refuse_sub(sub, status, &who, &name, why).await,
@@ -257,20 +271,18 @@ async fn serve_sub(
             };
             (name, tcp, target.to_string())
         }
-        Ok(Ok(Request::Connect { host, port })) => {
-            let name = format!("connect {}", printable(&format!("{host}:{port}")));
-            let (tcp, target) = match connect_destination(&peer, &services, &allow, &who, &host, port).await {
+        Request::Connect { host, port } => {
+            let name = request_label(&Request::Connect { host: host.clone(), port });
+            let (tcp, target) = match connect_destination(&entry, &services, &who, &host, port).await {
                 Ok(t) => t,
                 Err((status, why)) => return refuse_sub(sub, status, &who, &name, why).await,
             };
             (name, tcp, target.to_string())
         }
-        Ok(Ok(Request::Listen(addr))) => {
-            return super::reverse::serve_listen(sub, addr, mux, (peer, services, allow), stop).await;
+        Request::Listen(addr) => {
+            return super::reverse::serve_listen(sub, addr, mux, (entry, services), stop).await;
         }
-        Ok(Ok(Request::Mux)) => return warn!(client = %who, "multiplexing requested inside a multiplexed stream"),
-        Ok(Err(e)) => return warn!(client = %who, error = %printable(&e.to_string()), "bad service request"),
-        Err(_) => return warn!(client = %who, "no service request in time"),
+        Request::Mux => return,
     };
     if write_reply(&mut sub, Status::Connected, "").await.is_err() {
         return;
@@ -286,22 +298,28 @@ async fn serve_sub(
     }
 }
 
-/// Connects to `host:port` for a dynamic forward, if the `--allow-connect` rules give it to
-/// this client (by its allow-list name); else the refusal: status 1 for a destination not
-/// allowed, 2 for one that does not resolve or answer (the cause is logged here).
+/// How logs name a request.
+fn request_label(request: &Request) -> String {
+    match request {
+        Request::Service(name) => name.clone(),
+        Request::Connect { host, port } => format!("connect {}", printable(&format!("{host}:{port}"))),
+        Request::Listen(addr) => format!("listen {addr}"),
+        Request::Mux => "multiplexing".into(),
+    }
+}
+
+/// Connects to `host:port` for a dynamic forward, if the `--allow-connect` rules that apply to
+/// this client's key (see [`rights::connect_rules`]) give it; else the refusal: status 1 for a
+/// destination not allowed, 2 for one that does not resolve or answer (the cause is logged here).
 async fn connect_destination(
-    peer: &Peer,
+    entry: &AllowedPeer,
     services: &Services,
-    allow: &AllowListHandle,
     who: &str,
     host: &str,
     port: u16,
 ) -> Result<(TcpStream, std::net::SocketAddr), (Status, &'static str)> {
-    if allow.get().lookup(&peer.key).is_none() {
-        return Err((Status::UnknownService, "the client is no longer on the allow-list"));
-    }
-    let rules = services.connect_rules();
-    let addrs = match super::allowed_addrs(rules, peer.name.as_deref(), host, port).await {
+    let rules = rights::connect_rules(services, entry);
+    let addrs = match super::allowed_addrs(&rules, entry.name.as_deref(), host, port).await {
         Ok(a) if a.is_empty() => return Err((Status::UnknownService, "destination not allowed (--allow-connect)")),
         Ok(a) => a,
         Err(e) => {

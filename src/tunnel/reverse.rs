@@ -23,8 +23,8 @@ use super::request::{read_addr, read_reply, tagged, write_reply, REVERSE_OPEN};
 use super::serve::connect_service;
 use super::{Services, Status, TunnelError, REQUEST_TIMEOUT};
 use crate::human::printable;
+use crate::keys::AllowedPeer;
 use crate::mux::{Mux, MuxStream};
-use crate::net::{AllowListHandle, Peer};
 
 /// Client side: the reverse forwards in force, by the server's listener address.
 pub(super) type Remotes = Arc<Mutex<HashMap<SocketAddr, String>>>;
@@ -110,20 +110,19 @@ async fn carry_back(mut sub: MuxStream, remotes: Remotes) {
     }
 }
 
-/// Server side: a listen request on a stream of `mux`. Listens if the `--allow-listen` rules
-/// give `addr` to this client, answers with the address listened on, and carries each
+/// Server side: a listen request on a stream of `mux`, from the client whose allow-list entry
+/// in force is `entry`. Listens if the `--allow-listen` rules that apply to it give it `addr`
+/// (see [`super::rights::may_listen`]), answers with the address listened on, and carries each
 /// connection to the client, until the stream ends, the session ends or `stop` turns true.
 pub(super) async fn serve_listen(
     mut control: MuxStream,
     addr: SocketAddr,
     mux: Mux,
-    (peer, services, allow): (Peer, Arc<Services>, AllowListHandle),
+    (entry, services): (AllowedPeer, Arc<Services>),
     stop: watch::Receiver<bool>,
 ) {
-    let who = peer.label();
-    let allowed = allow.get().lookup(&peer.key).is_some()
-        && services.listen_rules().iter().any(|r| r.gives(peer.name.as_deref(), addr));
-    if !allowed {
+    let who = super::rights::label(&entry);
+    if !super::rights::may_listen(&services, &entry, addr) {
         info!(client = %who, %addr, "reverse forward refused: not allowed (--allow-listen)");
         let _ = write_reply(&mut control, Status::UnknownService, "").await;
         return;

@@ -325,7 +325,7 @@ pub(super) fn commit_new(
     shared.lock().charge = Some(Charge::new(state.budget.clone(), state.key_budget(&client)));
     let (tx, rx) = mpsc::channel(4);
     let name = state.allow().lookup(&client).and_then(|p| p.name.clone());
-    let who = name.clone().unwrap_or_else(|| client.to_string());
+    let who = super::client_label(name.as_deref(), &client);
     let entry = Arc::new(Entry {
         shared: shared.clone(),
         client,

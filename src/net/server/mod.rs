@@ -71,9 +71,19 @@ pub struct Peer {
 }
 
 impl Peer {
-    /// How logs name the client: its allow-list name, or else its key.
+    /// How logs name the client: its allow-list name when the session opened, or else its key,
+    /// quoted as Rust's `Debug` quotes a string (`"alice laptop"`), so that a name with spaces
+    /// or `=` reads as one field.
     pub fn label(&self) -> String {
-        self.name.clone().unwrap_or_else(|| self.key.to_string())
+        client_label(self.name.as_deref(), &self.key)
+    }
+}
+
+/// How logs name a client: its allow-list name, or else its key, quoted (see [`Peer::label`]).
+pub fn client_label(name: Option<&str>, key: &PublicKey) -> String {
+    match name {
+        Some(n) => format!("{n:?}"),
+        None => format!("{:?}", key.to_string()),
     }
 }
 
