@@ -212,7 +212,8 @@ fn upgrade_on_usr2(enabled: bool, retirement: Retirement) -> Result<impl std::fu
 
 /// Reloads the allow-list file on every SIGHUP. A file that does not load (missing, malformed,
 /// writable by group or others, owned by another user: see `holdfast::keys`) is reported and the
-/// list in force stays; live sessions are untouched.
+/// list in force stays. Sessions of keys no longer on the list are ended (their clients are
+/// told that the key is no longer allowed).
 async fn reload_on_hangup(
     mut hangups: Signal,
     handle: holdfast::net::AllowListHandle,
@@ -227,8 +228,8 @@ async fn reload_on_hangup(
                 }
                 warn_unknown_services(&list, &services);
                 let n = list.len();
-                handle.set(list);
-                info!(file = %path.display(), clients = n, "allow-list reloaded");
+                let ended = handle.set(list);
+                info!(file = %path.display(), clients = n, ended_sessions = ended, "allow-list reloaded");
             }
             Err(e) => error!(error = %e, "allow-list not reloaded; the previous one stays in force"),
         }

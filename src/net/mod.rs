@@ -120,6 +120,7 @@ impl From<Error> for io::Error {
             Error::Busy { .. } => K::ResourceBusy,
             Error::Handshake { source: HandshakeError::UnknownSession, .. } => K::NotConnected,
             Error::Handshake { source: HandshakeError::Busy, .. } => K::ResourceBusy,
+            Error::Handshake { source: HandshakeError::NoLongerAllowed, .. } => K::PermissionDenied,
             Error::Handshake { .. } | Error::ProxyHeader { .. } => K::InvalidData,
             Error::Handover { .. } => K::Other,
             Error::Timeout { .. } => K::TimedOut,

@@ -115,10 +115,15 @@ async fn hello_read(
     let entry = match head.resume {
         None => None,
         Some((id, attempt)) => {
-            let (entry, pending_first) = {
+            let (entry, pending_first, revoked) = {
                 let t = state.table();
-                (t.by_ticket.get(&id).cloned(), t.first_pending.contains(&id))
+                (t.by_ticket.get(&id).cloned(), t.first_pending.contains(&id), t.revoked.contains_key(&id))
             };
+            // A session whose key was removed from the allow-list: told so (REJECT 4).
+            if revoked || entry.as_ref().is_some_and(|e| state.allow().lookup(&e.client).is_none()) {
+                let _ = write_record(&mut sock, &handshake::reject(RejectCode::NotAllowed)).await;
+                return Err(fail(HandshakeError::NoLongerAllowed));
+            }
             let Some(entry) = entry else {
                 // Not a session of this process: perhaps of the one it took over from.
                 if !pending_first && claim.for_task() && hand_down(&sock, addr, &body, state).await {
@@ -349,6 +354,10 @@ pub(super) fn commit_new(
     if state.accepted.try_send((Stream::new(shared.clone()), peer)).is_err() {
         warn!(%addr, "accept queue full; dropping new session");
         shared.fail(CloseCode::Limit, SessionError::Aborted("server accept queue full".into()));
+    }
+    // The allow-list changed during the handshake (`State::revoke` did not see this session).
+    if state.allow().lookup(&client).is_none() {
+        entry.revoke();
     }
     tokio::spawn(session_task(state.clone(), entry, link, rx));
     Ok(())
