@@ -109,7 +109,7 @@ impl MuxPool {
     /// # Errors
     /// As [`MuxPool::open`]: not allowed is [`TunnelError::UnknownService`], cannot listen
     /// [`TunnelError::ServiceRefused`].
-    pub(super) async fn open_listen(&self, bind: &str) -> Result<Option<(MuxStream, String)>, TunnelError> {
+    pub async fn open_listen(&self, bind: &str) -> Result<Option<(MuxStream, String)>, TunnelError> {
         let req = super::request::tagged(super::request::LISTEN_REQUEST, bind);
         self.open_with(&req, bind).await
     }
