@@ -225,4 +225,3 @@ async fn a_removed_keys_detached_session_cannot_resume() {
     .await
     .expect("the test did not finish in time");
 }
-

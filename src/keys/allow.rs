@@ -8,11 +8,12 @@ use std::path::Path;
 use subtle::{Choice, ConditionallySelectable as _, ConstantTimeEq as _};
 
 use super::fsperm::{self, Kind};
-use crate::human::printable;
 use super::{io_err, KeyError, PublicKey};
+use crate::human::printable;
 
 /// What an allow-list line may hold after the key, for error messages.
-const LINE_FORMAT: &str = "a line is KEY [NAME] [services=SERVICE[,SERVICE...]] [forward=connect|listen|connect,listen]: \
+const LINE_FORMAT: &str =
+    "a line is KEY [NAME] [services=SERVICE[,SERVICE...]] [forward=connect|listen|connect,listen]: \
      the name first, then the options, each at most once";
 
 /// One entry of an [`AllowList`].
@@ -78,7 +79,11 @@ fn parse_rest(rest: &str) -> Result<Rest, String> {
             "forward" if parsed.forward.is_some() => return Err(format!("forward= is given twice; {LINE_FORMAT}")),
             "services" => parsed.services = Some(parse_services(value)?),
             "forward" => parsed.forward = Some(parse_forward(value)?),
-            _ => return Err(format!("'{shown}' is not an allow-list option (the options are services= and forward=); {LINE_FORMAT}")),
+            _ => {
+                return Err(format!(
+                    "'{shown}' is not an allow-list option (the options are services= and forward=); {LINE_FORMAT}"
+                ))
+            }
         }
     }
     if !words.is_empty() {
@@ -370,7 +375,10 @@ mod tests {
             assert!(msg.contains(says), "{rest:?}: {msg}");
             assert!(!msg.contains('\u{1b}'), "{msg}");
             if ["option", "comes after", "twice"].iter().any(|w| says.contains(w)) {
-                assert!(msg.contains("a line is KEY [NAME] [services="), "{rest:?} does not say what is accepted: {msg}");
+                assert!(
+                    msg.contains("a line is KEY [NAME] [services="),
+                    "{rest:?} does not say what is accepted: {msg}"
+                );
             }
         }
         let long = line_2_error(&"x".repeat(crate::names::MAX_CLIENT_NAME + 1));
@@ -386,7 +394,10 @@ mod tests {
         );
         let list = AllowList::parse(&text).unwrap();
         let get = |i: usize| list.lookup(&keys[i]).unwrap();
-        assert_eq!((get(0).connect, get(0).listen, get(0).allows("ssh"), get(0).allows("db")), (true, false, true, false));
+        assert_eq!(
+            (get(0).connect, get(0).listen, get(0).allows("ssh"), get(0).allows("db")),
+            (true, false, true, false)
+        );
         assert_eq!((get(1).connect, get(1).listen, get(1).allows("db")), (true, true, true));
         // forward= alone: no service at all.
         assert_eq!((get(2).connect, get(2).listen, get(2).services.clone()), (false, true, Some(vec![])));
@@ -406,6 +417,9 @@ mod tests {
         assert_eq!(AllowList::parse(&format!("{a}\n{b} services=ssh\n{c}\n")).unwrap().len(), 3);
         // Built in code, a later entry with the same name loses it: a rule names one key.
         let list = AllowList::from_keys([(a, Some("laptop".into())), (b, Some("laptop".into()))]);
-        assert_eq!((list.lookup(&a).unwrap().name.as_deref(), list.lookup(&b).unwrap().name.as_deref()), (Some("laptop"), None));
+        assert_eq!(
+            (list.lookup(&a).unwrap().name.as_deref(), list.lookup(&b).unwrap().name.as_deref()),
+            (Some("laptop"), None)
+        );
     }
 }

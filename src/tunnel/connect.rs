@@ -191,7 +191,14 @@ mod tests {
 
     #[test]
     fn rules_parse_and_print() {
-        for s in ["*:*", "laptop@db.internal:5432", "alice@home@db:1", "*.internal:8000-8999", "10.0.0.0/8:443", "127.0.0.1:22"] {
+        for s in [
+            "*:*",
+            "laptop@db.internal:5432",
+            "alice@home@db:1",
+            "*.internal:8000-8999",
+            "10.0.0.0/8:443",
+            "127.0.0.1:22",
+        ] {
             assert_eq!(rule(s).to_string(), s);
         }
         assert_eq!(rule("[::1]:22").to_string(), "::1:22");

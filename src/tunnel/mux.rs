@@ -20,8 +20,8 @@ use tracing::{debug, info, warn};
 use zeroize::Zeroizing;
 
 use super::join::join;
-use super::rights;
 use super::request::{connect_when_not_busy, read_reply, read_request, write_reply, Request};
+use super::rights;
 use super::serve::{connect_service, resolve, session_end};
 use super::{Services, Status, TunnelError, REQUEST_TIMEOUT};
 use crate::human::printable;

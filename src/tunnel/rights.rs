@@ -47,13 +47,15 @@ mod tests {
     #[test]
     fn rules_apply_by_the_line_and_by_the_name() {
         let (a, b, c) = (Keypair::generate().public, Keypair::generate().public, Keypair::generate().public);
-        let list = AllowList::parse(&format!("{a} open\n{b} ci services=echo\n{c} bastion forward=connect,listen\n")).unwrap();
+        let list =
+            AllowList::parse(&format!("{a} open\n{b} ci services=echo\n{c} bastion forward=connect,listen\n")).unwrap();
         let mut services = Services::new();
         for r in ["127.0.0.1:*", "ci@10.0.0.1:22"] {
             services.allow_connect(r.parse().unwrap());
             services.allow_listen(r.parse().unwrap());
         }
-        let rules = |k| connect_rules(&services, list.lookup(k).unwrap()).iter().map(|r| r.to_string()).collect::<Vec<_>>();
+        let rules =
+            |k| connect_rules(&services, list.lookup(k).unwrap()).iter().map(|r| r.to_string()).collect::<Vec<_>>();
         assert_eq!(rules(&a), ["127.0.0.1:*"]);
         assert_eq!(rules(&b), ["ci@10.0.0.1:22"], "a restricted key got a rule for everyone");
         assert_eq!(rules(&c), ["127.0.0.1:*"]);

@@ -207,7 +207,12 @@ impl State {
             let mut t = self.table();
             let expiry = self.cfg.limits.session_expiry;
             t.revoked.retain(|_, at| now.saturating_duration_since(*at) < expiry);
-            let gone: Vec<_> = t.by_ticket.iter().filter(|(_, e)| !allowed.contains(&e.client)).map(|(id, e)| (*id, e.clone())).collect();
+            let gone: Vec<_> = t
+                .by_ticket
+                .iter()
+                .filter(|(_, e)| !allowed.contains(&e.client))
+                .map(|(id, e)| (*id, e.clone()))
+                .collect();
             for (id, entry) in gone {
                 t.revoked.insert(id, now);
                 if !ended.iter().any(|e| Arc::ptr_eq(e, &entry)) {
