@@ -38,19 +38,35 @@
 //!
 //! # Allow-list
 //!
-//! An [`AllowList`] file has one public key per line, optionally followed by
-//! whitespace and a free-form name. `#` starts a comment, which may fill the
-//! line or follow the key and name. Blank lines are ignored. Malformed lines
-//! and duplicate keys are errors that name the 1-based line number.
+//! An [`AllowList`] file has one public key per line, optionally followed by a name and then
+//! options: `KEY [NAME] [services=SERVICE[,SERVICE...]] [forward=connect|listen|connect,listen]`.
+//! `#` starts a comment, which may fill the line or follow the rest. Blank lines are ignored.
 //!
-//! If the last word of a line is `services=NAME[,NAME...]`, that key may reach only those
-//! tunnel services ([`AllowedPeer::services`]; names as in [`crate::tunnel::check_name`]);
-//! without it, a key reaches every service, so older files mean what they meant:
+//! The name is the words between the key and the first option (joined by single spaces), up to
+//! 128 bytes without control characters ([`crate::names::client_name_problem`]). Logs and
+//! `CLIENT@` rules tell keys apart by it, so two lines may not have the same name.
+//!
+//! An option is a word with `=`. Options come after the name, each at most once:
+//!
+//! - `services=ssh,db`: the key may reach only those tunnel services ([`AllowedPeer::services`];
+//!   names as in [`crate::names::is_service_name`]);
+//! - `forward=connect`, `forward=listen`, `forward=connect,listen`: the key may ask for dynamic
+//!   (SOCKS, `--allow-connect`) or reverse (`--allow-listen`) forwarding.
+//!
+//! A line without options gives its key everything the server offers, so older files mean what
+//! they meant. A line with options gives only what they name: `services=git` alone gives no
+//! forwarding, and `forward=connect` alone no service. A server rule that names the client
+//! (`NAME@HOST:PORT`) applies to its key whatever the options say.
+//!
+//! Any other word with `=` (a typo such as `service=ssh`), a name word after an option, an
+//! option given twice, a malformed option, a duplicate key or a duplicate name is an error that
+//! names the 1-based line number: the whole file is refused.
 //!
 //! ```text
-//! # alice may use every service, the build machine only the git mirror
+//! # alice may use everything, the build machine only the git mirror, the bastion only SOCKS
 //! HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw= alice laptop
 //! xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg= ci services=git
+//! 4N7ZpmSQWQBVJ0ggyE8cyg0TLMk2uQdVqsGk4OcKN0M= bastion forward=connect
 //! ```
 
 use std::fmt;

@@ -72,6 +72,7 @@ pub mod harden;
 pub mod human;
 pub mod keys;
 pub mod mux;
+pub mod names;
 pub mod net;
 pub mod proto;
 pub mod scrape;

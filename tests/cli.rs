@@ -233,10 +233,11 @@ async fn the_server_logs_each_refused_client_key() {
     assert_eq!(log.matches("not on the allow-list").count(), 1, "logged more than once:\n{log}");
 }
 
-/// SIGHUP reloads the allow-list: a key added to the file can connect, a removed one can no
-/// longer start a session, a bad file keeps the list in force, and a live session goes on.
+/// SIGHUP reloads the allow-list: a key added to the file can connect, a bad file keeps the list
+/// in force (and the live session goes on), and a removed key can no longer start a session and
+/// is cut off: its live session ends, and its client says why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn allow_list_reloads_on_sighup_and_live_sessions_go_on() {
+async fn allow_list_reloads_on_sighup_and_a_removed_keys_session_ends() {
     let keys = Keys::new("reload");
     let newcomer = Keypair::generate();
     let newcomer_key = keys.dir.path("newcomer.key");
@@ -273,6 +274,7 @@ async fn allow_list_reloads_on_sighup_and_live_sessions_go_on() {
     server.wait_log("allow-list not reloaded", 1).await;
     let (status, _, _) = run(&strs(&newcomer_args), b"hi").await;
     assert!(!status.success(), "a failed reload let the newcomer in");
+    echo_on_live(2).await;
     std::fs::write(&keys.authorized, format!("{} newcomer\n", newcomer.public)).unwrap();
     hup();
     server.wait_log("allow-list reloaded", 1).await;
@@ -280,13 +282,16 @@ async fn allow_list_reloads_on_sighup_and_live_sessions_go_on() {
     assert!(status.success(), "the newcomer was refused after the reload:\n{err}");
     assert_eq!(out, b"hi");
 
-    // The original client is no longer listed: it cannot start a new session, but its live
-    // session goes on.
+    // The original client is no longer listed: it cannot start a new session, and its live
+    // session has ended, the client saying why.
     let (status, _, _) = run(&strs(&keys.client_args("connect", addr, "echo")), b"hi").await;
     assert!(!status.success(), "a removed key started a new session");
-    echo_on_live(2).await;
-    let log = server.stderr();
-    assert!(log.contains("allow-list reloaded") && log.contains("allow-list not reloaded"), "{log}");
+    let mut rest = Vec::new();
+    let end = timeout(LIMIT, live.read_to_end(&mut rest)).await.expect("the removed key's live stream goes on");
+    assert!(end.is_err() || rest.is_empty(), "{end:?} {rest:?}");
+    client.wait_log("the server no longer allows this key", 1).await;
+    let log = server.wait_log("ended_sessions=1", 1).await;
+    assert!(log.contains("allow-list not reloaded"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -317,6 +317,6 @@ async fn services_can_be_restricted_per_key() {
     );
     let log = server.wait_log("tunnel refused: not given to this client", 1).await;
     let typo = log.lines().find(|l| l.contains("a service the server does not offer")).expect("no warning for ehco");
-    assert!(typo.contains("client=typo service=ehco"), "{typo}");
-    assert!(log.contains("client=ci runner service=other"), "{log}");
+    assert!(typo.contains("client=\"typo\" service=ehco"), "{typo}");
+    assert!(log.contains("client=\"ci runner\" service=other"), "{log}");
 }

@@ -171,7 +171,7 @@ async fn curl_through_a_reverse_forward_survives_kills_and_its_listener_goes_wit
     assert!(status.success(), "client exit {status}:\n{log}");
     tunnel.server.wait_log("the listener is released", 1).await;
     let log = tunnel.server.wait_log("session closed", 1).await;
-    assert!(!log.contains("session detached; waiting for resume client=laptop cause=peer"), "{log}");
+    assert!(!log.contains("session detached; waiting for resume client=\"laptop\" cause=peer"), "{log}");
     let refused = tokio::net::TcpStream::connect(listen).await;
     assert_eq!(
         refused.err().map(|e| e.kind()),

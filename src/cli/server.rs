@@ -212,7 +212,8 @@ fn upgrade_on_usr2(enabled: bool, retirement: Retirement) -> Result<impl std::fu
 
 /// Reloads the allow-list file on every SIGHUP. A file that does not load (missing, malformed,
 /// writable by group or others, owned by another user: see `holdfast::keys`) is reported and the
-/// list in force stays; live sessions are untouched.
+/// list in force stays. Sessions of keys no longer on the list are ended (their clients are
+/// told that the key is no longer allowed).
 async fn reload_on_hangup(
     mut hangups: Signal,
     handle: holdfast::net::AllowListHandle,
@@ -227,8 +228,8 @@ async fn reload_on_hangup(
                 }
                 warn_unknown_services(&list, &services);
                 let n = list.len();
-                handle.set(list);
-                info!(file = %path.display(), clients = n, "allow-list reloaded");
+                let ended = handle.set(list);
+                info!(file = %path.display(), clients = n, ended_sessions = ended, "allow-list reloaded");
             }
             Err(e) => error!(error = %e, "allow-list not reloaded; the previous one stays in force"),
         }
@@ -241,7 +242,7 @@ async fn reload_on_hangup(
 fn warn_unknown_services(allow: &AllowList, services: &Services) {
     for peer in allow.iter() {
         for name in peer.services.iter().flatten().filter(|s| services.get(s).is_none()) {
-            let client = peer.name.clone().unwrap_or_else(|| peer.key.to_string());
+            let client = holdfast::net::client_label(peer.name.as_deref(), &peer.key);
             warn!(%client, service = %name, "the allow-list gives this client a service the server does not offer");
         }
     }

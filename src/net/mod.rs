@@ -25,7 +25,8 @@ pub use client::connect;
 pub use config::{ClientConfig, Limits, Recovery, RecoveryHook, RecoveryPolicy, ServerConfig};
 pub use events::{LinkEvent, LinkLost, LinkStatus};
 pub use server::{
-    bind, bind_with_handover, AllowListHandle, Listener, Peer, Refusals, Retirement, ServerStats, StatsHandle,
+    bind, bind_with_handover, client_label, AllowListHandle, Listener, Peer, Refusals, Retirement, ServerStats,
+    StatsHandle,
 };
 pub use stream::{ReadHalf, Stream, WriteHalf};
 
@@ -131,6 +132,7 @@ impl From<Error> for io::Error {
             Error::Busy { .. } => K::ResourceBusy,
             Error::Handshake { source: HandshakeError::UnknownSession, .. } => K::NotConnected,
             Error::Handshake { source: HandshakeError::Busy, .. } => K::ResourceBusy,
+            Error::Handshake { source: HandshakeError::NoLongerAllowed, .. } => K::PermissionDenied,
             Error::Handshake { .. } | Error::ProxyHeader { .. } => K::InvalidData,
             Error::Handover { .. } => K::Other,
             Error::Timeout { .. } => K::TimedOut,

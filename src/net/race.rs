@@ -98,6 +98,8 @@ impl Race {
 enum Failed {
     /// The session is lost (REJECT 1).
     Lost,
+    /// The server no longer allows this key (REJECT 4).
+    NotAllowed,
     /// The server answered BUSY: back off.
     Busy,
     /// Nothing listening (or a middlebox resetting): keep the short schedule for a few
@@ -110,6 +112,7 @@ enum Failed {
 fn classify(e: &Error) -> Failed {
     match e {
         Error::Handshake { source: HandshakeError::UnknownSession, .. } => Failed::Lost,
+        Error::Handshake { source: HandshakeError::NoLongerAllowed, .. } => Failed::NotAllowed,
         Error::Busy { .. } => Failed::Busy,
         Error::Connect { source, .. } if source.kind() == std::io::ErrorKind::ConnectionRefused => Failed::Refused,
         _ => Failed::Other,
@@ -197,6 +200,7 @@ async fn run(
                     }
                     Err(e) => match classify(&e) {
                         Failed::Lost => return Some(Err(SessionError::Lost)),
+                        Failed::NotAllowed => return Some(Err(SessionError::NotAllowed)),
                         Failed::Refused if started.elapsed() < REFUSED_GRACE => {
                             debug!(error = %e, "reconnect attempt refused");
                         }

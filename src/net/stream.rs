@@ -187,6 +187,7 @@ pub(crate) fn to_io(e: SessionError) -> io::Error {
     let kind = match &e {
         SessionError::GaveUp(_) | SessionError::Expired(_) => K::TimedOut,
         SessionError::Lost => K::NotConnected,
+        SessionError::NotAllowed => K::PermissionDenied,
         SessionError::PeerClosed { .. } | SessionError::Declined(_) | SessionError::Aborted(_) => K::ConnectionAborted,
         SessionError::WriteAfterShutdown => K::BrokenPipe,
         SessionError::BadResume(_) => K::InvalidData,

@@ -120,6 +120,9 @@ pub enum CloseCode {
     Limit,
     /// The server is shutting down.
     Shutdown,
+    /// The server no longer allows the client's key (it was removed from the allow-list): the
+    /// session is over, and no new one will be accepted.
+    NotAllowed,
     /// A code this version does not know.
     Other(u16),
 }
@@ -134,6 +137,7 @@ impl CloseCode {
             CloseCode::Expired => 3,
             CloseCode::Limit => 4,
             CloseCode::Shutdown => 5,
+            CloseCode::NotAllowed => 6,
             CloseCode::Other(c) => c,
         }
     }
@@ -147,6 +151,7 @@ impl CloseCode {
             3 => CloseCode::Expired,
             4 => CloseCode::Limit,
             5 => CloseCode::Shutdown,
+            6 => CloseCode::NotAllowed,
             c => CloseCode::Other(c),
         }
     }

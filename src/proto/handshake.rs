@@ -83,6 +83,9 @@ pub enum RejectCode {
     /// A first connection whose timestamp is not newer than one the server already accepted for
     /// this client key: a replay, another machine using the same key, or a clock that went back.
     Stale,
+    /// (RESUME) The session's client key is no longer on the server's allow-list: the session
+    /// was ended when the key was removed.
+    NotAllowed,
 }
 
 impl RejectCode {
@@ -92,6 +95,7 @@ impl RejectCode {
             RejectCode::UnknownSession => 1,
             RejectCode::Busy => 2,
             RejectCode::Stale => 3,
+            RejectCode::NotAllowed => 4,
         }
     }
 }
@@ -134,6 +138,9 @@ pub enum HandshakeError {
          key, or this machine's clock went back or runs ahead); check the clocks of both machines"
     )]
     Stale,
+    /// (RESUME) REJECT 4: the server no longer allows this client key; the session was ended.
+    #[error("the server no longer allows this key (it was removed from the server's allow-list)")]
+    NoLongerAllowed,
     /// The server answered with a reject code this version does not know.
     #[error("server rejected the handshake with code {0}")]
     Rejected(u8),
@@ -383,6 +390,7 @@ impl ClientHandshake {
                     [1] => HandshakeError::UnknownSession,
                     [2] => HandshakeError::Busy,
                     [3] => HandshakeError::Stale,
+                    [4] => HandshakeError::NoLongerAllowed,
                     [c] => HandshakeError::Rejected(*c),
                     _ => HandshakeError::Malformed,
                 })

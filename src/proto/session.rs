@@ -105,6 +105,13 @@ pub enum SessionError {
          server confirmed it, or a load balancer sent the resume to another server); not starting a new one"
     )]
     Lost,
+    /// The server ended the session because the client's key is no longer on its allow-list
+    /// (CLOSE code 6, or REJECT 4 to a resume). Not retried: a new session would be refused too.
+    #[error(
+        "the server no longer allows this key: it was removed from the server's allow-list, and the session \
+         was ended; ask the server's operator if that is a mistake"
+    )]
+    NotAllowed,
     /// The server expired the detached session.
     #[error("session expired after {} without a resume", Rounded(*.0))]
     Expired(Duration),
@@ -649,6 +656,9 @@ impl Session {
                     // The peer is done and so are we: treat our FIN as delivered.
                     self.fin_acked = true;
                     self.apply_ack(self.written_offset());
+                } else if code == CloseCode::NotAllowed && self.role == Role::Client {
+                    self.failed = Some(SessionError::NotAllowed);
+                    return Err(SessionError::NotAllowed);
                 } else {
                     let e = SessionError::PeerClosed { code, reason: reason.to_string() };
                     self.failed = Some(e.clone());

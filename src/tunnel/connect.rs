@@ -61,7 +61,8 @@ impl std::str::FromStr for ConnectRule {
     /// Parses `[CLIENT@]HOST:PORT`.
     fn from_str(spec: &str) -> Result<Self, TunnelError> {
         let bad = TunnelError::Malformed("connect rule (want [CLIENT@]HOST:PORT, PORT a number, N-M or *)");
-        let (client, rest) = match spec.split_once('@') {
+        // The last '@': a host has none, a client name may.
+        let (client, rest) = match spec.rsplit_once('@') {
             Some((c, r)) if !c.is_empty() => (Some(c.to_string()), r),
             Some(_) => return Err(bad),
             None => (None, spec),
@@ -117,6 +118,11 @@ pub fn check_host(host: &str) -> Result<(), TunnelError> {
 }
 
 impl ConnectRule {
+    /// The client this rule is limited to (`CLIENT@`), if any.
+    pub fn client(&self) -> Option<&str> {
+        self.client.as_deref()
+    }
+
     fn for_client(&self, client: Option<&str>) -> bool {
         self.client.as_deref().is_none_or(|c| Some(c) == client)
     }
@@ -243,7 +249,14 @@ mod tests {
 
     #[test]
     fn rules_parse_and_print() {
-        for s in ["*:*", "laptop@db.internal:5432", "*.internal:8000-8999", "10.0.0.0/8:443", "127.0.0.1:22"] {
+        for s in [
+            "*:*",
+            "laptop@db.internal:5432",
+            "alice@home@db:1",
+            "*.internal:8000-8999",
+            "10.0.0.0/8:443",
+            "127.0.0.1:22",
+        ] {
             assert_eq!(rule(s).to_string(), s);
         }
         assert_eq!(rule("[::1]:22").to_string(), "::1:22");

@@ -25,6 +25,7 @@ mod limits;
 mod mux;
 pub(crate) mod request;
 mod reverse;
+mod rights;
 mod serve;
 mod socks;
 mod splice;
@@ -50,8 +51,7 @@ pub use socks::socks;
 pub use splice::{splice, splice_until};
 pub use stdio::stdio;
 
-/// Longest service name.
-pub const MAX_SERVICE_NAME: usize = 64;
+pub use crate::names::MAX_SERVICE_NAME;
 /// How long a server waits for a service request, and a client for its reply.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -145,15 +145,12 @@ impl From<TunnelError> for io::Error {
     }
 }
 
-/// Checks a service name.
+/// Checks a service name ([`crate::names::is_service_name`]).
 ///
 /// # Errors
 /// [`TunnelError::BadName`] if it is empty, too long, or has other characters.
 pub fn check_name(name: &str) -> Result<(), TunnelError> {
-    let ok = !name.is_empty()
-        && name.len() <= MAX_SERVICE_NAME
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
-    if ok {
+    if crate::names::is_service_name(name) {
         Ok(())
     } else {
         Err(TunnelError::BadName(name.to_string()))

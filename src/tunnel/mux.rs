@@ -21,9 +21,11 @@ use zeroize::Zeroizing;
 
 use super::join::join;
 use super::request::{connect_when_not_busy, read_reply, read_request, write_reply, Request};
+use super::rights;
 use super::serve::{connect_service, resolve, session_end};
 use super::{Services, Status, TunnelError, REQUEST_TIMEOUT};
 use crate::human::printable;
+use crate::keys::AllowedPeer;
 use crate::mux::{Mux, MuxStream};
 use crate::net::{AllowListHandle, ClientConfig, LinkEvent, LinkStatus, Peer, Stream};
 
@@ -127,7 +129,7 @@ impl MuxPool {
     /// # Errors
     /// As [`MuxPool::open`]: not allowed is [`TunnelError::UnknownService`], cannot listen
     /// [`TunnelError::ServiceRefused`].
-    pub(super) async fn open_listen(&self, bind: &str) -> Result<Option<(MuxStream, String)>, TunnelError> {
+    pub async fn open_listen(&self, bind: &str) -> Result<Option<(MuxStream, String)>, TunnelError> {
         let req = super::request::tagged(super::request::LISTEN_REQUEST, bind);
         self.open_with(&req, bind).await
     }
@@ -291,8 +293,20 @@ async fn serve_sub(
     ctx: SessionCtx,
 ) {
     let who = peer.label();
-    let (name, tcp, target) = match tokio::time::timeout(REQUEST_TIMEOUT, read_request(&mut sub)).await {
-        Ok(Ok(Request::Service(name))) => {
+    let request = match tokio::time::timeout(REQUEST_TIMEOUT, read_request(&mut sub)).await {
+        Ok(Ok(Request::Mux)) => return warn!(client = %who, "multiplexing requested inside a multiplexed stream"),
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return warn!(client = %who, error = %printable(&e.to_string()), "bad service request"),
+        Err(_) => return warn!(client = %who, "no service request in time"),
+    };
+    // The rights of the key now, from the list in force: not the name the session opened with.
+    let Some(entry) = rights::current(&peer, &allow) else {
+        let gone = "the client is no longer on the allow-list";
+        return refuse_sub(sub, Status::UnknownService, &who, &request_label(&request), gone).await;
+    };
+    let who = rights::label(&entry);
+    let (name, tcp, target) = match request {
+        Request::Service(name) => {
             let target = match resolve(&name, &peer, &services, &allow) {
                 Ok(t) => t,
                 Err((status, why)) => return refuse_sub(sub, status, &who, &name, why).await,
@@ -302,20 +316,18 @@ async fn serve_sub(
             };
             (name, tcp, target.to_string())
         }
-        Ok(Ok(Request::Connect { host, port })) => {
-            let name = format!("connect {}", printable(&format!("{host}:{port}")));
-            let (tcp, target) = match connect_destination(&peer, &services, &allow, &ctx, (&host, port)).await {
+        Request::Connect { host, port } => {
+            let name = request_label(&Request::Connect { host: host.clone(), port });
+            let (tcp, target) = match connect_destination(&entry, &services, &who, &ctx, (&host, port)).await {
                 Ok(t) => t,
                 Err((status, why)) => return refuse_sub(sub, status, &who, &name, why).await,
             };
             (name, tcp, target.to_string())
         }
-        Ok(Ok(Request::Listen(addr))) => {
-            return super::reverse::serve_listen(sub, addr, mux, (peer, services, allow), stop, ctx.status).await;
+        Request::Listen(addr) => {
+            return super::reverse::serve_listen(sub, addr, mux, (entry, services), stop, ctx.status).await;
         }
-        Ok(Ok(Request::Mux)) => return warn!(client = %who, "multiplexing requested inside a multiplexed stream"),
-        Ok(Err(e)) => return warn!(client = %who, error = %printable(&e.to_string()), "bad service request"),
-        Err(_) => return warn!(client = %who, "no service request in time"),
+        Request::Mux => return,
     };
     if write_reply(&mut sub, Status::Connected, "").await.is_err() {
         return;
@@ -331,32 +343,38 @@ async fn serve_sub(
     }
 }
 
-/// Connects to `host:port` for a dynamic forward, if the `--allow-connect` rules give it to
-/// this client (by its allow-list name); else the refusal: status 1 for a destination not
-/// allowed, 2 for one that a name rule gives but that does not resolve or answer (the cause is
-/// logged here). A name that only address rules could give is looked up, and any failure is
-/// answered 1, as for a name that resolves outside them: the answer does not tell whether a
-/// name exists. IP literals are never looked up; names are looked up within the session's and
-/// the key's bounds ([`super::TunnelLimits`]).
+/// How logs name a request.
+fn request_label(request: &Request) -> String {
+    match request {
+        Request::Service(name) => name.clone(),
+        Request::Connect { host, port } => format!("connect {}", printable(&format!("{host}:{port}"))),
+        Request::Listen(addr) => format!("listen {addr}"),
+        Request::Mux => "multiplexing".into(),
+    }
+}
+
+/// Connects to `host:port` for a dynamic forward, if the `--allow-connect` rules that apply to
+/// this client's key (see [`rights::connect_rules`]) give it; else the refusal: status 1 for a
+/// destination not allowed, 2 for one that a name rule gives but that does not resolve or answer
+/// (the cause is logged here). A name that only address rules could give is looked up, and any
+/// failure is answered 1, as for a name that resolves outside them: the answer does not tell
+/// whether a name exists. IP literals are never looked up; names are looked up within the
+/// session's and the key's bounds ([`super::TunnelLimits`]).
 async fn connect_destination(
-    peer: &Peer,
+    entry: &AllowedPeer,
     services: &Services,
-    allow: &AllowListHandle,
+    who: &str,
     ctx: &SessionCtx,
     (host, port): (&str, u16),
 ) -> Result<(TcpStream, std::net::SocketAddr), (Status, &'static str)> {
-    let who = &peer.label();
-    if allow.get().lookup(&peer.key).is_none() {
-        return Err((Status::UnknownService, "the client is no longer on the allow-list"));
-    }
-    let rules = services.connect_rules();
-    let client = peer.name.as_deref();
+    let rules = rights::connect_rules(services, entry);
+    let client = entry.name.as_deref();
     let not_allowed = (Status::UnknownService, "destination not allowed (--allow-connect)");
-    let addrs = match super::plan(rules, client, host, port) {
+    let addrs = match super::plan(&rules, client, host, port) {
         super::Plan::Refuse => return Err(not_allowed),
         super::Plan::Addr(a) => vec![a],
-        super::Plan::Lookup { by_name } => match services.bounds().lookup(peer.key, &ctx.lookups, host, port).await {
-            Ok(found) => super::allowed_of(rules, client, by_name, found),
+        super::Plan::Lookup { by_name } => match services.bounds().lookup(entry.key, &ctx.lookups, host, port).await {
+            Ok(found) => super::allowed_of(&rules, client, by_name, found),
             Err(e) if by_name => {
                 warn!(client = %who, host = %printable(host), port, error = %e, "cannot resolve the destination");
                 return Err((Status::Unavailable, "destination does not resolve"));

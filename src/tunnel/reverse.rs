@@ -26,8 +26,9 @@ use super::request::{read_addr, read_reply, tagged, write_reply, REVERSE_OPEN};
 use super::serve::connect_service;
 use super::{Services, Status, TunnelError, REQUEST_TIMEOUT};
 use crate::human::printable;
+use crate::keys::AllowedPeer;
 use crate::mux::{Mux, MuxStream};
-use crate::net::{AllowListHandle, LinkStatus, Peer};
+use crate::net::LinkStatus;
 
 /// Client side: the reverse forwards in force, by the server's listener address.
 pub(super) type Remotes = Arc<Mutex<HashMap<SocketAddr, String>>>;
@@ -126,8 +127,9 @@ async fn carry_back(mut sub: MuxStream, remotes: Remotes) {
     }
 }
 
-/// Server side: a listen request on a stream of `mux`. Listens if the `--allow-listen` rules
-/// give `addr` to this client, answers with the address listened on, and carries each
+/// Server side: a listen request on a stream of `mux`, from the client whose allow-list entry
+/// in force is `entry`. Listens if the `--allow-listen` rules that apply to it give it `addr`
+/// (see [`super::rights::may_listen`]), answers with the address listened on, and carries each
 /// connection to the client, until the stream ends, the session ends or `stop` turns true.
 ///
 /// A connection is accepted only with a permit of this listener and one of the client's key
@@ -138,16 +140,14 @@ pub(super) async fn serve_listen(
     mut control: MuxStream,
     addr: SocketAddr,
     mux: Mux,
-    (peer, services, allow): (Peer, Arc<Services>, AllowListHandle),
+    (entry, services): (AllowedPeer, Arc<Services>),
     stop: watch::Receiver<bool>,
     mut status: watch::Receiver<LinkStatus>,
 ) {
-    let who = peer.label();
+    let who = super::rights::label(&entry);
     // An IPv4-mapped address is the IPv4 address: judged and bound as that.
     let addr = SocketAddr::new(addr.ip().to_canonical(), addr.port());
-    let allowed = allow.get().lookup(&peer.key).is_some()
-        && services.listen_rules().iter().any(|r| r.gives(peer.name.as_deref(), addr));
-    if !allowed {
+    if !super::rights::may_listen(&services, &entry, addr) {
         info!(client = %who, %addr, "reverse forward refused: not allowed (--allow-listen)");
         let _ = write_reply(&mut control, Status::UnknownService, "").await;
         return;
@@ -176,7 +176,7 @@ pub(super) async fn serve_listen(
             if !pause.is_zero() {
                 tokio::time::sleep(pause).await; // back-off after an accept error
             }
-            let permit = bounds.reverse_permit(&permits, peer.key).await;
+            let permit = bounds.reverse_permit(&permits, entry.key).await;
             // While the client is away nothing is accepted: the backlog holds the connections.
             let away = |s: &LinkStatus| matches!(s, LinkStatus::Reconnecting { .. });
             loop {

@@ -118,10 +118,15 @@ async fn hello_read(
     let entry = match head.resume {
         None => None,
         Some((id, attempt)) => {
-            let (entry, pending_first) = {
+            let (entry, pending_first, revoked) = {
                 let t = state.table();
-                (t.by_ticket.get(&id).cloned(), t.first_pending.contains(&id))
+                (t.by_ticket.get(&id).cloned(), t.first_pending.contains(&id), t.revoked.contains_key(&id))
             };
+            // A session whose key was removed from the allow-list: told so (REJECT 4).
+            if revoked || entry.as_ref().is_some_and(|e| state.allow().lookup(&e.client).is_none()) {
+                let _ = write_record(&mut sock, &handshake::reject(RejectCode::NotAllowed)).await;
+                return Err(fail(HandshakeError::NoLongerAllowed));
+            }
             let Some(entry) = entry else {
                 // Not a session of this process: perhaps of the one it took over from.
                 if !pending_first && claim.for_task() && hand_down(&sock, addr, &body, state).await {
@@ -398,7 +403,7 @@ pub(super) fn commit_new(
     shared.lock().charge = Some(Charge::new(state.budget.clone(), state.key_budget(&client)));
     let (tx, rx) = mpsc::channel(4);
     let name = state.allow().lookup(&client).and_then(|p| p.name.clone());
-    let who = name.clone().unwrap_or_else(|| client.to_string());
+    let who = super::client_label(name.as_deref(), &client);
     let entry = Arc::new(Entry {
         shared: shared.clone(),
         client,
@@ -430,6 +435,10 @@ pub(super) fn commit_new(
             info!(client = %entry.who, %addr, "the server is stopping: closing the session it just opened");
             shared.fail(CloseCode::Shutdown, SessionError::Aborted("the server is stopping".into()));
         }
+    }
+    // The allow-list changed during the handshake (`State::revoke` did not see this session).
+    if state.allow().lookup(&client).is_none() {
+        entry.revoke();
     }
     tokio::spawn(session_task(state.clone(), entry, link, rx));
     Ok(())

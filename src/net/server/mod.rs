@@ -33,9 +33,10 @@ use crate::net::Error;
 use crate::proto::StaticSecrets;
 
 /// Replaces a running listener's allow-list (see [`Listener::allow_list_handle`]). The new list
-/// decides every first connection from then on. Sessions already established go on and can
-/// still resume: a resume is authorized by the session's ticket and the client key stored with
-/// it, never by the allow-list (`SECURITY.md`).
+/// decides every first connection from then on, and the rights of every session on every
+/// request (`crate::tunnel`). A key no longer on it is cut off at once: each of its sessions is
+/// ended with CLOSE code 6 (its client reports [`crate::proto::SessionError::NotAllowed`]), and a
+/// resume of one is refused with REJECT 4 (`docs/PROTOCOL.md`, section 18; `SECURITY.md`).
 #[derive(Clone)]
 pub struct AllowListHandle {
     state: Arc<State>,
@@ -48,10 +49,11 @@ impl std::fmt::Debug for AllowListHandle {
 }
 
 impl AllowListHandle {
-    /// Puts `list` in force for new connections. Its keys' static-static results are computed
-    /// here, once (about 40 µs per key), so that no first connection waits for them.
-    pub fn set(&self, list: AllowList) {
-        self.state.set_allow(Arc::new(list));
+    /// Puts `list` in force, and ends every session of a key that is not on it; returns the
+    /// number of sessions ended. Its keys' static-static results are computed here, once (about
+    /// 40 µs per key), so that no first connection waits for them.
+    pub fn set(&self, list: AllowList) -> usize {
+        self.state.set_allow(Arc::new(list))
     }
 
     /// The list in force.
@@ -72,9 +74,19 @@ pub struct Peer {
 }
 
 impl Peer {
-    /// How logs name the client: its allow-list name, or else its key.
+    /// How logs name the client: its allow-list name when the session opened, or else its key,
+    /// quoted as Rust's `Debug` quotes a string (`"alice laptop"`), so that a name with spaces
+    /// or `=` reads as one field.
     pub fn label(&self) -> String {
-        self.name.clone().unwrap_or_else(|| self.key.to_string())
+        client_label(self.name.as_deref(), &self.key)
+    }
+}
+
+/// How logs name a client: its allow-list name, or else its key, quoted (see [`Peer::label`]).
+pub fn client_label(name: Option<&str>, key: &PublicKey) -> String {
+    match name {
+        Some(n) => format!("{n:?}"),
+        None => format!("{:?}", key.to_string()),
     }
 }
 
@@ -265,8 +277,8 @@ impl Listener {
         self.local
     }
 
-    /// A handle that replaces the allow-list while the listener runs (for example on `SIGHUP`),
-    /// without touching live sessions.
+    /// A handle that replaces the allow-list while the listener runs (for example on `SIGHUP`);
+    /// sessions of keys no longer on it are ended ([`AllowListHandle::set`]).
     pub fn allow_list_handle(&self) -> AllowListHandle {
         AllowListHandle { state: self.state.clone() }
     }

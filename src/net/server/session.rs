@@ -99,7 +99,13 @@ pub(super) async fn session_task(
                         }
                     }
                 };
-                match tokio::time::timeout_at((lost_at + expiry).into(), next).await {
+                let woken = shared.wake_driver.notified();
+                let next = tokio::select! {
+                    r = tokio::time::timeout_at((lost_at + expiry).into(), next) => r,
+                    // Revoked (`Entry::revoke`), or a write while detached: look again.
+                    () = woken => continue,
+                };
+                match next {
                     Ok(Some(new)) => new,
                     Ok(None) | Err(_) => {
                         info!(client = %entry.who, expiry = %Rounded(expiry), "session expired without a resume");

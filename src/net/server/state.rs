@@ -115,6 +115,14 @@ impl Entry {
         self.resuming.lock().unwrap_or_else(|p| p.into_inner()).retain(|r| r.id != id);
     }
 
+    /// Ends the session because its key is no longer allowed: CLOSE code 6 goes out on its link
+    /// (if it has one), and its driver is woken to end it, attached or detached.
+    pub(super) fn revoke(&self) {
+        use crate::proto::{CloseCode, SessionError};
+        self.shared.fail(CloseCode::NotAllowed, SessionError::NotAllowed);
+        self.shared.wake_driver.notify_one();
+    }
+
     /// The session's resume bucket (burst `rate`, refilled at `rate` per second), refilled to
     /// `now`; `take` spends a token if there is one. True if a token was there. A token is spent
     /// by every resume hello that authenticates, whatever the answer (never by one that does
@@ -242,6 +250,10 @@ pub(super) struct Table {
     pub(super) first_marks: HashMap<PublicKey, Stamps>,
     /// First-connection handshakes past their hello and not yet ended, per client key.
     pub(super) unconfirmed: HashMap<PublicKey, usize>,
+    /// Resume ids of sessions ended because their key was removed from the allow-list, with
+    /// when: a resume with one gets REJECT 4 (not allowed) instead of 1 (unknown session), for a
+    /// session expiry time.
+    pub(super) revoked: HashMap<[u8; RESUME_ID_LEN], Instant>,
 }
 
 pub(super) struct State {
@@ -284,12 +296,46 @@ impl State {
     }
 
     /// Puts a new allow-list in force, with its precomputed secrets; forgets the timestamps of
-    /// keys no longer on it.
-    pub(super) fn set_allow(&self, list: Arc<AllowList>) {
+    /// keys no longer on it, and ends every session of those keys (see [`State::revoke`]).
+    pub(super) fn set_allow(&self, list: Arc<AllowList>) -> usize {
         let statics = StaticSecrets::new(&self.cfg.keypair.private, list.iter().map(|p| &p.key));
         *self.statics.write().unwrap_or_else(|p| p.into_inner()) = statics;
         self.table().first_marks.retain(|k, _| list.lookup(k).is_some());
-        *self.allow.write().unwrap_or_else(|p| p.into_inner()) = list;
+        *self.allow.write().unwrap_or_else(|p| p.into_inner()) = list.clone();
+        self.revoke(&list)
+    }
+
+    /// Ends every session whose key is not on `list` (the list just put in force): each is
+    /// failed with CLOSE code 6 (not allowed), sent at once on its link if it has one, and its
+    /// resume ids are remembered so that a resume gets REJECT 4. The list is put in force
+    /// first, so a session committed meanwhile is either seen here or checks the new list
+    /// itself (`commit_new`). Returns the number of sessions ended.
+    fn revoke(&self, list: &AllowList) -> usize {
+        let allowed: HashSet<PublicKey> = list.iter().map(|p| p.key).collect();
+        let now = Instant::now();
+        let mut ended: Vec<Arc<Entry>> = Vec::new();
+        {
+            let mut t = self.table();
+            let expiry = self.cfg.limits.session_expiry;
+            t.revoked.retain(|_, at| now.saturating_duration_since(*at) < expiry);
+            let gone: Vec<_> = t
+                .by_ticket
+                .iter()
+                .filter(|(_, e)| !allowed.contains(&e.client))
+                .map(|(id, e)| (*id, e.clone()))
+                .collect();
+            for (id, entry) in gone {
+                t.revoked.insert(id, now);
+                if !ended.iter().any(|e| Arc::ptr_eq(e, &entry)) {
+                    ended.push(entry);
+                }
+            }
+        }
+        for entry in &ended {
+            tracing::info!(client = %entry.who, "the client's key is no longer on the allow-list: ending its session");
+            entry.revoke();
+        }
+        ended.len()
     }
 
     pub(super) fn table(&self) -> std::sync::MutexGuard<'_, Table> {
