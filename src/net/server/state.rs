@@ -131,6 +131,19 @@ pub(super) struct Table {
     pub(super) first_marks: HashMap<PublicKey, Stamps>,
     /// First-connection handshakes past their hello and not yet ended, per client key.
     pub(super) unconfirmed: HashMap<PublicKey, usize>,
+    /// The sessions of the process this one took over from, as it last reported them (see
+    /// `upgrade`): counted with this process's own against the caps.
+    pub(super) inherited: Inherited,
+    /// While a new process takes over or has taken over: where this process's stamps and
+    /// session counts go as they change (see `upgrade`).
+    pub(super) successor: Option<mpsc::UnboundedSender<super::handover::Msg>>,
+}
+
+/// The sessions of the earlier processes that live on after an upgrade: in all and per key.
+#[derive(Default)]
+pub(super) struct Inherited {
+    pub(super) total: usize,
+    pub(super) per_key: HashMap<PublicKey, usize>,
 }
 
 pub(super) struct State {
@@ -161,6 +174,9 @@ pub(super) struct State {
     pub(super) retired: std::sync::atomic::AtomicBool,
     /// Woken when a session ends or the process retires.
     pub(super) changed: tokio::sync::Notify,
+    /// Other listening sockets handed to the next process with the listener, by local address
+    /// (see [`super::Listener::hand_over_also`]).
+    pub(super) extras: Mutex<Vec<(SocketAddr, std::os::fd::OwnedFd)>>,
 }
 
 impl State {
@@ -199,7 +215,12 @@ impl State {
     /// Accepts a first connection's timestamp if it is newer than every one accepted before for
     /// `client` (an allowed key), and remembers it.
     pub(super) fn accept_stamp(&self, client: &PublicKey, stamp: u64) -> bool {
-        self.table().first_marks.entry(*client).or_default().accept(stamp)
+        let mut t = self.table();
+        let fresh = t.first_marks.entry(*client).or_default().accept(stamp);
+        if fresh {
+            self.report_stamps(&t, client, 0, &[stamp]);
+        }
+        fresh
     }
 
     /// True if every session limit would admit one more session for `client` now.
@@ -207,8 +228,11 @@ impl State {
         let limits = &self.cfg.limits;
         // Buffers are charged as they fill (`net::budget`), not here: an idle session holds
         // none, and a full budget makes writers wait instead of refusing sessions.
-        let per_key = t.per_key.get(client).copied().unwrap_or(0);
-        self.sessions.load(Ordering::Relaxed) < limits.max_sessions && per_key < limits.max_sessions_per_key
+        // An earlier process's sessions (after an upgrade) count too.
+        let inherited = t.inherited.per_key.get(client).copied().unwrap_or(0);
+        let per_key = t.per_key.get(client).copied().unwrap_or(0) + inherited;
+        let sessions = self.sessions.load(Ordering::Relaxed) + t.inherited.total;
+        sessions < limits.max_sessions && per_key < limits.max_sessions_per_key
     }
 
     /// Takes a session slot for `client` if every session limit allows it. Only a fresh hello
@@ -221,6 +245,7 @@ impl State {
         }
         *t.per_key.entry(client).or_insert(0) += 1;
         self.sessions.fetch_add(1, Ordering::Relaxed);
+        self.report_sessions(&t, &client);
         Some(Reservation { state: self, client, kept: false })
     }
 
@@ -235,6 +260,7 @@ impl State {
             }
         }
         self.sessions.fetch_sub(1, Ordering::Relaxed);
+        self.report_sessions(&t, client);
         drop(t);
         self.changed.notify_waiters();
     }
@@ -286,6 +312,27 @@ pub(super) struct Stamps {
 }
 
 impl Stamps {
+    /// The floor and the stamps accepted above it, for a new process taking over.
+    pub(super) fn snapshot(&self) -> (u64, Vec<u64>) {
+        (self.floor, self.recent.iter().copied().collect())
+    }
+
+    /// Merges another process's floor and accepted stamps for the same key: whatever either
+    /// would refuse, the result refuses.
+    pub(super) fn merge(&mut self, floor: u64, stamps: &[u64]) {
+        self.floor = self.floor.max(floor);
+        self.recent.extend(stamps.iter().copied());
+        let newest = self.recent.last().copied().unwrap_or(0);
+        self.floor = self.floor.max(newest.saturating_sub(Self::WINDOW));
+        let floor = self.floor;
+        self.recent.retain(|&s| s > floor);
+        while self.recent.len() > Self::MAX {
+            if let Some(oldest) = self.recent.pop_first() {
+                self.floor = oldest;
+            }
+        }
+    }
+
     /// How much older than the newest accepted stamp a stamp may be: 10 s, in nanoseconds.
     pub(super) const WINDOW: u64 = 10_000_000_000;
     /// Most stamps remembered per key; beyond this the oldest are dropped (and refused).
