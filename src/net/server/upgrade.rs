@@ -203,10 +203,11 @@ pub(super) async fn retire_when_asked(unix: UnixListener, listen: OwnedFd, state
             break (sock, pid, None);
         }
         let (tx, rx) = mpsc::unbounded_channel();
-        let writer = tokio::spawn(write_updates(sock.clone(), rx)).abort_handle();
+        let (written_tx, written) = tokio::sync::oneshot::channel();
+        let writer = tokio::spawn(write_updates(sock.clone(), rx, written_tx)).abort_handle();
         state.begin_succession(tx.clone());
         match handover::await_commit(&sock).await {
-            Ok(()) => break (sock, pid, Some(tx)),
+            Ok(()) => break (sock, pid, Some((tx, written))),
             Err(e) => {
                 state.end_succession();
                 writer.abort();
@@ -216,12 +217,17 @@ pub(super) async fn retire_when_asked(unix: UnixListener, listen: OwnedFd, state
     };
     accept.abort();
     drop((listen, unix));
+    // "Committed" goes after the state queued so far, and is written before this process may
+    // exit (as it does at once without sessions): the new process waits for it to accept.
+    if let Some((tx, written)) = stream {
+        let _ = tx.send(handover::committed_msg());
+        if tokio::time::timeout(ANSWER_TIME, written).await.is_err() {
+            warn!(new_pid = pid, "the new server process did not read the takeover confirmation in time");
+        }
+    }
     state.extras.lock().unwrap_or_else(|p| p.into_inner()).clear();
     state.retired.store(true, Ordering::Relaxed);
     state.changed.notify_waiters();
-    if let Some(tx) = stream {
-        let _ = tx.send(handover::committed_msg());
-    }
     let sessions = state.sessions.load(Ordering::Relaxed);
     info!(
         new_pid = pid,
@@ -245,11 +251,22 @@ pub(super) async fn retire_when_asked(unix: UnixListener, listen: OwnedFd, state
     });
 }
 
-/// Writes the state messages queued for the new process, in order, until its connection fails.
-async fn write_updates(sock: Arc<UnixStream>, mut rx: mpsc::UnboundedReceiver<Msg>) {
+/// Writes the state messages queued for the new process, in order, until its connection fails;
+/// `committed` fires once the confirmation is written.
+async fn write_updates(
+    sock: Arc<UnixStream>,
+    mut rx: mpsc::UnboundedReceiver<Msg>,
+    committed: tokio::sync::oneshot::Sender<()>,
+) {
+    let mut committed = Some(committed);
     while let Some(m) = rx.recv().await {
         if handover::send(&sock, &m, None).await.is_err() {
             break;
+        }
+        if m == handover::committed_msg() {
+            if let Some(c) = committed.take() {
+                let _ = c.send(());
+            }
         }
     }
 }
