@@ -93,6 +93,8 @@ pub(crate) fn serve(
         tokio::pin!(stop);
         loop {
             let (sock, peer) = tokio::select! {
+                biased;
+                () = &mut stop => break,
                 r = listener.accept() => match r {
                     Ok(x) => x,
                     Err(e) => {
@@ -101,7 +103,6 @@ pub(crate) fn serve(
                         continue;
                     }
                 },
-                () = &mut stop => break,
             };
             conns.retain(|c| !c.task.is_finished());
             if conns.len() >= MAX_CONNECTIONS {

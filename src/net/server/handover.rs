@@ -434,16 +434,17 @@ pub(super) fn bind(path: &Path) -> Result<UnixListener, HandoverError> {
 
 /// An old process's side: waits for a new process to ask for the listener, and offers it
 /// `listener` (a descriptor of the listening socket) and `sockets` (other listening sockets,
-/// by local address). Returns the connection to the new process, the new process's id, and
+/// by local address, as they are when it asks). Returns the connection to the new process, the new process's id, and
 /// whether it speaks protocol 1 (it needs no commit: the old process must stop at once).
 pub(super) async fn offer(
     unix: &UnixListener,
     listener: BorrowedFd<'_>,
-    sockets: &[(SocketAddr, OwnedFd)],
+    sockets: impl Fn() -> Vec<(SocketAddr, OwnedFd)>,
 ) -> (UnixStream, u32, bool) {
     use std::os::fd::AsFd;
     loop {
         let Ok((sock, _)) = unix.accept().await else { continue };
+        let sockets = sockets();
         let asked = async {
             same_user(&sock)?;
             let legacy = match recv(&sock).await? {

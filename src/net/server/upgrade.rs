@@ -192,12 +192,11 @@ impl Listener {
 /// that does not commit leaves this one serving, ready for the next.
 pub(super) async fn retire_when_asked(unix: UnixListener, listen: OwnedFd, state: Arc<State>, accept: AbortHandle) {
     let (new, pid, stream) = loop {
-        let sockets: Vec<(SocketAddr, OwnedFd)> = {
+        let sockets = || {
             let extras = state.extras.lock().unwrap_or_else(|p| p.into_inner());
             extras.iter().filter_map(|(a, fd)| Some((*a, fd.try_clone().ok()?))).collect()
         };
-        let (sock, pid, legacy) = handover::offer(&unix, listen.as_fd(), &sockets).await;
-        drop(sockets);
+        let (sock, pid, legacy) = handover::offer(&unix, listen.as_fd(), sockets).await;
         let sock = Arc::new(sock);
         if legacy {
             break (sock, pid, None);
