@@ -186,8 +186,17 @@ async fn idle_connections_do_not_block_a_scrape() {
     let keys = Keys::new("metrics-idle");
     let echo = echo_service().await;
     let args = [
-        "server", "--listen", "127.0.0.1:0", "--key", s(&keys.server_key), "--authorized", s(&keys.authorized),
-        "--service", &format!("echo={echo}"), "--metrics", "127.0.0.1:0",
+        "server",
+        "--listen",
+        "127.0.0.1:0",
+        "--key",
+        s(&keys.server_key),
+        "--authorized",
+        s(&keys.authorized),
+        "--service",
+        &format!("echo={echo}"),
+        "--metrics",
+        "127.0.0.1:0",
     ];
     let server = Proc::spawn(&args, false);
     let metrics = server.logged_addr("metrics endpoint ready", "metrics=").await;

@@ -95,8 +95,9 @@ async fn a_hello_refused_before_an_upgrade_is_refused_after_it() {
         let path = dir.path("handover.sock");
         let (server, me) = (Keypair::generate(), Keypair::generate());
         let limits = Limits { handshakes_per_sec_per_ip: 1000, ..Limits::default() };
-        let mut old =
-            holdfast::net::bind_with_handover("127.0.0.1:0", config(&server, &me.public, &limits), &path).await.unwrap();
+        let mut old = holdfast::net::bind_with_handover("127.0.0.1:0", config(&server, &me.public, &limits), &path)
+            .await
+            .unwrap();
         let addr = old.local_addr();
         let t = 1_000_000_000_000_000u64;
         let (_live, recorded) = open(addr, &me, &server.public, t).await;
@@ -106,8 +107,9 @@ async fn a_hello_refused_before_an_upgrade_is_refused_after_it() {
         let too_old = t - 11_000_000_000;
         assert_eq!(try_first(addr, &me, &server.public, too_old).await, stale, "11 s older, before the upgrade");
 
-        let mut new =
-            holdfast::net::bind_with_handover("127.0.0.1:0", config(&server, &me.public, &limits), &path).await.unwrap();
+        let mut new = holdfast::net::bind_with_handover("127.0.0.1:0", config(&server, &me.public, &limits), &path)
+            .await
+            .unwrap();
         assert_eq!(new.local_addr(), addr);
         assert!(old.retirement().handed_over());
         assert_eq!(answer(addr, &recorded).await.1, stale, "the replay after the upgrade");
@@ -129,8 +131,9 @@ async fn the_per_key_cap_holds_across_an_upgrade() {
         let path = dir.path("handover.sock");
         let (server, me) = (Keypair::generate(), Keypair::generate());
         let limits = Limits { max_sessions_per_key: 2, handshakes_per_sec_per_ip: 1000, ..Limits::default() };
-        let mut old =
-            holdfast::net::bind_with_handover("127.0.0.1:0", config(&server, &me.public, &limits), &path).await.unwrap();
+        let mut old = holdfast::net::bind_with_handover("127.0.0.1:0", config(&server, &me.public, &limits), &path)
+            .await
+            .unwrap();
         let addr = old.local_addr();
         // Two real clients' sessions, which can end cleanly.
         let mut client = holdfast::ClientConfig::new(Keypair::from_private(me.private.clone()), server.public);
@@ -144,8 +147,9 @@ async fn the_per_key_cap_holds_across_an_upgrade() {
         let busy = Some(reject(RejectCode::Busy));
         assert_eq!(try_first(addr, &me, &server.public, t + 2).await, busy, "a third session before the upgrade");
 
-        let mut new =
-            holdfast::net::bind_with_handover("127.0.0.1:0", config(&server, &me.public, &limits), &path).await.unwrap();
+        let mut new = holdfast::net::bind_with_handover("127.0.0.1:0", config(&server, &me.public, &limits), &path)
+            .await
+            .unwrap();
         assert!(old.retirement().handed_over());
         assert_eq!(try_first(addr, &me, &server.public, t + 3).await, busy, "a third session after the upgrade");
         assert_eq!(new.stats().sessions, 0);

@@ -68,7 +68,9 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
             let mut upgrade = holdfast::net::prepare_handover(listen, path).await?;
             let metrics = match metrics {
                 Some(addr) => Some(match upgrade.take_socket(addr) {
-                    Some(socket) => tokio::net::TcpListener::from_std(socket).context("--metrics: the socket handed over")?,
+                    Some(socket) => {
+                        tokio::net::TcpListener::from_std(socket).context("--metrics: the socket handed over")?
+                    }
                     None => metrics::bind(addr).await?,
                 }),
                 None => None,

@@ -542,6 +542,39 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn state_messages_round_trip_in_chunks() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let key = crate::keys::Keypair::generate().public;
+        let stamps: Vec<u64> = (1..=(STAMPS_PER_MSG as u64 + 3)).collect();
+        let msgs = stamps_msgs(&key, 7, &stamps);
+        assert_eq!(msgs.len(), 2, "{} stamps in two messages", stamps.len());
+        for m in &msgs {
+            send(&a, m, None).await.unwrap();
+        }
+        send(&a, &sessions_msg(5, Some((&key, 3))), None).await.unwrap();
+        send(&a, &sessions_msg(4, None), None).await.unwrap();
+        send(&a, &committed_msg(), None).await.unwrap();
+        let mut got = Vec::new();
+        for _ in 0..2 {
+            let Some(Update::Stamps { key: k, floor: 7, stamps }) = next_update(&b).await.unwrap() else {
+                panic!("not the stamps")
+            };
+            assert_eq!(k, key);
+            got.extend(stamps);
+        }
+        assert_eq!(got, stamps);
+        let Some(Update::Sessions { total: 5, key: Some((k, 3)) }) = next_update(&b).await.unwrap() else {
+            panic!("not the key's sessions")
+        };
+        assert_eq!(k, key);
+        assert!(matches!(next_update(&b).await.unwrap(), Some(Update::Sessions { total: 4, key: None })));
+        assert!(matches!(next_update(&b).await.unwrap(), Some(Update::Committed)));
+        // A resume is not a state message.
+        send(&a, &encode(Kind::Resume, None, b"x").unwrap(), None).await.unwrap();
+        assert!(next_update(&b).await.is_err());
+    }
+
+    #[tokio::test]
     async fn a_listener_and_a_connection_cross_with_their_bytes() {
         let (a, b) = UnixStream::pair().unwrap();
         let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

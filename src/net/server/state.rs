@@ -457,6 +457,27 @@ mod tests {
     }
 
     #[test]
+    fn merged_stamps_refuse_what_either_side_refused() {
+        let w = Stamps::WINDOW;
+        let t = 100 * w;
+        let mut old = Stamps::default();
+        assert!(old.accept(t));
+        assert!(old.accept(t - w / 2));
+        let (floor, list) = old.snapshot();
+        let mut new = Stamps::default();
+        assert!(new.accept(t - w / 4), "the new process's own stamp");
+        new.merge(floor, &list);
+        assert!(!new.accept(t), "accepted by the old process");
+        assert!(!new.accept(t - w / 2), "accepted by the old process");
+        assert!(!new.accept(t - w / 4), "accepted by the new process");
+        assert!(!new.accept(t - w - 1), "below the window of the old process's newest");
+        assert!(new.accept(t - w / 3), "within the window, never seen");
+        // A later single stamp (floor 0) moves the window.
+        new.merge(0, &[t + 2 * w]);
+        assert!(!new.accept(t + w / 2), "below the moved window");
+    }
+
+    #[test]
     fn the_window_is_bounded_and_evicted_stamps_stay_refused() {
         let mut s = Stamps::default();
         let base = 1_000 * Stamps::WINDOW;

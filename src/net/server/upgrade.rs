@@ -145,7 +145,10 @@ impl Upgrade {
                     }
                 }
             };
-            tokio::time::timeout(ANSWER_TIME, confirmed).await.map_err(|_| fail(HandoverError::NotCommitted))?.map_err(fail)?;
+            tokio::time::timeout(ANSWER_TIME, confirmed)
+                .await
+                .map_err(|_| fail(HandoverError::NotCommitted))?
+                .map_err(fail)?;
         }
         let unix = self.unix.take().ok_or_else(|| fail(HandoverError::Protocol("committed twice")))?;
         if let Err(e) = std::fs::rename(&self.tmp, &self.path) {
