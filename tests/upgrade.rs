@@ -331,7 +331,7 @@ async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
 async fn example_config_upgrade() {
     run_ok("ip link set lo up", Command::new("ip").args(["link", "set", "lo", "up"])).await;
     run_ok("mount /run", Command::new("mount").args(["-t", "tmpfs", "-o", "mode=0755", "tmpfs", "/run"])).await;
-    std::fs::create_dir(&"/run/holdfast").unwrap();
+    std::fs::create_dir("/run/holdfast").unwrap();
     // The example, byte for byte, with its keys where it names them (relative to the file).
     let dir = TempDir::new("example");
     let example = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/server.toml")).unwrap();
