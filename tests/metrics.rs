@@ -178,3 +178,34 @@ async fn a_required_flag_missing_from_flags_and_file_is_named_with_its_key() {
     let (status, _, err) = run(&["server", "--config", s(&config)], b"").await;
     assert_error(status, &err, &["unknown field `max-sesions`", s(&config), "line 3"]);
 }
+
+/// Review 2, item 10: idle connections to the metrics endpoint (more than it serves at once)
+/// cannot lock a scraper out: the oldest idle one makes room, and the scrape is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_do_not_block_a_scrape() {
+    let keys = Keys::new("metrics-idle");
+    let echo = echo_service().await;
+    let args = [
+        "server",
+        "--listen",
+        "127.0.0.1:0",
+        "--key",
+        s(&keys.server_key),
+        "--authorized",
+        s(&keys.authorized),
+        "--service",
+        &format!("echo={echo}"),
+        "--metrics",
+        "127.0.0.1:0",
+    ];
+    let server = Proc::spawn(&args, false);
+    let metrics = server.logged_addr("metrics endpoint ready", "metrics=").await;
+    // Connected, never sending a byte; more than the endpoint serves at once (64).
+    let mut idle = Vec::new();
+    for _ in 0..100 {
+        idle.push(TcpStream::connect(metrics).await.unwrap());
+    }
+    let m = scrape(metrics).await;
+    assert_eq!(m.get("holdfast_allowed_clients"), Some(&1.0), "{m:#?}");
+    drop(idle);
+}

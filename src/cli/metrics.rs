@@ -2,13 +2,16 @@
 //! Prometheus text exposition format (0.0.4).
 //!
 //! The HTTP side is deliberately tiny: one request per connection (`Connection: close`), a
-//! request head of at most [`MAX_REQUEST`](holdfast::scrape::MAX_REQUEST) bytes read within [`REQUEST_TIMEOUT`], at most
-//! [`MAX_CONNECTIONS`] connections at once (more are closed at once), `GET /metrics` answered,
+//! request head of at most [`MAX_REQUEST`](holdfast::scrape::MAX_REQUEST) bytes read within [`REQUEST_TIMEOUT`], connections
+//! served concurrently, at most [`MAX_CONNECTIONS`] at once (at the cap the oldest idle one is
+//! closed for a new one), each closed after [`CONNECTION_TIMEOUT`], `GET /metrics` answered,
 //! 404 for any other path and 405 for any other method. Every scrape takes a fresh snapshot
 //! (atomic loads and two short locks: the handshake list and the per-key table), so nothing
 //! on the data path pays for the metrics.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,14 +25,15 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
-use tokio::task::JoinHandle;
+use tokio::task::{AbortHandle, JoinHandle};
 use tracing::{debug, info, warn};
 
 /// How long a scraper has to send its request head.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// Most scrape connections served at once.
-const MAX_CONNECTIONS: usize = 16;
+/// How long a scrape connection may last in all (its answer read too).
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(15);
+/// Most scrape connections served at once (see [`serve`]).
+const MAX_CONNECTIONS: usize = 64;
 
 /// Labels of a metric family: (name, value) pairs.
 type Labels = Vec<(&'static str, String)>;
@@ -51,49 +55,98 @@ pub(crate) fn check_addr(addr: Option<SocketAddr>, public: bool) -> Result<Optio
     }
 }
 
-/// Binds the metrics endpoint on `addr` and serves it in a task, which never ends by itself.
-/// Returns the bound address and the task.
+/// Binds the metrics endpoint on `addr`.
 ///
 /// # Errors
 /// If `addr` cannot be bound.
-pub(crate) async fn serve(
-    addr: SocketAddr,
+pub(crate) async fn bind(addr: SocketAddr) -> Result<TcpListener> {
+    TcpListener::bind(addr).await.with_context(|| format!("--metrics {addr}: cannot listen"))
+}
+
+/// A scrape connection being served, as the cap sees it.
+struct Conn {
+    task: AbortHandle,
+    /// True until its request head has arrived: such a connection is idle, and the first to go
+    /// when a new one needs its place.
+    reading: Arc<AtomicBool>,
+}
+
+/// Serves the metrics endpoint on `listener` in a task, which never ends by itself; it stops
+/// accepting (and closes the socket) when `stop` resolves (this process handed its sockets to a
+/// new one). Connections are served concurrently, at most [`MAX_CONNECTIONS`] at once: at the
+/// cap, the oldest connection that has not sent its request yet is closed to make room, so idle
+/// connections cannot lock a scraper out. Returns the bound address and the task.
+///
+/// # Errors
+/// If the listener has no local address.
+pub(crate) fn serve(
+    listener: TcpListener,
     stats: StatsHandle,
     allow: AllowListHandle,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(SocketAddr, JoinHandle<Result<()>>)> {
-    let listener = TcpListener::bind(addr).await.with_context(|| format!("--metrics {addr}: cannot listen"))?;
     let local = listener.local_addr().context("--metrics: no local address")?;
     info!(metrics = %local, path = "/metrics", "metrics endpoint ready");
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let task = tokio::spawn(async move {
+        let mut conns: VecDeque<Conn> = VecDeque::new();
+        tokio::pin!(stop);
         loop {
-            let (sock, peer) = match listener.accept().await {
-                Ok(x) => x,
-                Err(e) => {
-                    warn!(error = %e, "metrics: accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
+            let (sock, peer) = tokio::select! {
+                biased;
+                () = &mut stop => break,
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        warn!(error = %e, "metrics: accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            conns.retain(|c| !c.task.is_finished());
+            if conns.len() >= MAX_CONNECTIONS {
+                match conns.iter().position(|c| c.reading.load(Ordering::Relaxed)) {
+                    Some(i) => {
+                        debug!(%peer, "metrics: too many connections; closing the oldest idle one");
+                        if let Some(c) = conns.remove(i) {
+                            c.task.abort();
+                        }
+                    }
+                    None => {
+                        debug!(%peer, "metrics: too many connections being answered; closing this one");
+                        continue;
+                    }
                 }
-            };
-            let Ok(slot) = slots.clone().try_acquire_owned() else {
-                debug!(%peer, "metrics: too many connections; closing this one");
-                continue;
-            };
+            }
             let (stats, allow) = (stats.clone(), allow.clone());
-            tokio::spawn(async move {
-                if let Err(e) = answer(sock, &stats, &allow).await {
-                    debug!(%peer, error = %e, "metrics: request not answered");
+            let reading = Arc::new(AtomicBool::new(true));
+            let flag = reading.clone();
+            let task = tokio::spawn(async move {
+                match tokio::time::timeout(CONNECTION_TIMEOUT, answer(sock, &stats, &allow, &flag)).await {
+                    Ok(Err(e)) => debug!(%peer, error = %e, "metrics: request not answered"),
+                    Err(_) => debug!(%peer, "metrics: connection took too long; closed"),
+                    Ok(Ok(())) => {}
                 }
-                drop(slot);
             });
+            conns.push_back(Conn { task: task.abort_handle(), reading });
         }
+        drop(listener);
+        info!("metrics endpoint handed to the new server process");
+        std::future::pending().await
     });
     Ok((local, task))
 }
 
 /// Reads one request head and answers it.
-async fn answer(mut sock: TcpStream, stats: &StatsHandle, allow: &AllowListHandle) -> std::io::Result<()> {
-    let head = match tokio::time::timeout(REQUEST_TIMEOUT, read_head(&mut sock)).await {
+async fn answer(
+    mut sock: TcpStream,
+    stats: &StatsHandle,
+    allow: &AllowListHandle,
+    reading: &AtomicBool,
+) -> std::io::Result<()> {
+    let head = tokio::time::timeout(REQUEST_TIMEOUT, read_head(&mut sock)).await;
+    reading.store(false, Ordering::Relaxed);
+    let head = match head {
         Ok(Ok(Some(head))) => head,
         Ok(Ok(None)) => return respond(&mut sock, "431 Request Header Fields Too Large", "text/plain", "").await,
         Ok(Err(e)) => return Err(e),
@@ -226,8 +279,9 @@ mod tests {
         let client_pub = client.public;
         let allow = AllowList::from_keys([(client_pub, None)]);
         let mut listener = holdfast::bind("127.0.0.1:0", ServerConfig::new(server, allow)).await.unwrap();
+        let socket = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
         let (local, _task) =
-            serve("127.0.0.1:0".parse().unwrap(), listener.stats_handle(), listener.allow_list_handle()).await.unwrap();
+            serve(socket, listener.stats_handle(), listener.allow_list_handle(), std::future::pending()).unwrap();
         let _stream =
             holdfast::connect(listener.local_addr().to_string(), ClientConfig::new(client, server_pub)).await.unwrap();
         let _accepted = listener.accept().await.unwrap();

@@ -60,12 +60,44 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
     let public = cfg.keypair.public;
     // Watch SIGHUP before saying "ready": until then, its default action would end the server.
     let hangups = signal(SignalKind::hangup()).context("cannot watch for SIGHUP")?;
-    let listener = match &args.handover {
-        Some(path) => holdfast::net::bind_with_handover(listen, cfg, path).await?,
-        None => holdfast::bind(listen, cfg).await?,
+    // Every socket is bound before this process takes the listener over from a running server:
+    // if one cannot be, this process exits and the running one goes on serving. systemd is told
+    // READY only after that.
+    let (listener, metrics) = match &args.handover {
+        Some(path) => {
+            let mut upgrade = holdfast::net::prepare_handover(listen, path).await?;
+            let metrics = match metrics {
+                Some(addr) => Some(match upgrade.take_socket(addr) {
+                    Some(socket) => {
+                        tokio::net::TcpListener::from_std(socket).context("--metrics: the socket handed over")?
+                    }
+                    None => metrics::bind(addr).await?,
+                }),
+                None => None,
+            };
+            (upgrade.commit(cfg).await?, metrics)
+        }
+        None => {
+            let metrics = match metrics {
+                Some(addr) => Some(metrics::bind(addr).await?),
+                None => None,
+            };
+            (holdfast::bind(listen, cfg).await?, metrics)
+        }
     };
     let retirement = listener.retirement();
     let upgrades = upgrade_on_usr2(args.handover.is_some(), retirement.clone())?;
+    let metrics = match metrics {
+        Some(socket) => {
+            if args.handover.is_some() {
+                listener.hand_over_also(&socket).context("--metrics: cannot keep the socket for an upgrade")?;
+            }
+            let stop = retirement.clone();
+            let stop = async move { stop.until_handed_over().await };
+            Some(metrics::serve(socket, listener.stats_handle(), listener.allow_list_handle(), stop)?.1)
+        }
+        None => None,
+    };
     let offered: Vec<String> = services.iter().map(|(n, t)| format!("{n}={t}")).collect();
     let connect: Vec<String> = services.connect_rules().iter().map(ToString::to_string).collect();
     let connect = if connect.is_empty() { "none".to_string() } else { connect.join(",") };
@@ -78,10 +110,6 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
     // Under systemd (Type=notify): ready, and this is the service's main process now (after a
     // handover, the new process takes that role from the old one).
     let _ = sd_notify::notify(&[sd_notify::NotifyState::MainPid(std::process::id()), sd_notify::NotifyState::Ready]);
-    let metrics = match metrics {
-        Some(addr) => Some(metrics::serve(addr, listener.stats_handle(), listener.allow_list_handle()).await?.1),
-        None => None,
-    };
     let reload = reload_on_hangup(hangups, listener.allow_list_handle(), authorized, services.clone());
     // Ctrl-C or SIGTERM: stop accepting and end every tunnel cleanly within the drain time; a
     // second one exits at once.

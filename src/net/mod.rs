@@ -25,8 +25,8 @@ pub use client::connect;
 pub use config::{ClientConfig, Limits, Recovery, RecoveryHook, RecoveryPolicy, ServerConfig};
 pub use events::{LinkEvent, LinkLost, LinkStatus};
 pub use server::{
-    bind, bind_with_handover, client_label, AllowListHandle, Listener, Peer, Refusals, Retirement, ServerStats,
-    StatsHandle,
+    bind, bind_with_handover, client_label, prepare_handover, AllowListHandle, Listener, Peer, Refusals, Retirement,
+    ServerStats, StatsHandle, Upgrade,
 };
 pub use stream::{ReadHalf, Stream, WriteHalf};
 

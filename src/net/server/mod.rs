@@ -8,23 +8,24 @@ mod session;
 mod stamps;
 mod state;
 mod stats;
+mod upgrade;
 
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, OwnedFd};
-use std::path::Path;
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
-use tokio::task::{AbortHandle, JoinHandle};
+use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use handshake::{handshake, refuse_busy};
 use state::{Claim, Live, Pending, Slot, State, Table};
 use stats::Refusal;
 pub use stats::{Refusals, ServerStats, StatsHandle};
+pub use upgrade::{bind_with_handover, prepare_handover, Upgrade};
 
 use crate::keys::{AllowList, PublicKey};
 use crate::net::config::ServerConfig;
@@ -118,7 +119,7 @@ impl Drop for Listener {
 pub async fn bind(addr: impl Into<String>, cfg: ServerConfig) -> Result<Listener, Error> {
     let addr = addr.into();
     let tcp = listen(&addr).await.map_err(|source| Error::Bind { addr: addr.clone(), source })?;
-    start(tcp, cfg, None)
+    start(tcp, cfg)
 }
 
 /// Connections the kernel queues for the accept loop. After an outage every client of a server
@@ -140,45 +141,13 @@ async fn listen(addr: &str) -> std::io::Result<TcpListener> {
     Err(last.unwrap_or_else(|| std::io::Error::new(std::io::ErrorKind::AddrNotAvailable, "the name has no address")))
 }
 
-/// Binds a server that can be upgraded without losing a session (see [`handover`]): if a
-/// server already runs with the same `handover` path, its listening socket is taken over (and
-/// `addr` is not bound: the socket keeps its address), and resumes of its sessions are handed
-/// to it; otherwise `addr` is bound. Either way this server then listens at `handover` for the
-/// next process to take over from it, and [`Listener::retirement`] says when that happened.
-///
-/// # Errors
-/// [`Error::Bind`] as for [`bind`]; [`Error::Handover`] if the running server did not hand its
-/// listener over, or the handover socket cannot be bound.
-pub async fn bind_with_handover(
-    addr: impl Into<String>,
-    cfg: ServerConfig,
-    handover: impl AsRef<Path>,
-) -> Result<Listener, Error> {
-    let addr = addr.into();
-    let path = handover.as_ref();
-    let fail = |source| Error::Handover { path: path.display().to_string(), source };
-    let (tcp, old) = match handover::take_over(path).await.map_err(fail)? {
-        Some((std, sock, pid)) => (TcpListener::from_std(std).map_err(Error::Io)?, Some((sock, pid))),
-        None => (listen(&addr).await.map_err(|source| Error::Bind { addr: addr.clone(), source })?, None),
-    };
-    let unix = handover::bind(path).map_err(fail)?;
-    let listen = tcp.as_fd().try_clone_to_owned().map_err(Error::Io)?;
-    let (sock, pid) = old.unzip();
-    let mut listener = start(tcp, cfg, sock)?;
-    if let Some(pid) = pid {
-        info!(from_pid = pid, local = %listener.local, "took over the listener of the running server");
-        if addr.parse::<SocketAddr>().is_ok_and(|a| a != listener.local && a.port() != 0) {
-            warn!(listen = %addr, local = %listener.local, "a handover keeps the listening socket's address; to move the server to another address, stop it and start it again there");
-        }
-    }
-    listener.took_over_from = pid;
-    let (state, accept) = (listener.state.clone(), listener.task.abort_handle());
-    listener.handover = Some(tokio::spawn(retire_when_asked(unix, listen, state, accept)));
-    Ok(listener)
+fn start(tcp: TcpListener, cfg: ServerConfig) -> Result<Listener, Error> {
+    let (state, incoming) = new_state(cfg);
+    run(tcp, state, incoming, None)
 }
 
-fn start(tcp: TcpListener, cfg: ServerConfig, predecessor: Option<tokio::net::UnixStream>) -> Result<Listener, Error> {
-    let local = tcp.local_addr().map_err(Error::Io)?;
+/// A server's state, before it accepts anything; and where its new sessions will come out.
+fn new_state(cfg: ServerConfig) -> (Arc<State>, mpsc::Receiver<(Stream, Peer)>) {
     let (tx, rx) = mpsc::channel(64);
     let statics = StaticSecrets::new(&cfg.keypair.private, cfg.allow.iter().map(|p| &p.key));
     let budget = crate::net::budget::Budget::new(cfg.limits.buffer_budget);
@@ -199,65 +168,27 @@ fn start(tcp: TcpListener, cfg: ServerConfig, predecessor: Option<tokio::net::Un
         predecessor: Mutex::new(None),
         retired: Default::default(),
         changed: Default::default(),
+        extras: Default::default(),
     });
+    (state, rx)
+}
+
+/// Starts accepting on `tcp`, with the connection to the `predecessor` process, if any.
+fn run(
+    tcp: TcpListener,
+    state: Arc<State>,
+    incoming: mpsc::Receiver<(Stream, Peer)>,
+    predecessor: Option<tokio::net::UnixStream>,
+) -> Result<Listener, Error> {
+    let local = tcp.local_addr().map_err(Error::Io)?;
     if let Some(sock) = predecessor {
         let sock = Arc::new(sock);
         *state.predecessor.lock().unwrap_or_else(|p| p.into_inner()) = Some(sock.clone());
-        tokio::spawn(watch_predecessor(sock, state.clone()));
+        tokio::spawn(upgrade::watch_predecessor(sock, state.clone()));
     }
     let task = tokio::spawn(accept_loop(tcp, state.clone()));
     info!(%local, "listening");
-    Ok(Listener { state, incoming: rx, local, task, handover: None, took_over_from: None })
-}
-
-/// Forgets the predecessor when it exits (its end of the handover connection closes): its
-/// sessions are gone, and their resumes are answered "unknown session" from then on.
-async fn watch_predecessor(sock: Arc<tokio::net::UnixStream>, state: Arc<State>) {
-    let mut buf = [0u8; 64];
-    loop {
-        if sock.readable().await.is_err() {
-            break;
-        }
-        match sock.try_read(&mut buf) {
-            // The old process sends nothing after the listener: only its end matters.
-            Ok(0) => break,
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(_) => break,
-        }
-    }
-    info!("the earlier server process has exited; resumes of its sessions are now answered \"unknown session\"");
-    state.lose_predecessor();
-}
-
-/// Waits for a new process to take the listener over; then stops accepting, and runs the
-/// handshakes of the resumes the new process hands down, for as long as it lives.
-async fn retire_when_asked(unix: tokio::net::UnixListener, listen: OwnedFd, state: Arc<State>, accept: AbortHandle) {
-    let (new, pid) = handover::hand_over(&unix, listen.as_fd()).await;
-    accept.abort();
-    drop((listen, unix));
-    state.retired.store(true, Ordering::Relaxed);
-    state.changed.notify_waiters();
-    let sessions = state.sessions.load(Ordering::Relaxed);
-    info!(
-        new_pid = pid,
-        sessions, "handed the listener over to a new server process; keeping this process's sessions until they end"
-    );
-    tokio::spawn(async move {
-        loop {
-            match handover::next_resume(&new).await {
-                Ok(Some((sock, addr, body))) => spawn_handshake(&state, sock, addr, Some(body)),
-                Ok(None) => {
-                    info!("the new server process closed the handover connection (it exited): this process's sessions can no longer resume");
-                    break;
-                }
-                Err(e) => {
-                    warn!(error = %e, "the handover connection failed: this process's sessions can no longer resume");
-                    break;
-                }
-            }
-        }
-    });
+    Ok(Listener { state, incoming, local, task, handover: None, took_over_from: None })
 }
 
 impl Listener {

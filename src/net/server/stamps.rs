@@ -56,6 +56,28 @@ impl Stamps {
         }
         true
     }
+
+    /// The floor and the stamps accepted above it, for a new process taking over.
+    pub(super) fn snapshot(&self) -> (u64, Vec<u64>) {
+        (self.floor, self.recent.iter().copied().collect())
+    }
+
+    /// Merges another process's floor and accepted stamps for the same key: whatever either
+    /// would refuse, the result refuses. `now` is the server's clock, as for [`Stamps::accept`]:
+    /// merged stamps ahead of it do not drag the floor past it either.
+    pub(super) fn merge(&mut self, floor: u64, stamps: &[u64], now: u64) {
+        self.floor = self.floor.max(floor);
+        self.recent.extend(stamps.iter().copied());
+        let newest = self.recent.last().copied().unwrap_or(0).min(now);
+        self.floor = self.floor.max(newest.saturating_sub(Self::WINDOW));
+        let floor = self.floor;
+        self.recent.retain(|&s| s > floor);
+        while self.recent.len() > Self::MAX {
+            if let Some(oldest) = self.recent.pop_first() {
+                self.floor = oldest;
+            }
+        }
+    }
 }
 
 /// The server's clock, for [`Stamps::accept`]: nanoseconds since the UNIX epoch (0 if the
@@ -137,4 +159,26 @@ mod tests {
         assert!(!s.accept(later + ahead + 1, later));
         assert!(s.accept(later + ahead, later));
     }
+
+    #[test]
+    fn merged_stamps_refuse_what_either_side_refused() {
+        let w = Stamps::WINDOW;
+        let t = 100 * w;
+        let mut old = Stamps::default();
+        assert!(old.accept(t, LATE));
+        assert!(old.accept(t - w / 2, LATE));
+        let (floor, list) = old.snapshot();
+        let mut new = Stamps::default();
+        assert!(new.accept(t - w / 4, LATE), "the new process's own stamp");
+        new.merge(floor, &list, LATE);
+        assert!(!new.accept(t, LATE), "accepted by the old process");
+        assert!(!new.accept(t - w / 2, LATE), "accepted by the old process");
+        assert!(!new.accept(t - w / 4, LATE), "accepted by the new process");
+        assert!(!new.accept(t - w - 1, LATE), "below the window of the old process's newest");
+        assert!(new.accept(t - w / 3, LATE), "within the window, never seen");
+        // A later single stamp (floor 0) moves the window.
+        new.merge(0, &[t + 2 * w], LATE);
+        assert!(!new.accept(t + w / 2, LATE), "below the moved window");
+    }
+
 }

@@ -254,6 +254,19 @@ pub(super) struct Table {
     /// when: a resume with one gets REJECT 4 (not allowed) instead of 1 (unknown session), for a
     /// session expiry time.
     pub(super) revoked: HashMap<[u8; RESUME_ID_LEN], Instant>,
+    /// The sessions of the process this one took over from, as it last reported them (see
+    /// `upgrade`): counted with this process's own against the caps.
+    pub(super) inherited: Inherited,
+    /// While a new process takes over or has taken over: where this process's stamps and
+    /// session counts go as they change (see `upgrade`).
+    pub(super) successor: Option<mpsc::UnboundedSender<super::handover::Msg>>,
+}
+
+/// The sessions of the earlier processes that live on after an upgrade: in all and per key.
+#[derive(Default)]
+pub(super) struct Inherited {
+    pub(super) total: usize,
+    pub(super) per_key: HashMap<PublicKey, usize>,
 }
 
 pub(super) struct State {
@@ -284,6 +297,9 @@ pub(super) struct State {
     pub(super) retired: std::sync::atomic::AtomicBool,
     /// Woken when a session ends or the process retires.
     pub(super) changed: tokio::sync::Notify,
+    /// Other listening sockets handed to the next process with the listener, by local address
+    /// (see [`super::Listener::hand_over_also`]).
+    pub(super) extras: Mutex<Vec<(SocketAddr, std::os::fd::OwnedFd)>>,
 }
 
 impl State {
@@ -357,7 +373,12 @@ impl State {
     /// takes it ([`Stamps::accept`], against the server's clock now), and remembers it.
     pub(super) fn accept_stamp(&self, client: &PublicKey, stamp: u64) -> bool {
         let now = wall_clock();
-        self.table().first_marks.entry(*client).or_default().accept(stamp, now)
+        let mut t = self.table();
+        let fresh = t.first_marks.entry(*client).or_default().accept(stamp, now);
+        if fresh {
+            self.report_stamps(&t, client, 0, &[stamp]);
+        }
+        fresh
     }
 
     /// True if every session limit would admit one more session for `client` now.
@@ -365,8 +386,11 @@ impl State {
         let limits = &self.cfg.limits;
         // Buffers are charged as they fill (`net::budget`), not here: an idle session holds
         // none, and a full budget makes writers wait instead of refusing sessions.
-        let per_key = t.per_key.get(client).copied().unwrap_or(0);
-        self.sessions.load(Ordering::Relaxed) < limits.max_sessions && per_key < limits.max_sessions_per_key
+        // An earlier process's sessions (after an upgrade) count too.
+        let inherited = t.inherited.per_key.get(client).copied().unwrap_or(0);
+        let per_key = t.per_key.get(client).copied().unwrap_or(0) + inherited;
+        let sessions = self.sessions.load(Ordering::Relaxed) + t.inherited.total;
+        sessions < limits.max_sessions && per_key < limits.max_sessions_per_key
     }
 
     /// Takes a session slot for `client` if every session limit allows it. Only a fresh hello
@@ -379,6 +403,7 @@ impl State {
         }
         *t.per_key.entry(client).or_insert(0) += 1;
         self.sessions.fetch_add(1, Ordering::Relaxed);
+        self.report_sessions(&t, &client);
         Some(Reservation { state: self, client, kept: false })
     }
 
@@ -393,6 +418,7 @@ impl State {
             }
         }
         self.sessions.fetch_sub(1, Ordering::Relaxed);
+        self.report_sessions(&t, client);
         drop(t);
         self.changed.notify_waiters();
     }
