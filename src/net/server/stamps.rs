@@ -180,5 +180,4 @@ mod tests {
         new.merge(0, &[t + 2 * w], LATE);
         assert!(!new.accept(t + w / 2, LATE), "below the moved window");
     }
-
 }
