@@ -371,6 +371,7 @@ fn compute() -> Vec<(&'static str, Vec<u8>)> {
     v.push(("reject_unknown_session", record(&reject(RejectCode::UnknownSession))));
     v.push(("reject_busy", record(&reject(RejectCode::Busy))));
     v.push(("reject_stale", record(&reject(RejectCode::Stale))));
+    v.push(("reject_not_allowed", record(&reject(RejectCode::NotAllowed))));
 
     // Rekey: a fresh copy of the first connection; each side sends PINGs only. The record with
     // nonce 65535 is the last under the handshake key, nonce 65536 the first under REKEY(k).
@@ -457,6 +458,7 @@ const EXPECTED: &[(&str, &str)] = &[
     ("reject_unknown_session", "00020201"),
     ("reject_busy", "00020202"),
     ("reject_stale", "00020203"),
+    ("reject_not_allowed", "00020204"),
     ("rekey_c65535_ping", "00113c3f03a4cd7b397a8558ef0b4108600993"),
     ("rekey_s65535_ping", "0011b3f0fac3d6b2f7d24b060b97d0cd030efb"),
     ("rekey_c65536_ping", "0011bce4ebce1446167c9da6bfb2c533bd60c7"),
@@ -725,6 +727,7 @@ fn refusals_read_as_their_codes() {
         ("reject_unknown_session", HandshakeError::UnknownSession),
         ("reject_busy", HandshakeError::Busy),
         ("reject_stale", HandshakeError::Stale),
+        ("reject_not_allowed", HandshakeError::NoLongerAllowed),
     ] {
         let rec = get(&v, name);
         let (body, used) = split_record(&rec).expect("a whole record");
