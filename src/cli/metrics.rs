@@ -89,16 +89,19 @@ pub(crate) fn serve(
     info!(metrics = %local, path = "/metrics", "metrics endpoint ready");
     let task = tokio::spawn(async move {
         let mut conns: VecDeque<Conn> = VecDeque::new();
+        let mut backoff = holdfast::net::AcceptBackoff::default();
         tokio::pin!(stop);
         loop {
             let (sock, peer) = tokio::select! {
                 biased;
                 () = &mut stop => break,
                 r = listener.accept() => match r {
-                    Ok(x) => x,
+                    Ok(x) => {
+                        backoff.succeeded();
+                        x
+                    }
                     Err(e) => {
-                        warn!(error = %e, "metrics: accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        backoff.wait_after("metrics", &e).await;
                         continue;
                     }
                 },

@@ -175,7 +175,8 @@ pub struct Limits {
     /// opens one connection per fault; 20 leaves room for a NAT with several clients.
     pub handshakes_per_sec_per_ip: u32,
     /// Sessions (attached, detached, or finishing their handshake) at once. Default 16384. Each
-    /// takes two file descriptors (its link and its service connection) and, idle, a few tens
+    /// takes a file descriptor for its link and one for each service connection it carries
+    /// (a multiplexed session one per open stream, up to 128) and, idle, a few tens
     /// of KiB of memory outside `buffer_budget` (`BENCHMARKS.md` measures it).
     pub max_sessions: usize,
     /// Sessions per client key, so one allowed client cannot take every slot. Default 64.

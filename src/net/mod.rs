@@ -1,6 +1,7 @@
 //! The tokio driver: the client connector with its reconnect loop, the server listener with
 //! its session table and limits, and the public [`Stream`].
 
+pub mod backoff;
 pub(crate) mod budget;
 pub mod client;
 pub mod config;
@@ -21,6 +22,7 @@ use crate::keys::KeyError;
 use crate::proto::{HandshakeError, SessionError};
 
 pub use crate::human::Rounded;
+pub use backoff::AcceptBackoff;
 pub use client::connect;
 pub use config::{ClientConfig, Limits, Recovery, RecoveryHook, RecoveryPolicy, ServerConfig};
 pub use events::{LinkEvent, LinkLost, LinkStatus};

@@ -20,10 +20,11 @@ use crate::net::{ClientConfig, LinkEvent};
 /// connection, and one resume for all after a fault. Against a server that does not multiplex,
 /// each connection gets a resilient session of its own. Link events are sent to `events`, with
 /// the local peer's address (per-connection sessions) or the server's (the shared session).
-/// Runs until the listener fails.
+/// Runs until it is dropped.
 ///
 /// # Errors
-/// Returns only if accepting on `local` fails.
+/// Returns only if the service name is invalid. A failed accept (out of file descriptors, say)
+/// is logged and retried after a back-off ([`crate::net::AcceptBackoff`]).
 pub async fn forward(
     local: TcpListener,
     server: String,
@@ -39,7 +40,8 @@ pub async fn forward(
 /// forwards to the same server) or none (`None`: one session per connection, always).
 ///
 /// # Errors
-/// Returns only if accepting on `local` fails.
+/// Returns only if the service name is invalid. A failed accept (out of file descriptors, say)
+/// is logged and retried after a back-off ([`crate::net::AcceptBackoff`]).
 pub async fn forward_via(
     local: TcpListener,
     server: String,
@@ -49,8 +51,16 @@ pub async fn forward_via(
     pool: Option<Arc<MuxPool>>,
 ) -> io::Result<()> {
     check_name(&service)?;
+    let mut backoff = crate::net::AcceptBackoff::default();
     loop {
-        let (tcp, from) = local.accept().await?;
+        let (tcp, from) = match local.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                backoff.wait_after("local forward", &e).await;
+                continue;
+            }
+        };
+        backoff.succeeded();
         let _ = tcp.set_nodelay(true);
         let (server, cfg, service, events) = (server.clone(), cfg.clone(), service.clone(), events.clone());
         let pool = pool.clone();

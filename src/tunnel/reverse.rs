@@ -170,7 +170,7 @@ pub(super) async fn serve_listen(
     let mut sink = [0u8; 64];
     let mut stopping = stop.clone();
     let mut pause = Duration::ZERO;
-    let mut errors = Throttle::default();
+    let mut backoff = crate::net::AcceptBackoff::default();
     loop {
         let next = async {
             if !pause.is_zero() {
@@ -193,12 +193,14 @@ pub(super) async fn serve_listen(
             (mut permit, r) = next => match r {
                 Ok((tcp, from)) => {
                     pause = Duration::ZERO;
+                    backoff.succeeded();
                     permit.accepted();
                     tokio::spawn(reverse_one(tcp, from, at, mux.clone(), who.clone(), stop.clone(), permit));
                 }
                 Err(e) => {
-                    pause = (pause * 2).clamp(Duration::from_millis(50), Duration::from_secs(1));
-                    if let Some(more) = errors.allow() {
+                    let after = backoff.failed(std::time::Instant::now());
+                    pause = after.pause;
+                    if let Some(more) = after.log {
                         warn!(client = %who, listen = %at, error = %e, more_since_last_logged = more, "accept failed; backing off (logged at most every 10s)");
                     }
                 }
@@ -224,26 +226,6 @@ pub(super) fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
     sock.set_reuseaddr(true)?;
     sock.bind(addr)?;
     sock.listen(1024)
-}
-
-/// Lets a repeated log line through at most every 10 s; counts the ones held back.
-#[derive(Default)]
-struct Throttle {
-    last: Option<std::time::Instant>,
-    held: u64,
-}
-
-impl Throttle {
-    /// `Some(lines held back since the last one)` if this one may be logged.
-    fn allow(&mut self) -> Option<u64> {
-        let now = std::time::Instant::now();
-        if self.last.is_some_and(|t| now.duration_since(t) < Duration::from_secs(10)) {
-            self.held += 1;
-            return None;
-        }
-        self.last = Some(now);
-        Some(std::mem::take(&mut self.held))
-    }
 }
 
 /// One connection to a reverse forward's listener, carried to the client on a new stream. The
@@ -298,14 +280,5 @@ mod tests {
         assert!(v4.is_err(), "an IPv4 connection reached a listener on [::]:{port}");
         let v6 = TcpStream::connect(SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port))).await;
         assert!(v6.is_ok(), "{v6:?}");
-    }
-
-    #[test]
-    fn a_repeated_line_is_logged_once_per_period() {
-        let mut t = Throttle::default();
-        assert_eq!(t.allow(), Some(0));
-        assert_eq!((t.allow(), t.allow()), (None, None));
-        t.last = Some(std::time::Instant::now() - Duration::from_secs(11));
-        assert_eq!(t.allow(), Some(2));
     }
 }

@@ -18,14 +18,23 @@ use super::mux::MuxPool;
 use super::{TunnelError, REQUEST_TIMEOUT};
 use crate::human::printable;
 
-/// Serves SOCKS5 on `local`, carrying each CONNECT through `pool`'s session. Runs until the
-/// listener fails.
+/// Serves SOCKS5 on `local`, carrying each CONNECT through `pool`'s session. Runs until it is
+/// dropped.
 ///
 /// # Errors
-/// Returns only if accepting on `local` fails.
+/// Does not return on a failed accept (out of file descriptors, say): it is logged and retried
+/// after a back-off ([`crate::net::AcceptBackoff`]).
 pub async fn socks(local: TcpListener, pool: Arc<MuxPool>) -> io::Result<()> {
+    let mut backoff = crate::net::AcceptBackoff::default();
     loop {
-        let (tcp, from) = local.accept().await?;
+        let (tcp, from) = match local.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                backoff.wait_after("SOCKS", &e).await;
+                continue;
+            }
+        };
+        backoff.succeeded();
         let _ = tcp.set_nodelay(true);
         let pool = pool.clone();
         tokio::spawn(async move {

@@ -442,8 +442,18 @@ pub(super) async fn offer(
     sockets: impl Fn() -> Vec<(SocketAddr, OwnedFd)>,
 ) -> (UnixStream, u32, bool) {
     use std::os::fd::AsFd;
+    let mut backoff = crate::net::AcceptBackoff::default();
     loop {
-        let Ok((sock, _)) = unix.accept().await else { continue };
+        let sock = match unix.accept().await {
+            Ok((sock, _)) => {
+                backoff.succeeded();
+                sock
+            }
+            Err(e) => {
+                backoff.wait_after("handover socket", &e).await;
+                continue;
+            }
+        };
         let sockets = sockets();
         let asked = async {
             same_user(&sock)?;

@@ -14,12 +14,11 @@ use std::net::SocketAddr;
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use handshake::{handshake, refuse_busy};
 use state::{Claim, Live, Pending, Slot, State, Table};
@@ -296,15 +295,16 @@ impl Retirement {
 }
 
 async fn accept_loop(tcp: TcpListener, state: Arc<State>) {
+    let mut backoff = crate::net::AcceptBackoff::default();
     loop {
         let (sock, addr) = match tcp.accept().await {
             Ok(x) => x,
             Err(e) => {
-                warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                backoff.wait_after("server", &e).await;
                 continue;
             }
         };
+        backoff.succeeded();
         // A load balancer's connections are limited per client, once its PROXY header is read.
         if !proxy::trusted(&state.cfg.proxy_from, addr.ip()) && !state.rate_ok(addr.ip()) {
             debug!(%addr, "handshake rate limit");

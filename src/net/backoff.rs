@@ -1,0 +1,79 @@
+//! Back-off for accept loops. When `accept` fails (the process is out of file descriptors, say),
+//! trying again at once spins a core and writes a log line per try; every accept loop of the
+//! library and the binary waits instead, longer after each failure in a row, and logs at most
+//! one line in [`AcceptBackoff::LOG_EVERY`] with the number of failures held back.
+
+use std::time::{Duration, Instant};
+
+/// The state of one accept loop's back-off.
+#[derive(Debug, Default)]
+pub struct AcceptBackoff {
+    pause: Duration,
+    logged: Option<Instant>,
+    held: u64,
+}
+
+/// What an accept loop does after a failed accept (see [`AcceptBackoff::failed`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AfterFailure {
+    /// How long to wait before accepting again.
+    pub pause: Duration,
+    /// `Some(failures not logged since the last line)` if this failure may be logged.
+    pub log: Option<u64>,
+}
+
+impl AcceptBackoff {
+    /// The first pause after a failure.
+    pub const FIRST: Duration = Duration::from_millis(50);
+    /// The longest pause.
+    pub const MAX: Duration = Duration::from_secs(1);
+    /// At most one log line in this long.
+    pub const LOG_EVERY: Duration = Duration::from_secs(10);
+
+    /// An accept succeeded: the next failure starts from [`AcceptBackoff::FIRST`] again.
+    pub fn succeeded(&mut self) {
+        self.pause = Duration::ZERO;
+    }
+
+    /// An accept failed at `now`: the pause to wait (doubling from [`AcceptBackoff::FIRST`] to
+    /// [`AcceptBackoff::MAX`]) and whether to log it.
+    pub fn failed(&mut self, now: Instant) -> AfterFailure {
+        self.pause = (self.pause * 2).clamp(Self::FIRST, Self::MAX);
+        let log = if self.logged.is_some_and(|t| now.saturating_duration_since(t) < Self::LOG_EVERY) {
+            self.held += 1;
+            None
+        } else {
+            self.logged = Some(now);
+            Some(std::mem::take(&mut self.held))
+        };
+        AfterFailure { pause: self.pause, log }
+    }
+
+    /// Logs a failed accept of `what` (rate-limited), then waits for the pause.
+    pub async fn wait_after(&mut self, what: &str, error: &std::io::Error) {
+        let after = self.failed(Instant::now());
+        if let Some(held) = after.log {
+            tracing::warn!(error = %error, failures_not_logged = held, "{what}: accept failed; backing off (this is logged at most every 10 s)");
+        }
+        tokio::time::sleep(after.pause).await; // back-off pace, not synchronisation
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pauses_double_to_a_cap_and_lines_are_held_back() {
+        let mut b = AcceptBackoff::default();
+        let t = Instant::now();
+        let a = b.failed(t);
+        assert_eq!(a, AfterFailure { pause: AcceptBackoff::FIRST, log: Some(0) });
+        let pauses: Vec<_> = (0..6).map(|_| b.failed(t).pause.as_millis()).collect();
+        assert_eq!(pauses, [100, 200, 400, 800, 1000, 1000]);
+        assert_eq!(b.failed(t + Duration::from_secs(5)).log, None);
+        assert_eq!(b.failed(t + AcceptBackoff::LOG_EVERY).log, Some(7), "the failures held back are counted");
+        b.succeeded();
+        assert_eq!(b.failed(t + AcceptBackoff::LOG_EVERY).pause, AcceptBackoff::FIRST);
+    }
+}
