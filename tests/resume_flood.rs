@@ -6,15 +6,18 @@
 //!
 //! Run: `cargo test --release --test resume_flood`.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+mod common;
+
+use std::net::SocketAddr;
 use std::time::Duration;
 
+use common::raw::{connect_from, recv_record, seal, send_record};
 use holdfast::keys::{AllowList, Keypair, PublicKey};
 use holdfast::net::Limits;
-use holdfast::proto::{Cipher, ClientHandshake, Frame, Ticket, Transport};
+use holdfast::proto::{Cipher, ClientHandshake, Frame, Ticket};
 use holdfast::{ClientConfig, Listener, ServerConfig, Stream};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
 
 const LIMIT: Duration = Duration::from_secs(60);
 /// The first byte of a REJECT reply, and BUSY's code.
@@ -37,38 +40,6 @@ async fn server(limits: Limits, clients: &[&Keypair]) -> (Listener, PublicKey) {
 
 fn copy(k: &Keypair) -> Keypair {
     Keypair::from_private(k.private.clone())
-}
-
-/// A TCP connection from source address 127.0.0.`last`.
-async fn connect_from(last: u8, server: SocketAddr) -> TcpStream {
-    let sock = TcpSocket::new_v4().unwrap();
-    sock.bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, last)), 0)).unwrap();
-    sock.connect(server).await.unwrap()
-}
-
-async fn send_record(sock: &mut TcpStream, body: &[u8]) {
-    let mut rec = Vec::new();
-    holdfast::proto::frame::push_record(&mut rec, body);
-    sock.write_all(&rec).await.unwrap();
-}
-
-/// The next record body, or `None` if the server closed first.
-async fn recv_record(sock: &mut TcpStream) -> Option<Vec<u8>> {
-    let read = async {
-        let len = sock.read_u16().await.ok()? as usize;
-        let mut body = vec![0u8; len];
-        sock.read_exact(&mut body).await.ok()?;
-        Some(body)
-    };
-    tokio::time::timeout(Duration::from_secs(10), read).await.expect("the server neither answered nor closed")
-}
-
-fn seal(t: &mut Transport, f: Frame<'_>) -> Vec<u8> {
-    let mut plain = Vec::new();
-    f.encode(&mut plain);
-    let mut rec = Vec::new();
-    t.seal(&plain, &mut rec).unwrap();
-    rec
 }
 
 /// A session opened by hand (hello, reply, confirmation); its link is dropped at once, so the

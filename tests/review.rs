@@ -8,16 +8,17 @@
 
 mod common;
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::harness::fast_session;
+use common::raw::{connect_from, recv_record, seal, send_record};
 use holdfast::keys::{AllowList, Keypair, PublicKey};
 use holdfast::net::Limits;
 use holdfast::proto::{Cipher, ClientHandshake, Frame, HandshakeError, Ticket, Transport};
 use holdfast::{ClientConfig, Listener, ServerConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -45,38 +46,6 @@ async fn server(limits: Limits, clients: &[Keypair]) -> (Listener, Vec<ClientCon
         })
         .collect();
     (listener, cfgs, copy)
-}
-
-/// A TCP connection from source address 127.0.0.`last`.
-async fn connect_from(last: u8, server: SocketAddr) -> TcpStream {
-    let sock = TcpSocket::new_v4().unwrap();
-    sock.bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, last)), 0)).unwrap();
-    sock.connect(server).await.unwrap()
-}
-
-async fn send_record(sock: &mut TcpStream, body: &[u8]) {
-    let mut rec = Vec::new();
-    holdfast::proto::frame::push_record(&mut rec, body);
-    sock.write_all(&rec).await.unwrap();
-}
-
-/// The next record body, or `None` if the server closed first (within a bound).
-async fn recv_record(sock: &mut TcpStream) -> Option<Vec<u8>> {
-    let read = async {
-        let len = sock.read_u16().await.ok()? as usize;
-        let mut body = vec![0u8; len];
-        sock.read_exact(&mut body).await.ok()?;
-        Some(body)
-    };
-    tokio::time::timeout(Duration::from_secs(10), read).await.expect("the server neither answered nor closed")
-}
-
-fn seal(t: &mut Transport, f: Frame<'_>) -> Vec<u8> {
-    let mut plain = Vec::new();
-    f.encode(&mut plain);
-    let mut rec = Vec::new();
-    t.seal(&plain, &mut rec).unwrap();
-    rec
 }
 
 /// A first connection by hand: hello, reply, confirmation. Returns the connection, its transport

@@ -10,6 +10,7 @@ pub mod low_order;
 pub mod netns;
 pub mod postgres;
 pub mod procs;
+pub mod raw;
 pub mod sshd;
 pub mod tunnel;
 pub mod world;
