@@ -63,6 +63,31 @@ pub(crate) async fn bind(addr: SocketAddr) -> Result<TcpListener> {
     TcpListener::bind(addr).await.with_context(|| format!("--metrics {addr}: cannot listen"))
 }
 
+/// Binds `addr` as soon as it is free (an older server process holds it until it exits),
+/// trying every second, then serves it as [`serve`] does, and hands it on at the next upgrade.
+pub(crate) fn serve_when_free(
+    addr: SocketAddr,
+    listener: &holdfast::Listener,
+) -> impl std::future::Future<Output = Result<()>> + Send + 'static {
+    let (stats, allow, retirement) = (listener.stats_handle(), listener.allow_list_handle(), listener.retirement());
+    let keep = listener.extra_sockets();
+    async move {
+        let socket = loop {
+            if retirement.handed_over() {
+                return Ok(());
+            }
+            match bind(addr).await {
+                Ok(s) => break s,
+                Err(_) => tokio::time::sleep(Duration::from_secs(1)).await, // retry pace
+            }
+        };
+        keep.add(&socket).context("--metrics: cannot keep the socket for an upgrade")?;
+        info!(metrics = %addr, "the metrics port is free again: serving metrics");
+        let stop = async move { retirement.until_handed_over().await };
+        serve(socket, stats, allow, stop)?.1.await?
+    }
+}
+
 /// A scrape connection being served, as the cap sees it.
 struct Conn {
     task: AbortHandle,

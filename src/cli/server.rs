@@ -63,16 +63,27 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
     // Every socket is bound before this process takes the listener over from a running server:
     // if one cannot be, this process exits and the running one goes on serving. systemd is told
     // READY only after that.
+    // Taking over from an older holdfast that keeps its metrics port until it exits: that one
+    // already stopped accepting, so this one serves, and binds metrics once the port is free.
+    let mut metrics_later = None;
     let (listener, metrics) = match &args.handover {
         Some(path) => {
             let mut upgrade = holdfast::net::prepare_handover(listen, path).await?;
             let metrics = match metrics {
-                Some(addr) => Some(match upgrade.take_socket(addr) {
+                Some(addr) => match upgrade.take_socket(addr) {
                     Some(socket) => {
-                        tokio::net::TcpListener::from_std(socket).context("--metrics: the socket handed over")?
+                        Some(tokio::net::TcpListener::from_std(socket).context("--metrics: the socket handed over")?)
                     }
-                    None => metrics::bind(addr).await?,
-                }),
+                    None => match metrics::bind(addr).await {
+                        Ok(socket) => Some(socket),
+                        Err(e) if upgrade.from_older_version() => {
+                            warn!(metrics = %addr, error = %format!("{e:#}"), "the earlier server process (an older version) still holds the metrics port; metrics will be served here once it exits");
+                            metrics_later = Some(addr);
+                            None
+                        }
+                        Err(e) => return Err(e),
+                    },
+                },
                 None => None,
             };
             (upgrade.commit(cfg).await?, metrics)
@@ -96,7 +107,7 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
             let stop = async move { stop.until_handed_over().await };
             Some(metrics::serve(socket, listener.stats_handle(), listener.allow_list_handle(), stop)?.1)
         }
-        None => None,
+        None => metrics_later.map(|addr| tokio::spawn(metrics::serve_when_free(addr, &listener))),
     };
     let offered: Vec<String> = services.iter().map(|(n, t)| format!("{n}={t}")).collect();
     let connect: Vec<String> = services.connect_rules().iter().map(ToString::to_string).collect();

@@ -24,7 +24,7 @@ use handshake::{handshake, refuse_busy};
 use state::{Claim, Live, Pending, Slot, State, Table};
 use stats::Refusal;
 pub use stats::{Refusals, ServerStats, StatsHandle};
-pub use upgrade::{bind_with_handover, prepare_handover, Upgrade};
+pub use upgrade::{bind_with_handover, prepare_handover, ExtraSockets, Upgrade};
 
 use crate::keys::{AllowList, PublicKey};
 use crate::net::config::ServerConfig;

@@ -114,6 +114,14 @@ impl Upgrade {
         self.old.as_ref().map(|o| o.1)
     }
 
+    /// True if the running server is an older holdfast that speaks the first handover protocol:
+    /// it stopped accepting when it handed its listener over, offers no other socket, and keeps
+    /// the ones it has (its metrics port, say) until it exits. This process is then the one
+    /// that serves, whatever else fails: it should not exit because such a socket is taken.
+    pub fn from_older_version(&self) -> bool {
+        self.old.as_ref().is_some_and(|o| o.2)
+    }
+
     /// The listening socket bound to `addr` that the running server offered with its listener
     /// (one it registered with [`Listener::hand_over_also`], such as its metrics endpoint), if
     /// there is one: use it instead of binding `addr`, which the running server holds.
@@ -183,6 +191,35 @@ impl Listener {
     /// # Errors
     /// If the descriptor cannot be duplicated or is not a bound socket.
     pub fn hand_over_also(&self, socket: &impl AsFd) -> std::io::Result<()> {
+        self.extra_sockets().add(socket)
+    }
+
+    /// A handle that does [`Listener::hand_over_also`] later, from a task that does not own the
+    /// listener (for a socket bound after the server started).
+    pub fn extra_sockets(&self) -> ExtraSockets {
+        ExtraSockets { state: self.state.clone() }
+    }
+}
+
+/// Adds sockets to those handed to the next process in an upgrade (see
+/// [`Listener::extra_sockets`]).
+#[derive(Clone)]
+pub struct ExtraSockets {
+    state: Arc<State>,
+}
+
+impl std::fmt::Debug for ExtraSockets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExtraSockets").finish_non_exhaustive()
+    }
+}
+
+impl ExtraSockets {
+    /// As [`Listener::hand_over_also`].
+    ///
+    /// # Errors
+    /// If the descriptor cannot be duplicated or is not a bound socket.
+    pub fn add(&self, socket: &impl AsFd) -> std::io::Result<()> {
         let l = std::net::TcpListener::from(socket.as_fd().try_clone_to_owned()?);
         let addr = l.local_addr()?;
         self.state.extras.lock().unwrap_or_else(|p| p.into_inner()).push((addr, OwnedFd::from(l)));
