@@ -71,6 +71,12 @@ fn parse_rest(rest: &str) -> Result<Rest, String> {
             if parsed.services.is_some() || parsed.forward.is_some() {
                 return Err(format!("'{shown}' comes after an option; {LINE_FORMAT}"));
             }
+            if looks_like_an_option(word) {
+                return Err(format!(
+                    "'{shown}' looks like a misspelt option (the options are services=NAME[,NAME...] and \
+                     forward=connect|listen|connect,listen); {LINE_FORMAT}"
+                ));
+            }
             words.push(word);
             continue;
         };
@@ -94,6 +100,18 @@ fn parse_rest(rest: &str) -> Result<Rest, String> {
         parsed.name = Some(name);
     }
     Ok(parsed)
+}
+
+/// True if a word of a name is an option's name without its `=` (`services`, `services:ssh`,
+/// `Forward`): such a line would otherwise load as an unrestricted key with a long name.
+/// `service-account` or `forwarder` are names.
+fn looks_like_an_option(word: &str) -> bool {
+    let lower = word.to_ascii_lowercase();
+    ["services", "service", "forward"].iter().any(|option| {
+        lower.strip_prefix(option).is_some_and(|rest| {
+            rest.chars().next().is_none_or(|c| !(c.is_ascii_alphanumeric() || c == '-' || c == '_'))
+        })
+    })
 }
 
 fn parse_services(list: &str) -> Result<Vec<String>, String> {
@@ -369,6 +387,9 @@ mod tests {
             ("laptop forward=connect,ssh", "'ssh' in forward= is not a kind of forwarding"),
             ("laptop forward=", "'' in forward= is not a kind of forwarding"),
             ("lap\u{1b}top", "control character"),
+            ("laptop services:echo", "'services:echo' looks like a misspelt option"),
+            ("laptop services", "'services' looks like a misspelt option"),
+            ("laptop Forward:connect", "'Forward:connect' looks like a misspelt option"),
         ];
         for (rest, says) in cases {
             let msg = line_2_error(rest);
@@ -380,6 +401,10 @@ mod tests {
                     "{rest:?} does not say what is accepted: {msg}"
                 );
             }
+        }
+        for name in ["service-account", "forwarder", "build services_bot"] {
+            let key = Keypair::generate().public;
+            assert!(AllowList::parse(&format!("{key} {name}\n")).is_ok(), "{name:?} is a name");
         }
         let long = line_2_error(&"x".repeat(crate::names::MAX_CLIENT_NAME + 1));
         assert!(long.contains("longer than 128 bytes"), "{long}");
