@@ -90,6 +90,20 @@ pub(super) async fn join<S: AsyncRead + AsyncWrite + Unpin>(
     };
     if res.is_err() {
         let _ = tcp.set_zero_linger();
+        drop(tcp);
+        // A stream whose sending half is already closed (FIN sent) is dropped by the multiplexer
+        // without a reset, and a peer blocked on a full window would then wait for credit
+        // forever, holding its connection. Reading what the peer still sends, for a bounded
+        // time, gives it the credit to finish (or to hit the reset that a frame for a dropped
+        // stream draws).
+        let drain = async {
+            let mut sink = Zeroizing::new(vec![0u8; COPY_BUF]);
+            while matches!(sr.read(&mut sink[..]).await, Ok(1..)) {}
+        };
+        let _ = tokio::time::timeout(DRAIN, drain).await;
     }
     res
 }
+
+/// How long [`join`] reads what the stream's peer still sends after a failure.
+const DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
