@@ -49,6 +49,24 @@ impl AcceptBackoff {
         AfterFailure { pause: self.pause, log }
     }
 
+    /// The next connection of `listener`: a failed accept is logged as `what`'s (rate-limited)
+    /// and tried again after the pause.
+    pub async fn accept(
+        &mut self,
+        listener: &tokio::net::TcpListener,
+        what: &str,
+    ) -> (tokio::net::TcpStream, std::net::SocketAddr) {
+        loop {
+            match listener.accept().await {
+                Ok(x) => {
+                    self.succeeded();
+                    return x;
+                }
+                Err(e) => self.wait_after(what, &e).await,
+            }
+        }
+    }
+
     /// Logs a failed accept of `what` (rate-limited), then waits for the pause.
     pub async fn wait_after(&mut self, what: &str, error: &std::io::Error) {
         let after = self.failed(Instant::now());

@@ -53,14 +53,7 @@ pub async fn forward_via(
     check_name(&service)?;
     let mut backoff = crate::net::AcceptBackoff::default();
     loop {
-        let (tcp, from) = match local.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                backoff.wait_after("local forward", &e).await;
-                continue;
-            }
-        };
-        backoff.succeeded();
+        let (tcp, from) = backoff.accept(&local, "local forward").await;
         let _ = tcp.set_nodelay(true);
         let (server, cfg, service, events) = (server.clone(), cfg.clone(), service.clone(), events.clone());
         let pool = pool.clone();

@@ -27,14 +27,7 @@ use crate::human::printable;
 pub async fn socks(local: TcpListener, pool: Arc<MuxPool>) -> io::Result<()> {
     let mut backoff = crate::net::AcceptBackoff::default();
     loop {
-        let (tcp, from) = match local.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                backoff.wait_after("SOCKS", &e).await;
-                continue;
-            }
-        };
-        backoff.succeeded();
+        let (tcp, from) = backoff.accept(&local, "SOCKS").await;
         let _ = tcp.set_nodelay(true);
         let pool = pool.clone();
         tokio::spawn(async move {

@@ -297,14 +297,7 @@ impl Retirement {
 async fn accept_loop(tcp: TcpListener, state: Arc<State>) {
     let mut backoff = crate::net::AcceptBackoff::default();
     loop {
-        let (sock, addr) = match tcp.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                backoff.wait_after("server", &e).await;
-                continue;
-            }
-        };
-        backoff.succeeded();
+        let (sock, addr) = backoff.accept(&tcp, "server").await;
         // A load balancer's connections are limited per client, once its PROXY header is read.
         if !proxy::trusted(&state.cfg.proxy_from, addr.ip()) && !state.rate_ok(addr.ip()) {
             debug!(%addr, "handshake rate limit");
