@@ -295,6 +295,15 @@ impl ByteQueue {
         n
     }
 
+    /// Advances an empty queue's offsets by `n` without holding the bytes (they were handed
+    /// on elsewhere, for example to a stream's own queue).
+    pub fn skip(&mut self, n: u64) {
+        debug_assert!(self.is_empty());
+        self.end += n;
+        self.start = self.end;
+        self.chunk_base = self.end;
+    }
+
     /// Hands the spare chunks back to the process-wide pool (for idle sessions).
     pub fn shrink(&mut self) {
         for c in self.spare.drain(..) {

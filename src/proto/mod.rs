@@ -12,6 +12,7 @@ pub mod handshake;
 pub mod rtt;
 pub mod session;
 pub mod statics;
+pub mod streams;
 pub mod transport;
 
 pub use cipher::Cipher;
@@ -19,4 +20,5 @@ pub use frame::{CloseCode, Frame, FrameError};
 pub use handshake::{ClientHandshake, HandshakeError, Hello, RejectCode, ResumeLookup, ServerAccept, Ticket};
 pub use session::{Attached, Event, Role, Session, SessionConfig, SessionError};
 pub use statics::StaticSecrets;
+pub use streams::{StreamBudget, StreamError, Streams, StreamsConfig};
 pub use transport::{CryptoError, Transport};

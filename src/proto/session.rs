@@ -16,6 +16,7 @@ use super::buffer::ByteQueue;
 use super::frame::{CloseCode, Frame, FrameError, MAX_DATA, MAX_FRAME, RESUME_ID_LEN};
 use super::handshake::Ticket;
 use super::rtt::{threshold, Check, Liveness, RttEstimate};
+use super::streams::{StreamBudget, StreamError, Streams, StreamsConfig};
 use super::transport::{CryptoError, Transport, TAG_LEN};
 use crate::human::Rounded;
 
@@ -121,6 +122,10 @@ pub enum SessionError {
     /// The session ended normally.
     #[error("session finished")]
     Finished,
+    /// The peer broke a rule of the stream frames (`docs/PROTOCOL.md` section 13). The bytes
+    /// are in the peer's replay buffer and a resume would send them again, so the session ends.
+    #[error("protocol violation in the streams: {0}")]
+    StreamProtocol(&'static str),
 }
 
 impl SessionError {
@@ -212,7 +217,15 @@ pub struct Session {
     raced_at: Option<Instant>,
     /// A probe PING is due (the peer stopped streaming to us).
     probe_due: bool,
+    /// The streams carried in the byte stream (protocol version 4); `None` for a bare byte
+    /// stream (this crate's own tests of the layer below).
+    streams: Option<Box<Streams>>,
 }
+
+/// Room beyond [`SessionConfig::max_buffer`] for the streams' control frames (WINDOW, FIN,
+/// RESET, STREAMS), so that a replay buffer full of data never holds back the credit that lets
+/// the peer's data flow. They are bounded by the number of streams.
+const CONTROL_ROOM: usize = 64 * 1024;
 
 impl std::fmt::Debug for Session {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -255,6 +268,77 @@ impl Session {
             races: 0,
             raced_at: None,
             probe_due: false,
+            streams: None,
+        }
+    }
+
+    /// Makes the byte stream carry streams (protocol version 4), charged to `budget`.
+    pub fn enable_streams(&mut self, cfg: StreamsConfig, budget: Box<dyn StreamBudget>) {
+        self.streams = Some(Box::new(Streams::new(self.role == Role::Client, cfg, budget)));
+    }
+
+    /// The streams, if enabled.
+    pub fn streams(&self) -> Option<&Streams> {
+        self.streams.as_deref()
+    }
+
+    /// The streams, if enabled, for the calls that need no room in the replay buffer (reads,
+    /// shutdown, reset, accept, release).
+    pub fn streams_mut(&mut self) -> Option<&mut Streams> {
+        self.streams.as_deref_mut()
+    }
+
+    fn streams_for_write(&mut self, room: usize) -> Result<(&mut Streams, &mut ByteQueue, usize), StreamError> {
+        let space = self.send_space();
+        if self.fin.is_some() {
+            return Err(StreamError::WriteAfterShutdown);
+        }
+        let st = self.streams.as_deref_mut().ok_or(StreamError::Unknown)?;
+        Ok((st, &mut self.send, room.min(space)))
+    }
+
+    /// Opens a stream within `room` bytes of the replay buffer (see [`Streams::open`]).
+    ///
+    /// # Errors
+    /// As [`Streams::open`].
+    pub fn stream_open(&mut self, room: usize) -> Result<Option<u64>, StreamError> {
+        let (st, send, room) = self.streams_for_write(room)?;
+        st.open(send, room)
+    }
+
+    /// Writes stream bytes within `room` bytes of the replay buffer (see [`Streams::write`]).
+    ///
+    /// # Errors
+    /// As [`Streams::write`].
+    pub fn stream_write(&mut self, id: u64, data: &[u8], room: usize) -> Result<usize, StreamError> {
+        let (st, send, room) = self.streams_for_write(room)?;
+        st.write(id, data, send, room)
+    }
+
+    /// Writes stream bytes that `fill` puts straight into the replay buffer (see
+    /// [`Streams::write_with`]).
+    ///
+    /// # Errors
+    /// As [`Streams::write_with`].
+    pub fn stream_write_with<E>(
+        &mut self,
+        id: u64,
+        max: usize,
+        room: usize,
+        fill: impl FnOnce(&mut [std::io::IoSliceMut<'_>]) -> Result<usize, E>,
+    ) -> Result<Option<Result<usize, E>>, StreamError> {
+        let (st, send, room) = self.streams_for_write(room)?;
+        st.write_with(id, max, send, room, fill)
+    }
+
+    /// True once stream `id`'s FIN was acknowledged with every byte before it.
+    ///
+    /// # Errors
+    /// The stream was reset.
+    pub fn stream_fin_acked(&self, id: u64) -> Result<bool, StreamError> {
+        match &self.streams {
+            Some(st) => st.fin_acked(id, self.send.start()),
+            None => Err(StreamError::Unknown),
         }
     }
 
@@ -593,7 +677,18 @@ impl Session {
                 let end =
                     offset.checked_add(data.len() as u64).ok_or(SessionError::Protocol("DATA offset overflows"))?;
                 if end > next {
-                    self.recv.push(&data[(next - offset) as usize..]);
+                    let fresh = &data[(next - offset) as usize..];
+                    match self.streams.as_deref_mut() {
+                        Some(st) => {
+                            if let Err(why) = st.ingest(fresh) {
+                                let e = SessionError::StreamProtocol(why);
+                                self.close(CloseCode::Protocol, e.clone());
+                                return Err(e);
+                            }
+                            self.recv.skip(fresh.len() as u64);
+                        }
+                        None => self.recv.push(fresh),
+                    }
                     self.schedule_ack(now);
                     self.calm();
                 }
@@ -645,6 +740,9 @@ impl Session {
                 Some(_) => return Err(SessionError::Protocol("FIN moved")),
                 None if off == self.recv.end() => {
                     self.peer_fin = Some(off);
+                    if let Some(st) = self.streams.as_deref_mut() {
+                        st.peer_ended();
+                    }
                     self.schedule_ack(now);
                     self.ack_due = Some(now);
                 }
@@ -730,6 +828,12 @@ impl Session {
         if let Some(id) = self.ticket_ack_to_send.take() {
             seal(Frame::TicketAck(id), out)?;
         }
+        if self.fin.is_none() {
+            if let Some(st) = self.streams.as_deref_mut().filter(|st| st.has_pending()) {
+                let room = (self.cfg.max_buffer + CONTROL_ROOM).saturating_sub(self.send.len());
+                st.flush(now, self.rtt.smoothed(), &mut self.send, room);
+            }
+        }
         let data_from = self.sent;
         while out.len() - before < budget && self.sent < self.send.end() {
             let data = self.send.slice_from(self.sent, MAX_DATA);
@@ -772,6 +876,7 @@ impl Session {
             || self.ticket_to_send.is_some()
             || self.ticket_ack_to_send.is_some()
             || self.sent < self.send.end()
+            || (self.fin.is_none() && self.streams.as_ref().is_some_and(|st| st.has_pending()))
             || self.fin == Some(self.sent)
             || self.probe_due
             || now >= link.last_send + self.cfg.keepalive
