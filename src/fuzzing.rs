@@ -40,7 +40,6 @@ pub fn tunnel_request(data: &[u8]) {
     if let Ok(req) = block_on(read_request(&mut rest)) {
         let used = &data[..data.len() - rest.len()];
         match req {
-            Request::Mux => assert_eq!(used, [0], "a multiplex request is one zero byte"),
             Request::Service(name) => {
                 assert!(check_name(&name).is_ok() && name.len() <= MAX_SERVICE_NAME, "{name:?} accepted");
                 assert_eq!(used, [&[name.len() as u8], name.as_bytes()].concat(), "service request re-encodes");
@@ -136,5 +135,40 @@ pub fn allow_list(data: &[u8]) {
             assert!(line >= 1 && line <= text.lines().count(), "error on line {line}");
         }
         Err(e) => panic!("an allow-list text failed with {e}"),
+    }
+}
+
+/// The stream frames (`proto::streams`): arbitrary bytes as the peer's half of a session,
+/// cut at arbitrary places, with this end reading, writing and resetting in between. Never
+/// panics; every byte a stream gets is one the input gave it, within its window.
+pub fn streams(data: &[u8]) {
+    use crate::proto::buffer::ByteQueue;
+    use crate::proto::streams::{Streams, StreamsConfig, Unlimited, INITIAL_WINDOW};
+    let Some((&ctl, input)) = data.split_first() else { return };
+    let mut st =
+        Streams::new(ctl & 1 == 0, StreamsConfig { max_streams: 8, ..StreamsConfig::default() }, Box::new(Unlimited));
+    let mut out = ByteQueue::new();
+    let now = std::time::Instant::now();
+    let cut = usize::from(ctl >> 1).max(1);
+    let mut buf = [0u8; 512];
+    for (i, chunk) in input.chunks(cut).enumerate() {
+        if st.ingest(chunk).is_err() {
+            return;
+        }
+        while let Ok(Some(id)) = st.accept() {
+            let _ = st.write(id, b"reply", &mut out, 1 << 20);
+            if i % 3 == 0 {
+                st.reset(id, 0);
+            }
+        }
+        for id in st.ids() {
+            assert!(st.readable(id) as u64 <= 64 * INITIAL_WINDOW, "a stream holds more than its window");
+            let _ = st.read(id, &mut buf);
+            if i % 5 == 0 {
+                st.shutdown(id);
+            }
+        }
+        st.flush(now, None, &mut out, 1 << 20);
+        out.release_to(out.end());
     }
 }

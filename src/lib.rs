@@ -71,7 +71,6 @@ pub mod fuzzing;
 pub mod harden;
 pub mod human;
 pub mod keys;
-pub mod mux;
 pub mod names;
 pub mod net;
 pub mod proto;
@@ -80,5 +79,6 @@ pub mod scrape;
 pub mod tunnel;
 
 pub use net::{
-    bind, connect, ClientConfig, Error, LinkEvent, LinkStatus, Listener, Peer, RecoveryPolicy, ServerConfig, Stream,
+    bind, connect, connect_session, ClientConfig, Error, LinkEvent, LinkStatus, Listener, Peer, RecoveryPolicy,
+    ServerConfig, Session, Stream,
 };

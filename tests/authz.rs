@@ -79,7 +79,7 @@ fn fill(list: &str, keys: &[Keypair]) -> String {
 }
 
 /// Sends a few bytes on `s` and reads them back (the echo service), then closes it.
-async fn echoes(mut s: holdfast::mux::MuxStream) {
+async fn echoes(mut s: holdfast::Stream) {
     s.write_all(b"ping").await.unwrap();
     let mut got = [0u8; 4];
     s.read_exact(&mut got).await.unwrap();

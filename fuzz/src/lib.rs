@@ -852,3 +852,8 @@ pub fn metrics_head(data: &[u8]) {
 pub fn allow_list(data: &[u8]) {
     holdfast::fuzzing::allow_list(data);
 }
+
+/// The stream frames of protocol version 4, as the peer's half of a session.
+pub fn streams(data: &[u8]) {
+    holdfast::fuzzing::streams(data);
+}

@@ -31,16 +31,38 @@ pub(crate) struct Budget {
     /// Bytes the sessions' buffers held when each last looked (never above `used`).
     held: AtomicUsize,
     waiters: Mutex<Vec<Waker>>,
+    /// Streams holding a slot (each may hold a file descriptor: its outbound connection), and
+    /// the most at once.
+    streams: AtomicUsize,
+    max_streams: usize,
 }
 
 impl Budget {
+    #[cfg(test)]
     pub(crate) fn new(limit: usize) -> Arc<Budget> {
+        Budget::with_streams(limit, usize::MAX)
+    }
+
+    /// A budget of `limit` bytes and `max_streams` stream slots.
+    pub(crate) fn with_streams(limit: usize, max_streams: usize) -> Arc<Budget> {
         Arc::new(Budget {
             limit,
             used: AtomicUsize::new(0),
             held: AtomicUsize::new(0),
             waiters: Mutex::new(Vec::new()),
+            streams: AtomicUsize::new(0),
+            max_streams,
         })
+    }
+
+    fn take_stream(&self) -> bool {
+        self.streams
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| (n < self.max_streams).then_some(n + 1))
+            .is_ok()
+    }
+
+    fn give_stream(&self) {
+        self.streams.fetch_sub(1, Ordering::AcqRel);
     }
 
     /// Bytes taken now.
@@ -183,6 +205,83 @@ impl Charge {
             self.blocked = false;
         }
         unblocked
+    }
+}
+
+/// What one server session's streams take from its budgets (the server's and its key's):
+/// receive windows in bytes, and stream slots. Everything is given back when the session's
+/// streams end, and whatever is left when the session ends.
+#[derive(Debug)]
+pub(crate) struct StreamCharge {
+    budgets: [Arc<Budget>; 2],
+    windows: u64,
+    slots: usize,
+}
+
+impl StreamCharge {
+    pub(crate) fn new(server: Arc<Budget>, key: Arc<Budget>) -> StreamCharge {
+        StreamCharge { budgets: [key, server], windows: 0, slots: 0 }
+    }
+}
+
+impl crate::proto::StreamBudget for StreamCharge {
+    fn take_window(&mut self, n: u64) -> bool {
+        let want = usize::try_from(n).unwrap_or(usize::MAX);
+        let [key, server] = &self.budgets;
+        let k = key.take(want);
+        if k < want {
+            key.give(k);
+            return false;
+        }
+        let s = server.take(want);
+        if s < want {
+            server.give(s);
+            key.give(k);
+            return false;
+        }
+        self.windows += n;
+        true
+    }
+
+    fn give_window(&mut self, n: u64) {
+        let n = n.min(self.windows);
+        self.windows -= n;
+        for b in &self.budgets {
+            b.give(n as usize);
+        }
+    }
+
+    fn take_stream(&mut self) -> bool {
+        let [key, server] = &self.budgets;
+        if !key.take_stream() {
+            return false;
+        }
+        if !server.take_stream() {
+            key.give_stream();
+            return false;
+        }
+        self.slots += 1;
+        true
+    }
+
+    fn give_stream(&mut self) {
+        if self.slots > 0 {
+            self.slots -= 1;
+            for b in &self.budgets {
+                b.give_stream();
+            }
+        }
+    }
+}
+
+impl Drop for StreamCharge {
+    fn drop(&mut self) {
+        for b in &self.budgets {
+            b.give(self.windows as usize);
+            for _ in 0..self.slots {
+                b.give_stream();
+            }
+        }
     }
 }
 

@@ -12,7 +12,7 @@ use crate::net::config::{ClientConfig, Recovery};
 use crate::net::events::{LinkEvent, LinkLost, LinkStatus};
 use crate::net::pump::{pump, PumpEnd};
 use crate::net::race::{Outcome, Race, Won};
-use crate::net::stream::{Shared, Stream};
+use crate::net::stream::{Session as StreamSession, Shared, Stream};
 use crate::net::watch;
 use crate::net::wire::{read_record, write_record};
 use crate::net::Error;
@@ -43,7 +43,36 @@ use crate::proto::{ClientHandshake, CloseCode, Event, HandshakeError, Role, Sess
 /// # Ok(()) }
 /// ```
 pub async fn connect(addr: impl Into<String>, cfg: ClientConfig) -> Result<Stream, Error> {
-    let addr = addr.into();
+    let shared = start(addr.into(), cfg, 0).await?;
+    let id = {
+        let mut inner = shared.lock();
+        if let Some(st) = inner.session.streams_mut() {
+            st.set_accepting(false);
+        }
+        inner.session.stream_open(usize::MAX)
+    };
+    match id {
+        Ok(Some(id)) => {
+            shared.wake_driver.notify_one();
+            Ok(Stream::new(shared, id))
+        }
+        // A new session may open its first streams at once (protocol constant).
+        _ => Err(Error::Session(SessionError::Aborted("could not open the session's first stream".into()))),
+    }
+}
+
+/// Connects to a holdfast server like [`connect`], and returns the session, on which the
+/// program opens streams ([`StreamSession::open`]) and accepts those the server opens
+/// ([`StreamSession::accept`]). Every stream shares the one connection, its resumes and its link
+/// events.
+///
+/// # Errors
+/// As [`connect`].
+pub async fn connect_session(addr: impl Into<String>, cfg: ClientConfig) -> Result<StreamSession, Error> {
+    Ok(StreamSession::from_counted(start(addr.into(), cfg, 1).await?))
+}
+
+async fn start(addr: String, cfg: ClientConfig, handles: usize) -> Result<Arc<Shared>, Error> {
     // A BUSY server is at a limit for now: try again, backing off, for a while.
     let start = Instant::now();
     let mut attempt = 0;
@@ -63,11 +92,11 @@ pub async fn connect(addr: impl Into<String>, cfg: ClientConfig) -> Result<Strea
     // The reply carried the first ticket: the stream is resumable before its first byte, so
     // it is returned now and the program's first bytes follow the key confirmation at once.
     session.adopt_ticket(ticket);
-    let shared = Shared::new(session, cfg.server_key);
+    let shared = Shared::new(session, cfg.server_key, handles);
     shared.emit(LinkEvent::Connected { peer });
     tokio::spawn(client_task(shared.clone(), cfg, addr, sock));
     tokio::spawn(watch_path(shared.clone()));
-    Ok(Stream::new(shared))
+    Ok(shared)
 }
 
 /// One connection attempt: TCP connect plus handshake, within the handshake timeout.

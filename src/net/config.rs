@@ -210,6 +210,17 @@ pub struct Limits {
     pub resumes_per_sec_per_session: u32,
     /// How long a detached session waits for its client to resume. Default 1 hour.
     pub session_expiry: Duration,
+    /// Streams the client may hold open on one session at once: its open credit never runs
+    /// past it, so a burst of opens waits at the client instead of failing. Default 1024.
+    pub max_streams_per_session: u64,
+    /// Streams the sessions of one client key hold together (each may hold a file descriptor:
+    /// its service or forwarded connection). An open past it is reset (RESET LIMIT). Default
+    /// 4096.
+    pub max_streams_per_key: usize,
+    /// Streams on the whole server. The server raises its file-descriptor limit to hold
+    /// `max_sessions + max_streams` and a reserve for `accept` (`holdfast server` lowers this
+    /// if it cannot). Default 16384.
+    pub max_streams: usize,
     /// Whole-handshake deadline for a new connection, from accept to key confirmation: slow,
     /// silent or trickling connections are closed when it passes. Default 10 s.
     pub handshake_timeout: Duration,
@@ -228,6 +239,9 @@ impl Default for Limits {
             max_unconfirmed_per_key: 64,
             resumes_per_sec_per_session: 10,
             session_expiry: Duration::from_secs(3600),
+            max_streams_per_session: 1024,
+            max_streams_per_key: 4096,
+            max_streams: 16384,
             handshake_timeout: Duration::from_secs(10),
         }
     }

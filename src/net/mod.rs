@@ -23,14 +23,14 @@ use crate::proto::{HandshakeError, SessionError};
 
 pub use crate::human::Rounded;
 pub use backoff::AcceptBackoff;
-pub use client::connect;
+pub use client::{connect, connect_session};
 pub use config::{ClientConfig, Limits, Recovery, RecoveryHook, RecoveryPolicy, ServerConfig};
 pub use events::{LinkEvent, LinkLost, LinkStatus};
 pub use server::{
     bind, bind_with_handover, client_label, prepare_handover, AllowListHandle, Listener, Peer, Refusals, Retirement,
     ServerStats, StatsHandle, Upgrade,
 };
-pub use stream::{ReadHalf, Stream, WriteHalf};
+pub use stream::{ReadHalf, Session, Stream, WriteHalf};
 
 /// Errors of the driver layer: everything a connect, bind or accept can fail with.
 #[derive(Debug, Error)]

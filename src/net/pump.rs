@@ -54,13 +54,8 @@ pub(crate) async fn pump<R>(
             }
             if inner.session.is_finished() && inner.session.failure().is_none() {
                 inner.session.close(CloseCode::Normal, SessionError::Finished);
-            } else if !inner.reader_alive
-                && !inner.writer_alive
-                && inner.session.fin_acked()
-                && inner.session.failure().is_none()
-            {
-                inner.session.close(CloseCode::Abort, SessionError::Aborted("all handles dropped".into()));
             }
+            inner.end_if_unused();
             if out_pos == out.len() {
                 out.clear();
                 out_pos = 0;
@@ -70,12 +65,13 @@ pub(crate) async fn pump<R>(
                 if !out.is_empty() {
                     inner.wake_writer();
                 }
+                inner.wake_streams();
             }
             while let Some(ev) = inner.session.poll_event() {
                 on_event(ev);
             }
             let over = inner.session.failure().is_some() && out_pos == out.len();
-            (inner.session.poll_timeout(), inner.session.wants_input(), over)
+            (inner.session.poll_timeout(), true, over)
         };
         if over {
             let _ = wr.shutdown().await;
@@ -111,16 +107,11 @@ pub(crate) async fn pump<R>(
                 None => std::future::pending().await,
             }
         };
-        // Reading waits for bytes first, then for room in the server's memory budget for what
-        // they may add to the receive buffer (a client has no budget): an idle session takes
-        // nothing, and a spent budget holds the peer back through TCP.
+        // The session's receive path never waits: what arrives goes to the streams' queues, each
+        // bounded by the credit its receiver granted (and charged to the budget when granted).
         let readable = async {
             rd.readable().await?;
-            let grant = std::future::poll_fn(|cx| match shared.lock().budget_room(READ_CHUNK, cx) {
-                0 => std::task::Poll::Pending,
-                n => std::task::Poll::Ready(n),
-            });
-            Ok::<usize, std::io::Error>(grant.await)
+            Ok::<usize, std::io::Error>(READ_CHUNK)
         };
         tokio::select! {
             res = readable, if want_read => {
@@ -159,9 +150,9 @@ pub(crate) async fn pump<R>(
                 if inbuf.capacity() - inbuf.len() < MAX_RECORD {
                     inbuf.reserve(READ_CHUNK);
                 }
-                inner.discard_unread();
                 let _ = inner.settle();
-                inner.wake_all();
+                inner.wake_streams();
+                inner.wake_writer();
             }
             res = wr.write(&out[out_pos..]), if out_pos < out.len() => {
                 match res {

@@ -1,6 +1,9 @@
-//! The public [`Stream`]: the program's virtual socket. It implements tokio's `AsyncRead` and
-//! `AsyncWrite` on top of a sans-IO [`Session`] that a driver task pumps.
+//! The public [`Stream`]: one stream of a session, the program's virtual socket. It implements
+//! tokio's `AsyncRead` and `AsyncWrite` on the sans-IO [`Core`] session and its streams, which the
+//! session's one driver task pumps: a handle copies bytes into the replay buffer and out of its
+//! stream's receive queue under the session's lock, and nothing else runs per stream.
 
+use std::collections::HashMap;
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -12,39 +15,63 @@ use tokio::sync::{broadcast, watch, Notify};
 use crate::keys::PublicKey;
 use crate::net::budget::Charge;
 use crate::net::events::{LinkEvent, LinkStatus};
-use crate::proto::{Session, SessionError};
+use crate::proto::streams::wire::{reset, MAX_HEADER};
+use crate::proto::streams::{StreamsConfig, Unlimited};
+use crate::proto::{Session as Core, SessionError, StreamError};
 
-/// State shared by a stream's handles and its driver task.
+/// State shared by a session's handles and its driver task.
 pub(crate) struct Shared {
     inner: Mutex<Inner>,
-    /// Wakes the driver (new data to send, buffer space freed, shutdown).
+    /// Wakes the driver (new data to send, frames due, buffer space freed, shutdown).
     pub(crate) wake_driver: Notify,
     pub(crate) events: broadcast::Sender<LinkEvent>,
     pub(crate) status: watch::Sender<LinkStatus>,
     pub(crate) peer_key: PublicKey,
 }
 
+#[derive(Default)]
+struct Wakers {
+    read: Option<Waker>,
+    write: Option<Waker>,
+}
+
 pub(crate) struct Inner {
-    pub(crate) session: Session,
-    read_waker: Option<Waker>,
-    write_waker: Option<Waker>,
-    /// Handles (read side, write side) still alive.
-    pub(crate) reader_alive: bool,
-    pub(crate) writer_alive: bool,
+    pub(crate) session: Core,
+    wakers: HashMap<u64, Wakers>,
+    accept_waker: Option<Waker>,
+    open_waker: Option<Waker>,
+    /// Writers waiting for room in the replay buffer or the memory budget.
+    room_waiters: Vec<Waker>,
+    /// Streams whose `shutdown` waits for the peer's acknowledgement of their FIN.
+    fin_waiters: Vec<u64>,
+    /// Session handles alive: while there is one, streams may still be opened or accepted.
+    pub(crate) handles: usize,
+    /// [`Session::close`] was called: no more streams; the session ends once its streams have.
+    closing: bool,
     /// A server session's charge against the server's memory budget (`None` on a client).
     pub(crate) charge: Option<Charge>,
+    scratch: Vec<u64>,
 }
 
 impl Shared {
-    pub(crate) fn new(session: Session, peer_key: PublicKey) -> Arc<Self> {
+    /// Shared state for `session`, whose streams are enabled here if they are not yet (with no
+    /// budget: a client's). `handles` session handles exist from the start.
+    pub(crate) fn new(mut session: Core, peer_key: PublicKey, handles: usize) -> Arc<Self> {
+        if session.streams().is_none() {
+            session.enable_streams(StreamsConfig::default(), Box::new(Unlimited));
+        }
         Arc::new(Shared {
             inner: Mutex::new(Inner {
                 session,
-                read_waker: None,
-                write_waker: None,
-                reader_alive: true,
-                writer_alive: true,
+                wakers: HashMap::new(),
+                accept_waker: None,
+                open_waker: None,
+                room_waiters: Vec::new(),
+                fin_waiters: Vec::new(),
+                handles,
+                closing: false,
                 charge: None,
+                scratch: Vec::new(),
             }),
             wake_driver: Notify::new(),
             events: broadcast::channel(256).0,
@@ -132,52 +159,114 @@ impl Inner {
         }
     }
 
-    /// Bytes the program may write now, the memory budget allowing; `Pending` (with `cx` to be
-    /// woken) if none and the session can still take bytes.
+    /// Room in the replay buffer for a write of `want` bytes (frame header included), the
+    /// memory budget allowing; `Pending` (with `cx` to be woken) if there is none.
     fn poll_room(&mut self, want: usize, cx: &mut Context<'_>) -> Poll<usize> {
-        let open = self.session.failure().is_none() && !self.session.is_shut_down();
         let room = self.write_room().min(want);
-        if room == 0 && open {
-            self.write_waker = Some(cx.waker().clone());
-            return Poll::Pending;
-        }
-        let room = if open { self.budget_room(room, cx) } else { room };
-        if room == 0 && open {
-            // Woken by the budget when room is given back, or by the driver when this
-            // session's own buffers drain (acknowledgements).
-            self.write_waker = Some(cx.waker().clone());
+        let room = if room > MAX_HEADER { self.budget_room(room, cx) } else { 0 };
+        if room <= MAX_HEADER {
+            self.room_waiters.push(cx.waker().clone());
             return Poll::Pending;
         }
         Poll::Ready(room)
     }
 
-    /// Wakes a write waiting for room (the driver handed bytes to the socket).
+    /// Wakes the writers waiting for room (the driver handed bytes to the socket).
     pub(crate) fn wake_writer(&mut self) {
-        if let Some(w) = self.write_waker.take() {
+        for w in self.room_waiters.drain(..) {
             w.wake();
         }
     }
 
-    /// Wakes the program's pending reads and writes so they look at the new state.
-    pub(crate) fn wake_all(&mut self) {
-        if let Some(w) = self.read_waker.take() {
-            w.wake();
-        }
-        if let Some(w) = self.write_waker.take() {
-            w.wake();
-        }
-    }
-
-    /// Discards input nobody will read (the read half was dropped).
-    pub(crate) fn discard_unread(&mut self) {
-        if !self.reader_alive {
-            let mut sink = zeroize::Zeroizing::new([0u8; 4096]);
-            while let Ok(Some(n)) = self.session.read(&mut sink[..]) {
-                if n == 0 {
-                    break;
+    /// Wakes the handles of the streams whose state changed, and the acceptor and opener if
+    /// they have something new; then the `shutdown`s whose FIN was acknowledged.
+    pub(crate) fn wake_streams(&mut self) {
+        let mut ids = std::mem::take(&mut self.scratch);
+        let Some(st) = self.session.streams_mut() else { return };
+        st.take_woken(&mut ids);
+        let accept = st.take_accept_woken();
+        let open = st.take_open_woken();
+        for id in ids.drain(..) {
+            if let Some(w) = self.wakers.get_mut(&id) {
+                if let Some(r) = w.read.take() {
+                    r.wake();
+                }
+                if let Some(r) = w.write.take() {
+                    r.wake();
                 }
             }
         }
+        self.scratch = ids;
+        if accept {
+            if let Some(w) = self.accept_waker.take() {
+                w.wake();
+            }
+        }
+        if open {
+            if let Some(w) = self.open_waker.take() {
+                w.wake();
+            }
+        }
+        if !self.fin_waiters.is_empty() {
+            let session = &self.session;
+            let wakers = &mut self.wakers;
+            self.fin_waiters.retain(|id| {
+                if matches!(session.stream_fin_acked(*id), Ok(false)) {
+                    return true;
+                }
+                if let Some(w) = wakers.get_mut(id).and_then(|w| w.write.take()) {
+                    w.wake();
+                }
+                false
+            });
+        }
+    }
+
+    /// Wakes every waiting task so it looks at the new state (the session failed or ended).
+    pub(crate) fn wake_all(&mut self) {
+        for w in self.wakers.values_mut() {
+            if let Some(r) = w.read.take() {
+                r.wake();
+            }
+            if let Some(r) = w.write.take() {
+                r.wake();
+            }
+        }
+        for w in [self.accept_waker.take(), self.open_waker.take()].into_iter().flatten() {
+            w.wake();
+        }
+        self.wake_writer();
+    }
+
+    /// Called by the driver before each transmit: once no handle of the program can open,
+    /// accept, read or write a stream any more, the streams still left are reset (nobody would
+    /// read them), and the session's own byte stream ends (its FIN; the session then finishes
+    /// normally once the peer ends its own).
+    pub(crate) fn end_if_unused(&mut self) {
+        if (self.handles > 0 && !self.closing) || self.session.failure().is_some() || self.session.is_shut_down() {
+            return;
+        }
+        let Some(st) = self.session.streams_mut() else { return };
+        if st.is_empty() {
+            self.session.shutdown();
+        } else if st.unheld() {
+            for id in st.ids() {
+                st.reset(id, reset::CANCEL);
+            }
+        }
+    }
+
+    fn set_read_waker(&mut self, id: u64, cx: &Context<'_>) {
+        self.wakers.entry(id).or_default().read = Some(cx.waker().clone());
+    }
+
+    fn set_write_waker(&mut self, id: u64, cx: &Context<'_>) {
+        self.wakers.entry(id).or_default().write = Some(cx.waker().clone());
+    }
+
+    fn streams(&mut self) -> &mut crate::proto::Streams {
+        // Every session of this crate's driver has its streams enabled (`Shared::new`).
+        self.session.streams_mut().expect("streams are enabled in Shared::new")
     }
 }
 
@@ -190,31 +279,57 @@ pub(crate) fn to_io(e: SessionError) -> io::Error {
         SessionError::NotAllowed => K::PermissionDenied,
         SessionError::PeerClosed { .. } | SessionError::Declined(_) | SessionError::Aborted(_) => K::ConnectionAborted,
         SessionError::WriteAfterShutdown => K::BrokenPipe,
-        SessionError::BadResume(_) => K::InvalidData,
+        SessionError::BadResume(_) | SessionError::StreamProtocol(_) => K::InvalidData,
         _ => K::Other,
     };
     io::Error::new(kind, e)
 }
 
+/// Maps a stream's own error to the `io::Error` the program sees: a reset is
+/// `ConnectionReset`, as for a TCP socket.
+pub(crate) fn stream_io(e: StreamError) -> io::Error {
+    use io::ErrorKind as K;
+    let kind = match &e {
+        StreamError::ResetByPeer(_) | StreamError::Reset => K::ConnectionReset,
+        StreamError::WriteAfterShutdown => K::BrokenPipe,
+        StreamError::Limit => K::OutOfMemory,
+        _ => K::NotConnected,
+    };
+    io::Error::new(kind, e)
+}
+
+/// The error for a stream of a session that failed (its failure), or the stream's own.
+fn failed(inner: &Inner, e: StreamError) -> io::Error {
+    match inner.session.failure() {
+        Some(f) if !matches!(f, SessionError::Finished) => to_io(f.clone()),
+        _ => stream_io(e),
+    }
+}
+
 /// The read half of a [`Stream`], owned.
 pub struct ReadHalf {
     shared: Arc<Shared>,
+    id: u64,
 }
 
 /// The write half of a [`Stream`], owned. Dropping it without `shutdown` still ends the stream
 /// with a FIN after every written byte, as closing a TCP socket would.
 pub struct WriteHalf {
     shared: Arc<Shared>,
+    id: u64,
 }
 
-/// A resilient, encrypted byte stream: the virtual socket.
+/// A resilient, encrypted byte stream: the virtual socket. One of the streams of a session
+/// ([`crate::Session`]); [`crate::connect`] and [`crate::Listener::accept`] give a session's
+/// first stream.
 ///
 /// It survives the loss of its real TCP connection: the client reconnects, both ends prove they
 /// are the same pair, un-acknowledged bytes are replayed, and reads and writes go on. Watch the
 /// link with [`Stream::events`] or [`Stream::status`].
 ///
 /// `shutdown()` sends an authenticated FIN and completes once the peer acknowledged every byte;
-/// the peer reads EOF only after all of them.
+/// the peer reads EOF only after all of them. [`Stream::reset`] abandons the stream both ways
+/// (the peer's reads and writes fail with `ConnectionReset`); other streams go on.
 pub struct Stream {
     read: ReadHalf,
     write: WriteHalf,
@@ -222,13 +337,16 @@ pub struct Stream {
 
 impl std::fmt::Debug for Stream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Stream").field("peer", &self.read.shared.peer_key).finish_non_exhaustive()
+        f.debug_struct("Stream")
+            .field("id", &self.read.id)
+            .field("peer", &self.read.shared.peer_key)
+            .finish_non_exhaustive()
     }
 }
 
 impl Stream {
-    pub(crate) fn new(shared: Arc<Shared>) -> Self {
-        Stream { read: ReadHalf { shared: shared.clone() }, write: WriteHalf { shared } }
+    pub(crate) fn new(shared: Arc<Shared>, id: u64) -> Self {
+        Stream { read: ReadHalf { shared: shared.clone(), id }, write: WriteHalf { shared, id } }
     }
 
     /// Splits into owned halves that can move to different tasks.
@@ -236,12 +354,17 @@ impl Stream {
         (self.read, self.write)
     }
 
-    /// Subscribes to link events from now on.
+    /// The stream's id in its session (odd: opened by the client; even: by the server).
+    pub fn id(&self) -> u64 {
+        self.read.id
+    }
+
+    /// Subscribes to the session's link events from now on.
     pub fn events(&self) -> broadcast::Receiver<LinkEvent> {
         self.read.shared.events.subscribe()
     }
 
-    /// Watches the link status (its current value is available at once).
+    /// Watches the session's link status (its current value is available at once).
     pub fn status(&self) -> watch::Receiver<LinkStatus> {
         self.read.shared.status.subscribe()
     }
@@ -251,9 +374,16 @@ impl Stream {
         self.read.shared.peer_key
     }
 
-    /// Bytes written but not yet acknowledged by the peer.
+    /// Bytes written on the session (all its streams) but not yet acknowledged by the peer.
     pub fn unacked(&self) -> usize {
         self.read.shared.lock().session.unacked()
+    }
+
+    /// Abandons the stream both ways: the peer's reads and writes on it fail with
+    /// `ConnectionReset`, and whatever it still sends is dropped. The session and its other
+    /// streams go on.
+    pub fn reset(self) {
+        self.write.reset();
     }
 }
 
@@ -267,6 +397,46 @@ impl ReadHalf {
     pub fn status(&self) -> watch::Receiver<LinkStatus> {
         self.shared.status.subscribe()
     }
+
+    /// Reads without an intermediate buffer: waits until bytes arrived (or the stream ended),
+    /// then calls `drain` once with the received bytes (as a list of buffers); those it says
+    /// it took are consumed. Made for `|bufs| socket.try_write_vectored(bufs)`. Returns 0 at the
+    /// end of the stream, without calling `drain`. `drain` runs while the stream's state is
+    /// locked, so it must not block.
+    ///
+    /// # Errors
+    /// The stream's reset or the session's failure, or `drain`'s error (for example
+    /// `WouldBlock`, then nothing was consumed).
+    pub async fn read_with(
+        &mut self,
+        mut drain: impl FnMut(&[io::IoSlice<'_>]) -> io::Result<usize>,
+    ) -> io::Result<usize> {
+        std::future::poll_fn(|cx| {
+            let mut inner = self.shared.lock();
+            let (res, due) = inner.streams().read_with(self.id, &mut drain);
+            if due {
+                self.shared.wake_driver.notify_one();
+            }
+            match res {
+                Ok(Some(Ok(n))) => {
+                    if inner.settle() {
+                        self.shared.wake_driver.notify_one();
+                    }
+                    Poll::Ready(Ok(n))
+                }
+                Ok(Some(Err(e))) => Poll::Ready(Err(e)),
+                Ok(None) => match inner.session.failure() {
+                    Some(f) => Poll::Ready(Err(to_io(f.clone()))),
+                    None => {
+                        inner.set_read_waker(self.id, cx);
+                        Poll::Pending
+                    }
+                },
+                Err(e) => Poll::Ready(Err(failed(&inner, e))),
+            }
+        })
+        .await
+    }
 }
 
 impl WriteHalf {
@@ -275,14 +445,23 @@ impl WriteHalf {
         self.shared.events.subscribe()
     }
 
+    /// Abandons the stream both ways (see [`Stream::reset`]).
+    pub fn reset(&self) {
+        let mut inner = self.shared.lock();
+        inner.streams().reset(self.id, reset::CANCEL);
+        drop(inner);
+        self.shared.wake_driver.notify_one();
+    }
+
     /// Writes without an intermediate buffer: waits until the stream can take bytes, then calls
-    /// `fill` once with free space of the stream's own buffer (at most `max` bytes, as a list of
-    /// buffers), and sends the bytes `fill` says it wrote, from the first buffer on. Made for
-    /// `|bufs| socket.try_read_vectored(bufs)`: `Ok(0)` from `fill` means EOF and is passed on.
-    /// `fill` runs while the stream's state is locked, so it must not block.
+    /// `fill` once with free space of the session's replay buffer (at most `max` bytes, as a
+    /// list of buffers), and sends the bytes `fill` says it wrote, from the first buffer on.
+    /// Made for `|bufs| socket.try_read_vectored(bufs)`: `Ok(0)` from `fill` means EOF and is
+    /// passed on. `fill` runs while the stream's state is locked, so it must not block.
     ///
     /// # Errors
-    /// The stream's failure, or `fill`'s error (for example `WouldBlock`, then nothing was taken).
+    /// The stream's reset or the session's failure, or `fill`'s error (for example
+    /// `WouldBlock`, then nothing was taken).
     pub async fn write_with(
         &mut self,
         max: usize,
@@ -290,8 +469,20 @@ impl WriteHalf {
     ) -> io::Result<usize> {
         std::future::poll_fn(|cx| {
             let mut inner = self.shared.lock();
-            let room = std::task::ready!(inner.poll_room(max, cx));
-            match inner.session.write_with(room.max(1), &mut fill) {
+            if let Some(e) = inner.session.failure() {
+                return Poll::Ready(Err(to_io(e.clone())));
+            }
+            let credit = match inner.streams().send_credit(self.id) {
+                Ok(0) => {
+                    inner.set_write_waker(self.id, cx);
+                    return Poll::Pending;
+                }
+                Ok(c) => c,
+                Err(e) => return Poll::Ready(Err(failed(&inner, e))),
+            };
+            let want = max.min(usize::try_from(credit).unwrap_or(usize::MAX)) + MAX_HEADER;
+            let room = std::task::ready!(inner.poll_room(want, cx));
+            match inner.session.stream_write_with(self.id, max, room, &mut fill) {
                 Ok(Some(Ok(n))) => {
                     drop(inner);
                     if n > 0 {
@@ -301,47 +492,10 @@ impl WriteHalf {
                 }
                 Ok(Some(Err(e))) => Poll::Ready(Err(e)),
                 Ok(None) => {
-                    inner.write_waker = Some(cx.waker().clone());
+                    inner.room_waiters.push(cx.waker().clone());
                     Poll::Pending
                 }
-                Err(e) => Poll::Ready(Err(to_io(e))),
-            }
-        })
-        .await
-    }
-}
-
-impl ReadHalf {
-    /// Reads without an intermediate buffer: waits until bytes arrived (or the stream ended),
-    /// then calls `drain` once with the received bytes (as a list of buffers); those it says
-    /// it took are consumed. Made for `|bufs| socket.try_write_vectored(bufs)`. Returns 0 at the
-    /// end of the stream, without calling `drain`. `drain` runs while the stream's state is
-    /// locked, so it must not block.
-    ///
-    /// # Errors
-    /// The stream's failure, or `drain`'s error (for example `WouldBlock`, then nothing was
-    /// consumed).
-    pub async fn read_with(
-        &mut self,
-        mut drain: impl FnMut(&[io::IoSlice<'_>]) -> io::Result<usize>,
-    ) -> io::Result<usize> {
-        std::future::poll_fn(|cx| {
-            let mut inner = self.shared.lock();
-            let was_full = !inner.session.wants_input();
-            match inner.session.read_with(&mut drain) {
-                Ok(Some(Ok(n))) => {
-                    if inner.settle() || (was_full && inner.session.wants_input()) {
-                        drop(inner);
-                        self.shared.wake_driver.notify_one();
-                    }
-                    Poll::Ready(Ok(n))
-                }
-                Ok(Some(Err(e))) => Poll::Ready(Err(e)),
-                Ok(None) => {
-                    inner.read_waker = Some(cx.waker().clone());
-                    Poll::Pending
-                }
-                Err(e) => Poll::Ready(Err(to_io(e))),
+                Err(e) => Poll::Ready(Err(failed(&inner, e))),
             }
         })
         .await
@@ -351,8 +505,13 @@ impl ReadHalf {
 impl Drop for ReadHalf {
     fn drop(&mut self) {
         let mut inner = self.shared.lock();
-        inner.reader_alive = false;
-        inner.discard_unread();
+        inner.streams().release_read(self.id);
+        if let Some(w) = inner.wakers.get_mut(&self.id) {
+            w.read = None;
+            if w.write.is_none() {
+                inner.wakers.remove(&self.id);
+            }
+        }
         drop(inner);
         self.shared.wake_driver.notify_one();
     }
@@ -361,42 +520,61 @@ impl Drop for ReadHalf {
 impl Drop for WriteHalf {
     fn drop(&mut self) {
         let mut inner = self.shared.lock();
-        inner.writer_alive = false;
-        inner.session.shutdown();
+        inner.streams().release_write(self.id);
+        if let Some(w) = inner.wakers.get_mut(&self.id) {
+            w.write = None;
+            if w.read.is_none() {
+                inner.wakers.remove(&self.id);
+            }
+        }
         drop(inner);
         self.shared.wake_driver.notify_one();
     }
 }
 
-fn poll_read(shared: &Shared, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+fn poll_read(shared: &Shared, id: u64, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
     let mut inner = shared.lock();
-    let was_full = !inner.session.wants_input();
-    match inner.session.read(buf.initialize_unfilled()) {
+    let (res, due) = inner.streams().read(id, buf.initialize_unfilled());
+    if due {
+        shared.wake_driver.notify_one();
+    }
+    match res {
         Ok(Some(n)) => {
             buf.advance(n);
-            if inner.settle() || (was_full && inner.session.wants_input()) {
-                drop(inner);
-                shared.wake_driver.notify_one();
-            }
             Poll::Ready(Ok(()))
         }
-        Ok(None) => {
-            inner.read_waker = Some(cx.waker().clone());
-            Poll::Pending
-        }
-        Err(e) => Poll::Ready(Err(to_io(e))),
+        Ok(None) => match inner.session.failure() {
+            Some(f) => Poll::Ready(Err(to_io(f.clone()))),
+            None => {
+                inner.set_read_waker(id, cx);
+                Poll::Pending
+            }
+        },
+        Err(e) => Poll::Ready(Err(failed(&inner, e))),
     }
 }
 
-fn poll_write(shared: &Shared, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+fn poll_write(shared: &Shared, id: u64, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
     if data.is_empty() {
         return Poll::Ready(Ok(0));
     }
     let mut inner = shared.lock();
-    let room = std::task::ready!(inner.poll_room(data.len(), cx));
-    match inner.session.write(&data[..data.len().min(room.max(1))]) {
+    if let Some(e) = inner.session.failure() {
+        return Poll::Ready(Err(to_io(e.clone())));
+    }
+    let credit = match inner.streams().send_credit(id) {
         Ok(0) => {
-            inner.write_waker = Some(cx.waker().clone());
+            inner.set_write_waker(id, cx);
+            return Poll::Pending;
+        }
+        Ok(c) => c,
+        Err(e) => return Poll::Ready(Err(failed(&inner, e))),
+    };
+    let want = data.len().min(usize::try_from(credit).unwrap_or(usize::MAX)) + MAX_HEADER;
+    let room = std::task::ready!(inner.poll_room(want, cx));
+    match inner.session.stream_write(id, data, room) {
+        Ok(0) => {
+            inner.room_waiters.push(cx.waker().clone());
             Poll::Pending
         }
         Ok(n) => {
@@ -404,20 +582,25 @@ fn poll_write(shared: &Shared, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Re
             shared.wake_driver.notify_one();
             Poll::Ready(Ok(n))
         }
-        Err(e) => Poll::Ready(Err(to_io(e))),
+        Err(e) => Poll::Ready(Err(failed(&inner, e))),
     }
 }
 
-fn poll_shutdown(shared: &Shared, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+fn poll_shutdown(shared: &Shared, id: u64, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
     let mut inner = shared.lock();
-    inner.session.shutdown();
-    if inner.session.fin_acked() {
-        return Poll::Ready(Ok(()));
+    inner.streams().shutdown(id);
+    match inner.session.stream_fin_acked(id) {
+        Ok(true) => return Poll::Ready(Ok(())),
+        Ok(false) => {}
+        Err(e) => return Poll::Ready(Err(failed(&inner, e))),
     }
     if let Some(e) = inner.session.failure() {
         return Poll::Ready(Err(to_io(e.clone())));
     }
-    inner.write_waker = Some(cx.waker().clone());
+    inner.set_write_waker(id, cx);
+    if !inner.fin_waiters.contains(&id) {
+        inner.fin_waiters.push(id);
+    }
     drop(inner);
     shared.wake_driver.notify_one();
     Poll::Pending
@@ -425,13 +608,13 @@ fn poll_shutdown(shared: &Shared, cx: &mut Context<'_>) -> Poll<io::Result<()>> 
 
 impl AsyncRead for ReadHalf {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        poll_read(&self.shared, cx, buf)
+        poll_read(&self.shared, self.id, cx, buf)
     }
 }
 
 impl AsyncWrite for WriteHalf {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
-        poll_write(&self.shared, cx, data)
+        poll_write(&self.shared, self.id, cx, data)
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -440,7 +623,7 @@ impl AsyncWrite for WriteHalf {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        poll_shutdown(&self.shared, cx)
+        poll_shutdown(&self.shared, self.id, cx)
     }
 }
 
@@ -461,5 +644,150 @@ impl AsyncWrite for Stream {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.write).poll_shutdown(cx)
+    }
+}
+
+/// A session: many [`Stream`]s over one resilient, encrypted connection. Open streams with
+/// [`Session::open`] and take those the peer opens with [`Session::accept`]. A fault of the
+/// real connection costs one resume for all of them. Clones share the session; when the last
+/// clone is dropped no more streams are opened or accepted, and once its streams have ended
+/// the session ends cleanly.
+pub struct Session {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session").field("peer", &self.shared.peer_key).finish_non_exhaustive()
+    }
+}
+
+impl Clone for Session {
+    fn clone(&self) -> Self {
+        self.shared.lock().handles += 1;
+        Session { shared: self.shared.clone() }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let mut inner = self.shared.lock();
+        inner.handles -= 1;
+        if inner.handles == 0 {
+            inner.streams().set_accepting(false);
+        }
+        drop(inner);
+        self.shared.wake_driver.notify_one();
+    }
+}
+
+impl Session {
+    /// A handle on `shared`, which already counts it in its `handles`.
+    pub(crate) fn from_counted(shared: Arc<Shared>) -> Session {
+        Session { shared }
+    }
+
+    /// Opens a stream. No round trip: its OPEN goes out with its first bytes. Waits, instead of
+    /// failing, while the peer's open credit or the replay buffer is used up.
+    ///
+    /// # Errors
+    /// The session's failure, or `OutOfMemory` if this end's own limits leave no room.
+    pub async fn open(&self) -> io::Result<Stream> {
+        let id = std::future::poll_fn(|cx| {
+            let mut inner = self.shared.lock();
+            if let Some(e) = inner.session.failure() {
+                return Poll::Ready(Err(to_io(e.clone())));
+            }
+            if inner.session.is_shut_down() || inner.closing {
+                return Poll::Ready(Err(to_io(SessionError::WriteAfterShutdown)));
+            }
+            let room = std::task::ready!(inner.poll_room(MAX_HEADER + 1, cx));
+            match inner.session.stream_open(room) {
+                Ok(Some(id)) => Poll::Ready(Ok(id)),
+                Ok(None) => {
+                    inner.open_waker = Some(cx.waker().clone());
+                    inner.room_waiters.push(cx.waker().clone());
+                    Poll::Pending
+                }
+                Err(e) => Poll::Ready(Err(stream_io(e))),
+            }
+        })
+        .await?;
+        self.shared.wake_driver.notify_one();
+        Ok(Stream::new(self.shared.clone(), id))
+    }
+
+    /// The next stream the peer opened; `None` once the session has ended (or the peer ended
+    /// its half: it opens no more).
+    pub async fn accept(&self) -> Option<Stream> {
+        let id = std::future::poll_fn(|cx| {
+            let mut inner = self.shared.lock();
+            if inner.closing {
+                return Poll::Ready(None);
+            }
+            match inner.streams().accept() {
+                Ok(Some(id)) => {
+                    drop(inner);
+                    // The open credit may have grown: the driver sends it.
+                    self.shared.wake_driver.notify_one();
+                    Poll::Ready(Some(id))
+                }
+                Ok(None) if inner.session.failure().is_none() => {
+                    inner.accept_waker = Some(cx.waker().clone());
+                    Poll::Pending
+                }
+                _ => Poll::Ready(None),
+            }
+        })
+        .await?;
+        Some(Stream::new(self.shared.clone(), id))
+    }
+
+    /// The peer's first stream, taken before it arrives: the handle of a session that carries
+    /// one stream. Streams the peer opens after it are refused.
+    pub(crate) fn into_first_stream(self) -> io::Result<Stream> {
+        let id = self.shared.lock().streams().expect_first().map_err(stream_io)?;
+        Ok(Stream::new(self.shared.clone(), id))
+    }
+
+    /// Streams on the session now (open, ending, or waiting to be accepted).
+    pub fn streams(&self) -> usize {
+        self.shared.lock().session.streams().map_or(0, |s| s.len())
+    }
+
+    /// Subscribes to link events from now on.
+    pub fn events(&self) -> broadcast::Receiver<LinkEvent> {
+        self.shared.events.subscribe()
+    }
+
+    /// Watches the link status (its current value is available at once).
+    pub fn status(&self) -> watch::Receiver<LinkStatus> {
+        self.shared.status.subscribe()
+    }
+
+    /// The peer's authenticated static public key.
+    pub fn peer_key(&self) -> PublicKey {
+        self.shared.peer_key
+    }
+
+    /// Ends the session cleanly: no more streams are opened or accepted (a pending
+    /// [`Session::accept`] returns `None`), the streams still open go on until they end, and
+    /// then the session finishes (both ends' FIN, CLOSE Normal).
+    pub fn close(&self) {
+        let mut inner = self.shared.lock();
+        inner.closing = true;
+        inner.streams().set_accepting(false);
+        if let Some(w) = inner.accept_waker.take() {
+            w.wake();
+        }
+        drop(inner);
+        self.shared.wake_driver.notify_one();
+    }
+
+    /// Ends the session at once: every stream on it fails (`ConnectionAborted`), and the peer
+    /// is told with CLOSE (code Abort).
+    pub fn abort(&self) {
+        self.shared.fail(crate::proto::CloseCode::Abort, SessionError::Aborted("the program ended the session".into()));
+        self.shared.wake_driver.notify_one();
     }
 }

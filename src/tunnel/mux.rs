@@ -1,15 +1,11 @@
-//! Tunnels as streams of one multiplexed session ([`crate::mux`]): the client opens one session
-//! per server and key and carries every forwarded connection as a stream inside it. Opening one
-//! costs no handshake and no new TCP connection, and one fault costs one resume for all.
-//!
-//! On the wire (`docs/PROTOCOL.md` appendix A): the session's stream starts with a service
-//! request whose name length is 0, meaning "multiplex"; the server answers status 0, and yamux
-//! runs on the stream from then on. Each yamux stream then starts with an ordinary service
-//! request and reply. A server that does not multiplex treats the empty name as a malformed
-//! request and ends the stream: the client then opens one session per connection, as before.
+//! Tunnels as streams of one session (protocol version 4, `docs/PROTOCOL.md` section 13): the
+//! client opens one session per server and key and carries every forwarded connection as a
+//! stream inside it. Opening one costs no handshake, no new TCP connection and no round trip
+//! (the stream's OPEN goes out with its request), and one fault costs one resume for all.
+//! Each stream starts with a request (a service, a connect or a listen request) and its reply
+//! (Appendix A).
 
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,26 +16,23 @@ use tracing::{debug, info, warn};
 use zeroize::Zeroizing;
 
 use super::join::join;
-use super::request::{connect_when_not_busy, read_reply, read_request, write_reply, Request};
+use super::request::{connect_session_when_not_busy, read_reply, read_request, write_reply, Request};
 use super::rights;
-use super::serve::{connect_service, resolve, session_end};
+use super::serve::{connect_service, resolve};
 use super::{Services, Status, TunnelError, REQUEST_TIMEOUT};
 use crate::human::printable;
 use crate::keys::AllowedPeer;
-use crate::mux::{Mux, MuxStream};
-use crate::net::{AllowListHandle, ClientConfig, LinkEvent, LinkStatus, Peer, Stream};
+use crate::net::{AllowListHandle, ClientConfig, LinkEvent, LinkStatus, Peer, Session, Stream};
 
-/// Client side: the multiplexed session of a forward (or of several), opened on first use and
-/// again after it ended (a lost session), shared by every connection.
+/// Client side: the session of a forward (or of several), opened on first use, shared by every
+/// connection.
 pub struct MuxPool {
     server: String,
     cfg: ClientConfig,
     events: Option<mpsc::UnboundedSender<(std::net::SocketAddr, LinkEvent)>>,
-    mux: tokio::sync::Mutex<Option<Mux>>,
-    unsupported: AtomicBool,
+    mux: tokio::sync::Mutex<Option<Session>>,
     /// Reverse forwards in force: the server's listener address to the local target.
     pub(super) remotes: super::reverse::Remotes,
-    driver: std::sync::Mutex<Option<tokio::task::JoinHandle<Result<(), crate::mux::MuxError>>>>,
     /// Why a session of this pool failed for good (lost, given up, closed by an error), once one
     /// did: then no new one is started.
     failed: watch::Sender<Option<String>>,
@@ -64,9 +57,7 @@ impl MuxPool {
             cfg,
             events,
             mux: tokio::sync::Mutex::new(None),
-            unsupported: AtomicBool::new(false),
             remotes: Default::default(),
-            driver: std::sync::Mutex::new(None),
             failed: watch::channel(None).0,
         })
     }
@@ -92,11 +83,11 @@ impl MuxPool {
     /// listeners above all), instead of keeping the session for a resume that will not come.
     pub async fn close(&self) {
         if let Some(m) = self.mux.lock().await.take() {
+            let mut status = m.status();
             m.close();
-        }
-        let driver = self.driver.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
-        if let Some(d) = driver {
-            let _ = tokio::time::timeout(Duration::from_secs(3), d).await;
+            drop(m);
+            let ended = |s: &LinkStatus| matches!(s, LinkStatus::Closed | LinkStatus::Failed(_));
+            let _ = tokio::time::timeout(Duration::from_secs(3), status.wait_for(ended)).await;
         }
     }
 
@@ -105,7 +96,7 @@ impl MuxPool {
     ///
     /// # Errors
     /// As [`crate::tunnel::open`].
-    pub async fn open(&self, service: &str) -> Result<Option<MuxStream>, TunnelError> {
+    pub async fn open(&self, service: &str) -> Result<Option<Stream>, TunnelError> {
         let mut req = vec![service.len() as u8];
         req.extend_from_slice(service.as_bytes());
         Ok(self.open_with(&req, service).await?.map(|(s, _)| s))
@@ -117,7 +108,7 @@ impl MuxPool {
     /// # Errors
     /// As [`MuxPool::open`]; a destination not allowed is [`TunnelError::UnknownService`] and
     /// one the server cannot reach is [`TunnelError::ServiceRefused`], both named `host:port`.
-    pub async fn open_connect(&self, host: &str, port: u16) -> Result<Option<MuxStream>, TunnelError> {
+    pub async fn open_connect(&self, host: &str, port: u16) -> Result<Option<Stream>, TunnelError> {
         let req = super::request::connect_request(host, port)?;
         Ok(self.open_with(&req, &format!("{host}:{port}")).await?.map(|(s, _)| s))
     }
@@ -129,7 +120,7 @@ impl MuxPool {
     /// # Errors
     /// As [`MuxPool::open`]: not allowed is [`TunnelError::UnknownService`], cannot listen
     /// [`TunnelError::ServiceRefused`].
-    pub async fn open_listen(&self, bind: &str) -> Result<Option<(MuxStream, String)>, TunnelError> {
+    pub async fn open_listen(&self, bind: &str) -> Result<Option<(Stream, String)>, TunnelError> {
         let req = super::request::tagged(super::request::LISTEN_REQUEST, bind);
         self.open_with(&req, bind).await
     }
@@ -140,7 +131,7 @@ impl MuxPool {
     ///
     /// # Errors
     /// As [`MuxPool::open`], except the refusals, which come with the reply.
-    pub async fn open_unanswered(&self, service: &str) -> Result<Option<MuxStream>, TunnelError> {
+    pub async fn open_unanswered(&self, service: &str) -> Result<Option<Stream>, TunnelError> {
         let mut req = vec![service.len() as u8];
         req.extend_from_slice(service.as_bytes());
         let Some(mut sub) = self.open_raw().await? else { return Ok(None) };
@@ -149,10 +140,7 @@ impl MuxPool {
     }
 
     /// A new stream of the session (opening the session first if there is none).
-    async fn open_raw(&self) -> Result<Option<MuxStream>, TunnelError> {
-        if self.unsupported.load(Ordering::Relaxed) {
-            return Ok(None);
-        }
+    async fn open_raw(&self) -> Result<Option<Stream>, TunnelError> {
         if let Some(reason) = self.failed.borrow().clone() {
             return Err(TunnelError::Io(io::Error::other(format!(
                 "the multiplexed session failed ({reason}); this pool starts no new one"
@@ -160,39 +148,26 @@ impl MuxPool {
         }
         let mux = {
             let mut slot = self.mux.lock().await;
-            match slot.as_ref().filter(|m| !m.is_closed()) {
+            match slot.as_ref() {
                 Some(m) => m.clone(),
-                None => match self.start().await? {
-                    Some(m) => slot.insert(m).clone(),
-                    None => return Ok(None),
-                },
+                None => slot.insert(self.start().await?).clone(),
             }
         };
-        Ok(Some(mux.open().await.map_err(|e| TunnelError::Io(e.into()))?))
+        Ok(Some(mux.open().await?))
     }
 
-    async fn open_with(&self, req: &[u8], label: &str) -> Result<Option<(MuxStream, String)>, TunnelError> {
+    async fn open_with(&self, req: &[u8], label: &str) -> Result<Option<(Stream, String)>, TunnelError> {
         let Some(mut sub) = self.open_raw().await? else { return Ok(None) };
         sub.write_all(req).await?;
         let msg = read_reply(&mut sub, label).await?;
         Ok(Some((sub, msg)))
     }
 
-    /// Opens the multiplexed session; `None` if the server does not multiplex.
-    async fn start(&self) -> Result<Option<Mux>, TunnelError> {
-        let mut stream = connect_when_not_busy(&self.server, self.cfg.clone()).await?;
-        stream.write_all(&[0]).await?;
-        match read_reply(&mut stream, "(multiplexing)").await {
-            Ok(_) => {}
-            Err(TunnelError::Malformed(_) | TunnelError::Io(_) | TunnelError::Net(_)) => {
-                info!(server = %self.server, "the server does not multiplex: one session per connection");
-                self.unsupported.store(true, Ordering::Relaxed);
-                return Ok(None);
-            }
-            Err(e) => return Err(e),
-        }
+    /// Opens the session.
+    async fn start(&self) -> Result<Session, TunnelError> {
+        let session = connect_session_when_not_busy(&self.server, self.cfg.clone()).await?;
         if let Some(tx) = self.events.clone() {
-            let mut rx = stream.events();
+            let mut rx = session.events();
             let from = stream_peer(&self.server);
             tokio::spawn(async move {
                 while let Ok(ev) = rx.recv().await {
@@ -202,7 +177,7 @@ impl MuxPool {
                 }
             });
         }
-        let mut status = stream.status();
+        let mut status = session.status();
         let failed = self.failed.clone();
         tokio::spawn(async move {
             if let Ok(s) = status.wait_for(|s| matches!(s, LinkStatus::Failed(_) | LinkStatus::Closed)).await {
@@ -212,13 +187,10 @@ impl MuxPool {
                 }
             }
         });
-        debug!(server = %self.server, "multiplexed session open");
+        debug!(server = %self.server, "session open");
         // Streams the server opens are connections to this client's reverse forwards.
-        let (tx, rx) = mpsc::channel(crate::mux::MAX_KEPT);
-        tokio::spawn(super::reverse::accept_inbound(rx, self.remotes.clone()));
-        let (mux, task) = Mux::start(stream, true, Some(tx));
-        *self.driver.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(task);
-        Ok(Some(mux))
+        tokio::spawn(super::reverse::accept_inbound(session.clone(), self.remotes.clone()));
+        Ok(session)
     }
 }
 
@@ -227,23 +199,17 @@ fn stream_peer(server: &str) -> std::net::SocketAddr {
     server.parse().unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0)))
 }
 
-/// Server side: the session asked to multiplex. Answers 0, then serves every stream the client
-/// opens as a tunnel of its own, until the session ends or `stop` turns true.
-pub(super) async fn serve_mux(
-    mut stream: Stream,
+/// Server side: serves every stream the client opens on `session` as a tunnel of its own,
+/// until the session ends or `stop` turns true.
+pub(super) async fn serve_session(
+    session: Session,
     peer: Peer,
     services: Arc<Services>,
     allow: AllowListHandle,
     stop: watch::Receiver<bool>,
 ) {
     let who = peer.label();
-    if write_reply(&mut stream, Status::Connected, "").await.is_err() {
-        return;
-    }
-    info!(client = %who, "multiplexed session open");
-    let status = stream.status();
-    let (tx, mut inbound) = mpsc::channel(crate::mux::MAX_KEPT);
-    let (mux, task) = Mux::start(stream, false, Some(tx));
+    let status = session.status();
     let mut open = tokio::task::JoinSet::new();
     let mut stopping = stop.clone();
     let mut stopped = false;
@@ -252,13 +218,13 @@ pub(super) async fn serve_mux(
     // and each stream is half-closed); then the session is closed.
     loop {
         if stopped && open.is_empty() {
-            mux.close();
+            session.close();
         }
         tokio::select! {
-            sub = inbound.recv() => match sub {
+            sub = session.accept() => match sub {
                 Some(sub) => {
                     let (peer, services, allow, stop) = (peer.clone(), services.clone(), allow.clone(), stop.clone());
-                    open.spawn(serve_sub(sub, mux.clone(), peer, services, allow, stop, ctx.clone()));
+                    open.spawn(serve_sub(sub, session.clone(), peer, services, allow, stop, ctx.clone()));
                 }
                 None => break,
             },
@@ -266,12 +232,13 @@ pub(super) async fn serve_mux(
             _ = stopping.wait_for(|s| *s), if !stopped => stopped = true,
         }
     }
+    drop(session);
     while open.join_next().await.is_some() {}
-    match task.await {
-        Ok(Ok(())) | Err(_) => info!(client = %who, "multiplexed session ended"),
-        Ok(Err(e)) => warn!(client = %who, error = %printable(&e.to_string()), "multiplexed session failed"),
+    match &*status.borrow() {
+        LinkStatus::Failed(e) => warn!(client = %who, error = %printable(e), "session failed"),
+        _ => debug!(client = %who, "session's streams ended"),
     }
-    session_end(status).await;
+    super::serve::session_end(status).await;
 }
 
 /// What the streams of one multiplexed session share: its look-up permits, and its link's
@@ -284,8 +251,8 @@ pub(super) struct SessionCtx {
 
 /// One stream of a multiplexed session: a service request, then the service's bytes.
 async fn serve_sub(
-    mut sub: MuxStream,
-    mux: Mux,
+    mut sub: Stream,
+    mux: Session,
     peer: Peer,
     services: Arc<Services>,
     allow: AllowListHandle,
@@ -294,10 +261,15 @@ async fn serve_sub(
 ) {
     let who = peer.label();
     let request = match tokio::time::timeout(REQUEST_TIMEOUT, read_request(&mut sub)).await {
-        Ok(Ok(Request::Mux)) => return warn!(client = %who, "multiplexing requested inside a multiplexed stream"),
         Ok(Ok(r)) => r,
-        Ok(Err(e)) => return warn!(client = %who, error = %printable(&e.to_string()), "bad service request"),
-        Err(_) => return warn!(client = %who, "no service request in time"),
+        Ok(Err(e)) => {
+            sub.reset();
+            return warn!(client = %who, error = %printable(&e.to_string()), "bad request on a stream; stream reset");
+        }
+        Err(_) => {
+            sub.reset();
+            return warn!(client = %who, "no request on a stream in time; stream reset");
+        }
     };
     // The rights of the key now, from the list in force: not the name the session opened with.
     let Some(entry) = rights::current(&peer, &allow) else {
@@ -327,12 +299,11 @@ async fn serve_sub(
         Request::Listen(addr) => {
             return super::reverse::serve_listen(sub, addr, mux, (entry, services), stop, ctx.status).await;
         }
-        Request::Mux => return,
     };
     if write_reply(&mut sub, Status::Connected, "").await.is_err() {
         return;
     }
-    info!(client = %who, service = %name, target = %printable(&target), "tunnel open (multiplexed)");
+    info!(client = %who, service = %name, target = %printable(&target), "tunnel open");
     match join(tcp, sub, Some(stop), None).await {
         Ok((to_client, to_service)) => info!(client = %who, service = %name, to_service, to_client, "tunnel closed"),
         // A stream reset by the client (its program reset its connection) is a close.
@@ -349,7 +320,6 @@ fn request_label(request: &Request) -> String {
         Request::Service(name) => name.clone(),
         Request::Connect { host, port } => format!("connect {}", printable(&format!("{host}:{port}"))),
         Request::Listen(addr) => format!("listen {addr}"),
-        Request::Mux => "multiplexing".into(),
     }
 }
 
@@ -398,7 +368,7 @@ async fn connect_destination(
 
 /// Answers a refusal on a stream and ends it: FIN, then what the client still sends is read
 /// and dropped until its FIN (bounded).
-async fn refuse_sub(mut sub: MuxStream, status: Status, who: &str, name: &str, what: &str) {
+async fn refuse_sub(mut sub: Stream, status: Status, who: &str, name: &str, what: &str) {
     if write_reply(&mut sub, status, "").await.is_err() {
         return;
     }

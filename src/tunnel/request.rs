@@ -99,8 +99,6 @@ pub(super) async fn write_reply<W: tokio::io::AsyncWrite + Unpin>(
 pub(crate) enum Request {
     /// A service, by name.
     Service(String),
-    /// Multiplexing: the stream carries yamux from the reply on (name length 0).
-    Mux,
     /// A listener on the server for reverse forwarding (first byte [`LISTEN_REQUEST`]).
     Listen(std::net::SocketAddr),
     /// A connection to `host:port`, for dynamic forwarding (first byte [`CONNECT_REQUEST`]).
@@ -163,7 +161,7 @@ pub(crate) fn connect_request(host: &str, port: u16) -> Result<Vec<u8>, TunnelEr
 pub(crate) async fn read_request<R: AsyncRead + Unpin>(stream: &mut R) -> Result<Request, TunnelError> {
     let len = stream.read_u8().await? as usize;
     if len == 0 {
-        return Ok(Request::Mux);
+        return Err(TunnelError::Malformed("request (name length 0)"));
     }
     if len == LISTEN_REQUEST as usize {
         return Ok(Request::Listen(read_addr(stream).await?));
@@ -228,10 +226,22 @@ pub const BUSY_PATIENCE: Duration = Duration::from_secs(10);
 /// Connects, retrying for up to [`BUSY_PATIENCE`] while the server is busy, with a jittered
 /// backoff from 50 ms to 1 s so that a burst spreads out instead of retrying in lockstep.
 pub(super) async fn connect_when_not_busy(addr: &str, cfg: ClientConfig) -> Result<Stream, net::Error> {
+    retry_busy(addr, || net::connect(addr, cfg.clone())).await
+}
+
+/// Like [`connect_when_not_busy`], for a session of many streams.
+pub(super) async fn connect_session_when_not_busy(addr: &str, cfg: ClientConfig) -> Result<net::Session, net::Error> {
+    retry_busy(addr, || net::connect_session(addr, cfg.clone())).await
+}
+
+async fn retry_busy<T, F: std::future::Future<Output = Result<T, net::Error>>>(
+    addr: &str,
+    mut connect: impl FnMut() -> F,
+) -> Result<T, net::Error> {
     let start = Instant::now();
     let mut delay = Duration::from_millis(50);
     loop {
-        match net::connect(addr, cfg.clone()).await {
+        match connect().await {
             Err(net::Error::Busy { .. }) if start.elapsed() + delay < BUSY_PATIENCE => {
                 let jittered = delay.mul_f64(rand::thread_rng().gen_range(0.5..=1.0));
                 debug!(addr, wait = ?jittered, "server busy; trying again");

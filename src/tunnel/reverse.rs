@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::join::join;
@@ -27,8 +27,7 @@ use super::serve::connect_service;
 use super::{Services, Status, TunnelError, REQUEST_TIMEOUT};
 use crate::human::printable;
 use crate::keys::AllowedPeer;
-use crate::mux::{Mux, MuxStream};
-use crate::net::LinkStatus;
+use crate::net::{LinkStatus, Session, Stream};
 
 /// Client side: the reverse forwards in force, by the server's listener address.
 pub(super) type Remotes = Arc<Mutex<HashMap<SocketAddr, String>>>;
@@ -89,13 +88,13 @@ pub async fn remote(pool: Arc<MuxPool>, bind: String, target: String) {
 }
 
 /// Client side: streams the server opens, each a connection to one of `remotes`' listeners.
-pub(super) async fn accept_inbound(mut inbound: mpsc::Receiver<MuxStream>, remotes: Remotes) {
-    while let Some(sub) = inbound.recv().await {
+pub(super) async fn accept_inbound(session: Session, remotes: Remotes) {
+    while let Some(sub) = session.accept().await {
         tokio::spawn(carry_back(sub, remotes.clone()));
     }
 }
 
-async fn carry_back(mut sub: MuxStream, remotes: Remotes) {
+async fn carry_back(mut sub: Stream, remotes: Remotes) {
     let head = async {
         match sub.read_u8().await? {
             REVERSE_OPEN => Ok(read_addr(&mut sub).await?),
@@ -137,9 +136,9 @@ async fn carry_back(mut sub: MuxStream, remotes: Remotes) {
 /// kernel's backlog holds it. Accept errors (out of descriptors, say) back off from 50 ms to
 /// 1 s and are logged at most every 10 s.
 pub(super) async fn serve_listen(
-    mut control: MuxStream,
+    mut control: Stream,
     addr: SocketAddr,
-    mux: Mux,
+    mux: Session,
     (entry, services): (AllowedPeer, Arc<Services>),
     stop: watch::Receiver<bool>,
     mut status: watch::Receiver<LinkStatus>,
@@ -235,14 +234,14 @@ async fn reverse_one(
     tcp: TcpStream,
     from: SocketAddr,
     at: SocketAddr,
-    mux: Mux,
+    mux: Session,
     who: String,
     stop: watch::Receiver<bool>,
     _permit: ReversePermit,
 ) {
     let _ = tcp.set_nodelay(true);
     let open = async {
-        let mut sub = mux.open().await.map_err(|e| TunnelError::Io(e.into()))?;
+        let mut sub = mux.open().await?;
         tokio::io::AsyncWriteExt::write_all(&mut sub, &tagged(REVERSE_OPEN, &at.to_string())).await?;
         read_reply(&mut sub, "reverse forward").await?;
         Ok::<_, TunnelError>(sub)

@@ -8,12 +8,9 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use super::mux::serve_mux;
-use super::request::{finish, read_request, write_reply, Request, REFUSAL_DRAIN};
-use super::splice::splice_until;
-use super::{Services, Status, REQUEST_TIMEOUT};
-use crate::human::printable;
-use crate::net::{self, AllowListHandle, Listener, Peer, Stream};
+use super::mux::serve_session;
+use super::{Services, Status};
+use crate::net::{self, AllowListHandle, Listener, Peer};
 
 /// How long the server tries to connect to a service's target before it answers status 2. It
 /// is shorter than [`REQUEST_TIMEOUT`], so that the client hears the answer before it gives up.
@@ -50,9 +47,9 @@ pub async fn serve_until(
     tokio::pin!(stop);
     loop {
         tokio::select! {
-            r = listener.accept() => {
-                let (stream, peer) = r?;
-                open.spawn(serve_one(stream, peer, services.clone(), allow.clone(), stopped.clone()));
+            r = listener.accept_session() => {
+                let (session, peer) = r?;
+                open.spawn(serve_session(session, peer, services.clone(), allow.clone(), stopped.clone()));
             }
             Some(_) = open.join_next(), if !open.is_empty() => {}
             () = &mut stop => break,
@@ -66,45 +63,6 @@ pub async fn serve_until(
     }
     let _ = tokio::time::timeout(drain, async { while open.join_next().await.is_some() {} }).await;
     Ok(open.len())
-}
-
-async fn serve_one(
-    mut stream: Stream,
-    peer: Peer,
-    services: Arc<Services>,
-    allow: AllowListHandle,
-    stop: watch::Receiver<bool>,
-) {
-    let who = peer.label();
-    // A malformed request, or none in time: no reply, and the stream is dropped (the session
-    // is aborted). Nothing the client sent is logged unescaped.
-    let name = match tokio::time::timeout(REQUEST_TIMEOUT, read_request(&mut stream)).await {
-        Ok(Ok(Request::Service(n))) => n,
-        Ok(Ok(Request::Mux)) => return serve_mux(stream, peer, services, allow, stop).await,
-        Ok(Ok(Request::Connect { .. } | Request::Listen(_))) => {
-            return warn!(client = %who, "a connect or listen request outside a multiplexed session (this server takes them only inside one)")
-        }
-        Ok(Err(e)) => return warn!(client = %who, error = %printable(&e.to_string()), "bad service request"),
-        Err(_) => return warn!(client = %who, "no service request in time"),
-    };
-    let target = match resolve(&name, &peer, &services, &allow) {
-        Ok(t) => t,
-        Err((status, why)) => return refuse(stream, status, &who, &name, why).await,
-    };
-    let Some(tcp) = connect_service(&who, &name, target).await else {
-        return refuse(stream, Status::Unavailable, &who, &name, "service unavailable").await;
-    };
-    let _ = tcp.set_nodelay(true);
-    if write_reply(&mut stream, Status::Connected, "").await.is_err() {
-        return;
-    }
-    info!(client = %who, service = %name, %target, "tunnel open");
-    let status = stream.status();
-    match splice_until(tcp, stream, Some(stop)).await {
-        Ok((to_client, to_service)) => info!(client = %who, service = %name, to_service, to_client, "tunnel closed"),
-        Err(e) => warn!(client = %who, service = %name, error = %printable(&e.to_string()), "tunnel failed"),
-    }
-    session_end(status).await;
 }
 
 /// The stream's end goes out with its session's last records: waits for them (bounded), so
@@ -145,21 +103,6 @@ pub(super) async fn connect_service(who: &str, name: &str, target: &str) -> Opti
             };
             warn!(client = %who, service = %name, %target, %error, "cannot connect to the service");
             None
-        }
-    }
-}
-
-/// Answers a refusal, then ends the stream cleanly: half-closes it and discards what the
-/// client sent behind its request until the client's end of stream (bounded), so that the
-/// session ends with a normal close. A refusal is not a failure: it is logged at info.
-async fn refuse(mut stream: Stream, status: Status, who: &str, name: &str, what: &str) {
-    if let Err(e) = write_reply(&mut stream, status, "").await {
-        return info!(client = %who, service = %name, error = %printable(&e.to_string()), "tunnel refused ({what}); the stream ended first");
-    }
-    match finish(stream, REFUSAL_DRAIN).await {
-        Ok(_) => info!(client = %who, service = %name, "tunnel refused: {what}"),
-        Err(e) => {
-            info!(client = %who, service = %name, error = %printable(&e.to_string()), "tunnel refused: {what}; the client did not end its stream cleanly")
         }
     }
 }

@@ -18,14 +18,15 @@ use super::stats::Refusal;
 use super::Peer;
 use super::{handover, proxy};
 use crate::keys::PublicKey;
-use crate::net::budget::Charge;
+use crate::net::budget::{Charge, StreamCharge};
 use crate::net::events::LinkEvent;
-use crate::net::stream::{Shared, Stream};
+use crate::net::stream::{Session as StreamSession, Shared};
 use crate::net::wire::{read_record, write_record};
 use crate::net::Error;
 use crate::proto::frame::{MAX_FRAME, RESUME_ID_LEN};
 use crate::proto::handshake::{self, hex_id, MAX_HANDSHAKE};
 use crate::proto::transport::TAG_LEN;
+use crate::proto::StreamsConfig;
 use crate::proto::{
     CloseCode, Event, HandshakeError, Hello, RejectCode, ResumeLookup, Role, Session, SessionError, Ticket, Transport,
 };
@@ -386,6 +387,9 @@ pub(super) fn commit_new(
     let now = Instant::now();
     let cipher = transport.cipher();
     let mut session = Session::new(Role::Server, cfg.session.clone());
+    // The streams exist before the confirmation is read: its record may already open one.
+    let streams = StreamsConfig { max_streams: cfg.limits.max_streams_per_session, ..StreamsConfig::default() };
+    session.enable_streams(streams, Box::new(StreamCharge::new(state.budget.clone(), state.key_budget(&client))));
     session.attach(now, transport, 0, None, None).map_err(Error::Session)?;
     session.adopt_ticket(ticket);
     // The confirmation decrypted: the session exists whatever its frame holds. A frame that
@@ -399,7 +403,7 @@ pub(super) fn commit_new(
         }
         _ => Some(sock),
     };
-    let shared = Shared::new(session, client);
+    let shared = Shared::new(session, client, 1);
     shared.lock().charge = Some(Charge::new(state.budget.clone(), state.key_budget(&client)));
     let (tx, rx) = mpsc::channel(4);
     let name = state.allow().lookup(&client).and_then(|p| p.name.clone());
@@ -425,7 +429,7 @@ pub(super) fn commit_new(
     let peer = Peer { key: client, name, addr };
     info!(client = %entry.who, key = %client, %addr, %cipher, "session opened");
     shared.emit(LinkEvent::Connected { peer: addr });
-    match state.accepted.try_send((Stream::new(shared.clone()), peer)) {
+    match state.accepted.try_send((StreamSession::from_counted(shared.clone()), peer)) {
         Ok(()) => {}
         Err(mpsc::error::TrySendError::Full(_)) => {
             warn!(%addr, "accept queue full; dropping new session");

@@ -28,7 +28,7 @@ pub use upgrade::{bind_with_handover, prepare_handover, ExtraSockets, Upgrade};
 
 use crate::keys::{AllowList, PublicKey};
 use crate::net::config::ServerConfig;
-use crate::net::stream::Stream;
+use crate::net::stream::{Session, Stream};
 use crate::net::Error;
 use crate::proto::StaticSecrets;
 
@@ -94,7 +94,7 @@ pub fn client_label(name: Option<&str>, key: &PublicKey) -> String {
 /// end or expire.
 pub struct Listener {
     state: Arc<State>,
-    incoming: mpsc::Receiver<(Stream, Peer)>,
+    incoming: mpsc::Receiver<(Session, Peer)>,
     local: SocketAddr,
     task: JoinHandle<()>,
     /// Waits for a new process to take the listener over (with a handover path).
@@ -146,10 +146,10 @@ fn start(tcp: TcpListener, cfg: ServerConfig) -> Result<Listener, Error> {
 }
 
 /// A server's state, before it accepts anything; and where its new sessions will come out.
-fn new_state(cfg: ServerConfig) -> (Arc<State>, mpsc::Receiver<(Stream, Peer)>) {
+fn new_state(cfg: ServerConfig) -> (Arc<State>, mpsc::Receiver<(Session, Peer)>) {
     let (tx, rx) = mpsc::channel(64);
     let statics = StaticSecrets::new(&cfg.keypair.private, cfg.allow.iter().map(|p| &p.key));
-    let budget = crate::net::budget::Budget::new(cfg.limits.buffer_budget);
+    let budget = crate::net::budget::Budget::with_streams(cfg.limits.buffer_budget, cfg.limits.max_streams);
     let state = Arc::new(State {
         allow: std::sync::RwLock::new(cfg.allow.clone()),
         statics: std::sync::RwLock::new(statics),
@@ -176,7 +176,7 @@ fn new_state(cfg: ServerConfig) -> (Arc<State>, mpsc::Receiver<(Stream, Peer)>) 
 fn run(
     tcp: TcpListener,
     state: Arc<State>,
-    incoming: mpsc::Receiver<(Stream, Peer)>,
+    incoming: mpsc::Receiver<(Session, Peer)>,
     predecessor: Option<tokio::net::UnixStream>,
 ) -> Result<Listener, Error> {
     let local = tcp.local_addr().map_err(Error::Io)?;
@@ -191,11 +191,25 @@ fn run(
 }
 
 impl Listener {
-    /// Waits for the next new session: a stream and its authenticated peer.
+    /// Waits for the next new session and returns its first stream (the first one its client
+    /// opens, which may not have arrived yet) and its authenticated peer. Streams the client
+    /// opens after the first are refused; take the whole session with
+    /// [`Listener::accept_session`] to accept them.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if the accept loop stopped, or if the server's stream limits leave no room
+    /// for the stream (the session is then dropped).
+    pub async fn accept(&mut self) -> Result<(Stream, Peer), Error> {
+        let (session, peer) = self.accept_session().await?;
+        Ok((session.into_first_stream().map_err(Error::Io)?, peer))
+    }
+
+    /// Waits for the next new session: a handle to accept its streams ([`Session::accept`])
+    /// and open streams to its client ([`Session::open`]), and its authenticated peer.
     ///
     /// # Errors
     /// [`Error::Io`] if the accept loop stopped.
-    pub async fn accept(&mut self) -> Result<(Stream, Peer), Error> {
+    pub async fn accept_session(&mut self) -> Result<(Session, Peer), Error> {
         self.incoming
             .recv()
             .await

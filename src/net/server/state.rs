@@ -14,7 +14,7 @@ use tokio::task::AbortHandle;
 use crate::keys::{AllowList, PublicKey};
 use crate::net::budget::Budget;
 use crate::net::config::ServerConfig;
-use crate::net::stream::{Shared, Stream};
+use crate::net::stream::{Session, Shared};
 use crate::proto::frame::RESUME_ID_LEN;
 use crate::proto::{StaticSecrets, Transport};
 
@@ -289,7 +289,7 @@ pub(super) struct State {
     /// Over-rate connections being answered with BUSY.
     pub(super) refusing: AtomicUsize,
     pub(super) pending: Mutex<Pending>,
-    pub(super) accepted: mpsc::Sender<(Stream, Peer)>,
+    pub(super) accepted: mpsc::Sender<(Session, Peer)>,
     /// The connection to the process this one took the listener over from, while it lives:
     /// resumes of sessions this process does not know are handed to it (see `handover`).
     pub(super) predecessor: Mutex<Option<Arc<tokio::net::UnixStream>>>,
@@ -365,8 +365,8 @@ impl State {
     /// The memory budget of `client`'s sessions together (`Limits::buffer_per_key`), made on
     /// its first session and dropped with its last.
     pub(super) fn key_budget(&self, client: &PublicKey) -> Arc<Budget> {
-        let limit = self.cfg.limits.buffer_per_key;
-        self.table().key_budgets.entry(*client).or_insert_with(|| Budget::new(limit)).clone()
+        let (limit, streams) = (self.cfg.limits.buffer_per_key, self.cfg.limits.max_streams_per_key);
+        self.table().key_budgets.entry(*client).or_insert_with(|| Budget::with_streams(limit, streams)).clone()
     }
 
     /// Accepts a first connection's timestamp if `client`'s (an allowed key's) stamp window
@@ -573,7 +573,7 @@ mod resume_tests {
         let client = Keypair::generate().public;
         let (replace, _) = tokio::sync::mpsc::channel(1);
         Entry {
-            shared: Shared::new(Session::new(Role::Server, SessionConfig::default()), client),
+            shared: Shared::new(Session::new(Role::Server, SessionConfig::default()), client, 0),
             client,
             who: String::new(),
             opened: Instant::now(),
