@@ -31,7 +31,7 @@ pub const RESUME_HEADER: usize = 6 + RESUME_ID_LEN + 8;
 /// Magic bytes that open every client hello.
 pub const MAGIC: [u8; 4] = *b"HFST";
 /// Protocol version.
-pub const VERSION: u8 = 3;
+pub const VERSION: u8 = 4;
 /// Noise protocol of the first connection (with [`Cipher::ChaChaPoly`]; see [`protocol_name`]).
 pub const INITIAL_PATTERN: &str = "Noise_IK_25519_ChaChaPoly_BLAKE2s";
 /// Noise protocol of a resume (with [`Cipher::ChaChaPoly`]; see [`protocol_name`]).
@@ -86,6 +86,8 @@ pub enum RejectCode {
     /// (RESUME) The session's client key is no longer on the server's allow-list: the session
     /// was ended when the key was removed.
     NotAllowed,
+    /// The hello's protocol version is not the server's.
+    Version,
 }
 
 impl RejectCode {
@@ -96,6 +98,7 @@ impl RejectCode {
             RejectCode::Busy => 2,
             RejectCode::Stale => 3,
             RejectCode::NotAllowed => 4,
+            RejectCode::Version => 5,
         }
     }
 }
@@ -141,6 +144,12 @@ pub enum HandshakeError {
     /// (RESUME) REJECT 4: the server no longer allows this client key; the session was ended.
     #[error("the server no longer allows this key (it was removed from the server's allow-list)")]
     NoLongerAllowed,
+    /// REJECT 5: the server speaks another protocol version.
+    #[error(
+        "the server speaks another protocol version than this client's (version {VERSION}); install the same \
+         holdfast release on both ends"
+    )]
+    OtherVersion,
     /// The server answered with a reject code this version does not know.
     #[error("server rejected the handshake with code {0}")]
     Rejected(u8),
@@ -391,6 +400,7 @@ impl ClientHandshake {
                     [2] => HandshakeError::Busy,
                     [3] => HandshakeError::Stale,
                     [4] => HandshakeError::NoLongerAllowed,
+                    [5] => HandshakeError::OtherVersion,
                     [c] => HandshakeError::Rejected(*c),
                     _ => HandshakeError::Malformed,
                 })

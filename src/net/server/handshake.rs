@@ -110,7 +110,15 @@ async fn hello_read(
 ) -> Result<(), Error> {
     let claim = &slot.claim;
     let fail = |source| Error::Handshake { addr: addr.to_string(), source };
-    let head = handshake::parse_header(&body).map_err(fail)?;
+    let head = match handshake::parse_header(&body) {
+        Err(HandshakeError::Version(v)) => {
+            // Not silent: a client of another release learns why instead of guessing.
+            info!(%addr, client_version = v, server_version = handshake::VERSION, "a client speaks another protocol version; install the same holdfast release on both ends");
+            let _ = write_record(&mut sock, &handshake::reject(RejectCode::Version)).await;
+            return Err(fail(HandshakeError::Version(v)));
+        }
+        r => r.map_err(fail)?,
+    };
     let cfg = &state.cfg;
     let rate = cfg.limits.resumes_per_sec_per_session;
     // A resume is judged before any cryptography: its session, its attempt number (a replay
