@@ -38,7 +38,8 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
     for rule in &args.allow_connect {
         services.allow_connect(rule.parse().with_context(|| format!("--allow-connect {}", printable(rule)))?);
     }
-    raise_fd_limit(args.max_sessions);
+    let defaults = holdfast::net::Limits::default();
+    let max_streams = raise_fd_limit(args.max_sessions, defaults.max_streams, args.max_handshakes);
     let keypair = load_keypair("--key", &key)?;
     let allow = AllowList::load(&authorized).map_err(|e| anyhow!("--authorized {e}"))?;
     if allow.is_empty() {
@@ -50,6 +51,7 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
     cfg.session = session_config(&args.timers)?;
     cfg.limits.max_sessions = args.max_sessions;
     cfg.limits.max_sessions_per_key = args.max_sessions_per_key;
+    cfg.limits.max_streams = max_streams;
     cfg.limits.max_handshakes = args.max_handshakes;
     cfg.limits.handshakes_per_sec_per_ip = args.handshake_rate.max(1);
     cfg.limits.buffer_budget = usize::try_from(args.buffer_budget).context("--buffer-budget is too large")?;
@@ -160,11 +162,18 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
     Ok(())
 }
 
-/// Raises the soft file-descriptor limit to the hard one (each session takes two: its link and
-/// its service connection), and warns if that still holds fewer than `max_sessions` need.
-fn raise_fd_limit(max_sessions: usize) {
+/// Descriptors kept for `accept`, the metrics and control sockets, logs and the handover.
+const FD_RESERVE: u64 = 256;
+
+/// Raises the soft file-descriptor limit for `max_sessions` sessions (their links),
+/// `max_streams` streams (each may hold its service or forwarded connection), `handshakes`
+/// connections in their handshake and a reserve, up to the hard limit (or above it as root).
+/// Returns the streams the limit holds: `max_streams`, or fewer when the limit is lower (then a
+/// stream past them is refused, RESET LIMIT, instead of failing `accept` for everyone).
+fn raise_fd_limit(max_sessions: usize, max_streams: usize, handshakes: usize) -> usize {
     use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
-    let need = (max_sessions as u64).saturating_mul(2).saturating_add(256);
+    let fixed = (max_sessions as u64).saturating_add(handshakes as u64).saturating_add(FD_RESERVE);
+    let need = fixed.saturating_add(max_streams as u64);
     let lim = getrlimit(Resource::Nofile);
     let hard = lim.maximum.unwrap_or(u64::MAX);
     // Above the hard limit only with privilege (root); otherwise up to the hard limit.
@@ -172,16 +181,18 @@ fn raise_fd_limit(max_sessions: usize) {
     if lim.current.is_some_and(|c| c < need) && setrlimit(Resource::Nofile, wanted).is_err() {
         let _ = setrlimit(Resource::Nofile, Rlimit { current: lim.maximum, maximum: lim.maximum });
     }
-    if let Some(n) = getrlimit(Resource::Nofile).current.filter(|&n| n < need) {
-        let sessions = n.saturating_sub(256) / 2;
-        let msg = "the file-descriptor limit holds fewer sessions than --max-sessions; to allow them all, raise it (ulimit -n, or LimitNOFILE= under systemd)";
-        // A limit that still holds thousands of sessions is worth knowing, not a warning.
-        if sessions < 1024 {
-            warn!(limit = n, sessions, max_sessions, "{msg}");
-        } else {
-            info!(limit = n, sessions, max_sessions, "{msg}");
-        }
+    let Some(n) = getrlimit(Resource::Nofile).current.filter(|&n| n < need) else { return max_streams };
+    // Half of what is left after the reserve goes to streams, at least, so that neither sessions
+    // nor streams take every descriptor.
+    let spare = n.saturating_sub(FD_RESERVE);
+    let streams = spare.saturating_sub((max_sessions + handshakes) as u64).max(spare / 2).min(max_streams as u64);
+    let msg = "the file-descriptor limit holds fewer sessions and streams than the limits allow: streams past it are refused; to allow them all, raise it (ulimit -n, or LimitNOFILE= under systemd)";
+    if streams < 1024 {
+        warn!(limit = n, streams, max_sessions, "{msg}");
+    } else {
+        info!(limit = n, streams, max_sessions, "{msg}");
     }
+    streams as usize
 }
 
 /// Resolves when this process has handed its listener over and has nothing left to do: its

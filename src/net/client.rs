@@ -43,13 +43,17 @@ use crate::proto::{ClientHandshake, CloseCode, Event, HandshakeError, Role, Sess
 /// # Ok(()) }
 /// ```
 pub async fn connect(addr: impl Into<String>, cfg: ClientConfig) -> Result<Stream, Error> {
-    let shared = start(addr.into(), cfg, 0).await?;
+    // Counted as a session handle until its first stream exists, so that the driver does not
+    // end a session that has no stream yet.
+    let shared = start(addr.into(), cfg, 1).await?;
     let id = {
         let mut inner = shared.lock();
         if let Some(st) = inner.session.streams_mut() {
             st.set_accepting(false);
         }
-        inner.session.stream_open(usize::MAX)
+        let id = inner.session.stream_open(usize::MAX);
+        inner.handles -= 1;
+        id
     };
     match id {
         Ok(Some(id)) => {

@@ -27,7 +27,15 @@ pub async fn open(addr: &str, cfg: ClientConfig, service: &str) -> Result<Stream
     match read_reply(&mut stream, service).await {
         Ok(_) => Ok(stream),
         Err(e) if e.is_refusal() => {
+            // The stream is its session's only one: once it is finished the session ends
+            // (both ends' FIN, CLOSE Normal); wait for that (bounded), so that a program that
+            // exits at once does not leave the server holding a detached session.
+            let mut status = stream.status();
             let _ = finish(stream, REFUSAL_DRAIN).await;
+            let ended = |s: &crate::net::LinkStatus| {
+                matches!(s, crate::net::LinkStatus::Closed | crate::net::LinkStatus::Failed(_))
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(5), status.wait_for(ended)).await;
             Err(e)
         }
         Err(e) => Err(e),

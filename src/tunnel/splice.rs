@@ -79,7 +79,7 @@ async fn tcp_to_stream(from: tcp::ReadHalf<'_>, to: &mut WriteHalf) -> io::Resul
 
 /// Like [`tcp_to_stream`], and when `stop` turns true it stops reading the socket and
 /// half-closes the stream as at EOF (the server is shutting down).
-async fn tcp_to_stream_until(
+pub(super) async fn tcp_to_stream_until(
     from: tcp::ReadHalf<'_>,
     to: &mut WriteHalf,
     stop: &mut Option<watch::Receiver<bool>>,
@@ -116,7 +116,7 @@ async fn tcp_to_stream_until(
 
 /// Copies a stream into a TCP socket until the stream ends, then half-closes the socket. The
 /// socket is written straight from the stream's receive buffer.
-async fn stream_to_tcp(from: &mut ReadHalf, mut to: tcp::WriteHalf<'_>) -> io::Result<u64> {
+pub(super) async fn stream_to_tcp(from: &mut ReadHalf, mut to: tcp::WriteHalf<'_>) -> io::Result<u64> {
     let mut total = 0u64;
     loop {
         let sock: &TcpStream = to.as_ref();

@@ -196,12 +196,22 @@ impl Listener {
     /// opens after the first are refused; take the whole session with
     /// [`Listener::accept_session`] to accept them.
     ///
+    /// A session whose stream finds the server's stream limits spent (its key's share of the
+    /// buffer budget, or its stream slots) is dropped and not returned.
+    ///
     /// # Errors
-    /// [`Error::Io`] if the accept loop stopped, or if the server's stream limits leave no room
-    /// for the stream (the session is then dropped).
+    /// [`Error::Io`] if the accept loop stopped.
     pub async fn accept(&mut self) -> Result<(Stream, Peer), Error> {
-        let (session, peer) = self.accept_session().await?;
-        Ok((session.into_first_stream().map_err(Error::Io)?, peer))
+        loop {
+            let (session, peer) = self.accept_session().await?;
+            match session.into_first_stream() {
+                Ok(stream) => return Ok((stream, peer)),
+                // The session is dropped: its client's stream is refused, and it ends.
+                Err(e) => {
+                    tracing::warn!(client = %peer.label(), error = %e, "no room for the session's stream within the limits; session dropped")
+                }
+            }
+        }
     }
 
     /// Waits for the next new session: a handle to accept its streams ([`Session::accept`])
