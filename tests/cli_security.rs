@@ -212,7 +212,9 @@ async fn a_close_reason_is_escaped_in_the_tunnel_log() {
     let (server, addr) = keys.server(&[format!("echo={echo}")]).await;
     let (private, server_key) = client_keys(&keys);
     let (mut sock, mut transport) = raw_session(addr, &private, &server_key).await;
-    send_frame(&mut sock, &mut transport, Frame::Data { offset: 0, data: b"\x04echo" }).await;
+    // Version 4: OPEN 1, then DATA 1 carrying the service request.
+    let open_and_request: &[u8] = b"\x01\0\0\0\0\0\0\0\x01\x02\0\0\0\0\0\0\0\x01\0\x05\x04echo";
+    send_frame(&mut sock, &mut transport, Frame::Data { offset: 0, data: open_and_request }).await;
     server.wait_log("tunnel open", 1).await;
     let reason = format!("bye\n{FAKE}");
     send_frame(&mut sock, &mut transport, Frame::Close { code: 2, reason: &reason }).await;

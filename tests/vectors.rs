@@ -17,7 +17,7 @@
 //! - two real [`Session`]s, fed the same transports, emit exactly the transcript records;
 //! - every record opens with the peer's transport and every frame decodes back;
 //! - every refusal record reads, on the client, as its code;
-//! - section 20.5 of `docs/PROTOCOL.md` lists exactly these vectors, in this order, with these
+//! - section 21.5 of `docs/PROTOCOL.md` lists exactly these vectors, in this order, with these
 //!   bytes.
 
 use std::time::Instant;
@@ -75,8 +75,10 @@ fn ticket2() -> Ticket {
 }
 
 /// Application bytes of the transcript.
-const CLIENT_DATA: &[u8] = b"hello";
-const SERVER_DATA: &[u8] = b"world!";
+/// Version 4: the client opens stream 1 and sends "hello" on it (OPEN 1, DATA 1).
+const CLIENT_DATA: &[u8] = b"\x01\x00\x00\x00\x00\x00\x00\x00\x01\x02\x00\x00\x00\x00\x00\x00\x00\x01\x00\x05hello";
+/// The server answers "world!" on stream 1 (DATA 1).
+const SERVER_DATA: &[u8] = b"\x02\x00\x00\x00\x00\x00\x00\x00\x01\x00\x06world!";
 /// The CLOSE reason this implementation sends on a normal finish (free text on the wire).
 const FINISHED_REASON: &str = "session finished";
 
@@ -284,7 +286,7 @@ fn ticket1_payload() -> Vec<u8> {
 fn spec_ik() -> Spec {
     let p = ticket1_payload();
     let stamp = IK_STAMP.to_be_bytes();
-    spec_handshake("Noise_IK_25519_ChaChaPoly_BLAKE2s", b"HFST\x03\x01", None, &stamp, &p, CLIENT_E_IK, SERVER_E_IK)
+    spec_handshake("Noise_IK_25519_ChaChaPoly_BLAKE2s", b"HFST\x04\x01", None, &stamp, &p, CLIENT_E_IK, SERVER_E_IK)
 }
 
 fn spec_kk() -> Spec {
@@ -295,12 +297,12 @@ fn spec_kk() -> Spec {
 fn spec_aes_ik() -> Spec {
     let p = ticket1_payload();
     let stamp = IK_STAMP.to_be_bytes();
-    spec_handshake("Noise_IK_25519_AESGCM_BLAKE2s", b"HFST\x03\x11", None, &stamp, &p, CLIENT_E_IK, SERVER_E_IK)
+    spec_handshake("Noise_IK_25519_AESGCM_BLAKE2s", b"HFST\x04\x11", None, &stamp, &p, CLIENT_E_IK, SERVER_E_IK)
 }
 
 fn spec_kk_with(pattern: &str, kind: u8) -> Spec {
     let t1 = ticket1();
-    let mut header = b"HFST\x03".to_vec();
+    let mut header = b"HFST\x04".to_vec();
     header.push(kind);
     header.extend_from_slice(&t1.resume_id);
     header.extend_from_slice(&KK_ATTEMPT.to_be_bytes());
@@ -372,6 +374,7 @@ fn compute() -> Vec<(&'static str, Vec<u8>)> {
     v.push(("reject_busy", record(&reject(RejectCode::Busy))));
     v.push(("reject_stale", record(&reject(RejectCode::Stale))));
     v.push(("reject_not_allowed", record(&reject(RejectCode::NotAllowed))));
+    v.push(("reject_version", record(&reject(RejectCode::Version))));
 
     // Rekey: a fresh copy of the first connection; each side sends PINGs only. The record with
     // nonce 65535 is the last under the handshake key, nonce 65536 the first under REKEY(k).
@@ -728,6 +731,7 @@ fn refusals_read_as_their_codes() {
         ("reject_busy", HandshakeError::Busy),
         ("reject_stale", HandshakeError::Stale),
         ("reject_not_allowed", HandshakeError::NoLongerAllowed),
+        ("reject_version", HandshakeError::OtherVersion),
     ] {
         let rec = get(&v, name);
         let (body, used) = split_record(&rec).expect("a whole record");
@@ -744,14 +748,14 @@ fn refusals_read_as_their_codes() {
     }
 }
 
-/// `docs/PROTOCOL.md` section 20.5 holds every vector, in the order of [`compute`], with the
+/// `docs/PROTOCOL.md` section 21.5 holds every vector, in the order of [`compute`], with the
 /// same bytes: the text cannot fall behind the code.
 #[test]
 fn the_document_holds_every_vector() {
     let doc =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/PROTOCOL.md")).expect("read PROTOCOL.md");
-    let start = doc.find("\n### 20.5 Values").expect("section 20.5");
-    let end = start + doc[start..].find("\n## 21.").expect("section 21 after 20.5");
+    let start = doc.find("\n### 21.5 Values").expect("section 21.5");
+    let end = start + doc[start..].find("\n## 22.").expect("section 22 after 21.5");
     let mut documented: Vec<(String, String)> = Vec::new();
     let mut lines = doc[start..end].lines();
     while let Some(line) = lines.next() {
@@ -771,9 +775,9 @@ fn the_document_holds_every_vector() {
     }
     let got: Vec<(String, String)> = compute().iter().map(|(n, b)| (n.to_string(), hex(b))).collect();
     let names = |v: &[(String, String)]| v.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
-    assert_eq!(names(&documented), names(&got), "section 20.5 does not list the vectors of the code, in order");
+    assert_eq!(names(&documented), names(&got), "section 21.5 does not list the vectors of the code, in order");
     for ((name, doc_hex), (_, code_hex)) in documented.iter().zip(&got) {
-        assert_eq!(doc_hex, code_hex, "section 20.5 gives other bytes for {name}");
+        assert_eq!(doc_hex, code_hex, "section 21.5 gives other bytes for {name}");
     }
 }
 
@@ -795,5 +799,33 @@ fn print_vectors() {
             println!("{}", hex(line));
         }
         println!("```");
+    }
+}
+
+/// Section 13.10's table of stream frames gives the bytes [`Header::encode`] writes.
+#[test]
+fn the_stream_frame_examples_are_the_codes_own() {
+    use holdfast::proto::streams::wire::{Header, MAX_HEADER};
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/PROTOCOL.md")).expect("read PROTOCOL.md");
+    let table = &doc[doc.find("### 13.10 Examples").expect("section 13.10")..];
+    let cases = [
+        ("OPEN, id 1", Header::Open(1), &b""[..]),
+        ("DATA, id 1, `\"hi\"`", Header::Data { id: 1, len: 2 }, &b"hi"[..]),
+        ("WINDOW, id 2, add 65536", Header::Window { id: 2, add: 65536 }, &b""[..]),
+        ("FIN, id 1", Header::Fin(1), &b""[..]),
+        ("RESET, id 3, code 1 (LIMIT)", Header::Reset { id: 3, code: 1 }, &b""[..]),
+        ("STREAMS, max 128", Header::Streams(128), &b""[..]),
+    ];
+    for (label, head, payload) in cases {
+        let row =
+            table.lines().find(|l| l.starts_with(&format!("| {label} |"))).unwrap_or_else(|| panic!("no row {label}"));
+        let documented: String =
+            row.split('`').nth(if label.contains('`') { 3 } else { 1 }).unwrap().split_whitespace().collect();
+        let mut b = [0u8; MAX_HEADER];
+        let n = head.encode(&mut b);
+        let mut bytes = b[..n].to_vec();
+        bytes.extend_from_slice(payload);
+        assert_eq!(documented, hex(&bytes), "{label}");
     }
 }

@@ -187,10 +187,11 @@ fn raise_fd_limit(max_sessions: usize, max_streams: usize, handshakes: usize) ->
     let spare = n.saturating_sub(FD_RESERVE);
     let streams = spare.saturating_sub((max_sessions + handshakes) as u64).max(spare / 2).min(max_streams as u64);
     let msg = "the file-descriptor limit holds fewer sessions and streams than the limits allow: streams past it are refused; to allow them all, raise it (ulimit -n, or LimitNOFILE= under systemd)";
+    // A limit that still holds thousands of streams is worth knowing only when looking for it.
     if streams < 1024 {
         warn!(limit = n, streams, max_sessions, "{msg}");
     } else {
-        info!(limit = n, streams, max_sessions, "{msg}");
+        tracing::debug!(limit = n, streams, max_sessions, "{msg}");
     }
     streams as usize
 }

@@ -243,16 +243,20 @@ impl Inner {
     /// read them), and the session's own byte stream ends (its FIN; the session then finishes
     /// normally once the peer ends its own).
     pub(crate) fn end_if_unused(&mut self) {
-        if (self.handles > 0 && !self.closing) || self.session.failure().is_some() || self.session.is_shut_down() {
+        // Once the peer has ended its half it opens nothing and answers nothing more: this end
+        // follows as soon as its own streams are done, handles or not.
+        let peer_gone = self.session.peer_finished();
+        if (self.handles > 0 && !self.closing && !peer_gone)
+            || self.session.failure().is_some()
+            || self.session.is_shut_down()
+        {
             return;
         }
         let Some(st) = self.session.streams_mut() else { return };
         if st.is_empty() {
             self.session.shutdown();
         } else if st.unheld() {
-            for id in st.ids() {
-                st.reset(id, reset::CANCEL);
-            }
+            st.reset_unread();
         }
     }
 
@@ -698,8 +702,11 @@ impl Session {
             if let Some(e) = inner.session.failure() {
                 return Poll::Ready(Err(to_io(e.clone())));
             }
-            if inner.session.is_shut_down() || inner.closing {
-                return Poll::Ready(Err(to_io(SessionError::WriteAfterShutdown)));
+            if inner.session.is_shut_down() || inner.closing || inner.session.peer_finished() {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::NotConnected,
+                    "the session is ending: it opens no more streams",
+                )));
             }
             let room = std::task::ready!(inner.poll_room(MAX_HEADER + 1, cx));
             match inner.session.stream_open(room) {
@@ -748,6 +755,16 @@ impl Session {
     pub(crate) fn into_first_stream(self) -> io::Result<Stream> {
         let id = self.shared.lock().streams().expect_first().map_err(stream_io)?;
         Ok(Stream::new(self.shared.clone(), id))
+    }
+
+    /// True once the session has ended (closed or failed), or is ending: it opens no more
+    /// streams.
+    pub fn is_ended(&self) -> bool {
+        let inner = self.shared.lock();
+        inner.closing
+            || inner.session.peer_finished()
+            || inner.session.is_shut_down()
+            || inner.session.failure().is_some()
     }
 
     /// Streams on the session now (open, ending, or waiting to be accepted).

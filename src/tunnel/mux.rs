@@ -148,7 +148,9 @@ impl MuxPool {
         }
         let mux = {
             let mut slot = self.mux.lock().await;
-            match slot.as_ref() {
+            // A session that ended cleanly (the server stopped, say) is replaced by a new one;
+            // one that failed was refused above.
+            match slot.as_ref().filter(|m| !m.is_ended()) {
                 Some(m) => m.clone(),
                 None => slot.insert(self.start().await?).clone(),
             }
@@ -264,11 +266,11 @@ async fn serve_sub(
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
             sub.reset();
-            return warn!(client = %who, error = %printable(&e.to_string()), "bad request on a stream; stream reset");
+            return warn!(client = %who, error = %printable(&e.to_string()), "bad service request; stream reset");
         }
         Err(_) => {
             sub.reset();
-            return warn!(client = %who, "no request on a stream in time; stream reset");
+            return warn!(client = %who, "no service request in time; stream reset");
         }
     };
     // The rights of the key now, from the list in force: not the name the session opened with.

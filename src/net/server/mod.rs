@@ -208,7 +208,7 @@ impl Listener {
                 Ok(stream) => return Ok((stream, peer)),
                 // The session is dropped: its client's stream is refused, and it ends.
                 Err(e) => {
-                    tracing::warn!(client = %peer.label(), error = %e, "no room for the session's stream within the limits; session dropped")
+                    tracing::warn!(client = %peer.label(), error = %e, "cannot take the session's first stream (it ended before it was accepted, or the stream limits are spent); session dropped")
                 }
             }
         }

@@ -185,16 +185,24 @@ pub(super) async fn session_task(
 }
 
 /// Logs how a session ended, once, with its client and the stream positions each way, and
-/// adds its stream bytes (the positions less a FIN's) to the counters.
+/// adds its streams' payload bytes to the counters.
 pub(super) fn log_end(entry: &Entry, counters: &Counters) {
-    let (failure, to_client, from_client, fins) = {
+    let (failure, to_client, from_client) = {
         let inner = entry.shared.lock();
         let s = &inner.session;
-        (s.failure().cloned(), s.written_offset(), s.received_offset(), (s.is_shut_down(), s.peer_finished()))
+        // The streams' payload: what the programs and services moved, without framing.
+        let (from_client, to_client) = s.streams().map_or_else(
+            || {
+                let fins = (u64::from(s.is_shut_down()), u64::from(s.peer_finished()));
+                (s.received_offset().saturating_sub(fins.1), s.written_offset().saturating_sub(fins.0))
+            },
+            |st| st.payload_bytes(),
+        );
+        (s.failure().cloned(), to_client, from_client)
     };
     let lasted = Rounded(entry.opened.elapsed());
-    counters.bytes_to_clients.fetch_add(to_client.saturating_sub(u64::from(fins.0)), Ordering::Relaxed);
-    counters.bytes_from_clients.fetch_add(from_client.saturating_sub(u64::from(fins.1)), Ordering::Relaxed);
+    counters.bytes_to_clients.fetch_add(to_client, Ordering::Relaxed);
+    counters.bytes_from_clients.fetch_add(from_client, Ordering::Relaxed);
     let who = &entry.who;
     match failure {
         None | Some(SessionError::Finished) => {

@@ -214,6 +214,9 @@ pub struct Streams {
     accept_woken: bool,
     open_woken: bool,
     budget: Box<dyn StreamBudget>,
+    /// Payload bytes received (every DATA payload) and written, over the session's life.
+    payload_in: u64,
+    payload_out: u64,
 }
 
 impl std::fmt::Debug for Streams {
@@ -250,7 +253,15 @@ impl Streams {
             accept_woken: false,
             open_woken: false,
             budget,
+            payload_in: 0,
+            payload_out: 0,
         }
+    }
+
+    /// Payload bytes received and written on all streams over the session's life (frame
+    /// headers and control frames not counted).
+    pub fn payload_bytes(&self) -> (u64, u64) {
+        (self.payload_in, self.payload_out)
     }
 
     /// Replaces the budget (before any stream exists).
@@ -423,6 +434,13 @@ impl Streams {
                         if e.fin == Fin::Pending {
                             e.fin = Fin::Open;
                         }
+                        // Not accepted yet: nobody will, it is over.
+                        if e.queued {
+                            e.queued = false;
+                            e.reader = false;
+                            e.writer = false;
+                            self.incoming.retain(|&i| i != id);
+                        }
                         self.wake(id);
                         self.maybe_remove(id);
                     }
@@ -489,6 +507,7 @@ impl Streams {
     }
 
     fn payload(&mut self, id: u64, bytes: &[u8]) {
+        self.payload_in += bytes.len() as u64;
         let Some(e) = self.map.get_mut(&id) else { return };
         if e.reset.is_some() {
             return;
@@ -676,6 +695,7 @@ impl Streams {
         }
         push_header(send, Header::Data { id, len: n });
         send.push(&data[..n]);
+        self.payload_out += n as u64;
         if let Some(e) = self.map.get_mut(&id) {
             e.send_credit -= n as u64;
         }
@@ -736,6 +756,7 @@ impl Streams {
         });
         Ok(Some(res.map(|total| {
             let got = total.saturating_sub(DATA_HEADER);
+            self.payload_out += got as u64;
             if let Some(e) = self.map.get_mut(&id) {
                 e.send_credit -= got as u64;
             }
@@ -884,6 +905,17 @@ impl Streams {
     /// Every stream still open; used when the program is gone.
     pub fn ids(&self) -> Vec<u64> {
         self.map.keys().copied().collect()
+    }
+
+    /// Resets (CANCEL) every stream that no handle holds and whose peer may still send: nobody
+    /// will read what it sends, as when a TCP socket with unread input is closed. A stream whose
+    /// peer has finished is left to end with its FIN.
+    pub fn reset_unread(&mut self) {
+        let ids: Vec<u64> =
+            self.map.iter().filter(|(_, e)| !e.held() && e.reset.is_none() && !e.recv_fin).map(|(id, _)| *id).collect();
+        for id in ids {
+            self.reset(id, reset::CANCEL);
+        }
     }
 
     /// True if no local handle holds any stream.
