@@ -801,6 +801,19 @@ impl Session {
         self.shared.wake_driver.notify_one();
     }
 
+    /// Resets every stream of the session (its program is going away): each one's peer sees
+    /// `ConnectionReset`. The session itself goes on; [`Session::close`] then ends it cleanly.
+    pub fn reset_streams(&self) {
+        let mut inner = self.shared.lock();
+        let st = inner.streams();
+        for id in st.ids() {
+            st.reset(id, reset::CANCEL);
+        }
+        inner.wake_streams();
+        drop(inner);
+        self.shared.wake_driver.notify_one();
+    }
+
     /// Ends the session at once: every stream on it fails (`ConnectionAborted`), and the peer
     /// is told with CLOSE (code Abort).
     pub fn abort(&self) {

@@ -31,6 +31,8 @@ pub struct MuxPool {
     cfg: ClientConfig,
     events: Option<mpsc::UnboundedSender<(std::net::SocketAddr, LinkEvent)>>,
     mux: tokio::sync::Mutex<Option<Session>>,
+    /// [`MuxPool::close`] was called: no new session is started.
+    closed: std::sync::atomic::AtomicBool,
     /// Reverse forwards in force: the server's listener address to the local target.
     pub(super) remotes: super::reverse::Remotes,
     /// Why a session of this pool failed for good (lost, given up, closed by an error), once one
@@ -57,6 +59,7 @@ impl MuxPool {
             cfg,
             events,
             mux: tokio::sync::Mutex::new(None),
+            closed: Default::default(),
             remotes: Default::default(),
             failed: watch::channel(None).0,
         })
@@ -82,8 +85,13 @@ impl MuxPool {
     /// end, and the server releases what the session held at once (its reverse forwards'
     /// listeners above all), instead of keeping the session for a resume that will not come.
     pub async fn close(&self) {
+        self.closed.store(true, std::sync::atomic::Ordering::Relaxed);
         if let Some(m) = self.mux.lock().await.take() {
             let mut status = m.status();
+            // The process is going away with every connection it carried: their streams are
+            // reset (a reverse forward's listener goes with its stream), then the session
+            // ends cleanly.
+            m.reset_streams();
             m.close();
             drop(m);
             let ended = |s: &LinkStatus| matches!(s, LinkStatus::Closed | LinkStatus::Failed(_));
@@ -141,6 +149,9 @@ impl MuxPool {
 
     /// A new stream of the session (opening the session first if there is none).
     async fn open_raw(&self) -> Result<Option<Stream>, TunnelError> {
+        if self.closed.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(TunnelError::Io(io::Error::new(io::ErrorKind::NotConnected, "the forward is stopping")));
+        }
         if let Some(reason) = self.failed.borrow().clone() {
             return Err(TunnelError::Io(io::Error::other(format!(
                 "the multiplexed session failed ({reason}); this pool starts no new one"

@@ -45,6 +45,8 @@ pub struct Tunnel {
     server_pub: PathBuf,
     client_key: PathBuf,
     wrapper: PathBuf,
+    /// `holdfast client` processes started here: each holds one session for its whole life.
+    clients: std::sync::Mutex<Vec<u32>>,
 }
 
 impl Tunnel {
@@ -67,7 +69,7 @@ impl Tunnel {
         cmd.args(FAST).args(extra).env_remove("RUST_LOG");
         let server = Proc::spawn("holdfast server", &mut cmd, Out::Null);
         let addr = server.logged_addr("server ready", "listen=").await;
-        Tunnel { server, addr, server_pub, client_key, wrapper }
+        Tunnel { server, addr, server_pub, client_key, wrapper, clients: Default::default() }
     }
 
     /// The server's port: the kill loop's target.
@@ -82,6 +84,13 @@ impl Tunnel {
     /// every tunnel on it has ended, and a tunnel may fail only if `resets_ok`. Nothing else
     /// (expiry, a protocol error) is accepted. Returns (sessions, aborted).
     pub async fn wait_sessions_ended(&self, resets_ok: bool) -> (usize, usize) {
+        // A `holdfast client` keeps its session for as long as it runs: stop each one (SIGTERM,
+        // as an operator would), which ends its session cleanly.
+        for pid in self.clients.lock().unwrap().drain(..) {
+            if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+            }
+        }
         let counts = |t: &str| {
             let tunnels_done = ["tunnel closed", "tunnel ended", "tunnel failed", "tunnel refused"];
             (
@@ -128,6 +137,7 @@ impl Tunnel {
         cmd.args(self.client_args("client", service)).args(["--local", "127.0.0.1:0", "--no-check"]);
         cmd.env_remove("RUST_LOG");
         let client = Proc::spawn("holdfast client", &mut cmd, Out::Null);
+        self.clients.lock().unwrap().push(client.pid());
         let local = client.logged_addr("forwarding", "local=").await;
         (client, local)
     }
@@ -139,6 +149,7 @@ impl Tunnel {
         cmd.args(self.client_args("client", "unused")).args(["--socks", "127.0.0.1:0", "--no-check"]);
         cmd.env_remove("RUST_LOG");
         let client = Proc::spawn("holdfast client --socks", &mut cmd, Out::Null);
+        self.clients.lock().unwrap().push(client.pid());
         let local = client.logged_addr("dynamic forwarding", "socks=").await;
         (client, local)
     }
@@ -149,7 +160,9 @@ impl Tunnel {
         let mut cmd = Command::new(BIN);
         cmd.args(self.client_args("client", "unused")).args(extra).arg("--no-check");
         cmd.env_remove("RUST_LOG");
-        Proc::spawn("holdfast client", &mut cmd, Out::Null)
+        let client = Proc::spawn("holdfast client", &mut cmd, Out::Null);
+        self.clients.lock().unwrap().push(client.pid());
+        client
     }
 
     /// An ssh `ProxyCommand` running `holdfast connect` for `service` under [`WRAPPER`], which
