@@ -82,12 +82,12 @@ const SERVER_DATA: &[u8] = b"\x02\x00\x00\x00\x00\x00\x00\x00\x01\x00\x06world!"
 /// The CLOSE reason this implementation sends on a normal finish (free text on the wire).
 const FINISHED_REASON: &str = "session finished";
 
-/// Offsets when the first link breaks: the client wrote "hello" (acknowledged) and received
-/// "world!" (not yet acknowledged).
-const CLIENT_RECEIVED: u64 = 6;
-const CLIENT_WRITTEN: u64 = 5;
-const SERVER_RECEIVED: u64 = 5;
-const SERVER_WRITTEN: u64 = 6;
+/// Offsets when the first link breaks: the client wrote its OPEN and "hello" (acknowledged) and
+/// received "world!" (not yet acknowledged).
+const CLIENT_RECEIVED: u64 = SERVER_DATA.len() as u64;
+const CLIENT_WRITTEN: u64 = CLIENT_DATA.len() as u64;
+const SERVER_RECEIVED: u64 = CLIENT_DATA.len() as u64;
+const SERVER_WRITTEN: u64 = SERVER_DATA.len() as u64;
 
 /// Plaintext-frame examples: values chosen so that byte order is visible.
 const FRAME_DATA_OFFSET: u64 = 0x0102_0304_0506_0708;
@@ -437,45 +437,46 @@ const EXPECTED: &[(&str, &str)] = &[
     ("frame_fin", "072122232425262728"),
     ("frame_close", "08000367617665207570"),
     ("frame_close_empty", "080000"),
-    ("ik_hello", "006e48465354030164b101b1d0be5a8704bd078f9895001fc03e8e9f9522f188dd128d9846d48466822e8514e6389169bdfd10afecae5bded9cda3f0157ac1d03cd3620b3bb73a86f7864386430f41d2864844e51650277e1f4cd6e8ca28b11ba24a38986cc9cc466264ebdcf399a1bf"),
-    ("ik_reply", "006101244fe3b963e899dd295baffce248d3530f3a9a7479ba063002680ebfe7adad492c17683439e4e76736b50e6af787d681c501825b2b1c6c819aebbfe17ac66a4391e0f1410355fe45a1ba8ea1c2851c4f33b862e43a833aecbdabd9ccd3da5c13"),
-    ("ik_handshake_hash", "6fb5110abba8ff6b9ac9351f8c1b5ccaa685aa8c337955d9ac9738df63225795"),
+    ("ik_hello", "006e48465354040164b101b1d0be5a8704bd078f9895001fc03e8e9f9522f188dd128d9846d48466822e8514e6389169bdfd10afecae5bded9cda3f0157ac1d03cd3620b3bb73a869f70c63e9719032887af39f19a5bc71a1f4cd6e8ca28b11b6c0b52d16c805fa3edc627ece83e0888"),
+    ("ik_reply", "006101244fe3b963e899dd295baffce248d3530f3a9a7479ba063002680ebfe7adad492c17683439e4e76736b50e6af787d681c501825b2b1c6c819aebbfe17ac66a4391e0f1410355fe45a1ba8ea1c2851c4fb58e760edfe4ac0b3ece30c88599e884"),
+    ("ik_handshake_hash", "2551b49598c650ec369ed34e2111be9d0503137c8070f7cbf654786821f00640"),
     ("ik_c0_ack", "00197b686105d5982fa781811601c3ae2010089cf3818e18dc7dbf"),
-    ("ik_c1_data", "001e38bb6c3d302d1ed6833727e09bef77221433dfd193e3c53bf987c3d2e8a4"),
+    ("ik_c1_data", "003238bb6c3d302d1ed6835e428cf7806f7506c2282963e3eda5bfc727556b76c5d96ae703a3d8e5ccddfa1c8b80ac1ce63fec55"),
     ("ik_s0_ack", "0019672eacae43463e51c76c04ced4803a3a686916ed9fe95b5d65"),
-    ("ik_s1_ack", "0019972a0c4112713d5d5dddac830a7e9a36bec5357ae28829311e"),
-    ("ik_s2_data", "001f876fd19e580bc68218102f4eb49d76e001f3ac4266635c112b2659b97bdcf2"),
-    ("kk_hello", "005e484653540302c1c2c3c4c5c6c7c8c9cacbcccdcecfd00000000000000001883186b800b41d5cf0429695da9b3cc4f328ebcd184a6e482fa578c103f06c7765e789e7ac8e01ad74ab5e608ee2eb46e560530df18ea5c7bed5778702259819"),
-    ("kk_reply", "004101ad438bfae31f6c093d61d4339255ea798092c9fadd07b97827f4b0ae9dee7c1c4aec0bd1ff7c6902894a4fb4c631f3630ebb467ec9b51c32897e17a534e1b4a4"),
-    ("kk_handshake_hash", "cf4fffef72a300517970f1557490fb7f3e567ac2f0b84ca2ac44b8fe4f243f59"),
-    ("kk_c0_ack", "00198f3ac7835f1e95f7a37b894c953dabda498ffc4da8a51d888b"),
-    ("kk_s0_ack", "0019c3b84864a97e6dfb6eb9df8a0f2a4afab85fea8d01cfe8f72b"),
+    ("ik_s1_ack", "0019972a0c4112713d5d417e7bddf044fea516d4ff57507df7a3aa"),
+    ("ik_s2_data", "002a876fd19e580bc6821865403cd8f95703b95391e99b6215c9c56dc53fae8af42a9b48fb7cb7fddca21b4b"),
+    ("kk_hello", "005e484653540402c1c2c3c4c5c6c7c8c9cacbcccdcecfd00000000000000001883186b800b41d5cf0429695da9b3cc4f328ebcd184a6e482fa578c103f06c7765e789e7ac8e01ba74ab5e608ee2eb5a345eb9f054405df79a726b0ebe1a2c7f"),
+    ("kk_reply", "004101ad438bfae31f6c093d61d4339255ea798092c9fadd07b97827f4b0ae9dee7c1c4aec0bd1ff7c691e894a4fb4c631f37488569125c4b3cf2b3500a1b871b934b6"),
+    ("kk_handshake_hash", "1bb025037bd6499fd0fe0c388c420ae72d18057d40d33f0db6655644287f66a3"),
+    ("kk_c0_ack", "00198f3ac7835f1e95f7b4f42f51f0d26bfa68ada46146ed32ae75"),
+    ("kk_s0_ack", "0019c3b84864a97e6dfb72654cdf27e2ddd2604883128ee4e4ff95"),
     ("kk_s1_ticket", "00410d41bcb127569b83abcbcb5d44ae63e4c0904b8ef43471ea709ff38173dd7ebd5a16e19ac3bdfd101c0de97771337c87298adc374d5e410f249ce5b272fb7461af"),
     ("kk_c1_ticket_ack", "00218184bf603f93918b93a8df98696a8da7e86021d0688a42b63170168c63b2155ee3"),
-    ("kk_c2_fin", "00190eab91ae64429ac7ca7635fce637f6e785cb767518b25c12e4"),
-    ("kk_s2_ack", "00195af8e5aeee05edcd85989f15f5cb9394ca7046011785c768c5"),
-    ("kk_s3_fin", "0019e8d197d092fbdcfd7301d29b1069082dbe1419a9daaf3f26ac"),
-    ("kk_c3_ack", "001966e8faffd0fc67dbc5b528fc2910e70f454b51900ec2fd5e4e"),
+    ("kk_c2_fin", "00190eab91ae64429ac7d6bb588fee02682171f8e66325d97efc9e"),
+    ("kk_s2_ack", "00195af8e5aeee05edcd99db155258e03033a3b61a8bfe98cd7a35"),
+    ("kk_s3_fin", "0019e8d197d092fbdcfd64c9ad0a2dffb971e81ab15ecca3da1823"),
+    ("kk_c3_ack", "001966e8faffd0fc67dbd03bc44ba4514b45b4177da1dfc50a9f7c"),
     ("kk_c4_close", "00235d7c5273de8860b63c2b4ccafe31559c1173d7eba341866367fb11fa068baa56ffa66f"),
     ("kk_s4_close", "00233c67b9bb5b632313590cea8f35bbfe4f67b43a7fd17351f35a15751db55711ae0256cc"),
     ("reject_unknown_session", "00020201"),
     ("reject_busy", "00020202"),
     ("reject_stale", "00020203"),
     ("reject_not_allowed", "00020204"),
+    ("reject_version", "00020205"),
     ("rekey_c65535_ping", "00113c3f03a4cd7b397a8558ef0b4108600993"),
     ("rekey_s65535_ping", "0011b3f0fac3d6b2f7d24b060b97d0cd030efb"),
     ("rekey_c65536_ping", "0011bce4ebce1446167c9da6bfb2c533bd60c7"),
     ("rekey_s65536_ping", "00110f0998ebe98875e190f2772bcd5c882a8c"),
-    ("aes_ik_hello", "006e48465354031164b101b1d0be5a8704bd078f9895001fc03e8e9f9522f188dd128d9846d4846646827802af3740a34789100b896912f09bcf44ba01197fbf5abe55aac99e8b77bda83332a9ac523c8fa6dcc48793d2ebb02297349e6b136a97a51ce30a59e0955a2e363b3b6d6729"),
-    ("aes_ik_reply", "006101244fe3b963e899dd295baffce248d3530f3a9a7479ba063002680ebfe7adad494de19aeaf5abebac6f3b284de6dae017f41479515a17dfc14e1072e393d067a0bf2a88a56758e9ee9b1074d95e23fc026cf5c8dff4620b1d095646389ec2a001"),
-    ("aes_ik_handshake_hash", "c4e134674998e0e9978516d07a084ce236b78e7494e8ab58b2f2159bf9f158ea"),
+    ("aes_ik_hello", "006e48465354041164b101b1d0be5a8704bd078f9895001fc03e8e9f9522f188dd128d9846d4846646827802af3740a34789100b896912f09bcf44ba01197fbf5abe55aac99e8b776c70d45037520a31ad53a24adbe2af19b02297349e6b136ae94680bddd54ae313afc60a3daea0435"),
+    ("aes_ik_reply", "006101244fe3b963e899dd295baffce248d3530f3a9a7479ba063002680ebfe7adad494de19aeaf5abebac6f3b284de6dae017f41479515a17dfc14e1072e393d067a0bf2a88a56758e9ee9b1074d95e23fc029aef3f545234c98fe02b2967d5e68eff"),
+    ("aes_ik_handshake_hash", "98371902b8e4309910f7886840a50137e824ee860c35d08d55b0017cced0ab07"),
     ("aes_ik_c0_ack", "0019dfacd5310f2829b7223da777efcbf68e0d3dcb37f953681248"),
-    ("aes_ik_c1_data", "001eeefd9070fdf67b0e8926f7bebf383198b3e583e37b1559d3fb4610a3520b"),
+    ("aes_ik_c1_data", "0032eefd9070fdf67b0e894f92d2d3571d893e690f56cc11bfb70f1000398b91870e14b12b6ea6cc46e2c0cc66deed6ab9a09df9"),
     ("aes_ik_s0_ack", "0019255db59af3e136081eee84d3c0891f798873da72b8e5dcef96"),
-    ("aes_kk_hello", "005e484653540312c1c2c3c4c5c6c7c8c9cacbcccdcecfd00000000000000001883186b800b41d5cf0429695da9b3cc4f328ebcd184a6e482fa578c103f06c778b6e615514c90f11ee3318f47d85cd30874224761c127c2c38ee7c61a05c2926"),
-    ("aes_kk_reply", "004101ad438bfae31f6c093d61d4339255ea798092c9fadd07b97827f4b0ae9dee7c1c5d496f89e17e2712778330ceb6cbd5459fda50c1bffe8447559372bdfa694bf1"),
-    ("aes_kk_c0_ack", "0019b5e6b608c74dc8d442758621041e63ba7c863857cdf4db341b"),
-    ("aes_kk_s0_ack", "0019def3448a67be4533a90114b0f6d9451d4734678e7199c02902"),
+    ("aes_kk_hello", "005e484653540412c1c2c3c4c5c6c7c8c9cacbcccdcecfd00000000000000001883186b800b41d5cf0429695da9b3cc4f328ebcd184a6e482fa578c103f06c778b6e615514c90f06ee3318f47d85cd2c616e53abcda07f5da3f1d4ad03ce96a4"),
+    ("aes_kk_reply", "004101ad438bfae31f6c093d61d4339255ea798092c9fadd07b97827f4b0ae9dee7c1c5d496f89e17e270e778330ceb6cbd552202bcde8d9e03aa86040114623b96712"),
+    ("aes_kk_c0_ack", "0019b5e6b608c74dc8d45507f3d73d3737611ebbcaf70cb5a335ff"),
+    ("aes_kk_s0_ack", "0019def3448a67be4533b5f8044ebb96a0e4c14adf69b8e96f8c11"),
     ("aes_rekey_c65535_ping", "001189704f39f23d651ac0e5994c790f850acb"),
     ("aes_rekey_c65536_ping", "0011a0e4b666d5f9c6d29a968ffdf9d59f9d0d"),
 ];
@@ -662,7 +663,7 @@ fn sessions_emit_the_transcript() {
     server.poll_transmit(now, &mut out, big).expect("server transmit");
     assert_eq!(hex(&out), hex(&get(&v, "kk_s4_close")));
 
-    let mut buf = [0u8; 16];
+    let mut buf = [0u8; 64];
     assert_eq!(client.read(&mut buf), Ok(Some(SERVER_DATA.len())));
     assert_eq!(&buf[..SERVER_DATA.len()], SERVER_DATA);
     assert_eq!(client.read(&mut buf), Ok(Some(0)), "EOF after every byte");
