@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Result};
 use clap::error::{ContextKind, ContextValue};
 use clap::parser::ValueSource;
-use clap::{ArgMatches, Command, CommandFactory, FromArgMatches, ValueHint};
+use clap::{ArgMatches, Command, FromArgMatches, ValueHint};
 use serde::Deserialize;
 
 use crate::args::Cli;
@@ -107,7 +107,7 @@ struct ClientSection {
 /// A [`clap::Error`] (to be shown by clap: `--help`, `--version`, a bad flag) or a message
 /// about the config file.
 pub(crate) fn parse_from(argv: Vec<OsString>) -> Result<Cli> {
-    let cmd = Cli::command();
+    let cmd = crate::args::command();
     let matches = cmd.clone().try_get_matches_from(&argv)?;
     let config = matches.subcommand().and_then(|(name, sub)| {
         let path = sub.try_get_one::<PathBuf>("config").ok().flatten()?;
@@ -167,7 +167,7 @@ fn read(path: &Path, section: &str, sub: &Command) -> Result<Vec<Setting>> {
 /// Refusals are the parser's answers; only a panic is a bug.
 #[cfg_attr(not(test), allow(dead_code, reason = "the fuzz target's entry point"))]
 pub(crate) fn check_text(text: &str) {
-    let cmd = Cli::command();
+    let cmd = crate::args::command();
     let path = Path::new("/etc/holdfast/holdfast.toml");
     for name in ["server", "client", "connect"] {
         let Some(sub) = cmd.find_subcommand(name) else { continue };

@@ -6,8 +6,6 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use clap::CommandFactory;
-
 use super::*;
 use crate::args::{Cli, ClientArgs, Cmd, ConnectArgs, ServerArgs};
 
@@ -210,7 +208,7 @@ fn schema_keys<T: serde::de::DeserializeOwned>() -> BTreeSet<String> {
 
 /// The long flags of a subcommand that the config file can set.
 fn flags(name: &str) -> BTreeSet<String> {
-    let cmd = Cli::command();
+    let cmd = crate::args::command();
     let sub = cmd.find_subcommand(name).unwrap();
     sub.get_arguments()
         .filter_map(|a| a.get_long())
