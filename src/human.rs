@@ -38,6 +38,56 @@ fn needs_escape(c: char) -> bool {
         || ('\u{2066}'..='\u{2069}').contains(&c)
 }
 
+/// Text with the operating system's error messages (`Software caused connection abort (os
+/// error 103)`, as `std::io::Error` shows them) said in plain words for a person at a terminal:
+/// "the connection was aborted". An error without words of its own here keeps
+/// the system's description, without its `(os error N)`. Other text is kept as it is.
+pub fn os_errors_in_words(text: &str) -> Cow<'_, str> {
+    const MARK: &str = " (os error ";
+    if !text.contains(MARK) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find(MARK) {
+        let after = &rest[at + MARK.len()..];
+        let Some(close) = after.find(')') else { break };
+        let Ok(code) = after[..close].parse::<i32>() else {
+            out.push_str(&rest[..at + MARK.len()]);
+            rest = after;
+            continue;
+        };
+        // The system's description runs from the last ": " before it (or the start).
+        let start = rest[..at].rfind(": ").map_or(0, |i| i + 2);
+        out.push_str(&rest[..start]);
+        match in_words(std::io::Error::from_raw_os_error(code).kind()) {
+            Some(words) => out.push_str(words),
+            None => out.push_str(&rest[start..at]),
+        }
+        rest = &after[close + 1..];
+    }
+    out.push_str(rest);
+    Cow::Owned(out)
+}
+
+/// Plain words for the errors a link meets.
+fn in_words(kind: std::io::ErrorKind) -> Option<&'static str> {
+    use std::io::ErrorKind as K;
+    Some(match kind {
+        K::ConnectionAborted => "the connection was aborted",
+        K::ConnectionReset => "the connection was reset",
+        K::ConnectionRefused => "the connection was refused",
+        K::TimedOut => "the connection timed out",
+        K::BrokenPipe => "the connection was closed",
+        K::HostUnreachable => "the host is unreachable (no route to it)",
+        K::NetworkUnreachable => "the network is unreachable",
+        K::NetworkDown => "the network is down",
+        K::AddrNotAvailable => "this machine no longer has the address the connection used",
+        K::NotConnected => "the connection is not up",
+        _ => return None,
+    })
+}
+
 /// A duration rounded for people, for logs and status lines: `571µs`, `12.3ms`, `1.08s`,
 /// `2m05s`, `3h10m`. Three significant digits below a minute.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,6 +126,27 @@ mod tests {
         assert_eq!(r(Duration::from_millis(15_030)), "15.0s");
         assert_eq!(r(Duration::from_secs(125)), "2m05s");
         assert_eq!(r(Duration::from_secs(3 * 3600 + 600)), "3h10m");
+    }
+
+    // Errno numbers are Linux's (ECONNABORTED 103, ECONNRESET 104).
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn os_errors_are_said_in_words() {
+        let abort = std::io::Error::from(std::io::ErrorKind::ConnectionAborted);
+        let raw = std::io::Error::from_raw_os_error(103);
+        assert_eq!(raw.kind(), abort.kind(), "errno 103 is ECONNABORTED on this system");
+        let text = format!("link failed: {raw}");
+        assert!(text.contains("(os error 103)"), "{text}");
+        assert_eq!(os_errors_in_words(&text), "link failed: the connection was aborted");
+        let reset = std::io::Error::from_raw_os_error(104);
+        let both = format!("a: {reset}; b: {raw}");
+        assert_eq!(os_errors_in_words(&both), "a: the connection was reset; b: the connection was aborted");
+        // No words of its own: the description stays, the number goes.
+        let other = std::io::Error::from_raw_os_error(2);
+        let shown = os_errors_in_words(&format!("x: {other}")).into_owned();
+        assert_eq!(shown, "x: No such file or directory");
+        assert!(matches!(os_errors_in_words("link failed: silence"), Cow::Borrowed(_)));
+        assert_eq!(os_errors_in_words("odd (os error x) text"), "odd (os error x) text");
     }
 
     #[test]

@@ -137,6 +137,16 @@ async fn file_errors_name_their_flag() {
     }
     let (st, err) = server_with_key(&keys, &nope).await;
     assert_error(st, &err, &[&format!("--key {}: cannot read: no such file", s(&nope))]);
+    // A missing private key says how to make one (the package's unit fails this way until the
+    // operator has).
+    let missing = keys.dir.path("server2.key");
+    let (st, err) = server_with_key(&keys, &missing).await;
+    let prefix = s(&missing).trim_end_matches(".key").to_owned();
+    assert_error(
+        st,
+        &err,
+        &[&format!("make the key pair with `holdfast keygen --out {prefix}`, as the user that runs holdfast")],
+    );
     let (st, _, err) = run(&server_args(&keys, s(&nope)), b"").await;
     assert_error(st, &err, &[&format!("--authorized {}: cannot read: no such file", s(&nope))]);
 }

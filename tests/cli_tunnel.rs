@@ -108,3 +108,51 @@ async fn a_reset_before_the_answer_is_not_called_a_key_problem() {
     assert!(!err.contains("allow-list"), "a reset was called a key problem:\n{err}");
     resetter.abort();
 }
+
+/// SOCKS5 CONNECT to `dest` through the listener at `socks`; returns RFC 1928's reply code.
+async fn socks_connect(socks: std::net::SocketAddr, dest: std::net::SocketAddrV4) -> u8 {
+    let talk = async {
+        let mut c = TcpStream::connect(socks).await.unwrap();
+        c.write_all(&[5, 1, 0]).await.unwrap();
+        let mut method = [0u8; 2];
+        c.read_exact(&mut method).await.unwrap();
+        assert_eq!(method, [5, 0], "no-authentication not accepted");
+        let mut req = vec![5, 1, 0, 1];
+        req.extend_from_slice(&dest.ip().octets());
+        req.extend_from_slice(&dest.port().to_be_bytes());
+        c.write_all(&req).await.unwrap();
+        let mut reply = [0u8; 2];
+        c.read_exact(&mut reply).await.unwrap();
+        assert_eq!(reply[0], 5, "not a SOCKS5 reply");
+        reply[1]
+    };
+    timeout(LIMIT, talk).await.expect("no SOCKS reply in time")
+}
+
+/// Issue 24: a SOCKS CONNECT whose destination refuses the connection is answered reply 5
+/// (connection refused, status 3 from the server), not 4 (host unreachable); a destination the
+/// rules do not allow is still 2 (not allowed by the ruleset).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socks_reply_for_a_refused_connection_is_5() {
+    let keys = Keys::new("socks-refused");
+    let closed = match common::cli::closed_port() {
+        std::net::SocketAddr::V4(a) => a,
+        other => panic!("not IPv4: {other}"),
+    };
+    let rule = format!("127.0.0.1:{}", closed.port());
+    let (key, authorized) = (common::cli::s(&keys.server_key), common::cli::s(&keys.authorized));
+    let server = Proc::spawn(
+        &["server", "--listen", "127.0.0.1:0", "--key", key, "--authorized", authorized, "--allow-connect", &rule],
+        false,
+    );
+    let addr = server.logged_addr("server ready", "listen=").await;
+    let mut args = keys.client_args("client", addr, "unused");
+    args.extend(["--socks", "127.0.0.1:0", "--no-check"].map(String::from));
+    let client = Proc::spawn(&strs(&args), false);
+    let socks = client.logged_addr("dynamic forwarding", "socks=").await;
+    assert_eq!(socks_connect(socks, closed).await, 5, "a refused connection");
+    let not_allowed = std::net::SocketAddrV4::new(*closed.ip(), 1);
+    assert_eq!(socks_connect(socks, not_allowed).await, 2, "a destination the rules do not allow");
+    let log = client.wait_log("the destination refused the connection", 1).await;
+    assert!(!log.contains("ERROR"), "{log}");
+}

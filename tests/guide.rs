@@ -12,14 +12,13 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use common::cli::{echo_service, TempDir, BIN};
+use common::procs::{self, Out, Proc};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::process::{Child, Command};
-use tokio::sync::watch;
+use tokio::process::Command;
 
 const LIMIT: Duration = Duration::from_secs(30);
 
@@ -60,40 +59,10 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-/// A background command whose stderr is collected.
-struct Bg {
-    child: Child,
-    log: watch::Receiver<String>,
-}
-
-impl Bg {
-    async fn wait_log(&self, pat: &str) -> String {
-        let mut rx = self.log.clone();
-        let _ = tokio::time::timeout(LIMIT, rx.wait_for(|l| l.contains(pat))).await;
-        let text = self.log.borrow().clone();
-        assert!(text.contains(pat), "no {pat:?} in:\n{text}");
-        text
-    }
-}
-
 fn sh(dir: &Path, path: &str, cmd: &str) -> Command {
     let mut c = Command::new("sh");
-    c.args(["-c", cmd]).current_dir(dir).env("PATH", path).env_remove("RUST_LOG").kill_on_drop(true);
+    c.args(["-c", cmd]).current_dir(dir).env("PATH", path).env_remove("RUST_LOG");
     c
-}
-
-fn spawn_bg(dir: &Path, path: &str, cmd: &str) -> Bg {
-    let mut child =
-        sh(dir, path, cmd).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("sh");
-    let mut err = child.stderr.take().unwrap();
-    let (tx, log) = watch::channel(String::new());
-    tokio::spawn(async move {
-        let mut buf = vec![0u8; 4096];
-        while let Ok(n @ 1..) = err.read(&mut buf).await {
-            tx.send_modify(|l| l.push_str(&String::from_utf8_lossy(&buf[..n])));
-        }
-    });
-    Bg { child, log }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -128,7 +97,9 @@ async fn the_five_minute_guide_works_as_written() {
             .replace("--local 127.0.0.1:5432", &format!("--local 127.0.0.1:{local}"))
             .replace("--local 127.0.0.1:2222", &format!("--local 127.0.0.1:{local}"))
     };
-    let mut background: Vec<Bg> = Vec::new();
+    // `sh -c` runs holdfast as its child: each is owned by a guard that kills the whole process
+    // group, so the servers and clients end with the test, passed or failed.
+    let mut background: Vec<Proc> = Vec::new();
     let mut forwarded = false;
     for (machine, cmd) in &commands {
         let dir: PathBuf = if machine == "server" { server_dir.clone() } else { laptop_dir.clone() };
@@ -140,9 +111,9 @@ async fn the_five_minute_guide_works_as_written() {
         // scp keeps its host names: its stand-in maps them.
         let cmd = if first == "scp" { cmd.clone() } else { rewrite(cmd) };
         if first == "holdfast" && (sub == "server" || sub == "client") {
-            let bg = spawn_bg(&dir, &path, &cmd);
+            let bg = Proc::spawn(&cmd, &mut sh(&dir, &path, &cmd), Out::Null);
             let ready = if sub == "server" { "server ready" } else { "forwarding" };
-            bg.wait_log(ready).await;
+            bg.wait_log(ready, 1).await;
             if sub == "client" && !forwarded {
                 forwarded = true;
                 let mut c = TcpStream::connect(("127.0.0.1", local)).await.expect("the guide's forward");
@@ -158,7 +129,7 @@ async fn the_five_minute_guide_works_as_written() {
         if first == "holdfast" && sub == "connect" {
             continue;
         }
-        let out = tokio::time::timeout(LIMIT, sh(&dir, &path, &cmd).output()).await.expect("command in time").unwrap();
+        let out = procs::output(&cmd, &mut sh(&dir, &path, &cmd), LIMIT).await;
         assert!(
             out.status.success(),
             "`{machine}$ {cmd}` failed: {}\n{}",
@@ -172,8 +143,5 @@ async fn the_five_minute_guide_works_as_written() {
     let authorized = std::fs::read_to_string(server_dir.join("keys/authorized")).unwrap();
     let laptop_pub = std::fs::read_to_string(laptop_dir.join("keys/laptop.pub")).unwrap();
     assert!(authorized.starts_with(laptop_pub.trim()), "the allow-list does not hold the laptop's key: {authorized}");
-    for mut bg in background {
-        let _ = bg.child.start_kill();
-        let _ = bg.child.wait().await;
-    }
+    drop(background);
 }

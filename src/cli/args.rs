@@ -26,13 +26,33 @@ Examples:
   ssh -o ProxyCommand='holdfast connect --server host:7700 --server-key keys/server.pub \\
       --key keys/laptop.key --service ssh' user@host";
 
+/// The command line as clap parses and documents it: the derived definitions, plus the help
+/// texts that differ between the subcommands sharing a flag (`--service` of `client` and
+/// `connect`). Use this, never `Cli::command()`, so that --help, the man page and the
+/// completions say the same.
+pub(crate) fn command() -> clap::Command {
+    use clap::CommandFactory;
+    Cli::command().mut_subcommands(|c| {
+        if c.get_name() != "client" {
+            return c;
+        }
+        // mut_args keeps the order (mut_arg would move the flag to the end of the help).
+        c.mut_args(|a| match a.get_id().as_str() {
+            "service" => a.help(
+                "The service for every --local that names none (HOST:PORT without =SERVICE), by the name the server gives it",
+            ),
+            _ => a,
+        })
+    })
+}
+
 #[derive(Parser)]
 #[command(name = "holdfast", version, about = ABOUT, long_about = LONG_ABOUT, after_help = EXAMPLES)]
 pub(crate) struct Cli {
     /// More log output on stderr (-v debug, -vv trace). RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true, help_heading = "Output")]
     pub(crate) verbose: u8,
-    /// Only log errors (and, for `connect` on a terminal, no status lines).
+    /// Only log errors.
     #[arg(short, long, global = true, help_heading = "Output")]
     pub(crate) quiet: bool,
     #[command(subcommand)]
@@ -66,7 +86,7 @@ pub(crate) enum Cmd {
     Client(ClientArgs),
     /// Carry one stream on stdin/stdout, for `ssh -o ProxyCommand`. EOF on stdin is a half-close.
     #[command(
-        after_help = "Example:\n  ssh -o ProxyCommand='holdfast connect --server host:7700 \\\n      --server-key keys/server.pub --key keys/laptop.key --service ssh' user@host\n\nWith a config file (its [client] section; only the keys `connect` has are used):\n  ssh -o ProxyCommand='holdfast connect --config client.toml --service ssh' user@host"
+        after_help = "Example:\n  ssh -o ProxyCommand='holdfast connect --server host:7700 \\\n      --server-key keys/server.pub --key keys/laptop.key --service ssh' user@host\n\nOn a terminal, connect shows short status lines on stderr while it recovers a lost link;\n-q turns them off.\n\nWith a config file (its [client] section; only the keys `connect` has are used):\n  ssh -o ProxyCommand='holdfast connect --config client.toml --service ssh' user@host"
     )]
     Connect(ConnectArgs),
     /// Run a whole tunnel on loopback, break its connection on purpose while data flows both
@@ -103,10 +123,12 @@ pub(crate) struct ServerArgs {
     /// Required (here or in the config file).
     #[arg(long, value_name = "HOST[:PORT]", value_parser = parse_holdfast_addr)]
     pub(crate) listen: Option<String>,
-    /// The server's private key file (mode 0600). Required.
+    /// The server's private key file (mode 0600, owned by the server's user). Required (here or
+    /// in the config file).
     #[arg(long, value_name = "FILE", value_hint = ValueHint::FilePath)]
     pub(crate) key: Option<PathBuf>,
-    /// Allow-list of client public keys (reloaded on SIGHUP). Required.
+    /// Allow-list of client public keys (reloaded on SIGHUP). Required (here or in the config
+    /// file).
     #[arg(long, value_name = "FILE", value_hint = ValueHint::FilePath)]
     pub(crate) authorized: Option<PathBuf>,
     /// A service: NAME=HOST:PORT (repeat for more). At least one, unless --allow-connect or
@@ -221,14 +243,14 @@ pub(crate) struct ClientCommon {
     /// Required (here or in the config file).
     #[arg(long, value_name = "HOST[:PORT]", value_parser = parse_holdfast_addr)]
     pub(crate) server: Option<String>,
-    /// The server's public key: a .pub file, or the base64 key itself. Required.
+    /// The server's public key: a .pub file, or the base64 key itself. Required (here or in the
+    /// config file).
     #[arg(long, value_name = "FILE|KEY", value_hint = ValueHint::FilePath)]
     pub(crate) server_key: Option<String>,
-    /// This client's private key file (mode 0600). Required.
+    /// This client's private key file (mode 0600). Required (here or in the config file).
     #[arg(long, value_name = "FILE", value_hint = ValueHint::FilePath)]
     pub(crate) key: Option<PathBuf>,
-    /// The service to reach, by the name the server gives it (`client`: for every --local that
-    /// names none).
+    /// The service to reach, by the name the server gives it.
     #[arg(long, value_name = "NAME")]
     pub(crate) service: Option<String>,
     /// What to do when the real connection fails.

@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Result};
 use clap::error::{ContextKind, ContextValue};
 use clap::parser::ValueSource;
-use clap::{ArgMatches, Command, CommandFactory, FromArgMatches, ValueHint};
+use clap::{ArgMatches, Command, FromArgMatches, ValueHint};
 use serde::Deserialize;
 
 use crate::args::Cli;
@@ -107,7 +107,7 @@ struct ClientSection {
 /// A [`clap::Error`] (to be shown by clap: `--help`, `--version`, a bad flag) or a message
 /// about the config file.
 pub(crate) fn parse_from(argv: Vec<OsString>) -> Result<Cli> {
-    let cmd = Cli::command();
+    let cmd = crate::args::command();
     let matches = cmd.clone().try_get_matches_from(&argv)?;
     let config = matches.subcommand().and_then(|(name, sub)| {
         let path = sub.try_get_one::<PathBuf>("config").ok().flatten()?;
@@ -167,7 +167,7 @@ fn read(path: &Path, section: &str, sub: &Command) -> Result<Vec<Setting>> {
 /// Refusals are the parser's answers; only a panic is a bug.
 #[cfg_attr(not(test), allow(dead_code, reason = "the fuzz target's entry point"))]
 pub(crate) fn check_text(text: &str) {
-    let cmd = Cli::command();
+    let cmd = crate::args::command();
     let path = Path::new("/etc/holdfast/holdfast.toml");
     for name in ["server", "client", "connect"] {
         let Some(sub) = cmd.find_subcommand(name) else { continue };
@@ -254,27 +254,100 @@ fn clap_message(e: &clap::Error) -> String {
     }
 }
 
-/// A TOML or schema error: the file, the line and its section, and the parser's message (an
-/// unknown key's message lists the known keys).
+/// A TOML or schema error: the file, the line and its section, what is wrong and how to fix
+/// it. The parser's own words are kept where they are plain (an unknown key's message lists the
+/// known keys); an unquoted value and an unknown section are said in words of their own.
 fn toml_error(path: &Path, text: &str, e: &toml::de::Error) -> anyhow::Error {
     let shown = path.display();
     let Some(span) = e.span() else { return anyhow!("config {shown}: {}", e.message()) };
     let before = text.get(..span.start).unwrap_or(text);
     let line = before.matches('\n').count() + 1;
-    let section = before
-        .lines()
-        .rev()
-        .map(str::trim)
-        .find(|l| l.starts_with('['))
-        .map(|l| format!(" in {}", l.split(']').next().unwrap_or(l).to_string() + "]"))
-        .unwrap_or_default();
+    let this_line = text.lines().nth(line - 1).unwrap_or_default().trim();
+    // The section the line is in: the last header above it (not the line itself).
+    let above = before.rsplit_once('\n').map_or("", |(above, _)| above);
+    let section = above.lines().rev().map(str::trim).find(|l| l.starts_with('[')).and_then(header);
     let message = e.message().trim();
+    let sections = "a config file has a [server] section (read by holdfast server) and a [client] section (read by \
+                    holdfast client and holdfast connect)";
+    if message.starts_with("unknown field") {
+        if let Some(name) = header(this_line) {
+            return anyhow!("config {shown}, line {line}: unknown section [{name}]; {sections}");
+        }
+        if section.is_none() {
+            let key = this_line.split('=').next().unwrap_or_default().trim();
+            return anyhow!(
+                "config {shown}, line {line}: `{}` is outside any section; put it under [server] or [client] ({sections})",
+                holdfast::human::printable(key)
+            );
+        }
+    }
+    let place = section.map(|s| format!(" in [{s}]")).unwrap_or_default();
+    if let Some((key, value)) = unquoted(this_line) {
+        let takes = quoted_takes(text, line, key, value);
+        let (key, value) = (holdfast::human::printable(key), holdfast::human::printable(value));
+        return match takes {
+            None => anyhow!(
+                "config {shown}, line {line}{place}: the value of `{key}` is not quoted: write {key} = \"{value}\" \
+                 (text, sizes, durations, addresses and paths go in double quotes; numbers and true or false do not)"
+            ),
+            Some(takes) => anyhow!(
+                "config {shown}, line {line}{place}: `{key}` takes {takes}, and {value} is not one (write it without quotes)"
+            ),
+        };
+    }
     let hint = if message.starts_with("unknown field") {
         " (keys are the long flag names: of `holdfast server --help` in [server], of `holdfast client --help` in [client])"
     } else {
         ""
     };
-    anyhow!("config {shown}, line {line}{section}: {message}{hint}")
+    anyhow!("config {shown}, line {line}{place}: {message}{hint}")
+}
+
+/// What the key on line `line` takes if not text, found by parsing the file again with `value`
+/// quoted: `None` if the quoted value is accepted there (quoting is the fix).
+fn quoted_takes(text: &str, line: usize, key: &str, value: &str) -> Option<&'static str> {
+    let fixed: Vec<String> = text
+        .lines()
+        .enumerate()
+        .map(|(i, l)| if i + 1 == line { format!("{key} = {}", toml::Value::from(value)) } else { l.to_owned() })
+        .collect();
+    let e = toml::from_str::<File>(&fixed.join("\n")).err()?;
+    let same_line =
+        e.span().is_some_and(|s| fixed.join("\n").get(..s.start).unwrap_or("").matches('\n').count() + 1 == line);
+    let message = e.message();
+    if !same_line {
+        None
+    } else if message.contains("expected u64") || message.contains("expected i64") {
+        Some("a whole number")
+    } else if message.contains("expected a boolean") {
+        Some("true or false")
+    } else {
+        None
+    }
+}
+
+/// The name in a section header line, `[name]` (`None` for any other line).
+fn header(line: &str) -> Option<&str> {
+    let inner = line.strip_prefix('[')?.split(']').next()?;
+    Some(inner.trim_matches(['[', ' ']))
+}
+
+/// `key = value` where the value is not a TOML value but would be one quoted (an address, a
+/// path, a size written bare): the key and the value.
+fn unquoted(line: &str) -> Option<(&str, &str)> {
+    let (key, value) = line.split_once('=')?;
+    let (key, value) = (key.trim(), value.trim());
+    let value = value.split(" #").next().unwrap_or(value).trim();
+    let bare = !value.is_empty() && !value.starts_with(['"', '\'', '[', '{']);
+    if !bare || key.is_empty() || key.starts_with('[') || value.contains('"') {
+        return None;
+    }
+    // Numbers, true and false parse bare: the error is then about something else.
+    let as_toml = format!("v = {value}");
+    if toml::from_str::<toml::Table>(&as_toml).is_ok() {
+        return None;
+    }
+    Some((key, value))
 }
 
 #[cfg(test)]

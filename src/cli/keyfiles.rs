@@ -23,7 +23,18 @@ pub(crate) fn load_keypair(flag: &str, path: &Path) -> Result<Keypair> {
             let hint = if private == path { String::new() } else { format!(" ({})", private.display()) };
             bail!("{flag} {}: this is a public key{same}; {flag} takes the private key file{hint}", path.display())
         }
+        Err(e @ KeyError::Io { .. }) if !path.exists() => bail!("{flag} {e}; {}", keygen_hint(path)),
         Err(e) => bail!("{flag} {e}"),
+    }
+}
+
+/// What to run when a private key file does not exist: `keygen` writes `PREFIX.key`.
+fn keygen_hint(path: &Path) -> String {
+    match path.to_str().and_then(|p| p.strip_suffix(".key")) {
+        Some(prefix) => format!(
+            "make the key pair with `holdfast keygen --out {prefix}`, as the user that runs holdfast (it must own the key)"
+        ),
+        None => "make a key pair with `holdfast keygen --out PREFIX` and give its PREFIX.key".to_owned(),
     }
 }
 

@@ -5,6 +5,7 @@ mod client;
 mod config;
 mod demo;
 mod keyfiles;
+mod manpage;
 mod metrics;
 mod server;
 mod term;
@@ -13,7 +14,6 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
-use clap::CommandFactory;
 use holdfast::proto::SessionConfig;
 use tracing::warn;
 
@@ -61,32 +61,15 @@ async fn run(cli: Cli) -> Result<bool> {
         Cmd::Connect(a) => client::connect(a, quiet).await?,
         Cmd::Demo { bytes, faults } => return demo::demo(bytes, faults).await,
         Cmd::Completions { shell } => {
-            clap_complete::generate(shell, &mut Cli::command(), "holdfast", &mut std::io::stdout());
+            clap_complete::generate(shell, &mut args::command(), "holdfast", &mut std::io::stdout());
         }
         Cmd::Man => {
-            let page = manual().context("cannot render the manual page")?;
-            std::io::Write::write_all(&mut std::io::stdout(), &page).context("cannot write the manual page")?;
+            let page = manpage::render(&args::command());
+            std::io::Write::write_all(&mut std::io::stdout(), page.as_bytes())
+                .context("cannot write the manual page")?;
         }
     }
     Ok(true)
-}
-
-/// The manual page: the command's own page, then a section per subcommand with its synopsis,
-/// description, options and examples (one page, so that `man holdfast` has every flag).
-fn manual() -> std::io::Result<Vec<u8>> {
-    let cmd = Cli::command();
-    let mut page = Vec::new();
-    clap_mangen::Man::new(cmd.clone()).render(&mut page)?;
-    for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
-        let sub = sub.clone().bin_name(format!("holdfast {}", sub.get_name()));
-        std::io::Write::write_all(&mut page, format!(".SH \"{}\"\n", sub.get_name().to_uppercase()).as_bytes())?;
-        let man = clap_mangen::Man::new(sub);
-        man.render_synopsis_section(&mut page)?;
-        man.render_description_section(&mut page)?;
-        man.render_options_section(&mut page)?;
-        man.render_extra_section(&mut page)?;
-    }
-    Ok(page)
 }
 
 fn main() -> ExitCode {

@@ -7,7 +7,7 @@
 use std::io::{Read, Write};
 use std::os::fd::AsFd;
 
-use holdfast::human::printable;
+use holdfast::human::{os_errors_in_words, printable};
 use holdfast::net::{LinkEvent, Recovery, Rounded};
 use tokio::sync::broadcast;
 
@@ -22,7 +22,7 @@ pub(crate) fn status_line(text: &str) {
 /// 4, 8, 16… so that a long outage says it is still trying without flooding the screen.
 pub(crate) fn describe(ev: &LinkEvent) -> Option<String> {
     match ev {
-        LinkEvent::Lost(l) => Some(format!("link lost ({}); reconnecting…", printable(&l.cause))),
+        LinkEvent::Lost(l) => Some(format!("link lost ({}); reconnecting…", printable(&os_errors_in_words(&l.cause)))),
         LinkEvent::Reconnecting { attempt, elapsed } if *attempt >= 4 && attempt.is_power_of_two() => {
             Some(format!("still reconnecting (attempt {attempt}, {} so far)", Rounded(*elapsed)))
         }
@@ -72,7 +72,7 @@ pub(crate) fn ask(cause: &str) -> Recovery {
         raw.make_raw();
         let _ = rustix::termios::tcsetattr(tty.as_fd(), rustix::termios::OptionalActions::Now, &raw);
     }
-    let _ = write!(tty, "\r\nholdfast: link lost ({}). Recover? [Y/n] ", printable(cause));
+    let _ = write!(tty, "\r\nholdfast: link lost ({}). Recover? [Y/n] ", printable(&os_errors_in_words(cause)));
     let _ = tty.flush();
     let mut key = [0u8; 1];
     let answer = match tty.read(&mut key) {
@@ -108,6 +108,17 @@ mod tests {
         assert_eq!(describe(&quiet), None);
         let loud = LinkEvent::Reconnecting { attempt: 8, elapsed: Duration::from_secs(14) };
         assert_eq!(describe(&loud).unwrap(), "still reconnecting (attempt 8, 14.0s so far)");
+    }
+
+    // Errno 103 is Linux's ECONNABORTED.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn status_lines_say_system_errors_in_words() {
+        let raw = std::io::Error::from_raw_os_error(103);
+        let lost = LinkEvent::Lost(LinkLost { cause: format!("link failed: {raw}"), faults: 1 });
+        let line = describe(&lost).unwrap();
+        assert_eq!(line, "link lost (link failed: the connection was aborted); reconnecting…");
+        assert!(!line.contains("os error"), "{line}");
     }
 
     #[test]

@@ -8,7 +8,8 @@
 //! request:  name_len: u8 (1..=64) | name: [A-Za-z0-9._-]
 //! reply:    status: u8 | msg_len: u8 | msg: UTF-8 (empty from this server)
 //!           status 0 = connected, 1 = unknown service (or not given to this client's key),
-//!           2 = unavailable (the server could not connect to it; the cause is in its log only)
+//!           2 = unavailable (the server could not connect to it; the cause is in its log only),
+//!           3 = refused (a connect request's destination refused the connection)
 //! ```
 //!
 //! After a status-0 reply the stream carries the service's bytes both ways, with half-close:
@@ -76,6 +77,12 @@ pub enum TunnelError {
         /// The server's message, control characters escaped: empty from this version's server.
         reason: String,
     },
+    /// The destination of a connect request refused the connection (status 3).
+    #[error("{service} refused the connection (the server reached it; nothing accepts connections there)")]
+    DestinationRefused {
+        /// The destination asked for, `host:port`.
+        service: String,
+    },
     /// The server answered with a status this version does not know; the tunnel is refused.
     #[error("the server refused service '{service}' with unknown status {status}")]
     UnknownStatus {
@@ -112,7 +119,10 @@ impl TunnelError {
     pub fn is_refusal(&self) -> bool {
         matches!(
             self,
-            TunnelError::UnknownService(_) | TunnelError::ServiceRefused { .. } | TunnelError::UnknownStatus { .. }
+            TunnelError::UnknownService(_)
+                | TunnelError::ServiceRefused { .. }
+                | TunnelError::DestinationRefused { .. }
+                | TunnelError::UnknownStatus { .. }
         )
     }
 }
@@ -128,6 +138,9 @@ pub enum Status {
     UnknownService = 1,
     /// 2: the service exists but the server could not connect to it.
     Unavailable = 2,
+    /// 3: a connect request's destination refused the connection (every address answered with
+    /// a reset). Only for connect requests (dynamic forwarding): a named service that fails is 2.
+    Refused = 3,
 }
 
 impl From<TunnelError> for io::Error {
@@ -136,9 +149,9 @@ impl From<TunnelError> for io::Error {
             TunnelError::Io(e) => e,
             TunnelError::Net(e) => e.into(),
             TunnelError::UnknownService(_) => io::Error::new(io::ErrorKind::NotFound, e),
-            TunnelError::ServiceRefused { .. } | TunnelError::UnknownStatus { .. } => {
-                io::Error::new(io::ErrorKind::ConnectionRefused, e)
-            }
+            TunnelError::ServiceRefused { .. }
+            | TunnelError::DestinationRefused { .. }
+            | TunnelError::UnknownStatus { .. } => io::Error::new(io::ErrorKind::ConnectionRefused, e),
             TunnelError::Timeout(_) => io::Error::new(io::ErrorKind::TimedOut, e),
             _ => io::Error::new(io::ErrorKind::InvalidData, e),
         }

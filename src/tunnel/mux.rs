@@ -18,7 +18,7 @@ use zeroize::Zeroizing;
 use super::join::join;
 use super::request::{connect_session_when_not_busy, read_reply, read_request, write_reply, Request};
 use super::rights;
-use super::serve::{connect_service, resolve};
+use super::serve::{connect_service, connect_target, resolve};
 use super::{Services, Status, TunnelError, REQUEST_TIMEOUT};
 use crate::human::printable;
 use crate::keys::AllowedPeer;
@@ -114,8 +114,9 @@ impl MuxPool {
     /// `--allow-connect` rules decide). `Ok(None)` if the server does not multiplex.
     ///
     /// # Errors
-    /// As [`MuxPool::open`]; a destination not allowed is [`TunnelError::UnknownService`] and
-    /// one the server cannot reach is [`TunnelError::ServiceRefused`], both named `host:port`.
+    /// As [`MuxPool::open`]; a destination not allowed is [`TunnelError::UnknownService`], one
+    /// that refused the connection [`TunnelError::DestinationRefused`], and one the server
+    /// cannot reach otherwise [`TunnelError::ServiceRefused`], all named `host:port`.
     pub async fn open_connect(&self, host: &str, port: u16) -> Result<Option<Stream>, TunnelError> {
         let req = super::request::connect_request(host, port)?;
         Ok(self.open_with(&req, &format!("{host}:{port}")).await?.map(|(s, _)| s))
@@ -338,8 +339,8 @@ fn request_label(request: &Request) -> String {
 
 /// Connects to `host:port` for a dynamic forward, if the `--allow-connect` rules that apply to
 /// this client's key (see [`rights::connect_rules`]) give it; else the refusal: status 1 for a
-/// destination not allowed, 2 for one that a name rule gives but that does not resolve or answer
-/// (the cause is logged here). A name that only address rules could give is looked up, and any
+/// destination not allowed, 3 if every address refused the connection, 2 for one that a name
+/// rule gives but that does not resolve or answer (the cause is logged here). A name that only address rules could give is looked up, and any
 /// failure is answered 1, as for a name that resolves outside them: the answer does not tell
 /// whether a name exists. IP literals are never looked up; names are looked up within the
 /// session's and the key's bounds ([`super::TunnelLimits`]).
@@ -371,10 +372,16 @@ async fn connect_destination(
     if addrs.is_empty() {
         return Err(not_allowed);
     }
+    // Status 3 only when every address refused (a reset): the SOCKS client's "connection refused".
+    let mut refused = true;
     for addr in addrs {
-        if let Some(tcp) = connect_service(who, &format!("connect {}", printable(host)), &addr.to_string()).await {
-            return Ok((tcp, addr));
+        match connect_target(who, &format!("connect {}", printable(host)), &addr.to_string()).await {
+            Ok(tcp) => return Ok((tcp, addr)),
+            Err(kind) => refused &= kind == Some(std::io::ErrorKind::ConnectionRefused),
         }
+    }
+    if refused {
+        return Err((Status::Refused, "destination refused the connection"));
     }
     Err((Status::Unavailable, "destination unavailable"))
 }

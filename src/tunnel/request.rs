@@ -223,6 +223,7 @@ pub(crate) async fn read_reply<R: AsyncRead + Unpin>(stream: &mut R, service: &s
         0 => Ok(msg),
         1 => Err(TunnelError::UnknownService(service)),
         2 => Err(TunnelError::ServiceRefused { service, reason: msg }),
+        3 => Err(TunnelError::DestinationRefused { service }),
         status => Err(TunnelError::UnknownStatus { service, status }),
     }
 }

@@ -91,18 +91,28 @@ pub(super) fn resolve<'a>(
 /// Connects to a service's target (bounded); the cause of a failure is logged here, and the
 /// client only learns that the service is unavailable.
 pub(super) async fn connect_service(who: &str, name: &str, target: &str) -> Option<TcpStream> {
+    connect_target(who, name, target).await.ok()
+}
+
+/// [`connect_service`], with why it failed: `Some(kind)` of the connect error, `None` for no
+/// answer within the timeout.
+pub(super) async fn connect_target(
+    who: &str,
+    name: &str,
+    target: &str,
+) -> Result<TcpStream, Option<std::io::ErrorKind>> {
     match tokio::time::timeout(SERVICE_CONNECT_TIMEOUT, TcpStream::connect(target)).await {
         Ok(Ok(t)) => {
             let _ = t.set_nodelay(true);
-            Some(t)
+            Ok(t)
         }
         failed => {
-            let error = match failed {
-                Ok(Err(e)) => e.to_string(),
-                _ => format!("no connection within {}", crate::human::Rounded(SERVICE_CONNECT_TIMEOUT)),
+            let (error, kind) = match failed {
+                Ok(Err(e)) => (e.to_string(), Some(e.kind())),
+                _ => (format!("no connection within {}", crate::human::Rounded(SERVICE_CONNECT_TIMEOUT)), None),
             };
             warn!(client = %who, service = %name, %target, %error, "cannot connect to the service");
-            None
+            Err(kind)
         }
     }
 }

@@ -79,6 +79,13 @@ async fn carry(proto: Commanded, host: String, port: u16, pool: &MuxPool, from: 
             info!(%from, %dest, "the server does not allow this destination (its --allow-connect rules)");
             ReplyError::ConnectionNotAllowed
         }
+        // RFC 1928's replies from what the server said: 3 is a refusal by the destination; 2
+        // covers a name that does not resolve and an address that does not answer (or, from a
+        // server older than status 3, any failure), which "host unreachable" sums up.
+        Err(TunnelError::DestinationRefused { .. }) => {
+            info!(%from, %dest, "the destination refused the connection");
+            ReplyError::ConnectionRefused
+        }
         Err(TunnelError::ServiceRefused { .. } | TunnelError::UnknownStatus { .. }) => {
             info!(%from, %dest, "the server could not connect to the destination (its log has the cause)");
             ReplyError::HostUnreachable

@@ -18,6 +18,7 @@ use tokio::process::{Child, Command};
 use tokio::sync::watch;
 use tokio::time::timeout;
 
+use super::guard::{own_group, Group};
 use super::harness::{pattern_hash, recv_hash, send_pattern};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_holdfast");
@@ -67,21 +68,17 @@ pub struct Proc {
     pub name: String,
     pub child: Child,
     pub log: watch::Receiver<Log>,
+    group: Group,
 }
 
 impl Proc {
     /// Starts `holdfast ARGS` with stdin and stdout piped or null.
     pub fn spawn(args: &[&str], piped: bool) -> Proc {
         let io = || if piped { Stdio::piped() } else { Stdio::null() };
-        let mut child = Command::new(BIN)
-            .args(args)
-            .env_remove("RUST_LOG")
-            .stdin(io())
-            .stdout(io())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start holdfast");
+        let mut cmd = Command::new(BIN);
+        cmd.args(args).env_remove("RUST_LOG").stdin(io()).stdout(io()).stderr(Stdio::piped());
+        let mut child = own_group(&mut cmd).spawn().expect("start holdfast");
+        let group = Group::new(child.id());
         let (tx, log) = watch::channel(Log::default());
         let mut stderr = child.stderr.take().unwrap();
         tokio::spawn(async move {
@@ -91,7 +88,7 @@ impl Proc {
             }
             tx.send_modify(|l| l.eof = true);
         });
-        Proc { name: args.join(" "), child, log }
+        Proc { name: args.join(" "), child, log, group }
     }
 
     pub fn stderr(&self) -> String {
@@ -130,6 +127,8 @@ impl Proc {
 
 impl Drop for Proc {
     fn drop(&mut self) {
+        // The whole group, before the child is reaped (its id cannot be reused meanwhile).
+        self.group.kill();
         let _ = self.child.start_kill();
         // Reap it: a killed process exits at once, so this bounded poll ends quickly.
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -145,15 +144,11 @@ pub async fn run(args: &[&str], input: &[u8]) -> (ExitStatus, Vec<u8>, String) {
 }
 
 pub async fn run_within(limit: Duration, args: &[&str], input: &[u8]) -> (ExitStatus, Vec<u8>, String) {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start holdfast");
+    let mut cmd = Command::new(BIN);
+    cmd.args(args).env_remove("RUST_LOG").stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let child = own_group(&mut cmd).spawn().expect("start holdfast");
+    let _group = Group::new(child.id());
+    let mut child = child;
     let mut stdin = child.stdin.take().unwrap();
     let input = input.to_vec();
     let feed = tokio::spawn(async move {

@@ -4,6 +4,7 @@ pub mod chaos;
 pub mod cli;
 pub mod echo;
 pub mod faults;
+pub mod guard;
 pub mod harness;
 pub mod http;
 pub mod low_order;

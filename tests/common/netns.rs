@@ -26,6 +26,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest, Sha256};
 
+use super::guard::{own_group_std, Group};
+
 /// Environment variable that turns a re-executed test binary into the app.
 pub const APP_ENV: &str = "HOLDFAST_NETNS_APP";
 /// Name of the ignored test each binary defines to run [`app_main`].
@@ -393,13 +395,15 @@ pub struct Proc {
     stdin: Option<ChildStdin>,
     /// Its output.
     pub log: Arc<Log>,
+    group: Group,
 }
 
 impl Proc {
     /// Spawns `cmd` with piped stdin, stdout and stderr.
     pub fn spawn(label: &str, mut cmd: Command) -> Proc {
         cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
-        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {label}: {e}"));
+        let mut child = own_group_std(&mut cmd).spawn().unwrap_or_else(|e| panic!("cannot start {label}: {e}"));
+        let group = Group::new(Some(child.id()));
         let log = Arc::new(Log::default());
         let out = child.stdout.take().expect("stdout is piped");
         let err = child.stderr.take().expect("stderr is piped");
@@ -423,7 +427,7 @@ impl Proc {
         }
         reader(out, log.clone(), false);
         reader(err, log.clone(), true);
-        Proc { label: label.to_string(), pid: child.id(), stdin: child.stdin.take(), child, log }
+        Proc { label: label.to_string(), pid: child.id(), stdin: child.stdin.take(), child, log, group }
     }
 
     /// Writes a line to its stdin (ignored once it has exited).
@@ -439,8 +443,9 @@ impl Proc {
         self.child.try_wait().ok().flatten()
     }
 
-    /// Kills it (SIGKILL) and reaps it.
+    /// Kills it and its process group (SIGKILL) and reaps it.
     pub fn kill(&mut self) {
+        self.group.kill();
         if self.child.try_wait().ok().flatten().is_none() {
             let _ = self.child.kill();
         }

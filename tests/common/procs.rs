@@ -15,6 +15,7 @@ use std::process::{ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use super::guard::{own_group, Group};
 use tokio::io::{AsyncRead, AsyncReadExt as _};
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
@@ -125,14 +126,16 @@ pub struct Proc {
     pub child: Child,
     log: watch::Receiver<Log>,
     streams: usize,
+    group: Group,
 }
 
 impl Proc {
     /// Starts `cmd` with stdin piped (the test may take it) and stdout as `out`.
     pub fn spawn(name: &str, cmd: &mut Command, out: Out) -> Proc {
-        cmd.stdin(Stdio::piped()).stderr(Stdio::piped()).process_group(0).kill_on_drop(true);
+        cmd.stdin(Stdio::piped()).stderr(Stdio::piped());
         cmd.stdout(if out == Out::Null { Stdio::null() } else { Stdio::piped() });
-        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        let mut child = own_group(cmd).spawn().unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        let group = Group::new(child.id());
         let (tx, log) = watch::channel(Log::default());
         let tx = std::sync::Arc::new(tx);
         collect(child.stderr.take().unwrap(), tx.clone());
@@ -141,7 +144,7 @@ impl Proc {
             collect(child.stdout.take().unwrap(), tx);
             streams = 2;
         }
-        Proc { name: name.to_string(), child, log, streams }
+        Proc { name: name.to_string(), child, log, streams, group }
     }
 
     /// The process id (also its process group id).
@@ -201,9 +204,8 @@ fn collect<R: AsyncRead + Unpin + Send + 'static>(mut r: R, tx: std::sync::Arc<w
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        if let Some(pid) = self.child.id().and_then(|p| rustix::process::Pid::from_raw(p as i32)) {
-            let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
-        }
+        // The whole group, before the child is reaped (its id cannot be reused meanwhile).
+        self.group.kill();
         let _ = self.child.start_kill();
         // A killed process exits at once, so this bounded poll ends quickly.
         let deadline = Instant::now() + Duration::from_secs(5);

@@ -6,8 +6,6 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use clap::CommandFactory;
-
 use super::*;
 use crate::args::{Cli, ClientArgs, Cmd, ConnectArgs, ServerArgs};
 
@@ -111,6 +109,41 @@ fn an_unknown_key_is_refused_naming_it_the_file_and_the_line() {
     assert!(msg.contains("sever"), "{msg}");
 }
 
+/// Issue 24: the TOML parser's words ("invalid float, expected nothing", "line 1 in []") are
+/// replaced by what is wrong and how to fix it.
+#[test]
+fn toml_mistakes_are_said_with_their_fix() {
+    let error = |text: &str| {
+        let t = Temp::new("toml", text);
+        let e = parse(&["server", "--config", &t.file()]).err().expect("a broken file was accepted");
+        (format!("{e:#}"), t.file())
+    };
+    let (msg, file) = error("[server]\nlisten = 0.0.0.0:7700\n");
+    let want = format!(
+        "config {file}, line 2 in [server]: the value of `listen` is not quoted: write listen = \"0.0.0.0:7700\""
+    );
+    assert!(msg.starts_with(&want) && !msg.contains("float"), "{msg}");
+    let (msg, file) = error("[server]\nkey = keys/server.key # the key\n");
+    assert!(
+        msg.starts_with(&format!(
+            "config {file}, line 2 in [server]: the value of `key` is not quoted: write key = \"keys/server.key\""
+        )),
+        "{msg}"
+    );
+    let (msg, file) = error("[sever]\nlisten = \"127.0.0.1:0\"\n");
+    let want = format!("config {file}, line 1: unknown section [sever]; a config file has a [server] section");
+    assert!(msg.starts_with(&want) && !msg.contains("[]"), "{msg}");
+    let (msg, file) = error("listen = \"127.0.0.1:0\"\n[server]\n");
+    assert!(
+        msg.starts_with(&format!("config {file}, line 1: `listen` is outside any section; put it under [server]")),
+        "{msg}"
+    );
+    let (msg, _) = error("[server]\nmax-sessions = 12x\n");
+    assert!(msg.contains("line 2 in [server]: `max-sessions` takes a whole number, and 12x is not one"), "{msg}");
+    let (msg, _) = error("[server]\nmetrics-public = yes\n");
+    assert!(msg.contains("`metrics-public` takes true or false, and yes is not one"), "{msg}");
+}
+
 #[test]
 fn a_bad_value_is_reported_as_the_files_with_its_key() {
     let t = Temp::new("value", "[server]\nbuffer = \"8XB\"\n");
@@ -210,7 +243,7 @@ fn schema_keys<T: serde::de::DeserializeOwned>() -> BTreeSet<String> {
 
 /// The long flags of a subcommand that the config file can set.
 fn flags(name: &str) -> BTreeSet<String> {
-    let cmd = Cli::command();
+    let cmd = crate::args::command();
     let sub = cmd.find_subcommand(name).unwrap();
     sub.get_arguments()
         .filter_map(|a| a.get_long())
