@@ -258,7 +258,8 @@ pub(super) async fn serve_mux(
             sub = inbound.recv() => match sub {
                 Some(sub) => {
                     let (peer, services, allow, stop) = (peer.clone(), services.clone(), allow.clone(), stop.clone());
-                    open.spawn(serve_sub(sub, mux.clone(), peer, services, allow, stop, ctx.clone()));
+                    let sub = serve_sub(sub, mux.clone(), peer, services, allow, stop, ctx.clone());
+                    open.spawn(tracing::Instrument::in_current_span(sub));
                 }
                 None => break,
             },
@@ -325,7 +326,7 @@ async fn serve_sub(
             (name, tcp, target.to_string())
         }
         Request::Listen(addr) => {
-            return super::reverse::serve_listen(sub, addr, mux, (entry, services), stop, ctx.status).await;
+            return super::reverse::serve_listen(sub, addr, mux, (entry, services), stop, (ctx.status, &peer)).await;
         }
         Request::Mux => return,
     };
@@ -333,8 +334,14 @@ async fn serve_sub(
         return;
     }
     info!(client = %who, service = %name, target = %printable(&target), "tunnel open (multiplexed)");
-    match join(tcp, sub, Some(stop), None).await {
-        Ok((to_client, to_service)) => info!(client = %who, service = %name, to_service, to_client, "tunnel closed"),
+    let counted = peer.stream_opened();
+    let carried = join(tcp, sub, Some(stop), None).await;
+    drop(counted);
+    match carried {
+        Ok((to_client, to_service)) => {
+            peer.carried(to_client, to_service);
+            info!(client = %who, service = %name, to_service, to_client, "tunnel closed")
+        }
         // A stream reset by the client (its program reset its connection) is a close.
         Err(e) if matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe) => {
             info!(client = %who, service = %name, error = %e, "tunnel ended: reset by the client")

@@ -52,7 +52,9 @@ pub async fn serve_until(
         tokio::select! {
             r = listener.accept() => {
                 let (stream, peer) = r?;
-                open.spawn(serve_one(stream, peer, services.clone(), allow.clone(), stopped.clone()));
+                let span = peer.session().span();
+                let one = serve_one(stream, peer, services.clone(), allow.clone(), stopped.clone());
+                open.spawn(tracing::Instrument::instrument(one, span));
             }
             Some(_) = open.join_next(), if !open.is_empty() => {}
             () = &mut stop => break,
@@ -100,8 +102,14 @@ async fn serve_one(
     }
     info!(client = %who, service = %name, %target, "tunnel open");
     let status = stream.status();
-    match splice_until(tcp, stream, Some(stop)).await {
-        Ok((to_client, to_service)) => info!(client = %who, service = %name, to_service, to_client, "tunnel closed"),
+    let counted = peer.stream_opened();
+    let carried = splice_until(tcp, stream, Some(stop)).await;
+    drop(counted);
+    match carried {
+        Ok((to_client, to_service)) => {
+            peer.carried(to_client, to_service);
+            info!(client = %who, service = %name, to_service, to_client, "tunnel closed")
+        }
         Err(e) => warn!(client = %who, service = %name, error = %printable(&e.to_string()), "tunnel failed"),
     }
     session_end(status).await;
