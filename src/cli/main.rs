@@ -7,6 +7,7 @@ mod demo;
 mod keyfiles;
 mod metrics;
 mod server;
+mod status;
 mod term;
 
 use std::io::IsTerminal;
@@ -63,6 +64,7 @@ async fn run(cli: Cli) -> Result<bool> {
         Cmd::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "holdfast", &mut std::io::stdout());
         }
+        Cmd::Status(a) => status::status(a).await?,
         Cmd::Man => {
             let page = manual().context("cannot render the manual page")?;
             std::io::Write::write_all(&mut std::io::stdout(), &page).context("cannot write the manual page")?;

@@ -109,6 +109,10 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
         }
         None => metrics_later.map(|addr| tokio::spawn(metrics::serve_when_free(addr, &listener))),
     };
+    if let Some(path) = &args.status {
+        let stats = listener.stats_handle();
+        crate::status::serve(path.clone(), move |json| crate::status::server_answer(&stats, json))?;
+    }
     let offered: Vec<String> = services.iter().map(|(n, t)| format!("{n}={t}")).collect();
     let connect: Vec<String> = services.connect_rules().iter().map(ToString::to_string).collect();
     let connect = if connect.is_empty() { "none".to_string() } else { connect.join(",") };
@@ -175,11 +179,12 @@ fn raise_fd_limit(max_sessions: usize) {
     if let Some(n) = getrlimit(Resource::Nofile).current.filter(|&n| n < need) {
         let sessions = n.saturating_sub(256) / 2;
         let msg = "the file-descriptor limit holds fewer sessions than --max-sessions; to allow them all, raise it (ulimit -n, or LimitNOFILE= under systemd)";
-        // A limit that still holds thousands of sessions is worth knowing, not a warning.
+        // A limit that still holds thousands of sessions does not matter to most servers: said
+        // only at -v.
         if sessions < 1024 {
             warn!(limit = n, sessions, max_sessions, "{msg}");
         } else {
-            info!(limit = n, sessions, max_sessions, "{msg}");
+            tracing::debug!(limit = n, sessions, max_sessions, "{msg}");
         }
     }
 }
@@ -270,7 +275,10 @@ async fn reload_on_hangup(
                 let ended = handle.set(list);
                 info!(file = %path.display(), clients = n, ended_sessions = ended, "allow-list reloaded");
             }
-            Err(e) => error!(error = %e, "allow-list not reloaded; the previous one stays in force"),
+            Err(e) => {
+                metrics::RELOAD_FAILURES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                error!(error = %e, "allow-list not reloaded; the previous one stays in force")
+            }
         }
     }
     std::future::pending().await

@@ -194,6 +194,8 @@ impl MuxPool {
         if let Some(tx) = self.events.clone() {
             let mut rx = stream.events();
             let from = stream_peer(&self.server);
+            // Its connection came before this subscription: said here (`holdfast status`).
+            let _ = tx.send((from, crate::net::LinkEvent::Connected { peer: from }));
             tokio::spawn(async move {
                 while let Ok(ev) = rx.recv().await {
                     if tx.send((from, ev)).is_err() {

@@ -116,7 +116,9 @@ impl Drop for Activity {
         let carried = *self.carried.get_mut().unwrap_or_else(|p| p.into_inner());
         let tunnels = (carried.2 > 0).then_some(carried);
         if let Some(log) = self.end.get_mut().unwrap_or_else(|p| p.into_inner()).take() {
-            let _in = self.tag.span().entered();
+            // Dropped by a task about this session, the line is in its span already.
+            let inside = tracing::Span::current().metadata().is_some_and(|m| m.name() == "session");
+            let _in = (!inside).then(|| self.tag.span().entered());
             log(tunnels);
         }
     }
