@@ -144,7 +144,7 @@ pub(crate) fn sessions_table(list: &[SessionStatus], now: SystemTime) -> String 
             format!("{}…", key.get(..8).unwrap_or(&key)),
             s.addr.to_string(),
             if s.attached { "attached" } else { "detached" }.to_string(),
-            format!("{} ago", holdfast::human::Rounded(now.duration_since(s.since).unwrap_or_default())),
+            format!("{} ago", ago(now.duration_since(s.since).unwrap_or_default())),
             s.rtt.map_or_else(|| "-".to_string(), |r| format!("{:.1}ms", r.as_secs_f64() * 1000.0)),
             bytes(s.bytes_to_client),
             bytes(s.bytes_from_client),
@@ -172,6 +172,14 @@ fn table(rows: &[Vec<String>]) -> String {
         out.push('\n');
     }
     out
+}
+
+/// How long ago, to the second: `41s`, `2m05s`, `3h10m`.
+fn ago(d: Duration) -> String {
+    match d.as_secs() {
+        n @ 0..60 => format!("{n}s"),
+        n => holdfast::human::Rounded(Duration::from_secs(n)).to_string(),
+    }
 }
 
 /// A byte count for people: exact below 10 KiB, else in KiB, MiB or GiB.
@@ -297,7 +305,7 @@ impl ClientStatus {
             "session with {}: {} for {}, {} resumes, {} link faults",
             holdfast::human::printable(&self.server),
             s.state,
-            holdfast::human::Rounded(ago),
+            self::ago(ago),
             s.resumes,
             s.faults
         );
