@@ -493,7 +493,10 @@ async fn refused_tunnels_end_as_normal_closes() {
     let log = server.wait_log("tunnel refused: unknown service", 1).await;
     assert!(warnings(&log).is_empty(), "a refusal was logged as a failure:\n{log}");
     // At INFO, in the span of its session.
-    assert!(log.lines().any(|l| l.contains(" INFO session{id=") && l.contains("}: tunnel refused: unknown service")), "{log}");
+    assert!(
+        log.lines().any(|l| l.contains(" INFO session{id=") && l.contains("}: tunnel refused: unknown service")),
+        "{log}"
+    );
 
     // Through a forward (a stream of its multiplexed session: the refusal ends the stream, and
     // the session stays for the next connection).

@@ -271,7 +271,11 @@ async fn metrics_parse_and_count_live_bytes_reloads_and_idle_clients() {
     let metrics = server.logged_addr("metrics endpoint ready", "metrics=").await;
 
     let m = parsed(metrics).await;
-    assert_eq!(at(&m, "holdfast_build_info", &[&format!("version={}", env!("CARGO_PKG_VERSION"))]), Some(1.0), "{m:#?}");
+    assert_eq!(
+        at(&m, "holdfast_build_info", &[&format!("version={}", env!("CARGO_PKG_VERSION"))]),
+        Some(1.0),
+        "{m:#?}"
+    );
     assert_eq!(at(&m, "holdfast_reload_failures_total", &[]), Some(0.0), "{m:#?}");
     assert_eq!(at(&m, "holdfast_client_sessions", &["client=test-client"]), Some(0.0), "{m:#?}");
 
@@ -307,7 +311,8 @@ async fn metrics_parse_and_count_live_bytes_reloads_and_idle_clients() {
     let mut rest = Vec::new();
     timeout(LIMIT, stream.read_to_end(&mut rest)).await.unwrap().unwrap();
     drop(stream);
-    let m = wait_parsed(metrics, "the session ended", |m| at(m, "holdfast_sessions", &["state=attached"]) == Some(0.0)).await;
+    let m = wait_parsed(metrics, "the session ended", |m| at(m, "holdfast_sessions", &["state=attached"]) == Some(0.0))
+        .await;
     assert_eq!(at(&m, "holdfast_client_sessions", &["client=test-client"]), Some(0.0), "{m:#?}");
     assert_eq!(at(&m, "holdfast_session_bytes_total", &["direction=to_client"]), Some(1002.0), "{m:#?}");
     assert_eq!(at(&m, "holdfast_session_bytes_total", &["direction=from_client"]), Some(1005.0), "{m:#?}");

@@ -31,8 +31,8 @@ impl Session {
         let rest = &self.0[at..];
         let end = if rest.starts_with('[') {
             rest.find(']').unwrap() + 1
-        } else if rest.starts_with('"') {
-            rest[1..].find('"').unwrap() + 2
+        } else if let Some(quoted) = rest.strip_prefix('"') {
+            quoted.find('"').unwrap() + 2
         } else {
             rest.find([',', '}']).unwrap()
         };
@@ -178,7 +178,9 @@ async fn status_shows_attached_detached_and_multiplexed_sessions() {
     let client_socket = setup.keys.dir.path("client.sock");
     let mut args = setup.keys.client_args("client", addr, "echo");
     let remote = format!("127.0.0.1:0={echo}");
-    args.extend(["--local", "127.0.0.1:0", "--remote", &remote, "--no-check", "--status", s(&client_socket)].map(String::from));
+    args.extend(
+        ["--local", "127.0.0.1:0", "--remote", &remote, "--no-check", "--status", s(&client_socket)].map(String::from),
+    );
     let client = Proc::spawn(&strs(&args), false);
     let local = client.logged_addr("forwarding", "local=").await;
     let listens = client.logged_addr("reverse forward open", "server_listens=").await;
@@ -186,7 +188,8 @@ async fn status_shows_attached_detached_and_multiplexed_sessions() {
     let mut c2 = TcpStream::connect(local).await.unwrap();
     echo_through(&mut c1, 100).await;
     echo_through(&mut c2, 200).await;
-    let list = wait_status(&socket, "C with two streams", |l| l.len() == 3 && l.iter().any(|s| s.num("streams") == 2)).await;
+    let list =
+        wait_status(&socket, "C with two streams", |l| l.len() == 3 && l.iter().any(|s| s.num("streams") == 2)).await;
     let sc = list.iter().find(|s| s.str("id") != a_id && s.str("id") != b_id).unwrap();
     assert_eq!((sc.str("client"), sc.str("key"), sc.str("state")), ("test-client", key.as_str(), "attached"));
     assert_eq!(sc.get("forwards"), format!("[\"listen {listens}\"]"), "{sc:?}");
@@ -194,7 +197,10 @@ async fn status_shows_attached_detached_and_multiplexed_sessions() {
     // The streams' bytes, and each one's request and reply, and the multiplexing's framing.
     assert!(sc.num("bytes_to_client") > 300 && sc.num("bytes_from_client") > 300, "{sc:?}");
     drop(c2);
-    let list = wait_status(&socket, "C with one stream", |l| l.iter().any(|s| s.str("forwards") != "[]" && s.num("streams") == 1)).await;
+    let list = wait_status(&socket, "C with one stream", |l| {
+        l.iter().any(|s| s.str("forwards") != "[]" && s.num("streams") == 1)
+    })
+    .await;
     assert_eq!(list.len(), 3);
 
     let (st, out, err) = run(&["status", "--socket", s(&client_socket), "--json"], b"").await;
@@ -202,7 +208,10 @@ async fn status_shows_attached_detached_and_multiplexed_sessions() {
     let out = String::from_utf8(out).unwrap();
     assert!(out.contains("\"state\":\"attached\""), "{out}");
     assert!(out.contains(&format!("{{\"kind\":\"local\",\"listen\":\"{local}\",\"to\":\"service echo\"}}")), "{out}");
-    assert!(out.contains(&format!("{{\"kind\":\"remote\",\"listen\":\"127.0.0.1:0 (on the server)\",\"to\":\"{echo}\"}}")), "{out}");
+    assert!(
+        out.contains(&format!("{{\"kind\":\"remote\",\"listen\":\"127.0.0.1:0 (on the server)\",\"to\":\"{echo}\"}}")),
+        "{out}"
+    );
 
     // The table: a header and one line per session, each with its id.
     let (st, out, _) = run(&["status", "--socket", s(&socket)], b"").await;
@@ -272,16 +281,23 @@ async fn one_session_id_follows_a_session_through_the_log() {
     let log = server.wait_log("session closed", 1).await;
     let tag = format!("session{{id={id}}}: ");
     let mine: Vec<&str> = log.lines().filter(|l| l.contains(&tag)).collect();
-    let steps = ["session opened", "tunnel open", "session detached", "session resumed", "tunnel closed", "session closed"];
+    let steps =
+        ["session opened", "tunnel open", "session detached", "session resumed", "tunnel closed", "session closed"];
     let mut at = 0;
     for step in steps {
-        let i = mine[at..].iter().position(|l| l.contains(step)).unwrap_or_else(|| panic!("no {step:?} after line {at} for {id}:\n{log}"));
+        let i = mine[at..]
+            .iter()
+            .position(|l| l.contains(step))
+            .unwrap_or_else(|| panic!("no {step:?} after line {at} for {id}:\n{log}"));
         at += i + 1;
     }
     // Every line of this session carries its id once, and no line of the other one does.
     assert!(mine.iter().all(|l| l.matches("session{").count() == 1), "{log}");
     let field = |line: &str, k: &str| -> u64 {
-        let v = line.split_whitespace().find_map(|w| w.strip_prefix(&format!("{k}="))).unwrap_or_else(|| panic!("no {k} in {line}"));
+        let v = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{k}=")))
+            .unwrap_or_else(|| panic!("no {k} in {line}"));
         v.parse().unwrap()
     };
     let tunnel = mine.iter().find(|l| l.contains("tunnel closed")).unwrap();
@@ -320,7 +336,11 @@ async fn a_flood_of_refusals_is_one_line_at_the_default_level() {
     let log = server.stderr();
     let refused: Vec<&str> = log.lines().filter(|l| l.contains("connection refused")).collect();
     assert_eq!(refused.len(), 1, "{log}");
-    assert!(refused[0].contains(" WARN ") && refused[0].contains("reason=\"failed\"") || refused[0].contains("reason=failed"), "{log}");
+    assert!(
+        refused[0].contains(" WARN ") && refused[0].contains("reason=\"failed\"")
+            || refused[0].contains("reason=failed"),
+        "{log}"
+    );
     assert!(refused[0].contains("addr=127.0.0.1:"), "{log}");
 }
 

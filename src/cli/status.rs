@@ -34,7 +34,9 @@ pub(crate) async fn status(args: StatusArgs) -> Result<()> {
     };
     let answer = tokio::time::timeout(EXCHANGE_TIMEOUT, exchange)
         .await
-        .map_err(|_| anyhow::anyhow!("{}: no answer within {}", path.display(), holdfast::human::Rounded(EXCHANGE_TIMEOUT)))?
+        .map_err(|_| {
+            anyhow::anyhow!("{}: no answer within {}", path.display(), holdfast::human::Rounded(EXCHANGE_TIMEOUT))
+        })?
         .with_context(|| format!("{}: cannot read the answer", path.display()))?;
     print!("{answer}");
     Ok(())
@@ -134,7 +136,20 @@ pub(crate) fn sessions_json(list: &[SessionStatus], now: SystemTime) -> String {
 
 /// The sessions as a table, one line each, oldest first.
 pub(crate) fn sessions_table(list: &[SessionStatus], now: SystemTime) -> String {
-    let head = ["ID", "CLIENT", "KEY", "ADDRESS", "STATE", "SINCE", "RTT", "TO CLIENT", "FROM CLIENT", "RESUMES", "STREAMS", "FORWARDS"];
+    let head = [
+        "ID",
+        "CLIENT",
+        "KEY",
+        "ADDRESS",
+        "STATE",
+        "SINCE",
+        "RTT",
+        "TO CLIENT",
+        "FROM CLIENT",
+        "RESUMES",
+        "STREAMS",
+        "FORWARDS",
+    ];
     let mut rows = vec![head.map(String::from).to_vec()];
     for s in list {
         let key = s.key.to_string();
@@ -235,7 +250,11 @@ struct SessionState {
 
 impl ClientStatus {
     pub(crate) fn new(server: String, multiplexed: bool) -> Arc<ClientStatus> {
-        let state = if multiplexed { "not open yet (it opens with the first connection)" } else { "one session per connection (--no-mux)" };
+        let state = if multiplexed {
+            "not open yet (it opens with the first connection)"
+        } else {
+            "one session per connection (--no-mux)"
+        };
         Arc::new(ClientStatus {
             server,
             multiplexed,
@@ -287,7 +306,9 @@ impl ClientStatus {
             let forwards: Vec<String> = self
                 .forwards
                 .iter()
-                .map(|(k, l, t)| format!("{{\"kind\":{},\"listen\":{},\"to\":{}}}", json_str(k), json_str(l), json_str(t)))
+                .map(|(k, l, t)| {
+                    format!("{{\"kind\":{},\"listen\":{},\"to\":{}}}", json_str(k), json_str(l), json_str(t))
+                })
                 .collect();
             let cause = s.cause.as_deref().map_or_else(|| "null".to_string(), json_str);
             return format!(

@@ -77,7 +77,8 @@ impl Summary {
     /// and starts a new one.
     pub(super) fn flush(&self) -> Vec<Line> {
         let w = std::mem::take(&mut *self.inner.lock().unwrap_or_else(|p| p.into_inner()));
-        let mut lines: Vec<Line> = w.seen.into_iter().filter(|(_, n)| *n > 0).map(|((r, a), n)| (r, Some(a), n)).collect();
+        let mut lines: Vec<Line> =
+            w.seen.into_iter().filter(|(_, n)| *n > 0).map(|((r, a), n)| (r, Some(a), n)).collect();
         lines.extend(w.others.into_iter().map(|(r, n)| (r, None, n)));
         lines.sort_by_key(|(r, a, _)| (*r as usize, *a));
         lines

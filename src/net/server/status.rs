@@ -69,6 +69,10 @@ pub struct SessionStatus {
     pub forwards: Vec<String>,
 }
 
+/// Logs a session's end line, given its tunnels' bytes (to the client, from the client, how
+/// many tunnels) if the tunnel layer reported any.
+pub(super) type EndLine = Box<dyn FnOnce(Option<(u64, u64, u64)>) + Send>;
+
 /// What a session's [`Peer`] and its server-side entry share: counters the tunnel layer keeps,
 /// and the session's end line, logged once both the session's driver and every `Peer` of it
 /// are done, so that it comes after the lines of its tunnels.
@@ -81,7 +85,7 @@ pub(crate) struct Activity {
     /// many of them.
     carried: Mutex<(u64, u64, u64)>,
     /// The end line to log on drop, set by the session's driver.
-    pub(super) end: Mutex<Option<Box<dyn FnOnce(Option<(u64, u64, u64)>) + Send>>>,
+    pub(super) end: Mutex<Option<EndLine>>,
 }
 
 impl Activity {
@@ -201,10 +205,7 @@ struct TrackInner {
 
 impl Track {
     pub(super) fn new(addr: SocketAddr, attached: bool) -> Track {
-        Track {
-            inner: Mutex::new(TrackInner { addr, attached, since: SystemTime::now() }),
-            resumes: AtomicU64::new(0),
-        }
+        Track { inner: Mutex::new(TrackInner { addr, attached, since: SystemTime::now() }), resumes: AtomicU64::new(0) }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, TrackInner> {
