@@ -351,3 +351,23 @@ async fn scrape_body(addr: SocketAddr) -> String {
     timeout(LIMIT, sock.read_to_string(&mut reply)).await.unwrap().unwrap();
     reply
 }
+
+/// Start-up says what an operator needs: the control socket, and that the server is ready with
+/// its address, key and services; nothing else at the default level but warnings (the
+/// descriptor limit only when it holds fewer than 1024 sessions).
+#[tokio::test]
+async fn start_up_says_only_what_an_operator_needs() {
+    let setup = Setup::new("status-startup");
+    let echo = echo_service().await;
+    let socket = setup.keys.dir.path("status.sock");
+    // More sessions than any descriptor limit holds: the limit still holds thousands, which is
+    // not worth a line at the default level.
+    let (server, _) = setup.server(echo, &socket, &["--max-sessions", "100000000"]).await;
+    let log = server.stderr();
+    let info: Vec<&str> = log.lines().filter(|l| l.contains(" INFO ")).collect();
+    assert_eq!(info.len(), 2, "{log}");
+    assert!(info[0].contains("status socket ready") && info[1].contains("server ready"), "{log}");
+    for l in log.lines().filter(|l| l.contains("file-descriptor")) {
+        assert!(l.contains(" WARN "), "{log}");
+    }
+}

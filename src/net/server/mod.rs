@@ -197,7 +197,8 @@ fn run(
     }
     let task = tokio::spawn(accept_loop(tcp, state.clone()));
     tokio::spawn(refusals::summarise(Arc::downgrade(&state)));
-    info!(%local, "listening");
+    // The program says it is ready (the CLI's "server ready" line names the address).
+    tracing::debug!(%local, "listening");
     Ok(Listener { state, incoming, local, task, handover: None, took_over_from: None })
 }
 
