@@ -38,6 +38,12 @@ pub(crate) async fn status(args: StatusArgs) -> Result<()> {
             anyhow::anyhow!("{}: no answer within {}", path.display(), holdfast::human::Rounded(EXCHANGE_TIMEOUT))
         })?
         .with_context(|| format!("{}: cannot read the answer", path.display()))?;
+    if answer.is_empty() {
+        anyhow::bail!(
+            "{}: the process there closed the connection without an answer (it answers only its own user and root)",
+            path.display()
+        );
+    }
     print!("{answer}");
     Ok(())
 }
