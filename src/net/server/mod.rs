@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tracing::info;
+use tracing::debug;
 
 use handshake::{handshake, refuse_busy};
 use state::{Claim, Live, Pending, Slot, State, Table};
@@ -198,7 +198,7 @@ fn run(
     let task = tokio::spawn(accept_loop(tcp, state.clone()));
     tokio::spawn(refusals::summarise(Arc::downgrade(&state)));
     // The program says it is ready (the CLI's "server ready" line names the address).
-    tracing::debug!(%local, "listening");
+    debug!(%local, "listening");
     Ok(Listener { state, incoming, local, task, handover: None, took_over_from: None })
 }
 
