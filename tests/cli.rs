@@ -490,8 +490,13 @@ async fn refused_tunnels_end_as_normal_closes() {
     let (st, _, err) = run(&strs(&keys.client_args("connect", addr, "nope")), b"").await;
     assert_error(st, &err, &["no service named 'nope'"]);
     server.wait_log("session closed", 1).await;
-    let log = server.wait_log("INFO tunnel refused: unknown service", 1).await;
+    let log = server.wait_log("tunnel refused: unknown service", 1).await;
     assert!(warnings(&log).is_empty(), "a refusal was logged as a failure:\n{log}");
+    // At INFO, in the span of its session.
+    assert!(
+        log.lines().any(|l| l.contains(" INFO session{id=") && l.contains("}: tunnel refused: unknown service")),
+        "{log}"
+    );
 
     // Through a forward (a stream of its multiplexed session: the refusal ends the stream, and
     // the session stays for the next connection).
@@ -503,14 +508,14 @@ async fn refused_tunnels_end_as_normal_closes() {
     c.write_all(b"hello before the reply").await.unwrap();
     let mut rest = Vec::new();
     let _ = timeout(LIMIT, c.read_to_end(&mut rest)).await.expect("the refused connection stayed open");
-    let log = server.wait_log("INFO tunnel refused: unknown service", 2).await;
+    let log = server.wait_log("tunnel refused: unknown service", 2).await;
     assert!(warnings(&log).is_empty(), "a refusal through a forward was logged as a failure:\n{log}");
     client.wait_log("cannot open tunnel", 1).await;
 
     let (st, _, err) = run(&strs(&keys.client_args("connect", addr, "dead")), b"").await;
     assert_error(st, &err, &["service 'dead' is unavailable"]);
     server.wait_log("session closed", 2).await;
-    let log = server.wait_log("INFO tunnel refused: service unavailable", 1).await;
+    let log = server.wait_log("tunnel refused: service unavailable", 1).await;
     let warned = warnings(&log);
     assert!(warned.len() == 1 && warned[0].contains("cannot connect to the service"), "{log}");
     assert!(!log.contains("session ended") && !log.contains("tunnel failed"), "{log}");

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::chaos::ChaosProxy;
 use common::cli::*;
+use holdfast::keys::Keypair;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
@@ -142,7 +143,8 @@ async fn metrics_follow_a_session_through_a_resume() {
         &[("holdfast_sessions{state=\"attached\"}", 0.0), ("holdfast_sessions{state=\"detached\"}", 0.0)],
     )
     .await;
-    assert!(!m.contains_key("holdfast_client_sessions{client=\"test-client\"}"), "{m:#?}");
+    // The client's series goes to 0; it does not vanish.
+    assert_eq!(m.get("holdfast_client_sessions{client=\"test-client\"}"), Some(&0.0), "{m:#?}");
     // Each way: the two lines, and the tunnel's request (or reply) before them.
     let bytes = |m: &BTreeMap<String, f64>, dir: &str| {
         m.get(&format!("holdfast_session_bytes_total{{direction=\"{dir}\"}}")).copied().unwrap_or(0.0)
@@ -208,4 +210,117 @@ async fn idle_connections_do_not_block_a_scrape() {
     let m = scrape(metrics).await;
     assert_eq!(m.get("holdfast_allowed_clients"), Some(&1.0), "{m:#?}");
     drop(idle);
+}
+
+/// A scrape as Prometheus reads it (`prometheus-parse`): (family as its samples name it,
+/// labels sorted as `k=v` pairs) to value.
+async fn parsed(addr: SocketAddr) -> BTreeMap<(String, Vec<String>), f64> {
+    let (status, body) = get(addr, "/metrics").await;
+    assert_eq!(status, "HTTP/1.1 200 OK", "{body}");
+    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).expect("a Prometheus text");
+    assert!(!scrape.samples.is_empty(), "{body}");
+    scrape
+        .samples
+        .into_iter()
+        .map(|s| {
+            let v = match s.value {
+                prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Gauge(v) => v,
+                prometheus_parse::Value::Untyped(v) => v,
+                other => panic!("{}: not a counter or gauge: {other:?}", s.metric),
+            };
+            let mut labels: Vec<String> = s.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            labels.sort();
+            ((s.metric, labels), v)
+        })
+        .collect()
+}
+
+fn at(m: &BTreeMap<(String, Vec<String>), f64>, name: &str, labels: &[&str]) -> Option<f64> {
+    m.get(&(name.to_string(), labels.iter().map(|l| l.to_string()).collect())).copied()
+}
+
+/// Polls the parsed scrape until `done` holds (bounded), as [`wait_until`].
+async fn wait_parsed(
+    addr: SocketAddr,
+    what: &str,
+    done: impl Fn(&BTreeMap<(String, Vec<String>), f64>) -> bool,
+) -> BTreeMap<(String, Vec<String>), f64> {
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        let m = parsed(addr).await;
+        if done(&m) {
+            return m;
+        }
+        assert!(Instant::now() < deadline, "metrics never reached {what}; last scrape:\n{m:#?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Issue 24, item 4: read with a Prometheus text parser, the metrics count a live session's
+/// bytes as they flow, give the version, count a failed reload, and keep a client's series at
+/// 0 once its session ended; and README's table names every family.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_parse_and_count_live_bytes_reloads_and_idle_clients() {
+    let keys = Keys::new("metrics-parse");
+    let echo = echo_service().await;
+    let svc = format!("echo={echo}");
+    let mut args = vec!["server", "--listen", "127.0.0.1:0", "--key", s(&keys.server_key)];
+    args.extend(["--authorized", s(&keys.authorized), "--service", &svc, "--metrics", "127.0.0.1:0"]);
+    let server = Proc::spawn(&args, false);
+    let addr = server.logged_addr("server ready", "listen=").await;
+    let metrics = server.logged_addr("metrics endpoint ready", "metrics=").await;
+
+    let m = parsed(metrics).await;
+    assert_eq!(
+        at(&m, "holdfast_build_info", &[&format!("version={}", env!("CARGO_PKG_VERSION"))]),
+        Some(1.0),
+        "{m:#?}"
+    );
+    assert_eq!(at(&m, "holdfast_reload_failures_total", &[]), Some(0.0), "{m:#?}");
+    assert_eq!(at(&m, "holdfast_client_sessions", &["client=test-client"]), Some(0.0), "{m:#?}");
+
+    // A live session carries 1000 bytes each way; its stream also carries the tunnel request
+    // (1 + "echo") and reply (2 bytes).
+    let client = Keypair::from_private(holdfast::keys::load_private_key(&keys.client_key).unwrap());
+    let server_pub = holdfast::keys::load_public_key(&keys.server_pub).unwrap();
+    let cfg = holdfast::ClientConfig::new(client, server_pub);
+    let mut stream = holdfast::tunnel::open(&addr.to_string(), cfg, "echo").await.unwrap();
+    let data = vec![7u8; 1000];
+    stream.write_all(&data).await.unwrap();
+    let mut back = vec![0u8; 1000];
+    timeout(LIMIT, stream.read_exact(&mut back)).await.unwrap().unwrap();
+    let live = wait_parsed(metrics, "the live session's bytes", |m| {
+        at(m, "holdfast_session_bytes_total", &["direction=from_client"]) == Some(1005.0)
+    })
+    .await;
+    assert_eq!(at(&live, "holdfast_session_bytes_total", &["direction=to_client"]), Some(1002.0), "{live:#?}");
+    assert_eq!(at(&live, "holdfast_client_sessions", &["client=test-client"]), Some(1.0), "{live:#?}");
+    assert_eq!(at(&live, "holdfast_sessions", &["state=attached"]), Some(1.0), "{live:#?}");
+    assert_eq!(at(&live, "holdfast_sessions_opened_total", &[]), Some(1.0), "{live:#?}");
+
+    // An allow-list that does not load, and SIGHUP: counted as a failed reload.
+    std::fs::write(&keys.authorized, "not a key\n").unwrap();
+    let pid = rustix::process::Pid::from_raw(server.child.id().unwrap() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::HUP).unwrap();
+    server.wait_log("allow-list not reloaded", 1).await;
+    let m = parsed(metrics).await;
+    assert_eq!(at(&m, "holdfast_reload_failures_total", &[]), Some(1.0), "{m:#?}");
+
+    // The session ends: its client's series is 0, and its bytes stay counted.
+    stream.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    timeout(LIMIT, stream.read_to_end(&mut rest)).await.unwrap().unwrap();
+    drop(stream);
+    let m = wait_parsed(metrics, "the session ended", |m| at(m, "holdfast_sessions", &["state=attached"]) == Some(0.0))
+        .await;
+    assert_eq!(at(&m, "holdfast_client_sessions", &["client=test-client"]), Some(0.0), "{m:#?}");
+    assert_eq!(at(&m, "holdfast_session_bytes_total", &["direction=to_client"]), Some(1002.0), "{m:#?}");
+    assert_eq!(at(&m, "holdfast_session_bytes_total", &["direction=from_client"]), Some(1005.0), "{m:#?}");
+
+    // README's table names every family the endpoint serves.
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    for (name, _) in m.keys() {
+        assert!(readme.contains(&format!("| `{name}")), "README's metrics table lacks {name}");
+    }
+    drop(server);
 }

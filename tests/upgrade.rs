@@ -391,6 +391,11 @@ async fn example_config_upgrade() {
     assert_eq!(new_session.exchange(&data, None, None).await.unwrap(), want);
     let (data, want) = pattern(3, 64 * KIB);
     assert_eq!(old_session.exchange(&data, None, None).await.unwrap(), want);
+    // The example's status socket is the new process's: it lists the new session (the old
+    // process's is not its to show).
+    let shown = run_ok("holdfast status", Command::new(BIN).args(["status", "--json"]).env_remove("RUST_LOG")).await;
+    assert_eq!(shown.matches("\"id\":").count(), 1, "{shown}");
+    assert!(shown.contains("\"client\":\"laptop\"") && shown.contains("\"state\":\"attached\""), "{shown}");
     // The old process's last session ends: it exits; the new one answers the scrapes.
     let (status, log) = old_session.close().await;
     assert!(status.success(), "{log}");

@@ -100,6 +100,12 @@ pub(crate) enum Cmd {
         #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
         faults: u32,
     },
+    /// Show the live sessions of a running server (or the forwards and session of a running
+    /// client): what its --status control socket answers, as a table or as JSON.
+    #[command(
+        after_help = "Examples:\n  holdfast status                                  (server with --status /run/holdfast/status.sock)\n  holdfast status --json\n  holdfast status --socket /run/user/1000/holdfast-client.sock   (client with --status PATH)\n\nOnly the user the server runs as (and root) can use the socket."
+    )]
+    Status(StatusArgs),
     /// Print shell completions.
     #[command(after_help = "Example:\n  holdfast completions bash > /etc/bash_completion.d/holdfast")]
     Completions {
@@ -207,6 +213,10 @@ pub(crate) struct ServerArgs {
     // refuse `metrics-public = true` with `--metrics` on the command line; see check_addr.
     #[arg(long, help_heading = "Metrics")]
     pub(crate) metrics_public: bool,
+    /// A local control socket for `holdfast status`, e.g. /run/holdfast/status.sock: it lists
+    /// every live session. Created mode 0600; only this server's user (and root) may use it.
+    #[arg(long, value_name = "PATH", help_heading = "Metrics")]
+    pub(crate) status: Option<PathBuf>,
     #[command(flatten, next_help_heading = "Timers and buffers")]
     pub(crate) timers: Timers,
 }
@@ -308,8 +318,24 @@ pub(crate) struct ClientArgs {
     /// one session per connection anyway).
     #[arg(long)]
     pub(crate) no_mux: bool,
+    /// A local control socket for `holdfast status --socket PATH`: it lists this client's
+    /// forwards and the state of its session. Created mode 0600; only this user (and root) may
+    /// use it.
+    #[arg(long, value_name = "PATH")]
+    pub(crate) status: Option<PathBuf>,
     #[command(flatten)]
     pub(crate) common: ClientCommon,
+}
+
+/// The flags of `holdfast status`.
+#[derive(Args)]
+pub(crate) struct StatusArgs {
+    /// The control socket of the server (its --status) or client (its --status).
+    #[arg(long, value_name = "PATH", default_value = "/run/holdfast/status.sock")]
+    pub(crate) socket: PathBuf,
+    /// JSON instead of a table.
+    #[arg(long)]
+    pub(crate) json: bool,
 }
 
 #[derive(Args)]

@@ -104,9 +104,24 @@ pub(crate) async fn client(args: ClientArgs) -> Result<()> {
             });
         }
     }
+    let mut shown = crate::status::ClientStatus::new(server.clone(), !args.no_mux);
+    for (listener, service) in &forwards {
+        shown.add("local", listener.local_addr()?.to_string(), format!("service {service}"));
+    }
+    if let Some(addr) = &args.socks {
+        shown.add("socks", addr.clone(), "destinations the server allows".into());
+    }
+    for (bind, target) in &args.remote {
+        shown.add("remote", format!("{bind} (on the server)"), target.clone());
+    }
+    if let Some(path) = &args.status {
+        let shown = shown.clone();
+        crate::status::serve(path.clone(), move |json| shown.answer(json))?;
+    }
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         while let Some((from, ev)) = rx.recv().await {
+            shown.event(&ev);
             log_event(Some(from), ev);
         }
     });

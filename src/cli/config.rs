@@ -71,6 +71,7 @@ struct ServerSection {
     server_id: Option<u64>,
     proxy_from: Option<Vec<String>>,
     handover: Option<String>,
+    status: Option<String>,
     retire_after: Option<String>,
     keepalive: Option<String>,
     dead_after: Option<String>,
@@ -98,6 +99,7 @@ struct ClientSection {
     remote: Option<Vec<String>>,
     no_check: Option<bool>,
     no_mux: Option<bool>,
+    status: Option<String>,
 }
 
 /// Parses the command line (`argv`, the program name first) and merges in the `--config` file

@@ -8,6 +8,7 @@ mod keyfiles;
 mod manpage;
 mod metrics;
 mod server;
+mod status;
 mod term;
 
 use std::io::IsTerminal;
@@ -63,6 +64,7 @@ async fn run(cli: Cli) -> Result<bool> {
         Cmd::Completions { shell } => {
             clap_complete::generate(shell, &mut args::command(), "holdfast", &mut std::io::stdout());
         }
+        Cmd::Status(a) => status::status(a).await?,
         Cmd::Man => {
             let page = manpage::render(&args::command());
             std::io::Write::write_all(&mut std::io::stdout(), page.as_bytes())

@@ -38,6 +38,9 @@ const MAX_CONNECTIONS: usize = 64;
 /// Labels of a metric family: (name, value) pairs.
 type Labels = Vec<(&'static str, String)>;
 
+/// SIGHUP reloads of the allow-list that failed, since start (one server per process).
+pub(crate) static RELOAD_FAILURES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// `--metrics` and `--metrics-public`: the address, refused if it is not loopback and
 /// `--metrics-public` was not given.
 ///
@@ -250,7 +253,11 @@ pub(crate) fn render(stats: &StatsHandle, allow: &AllowListHandle) -> String {
         counter(s.expired as u64),
     );
     let bytes = by("direction", &[("to_client", s.bytes_to_clients), ("from_client", s.bytes_from_clients)]);
-    reg.register("session_bytes", "Stream bytes of the sessions that ended, since start", bytes);
+    reg.register(
+        "session_bytes",
+        "Stream bytes of every session since start, the live ones' included (as of this scrape)",
+        bytes,
+    );
     let r = s.refused;
     let refused = by(
         "reason",
@@ -269,9 +276,21 @@ pub(crate) fn render(stats: &StatsHandle, allow: &AllowListHandle) -> String {
     reg.register("handshakes_refused", "Connections that did not open or resume a session, by reason", refused);
     let list = allow.get();
     reg.register("allowed_clients", "Client keys on the allow-list in force", gauge(list.len()));
+    reg.register(
+        "reload_failures",
+        "SIGHUP reloads of the allow-list that failed (the previous list stayed in force), since start",
+        counter(RELOAD_FAILURES.load(Ordering::Relaxed)),
+    );
+    let build = Family::<Labels, Gauge>::default();
+    build.get_or_create(&vec![("version", env!("CARGO_PKG_VERSION").to_string())]).set(1);
+    reg.register("build_info", "Always 1; its label is the version of the running binary", build);
     // A client by its allow-list name, else its public key (not a secret); names shared by
-    // several keys add up.
+    // several keys add up. Every key on the list has a series, 0 when it has no session, so
+    // that a client's series goes to 0 instead of vanishing.
     let clients = Family::<Labels, Gauge>::default();
+    for peer in list.iter() {
+        let _ = clients.get_or_create(&vec![("client", peer.name.clone().unwrap_or_else(|| peer.key.to_string()))]);
+    }
     for (key, n) in stats.sessions_per_key() {
         let name = list.lookup(&key).and_then(|p| p.name.clone()).unwrap_or_else(|| key.to_string());
         clients.get_or_create(&vec![("client", name)]).inc_by(i64::try_from(n).unwrap_or(i64::MAX));

@@ -111,6 +111,10 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
         }
         None => metrics_later.map(|addr| tokio::spawn(metrics::serve_when_free(addr, &listener))),
     };
+    if let Some(path) = &args.status {
+        let stats = listener.stats_handle();
+        crate::status::serve(path.clone(), move |json| crate::status::server_answer(&stats, json))?;
+    }
     let offered: Vec<String> = services.iter().map(|(n, t)| format!("{n}={t}")).collect();
     let connect: Vec<String> = services.connect_rules().iter().map(ToString::to_string).collect();
     let connect = if connect.is_empty() { "none".to_string() } else { connect.join(",") };
@@ -282,7 +286,10 @@ async fn reload_on_hangup(
                 let ended = handle.set(list);
                 info!(file = %path.display(), clients = n, ended_sessions = ended, "allow-list reloaded");
             }
-            Err(e) => error!(error = %e, "allow-list not reloaded; the previous one stays in force"),
+            Err(e) => {
+                metrics::RELOAD_FAILURES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                error!(error = %e, "allow-list not reloaded; the previous one stays in force")
+            }
         }
     }
     std::future::pending().await

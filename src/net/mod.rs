@@ -5,6 +5,8 @@ pub mod backoff;
 pub(crate) mod budget;
 pub mod client;
 pub mod config;
+#[cfg(unix)]
+pub mod control;
 pub mod events;
 mod pump;
 mod race;
@@ -27,8 +29,8 @@ pub use client::{connect, connect_session};
 pub use config::{ClientConfig, Limits, Recovery, RecoveryHook, RecoveryPolicy, ServerConfig};
 pub use events::{LinkEvent, LinkLost, LinkStatus};
 pub use server::{
-    bind, bind_with_handover, client_label, prepare_handover, AllowListHandle, Listener, Peer, Refusals, Retirement,
-    ServerStats, StatsHandle, Upgrade,
+    bind, bind_with_handover, client_label, prepare_handover, AllowListHandle, ForwardGuard, Listener, Peer, Refusals,
+    Retirement, ServerStats, SessionStatus, SessionTag, StatsHandle, StreamGuard, Upgrade,
 };
 pub use stream::{ReadHalf, Session, Stream, WriteHalf};
 

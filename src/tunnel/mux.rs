@@ -183,6 +183,8 @@ impl MuxPool {
         if let Some(tx) = self.events.clone() {
             let mut rx = session.events();
             let from = stream_peer(&self.server);
+            // Its connection came before this subscription: said here (`holdfast status`).
+            let _ = tx.send((from, crate::net::LinkEvent::Connected { peer: from }));
             tokio::spawn(async move {
                 while let Ok(ev) = rx.recv().await {
                     if tx.send((from, ev)).is_err() {
@@ -238,7 +240,8 @@ pub(super) async fn serve_session(
             sub = session.accept() => match sub {
                 Some(sub) => {
                     let (peer, services, allow, stop) = (peer.clone(), services.clone(), allow.clone(), stop.clone());
-                    open.spawn(serve_sub(sub, session.clone(), peer, services, allow, stop, ctx.clone()));
+                    let sub = serve_sub(sub, session.clone(), peer, services, allow, stop, ctx.clone());
+                    open.spawn(tracing::Instrument::in_current_span(sub));
                 }
                 None => break,
             },
@@ -311,15 +314,21 @@ async fn serve_sub(
             (name, tcp, target.to_string())
         }
         Request::Listen(addr) => {
-            return super::reverse::serve_listen(sub, addr, mux, (entry, services), stop, ctx.status).await;
+            return super::reverse::serve_listen(sub, addr, mux, (entry, services), stop, (ctx.status, &peer)).await;
         }
     };
     if write_reply(&mut sub, Status::Connected, "").await.is_err() {
         return;
     }
     info!(client = %who, service = %name, target = %printable(&target), "tunnel open");
-    match join(tcp, sub, Some(stop), None).await {
-        Ok((to_client, to_service)) => info!(client = %who, service = %name, to_service, to_client, "tunnel closed"),
+    let counted = peer.stream_opened();
+    let carried = join(tcp, sub, Some(stop), None).await;
+    drop(counted);
+    match carried {
+        Ok((to_client, to_service)) => {
+            peer.carried(to_client, to_service);
+            info!(client = %who, service = %name, to_service, to_client, "tunnel closed")
+        }
         // A stream reset by the client (its program reset its connection) is a close.
         Err(e) if matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe) => {
             info!(client = %who, service = %name, error = %e, "tunnel ended: reset by the client")

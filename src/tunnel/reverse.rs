@@ -141,7 +141,7 @@ pub(super) async fn serve_listen(
     mux: Session,
     (entry, services): (AllowedPeer, Arc<Services>),
     stop: watch::Receiver<bool>,
-    mut status: watch::Receiver<LinkStatus>,
+    (mut status, peer): (watch::Receiver<LinkStatus>, &crate::net::Peer),
 ) {
     let who = super::rights::label(&entry);
     // An IPv4-mapped address is the IPv4 address: judged and bound as that.
@@ -164,6 +164,7 @@ pub(super) async fn serve_listen(
         return;
     }
     info!(client = %who, listen = %at, "reverse forward listening");
+    let _listed = peer.forward_opened(format!("listen {at}"));
     let bounds = services.bounds().clone();
     let (permits, _counted) = (bounds.listener_permits(), bounds.listener());
     let mut sink = [0u8; 64];
@@ -194,7 +195,8 @@ pub(super) async fn serve_listen(
                     pause = Duration::ZERO;
                     backoff.succeeded();
                     permit.accepted();
-                    tokio::spawn(reverse_one(tcp, from, at, mux.clone(), who.clone(), stop.clone(), permit));
+                    let one = reverse_one(tcp, from, at, mux.clone(), (who.clone(), peer.clone()), stop.clone(), permit);
+                    tokio::spawn(tracing::Instrument::in_current_span(one));
                 }
                 Err(e) => {
                     let after = backoff.failed(std::time::Instant::now());
@@ -235,7 +237,7 @@ async fn reverse_one(
     from: SocketAddr,
     at: SocketAddr,
     mux: Session,
-    who: String,
+    (who, peer): (String, crate::net::Peer),
     stop: watch::Receiver<bool>,
     _permit: ReversePermit,
 ) {
@@ -257,8 +259,12 @@ async fn reverse_one(
             return warn!(client = %who, listen = %at, %from, error = %why, "reverse connection refused");
         }
     };
-    match join(tcp, sub, Some(stop), None).await {
+    let counted = peer.stream_opened();
+    let carried = join(tcp, sub, Some(stop), None).await;
+    drop(counted);
+    match carried {
         Ok((to_client, to_program)) => {
+            peer.carried(to_client, to_program);
             info!(client = %who, listen = %at, %from, to_client, to_program, "reverse connection closed")
         }
         Err(e) => info!(client = %who, listen = %at, %from, error = %e, "reverse connection ended by a reset"),

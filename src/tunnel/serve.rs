@@ -49,7 +49,9 @@ pub async fn serve_until(
         tokio::select! {
             r = listener.accept_session() => {
                 let (session, peer) = r?;
-                open.spawn(serve_session(session, peer, services.clone(), allow.clone(), stopped.clone()));
+                let span = peer.session().span();
+                let one = serve_session(session, peer, services.clone(), allow.clone(), stopped.clone());
+                open.spawn(tracing::Instrument::instrument(one, span));
             }
             Some(_) = open.join_next(), if !open.is_empty() => {}
             () = &mut stop => break,

@@ -416,10 +416,15 @@ pub(super) fn commit_new(
     let (tx, rx) = mpsc::channel(4);
     let name = state.allow().lookup(&client).and_then(|p| p.name.clone());
     let who = super::client_label(name.as_deref(), &client);
+    let activity = super::status::Activity::new(state.registry.fresh_tag());
+    let span = activity.tag.span();
     let entry = Arc::new(Entry {
         shared: shared.clone(),
         client,
         who,
+        name: name.clone(),
+        activity: activity.clone(),
+        track: super::status::Track::new(addr, link.is_some()),
         opened: now,
         replace: tx,
         resume_tokens: Mutex::new(None),
@@ -434,7 +439,9 @@ pub(super) fn commit_new(
     for ev in events {
         sync_tickets(state, &entry, ev);
     }
-    let peer = Peer { key: client, name, addr };
+    state.registry.insert(entry.clone());
+    let peer = Peer { key: client, name, addr, activity };
+    let _in = span.enter();
     info!(client = %entry.who, key = %client, %addr, %cipher, "session opened");
     shared.emit(LinkEvent::Connected { peer: addr });
     match state.accepted.try_send((StreamSession::from_counted(shared.clone()), peer)) {
@@ -452,7 +459,8 @@ pub(super) fn commit_new(
     if state.allow().lookup(&client).is_none() {
         entry.revoke();
     }
-    tokio::spawn(session_task(state.clone(), entry, link, rx));
+    drop(_in);
+    tokio::spawn(tracing::Instrument::instrument(session_task(state.clone(), entry, link, rx), span));
     Ok(())
 }
 

@@ -4,10 +4,12 @@
 pub mod handover;
 mod handshake;
 pub mod proxy;
+mod refusals;
 mod session;
 mod stamps;
 mod state;
 mod stats;
+mod status;
 mod upgrade;
 
 use std::net::SocketAddr;
@@ -18,12 +20,13 @@ use std::sync::{Arc, Mutex};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tracing::{debug, info};
+use tracing::debug;
 
 use handshake::{handshake, refuse_busy};
 use state::{Claim, Live, Pending, Slot, State, Table};
 use stats::Refusal;
 pub use stats::{Refusals, ServerStats, StatsHandle};
+pub use status::{ForwardGuard, SessionStatus, SessionTag, StreamGuard};
 pub use upgrade::{bind_with_handover, prepare_handover, ExtraSockets, Upgrade};
 
 use crate::keys::{AllowList, PublicKey};
@@ -63,6 +66,9 @@ impl AllowListHandle {
 }
 
 /// The authenticated peer of an accepted stream.
+///
+/// The session's "session closed" line is logged once its driver is done and every clone of
+/// its `Peer` is dropped: so that the lines about its tunnels, which hold the `Peer`, come first.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Peer {
     /// The client's static public key (on the allow-list).
@@ -71,6 +77,8 @@ pub struct Peer {
     pub name: Option<String>,
     /// The address of the first connection.
     pub addr: SocketAddr,
+    /// The session's id and what its tunnels report (see [`Peer::stream_opened`]).
+    activity: Arc<status::Activity>,
 }
 
 impl Peer {
@@ -160,6 +168,8 @@ fn new_state(cfg: ServerConfig) -> (Arc<State>, mpsc::Receiver<(Session, Peer)>)
         expired: AtomicUsize::new(0),
         resumes: AtomicUsize::new(0),
         counters: Default::default(),
+        registry: Default::default(),
+        refusal_summary: Default::default(),
         refusal_log: Default::default(),
         refusing: AtomicUsize::new(0),
         pending: Mutex::new(Pending::default()),
@@ -186,7 +196,9 @@ fn run(
         tokio::spawn(upgrade::watch_predecessor(sock, state.clone()));
     }
     let task = tokio::spawn(accept_loop(tcp, state.clone()));
-    info!(%local, "listening");
+    tokio::spawn(refusals::summarise(Arc::downgrade(&state)));
+    // The program says it is ready (the CLI's "server ready" line names the address).
+    debug!(%local, "listening");
     Ok(Listener { state, incoming, local, task, handover: None, took_over_from: None })
 }
 
@@ -324,8 +336,7 @@ async fn accept_loop(tcp: TcpListener, state: Arc<State>) {
         let (sock, addr) = backoff.accept(&tcp, "server").await;
         // A load balancer's connections are limited per client, once its PROXY header is read.
         if !proxy::trusted(&state.cfg.proxy_from, addr.ip()) && !state.rate_ok(addr.ip()) {
-            debug!(%addr, "handshake rate limit");
-            state.counters.refused(Refusal::RateLimited);
+            state.refused(Refusal::RateLimited, addr, Some("over the handshake rate of its source address"), false);
             refuse_busy(&state, sock);
             continue;
         }
@@ -355,14 +366,15 @@ fn spawn_handshake(state: &Arc<State>, sock: tokio::net::TcpStream, addr: Socket
         });
         let Some(live) = victim.and_then(|i| pending.live.remove(i)) else {
             drop(pending);
-            debug!(%addr, "handshake cap reached, every handshake young or replying; answering BUSY");
-            state.counters.refused(Refusal::Busy);
+            let why = "handshake cap reached, every handshake young or replying; answered BUSY";
+            state.refused(Refusal::Busy, addr, Some(why), false);
             refuse_busy(state, sock);
             return;
         };
-        debug!(%addr, "handshake cap reached; evicting the oldest handshake");
+        let live_addr = live.addr;
         live.close(open);
-        state.counters.refused(Refusal::Evicted);
+        let why = "handshake cap reached: the oldest handshake was closed to make room";
+        state.refused(Refusal::Evicted, live_addr, Some(why), false);
     }
     let id = pending.next_id;
     pending.next_id += 1;
@@ -376,15 +388,15 @@ fn spawn_handshake(state: &Arc<State>, sock: tokio::net::TcpStream, addr: Socket
         match tokio::time::timeout(limit, handshake(sock, addr, &st, hello, &slot)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
-                st.counters.refused(Refusal::of(&e));
-                debug!(%addr, error = %e, "handshake failed");
+                // A key not on the list was logged already, with the line to add.
+                let logged = matches!(&e, Error::Handshake { source: crate::proto::HandshakeError::NotAllowed(_), .. });
+                st.refused(Refusal::of(&e), addr, Some(&e.to_string()), logged);
             }
             Err(_) => {
-                st.counters.refused(Refusal::TimedOut);
-                debug!(%addr, "handshake deadline passed");
+                st.refused(Refusal::TimedOut, addr, Some("no complete handshake within the handshake timeout"), false);
             }
         }
         st.pending().live.retain(|l| l.id != id);
     });
-    pending.live.push_back(Live { id, started: now, task: task.abort_handle(), claim, busy });
+    pending.live.push_back(Live { id, addr, started: now, task: task.abort_handle(), claim, busy });
 }

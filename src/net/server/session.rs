@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use super::state::{Entry, NewLink, State};
-use super::stats::{Counters, Phase};
+use super::stats::Phase;
 use crate::human::{printable, Rounded};
 use crate::net::events::{LinkEvent, LinkLost, LinkStatus};
 use crate::net::pump::{pump, PumpEnd};
@@ -79,6 +79,7 @@ pub(super) async fn session_task(
                             break;
                         }
                         phase.set(false);
+                        entry.track.detached();
                         faults += 1;
                         lost_at = Instant::now();
                         info!(client = %entry.who, cause = %printable(&cause.to_string()), "session detached; waiting for resume");
@@ -140,6 +141,7 @@ pub(super) async fn session_task(
         match attached {
             Ok(a) => {
                 state.resumes.fetch_add(1, Ordering::Relaxed);
+                entry.track.resumed(new.peer);
                 let replayed_received = new.client_written.saturating_sub(shared.lock().session.received_offset());
                 info!(
                     client = %entry.who,
@@ -179,40 +181,36 @@ pub(super) async fn session_task(
     drop(phase);
     // Clean up: forget tickets and release the session's share of the limits.
     state.table().by_ticket.retain(|_, e| !Arc::ptr_eq(e, &entry));
+    let stream = state.registry.remove(&entry, &state.counters);
     state.release(&entry.client);
     shared.report_end();
-    log_end(&entry, &state.counters);
+    defer_end_line(&entry, stream);
 }
 
-/// Logs how a session ended, once, with its client and the stream positions each way, and
-/// adds its streams' payload bytes to the counters.
-pub(super) fn log_end(entry: &Entry, counters: &Counters) {
-    let (failure, to_client, from_client) = {
-        let inner = entry.shared.lock();
-        let s = &inner.session;
-        // The streams' payload: what the programs and services moved, without framing.
-        let (from_client, to_client) = s.streams().map_or_else(
-            || {
-                let fins = (u64::from(s.is_shut_down()), u64::from(s.peer_finished()));
-                (s.received_offset().saturating_sub(fins.1), s.written_offset().saturating_sub(fins.0))
-            },
-            |st| st.payload_bytes(),
-        );
-        (s.failure().cloned(), to_client, from_client)
-    };
+/// Prepares the line that says how the session ended: logged once its driver and every [`Peer`]
+/// of it are done (see [`super::status::Activity`]), after the lines of its tunnels. Its byte
+/// counts are its tunnels' together, as their "tunnel closed" lines give them, if the tunnel
+/// layer reported any ([`Peer::carried`]); else its stream bytes (`stream`).
+///
+/// [`Peer`]: super::Peer
+/// [`Peer::carried`]: super::Peer::carried
+fn defer_end_line(entry: &Entry, stream: (u64, u64)) {
+    let failure = entry.shared.lock().session.failure().cloned();
     let lasted = Rounded(entry.opened.elapsed());
-    counters.bytes_to_clients.fetch_add(to_client, Ordering::Relaxed);
-    counters.bytes_from_clients.fetch_add(from_client, Ordering::Relaxed);
-    let who = &entry.who;
-    match failure {
-        None | Some(SessionError::Finished) => {
-            info!(client = %who, to_client, from_client, %lasted, "session closed")
+    let who = entry.who.clone();
+    let line = move |tunnels: Option<(u64, u64, u64)>| {
+        let (to_client, from_client, tunnels) = tunnels.unwrap_or((stream.0, stream.1, 0));
+        match failure {
+            None | Some(SessionError::Finished) => {
+                info!(client = %who, to_client, from_client, tunnels, %lasted, "session closed")
+            }
+            Some(e @ SessionError::Expired(_)) => {
+                info!(client = %who, to_client, from_client, tunnels, %lasted, reason = %printable(&e.to_string()), "session ended")
+            }
+            Some(e) => {
+                warn!(client = %who, to_client, from_client, tunnels, %lasted, reason = %printable(&e.to_string()), "session ended")
+            }
         }
-        Some(e @ SessionError::Expired(_)) => {
-            info!(client = %who, to_client, from_client, %lasted, reason = %printable(&e.to_string()), "session ended")
-        }
-        Some(e) => {
-            warn!(client = %who, to_client, from_client, %lasted, reason = %printable(&e.to_string()), "session ended")
-        }
-    }
+    };
+    *entry.activity.end.lock().unwrap_or_else(|p| p.into_inner()) = Some(Box::new(line));
 }

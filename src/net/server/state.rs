@@ -41,6 +41,12 @@ pub(super) struct Entry {
     pub(super) client: PublicKey,
     /// The client as logs name it: its allow-list name, or its key.
     pub(super) who: String,
+    /// The client's allow-list name when the session opened.
+    pub(super) name: Option<String>,
+    /// Its id, and what its tunnels report (shared with its [`Peer`]s).
+    pub(super) activity: Arc<super::status::Activity>,
+    /// Where it is connected from, and since when (for `holdfast status`).
+    pub(super) track: super::status::Track,
     /// When the session was committed.
     pub(super) opened: Instant,
     pub(super) replace: mpsc::Sender<NewLink>,
@@ -153,6 +159,8 @@ pub(super) struct Pending {
 /// A handshake in progress, as the cap sees it.
 pub(super) struct Live {
     pub(super) id: u64,
+    /// Its connection's source.
+    pub(super) addr: SocketAddr,
     pub(super) started: Instant,
     pub(super) task: AbortHandle,
     pub(super) claim: Claim,
@@ -284,6 +292,10 @@ pub(super) struct State {
     pub(super) resumes: AtomicUsize,
     /// The counters only [`super::StatsHandle`] reads.
     pub(super) counters: super::stats::Counters,
+    /// The live sessions, for `holdfast status` and the live byte counts.
+    pub(super) registry: super::status::Registry,
+    /// Refusals logged and summarised per reason and source (see [`super::refusals`]).
+    pub(super) refusal_summary: super::refusals::Summary,
     /// Which refused client keys were logged lately (see [`RefusalLog`]).
     pub(super) refusal_log: RefusalLog,
     /// Over-rate connections being answered with BUSY.
@@ -348,6 +360,7 @@ impl State {
             }
         }
         for entry in &ended {
+            let _in = entry.activity.tag.span().entered();
             tracing::info!(client = %entry.who, "the client's key is no longer on the allow-list: ending its session");
             entry.revoke();
         }
@@ -576,6 +589,9 @@ mod resume_tests {
             shared: Shared::new(Session::new(Role::Server, SessionConfig::default()), client, 0),
             client,
             who: String::new(),
+            name: None,
+            activity: super::super::status::Activity::new(super::super::status::SessionTag(0)),
+            track: super::super::status::Track::new(std::net::SocketAddr::from(([127, 0, 0, 1], 1)), true),
             opened: Instant::now(),
             replace,
             resume_tokens: Mutex::new(None),

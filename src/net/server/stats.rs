@@ -32,9 +32,10 @@ pub struct ServerStats {
     pub expired: usize,
     /// Successful resumes since start.
     pub resumes: usize,
-    /// Stream bytes sent to clients since start, counted when each session ends.
+    /// Stream bytes sent to clients since start: those of the sessions that ended, and those of
+    /// the live sessions so far (read at each snapshot). It never goes down.
     pub bytes_to_clients: u64,
-    /// Stream bytes received from clients since start, counted when each session ends.
+    /// Stream bytes received from clients since start, as [`ServerStats::bytes_to_clients`].
     pub bytes_from_clients: u64,
     /// Connections refused or failed before a session, since start, by reason.
     pub refused: Refusals,
@@ -66,7 +67,7 @@ pub struct Refusals {
 }
 
 /// Which [`Refusals`] field an event counts in.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(super) enum Refusal {
     RateLimited,
     Busy,
@@ -81,6 +82,21 @@ pub(super) enum Refusal {
 
 impl Refusal {
     const COUNT: usize = 9;
+
+    /// Its name, as the metrics label it and the log gives it.
+    pub(super) fn name(self) -> &'static str {
+        match self {
+            Refusal::RateLimited => "rate_limited",
+            Refusal::Busy => "busy",
+            Refusal::NotAllowed => "not_allowed",
+            Refusal::Replayed => "replayed",
+            Refusal::UnknownSession => "unknown_session",
+            Refusal::TimedOut => "timed_out",
+            Refusal::Evicted => "evicted",
+            Refusal::Superseded => "superseded",
+            Refusal::Failed => "failed",
+        }
+    }
 
     /// The reason a failed handshake counts under.
     pub(super) fn of(e: &Error) -> Refusal {
@@ -183,6 +199,7 @@ impl StatsHandle {
     pub fn stats(&self) -> ServerStats {
         let s = &self.state;
         let c = &s.counters;
+        let (bytes_to_clients, bytes_from_clients) = s.registry.bytes(c);
         ServerStats {
             sessions: s.sessions.load(Ordering::Relaxed),
             attached: c.attached.load(Ordering::Relaxed),
@@ -192,8 +209,8 @@ impl StatsHandle {
             opened: c.opened.load(Ordering::Relaxed),
             expired: s.expired.load(Ordering::Relaxed),
             resumes: s.resumes.load(Ordering::Relaxed),
-            bytes_to_clients: c.bytes_to_clients.load(Ordering::Relaxed),
-            bytes_from_clients: c.bytes_from_clients.load(Ordering::Relaxed),
+            bytes_to_clients,
+            bytes_from_clients,
             refused: c.refusals(),
         }
     }
