@@ -69,6 +69,19 @@ pub(crate) enum Cmd {
         after_help = "Example:\n  ssh -o ProxyCommand='holdfast connect --server host:7700 \\\n      --server-key keys/server.pub --key keys/laptop.key --service ssh' user@host\n\nWith a config file (its [client] section; only the keys `connect` has are used):\n  ssh -o ProxyCommand='holdfast connect --config client.toml --service ssh' user@host"
     )]
     Connect(ConnectArgs),
+    /// Resilient ssh with nothing set up on the server: runs your own `ssh` to start a holdfast
+    /// server there for this one session, then your `ssh` through it.
+    #[command(after_help = SSH_HELP)]
+    Ssh(SshArgs),
+    /// The remote end of `holdfast ssh` (started by it over ssh; not for use by hand).
+    #[command(hide = true)]
+    SshServer(SshServerArgs),
+    /// The ProxyCommand of `holdfast ssh` (run by ssh; not for use by hand).
+    #[command(hide = true)]
+    SshProxy {
+        /// The session file written by `holdfast ssh` (mode 0600; read once and removed).
+        file: PathBuf,
+    },
     /// Run a whole tunnel on loopback, break its connection on purpose while data flows both
     /// ways, and report whether every byte arrived. Exit status 0 only if all matched.
     #[command(after_help = "Example:\n  holdfast demo --bytes 256MiB --faults 20")]
@@ -89,6 +102,72 @@ pub(crate) enum Cmd {
     /// Print the manual page (roff), generated from the same text as --help.
     #[command(after_help = "Example:\n  holdfast man > /usr/local/share/man/man1/holdfast.1 && man holdfast")]
     Man,
+}
+
+const SSH_HELP: &str = "\
+Examples:
+  holdfast ssh user@host                  # a shell that survives resets, sleep and roaming
+  holdfast ssh -L 5433:127.0.0.1:5432 host  # ssh's own options, forwards included
+  holdfast ssh host 'tar c dir' > dir.tar # a command; its exit status is ssh's
+  holdfast ssh --server ~/bin/holdfast host
+
+Nothing is set up beforehand: the `holdfast` binary on the remote host is all it needs. Your
+ssh (with your ~/.ssh/config, agent, keys and known hosts) logs in once to start a holdfast
+server there for this session only: fresh keys for both ends, exchanged over that ssh
+connection; it listens on a TCP port of --ports, lets in only this session's key and
+reaches only the sshd you logged in to. Then your ssh runs again with your options, through
+that server, with its own keepalives off (ServerAliveInterval=0): holdfast detects and
+repairs faults instead. The remote server exits when the session ends, or when it has
+waited --session-expiry for this client to come back.
+
+holdfast's own options come before ssh's; from the first option holdfast does not know
+(or the destination), the rest is ssh's.";
+
+/// The flags of `holdfast ssh`: its own, then everything for ssh.
+#[derive(Args)]
+pub(crate) struct SshArgs {
+    /// The holdfast program on the remote host: a name looked up on the PATH of a
+    /// non-interactive ssh command there, or a path.
+    #[arg(long, value_name = "PATH", default_value = "holdfast")]
+    pub(crate) server: String,
+    /// The TCP ports the remote holdfast server may listen on, FIRST-LAST (it takes the first
+    /// free one). This machine must be able to connect to them.
+    #[arg(long, value_name = "FIRST-LAST", default_value = "7710-7799", value_parser = parse_port_range)]
+    pub(crate) ports: (u16, u16),
+    /// Give up after this long without a connection (time asleep counts); ssh then ends.
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration, help_heading = "Recovery")]
+    pub(crate) give_up: Duration,
+    /// How long the remote server keeps the session for this client to come back; it exits then.
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration, help_heading = "Recovery")]
+    pub(crate) session_expiry: Duration,
+    /// ssh's options, the destination ([user@]host) and the remote command, as for ssh.
+    #[arg(value_name = "SSH ARGS", required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+    pub(crate) ssh: Vec<std::ffi::OsString>,
+}
+
+/// The flags of the remote end of `holdfast ssh` (`holdfast ssh-server`).
+#[derive(Args)]
+pub(crate) struct SshServerArgs {
+    /// The TCP ports to listen on, FIRST-LAST: the first free one is taken.
+    #[arg(long, value_name = "FIRST-LAST", default_value = "7710-7799", value_parser = parse_port_range)]
+    pub(crate) ports: (u16, u16),
+    /// How long the session is kept for its client to come back.
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    pub(crate) session_expiry: Duration,
+    /// Run as the detached server (started by `ssh-server` itself).
+    #[arg(long, hide = true)]
+    pub(crate) detached: bool,
+}
+
+/// `FIRST-LAST` (or one port): an inclusive range of TCP ports, none of them 0.
+pub(crate) fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let bad = || format!("'{s}' is not a port range; give FIRST-LAST, for example 7710-7799 (ports 1-65535)");
+    let (a, b) = s.trim().split_once('-').unwrap_or((s.trim(), s.trim()));
+    let (a, b) = (a.trim().parse::<u16>().map_err(|_| bad())?, b.trim().parse::<u16>().map_err(|_| bad())?);
+    if a == 0 || b < a {
+        return Err(bad());
+    }
+    Ok((a, b))
 }
 
 /// The flags of `holdfast server`. Each one can also be set in the `[server]` section of a

@@ -169,11 +169,26 @@ pub(crate) async fn connect(args: ConnectArgs, quiet: bool) -> Result<()> {
         bail!("--service NAME is required: the service to reach on the server (or `service = \"NAME\"` in [client] of a --config file)")
     };
     let (server, cfg) = client_config(c)?;
-    let stream = tunnel::open(&server, cfg, service).await?;
+    carry_stdio(&server, cfg, service, matches!(c.on_fault, OnFault::Ask), quiet).await
+}
+
+/// `holdfast ssh-proxy FILE`: the ProxyCommand of `holdfast ssh`, which carries ssh's
+/// connection to the remote server's one service as `connect` does, with the session's keys
+/// from the session file (read once and removed).
+pub(crate) async fn ssh_proxy(file: &std::path::Path, quiet: bool) -> Result<()> {
+    let session = crate::ssh::session::Session::take(file)?;
+    let mut cfg = ClientConfig::new(session.keypair, session.server_key);
+    cfg.recovery = RecoveryPolicy { give_up_after: session.give_up, ..RecoveryPolicy::default() };
+    carry_stdio(&session.server, cfg, "ssh", false, quiet).await
+}
+
+/// Opens a stream to `service` and carries it on stdin and stdout until both ends are done.
+async fn carry_stdio(server: &str, cfg: ClientConfig, service: &str, asking: bool, quiet: bool) -> Result<()> {
+    let stream = tunnel::open(server, cfg, service).await?;
     let events = stream.events();
     if std::io::stderr().is_terminal() {
         if !quiet {
-            tokio::spawn(term::show_events(events, matches!(c.on_fault, OnFault::Ask)));
+            tokio::spawn(term::show_events(events, asking));
         }
     } else {
         tokio::spawn(async move {

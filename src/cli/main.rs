@@ -7,6 +7,7 @@ mod demo;
 mod keyfiles;
 mod metrics;
 mod server;
+mod ssh;
 mod term;
 
 use std::io::IsTerminal;
@@ -33,7 +34,7 @@ pub(crate) fn session_config(t: &Timers) -> Result<SessionConfig> {
 
 fn init_logs(cli: &Cli) {
     // The demo's output is its progress line and report; logs would only interleave with them.
-    let quiet_by_default = matches!(cli.cmd, Cmd::Demo { .. } | Cmd::Connect(_));
+    let quiet_by_default = matches!(cli.cmd, Cmd::Demo { .. } | Cmd::Connect(_) | Cmd::Ssh(_) | Cmd::SshProxy { .. });
     let default = match (cli.quiet, cli.verbose) {
         (true, _) => "error",
         (false, 0) if matches!(cli.cmd, Cmd::Demo { .. }) => "error",
@@ -59,6 +60,15 @@ async fn run(cli: Cli) -> Result<bool> {
         Cmd::Server(a) => server::server(a).await?,
         Cmd::Client(a) => client::client(a).await?,
         Cmd::Connect(a) => client::connect(a, quiet).await?,
+        Cmd::SshProxy { file } => client::ssh_proxy(&file, quiet).await?,
+        Cmd::SshServer(a) => ssh::remote::ssh_server(a).await?,
+        Cmd::Ssh(a) => {
+            // ssh's exit status is this command's (a remote command's status comes back).
+            let code = ssh::ssh(a).await?;
+            if code != 0 {
+                std::process::exit(code);
+            }
+        }
         Cmd::Demo { bytes, faults } => return demo::demo(bytes, faults).await,
         Cmd::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "holdfast", &mut std::io::stdout());
@@ -77,7 +87,7 @@ fn manual() -> std::io::Result<Vec<u8>> {
     let cmd = Cli::command();
     let mut page = Vec::new();
     clap_mangen::Man::new(cmd.clone()).render(&mut page)?;
-    for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
+    for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help" && !s.is_hide_set()) {
         let sub = sub.clone().bin_name(format!("holdfast {}", sub.get_name()));
         std::io::Write::write_all(&mut page, format!(".SH \"{}\"\n", sub.get_name().to_uppercase()).as_bytes())?;
         let man = clap_mangen::Man::new(sub);
@@ -107,7 +117,7 @@ fn main() -> ExitCode {
     }
     // `connect` carries one stream for one program: a single thread moves its bytes without
     // waking another thread for every message (round trips through it are request/response).
-    let rt = if matches!(cli.cmd, Cmd::Connect(_)) {
+    let rt = if matches!(cli.cmd, Cmd::Connect(_) | Cmd::SshProxy { .. } | Cmd::Ssh(_) | Cmd::SshServer(_)) {
         tokio::runtime::Builder::new_current_thread().enable_all().build()
     } else {
         tokio::runtime::Runtime::new()
