@@ -64,6 +64,7 @@ pub(crate) async fn ssh(args: SshArgs) -> Result<i32> {
         Err(_) => format!("{host}:{port}"),
     };
     probe(&server, &dest, args.ports).await?;
+    tracing::debug!(%server, server_key = %server_key, "the remote holdfast server is ready");
     let dir = PrivateDir::create()?;
     let file = dir.path().join("session");
     Session { server, server_key, keypair, give_up: args.give_up }.write(&file)?;

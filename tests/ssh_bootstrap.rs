@@ -1,0 +1,219 @@
+//! `holdfast ssh`: a real OpenSSH sshd on 127.0.0.1 (its own config and keys, in the test's temp
+//! dir), the user's side configured only by an ssh config file given with `-F` (which also sets
+//! `ServerAliveInterval 3`, as many users' configs do), and the `holdfast` binary as the remote
+//! one (`--server PATH`). Nothing else is set up: no keys, no allow-list, no server.
+//!
+//! Each test gives `holdfast ssh` a one-port `--ports` range of its own, so that it knows the
+//! port of the remote server it starts, kills that port's connections with `ss -K` and cuts it
+//! with nftables. Tests skip ("skipped: reason") without root, sshd, ss or nft, unless
+//! `HOLDFAST_REQUIRE_TOOLS=1`.
+#![cfg(unix)]
+
+mod common;
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use common::cli::BIN;
+use common::faults::{check_ss_kill, Gate, KillLoop};
+use common::http::Pattern;
+use common::procs::{self, check_tools, free_port, hex, s, tail, Out, Proc, TempDir, LIMIT};
+use common::sshd::{self, Sshd};
+use sha2::{Digest as _, Sha256};
+use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::process::Command;
+use tokio::time::timeout;
+
+const MIB: u64 = 1 << 20;
+
+/// Runs `test` if root, `tools`, sshd and a working `ss -K` are there, within `limit`.
+async fn run_test<F: Future<Output = ()>>(name: &str, tools: &[&str], limit: Duration, test: impl FnOnce() -> F) {
+    let ready = match check_tools(&[&["ss"], &sshd::TOOLS[..], tools].concat()) {
+        Ok(()) => check_ss_kill().await,
+        Err(e) => Err(e),
+    };
+    if let Err(reason) = ready {
+        return procs::skip(name, &reason);
+    }
+    let start = Instant::now();
+    if timeout(limit, test()).await.is_err() {
+        panic!("{name}: did not finish within {limit:?}");
+    }
+    eprintln!("{name}: passed in {:.1?}", start.elapsed());
+}
+
+/// An sshd, and the user's side: an ssh config naming it as host `box`.
+struct Setup {
+    dir: TempDir,
+    sshd: Sshd,
+    config: String,
+    /// The one port the remote holdfast server may take.
+    port: u16,
+}
+
+impl Setup {
+    async fn start(tag: &str) -> Setup {
+        let dir = TempDir::new(tag);
+        let sshd = Sshd::start(&dir).await;
+        let config = dir.path("ssh_config");
+        std::fs::write(
+            &config,
+            format!(
+                "Host box\n  HostName 127.0.0.1\n  Port {}\n  User root\n  IdentityFile {}\n  IdentitiesOnly yes\n  \
+                 UserKnownHostsFile /dev/null\n  GlobalKnownHostsFile /dev/null\n  StrictHostKeyChecking no\n  \
+                 BatchMode yes\n  LogLevel ERROR\n  ServerAliveInterval 3\n",
+                sshd.port,
+                s(sshd.key()),
+            ),
+        )
+        .unwrap();
+        std::fs::create_dir_all(dir.path("run")).unwrap();
+        Setup { config: s(&config).to_string(), sshd, port: free_port(), dir }
+    }
+
+    /// The `--ports` value: one port.
+    fn ports(&self) -> String {
+        format!("{0}-{0}", self.port)
+    }
+
+    /// `holdfast -v ssh --server BIN --ports P-P -F CONFIG box REMOTE`, its private directory
+    /// under the test's `run` directory (XDG_RUNTIME_DIR).
+    fn holdfast_ssh(&self, remote: &[&str]) -> Command {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["-v", "ssh", "--server", BIN, "--ports", &self.ports(), "-F", &self.config, "box"]).args(remote);
+        cmd.env("XDG_RUNTIME_DIR", self.dir.path("run")).env_remove("RUST_LOG");
+        cmd
+    }
+}
+
+/// Pids of processes running the holdfast binary whose command line has each of `want`.
+fn holdfast_procs(want: &[&str]) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        let words: Vec<String> = cmdline.split(|&b| b == 0).map(|w| String::from_utf8_lossy(w).into_owned()).collect();
+        if words.first().is_some_and(|w| w == BIN) && want.iter().all(|x| words.iter().any(|w| w == x)) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// Waits (bounded by `limit`) until no holdfast process has `word` on its command line.
+async fn wait_gone(word: &str, limit: Duration) -> Vec<u32> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let left = holdfast_procs(&[word]);
+        if left.is_empty() || Instant::now() >= deadline {
+            return left;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await; // polling for an exit, bounded
+    }
+}
+
+/// The pids of `roots` and of every process they started (by parent pid).
+fn tree(roots: &[u32]) -> Vec<u32> {
+    let mut parents = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        // pid (comm) state ppid ...: comm may hold spaces, so read after its closing ')'.
+        let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
+        parents.extend(ppid.map(|pp| (pid, pp)));
+    }
+    let mut all = roots.to_vec();
+    let mut i = 0;
+    while i < all.len() {
+        let p = all[i];
+        all.extend(parents.iter().filter(|(_, pp)| *pp == p).map(|(pid, _)| *pid));
+        i += 1;
+    }
+    all
+}
+
+/// Every run of 43 base64 characters followed by `=` (how a 32-byte key is written) in the
+/// command line and environment of `pids`: key material where any local user can read it.
+fn keys_in_proc(pids: &[u32]) -> Vec<String> {
+    let b64 = |b: u8| b.is_ascii_alphanumeric() || b == b'+' || b == b'/';
+    let mut found = Vec::new();
+    for pid in pids {
+        for file in ["cmdline", "environ"] {
+            let Ok(bytes) = std::fs::read(format!("/proc/{pid}/{file}")) else { continue };
+            let mut run = 0;
+            for (i, &b) in bytes.iter().enumerate() {
+                if b64(b) {
+                    run += 1;
+                    continue;
+                }
+                if b == b'=' && run == 43 {
+                    found.push(format!("/proc/{pid}/{file}: {}", String::from_utf8_lossy(&bytes[i - 43..=i])));
+                }
+                run = 0;
+            }
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cat_64mib_through_kills_with_exit_status_and_no_keys_in_proc() {
+    let name = "cat_64mib_through_kills_with_exit_status_and_no_keys_in_proc";
+    run_test(name, &[], Duration::from_secs(240), || async {
+        const LEN: u64 = 64 * MIB;
+        let setup = Setup::start("sshcat").await;
+        let file = setup.dir.path("data.bin");
+        let want = Pattern::write_file(23, LEN, &file);
+        let remote = format!("cat {}; exit 7", s(&file));
+        let mut ssh = Proc::spawn("holdfast ssh", &mut setup.holdfast_ssh(&[&remote]), Out::Piped);
+        let mut out = ssh.child.stdout.take().unwrap();
+        let gate = Gate::new();
+        let kills = KillLoop::start(setup.port, Duration::from_millis(200), &gate);
+        let mut pacer = gate.pacer(4 * MIB);
+        let mut hash = Sha256::new();
+        let (mut got, mut buf) = (0u64, vec![0u8; 256 * 1024]);
+        let mut scanned = false;
+        loop {
+            let n = match timeout(LIMIT, out.read(&mut buf)).await {
+                Ok(Ok(n)) => n,
+                r => panic!("reading ssh's output after {got} bytes: {r:?}; stderr:\n{}", tail(&ssh.log(), 30)),
+            };
+            if n == 0 {
+                break;
+            }
+            hash.update(&buf[..n]);
+            got += n as u64;
+            if !scanned && got >= LEN / 2 {
+                // Mid-session: every process (ssh, its ProxyCommand, the remote server, sshd).
+                scanned = true;
+                let mut pids = tree(&[ssh.pid(), setup.sshd.proc.pid()]);
+                let server = holdfast_procs(&["--detached", &setup.ports()]);
+                assert_eq!(server.len(), 1, "one remote server");
+                pids.extend(server);
+                let keys = keys_in_proc(&pids);
+                assert!(keys.is_empty(), "key material in /proc during the session: {keys:?}");
+                let dirs: Vec<_> = std::fs::read_dir(setup.dir.path("run")).unwrap().flatten().collect();
+                assert_eq!(dirs.len(), 1, "one private directory during the session");
+                use std::os::unix::fs::PermissionsExt as _;
+                let mode = dirs[0].metadata().unwrap().permissions().mode() & 0o777;
+                assert_eq!(mode, 0o700, "the private directory's mode");
+                let inside: Vec<_> = std::fs::read_dir(dirs[0].path()).unwrap().flatten().collect();
+                assert!(inside.is_empty(), "the session file was read once and removed: {inside:?}");
+            }
+            pacer.at(got).await;
+        }
+        let k = kills.stop();
+        let (status, log) = ssh.exit().await;
+        assert_eq!(got, LEN, "bytes received; stderr:\n{}", tail(&log, 30));
+        assert_eq!(hex(&hash.finalize()), hex(&want), "SHA-256 of the received file");
+        assert_eq!(status.code(), Some(7), "the remote command's exit status; stderr:\n{}", tail(&log, 30));
+        assert!(k.kills >= 5, "only {} kills destroyed a connection: {k:?}", k.kills);
+        assert!(scanned);
+        let left = wait_gone(&setup.ports(), Duration::from_secs(10)).await;
+        assert!(left.is_empty(), "remote holdfast servers left after the session: {left:?}");
+        let run: Vec<_> = std::fs::read_dir(setup.dir.path("run")).unwrap().flatten().collect();
+        assert!(run.is_empty(), "the private directory is removed at exit: {run:?}");
+        eprintln!("{name}: {LEN} bytes SHA-256 equal, exit status 7, {k:?}");
+    })
+    .await;
+}
