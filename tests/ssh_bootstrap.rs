@@ -20,7 +20,8 @@ use common::http::Pattern;
 use common::procs::{self, check_tools, free_port, hex, s, tail, Out, Proc, TempDir, LIMIT};
 use common::sshd::{self, Sshd};
 use sha2::{Digest as _, Sha256};
-use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader, Lines};
+use tokio::process::ChildStdout;
 use tokio::process::Command;
 use tokio::time::timeout;
 
@@ -83,6 +84,17 @@ impl Setup {
         cmd.args(["-v", "ssh", "--server", BIN, "--ports", &self.ports(), "-F", &self.config, "box"]).args(remote);
         cmd.env("XDG_RUNTIME_DIR", self.dir.path("run")).env_remove("RUST_LOG");
         cmd
+    }
+}
+
+impl Drop for Setup {
+    /// A remote server the test left (it failed, or its client never came) is ended here.
+    fn drop(&mut self) {
+        for pid in holdfast_procs(&["--detached", &self.ports()]) {
+            if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+            }
+        }
     }
 }
 
@@ -214,6 +226,181 @@ async fn cat_64mib_through_kills_with_exit_status_and_no_keys_in_proc() {
         let run: Vec<_> = std::fs::read_dir(setup.dir.path("run")).unwrap().flatten().collect();
         assert!(run.is_empty(), "the private directory is removed at exit: {run:?}");
         eprintln!("{name}: {LEN} bytes SHA-256 equal, exit status 7, {k:?}");
+    })
+    .await;
+}
+
+/// Drops every TCP packet to or from `port` on this host while it lives (an nftables table of
+/// its own, deleted on drop): a silent outage of the links to the remote server.
+struct Outage {
+    table: String,
+}
+
+impl Outage {
+    fn start(port: u16) -> Outage {
+        let table = format!("hfssh{port}");
+        let script = format!(
+            "table inet {table} {{\n chain input {{\n  type filter hook input priority -10\n  tcp dport {port} drop\n  tcp sport {port} drop\n }}\n}}\n"
+        );
+        nft(&["-f", "-"], Some(&script));
+        Outage { table }
+    }
+}
+
+impl Drop for Outage {
+    fn drop(&mut self) {
+        nft(&["delete", "table", "inet", &self.table], None);
+    }
+}
+
+fn nft(args: &[&str], input: Option<&str>) {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new("nft")
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("cannot run nft");
+    if let Some(text) = input {
+        child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    }
+    drop(child.stdin.take());
+    let status = child.wait().unwrap();
+    assert!(status.success() || std::thread::panicking(), "nft {args:?} failed: {status}");
+}
+
+/// Sends `line` to a remote shell and waits (bounded) for the line it should print.
+async fn say(stdin: &mut tokio::process::ChildStdin, out: &mut Lines<BufReader<ChildStdout>>, line: &str, want: &str, ssh: &Proc) {
+    let sent = stdin.write_all(format!("{line}\n").as_bytes()).await;
+    assert!(sent.is_ok(), "cannot write {line:?} to ssh: {sent:?}; stderr:\n{}", tail(&ssh.log(), 30));
+    let got = timeout(LIMIT, out.next_line()).await;
+    assert!(
+        matches!(&got, Ok(Ok(Some(l))) if l == want),
+        "after {line:?}: want {want:?}, got {got:?}; stderr:\n{}",
+        tail(&ssh.log(), 30)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_alive_interval_3_survives_a_20s_outage() {
+    let name = "server_alive_interval_3_survives_a_20s_outage";
+    run_test(name, &["nft"], Duration::from_secs(150), || async {
+        let setup = Setup::start("sshoutage").await;
+        let mut ssh = Proc::spawn("holdfast ssh", &mut setup.holdfast_ssh(&["sh"]), Out::Piped);
+        let mut stdin = ssh.child.stdin.take().unwrap();
+        let mut out = BufReader::new(ssh.child.stdout.take().unwrap()).lines();
+        say(&mut stdin, &mut out, "echo before", "before", &ssh).await;
+        let outage = Outage::start(setup.port);
+        // The outage itself: longer than ssh's ServerAliveInterval 3 x ServerAliveCountMax 3
+        // (the user's config), and than holdfast's own dead-after (15 s).
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        drop(outage);
+        say(&mut stdin, &mut out, "echo after", "after", &ssh).await;
+        stdin.write_all(b"exit 5\n").await.unwrap();
+        let (status, log) = ssh.exit().await;
+        assert_eq!(status.code(), Some(5), "the session ended by its own exit; stderr:\n{}", tail(&log, 30));
+        eprintln!("{name}: the shell answered after a 20 s outage, with ServerAliveInterval 3 in the user's config");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vanished_client_leaves_no_server_after_expiry() {
+    let name = "a_vanished_client_leaves_no_server_after_expiry";
+    run_test(name, &[], Duration::from_secs(90), || async {
+        let setup = Setup::start("sshvanish").await;
+        let cmd = setup.holdfast_ssh(&["sh"]);
+        // `--session-expiry` is holdfast's own option: it goes before ssh's.
+        let args: Vec<String> = cmd.as_std().get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        let mut cmd = Command::new(BIN);
+        cmd.args(&args[..2]).args(["--session-expiry", "3s"]).args(&args[2..]);
+        cmd.env("XDG_RUNTIME_DIR", setup.dir.path("run"));
+        let mut ssh = Proc::spawn("holdfast ssh", &mut cmd, Out::Piped);
+        let mut stdin = ssh.child.stdin.take().unwrap();
+        let mut out = BufReader::new(ssh.child.stdout.take().unwrap()).lines();
+        say(&mut stdin, &mut out, "echo up", "up", &ssh).await;
+        assert_eq!(holdfast_procs(&["--detached", &setup.ports()]).len(), 1, "the remote server runs");
+        // The client side vanishes at once: holdfast ssh, ssh and its ProxyCommand, killed.
+        drop(ssh);
+        let left = wait_gone(&setup.ports(), Duration::from_secs(30)).await;
+        assert!(left.is_empty(), "the remote server is still there 30 s after its client vanished (expiry 3 s): {left:?}");
+        eprintln!("{name}: the remote server exited after its session expired");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_user_cannot_use_the_bootstrapped_server() {
+    let name = "another_user_cannot_use_the_bootstrapped_server";
+    run_test(name, &["setpriv"], Duration::from_secs(90), || async {
+        let setup = Setup::start("sshuid").await;
+        let mut ssh = Proc::spawn("holdfast ssh", &mut setup.holdfast_ssh(&["sh"]), Out::Piped);
+        let mut stdin = ssh.child.stdin.take().unwrap();
+        let mut out = BufReader::new(ssh.child.stdout.take().unwrap()).lines();
+        say(&mut stdin, &mut out, "echo up", "up", &ssh).await;
+        let log = ssh.wait_log("the remote holdfast server is ready", 1).await;
+        let server_key = log
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("server_key="))
+            .expect("the server's public key in the log")
+            .to_string();
+        // uid 65534's own directory and key.
+        let theirs = setup.dir.path("nobody");
+        std::fs::create_dir(&theirs).unwrap();
+        std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+        let as_nobody = |args: &[&str]| {
+            let mut cmd = Command::new("setpriv");
+            cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"]).args(args);
+            cmd
+        };
+        let key = theirs.join("k");
+        let out1 = procs::output("keygen", &mut as_nobody(&[BIN, "keygen", "--out", s(&key)]), LIMIT).await;
+        assert!(out1.status.success(), "keygen as 65534: {}", procs::err_text(&out1));
+        // It cannot read this session's private directory (where the client's key was).
+        let dirs: Vec<_> = std::fs::read_dir(setup.dir.path("run")).unwrap().flatten().collect();
+        assert_eq!(dirs.len(), 1);
+        let ls = procs::output("ls", &mut as_nobody(&["ls", s(&dirs[0].path())]), LIMIT).await;
+        assert!(!ls.status.success(), "uid 65534 could list the session's private directory");
+        // With its own key, the server refuses it.
+        let server = format!("127.0.0.1:{}", setup.port);
+        let key_file = format!("{}.key", s(&key));
+        let connect = [BIN, "connect", "--server", &server, "--server-key", &server_key, "--key", &key_file, "--service", "ssh"];
+        let tried = procs::output("connect as 65534", &mut as_nobody(&connect), LIMIT).await;
+        let err = procs::err_text(&tried);
+        assert!(!tried.status.success(), "uid 65534 reached the service: {err}");
+        assert!(tried.stdout.is_empty(), "uid 65534 got bytes from the service: {:?}", tried.stdout);
+        // The session goes on.
+        say(&mut stdin, &mut out, "echo still", "still", &ssh).await;
+        stdin.write_all(b"exit 0\n").await.unwrap();
+        let (status, log) = ssh.exit().await;
+        assert!(status.success(), "stderr:\n{}", tail(&log, 30));
+        eprintln!("{name}: refused: {}", err.lines().last().unwrap_or(""));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_holdfast_on_the_remote_or_a_blocked_port_says_what_to_do() {
+    let name = "no_holdfast_on_the_remote_or_a_blocked_port_says_what_to_do";
+    run_test(name, &["nft"], Duration::from_secs(90), || async {
+        let setup = Setup::start("sshmissing").await;
+        let mut cmd = Command::new(BIN);
+        cmd.args(["ssh", "--server", "/nonexistent/holdfast", "-F", &setup.config, "box", "true"]);
+        let out = procs::output("holdfast ssh", &mut cmd, LIMIT).await;
+        let err = procs::err_text(&out);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        let line = err.lines().find(|l| l.starts_with("holdfast: error:")).unwrap_or_else(|| panic!("no error line:\n{err}"));
+        assert!(line.contains("box has no `/nonexistent/holdfast`") && line.contains("--server PATH"), "{line}");
+        assert_eq!(err.matches("holdfast: error:").count(), 1, "one message:\n{err}");
+        // The port range blocked between here and there (packets dropped): one message that
+        // names the port and what to do.
+        let _outage = Outage::start(setup.port);
+        let out = procs::output("holdfast ssh", &mut setup.holdfast_ssh(&["true"]), LIMIT).await;
+        let err = procs::err_text(&out);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        let line = err.lines().find(|l| l.starts_with("holdfast: error:")).unwrap_or_else(|| panic!("no error line:\n{err}"));
+        let at = format!("127.0.0.1:{}", setup.port);
+        assert!(line.contains(&at) && line.contains("open them in its firewall"), "{line}");
+        eprintln!("{name}: {line}");
     })
     .await;
 }
