@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 
 use anyhow::{bail, Context, Result};
 use holdfast::human::printable;
-use holdfast::net::{LinkEvent, Recovery, RecoveryPolicy, Rounded};
+use holdfast::net::{LinkEvent, LinkStatus, Recovery, RecoveryPolicy, Rounded};
 use holdfast::proto::Cipher;
 use holdfast::tunnel;
 use holdfast::ClientConfig;
@@ -182,24 +182,57 @@ pub(crate) async fn ssh_proxy(file: &std::path::Path, quiet: bool) -> Result<()>
     carry_stdio(&session.server, cfg, "ssh", false, quiet).await
 }
 
-/// Opens a stream to `service` and carries it on stdin and stdout until both ends are done.
+/// How long `connect` goes on trying to end its session on the server, silently, after the
+/// program on stdio has gone during an outage.
+const CLOSE_LINGER: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Opens a stream to `service` and carries it on stdin and stdout until both ends are done, or
+/// the program on stdio is gone. Once it is gone (ssh exited, in any way), nothing more is
+/// shown or said: the session is ended on the server (bounded) and this returns.
 async fn carry_stdio(server: &str, cfg: ClientConfig, service: &str, asking: bool, quiet: bool) -> Result<()> {
     let stream = tunnel::open(server, cfg, service).await?;
     let events = stream.events();
+    let (gone_tx, gone) = tokio::sync::watch::channel(false);
     if std::io::stderr().is_terminal() {
         if !quiet {
-            tokio::spawn(term::show_events(events, asking));
+            tokio::spawn(term::show_events(events, asking, gone.clone()));
         }
     } else {
+        let mut gone = gone.clone();
         tokio::spawn(async move {
             let mut events = events;
-            while let Ok(ev) = events.recv().await {
-                log_event(None, ev);
+            loop {
+                tokio::select! {
+                    ev = events.recv() => match ev {
+                        Ok(ev) => log_event(None, ev),
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(_) => return,
+                    },
+                    _ = gone.wait_for(|g| *g) => return,
+                }
             }
         });
     }
-    tunnel::stdio(stream, hangup()).await?;
-    Ok(())
+    let hangup = async {
+        hangup().await;
+        let _ = gone_tx.send(true);
+    };
+    let mut status = stream.status();
+    let result = tunnel::stdio(stream, hangup).await;
+    if *gone.borrow() {
+        // The program is gone while the link was down: the session is still the server's
+        // (a shell behind it, for ssh). Keep trying, silently and bounded, to tell the server
+        // that it is over once the link is back.
+        let ended = |s: &LinkStatus| matches!(s, LinkStatus::Closed | LinkStatus::Failed(_));
+        let _ = tokio::time::timeout(CLOSE_LINGER, status.wait_for(ended)).await;
+    }
+    match result {
+        // The program reading stdout is gone (ssh killed, without a SIGHUP): as a hang-up.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        _ if *gone.borrow() => Ok(()),
+        Err(e) => Err(e.into()),
+        Ok(_) => Ok(()),
+    }
 }
 
 /// Resolves when the program on the other end of stdio is gone: ssh sends its ProxyCommand
