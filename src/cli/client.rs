@@ -18,7 +18,10 @@ use crate::{session_config, term};
 
 /// The server's address and the client's configuration: the required flags checked (after the
 /// config file was merged) and the keys loaded.
-fn client_config(c: &ClientCommon) -> Result<(String, ClientConfig)> {
+/// With `--on-fault ask`, a "no" fails the stream for `client` (`decline` false). For `connect`
+/// (`decline` true) it is told to `connect` instead ([`term::DECLINED`]), which ends the
+/// session while the driver goes on reconnecting, so that the server hears of the end too.
+fn client_config(c: &ClientCommon, decline: bool) -> Result<(String, ClientConfig)> {
     let server = required(c.server.clone(), "server", "client", "host:7700")?;
     let server_key = required(c.server_key.clone(), "server-key", "client", "keys/server.pub")?;
     let key = required(c.key.clone(), "key", "client", "keys/laptop.key")?;
@@ -34,8 +37,19 @@ fn client_config(c: &ClientCommon) -> Result<(String, ClientConfig)> {
         CipherArg::Chacha20Poly1305 => Cipher::ChaChaPoly,
     };
     if let OnFault::Ask = c.on_fault {
-        cfg.recovery = cfg.recovery.with_hook(|lost| async move {
-            tokio::task::spawn_blocking(move || term::ask(&lost.cause)).await.unwrap_or(Recovery::Fail)
+        cfg.recovery = cfg.recovery.with_hook(move |lost| async move {
+            if decline && term::DECLINED.get().is_some() {
+                // Already declined: the driver only reconnects to tell the server.
+                return Recovery::Recover;
+            }
+            let cause = lost.cause.clone();
+            let answer = tokio::task::spawn_blocking(move || term::ask(&cause)).await.unwrap_or(Recovery::Fail);
+            if answer == Recovery::Fail && decline {
+                let _ = term::DECLINED.set(lost.cause);
+                term::DECLINE.notify_one();
+                return Recovery::Recover;
+            }
+            answer
         });
     }
     Ok((server, cfg))
@@ -78,7 +92,7 @@ pub(crate) async fn client(args: ClientArgs) -> Result<()> {
     if args.local.is_empty() && args.socks.is_none() && args.remote.is_empty() {
         bail!("nothing to forward: give --local HOST:PORT[=SERVICE] (or `local = [\"HOST:PORT=SERVICE\"]` in [client] of a --config file), --socks or --remote");
     }
-    let (server, cfg) = client_config(c)?;
+    let (server, cfg) = client_config(c, false)?;
     let mut forwards = Vec::new();
     for (addr, service) in &args.local {
         let Some(service) = service.clone().or_else(|| c.service.clone()) else {
@@ -168,7 +182,7 @@ pub(crate) async fn connect(args: ConnectArgs, quiet: bool) -> Result<()> {
     let Some(service) = &c.service else {
         bail!("--service NAME is required: the service to reach on the server (or `service = \"NAME\"` in [client] of a --config file)")
     };
-    let (server, cfg) = client_config(c)?;
+    let (server, cfg) = client_config(c, true)?;
     carry_stdio(&server, cfg, service, matches!(c.on_fault, OnFault::Ask), quiet).await
 }
 
@@ -214,11 +228,27 @@ async fn carry_stdio(server: &str, cfg: ClientConfig, service: &str, asking: boo
         });
     }
     let hangup = async {
-        hangup().await;
+        tokio::select! {
+            () = hangup() => {}
+            () = term::DECLINE.notified() => {}
+        }
         let _ = gone_tx.send(true);
     };
     let mut status = stream.status();
     let result = tunnel::stdio(stream, hangup).await;
+    if let Some(cause) = term::DECLINED.get() {
+        // ssh is still there, reading its connection: it ends when stdin and stdout close.
+        if let Ok(null) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null") {
+            let _ = rustix::stdio::dup2_stdout(&null);
+            let _ = rustix::stdio::dup2_stdin(&null);
+        }
+        term::said(&format!(
+            "the link was lost ({}) and you answered n to recovering it: the session is over; \
+             the server is told so once the link is back (this process goes on trying for up to {} in the background)",
+            printable(cause),
+            Rounded(CLOSE_LINGER)
+        ));
+    }
     if *gone.borrow() {
         // The program is gone while the link was down: the session is still the server's
         // (a shell behind it, for ssh). Keep trying, silently and bounded, to tell the server

@@ -15,7 +15,17 @@ use std::os::fd::AsFd;
 
 use holdfast::human::printable;
 use holdfast::net::{LinkEvent, Recovery, Rounded};
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{broadcast, watch, Notify};
+
+/// Set (to the fault's cause) when the user answers "no" to `--on-fault ask` under `connect`.
+pub(crate) static DECLINED: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+/// Notified when [`DECLINED`] is set.
+pub(crate) static DECLINE: Notify = Notify::const_new();
+
+/// One line on the terminal (or stderr), safe in raw mode.
+pub(crate) fn said(text: &str) {
+    write_stderr(&format!("\r\nholdfast: {text}\r\n"));
+}
 
 /// The state of the link shown in the terminal's title.
 #[derive(Default)]
@@ -117,7 +127,7 @@ pub(crate) fn ask(cause: &str) -> Recovery {
         Ok(1) if key[0].eq_ignore_ascii_case(&b'n') => Recovery::Fail,
         _ => Recovery::Recover,
     };
-    let word = if answer == Recovery::Fail { "no: giving up" } else { "yes: reconnecting" };
+    let word = if answer == Recovery::Fail { "no: ending the session" } else { "yes: reconnecting" };
     let _ = write!(tty, "{word}\r\n");
     if let Some(saved) = saved {
         let _ = rustix::termios::tcsetattr(tty.as_fd(), rustix::termios::OptionalActions::Now, &saved);
