@@ -13,7 +13,8 @@ async fn addresses_without_a_port_say_so() {
         run(&["client", "--local", "8082", "--server", "h", "--server-key", "k", "--key", "f", "--service", "x"], b"")
             .await;
     assert_eq!(status.code(), Some(2), "{err}");
-    assert!(err.contains("'8082' is a port alone; give HOST:PORT, for example 127.0.0.1:8082"), "{err}");
+    assert!(err.contains("'8082' is a port alone; give HOST:PORT=SERVICE"), "{err}");
+    assert!(err.contains("[BIND:]PORT:HOST:HOSTPORT as ssh -L"), "{err}");
     let (_, _, err) = run(
         &["client", "--local", "127.0.0.1", "--server", "h", "--server-key", "k", "--key", "f", "--service", "x"],
         b"",

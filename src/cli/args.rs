@@ -339,16 +339,18 @@ pub(crate) enum CipherArg {
 #[derive(Args)]
 pub(crate) struct ClientArgs {
     /// A local address to accept connections on, HOST:PORT, optionally with the service for it:
-    /// HOST:PORT=SERVICE. Repeat for more forwards in one process (like ssh -L). At least one,
-    /// unless --socks or --remote is given.
-    #[arg(long, value_name = "HOST:PORT[=SERVICE]", value_parser = parse_local)]
-    pub(crate) local: Vec<(String, Option<String>)>,
-    /// A local SOCKS5 listener, HOST:PORT, as ssh -D: each CONNECT is carried to the server,
+    /// HOST:PORT=SERVICE. Or, as ssh -L, [BIND:]PORT:HOST:HOSTPORT (BIND 127.0.0.1 if not
+    /// given): each connection goes to HOST:HOSTPORT, connected by the server where its
+    /// --allow-connect rules let this key (needs multiplexing). Repeat for more forwards in one
+    /// process. At least one, unless --socks or --remote is given.
+    #[arg(long, value_name = "HOST:PORT[=SERVICE]|[BIND:]PORT:HOST:HOSTPORT", value_parser = parse_local)]
+    pub(crate) local: Vec<Local>,
+    /// A local SOCKS5 listener, HOST:PORT (or a port alone, on 127.0.0.1), as ssh -D: each CONNECT is carried to the server,
     /// which resolves the name and connects where its --allow-connect rules let this key go.
     /// Example: --socks 127.0.0.1:1080, then curl --socks5-hostname 127.0.0.1:1080 URL.
     /// The listener has no authentication: whoever reaches it uses this key's rights, so give
     /// a loopback address (any other is logged as a warning).
-    #[arg(long, value_name = "HOST:PORT")]
+    #[arg(long, value_name = "HOST:PORT", value_parser = parse_socks)]
     pub(crate) socks: Option<String>,
     /// A reverse forward, as ssh -R: SERVER_IP:PORT=HOST:PORT asks the server to listen on
     /// SERVER_IP:PORT (where its --allow-listen rules let this key) and carries every
@@ -425,21 +427,78 @@ pub(crate) fn parse_remote(s: &str) -> Result<(String, String), String> {
     }
 }
 
-pub(crate) fn parse_local(s: &str) -> Result<(String, Option<String>), String> {
+/// One `--local` forward.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Local {
+    /// `HOST:PORT[=SERVICE]`: to a service of the server, by name.
+    Service { addr: String, service: Option<String> },
+    /// `[BIND:]PORT:HOST:HOSTPORT`, as ssh -L: to HOST:HOSTPORT, connected by the server under
+    /// its --allow-connect rules.
+    Connect { addr: String, host: String, port: u16 },
+}
+
+/// What `--local` accepts, for its error messages.
+const LOCAL_FORMS: &str = "HOST:PORT=SERVICE (a service of the server, e.g. 127.0.0.1:2222=ssh) or \
+[BIND:]PORT:HOST:HOSTPORT as ssh -L (to HOST:HOSTPORT from the server, under its --allow-connect rules, e.g. 5433:db.internal:5432)";
+
+/// The words of `s` split at colons outside `[...]`.
+fn colon_words(s: &str) -> Vec<&str> {
+    let (mut words, mut depth, mut start) = (Vec::new(), 0u32, 0);
+    for (i, c) in s.char_indices() {
+        match c {
+            '[' => depth += 1,
+            ']' => depth = depth.saturating_sub(1),
+            ':' if depth == 0 => {
+                words.push(&s[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    words.push(&s[start..]);
+    words
+}
+
+/// `--local`: `HOST:PORT[=SERVICE]`, or `[BIND:]PORT:HOST:HOSTPORT` (ssh -L's form, bound to
+/// 127.0.0.1 unless BIND is given). A port is required (a local forward has no natural default).
+pub(crate) fn parse_local(s: &str) -> Result<Local, String> {
+    let port = |p: &str| p.trim().parse::<u16>().map_err(|_| format!("'{p}' is not a port number (0-65535); give {LOCAL_FORMS}"));
     let (addr, service) = match s.split_once('=') {
         Some((a, svc)) => (a.trim(), Some(svc.trim().to_string())),
         None => (s.trim(), None),
     };
+    let words = colon_words(addr);
+    if service.is_none() && (words.len() == 3 || words.len() == 4) {
+        let (bind, rest) = if words.len() == 4 { (words[0].trim(), &words[1..]) } else { ("127.0.0.1", &words[..]) };
+        let local_port = port(rest[0])?;
+        let host = rest[1].trim().trim_start_matches('[').trim_end_matches(']');
+        holdfast::tunnel::check_host(host).map_err(|e| format!("{e}; give {LOCAL_FORMS}"))?;
+        let bind = if bind.contains(':') && !bind.starts_with('[') { format!("[{bind}]") } else { bind.to_string() };
+        return Ok(Local::Connect { addr: format!("{bind}:{local_port}"), host: host.to_string(), port: port(rest[2])? });
+    }
     if let Some(svc) = &service {
-        holdfast::tunnel::check_name(svc).map_err(|e| e.to_string())?;
+        holdfast::tunnel::check_name(svc).map_err(|e| format!("{e}; give {LOCAL_FORMS}"))?;
     }
     if addr.parse::<u16>().is_ok() {
-        return Err(format!("'{addr}' is a port alone; give HOST:PORT, for example 127.0.0.1:{addr}"));
+        return Err(format!("'{addr}' is a port alone; give {LOCAL_FORMS}"));
     }
     match split_port(addr) {
-        Some((_, port)) if port.parse::<u16>().is_ok() => Ok((addr.to_string(), service)),
-        Some((_, port)) => Err(format!("'{port}' is not a port number (0-65535)")),
-        None => Err(format!("'{addr}' has no port; give HOST:PORT, for example {addr}:2222")),
+        Some((_, p)) => port(p).map(|_| Local::Service { addr: addr.to_string(), service }),
+        None => Err(format!("'{addr}' has no port; give {LOCAL_FORMS}")),
+    }
+}
+
+/// `--socks`: `HOST:PORT`, or a port alone (on 127.0.0.1, as ssh -D).
+pub(crate) fn parse_socks(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    let forms = "give HOST:PORT (e.g. 127.0.0.1:1080) or a port alone (on 127.0.0.1, as ssh -D 1080)";
+    if let Ok(p) = s.parse::<u16>() {
+        return Ok(format!("127.0.0.1:{p}"));
+    }
+    match split_port(s) {
+        Some((_, p)) if p.parse::<u16>().is_ok() => Ok(s.to_string()),
+        Some((_, p)) => Err(format!("'{p}' is not a port number (0-65535); {forms}")),
+        None => Err(format!("'{s}' has no port; {forms}")),
     }
 }
 
@@ -466,3 +525,29 @@ pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
     };
     n.checked_mul(mult).filter(|&v| v > 0).ok_or_else(|| format!("size '{s}' is out of range"))
 }
+
+#[cfg(test)]
+mod local_tests {
+    use super::*;
+
+    #[test]
+    fn local_takes_ssh_syntax_and_errors_name_the_forms() {
+        let service = Local::Service { addr: "127.0.0.1:2222".into(), service: Some("ssh".into()) };
+        assert_eq!(parse_local("127.0.0.1:2222=ssh").unwrap(), service);
+        let connect = |addr: &str, host: &str, port| Local::Connect { addr: addr.into(), host: host.into(), port };
+        assert_eq!(parse_local("17434:127.0.0.1:15432").unwrap(), connect("127.0.0.1:17434", "127.0.0.1", 15432));
+        assert_eq!(parse_local("0.0.0.0:80:web.internal:8080").unwrap(), connect("0.0.0.0:80", "web.internal", 8080));
+        assert_eq!(parse_local("[::1]:80:[fd00::1]:8080").unwrap(), connect("[::1]:80", "fd00::1", 8080));
+        for bad in ["8082", "127.0.0.1", "127.0.0.1:x", "1:host:x", "x:host:22", "127.0.0.1:1=bad name"] {
+            let err = parse_local(bad).unwrap_err();
+            assert!(err.contains("HOST:PORT=SERVICE") && err.contains("[BIND:]PORT:HOST:HOSTPORT"), "{bad}: {err}");
+        }
+        assert_eq!(parse_socks("1080").unwrap(), "127.0.0.1:1080");
+        assert_eq!(parse_socks("[::1]:1080").unwrap(), "[::1]:1080");
+        for bad in ["localhost", "127.0.0.1:x"] {
+            let err = parse_socks(bad).unwrap_err();
+            assert!(err.contains("HOST:PORT") && err.contains("a port alone"), "{bad}: {err}");
+        }
+    }
+}
+

@@ -11,7 +11,7 @@ use holdfast::tunnel;
 use holdfast::ClientConfig;
 use tracing::{error, info, warn};
 
-use crate::args::{CipherArg, ClientArgs, ClientCommon, ConnectArgs, OnFault};
+use crate::args::{CipherArg, ClientArgs, ClientCommon, ConnectArgs, Local, OnFault};
 use crate::config::required;
 use crate::keyfiles::{load_keypair, load_server_key};
 use crate::{session_config, term};
@@ -94,7 +94,18 @@ pub(crate) async fn client(args: ClientArgs) -> Result<()> {
     }
     let (server, cfg) = client_config(c, false)?;
     let mut forwards = Vec::new();
-    for (addr, service) in &args.local {
+    let mut direct = Vec::new();
+    for local in &args.local {
+        let (addr, service) = match local {
+            Local::Service { addr, service } => (addr, service),
+            Local::Connect { addr, host, port } => {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("--local {addr}:{host}:{port}: cannot listen"))?;
+                direct.push((listener, host.clone(), *port));
+                continue;
+            }
+        };
         let Some(service) = service.clone().or_else(|| c.service.clone()) else {
             bail!("--local {addr}: no service; give --local {addr}=SERVICE, or --service NAME for every --local");
         };
@@ -145,6 +156,11 @@ pub(crate) async fn client(args: ClientArgs) -> Result<()> {
             tunnel::remote(pool, bind, target).await;
             Ok(())
         });
+    }
+    for (listener, host, port) in direct {
+        let Some(pool) = pool.clone() else { bail!("--local PORT:HOST:HOSTPORT needs multiplexing: drop --no-mux") };
+        info!(local = %listener.local_addr()?, server = %server, to = %printable(&format!("{host}:{port}")), "forwarding (connected by the server)");
+        running.spawn(tunnel::forward_connect(listener, pool, host, port));
     }
     for (listener, service) in forwards {
         info!(local = %listener.local_addr()?, server = %server, %service, "forwarding");
