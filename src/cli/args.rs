@@ -251,8 +251,10 @@ pub(crate) struct ServerArgs {
     /// Most connections in their handshake at once.
     #[arg(long, default_value_t = 2048, help_heading = "Limits")]
     pub(crate) max_handshakes: usize,
-    /// How long a session whose client vanished is kept for it to resume.
-    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration, help_heading = "Limits")]
+    /// How long a session whose client vanished is kept for it to resume: a day, so that a
+    /// laptop closed overnight finds its session. A detached session holds its connection to
+    /// the service and what its buffers held (charged to --buffer-budget; an idle one, none).
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration, help_heading = "Limits")]
     pub(crate) session_expiry: Duration,
     /// Serve Prometheus metrics (GET /metrics) on this address, e.g. 127.0.0.1:9770. Off by
     /// default; a loopback address only, unless --metrics-public is given.
@@ -313,8 +315,9 @@ pub(crate) struct ClientCommon {
     /// What to do when the real connection fails.
     #[arg(long, value_enum, default_value = "recover", help_heading = "Recovery")]
     pub(crate) on_fault: OnFault,
-    /// Give up after this long without a connection (time asleep counts); the stream then fails.
-    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration, help_heading = "Recovery")]
+    /// Give up after this long without a connection (time asleep counts); the stream then
+    /// fails. A day by default, so that a laptop closed overnight resumes in the morning.
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration, help_heading = "Recovery")]
     pub(crate) give_up: Duration,
     /// The link's cipher. `auto` picks AES-256-GCM where this CPU has AES instructions (about
     /// three times faster there) and ChaCha20-Poly1305 elsewhere. The server accepts either.
