@@ -211,7 +211,13 @@ async fn defaults_survive_a_night_away() {
         let d = rest.find("[default: ")?;
         Some(rest[d + 10..].split(']').next()?.to_string())
     };
-    for (cmd, flag) in [("server", "session-expiry"), ("client", "give-up"), ("connect", "give-up"), ("ssh", "give-up"), ("ssh", "session-expiry")] {
+    for (cmd, flag) in [
+        ("server", "session-expiry"),
+        ("client", "give-up"),
+        ("connect", "give-up"),
+        ("ssh", "give-up"),
+        ("ssh", "session-expiry"),
+    ] {
         let (st, out, _) = run(&[cmd, "--help"], b"").await;
         let help = String::from_utf8_lossy(&out);
         assert!(st.success(), "{help}");

@@ -269,7 +269,13 @@ fn nft(args: &[&str], input: Option<&str>) {
 }
 
 /// Sends `line` to a remote shell and waits (bounded) for the line it should print.
-async fn say(stdin: &mut tokio::process::ChildStdin, out: &mut Lines<BufReader<ChildStdout>>, line: &str, want: &str, ssh: &Proc) {
+async fn say(
+    stdin: &mut tokio::process::ChildStdin,
+    out: &mut Lines<BufReader<ChildStdout>>,
+    line: &str,
+    want: &str,
+    ssh: &Proc,
+) {
     let sent = stdin.write_all(format!("{line}\n").as_bytes()).await;
     assert!(sent.is_ok(), "cannot write {line:?} to ssh: {sent:?}; stderr:\n{}", tail(&ssh.log(), 30));
     let got = timeout(LIMIT, out.next_line()).await;
@@ -322,7 +328,10 @@ async fn a_vanished_client_leaves_no_server_after_expiry() {
         // The client side vanishes at once: holdfast ssh, ssh and its ProxyCommand, killed.
         drop(ssh);
         let left = wait_gone(&setup.ports(), Duration::from_secs(30)).await;
-        assert!(left.is_empty(), "the remote server is still there 30 s after its client vanished (expiry 3 s): {left:?}");
+        assert!(
+            left.is_empty(),
+            "the remote server is still there 30 s after its client vanished (expiry 3 s): {left:?}"
+        );
         eprintln!("{name}: the remote server exited after its session expired");
     })
     .await;
@@ -363,7 +372,8 @@ async fn another_user_cannot_use_the_bootstrapped_server() {
         // With its own key, the server refuses it.
         let server = format!("127.0.0.1:{}", setup.port);
         let key_file = format!("{}.key", s(&key));
-        let connect = [BIN, "connect", "--server", &server, "--server-key", &server_key, "--key", &key_file, "--service", "ssh"];
+        let connect =
+            [BIN, "connect", "--server", &server, "--server-key", &server_key, "--key", &key_file, "--service", "ssh"];
         let tried = procs::output("connect as 65534", &mut as_nobody(&connect), LIMIT).await;
         let err = procs::err_text(&tried);
         assert!(!tried.status.success(), "uid 65534 reached the service: {err}");
@@ -388,7 +398,8 @@ async fn no_holdfast_on_the_remote_or_a_blocked_port_says_what_to_do() {
         let out = procs::output("holdfast ssh", &mut cmd, LIMIT).await;
         let err = procs::err_text(&out);
         assert_eq!(out.status.code(), Some(1), "{err}");
-        let line = err.lines().find(|l| l.starts_with("holdfast: error:")).unwrap_or_else(|| panic!("no error line:\n{err}"));
+        let line =
+            err.lines().find(|l| l.starts_with("holdfast: error:")).unwrap_or_else(|| panic!("no error line:\n{err}"));
         assert!(line.contains("box has no `/nonexistent/holdfast`") && line.contains("--server PATH"), "{line}");
         assert_eq!(err.matches("holdfast: error:").count(), 1, "one message:\n{err}");
         // The port range blocked between here and there (packets dropped): one message that
@@ -397,7 +408,8 @@ async fn no_holdfast_on_the_remote_or_a_blocked_port_says_what_to_do() {
         let out = procs::output("holdfast ssh", &mut setup.holdfast_ssh(&["true"]), LIMIT).await;
         let err = procs::err_text(&out);
         assert_eq!(out.status.code(), Some(1), "{err}");
-        let line = err.lines().find(|l| l.starts_with("holdfast: error:")).unwrap_or_else(|| panic!("no error line:\n{err}"));
+        let line =
+            err.lines().find(|l| l.starts_with("holdfast: error:")).unwrap_or_else(|| panic!("no error line:\n{err}"));
         let at = format!("127.0.0.1:{}", setup.port);
         assert!(line.contains(&at) && line.contains("open them in its firewall"), "{line}");
         eprintln!("{name}: {line}");

@@ -465,7 +465,9 @@ fn colon_words(s: &str) -> Vec<&str> {
 /// `--local`: `HOST:PORT[=SERVICE]`, or `[BIND:]PORT:HOST:HOSTPORT` (ssh -L's form, bound to
 /// 127.0.0.1 unless BIND is given). A port is required (a local forward has no natural default).
 pub(crate) fn parse_local(s: &str) -> Result<Local, String> {
-    let port = |p: &str| p.trim().parse::<u16>().map_err(|_| format!("'{p}' is not a port number (0-65535); give {LOCAL_FORMS}"));
+    let port = |p: &str| {
+        p.trim().parse::<u16>().map_err(|_| format!("'{p}' is not a port number (0-65535); give {LOCAL_FORMS}"))
+    };
     let (addr, service) = match s.split_once('=') {
         Some((a, svc)) => (a.trim(), Some(svc.trim().to_string())),
         None => (s.trim(), None),
@@ -477,7 +479,11 @@ pub(crate) fn parse_local(s: &str) -> Result<Local, String> {
         let host = rest[1].trim().trim_start_matches('[').trim_end_matches(']');
         holdfast::tunnel::check_host(host).map_err(|e| format!("{e}; give {LOCAL_FORMS}"))?;
         let bind = if bind.contains(':') && !bind.starts_with('[') { format!("[{bind}]") } else { bind.to_string() };
-        return Ok(Local::Connect { addr: format!("{bind}:{local_port}"), host: host.to_string(), port: port(rest[2])? });
+        return Ok(Local::Connect {
+            addr: format!("{bind}:{local_port}"),
+            host: host.to_string(),
+            port: port(rest[2])?,
+        });
     }
     if let Some(svc) = &service {
         holdfast::tunnel::check_name(svc).map_err(|e| format!("{e}; give {LOCAL_FORMS}"))?;
@@ -553,4 +559,3 @@ mod local_tests {
         }
     }
 }
-

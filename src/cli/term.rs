@@ -78,7 +78,11 @@ pub(crate) fn describe(ev: &LinkEvent) -> Option<String> {
 /// program on stdio is gone (`gone` turns true: nothing more is shown, the title is given
 /// back). With `asking` (the `--on-fault ask` question tells of each loss itself), losses are
 /// not shown.
-pub(crate) async fn show_events(mut events: broadcast::Receiver<LinkEvent>, asking: bool, mut gone: watch::Receiver<bool>) {
+pub(crate) async fn show_events(
+    mut events: broadcast::Receiver<LinkEvent>,
+    asking: bool,
+    mut gone: watch::Receiver<bool>,
+) {
     let mut title = Title::default();
     loop {
         let ev = tokio::select! {

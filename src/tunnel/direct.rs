@@ -37,7 +37,9 @@ pub async fn forward_connect(local: TcpListener, pool: Arc<MuxPool>, host: Strin
                         Err(e) => info!(%from, %dest, error = %e, "connection ended by a reset"),
                     }
                 }
-                Ok(None) => warn!(%from, %dest, "the server does not multiplex, and a forward to HOST:PORT needs a server that does"),
+                Ok(None) => {
+                    warn!(%from, %dest, "the server does not multiplex, and a forward to HOST:PORT needs a server that does")
+                }
                 Err(TunnelError::UnknownService(_)) => {
                     warn!(%from, %dest, "the server does not allow this destination (its --allow-connect rules)")
                 }

@@ -112,8 +112,17 @@ mod tests {
 
     #[test]
     fn splits_at_the_destination_as_ssh_does() {
-        let line = SshLine::parse(&words(&["-p", "2222", "-vA", "-L8080:127.0.0.1:80", "-oBatchMode=yes", "me@host", "ls", "-l"]))
-            .unwrap();
+        let line = SshLine::parse(&words(&[
+            "-p",
+            "2222",
+            "-vA",
+            "-L8080:127.0.0.1:80",
+            "-oBatchMode=yes",
+            "me@host",
+            "ls",
+            "-l",
+        ]))
+        .unwrap();
         assert_eq!(line.destination, "me@host");
         assert_eq!(line.command, words(&["ls", "-l"]));
         let letters: Vec<u8> = line.opts.iter().map(|o| o.letter).collect();

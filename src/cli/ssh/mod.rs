@@ -74,7 +74,11 @@ pub(crate) async fn ssh(args: SshArgs) -> Result<i32> {
 }
 
 /// Starts the remote server over the user's ssh and returns its port and key.
-async fn bootstrap(args: &SshArgs, line: &SshLine, client: &holdfast::keys::PublicKey) -> Result<(u16, holdfast::keys::PublicKey)> {
+async fn bootstrap(
+    args: &SshArgs,
+    line: &SshLine,
+    client: &holdfast::keys::PublicKey,
+) -> Result<(u16, holdfast::keys::PublicKey)> {
     let dest = line.destination.to_string_lossy().into_owned();
     let remote = format!(
         "{} ssh-server --ports {}-{} --session-expiry {}s",
@@ -90,7 +94,8 @@ async fn bootstrap(args: &SshArgs, line: &SshLine, client: &holdfast::keys::Publ
     }
     cmd.args(line.bootstrap_opts()).arg("--").arg(&line.destination).arg(&remote);
     cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit()).kill_on_drop(true);
-    let mut child = cmd.spawn().context("cannot run ssh (holdfast ssh uses your own ssh: is it installed, on PATH?)")?;
+    let mut child =
+        cmd.spawn().context("cannot run ssh (holdfast ssh uses your own ssh: is it installed, on PATH?)")?;
     let (Some(mut stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
         bail!("ssh was started without pipes");
     };

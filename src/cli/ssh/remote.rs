@@ -99,14 +99,17 @@ fn front(args: &SshServerArgs) -> Result<String> {
 /// The addresses of the ssh connection this runs under: (the sshd's address and port).
 fn ssh_connection() -> Result<SocketAddr> {
     let conn = std::env::var("SSH_CONNECTION").map_err(|_| {
-        anyhow!("SSH_CONNECTION is not set: `holdfast ssh-server` runs under the ssh connection that `holdfast ssh` opens")
+        anyhow!(
+            "SSH_CONNECTION is not set: `holdfast ssh-server` runs under the ssh connection that `holdfast ssh` opens"
+        )
     })?;
     let words: Vec<&str> = conn.split_whitespace().collect();
     let parsed = match words.as_slice() {
         [_, _, ip, port] => ip.parse::<IpAddr>().ok().zip(port.parse::<u16>().ok()),
         _ => None,
     };
-    let (ip, port) = parsed.ok_or_else(|| anyhow!("SSH_CONNECTION ({conn:?}) is not CLIENT_IP CLIENT_PORT SERVER_IP SERVER_PORT"))?;
+    let (ip, port) = parsed
+        .ok_or_else(|| anyhow!("SSH_CONNECTION ({conn:?}) is not CLIENT_IP CLIENT_PORT SERVER_IP SERVER_PORT"))?;
     Ok(SocketAddr::new(ip, port))
 }
 
@@ -195,5 +198,8 @@ async fn start(args: &SshServerArgs) -> Result<(holdfast::net::Listener, Arc<Ser
         }
     }
     let why = last_err.map(|e| e.to_string()).unwrap_or_default();
-    bail!("no port of {first}-{last} is free on {} ({why}); give holdfast ssh --ports a wider or other range", sshd.ip())
+    bail!(
+        "no port of {first}-{last} is free on {} ({why}); give holdfast ssh --ports a wider or other range",
+        sshd.ip()
+    )
 }

@@ -74,7 +74,11 @@ pub(crate) fn parse_answer(line: &str) -> Option<Result<Answer>> {
         let key = words.next()?.parse::<PublicKey>().ok()?;
         words.next().is_none().then_some(Answer::Ready { port, key })
     })();
-    Some(parsed.ok_or_else(|| anyhow!("the remote holdfast answered a malformed line; install the same version on both ends")))
+    Some(
+        parsed.ok_or_else(|| {
+            anyhow!("the remote holdfast answered a malformed line; install the same version on both ends")
+        }),
+    )
 }
 
 /// A private directory (mode 0700) for this session's file, removed with everything in it on
@@ -94,7 +98,9 @@ impl PrivateDir {
             match std::fs::DirBuilder::new().mode(0o700).create(&path) {
                 Ok(()) => return Ok(PrivateDir { path }),
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(e).with_context(|| format!("cannot create a private directory in {}", base.display())),
+                Err(e) => {
+                    return Err(e).with_context(|| format!("cannot create a private directory in {}", base.display()))
+                }
             }
         }
         bail!("cannot create a private directory in {}: every name tried exists", base.display())
@@ -143,13 +149,17 @@ impl Session {
     /// one else can read or write.
     pub(crate) fn take(path: &Path) -> Result<Session> {
         let meta = std::fs::symlink_metadata(path).with_context(|| {
-            format!("cannot read the session file {} (it is read once, by the ProxyCommand `holdfast ssh` starts)", path.display())
+            format!(
+                "cannot read the session file {} (it is read once, by the ProxyCommand `holdfast ssh` starts)",
+                path.display()
+            )
         })?;
         let mine = meta.uid() == rustix::process::geteuid().as_raw();
         if !meta.is_file() || !mine || meta.permissions().mode() & 0o077 != 0 {
             bail!("{} is not a session file of this user with mode 0600; refusing it", path.display());
         }
-        let text = Zeroizing::new(std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?);
+        let text =
+            Zeroizing::new(std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?);
         let _ = std::fs::remove_file(path);
         let field = |name: &str| {
             text.lines()
