@@ -15,7 +15,7 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use common::cli::BIN;
-use common::faults::{check_ss_kill, Gate, KillLoop};
+use common::faults::{check_ss_kill, Gate, KillLoop, Outage};
 use common::http::Pattern;
 use common::procs::{self, check_tools, free_port, hex, s, tail, Out, Proc, TempDir, LIMIT};
 use common::sshd::{self, Sshd};
@@ -228,44 +228,6 @@ async fn cat_64mib_through_kills_with_exit_status_and_no_keys_in_proc() {
         eprintln!("{name}: {LEN} bytes SHA-256 equal, exit status 7, {k:?}");
     })
     .await;
-}
-
-/// Drops every TCP packet to or from `port` on this host while it lives (an nftables table of
-/// its own, deleted on drop): a silent outage of the links to the remote server.
-struct Outage {
-    table: String,
-}
-
-impl Outage {
-    fn start(port: u16) -> Outage {
-        let table = format!("hfssh{port}");
-        let script = format!(
-            "table inet {table} {{\n chain input {{\n  type filter hook input priority -10\n  tcp dport {port} drop\n  tcp sport {port} drop\n }}\n}}\n"
-        );
-        nft(&["-f", "-"], Some(&script));
-        Outage { table }
-    }
-}
-
-impl Drop for Outage {
-    fn drop(&mut self) {
-        nft(&["delete", "table", "inet", &self.table], None);
-    }
-}
-
-fn nft(args: &[&str], input: Option<&str>) {
-    use std::io::Write as _;
-    let mut child = std::process::Command::new("nft")
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .expect("cannot run nft");
-    if let Some(text) = input {
-        child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
-    }
-    drop(child.stdin.take());
-    let status = child.wait().unwrap();
-    assert!(status.success() || std::thread::panicking(), "nft {args:?} failed: {status}");
 }
 
 /// Sends `line` to a remote shell and waits (bounded) for the line it should print.

@@ -254,10 +254,7 @@ async fn carry_stdio(server: &str, cfg: ClientConfig, service: &str, asking: boo
     let result = tunnel::stdio(stream, hangup).await;
     if let Some(cause) = term::DECLINED.get() {
         // ssh is still there, reading its connection: it ends when stdin and stdout close.
-        if let Ok(null) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null") {
-            let _ = rustix::stdio::dup2_stdout(&null);
-            let _ = rustix::stdio::dup2_stdin(&null);
-        }
+        let_go(false);
         term::said(&format!(
             "the link was lost ({}) and you answered n to recovering it: the session is over; \
              the server is told so once the link is back (this process goes on trying for up to {} in the background)",
@@ -270,7 +267,12 @@ async fn carry_stdio(server: &str, cfg: ClientConfig, service: &str, asking: boo
         // (a shell behind it, for ssh). Keep trying, silently and bounded, to tell the server
         // that it is over once the link is back.
         let ended = |s: &LinkStatus| matches!(s, LinkStatus::Closed | LinkStatus::Failed(_));
-        let _ = tokio::time::timeout(CLOSE_LINGER, status.wait_for(ended)).await;
+        if !ended(&status.borrow()) {
+            // Hold none of the caller's pipes meanwhile (a script reading ssh's stderr would
+            // wait for this process to let go of it).
+            let_go(true);
+            let _ = tokio::time::timeout(CLOSE_LINGER, status.wait_for(ended)).await;
+        }
     }
     match result {
         // The program reading stdout is gone (ssh killed, without a SIGHUP): as a hang-up.
@@ -278,6 +280,18 @@ async fn carry_stdio(server: &str, cfg: ClientConfig, service: &str, asking: boo
         _ if *gone.borrow() => Ok(()),
         Err(e) => Err(e.into()),
         Ok(_) => Ok(()),
+    }
+}
+
+/// Puts /dev/null in place of stdin and stdout (and, with `stderr`, of stderr too), so that
+/// this process no longer holds the pipes of the program it served.
+fn let_go(stderr: bool) {
+    if let Ok(null) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null") {
+        let _ = rustix::stdio::dup2_stdout(&null);
+        let _ = rustix::stdio::dup2_stdin(&null);
+        if stderr {
+            let _ = rustix::stdio::dup2_stderr(&null);
+        }
     }
 }
 
