@@ -378,3 +378,71 @@ async fn no_holdfast_on_the_remote_or_a_blocked_port_says_what_to_do() {
     })
     .await;
 }
+
+/// A tmux server of the test's own (its socket name), killed on drop.
+struct Tmux {
+    socket: String,
+}
+
+impl Tmux {
+    fn run(&self, args: &[&str]) -> String {
+        let out = std::process::Command::new("tmux").args(["-L", &self.socket]).args(args).output().expect("tmux");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Waits (bounded) until `check` holds for the output of `tmux ARGS`; returns that output.
+    async fn wait(&self, args: &[&str], check: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + LIMIT;
+        loop {
+            let text = self.run(args);
+            if check(&text) {
+                return text;
+            }
+            assert!(Instant::now() < deadline, "tmux {args:?} never matched; last:\n{text}");
+            tokio::time::sleep(Duration::from_millis(50)).await; // polling the screen, bounded
+        }
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        self.run(&["kill-server"]);
+    }
+}
+
+/// A full-screen program (vi, in tmux) while the link breaks and resumes: its screen is left as
+/// it was (holdfast says nothing on it), and the keys typed meanwhile reach it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_screen_program_keeps_its_screen_through_a_fault() {
+    let name = "a_full_screen_program_keeps_its_screen_through_a_fault";
+    run_test(name, &["tmux", "vi"], Duration::from_secs(90), || async {
+        let setup = Setup::start("sshvi").await;
+        let file = setup.dir.path("lines.txt");
+        std::fs::write(&file, (1..=200).map(|i| format!("line {i}\n")).collect::<String>()).unwrap();
+        let tmux = Tmux { socket: format!("holdfast-test-{}-{}", std::process::id(), setup.port) };
+        let command = format!(
+            "env XDG_RUNTIME_DIR={} {BIN} ssh --server {BIN} --ports {} -F {} -t box vi {}",
+            s(&setup.dir.path("run")),
+            setup.ports(),
+            setup.config,
+            s(&file)
+        );
+        tmux.run(&["new-session", "-d", "-s", "t", "-x", "100", "-y", "30", &command]);
+        let screen = |t: &str| t.lines().take(25).map(str::to_string).collect::<Vec<_>>();
+        let before = tmux.wait(&["capture-pane", "-p", "-t", "t"], |t| t.contains("line 25")).await;
+        assert_eq!(tmux.run(&["display", "-p", "-t", "t", "#{cursor_y}"]).trim(), "0", "{before}");
+        let mut killed = 0;
+        while killed == 0 {
+            killed = common::faults::kill_connections(setup.port).await.unwrap();
+        }
+        tmux.run(&["send-keys", "-t", "t", "j"]);
+        tmux.wait(&["display", "-p", "-t", "t", "#{cursor_y}"], |t| t.trim() == "1").await;
+        let after = tmux.run(&["capture-pane", "-p", "-t", "t"]);
+        assert!(!after.contains("holdfast:"), "holdfast wrote on vi's screen:\n{after}");
+        assert_eq!(screen(&after), screen(&before), "vi's screen changed:\n{after}");
+        tmux.wait(&["display", "-p", "-t", "t", "#{pane_title}"], |t| !t.contains("holdfast")).await;
+        tmux.run(&["send-keys", "-t", "t", ":q!", "Enter"]);
+        eprintln!("{name}: vi's screen unchanged through a kill; the title given back");
+    })
+    .await;
+}
