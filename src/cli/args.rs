@@ -121,7 +121,11 @@ repairs faults instead. The remote server exits when the session ends, or when i
 waited --session-expiry for this client to come back.
 
 holdfast's own options come before ssh's; from the first option holdfast does not know
-(or the destination), the rest is ssh's.";
+(or the destination), the rest is ssh's. A -v or -q before that is holdfast's: for ssh's,
+give it after another ssh option, or after -- (holdfast ssh -- -v host).
+
+Known: you log in twice (the bootstrap, then the session; a password is asked twice), and
+ssh's ControlMaster sharing is off for the session (it must be its own connection).";
 
 /// The flags of `holdfast ssh`: its own, then everything for ssh.
 #[derive(Args)]
