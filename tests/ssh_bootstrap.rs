@@ -446,3 +446,59 @@ async fn a_full_screen_program_keeps_its_screen_through_a_fault() {
     })
     .await;
 }
+
+/// `holdfast connect --on-fault ask` under ssh, in tmux: after a fault, `n` ends the session on
+/// the server too (not left for its expiry), with a message that says what the user did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answering_n_to_recover_ends_the_session_on_the_server() {
+    let name = "answering_n_to_recover_ends_the_session_on_the_server";
+    run_test(name, &["tmux"], Duration::from_secs(90), || async {
+        let dir = TempDir::new("sshask");
+        let sshd = Sshd::start(&dir).await;
+        let tunnel =
+            common::tunnel::Tunnel::start(&dir, &[("ssh", std::net::SocketAddr::from(([127, 0, 0, 1], sshd.port)))])
+                .await;
+        let rc_file = dir.path("connect.rc");
+        let proxy = format!("{} --on-fault ask", tunnel.proxy_command("ssh", &rc_file));
+        let command = format!(
+            "ssh -F /dev/null -t -i {} -p {} -o IdentitiesOnly=yes -o UserKnownHostsFile=/dev/null \
+             -o StrictHostKeyChecking=no -o BatchMode=yes -o LogLevel=ERROR -o 'ProxyCommand={proxy}' root@127.0.0.1",
+            s(sshd.key()),
+            sshd.port
+        );
+        let tmux = Tmux { socket: format!("holdfast-test-ask-{}-{}", std::process::id(), tunnel.port()) };
+        tmux.run(&["new-session", "-d", "-s", "t", "-x", "150", "-y", "30", &format!("{command}; sleep 5")]);
+        let pane = ["capture-pane", "-p", "-t", "t"];
+        tmux.run(&["send-keys", "-t", "t", "echo ready-$((6*7))", "Enter"]);
+        tmux.wait(&pane, |t| t.contains("ready-42")).await;
+        let mut killed = 0;
+        while killed == 0 {
+            killed = common::faults::kill_connections(tunnel.port()).await.unwrap();
+        }
+        tmux.wait(&pane, |t| t.contains("Recover? [Y/n]")).await;
+        tmux.run(&["send-keys", "-t", "t", "n"]);
+        let screen = tmux.wait(&pane, |t| t.contains("you answered n")).await;
+        assert!(!screen.contains("on-fault hook"), "{screen}");
+        let log = tunnel.server.wait_log("session ended", 1).await;
+        let line = log.lines().find(|l| l.contains("session ended")).unwrap();
+        assert!(line.contains("stream aborted"), "{line}");
+        // ssh may be blocked reading the terminal (it raced holdfast for the answer key): a key
+        // lets it see that its connection is gone.
+        tmux.run(&["send-keys", "-t", "t", "x"]);
+        let rc = wait_file(&rc_file).await;
+        assert_eq!(rc.trim(), "0", "holdfast connect exited {rc}");
+        eprintln!("{name}: the server ended the session: {line}");
+    })
+    .await;
+}
+
+async fn wait_file(path: &std::path::Path) -> String {
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        if let Ok(t) = std::fs::read_to_string(path) {
+            return t;
+        }
+        assert!(Instant::now() < deadline, "{} did not appear", s(path));
+        tokio::time::sleep(Duration::from_millis(20)).await; // polling a condition, bounded
+    }
+}
