@@ -11,14 +11,13 @@
 
 mod common;
 
-use std::future::Future;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::cli::BIN;
-use common::faults::{check_ss_kill, Gate, KillLoop, Outage};
+use common::faults::{Gate, KillLoop, Outage};
 use common::http::Pattern;
-use common::procs::{self, check_tools, free_port, hex, s, tail, Out, Proc, TempDir, LIMIT};
-use common::sshd::{self, Sshd};
+use common::procs::{self, hex, s, tail, Out, Proc, LIMIT};
+use common::sshboot::{holdfast_procs, run_test, wait_gone, Setup};
 use sha2::{Digest as _, Sha256};
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader, Lines};
 use tokio::process::ChildStdout;
@@ -26,103 +25,6 @@ use tokio::process::Command;
 use tokio::time::timeout;
 
 const MIB: u64 = 1 << 20;
-
-/// Runs `test` if root, `tools`, sshd and a working `ss -K` are there, within `limit`.
-async fn run_test<F: Future<Output = ()>>(name: &str, tools: &[&str], limit: Duration, test: impl FnOnce() -> F) {
-    let ready = match check_tools(&[&["ss"], &sshd::TOOLS[..], tools].concat()) {
-        Ok(()) => check_ss_kill().await,
-        Err(e) => Err(e),
-    };
-    if let Err(reason) = ready {
-        return procs::skip(name, &reason);
-    }
-    let start = Instant::now();
-    if timeout(limit, test()).await.is_err() {
-        panic!("{name}: did not finish within {limit:?}");
-    }
-    eprintln!("{name}: passed in {:.1?}", start.elapsed());
-}
-
-/// An sshd, and the user's side: an ssh config naming it as host `box`.
-struct Setup {
-    dir: TempDir,
-    sshd: Sshd,
-    config: String,
-    /// The one port the remote holdfast server may take.
-    port: u16,
-}
-
-impl Setup {
-    async fn start(tag: &str) -> Setup {
-        let dir = TempDir::new(tag);
-        let sshd = Sshd::start(&dir).await;
-        let config = dir.path("ssh_config");
-        std::fs::write(
-            &config,
-            format!(
-                "Host box\n  HostName 127.0.0.1\n  Port {}\n  User root\n  IdentityFile {}\n  IdentitiesOnly yes\n  \
-                 UserKnownHostsFile /dev/null\n  GlobalKnownHostsFile /dev/null\n  StrictHostKeyChecking no\n  \
-                 BatchMode yes\n  LogLevel ERROR\n  ServerAliveInterval 3\n",
-                sshd.port,
-                s(sshd.key()),
-            ),
-        )
-        .unwrap();
-        std::fs::create_dir_all(dir.path("run")).unwrap();
-        Setup { config: s(&config).to_string(), sshd, port: free_port(), dir }
-    }
-
-    /// The `--ports` value: one port.
-    fn ports(&self) -> String {
-        format!("{0}-{0}", self.port)
-    }
-
-    /// `holdfast -v ssh --server BIN --ports P-P -F CONFIG box REMOTE`, its private directory
-    /// under the test's `run` directory (XDG_RUNTIME_DIR).
-    fn holdfast_ssh(&self, remote: &[&str]) -> Command {
-        let mut cmd = Command::new(BIN);
-        cmd.args(["-v", "ssh", "--server", BIN, "--ports", &self.ports(), "-F", &self.config, "box"]).args(remote);
-        cmd.env("XDG_RUNTIME_DIR", self.dir.path("run")).env_remove("RUST_LOG");
-        cmd
-    }
-}
-
-impl Drop for Setup {
-    /// A remote server the test left (it failed, or its client never came) is ended here.
-    fn drop(&mut self) {
-        for pid in holdfast_procs(&["--detached", &self.ports()]) {
-            if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
-                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
-            }
-        }
-    }
-}
-
-/// Pids of processes running the holdfast binary whose command line has each of `want`.
-fn holdfast_procs(want: &[&str]) -> Vec<u32> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
-        let words: Vec<String> = cmdline.split(|&b| b == 0).map(|w| String::from_utf8_lossy(w).into_owned()).collect();
-        if words.first().is_some_and(|w| w == BIN) && want.iter().all(|x| words.iter().any(|w| w == x)) {
-            found.push(pid);
-        }
-    }
-    found
-}
-
-/// Waits (bounded by `limit`) until no holdfast process has `word` on its command line.
-async fn wait_gone(word: &str, limit: Duration) -> Vec<u32> {
-    let deadline = Instant::now() + limit;
-    loop {
-        let left = holdfast_procs(&[word]);
-        if left.is_empty() || Instant::now() >= deadline {
-            return left;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await; // polling for an exit, bounded
-    }
-}
 
 /// The pids of `roots` and of every process they started (by parent pid).
 fn tree(roots: &[u32]) -> Vec<u32> {
@@ -377,128 +279,4 @@ async fn no_holdfast_on_the_remote_or_a_blocked_port_says_what_to_do() {
         eprintln!("{name}: {line}");
     })
     .await;
-}
-
-/// A tmux server of the test's own (its socket name), killed on drop.
-struct Tmux {
-    socket: String,
-}
-
-impl Tmux {
-    fn run(&self, args: &[&str]) -> String {
-        let out = std::process::Command::new("tmux").args(["-L", &self.socket]).args(args).output().expect("tmux");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// Waits (bounded) until `check` holds for the output of `tmux ARGS`; returns that output.
-    async fn wait(&self, args: &[&str], check: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + LIMIT;
-        loop {
-            let text = self.run(args);
-            if check(&text) {
-                return text;
-            }
-            assert!(Instant::now() < deadline, "tmux {args:?} never matched; last:\n{text}");
-            tokio::time::sleep(Duration::from_millis(50)).await; // polling the screen, bounded
-        }
-    }
-}
-
-impl Drop for Tmux {
-    fn drop(&mut self) {
-        self.run(&["kill-server"]);
-    }
-}
-
-/// A full-screen program (vi, in tmux) while the link breaks and resumes: its screen is left as
-/// it was (holdfast says nothing on it), and the keys typed meanwhile reach it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_screen_program_keeps_its_screen_through_a_fault() {
-    let name = "a_full_screen_program_keeps_its_screen_through_a_fault";
-    run_test(name, &["tmux", "vi"], Duration::from_secs(90), || async {
-        let setup = Setup::start("sshvi").await;
-        let file = setup.dir.path("lines.txt");
-        std::fs::write(&file, (1..=200).map(|i| format!("line {i}\n")).collect::<String>()).unwrap();
-        let tmux = Tmux { socket: format!("holdfast-test-{}-{}", std::process::id(), setup.port) };
-        let command = format!(
-            "env XDG_RUNTIME_DIR={} {BIN} ssh --server {BIN} --ports {} -F {} -t box vi {}",
-            s(&setup.dir.path("run")),
-            setup.ports(),
-            setup.config,
-            s(&file)
-        );
-        tmux.run(&["new-session", "-d", "-s", "t", "-x", "100", "-y", "30", &command]);
-        let screen = |t: &str| t.lines().take(25).map(str::to_string).collect::<Vec<_>>();
-        let before = tmux.wait(&["capture-pane", "-p", "-t", "t"], |t| t.contains("line 25")).await;
-        assert_eq!(tmux.run(&["display", "-p", "-t", "t", "#{cursor_y}"]).trim(), "0", "{before}");
-        let mut killed = 0;
-        while killed == 0 {
-            killed = common::faults::kill_connections(setup.port).await.unwrap();
-        }
-        tmux.run(&["send-keys", "-t", "t", "j"]);
-        tmux.wait(&["display", "-p", "-t", "t", "#{cursor_y}"], |t| t.trim() == "1").await;
-        let after = tmux.run(&["capture-pane", "-p", "-t", "t"]);
-        assert!(!after.contains("holdfast:"), "holdfast wrote on vi's screen:\n{after}");
-        assert_eq!(screen(&after), screen(&before), "vi's screen changed:\n{after}");
-        tmux.wait(&["display", "-p", "-t", "t", "#{pane_title}"], |t| !t.contains("holdfast")).await;
-        tmux.run(&["send-keys", "-t", "t", ":q!", "Enter"]);
-        eprintln!("{name}: vi's screen unchanged through a kill; the title given back");
-    })
-    .await;
-}
-
-/// `holdfast connect --on-fault ask` under ssh, in tmux: after a fault, `n` ends the session on
-/// the server too (not left for its expiry), with a message that says what the user did.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn answering_n_to_recover_ends_the_session_on_the_server() {
-    let name = "answering_n_to_recover_ends_the_session_on_the_server";
-    run_test(name, &["tmux"], Duration::from_secs(90), || async {
-        let dir = TempDir::new("sshask");
-        let sshd = Sshd::start(&dir).await;
-        let tunnel =
-            common::tunnel::Tunnel::start(&dir, &[("ssh", std::net::SocketAddr::from(([127, 0, 0, 1], sshd.port)))])
-                .await;
-        let rc_file = dir.path("connect.rc");
-        let proxy = format!("{} --on-fault ask", tunnel.proxy_command("ssh", &rc_file));
-        let command = format!(
-            "ssh -F /dev/null -t -i {} -p {} -o IdentitiesOnly=yes -o UserKnownHostsFile=/dev/null \
-             -o StrictHostKeyChecking=no -o BatchMode=yes -o LogLevel=ERROR -o 'ProxyCommand={proxy}' root@127.0.0.1",
-            s(sshd.key()),
-            sshd.port
-        );
-        let tmux = Tmux { socket: format!("holdfast-test-ask-{}-{}", std::process::id(), tunnel.port()) };
-        tmux.run(&["new-session", "-d", "-s", "t", "-x", "150", "-y", "30", &format!("{command}; sleep 5")]);
-        let pane = ["capture-pane", "-p", "-t", "t"];
-        tmux.run(&["send-keys", "-t", "t", "echo ready-$((6*7))", "Enter"]);
-        tmux.wait(&pane, |t| t.contains("ready-42")).await;
-        let mut killed = 0;
-        while killed == 0 {
-            killed = common::faults::kill_connections(tunnel.port()).await.unwrap();
-        }
-        tmux.wait(&pane, |t| t.contains("Recover? [Y/n]")).await;
-        tmux.run(&["send-keys", "-t", "t", "n"]);
-        let screen = tmux.wait(&pane, |t| t.contains("you answered n")).await;
-        assert!(!screen.contains("on-fault hook"), "{screen}");
-        let log = tunnel.server.wait_log("session ended", 1).await;
-        let line = log.lines().find(|l| l.contains("session ended")).unwrap();
-        assert!(line.contains("stream aborted"), "{line}");
-        // ssh may be blocked reading the terminal (it raced holdfast for the answer key): a key
-        // lets it see that its connection is gone.
-        tmux.run(&["send-keys", "-t", "t", "x"]);
-        let rc = wait_file(&rc_file).await;
-        assert_eq!(rc.trim(), "0", "holdfast connect exited {rc}");
-        eprintln!("{name}: the server ended the session: {line}");
-    })
-    .await;
-}
-
-async fn wait_file(path: &std::path::Path) -> String {
-    let deadline = Instant::now() + LIMIT;
-    loop {
-        if let Ok(t) = std::fs::read_to_string(path) {
-            return t;
-        }
-        assert!(Instant::now() < deadline, "{} did not appear", s(path));
-        tokio::time::sleep(Duration::from_millis(20)).await; // polling a condition, bounded
-    }
 }
