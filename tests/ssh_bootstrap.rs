@@ -280,3 +280,45 @@ async fn no_holdfast_on_the_remote_or_a_blocked_port_says_what_to_do() {
     })
     .await;
 }
+
+/// `holdfast ssh -N -L`: ssh's own local forward, carried by the resilient stream, takes
+/// pgbench through `ss -K` kills with no failed transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssh_local_forward_carries_pgbench_through_kills() {
+    let name = "ssh_local_forward_carries_pgbench_through_kills";
+    if let Err(reason) = common::postgres::check() {
+        return procs::skip(name, &reason);
+    }
+    run_test(name, &["runuser"], Duration::from_secs(150), || async {
+        let setup = Setup::start("sshpg").await;
+        let pg = common::postgres::Postgres::start(&setup.dir).await;
+        let local = common::procs::free_port();
+        let forward = format!("127.0.0.1:{local}:127.0.0.1:{}", pg.port);
+        let mut ssh =
+            Proc::spawn("holdfast ssh -N -L", &mut setup.holdfast_ssh_opts(&["-N", "-L", &forward]), Out::Null);
+        // The forward is ssh's: it listens once the session is up.
+        let deadline = std::time::Instant::now() + LIMIT;
+        while tokio::net::TcpStream::connect(("127.0.0.1", local)).await.is_err() {
+            assert!(std::time::Instant::now() < deadline, "ssh's forward never listened:\n{}", tail(&ssh.log(), 30));
+            assert!(ssh.child.try_wait().unwrap().is_none(), "holdfast ssh exited:\n{}", tail(&ssh.log(), 30));
+            tokio::time::sleep(Duration::from_millis(50)).await; // polling for the listener, bounded
+        }
+        let pgbench = || {
+            let mut cmd = Command::new(common::postgres::bin("pgbench").unwrap());
+            cmd.args(["-h", "127.0.0.1", "-p", &local.to_string(), "-U", common::postgres::USER]);
+            cmd
+        };
+        procs::run_ok("pgbench -i", pgbench().args(["-i", "postgres"])).await;
+        let kills = KillLoop::start(setup.port, Duration::from_millis(500), &Gate::new());
+        let out = procs::output("pgbench -T 20", pgbench().args(["-T", "20", "-c", "4", "postgres"]), LIMIT * 3).await;
+        let k = kills.stop();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "pgbench exited {}:\n{text}\n{}", out.status, procs::err_text(&out));
+        assert!(text.contains("number of failed transactions: 0"), "{text}");
+        assert!(k.kills >= 5, "only {} kills destroyed a connection: {k:?}", k.kills);
+        assert!(ssh.child.try_wait().unwrap().is_none(), "holdfast ssh exited:\n{}", tail(&ssh.log(), 30));
+        let done = text.lines().find(|l| l.contains("actually processed")).unwrap_or("").trim().to_string();
+        eprintln!("{name}: {done}, 0 failed; {k:?}");
+    })
+    .await;
+}

@@ -74,6 +74,13 @@ impl Setup {
         cmd.env("XDG_RUNTIME_DIR", self.dir.path("run")).env_remove("RUST_LOG");
         cmd
     }
+    /// `holdfast -v ssh --server BIN --ports P-P -F CONFIG SSH_OPTS box`.
+    pub fn holdfast_ssh_opts(&self, opts: &[&str]) -> Command {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["-v", "ssh", "--server", BIN, "--ports", &self.ports(), "-F", &self.config]).args(opts).arg("box");
+        cmd.env("XDG_RUNTIME_DIR", self.dir.path("run")).env_remove("RUST_LOG");
+        cmd
+    }
 }
 
 impl Drop for Setup {
