@@ -32,7 +32,7 @@ pub(crate) struct Cli {
     /// More log output on stderr (-v debug, -vv trace). RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true, help_heading = "Output")]
     pub(crate) verbose: u8,
-    /// Only log errors (and, for `connect` on a terminal, no status lines).
+    /// Only log errors (and, for `connect` on a terminal, no link state in the window title).
     #[arg(short, long, global = true, help_heading = "Output")]
     pub(crate) quiet: bool,
     #[command(subcommand)]

@@ -193,8 +193,8 @@ pub(crate) async fn client(args: ClientArgs) -> Result<()> {
 
 pub(crate) async fn connect(args: ConnectArgs, quiet: bool) -> Result<()> {
     let c = &args.common;
-    // stdout carries only stream bytes. On a terminal (ssh's, in raw mode) link events become
-    // short status lines; otherwise they are logged.
+    // stdout carries only stream bytes. On a terminal (ssh's, in raw mode) link events go to
+    // the window title; otherwise they are logged.
     let Some(service) = &c.service else {
         bail!("--service NAME is required: the service to reach on the server (or `service = \"NAME\"` in [client] of a --config file)")
     };
