@@ -481,8 +481,9 @@ async fn ssh_giving_up_in_an_outage_ends_the_session_once_the_link_is_back() {
         let outage = common::faults::Outage::start(tunnel.port());
         let status = timeout(LIMIT, ssh.child.wait()).await.expect("ssh did not give up").unwrap();
         assert_eq!(status.code(), Some(255), "ssh gave up on its keepalives; stderr:\n{}", tail(&ssh.log(), 30));
-        // Longer than connect used to wait for its close before exiting (2 s + 5 s).
-        tokio::time::sleep(Duration::from_secs(10)).await;
+        // Longer than connect used to wait for its close before exiting (2 s + 5 s), and short
+        // enough that the whole outage stays under the client's --give-up (15 s here).
+        tokio::time::sleep(Duration::from_secs(8)).await;
         let over = |t: &str| t.contains("session closed") || t.contains("session ended");
         assert!(!over(&tunnel.server.log()), "the session ended during the outage?");
         drop(outage);
