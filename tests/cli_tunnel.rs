@@ -156,3 +156,41 @@ async fn socks_reply_for_a_refused_connection_is_5() {
     let log = client.wait_log("the destination refused the connection", 1).await;
     assert!(!log.contains("ERROR"), "{log}");
 }
+
+/// `--local PORT:HOST:HOSTPORT` in ssh's syntax (issue 23, item 4): each connection is a
+/// connect request, which the server's `--allow-connect` rules decide: an allowed destination
+/// carries bytes, another one is closed without any.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_in_ssh_syntax_connects_under_allow_connect() {
+    let keys = Keys::new("local-ssh");
+    let (allowed, denied) = (echo_service().await, echo_service().await);
+    let rule = format!("127.0.0.1:{}", allowed.port());
+    let mut args = vec!["server", "--listen", "127.0.0.1:0", "--key", common::cli::s(&keys.server_key)];
+    args.extend(["--authorized", common::cli::s(&keys.authorized), "--allow-connect", &rule]);
+    args.extend(common::cli::FAST);
+    let server = Proc::spawn(&args, false);
+    let addr = server.logged_addr("server ready", "listen=").await;
+    let mut args = keys.client_args("client", addr, "unused");
+    args.extend(["--local".into(), format!("127.0.0.1:0:127.0.0.1:{}", allowed.port())]);
+    args.extend(["--local".into(), format!("0:127.0.0.1:{}", denied.port())]);
+    let client = Proc::spawn(&strs(&args), false);
+    let log = client.wait_log("forwarding (connected by the server)", 2).await;
+    let locals: Vec<std::net::SocketAddr> = log
+        .lines()
+        .filter(|l| l.contains("forwarding (connected by the server)"))
+        .filter_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("local="))?.parse().ok())
+        .collect();
+    assert_eq!(locals.len(), 2, "{log}");
+    let mut tcp = TcpStream::connect(locals[0]).await.unwrap();
+    tcp.write_all(b"through the server").await.unwrap();
+    let mut buf = [0u8; 18];
+    timeout(LIMIT, tcp.read_exact(&mut buf)).await.unwrap().unwrap();
+    assert_eq!(&buf, b"through the server");
+    let mut tcp = TcpStream::connect(locals[1]).await.unwrap();
+    let _ = tcp.write_all(b"x").await;
+    let mut rest = Vec::new();
+    let read = timeout(LIMIT, tcp.read_to_end(&mut rest)).await.unwrap();
+    assert!(rest.is_empty(), "a destination no rule gives carried bytes: {read:?} {rest:?}");
+    let log = client.wait_log("does not allow this destination", 1).await;
+    assert!(log.contains(&format!("127.0.0.1:{}", denied.port())), "{log}");
+}

@@ -13,7 +13,8 @@ async fn addresses_without_a_port_say_so() {
         run(&["client", "--local", "8082", "--server", "h", "--server-key", "k", "--key", "f", "--service", "x"], b"")
             .await;
     assert_eq!(status.code(), Some(2), "{err}");
-    assert!(err.contains("'8082' is a port alone; give HOST:PORT, for example 127.0.0.1:8082"), "{err}");
+    assert!(err.contains("'8082' is a port alone; give HOST:PORT=SERVICE"), "{err}");
+    assert!(err.contains("[BIND:]PORT:HOST:HOSTPORT as ssh -L"), "{err}");
     let (_, _, err) = run(
         &["client", "--local", "127.0.0.1", "--server", "h", "--server-key", "k", "--key", "f", "--service", "x"],
         b"",
@@ -196,5 +197,31 @@ async fn the_manual_page_renders() {
     // Every subcommand's flags are in the page, not only the top-level ones.
     for flag in ["allow\\-listen", "socks", "on\\-fault", "session\\-expiry"] {
         assert!(page.contains(flag), "no {flag} in the man page");
+    }
+}
+
+/// Overnight (issue 23, item 3): the defaults keep a session through a 12-hour absence, on the
+/// client (`--give-up`) and on the server (`--session-expiry`), classic and `holdfast ssh` alike.
+#[tokio::test]
+async fn defaults_survive_a_night_away() {
+    let default_of = |help: &str, flag: &str| -> Option<String> {
+        let at = help.find(&format!("--{flag} <"))?;
+        let rest = &help[at..];
+        let d = rest.find("[default: ")?;
+        Some(rest[d + 10..].split(']').next()?.to_string())
+    };
+    for (cmd, flag) in [
+        ("server", "session-expiry"),
+        ("client", "give-up"),
+        ("connect", "give-up"),
+        ("ssh", "give-up"),
+        ("ssh", "session-expiry"),
+    ] {
+        let (st, out, _) = run(&[cmd, "--help"], b"").await;
+        let help = String::from_utf8_lossy(&out);
+        assert!(st.success(), "{help}");
+        let value = default_of(&help, flag).unwrap_or_else(|| panic!("{cmd} --help: no default for --{flag}:\n{help}"));
+        let d = humantime::parse_duration(&value).unwrap();
+        assert!(d >= std::time::Duration::from_secs(12 * 3600), "{cmd} --{flag} defaults to {value}, less than 12 h");
     }
 }

@@ -448,3 +448,55 @@ async fn iperf3_both_ways_through_kills() {
     })
     .await;
 }
+
+/// ssh gives up during an outage (its own `ServerAliveInterval`): `holdfast connect` says
+/// nothing more, lets go of ssh's pipes, and ends the session on the server once the link is
+/// back (issue 23, item 4), instead of leaving it, and the shell behind it, for the expiry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssh_giving_up_in_an_outage_ends_the_session_once_the_link_is_back() {
+    let name = "ssh_giving_up_in_an_outage_ends_the_session_once_the_link_is_back";
+    run_test(name, &[&sshd::TOOLS[..], &["nft"]].concat(), Duration::from_secs(120), || async {
+        let dir = TempDir::new("sshgiveup");
+        let sshd = Sshd::start(&dir).await;
+        let tunnel = Tunnel::start(&dir, &[("ssh", SocketAddr::from(([127, 0, 0, 1], sshd.port)))]).await;
+        let rc_file = dir.path("connect.rc");
+        let proxy = tunnel.proxy_command("ssh", &rc_file);
+        let mut cmd = Command::new("ssh");
+        cmd.args(["-F", "/dev/null", "-T", "-i", s(sshd.key()), "-p", &sshd.port.to_string()]);
+        for opt in [
+            "IdentitiesOnly=yes",
+            "UserKnownHostsFile=/dev/null",
+            "StrictHostKeyChecking=no",
+            "BatchMode=yes",
+            "ServerAliveInterval=1",
+            "ServerAliveCountMax=2",
+        ] {
+            cmd.args(["-o", opt]);
+        }
+        cmd.arg("-o").arg(format!("ProxyCommand={proxy}")).args(["root@127.0.0.1", "echo up; exec sleep 600"]);
+        let mut ssh = Proc::spawn("ssh", &mut cmd, Out::Piped);
+        let mut out = BufReader::new(ssh.child.stdout.take().unwrap()).lines();
+        let up = timeout(LIMIT, out.next_line()).await;
+        assert!(matches!(&up, Ok(Ok(Some(l))) if l == "up"), "{up:?}; stderr:\n{}", tail(&ssh.log(), 30));
+        let outage = common::faults::Outage::start(tunnel.port());
+        let status = timeout(LIMIT, ssh.child.wait()).await.expect("ssh did not give up").unwrap();
+        assert_eq!(status.code(), Some(255), "ssh gave up on its keepalives; stderr:\n{}", tail(&ssh.log(), 30));
+        // Longer than connect used to wait for its close before exiting (2 s + 5 s), and short
+        // enough that the whole outage stays under the client's --give-up (15 s here).
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        let over = |t: &str| t.contains("session closed") || t.contains("session ended");
+        assert!(!over(&tunnel.server.log()), "the session ended during the outage?");
+        drop(outage);
+        // Ended on the server: closed (both ends finished) or ended (aborted by the client).
+        assert!(tunnel.server.wait_for(over).await, "the session goes on:\n{}", tunnel.server.log());
+        let log = tunnel.server.log();
+        let line = log.lines().find(|l| over(l)).unwrap();
+        assert!(!line.contains("expired"), "{line}");
+        let rc = wait_file(&rc_file).await;
+        assert_eq!(rc.trim(), "0", "holdfast connect exited {rc}");
+        let err = ssh.log();
+        assert!(!err.contains("ERROR") && !err.contains("holdfast: error"), "connect said more:\n{err}");
+        eprintln!("{name}: ssh gave up in the outage; the server ended the session once the link was back");
+    })
+    .await;
+}

@@ -52,7 +52,7 @@ pub(crate) struct Cli {
     /// More log output on stderr (-v debug, -vv trace). RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true, help_heading = "Output")]
     pub(crate) verbose: u8,
-    /// Only log errors.
+    /// Only log errors (and, for `connect` on a terminal, no link state in the window title).
     #[arg(short, long, global = true, help_heading = "Output")]
     pub(crate) quiet: bool,
     #[command(subcommand)]
@@ -89,6 +89,19 @@ pub(crate) enum Cmd {
         after_help = "Example:\n  ssh -o ProxyCommand='holdfast connect --server host:7700 \\\n      --server-key keys/server.pub --key keys/laptop.key --service ssh' user@host\n\nOn a terminal, connect shows short status lines on stderr while it recovers a lost link;\n-q turns them off.\n\nWith a config file (its [client] section; only the keys `connect` has are used):\n  ssh -o ProxyCommand='holdfast connect --config client.toml --service ssh' user@host"
     )]
     Connect(ConnectArgs),
+    /// Resilient ssh with nothing set up on the server: runs your own `ssh` to start a holdfast
+    /// server there for this one session, then your `ssh` through it.
+    #[command(after_help = SSH_HELP)]
+    Ssh(SshArgs),
+    /// The remote end of `holdfast ssh` (started by it over ssh; not for use by hand).
+    #[command(hide = true)]
+    SshServer(SshServerArgs),
+    /// The ProxyCommand of `holdfast ssh` (run by ssh; not for use by hand).
+    #[command(hide = true)]
+    SshProxy {
+        /// The session file written by `holdfast ssh` (mode 0600; read once and removed).
+        file: PathBuf,
+    },
     /// Run a whole tunnel on loopback, break its connection on purpose while data flows both
     /// ways, and report whether every byte arrived. Exit status 0 only if all matched.
     #[command(after_help = "Example:\n  holdfast demo --bytes 256MiB --faults 20")]
@@ -115,6 +128,76 @@ pub(crate) enum Cmd {
     /// Print the manual page (roff), generated from the same text as --help.
     #[command(after_help = "Example:\n  holdfast man > /usr/local/share/man/man1/holdfast.1 && man holdfast")]
     Man,
+}
+
+const SSH_HELP: &str = "\
+Examples:
+  holdfast ssh user@host                  # a shell that survives resets, sleep and roaming
+  holdfast ssh -L 5433:127.0.0.1:5432 host  # ssh's own options, forwards included
+  holdfast ssh host 'tar c dir' > dir.tar # a command; its exit status is ssh's
+  holdfast ssh --server ~/bin/holdfast host
+
+Nothing is set up beforehand: the `holdfast` binary on the remote host is all it needs. Your
+ssh (with your ~/.ssh/config, agent, keys and known hosts) logs in once to start a holdfast
+server there for this session only: fresh keys for both ends, exchanged over that ssh
+connection; it listens on a TCP port of --ports, lets in only this session's key and
+reaches only the sshd you logged in to. Then your ssh runs again with your options, through
+that server, with its own keepalives off (ServerAliveInterval=0): holdfast detects and
+repairs faults instead. The remote server exits when the session ends, or when it has
+waited --session-expiry for this client to come back.
+
+holdfast's own options come before ssh's; from the first option holdfast does not know
+(or the destination), the rest is ssh's. A -v or -q before that is holdfast's: for ssh's,
+give it after another ssh option, or after -- (holdfast ssh -- -v host).
+
+Known: you log in twice (the bootstrap, then the session; a password is asked twice), and
+ssh's ControlMaster sharing is off for the session (it must be its own connection).";
+
+/// The flags of `holdfast ssh`: its own, then everything for ssh.
+#[derive(Args)]
+pub(crate) struct SshArgs {
+    /// The holdfast program on the remote host: a name looked up on the PATH of a
+    /// non-interactive ssh command there, or a path.
+    #[arg(long, value_name = "PATH", default_value = "holdfast")]
+    pub(crate) server: String,
+    /// The TCP ports the remote holdfast server may listen on, FIRST-LAST (it takes the first
+    /// free one). This machine must be able to connect to them.
+    #[arg(long, value_name = "FIRST-LAST", default_value = "7710-7799", value_parser = parse_port_range)]
+    pub(crate) ports: (u16, u16),
+    /// Give up after this long without a connection (time asleep counts); ssh then ends.
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration, help_heading = "Recovery")]
+    pub(crate) give_up: Duration,
+    /// How long the remote server keeps the session for this client to come back; it exits then.
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration, help_heading = "Recovery")]
+    pub(crate) session_expiry: Duration,
+    /// ssh's options, the destination ([user@]host) and the remote command, as for ssh.
+    #[arg(value_name = "SSH ARGS", required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+    pub(crate) ssh: Vec<std::ffi::OsString>,
+}
+
+/// The flags of the remote end of `holdfast ssh` (`holdfast ssh-server`).
+#[derive(Args)]
+pub(crate) struct SshServerArgs {
+    /// The TCP ports to listen on, FIRST-LAST: the first free one is taken.
+    #[arg(long, value_name = "FIRST-LAST", default_value = "7710-7799", value_parser = parse_port_range)]
+    pub(crate) ports: (u16, u16),
+    /// How long the session is kept for its client to come back.
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    pub(crate) session_expiry: Duration,
+    /// Run as the detached server (started by `ssh-server` itself).
+    #[arg(long, hide = true)]
+    pub(crate) detached: bool,
+}
+
+/// `FIRST-LAST` (or one port): an inclusive range of TCP ports, none of them 0.
+pub(crate) fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let bad = || format!("'{s}' is not a port range; give FIRST-LAST, for example 7710-7799 (ports 1-65535)");
+    let (a, b) = s.trim().split_once('-').unwrap_or((s.trim(), s.trim()));
+    let (a, b) = (a.trim().parse::<u16>().map_err(|_| bad())?, b.trim().parse::<u16>().map_err(|_| bad())?);
+    if a == 0 || b < a {
+        return Err(bad());
+    }
+    Ok((a, b))
 }
 
 /// The flags of `holdfast server`. Each one can also be set in the `[server]` section of a
@@ -200,8 +283,10 @@ pub(crate) struct ServerArgs {
     /// Most connections in their handshake at once.
     #[arg(long, default_value_t = 2048, help_heading = "Limits")]
     pub(crate) max_handshakes: usize,
-    /// How long a session whose client vanished is kept for it to resume.
-    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration, help_heading = "Limits")]
+    /// How long a session whose client vanished is kept for it to resume: a day, so that a
+    /// laptop closed overnight finds its session. A detached session holds its connection to
+    /// the service and what its buffers held (charged to --buffer-budget; an idle one, none).
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration, help_heading = "Limits")]
     pub(crate) session_expiry: Duration,
     /// Serve Prometheus metrics (GET /metrics) on this address, e.g. 127.0.0.1:9770. Off by
     /// default; a loopback address only, unless --metrics-public is given.
@@ -266,8 +351,9 @@ pub(crate) struct ClientCommon {
     /// What to do when the real connection fails.
     #[arg(long, value_enum, default_value = "recover", help_heading = "Recovery")]
     pub(crate) on_fault: OnFault,
-    /// Give up after this long without a connection (time asleep counts); the stream then fails.
-    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration, help_heading = "Recovery")]
+    /// Give up after this long without a connection (time asleep counts); the stream then
+    /// fails. A day by default, so that a laptop closed overnight resumes in the morning.
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration, help_heading = "Recovery")]
     pub(crate) give_up: Duration,
     /// The link's cipher. `auto` picks AES-256-GCM where this CPU has AES instructions (about
     /// three times faster there) and ChaCha20-Poly1305 elsewhere. The server accepts either.
@@ -292,16 +378,18 @@ pub(crate) enum CipherArg {
 #[derive(Args)]
 pub(crate) struct ClientArgs {
     /// A local address to accept connections on, HOST:PORT, optionally with the service for it:
-    /// HOST:PORT=SERVICE. Repeat for more forwards in one process (like ssh -L). At least one,
-    /// unless --socks or --remote is given.
-    #[arg(long, value_name = "HOST:PORT[=SERVICE]", value_parser = parse_local)]
-    pub(crate) local: Vec<(String, Option<String>)>,
-    /// A local SOCKS5 listener, HOST:PORT, as ssh -D: each CONNECT is carried to the server,
+    /// HOST:PORT=SERVICE. Or, as ssh -L, [BIND:]PORT:HOST:HOSTPORT (BIND 127.0.0.1 if not
+    /// given): each connection goes to HOST:HOSTPORT, connected by the server where its
+    /// --allow-connect rules let this key (needs multiplexing). Repeat for more forwards in one
+    /// process. At least one, unless --socks or --remote is given.
+    #[arg(long, value_name = "HOST:PORT[=SERVICE]|[BIND:]PORT:HOST:HOSTPORT", value_parser = parse_local)]
+    pub(crate) local: Vec<Local>,
+    /// A local SOCKS5 listener, HOST:PORT (or a port alone, on 127.0.0.1), as ssh -D: each CONNECT is carried to the server,
     /// which resolves the name and connects where its --allow-connect rules let this key go.
     /// Example: --socks 127.0.0.1:1080, then curl --socks5-hostname 127.0.0.1:1080 URL.
     /// The listener has no authentication: whoever reaches it uses this key's rights, so give
     /// a loopback address (any other is logged as a warning).
-    #[arg(long, value_name = "HOST:PORT")]
+    #[arg(long, value_name = "HOST:PORT", value_parser = parse_socks)]
     pub(crate) socks: Option<String>,
     /// A reverse forward, as ssh -R: SERVER_IP:PORT=HOST:PORT asks the server to listen on
     /// SERVER_IP:PORT (where its --allow-listen rules let this key) and carries every
@@ -394,21 +482,84 @@ pub(crate) fn parse_remote(s: &str) -> Result<(String, String), String> {
     }
 }
 
-pub(crate) fn parse_local(s: &str) -> Result<(String, Option<String>), String> {
+/// One `--local` forward.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Local {
+    /// `HOST:PORT[=SERVICE]`: to a service of the server, by name.
+    Service { addr: String, service: Option<String> },
+    /// `[BIND:]PORT:HOST:HOSTPORT`, as ssh -L: to HOST:HOSTPORT, connected by the server under
+    /// its --allow-connect rules.
+    Connect { addr: String, host: String, port: u16 },
+}
+
+/// What `--local` accepts, for its error messages.
+const LOCAL_FORMS: &str = "HOST:PORT=SERVICE (a service of the server, e.g. 127.0.0.1:2222=ssh) or \
+[BIND:]PORT:HOST:HOSTPORT as ssh -L (to HOST:HOSTPORT from the server, under its --allow-connect rules, e.g. 5433:db.internal:5432)";
+
+/// The words of `s` split at colons outside `[...]`.
+fn colon_words(s: &str) -> Vec<&str> {
+    let (mut words, mut depth, mut start) = (Vec::new(), 0u32, 0);
+    for (i, c) in s.char_indices() {
+        match c {
+            '[' => depth += 1,
+            ']' => depth = depth.saturating_sub(1),
+            ':' if depth == 0 => {
+                words.push(&s[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    words.push(&s[start..]);
+    words
+}
+
+/// `--local`: `HOST:PORT[=SERVICE]`, or `[BIND:]PORT:HOST:HOSTPORT` (ssh -L's form, bound to
+/// 127.0.0.1 unless BIND is given). A port is required (a local forward has no natural default).
+pub(crate) fn parse_local(s: &str) -> Result<Local, String> {
+    let port = |p: &str| {
+        p.trim().parse::<u16>().map_err(|_| format!("'{p}' is not a port number (0-65535); give {LOCAL_FORMS}"))
+    };
     let (addr, service) = match s.split_once('=') {
         Some((a, svc)) => (a.trim(), Some(svc.trim().to_string())),
         None => (s.trim(), None),
     };
+    let words = colon_words(addr);
+    if service.is_none() && (words.len() == 3 || words.len() == 4) {
+        let (bind, rest) = if words.len() == 4 { (words[0].trim(), &words[1..]) } else { ("127.0.0.1", &words[..]) };
+        let local_port = port(rest[0])?;
+        let host = rest[1].trim().trim_start_matches('[').trim_end_matches(']');
+        holdfast::tunnel::check_host(host).map_err(|e| format!("{e}; give {LOCAL_FORMS}"))?;
+        let bind = if bind.contains(':') && !bind.starts_with('[') { format!("[{bind}]") } else { bind.to_string() };
+        return Ok(Local::Connect {
+            addr: format!("{bind}:{local_port}"),
+            host: host.to_string(),
+            port: port(rest[2])?,
+        });
+    }
     if let Some(svc) = &service {
-        holdfast::tunnel::check_name(svc).map_err(|e| e.to_string())?;
+        holdfast::tunnel::check_name(svc).map_err(|e| format!("{e}; give {LOCAL_FORMS}"))?;
     }
     if addr.parse::<u16>().is_ok() {
-        return Err(format!("'{addr}' is a port alone; give HOST:PORT, for example 127.0.0.1:{addr}"));
+        return Err(format!("'{addr}' is a port alone; give {LOCAL_FORMS}"));
     }
     match split_port(addr) {
-        Some((_, port)) if port.parse::<u16>().is_ok() => Ok((addr.to_string(), service)),
-        Some((_, port)) => Err(format!("'{port}' is not a port number (0-65535)")),
-        None => Err(format!("'{addr}' has no port; give HOST:PORT, for example {addr}:2222")),
+        Some((_, p)) => port(p).map(|_| Local::Service { addr: addr.to_string(), service }),
+        None => Err(format!("'{addr}' has no port; give {LOCAL_FORMS}")),
+    }
+}
+
+/// `--socks`: `HOST:PORT`, or a port alone (on 127.0.0.1, as ssh -D).
+pub(crate) fn parse_socks(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    let forms = "give HOST:PORT (e.g. 127.0.0.1:1080) or a port alone (on 127.0.0.1, as ssh -D 1080)";
+    if let Ok(p) = s.parse::<u16>() {
+        return Ok(format!("127.0.0.1:{p}"));
+    }
+    match split_port(s) {
+        Some((_, p)) if p.parse::<u16>().is_ok() => Ok(s.to_string()),
+        Some((_, p)) => Err(format!("'{p}' is not a port number (0-65535); {forms}")),
+        None => Err(format!("'{s}' has no port; {forms}")),
     }
 }
 
@@ -434,4 +585,29 @@ pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
         other => return Err(format!("unknown size unit '{other}' (use KiB, MiB or GiB)")),
     };
     n.checked_mul(mult).filter(|&v| v > 0).ok_or_else(|| format!("size '{s}' is out of range"))
+}
+
+#[cfg(test)]
+mod local_tests {
+    use super::*;
+
+    #[test]
+    fn local_takes_ssh_syntax_and_errors_name_the_forms() {
+        let service = Local::Service { addr: "127.0.0.1:2222".into(), service: Some("ssh".into()) };
+        assert_eq!(parse_local("127.0.0.1:2222=ssh").unwrap(), service);
+        let connect = |addr: &str, host: &str, port| Local::Connect { addr: addr.into(), host: host.into(), port };
+        assert_eq!(parse_local("17434:127.0.0.1:15432").unwrap(), connect("127.0.0.1:17434", "127.0.0.1", 15432));
+        assert_eq!(parse_local("0.0.0.0:80:web.internal:8080").unwrap(), connect("0.0.0.0:80", "web.internal", 8080));
+        assert_eq!(parse_local("[::1]:80:[fd00::1]:8080").unwrap(), connect("[::1]:80", "fd00::1", 8080));
+        for bad in ["8082", "127.0.0.1", "127.0.0.1:x", "1:host:x", "x:host:22", "127.0.0.1:1=bad name"] {
+            let err = parse_local(bad).unwrap_err();
+            assert!(err.contains("HOST:PORT=SERVICE") && err.contains("[BIND:]PORT:HOST:HOSTPORT"), "{bad}: {err}");
+        }
+        assert_eq!(parse_socks("1080").unwrap(), "127.0.0.1:1080");
+        assert_eq!(parse_socks("[::1]:1080").unwrap(), "[::1]:1080");
+        for bad in ["localhost", "127.0.0.1:x"] {
+            let err = parse_socks(bad).unwrap_err();
+            assert!(err.contains("HOST:PORT") && err.contains("a port alone"), "{bad}: {err}");
+        }
+    }
 }

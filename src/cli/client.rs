@@ -5,20 +5,23 @@ use std::net::SocketAddr;
 
 use anyhow::{bail, Context, Result};
 use holdfast::human::printable;
-use holdfast::net::{LinkEvent, Recovery, RecoveryPolicy, Rounded};
+use holdfast::net::{LinkEvent, LinkStatus, Recovery, RecoveryPolicy, Rounded};
 use holdfast::proto::Cipher;
 use holdfast::tunnel;
 use holdfast::ClientConfig;
 use tracing::{error, info, warn};
 
-use crate::args::{CipherArg, ClientArgs, ClientCommon, ConnectArgs, OnFault};
+use crate::args::{CipherArg, ClientArgs, ClientCommon, ConnectArgs, Local, OnFault};
 use crate::config::required;
 use crate::keyfiles::{load_keypair, load_server_key};
 use crate::{session_config, term};
 
 /// The server's address and the client's configuration: the required flags checked (after the
 /// config file was merged) and the keys loaded.
-fn client_config(c: &ClientCommon) -> Result<(String, ClientConfig)> {
+/// With `--on-fault ask`, a "no" fails the stream for `client` (`decline` false). For `connect`
+/// (`decline` true) it is told to `connect` instead ([`term::DECLINED`]), which ends the
+/// session while the driver goes on reconnecting, so that the server hears of the end too.
+fn client_config(c: &ClientCommon, decline: bool) -> Result<(String, ClientConfig)> {
     let server = required(c.server.clone(), "server", "client", "host:7700")?;
     let server_key = required(c.server_key.clone(), "server-key", "client", "keys/server.pub")?;
     let key = required(c.key.clone(), "key", "client", "keys/laptop.key")?;
@@ -34,8 +37,19 @@ fn client_config(c: &ClientCommon) -> Result<(String, ClientConfig)> {
         CipherArg::Chacha20Poly1305 => Cipher::ChaChaPoly,
     };
     if let OnFault::Ask = c.on_fault {
-        cfg.recovery = cfg.recovery.with_hook(|lost| async move {
-            tokio::task::spawn_blocking(move || term::ask(&lost.cause)).await.unwrap_or(Recovery::Fail)
+        cfg.recovery = cfg.recovery.with_hook(move |lost| async move {
+            if decline && term::DECLINED.get().is_some() {
+                // Already declined: the driver only reconnects to tell the server.
+                return Recovery::Recover;
+            }
+            let cause = lost.cause.clone();
+            let answer = tokio::task::spawn_blocking(move || term::ask(&cause)).await.unwrap_or(Recovery::Fail);
+            if answer == Recovery::Fail && decline {
+                let _ = term::DECLINED.set(lost.cause);
+                term::DECLINE.notify_one();
+                return Recovery::Recover;
+            }
+            answer
         });
     }
     Ok((server, cfg))
@@ -78,9 +92,20 @@ pub(crate) async fn client(args: ClientArgs) -> Result<()> {
     if args.local.is_empty() && args.socks.is_none() && args.remote.is_empty() {
         bail!("nothing to forward: give --local HOST:PORT[=SERVICE] (or `local = [\"HOST:PORT=SERVICE\"]` in [client] of a --config file), --socks or --remote");
     }
-    let (server, cfg) = client_config(c)?;
+    let (server, cfg) = client_config(c, false)?;
     let mut forwards = Vec::new();
-    for (addr, service) in &args.local {
+    let mut direct = Vec::new();
+    for local in &args.local {
+        let (addr, service) = match local {
+            Local::Service { addr, service } => (addr, service),
+            Local::Connect { addr, host, port } => {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("--local {addr}:{host}:{port}: cannot listen"))?;
+                direct.push((listener, host.clone(), *port));
+                continue;
+            }
+        };
         let Some(service) = service.clone().or_else(|| c.service.clone()) else {
             bail!("--local {addr}: no service; give --local {addr}=SERVICE, or --service NAME for every --local");
         };
@@ -147,6 +172,11 @@ pub(crate) async fn client(args: ClientArgs) -> Result<()> {
             Ok(())
         });
     }
+    for (listener, host, port) in direct {
+        let Some(pool) = pool.clone() else { bail!("--local PORT:HOST:HOSTPORT needs multiplexing: drop --no-mux") };
+        info!(local = %listener.local_addr()?, server = %server, to = %printable(&format!("{host}:{port}")), "forwarding (connected by the server)");
+        running.spawn(tunnel::forward_connect(listener, pool, host, port));
+    }
     for (listener, service) in forwards {
         info!(local = %listener.local_addr()?, server = %server, %service, "forwarding");
         let forward =
@@ -178,28 +208,106 @@ pub(crate) async fn client(args: ClientArgs) -> Result<()> {
 
 pub(crate) async fn connect(args: ConnectArgs, quiet: bool) -> Result<()> {
     let c = &args.common;
-    // stdout carries only stream bytes. On a terminal (ssh's, in raw mode) link events become
-    // short status lines; otherwise they are logged.
+    // stdout carries only stream bytes. On a terminal (ssh's, in raw mode) link events go to
+    // the window title; otherwise they are logged.
     let Some(service) = &c.service else {
         bail!("--service NAME is required: the service to reach on the server (or `service = \"NAME\"` in [client] of a --config file)")
     };
-    let (server, cfg) = client_config(c)?;
-    let stream = tunnel::open(&server, cfg, service).await?;
+    let (server, cfg) = client_config(c, true)?;
+    carry_stdio(&server, cfg, service, matches!(c.on_fault, OnFault::Ask), quiet).await
+}
+
+/// `holdfast ssh-proxy FILE`: the ProxyCommand of `holdfast ssh`, which carries ssh's
+/// connection to the remote server's one service as `connect` does, with the session's keys
+/// from the session file (read once and removed).
+pub(crate) async fn ssh_proxy(file: &std::path::Path, quiet: bool) -> Result<()> {
+    let session = crate::ssh::session::Session::take(file)?;
+    let mut cfg = ClientConfig::new(session.keypair, session.server_key);
+    cfg.recovery = RecoveryPolicy { give_up_after: session.give_up, ..RecoveryPolicy::default() };
+    carry_stdio(&session.server, cfg, "ssh", false, quiet).await
+}
+
+/// How long `connect` goes on trying to end its session on the server, silently, after the
+/// program on stdio has gone during an outage.
+const CLOSE_LINGER: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Opens a stream to `service` and carries it on stdin and stdout until both ends are done, or
+/// the program on stdio is gone. Once it is gone (ssh exited, in any way), nothing more is
+/// shown or said: the session is ended on the server (bounded) and this returns.
+async fn carry_stdio(server: &str, cfg: ClientConfig, service: &str, asking: bool, quiet: bool) -> Result<()> {
+    let stream = tunnel::open(server, cfg, service).await?;
     let events = stream.events();
+    let (gone_tx, gone) = tokio::sync::watch::channel(false);
     if std::io::stderr().is_terminal() {
         if !quiet {
-            tokio::spawn(term::show_events(events, matches!(c.on_fault, OnFault::Ask)));
+            tokio::spawn(term::show_events(events, asking, gone.clone()));
         }
     } else {
+        let mut gone = gone.clone();
         tokio::spawn(async move {
             let mut events = events;
-            while let Ok(ev) = events.recv().await {
-                log_event(None, ev);
+            loop {
+                tokio::select! {
+                    ev = events.recv() => match ev {
+                        Ok(ev) => log_event(None, ev),
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(_) => return,
+                    },
+                    _ = gone.wait_for(|g| *g) => return,
+                }
             }
         });
     }
-    tunnel::stdio(stream, hangup()).await?;
-    Ok(())
+    let hangup = async {
+        tokio::select! {
+            () = hangup() => {}
+            () = term::DECLINE.notified() => {}
+        }
+        let _ = gone_tx.send(true);
+    };
+    let mut status = stream.status();
+    let result = tunnel::stdio(stream, hangup).await;
+    if let Some(cause) = term::DECLINED.get() {
+        // ssh is still there, reading its connection: it ends when stdin and stdout close.
+        let_go(false);
+        term::said(&format!(
+            "the link was lost ({}) and you answered n to recovering it: the session is over; \
+             the server is told so once the link is back (this process goes on trying for up to {} in the background)",
+            printable(cause),
+            Rounded(CLOSE_LINGER)
+        ));
+    }
+    if *gone.borrow() {
+        // The program is gone while the link was down: the session is still the server's
+        // (a shell behind it, for ssh). Keep trying, silently and bounded, to tell the server
+        // that it is over once the link is back.
+        let ended = |s: &LinkStatus| matches!(s, LinkStatus::Closed | LinkStatus::Failed(_));
+        if !ended(&status.borrow()) {
+            // Hold none of the caller's pipes meanwhile (a script reading ssh's stderr would
+            // wait for this process to let go of it).
+            let_go(true);
+            let _ = tokio::time::timeout(CLOSE_LINGER, status.wait_for(ended)).await;
+        }
+    }
+    match result {
+        // The program reading stdout is gone (ssh killed, without a SIGHUP): as a hang-up.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        _ if *gone.borrow() => Ok(()),
+        Err(e) => Err(e.into()),
+        Ok(_) => Ok(()),
+    }
+}
+
+/// Puts /dev/null in place of stdin and stdout (and, with `stderr`, of stderr too), so that
+/// this process no longer holds the pipes of the program it served.
+fn let_go(stderr: bool) {
+    if let Ok(null) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null") {
+        let _ = rustix::stdio::dup2_stdout(&null);
+        let _ = rustix::stdio::dup2_stdin(&null);
+        if stderr {
+            let _ = rustix::stdio::dup2_stderr(&null);
+        }
+    }
 }
 
 /// Resolves when the program on the other end of stdio is gone: ssh sends its ProxyCommand

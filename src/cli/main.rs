@@ -8,6 +8,7 @@ mod keyfiles;
 mod manpage;
 mod metrics;
 mod server;
+mod ssh;
 mod status;
 mod term;
 
@@ -34,7 +35,7 @@ pub(crate) fn session_config(t: &Timers) -> Result<SessionConfig> {
 
 fn init_logs(cli: &Cli) {
     // The demo's output is its progress line and report; logs would only interleave with them.
-    let quiet_by_default = matches!(cli.cmd, Cmd::Demo { .. } | Cmd::Connect(_));
+    let quiet_by_default = matches!(cli.cmd, Cmd::Demo { .. } | Cmd::Connect(_) | Cmd::Ssh(_) | Cmd::SshProxy { .. });
     let default = match (cli.quiet, cli.verbose) {
         (true, _) => "error",
         (false, 0) if matches!(cli.cmd, Cmd::Demo { .. }) => "error",
@@ -60,6 +61,15 @@ async fn run(cli: Cli) -> Result<bool> {
         Cmd::Server(a) => server::server(a).await?,
         Cmd::Client(a) => client::client(a).await?,
         Cmd::Connect(a) => client::connect(a, quiet).await?,
+        Cmd::SshProxy { file } => client::ssh_proxy(&file, quiet).await?,
+        Cmd::SshServer(a) => ssh::remote::ssh_server(a).await?,
+        Cmd::Ssh(a) => {
+            // ssh's exit status is this command's (a remote command's status comes back).
+            let code = ssh::ssh(a).await?;
+            if code != 0 {
+                std::process::exit(code);
+            }
+        }
         Cmd::Demo { bytes, faults } => return demo::demo(bytes, faults).await,
         Cmd::Completions { shell } => {
             clap_complete::generate(shell, &mut args::command(), "holdfast", &mut std::io::stdout());
@@ -92,7 +102,7 @@ fn main() -> ExitCode {
     }
     // `connect` carries one stream for one program: a single thread moves its bytes without
     // waking another thread for every message (round trips through it are request/response).
-    let rt = if matches!(cli.cmd, Cmd::Connect(_)) {
+    let rt = if matches!(cli.cmd, Cmd::Connect(_) | Cmd::SshProxy { .. } | Cmd::Ssh(_) | Cmd::SshServer(_)) {
         tokio::runtime::Builder::new_current_thread().enable_all().build()
     } else {
         tokio::runtime::Runtime::new()

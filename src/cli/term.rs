@@ -1,25 +1,63 @@
-//! What `connect` shows on a terminal: short status lines, and the one-key recovery question.
+//! What `connect` shows on a terminal: its link's state in the terminal's title, and the
+//! one-key recovery question.
 //!
-//! Under `ssh -o ProxyCommand`, the ProxyCommand's stderr is ssh's terminal, which ssh has put in
-//! raw mode: a bare `\n` moves down without returning to the first column. Every line here is
-//! written as `\r\n…\r\n`, which displays correctly in raw and in cooked mode alike.
+//! Under `ssh -o ProxyCommand`, the ProxyCommand's stderr is ssh's terminal, where a full-screen
+//! program (vi, less, tmux) may be drawing: a line written there would stay painted over its
+//! screen until it redraws. So the state of the link goes to the window title instead (OSC 2),
+//! which leaves the screen alone: the title in force is pushed on the terminal's title stack
+//! (`CSI 22;2 t`) when the link is first lost, and popped back (`CSI 23;2 t`) once it is back.
+//! Terminals with a title stack (xterm, VTE, tmux) show their old title again; others keep the
+//! last line, "link back". The question of `--on-fault ask` needs an answer, so it is written
+//! on the terminal itself, as `\r\n…` (which displays correctly in raw and in cooked mode).
 
 use std::io::{Read, Write};
 use std::os::fd::AsFd;
 
 use holdfast::human::{os_errors_in_words, printable};
 use holdfast::net::{LinkEvent, Recovery, Rounded};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch, Notify};
 
-/// Writes one status line to stderr, safe for a terminal in raw mode.
-pub(crate) fn status_line(text: &str) {
+/// Set (to the fault's cause) when the user answers "no" to `--on-fault ask` under `connect`.
+pub(crate) static DECLINED: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+/// Notified when [`DECLINED`] is set.
+pub(crate) static DECLINE: Notify = Notify::const_new();
+
+/// One line on the terminal (or stderr), safe in raw mode.
+pub(crate) fn said(text: &str) {
+    write_stderr(&format!("\r\nholdfast: {text}\r\n"));
+}
+
+/// The state of the link shown in the terminal's title.
+#[derive(Default)]
+struct Title {
+    /// The title in force before ours is on the terminal's title stack.
+    pushed: bool,
+}
+
+impl Title {
+    /// Shows `text` as the window title (pushing the one in force first).
+    fn show(&mut self, text: &str) {
+        let push = if self.pushed { "" } else { "\x1b[22;2t" };
+        self.pushed = true;
+        write_stderr(&format!("{push}\x1b]2;holdfast: {text}\x07"));
+    }
+
+    /// Gives the terminal back the title it had.
+    fn restore(&mut self) {
+        if std::mem::take(&mut self.pushed) {
+            write_stderr("\x1b[23;2t");
+        }
+    }
+}
+
+fn write_stderr(bytes: &str) {
     let mut err = std::io::stderr().lock();
-    let _ = write!(err, "\r\nholdfast: {text}\r\n");
+    let _ = err.write_all(bytes.as_bytes());
     let _ = err.flush();
 }
 
-/// The status line for a link event, if it deserves one. Reconnect attempts are shown at
-/// 4, 8, 16… so that a long outage says it is still trying without flooding the screen.
+/// The status for a link event, if it deserves one. Reconnect attempts are shown at 4, 8,
+/// 16… so that a long outage says it is still trying.
 pub(crate) fn describe(ev: &LinkEvent) -> Option<String> {
     match ev {
         LinkEvent::Lost(l) => Some(format!("link lost ({}); reconnecting…", printable(&os_errors_in_words(&l.cause)))),
@@ -31,31 +69,45 @@ pub(crate) fn describe(ev: &LinkEvent) -> Option<String> {
         }
         LinkEvent::Healthy => Some("link answering again".to_string()),
         LinkEvent::Resumed { after, .. } => Some(format!("link back; resumed after {}", Rounded(*after))),
-        // A failure gets no status line: `connect` exits with the error, said once.
+        // A failure gets no status: `connect` exits with the error, said once.
         _ => None,
     }
 }
 
-/// Shows the stream's link events as status lines until the stream ends. With `asking` (the
-/// `--on-fault ask` question tells of each loss itself), losses get no line of their own.
-pub(crate) async fn show_events(mut events: broadcast::Receiver<LinkEvent>, asking: bool) {
+/// Shows the stream's link events in the terminal's title until the stream ends or the
+/// program on stdio is gone (`gone` turns true: nothing more is shown, the title is given
+/// back). With `asking` (the `--on-fault ask` question tells of each loss itself), losses are
+/// not shown.
+pub(crate) async fn show_events(
+    mut events: broadcast::Receiver<LinkEvent>,
+    asking: bool,
+    mut gone: watch::Receiver<bool>,
+) {
+    let mut title = Title::default();
     loop {
-        match events.recv().await {
+        let ev = tokio::select! {
+            ev = events.recv() => ev,
+            _ = gone.wait_for(|g| *g) => break,
+        };
+        match ev {
             Ok(ev) => {
                 if asking && matches!(ev, LinkEvent::Lost(_)) {
                     continue;
                 }
                 if let Some(text) = describe(&ev) {
-                    status_line(&text);
+                    title.show(&text);
                 }
-                if matches!(ev, LinkEvent::Closed | LinkEvent::Failed { .. }) {
-                    return;
+                match ev {
+                    LinkEvent::Resumed { .. } | LinkEvent::Healthy => title.restore(),
+                    LinkEvent::Closed | LinkEvent::Failed { .. } => break,
+                    _ => {}
                 }
             }
             Err(broadcast::error::RecvError::Lagged(_)) => {}
-            Err(broadcast::error::RecvError::Closed) => return,
+            Err(broadcast::error::RecvError::Closed) => break,
         }
     }
+    title.restore();
 }
 
 /// Asks on the controlling terminal whether to recover, answered by one key: `n` gives up,
@@ -64,7 +116,7 @@ pub(crate) async fn show_events(mut events: broadcast::Receiver<LinkEvent>, aski
 /// recovers.
 pub(crate) fn ask(cause: &str) -> Recovery {
     let Ok(mut tty) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/tty") else {
-        status_line("--on-fault ask: no terminal to ask on; recovering");
+        write_stderr("\r\nholdfast: --on-fault ask: no terminal to ask on; recovering\r\n");
         return Recovery::Recover;
     };
     let saved = rustix::termios::tcgetattr(tty.as_fd()).ok();
@@ -79,7 +131,7 @@ pub(crate) fn ask(cause: &str) -> Recovery {
         Ok(1) if key[0].eq_ignore_ascii_case(&b'n') => Recovery::Fail,
         _ => Recovery::Recover,
     };
-    let word = if answer == Recovery::Fail { "no: giving up" } else { "yes: reconnecting" };
+    let word = if answer == Recovery::Fail { "no: ending the session" } else { "yes: reconnecting" };
     let _ = write!(tty, "{word}\r\n");
     if let Some(saved) = saved {
         let _ = rustix::termios::tcsetattr(tty.as_fd(), rustix::termios::OptionalActions::Now, &saved);

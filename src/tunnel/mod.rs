@@ -20,6 +20,7 @@
 //! ends with a normal close, not an abort.
 
 mod connect;
+mod direct;
 mod forward;
 mod join;
 mod limits;
@@ -42,6 +43,7 @@ use crate::net;
 
 pub use connect::{allowed_addrs, check_host, ConnectRule};
 pub use connect::{allowed_of, plan, Plan};
+pub use direct::forward_connect;
 pub use forward::{forward, forward_via};
 pub use limits::{ResolveFn, TunnelLimits};
 pub use mux::MuxPool;

@@ -205,3 +205,41 @@ pub async fn ready(test: &str, tools: &[&str]) -> bool {
         }
     }
 }
+
+/// Drops every TCP packet to or from `port` on this host while it lives (an nftables table of
+/// its own, deleted on drop): a silent outage of the links to the remote server.
+pub struct Outage {
+    table: String,
+}
+
+impl Outage {
+    pub fn start(port: u16) -> Outage {
+        let table = format!("hfssh{port}");
+        let script = format!(
+            "table inet {table} {{\n chain input {{\n  type filter hook input priority -10\n  tcp dport {port} drop\n  tcp sport {port} drop\n }}\n}}\n"
+        );
+        nft(&["-f", "-"], Some(&script));
+        Outage { table }
+    }
+}
+
+impl Drop for Outage {
+    fn drop(&mut self) {
+        nft(&["delete", "table", "inet", &self.table], None);
+    }
+}
+
+fn nft(args: &[&str], input: Option<&str>) {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new("nft")
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("cannot run nft");
+    if let Some(text) = input {
+        child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    }
+    drop(child.stdin.take());
+    let status = child.wait().unwrap();
+    assert!(status.success() || std::thread::panicking(), "nft {args:?} failed: {status}");
+}

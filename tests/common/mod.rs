@@ -12,6 +12,7 @@ pub mod netns;
 pub mod postgres;
 pub mod procs;
 pub mod raw;
+pub mod sshboot;
 pub mod sshd;
 pub mod tunnel;
 pub mod world;

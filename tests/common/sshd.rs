@@ -23,6 +23,11 @@ pub struct Sshd {
 impl Sshd {
     /// Makes keys and a config in `dir` and starts `sshd -D -e`; returns once it listens.
     pub async fn start(dir: &TempDir) -> Sshd {
+        Sshd::start_with(dir, "").await
+    }
+
+    /// Like [`Sshd::start`], with `extra` lines appended to its config.
+    pub async fn start_with(dir: &TempDir, extra: &str) -> Sshd {
         let (host_key, key) = (dir.path("ssh_host_ed25519_key"), dir.path("id_ed25519"));
         for k in [&host_key, &key] {
             run_ok("ssh-keygen", Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f", s(k)])).await;
@@ -34,7 +39,7 @@ impl Sshd {
         for _ in 0..5 {
             let port = free_port();
             let config = dir.path("sshd_config");
-            std::fs::write(&config, config_text(dir, port, &host_key, &authorized)).unwrap();
+            std::fs::write(&config, config_text(dir, port, &host_key, &authorized) + extra).unwrap();
             let mut cmd = Command::new(&sshd);
             cmd.args(["-D", "-e", "-f", s(&config)]);
             let proc = Proc::spawn("sshd", &mut cmd, Out::Null);
@@ -44,6 +49,11 @@ impl Sshd {
             assert!(proc.log().contains("Address already in use"), "sshd did not start:\n{}", proc.log());
         }
         panic!("sshd found no free port in 5 tries");
+    }
+
+    /// The client's private key file, which this sshd lets in as root.
+    pub fn key(&self) -> &std::path::Path {
+        &self.key
     }
 
     /// `ssh ... root@127.0.0.1 REMOTE` reaching this sshd at `port` directly (a local forward's

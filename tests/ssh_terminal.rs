@@ -1,0 +1,99 @@
+//! `holdfast ssh` and `holdfast connect` on a terminal (tmux): a full-screen program keeps its
+//! screen through a fault, and answering n to `--on-fault ask` ends the session on the server.
+//! Set-up as in `tests/ssh_bootstrap.rs` (`common::sshboot`); skipped without root, sshd, ss or
+//! tmux unless `HOLDFAST_REQUIRE_TOOLS=1`.
+#![cfg(unix)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::cli::BIN;
+use common::procs::{s, TempDir};
+use common::sshboot::{run_test, wait_file, Setup, Tmux};
+use common::sshd::Sshd;
+
+/// A full-screen program (vi, in tmux) while the link breaks and resumes: its screen is left as
+/// it was (holdfast says nothing on it), and the keys typed meanwhile reach it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_screen_program_keeps_its_screen_through_a_fault() {
+    let name = "a_full_screen_program_keeps_its_screen_through_a_fault";
+    run_test(name, &["tmux", "vi"], Duration::from_secs(90), || async {
+        let setup = Setup::start("sshvi").await;
+        let file = setup.dir.path("lines.txt");
+        std::fs::write(&file, (1..=200).map(|i| format!("line {i}\n")).collect::<String>()).unwrap();
+        let tmux = Tmux { socket: format!("holdfast-test-{}-{}", std::process::id(), setup.port) };
+        let command = format!(
+            "env XDG_RUNTIME_DIR={} {BIN} ssh --server {BIN} --ports {} -F {} -t box vi {}",
+            s(&setup.dir.path("run")),
+            setup.ports(),
+            setup.config,
+            s(&file)
+        );
+        tmux.run(&["new-session", "-d", "-s", "t", "-x", "100", "-y", "30", &command]);
+        let screen = |t: &str| t.lines().take(25).map(str::to_string).collect::<Vec<_>>();
+        let before = tmux.wait(&["capture-pane", "-p", "-t", "t"], |t| t.contains("line 25")).await;
+        assert_eq!(tmux.run(&["display", "-p", "-t", "t", "#{cursor_y}"]).trim(), "0", "{before}");
+        let mut killed = 0;
+        while killed == 0 {
+            killed = common::faults::kill_connections(setup.port).await.unwrap();
+        }
+        tmux.run(&["send-keys", "-t", "t", "j"]);
+        tmux.wait(&["display", "-p", "-t", "t", "#{cursor_y}"], |t| t.trim() == "1").await;
+        let after = tmux.run(&["capture-pane", "-p", "-t", "t"]);
+        assert!(!after.contains("holdfast:"), "holdfast wrote on vi's screen:\n{after}");
+        assert_eq!(screen(&after), screen(&before), "vi's screen changed:\n{after}");
+        tmux.wait(&["display", "-p", "-t", "t", "#{pane_title}"], |t| !t.contains("holdfast")).await;
+        tmux.run(&["send-keys", "-t", "t", ":q!", "Enter"]);
+        eprintln!("{name}: vi's screen unchanged through a kill; the title given back");
+    })
+    .await;
+}
+
+/// `holdfast connect --on-fault ask` under ssh, in tmux: after a fault, `n` ends the session on
+/// the server too (not left for its expiry), with a message that says what the user did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answering_n_to_recover_ends_the_session_on_the_server() {
+    let name = "answering_n_to_recover_ends_the_session_on_the_server";
+    run_test(name, &["tmux"], Duration::from_secs(90), || async {
+        let dir = TempDir::new("sshask");
+        let sshd = Sshd::start(&dir).await;
+        let tunnel =
+            common::tunnel::Tunnel::start(&dir, &[("ssh", std::net::SocketAddr::from(([127, 0, 0, 1], sshd.port)))])
+                .await;
+        let rc_file = dir.path("connect.rc");
+        let proxy = format!("{} --on-fault ask", tunnel.proxy_command("ssh", &rc_file));
+        let command = format!(
+            "ssh -F /dev/null -t -i {} -p {} -o IdentitiesOnly=yes -o UserKnownHostsFile=/dev/null \
+             -o StrictHostKeyChecking=no -o BatchMode=yes -o LogLevel=ERROR -o 'ProxyCommand={proxy}' root@127.0.0.1",
+            s(sshd.key()),
+            sshd.port
+        );
+        let tmux = Tmux { socket: format!("holdfast-test-ask-{}-{}", std::process::id(), tunnel.port()) };
+        tmux.run(&["new-session", "-d", "-s", "t", "-x", "150", "-y", "30", &format!("{command}; sleep 5")]);
+        let pane = ["capture-pane", "-p", "-t", "t"];
+        tmux.run(&["send-keys", "-t", "t", "echo ready-$((6*7))", "Enter"]);
+        tmux.wait(&pane, |t| t.contains("ready-42")).await;
+        let mut killed = 0;
+        while killed == 0 {
+            killed = common::faults::kill_connections(tunnel.port()).await.unwrap();
+        }
+        tmux.wait(&pane, |t| t.contains("Recover? [Y/n]")).await;
+        tmux.run(&["send-keys", "-t", "t", "n"]);
+        let screen = tmux.wait(&pane, |t| t.contains("you answered n")).await;
+        assert!(!screen.contains("on-fault hook"), "{screen}");
+        // Ended on the server: closed (both ends finished) or ended (aborted by the client).
+        let over = |t: &str| t.contains("session closed") || t.contains("session ended");
+        assert!(tunnel.server.wait_for(over).await, "the session goes on:\n{}", tunnel.server.log());
+        let log = tunnel.server.log();
+        let line = log.lines().find(|l| over(l)).unwrap();
+        assert!(!line.contains("expired"), "{line}");
+        // ssh may be blocked reading the terminal (it raced holdfast for the answer key): a key
+        // lets it see that its connection is gone.
+        tmux.run(&["send-keys", "-t", "t", "x"]);
+        let rc = wait_file(&rc_file).await;
+        assert_eq!(rc.trim(), "0", "holdfast connect exited {rc}");
+        eprintln!("{name}: the server ended the session: {line}");
+    })
+    .await;
+}
