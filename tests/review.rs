@@ -365,3 +365,68 @@ async fn a_client_clock_that_ran_ahead_does_not_lock_its_key_out() {
     })
     .await;
 }
+
+/// Issue 22 (the review's second demonstration, in version 4): one key's streams cannot take the
+/// server's file descriptors. Each stream holds a slot standing for its connection's descriptor:
+/// past its key's slots a new stream is reset with LIMIT while its others go on, and another key
+/// still opens streams and echoes, until the server's own bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_keys_streams_cannot_take_every_descriptor() {
+    bounded(async {
+        let keys: Vec<Keypair> = (0..2).map(|_| Keypair::generate()).collect();
+        let limits = Limits { max_streams_per_key: 8, max_streams: 12, ..Limits::default() };
+        let (mut listener, cfgs, _) = server(limits, &keys).await;
+        let addr = listener.local_addr().to_string();
+        // The server echoes every stream of every session.
+        let server = tokio::spawn(async move {
+            while let Ok((session, _)) = listener.accept_session().await {
+                tokio::spawn(async move {
+                    while let Some(mut st) = session.accept().await {
+                        tokio::spawn(async move {
+                            let mut buf = [0u8; 64];
+                            while let Ok(n @ 1..) = st.read(&mut buf).await {
+                                if st.write_all(&buf[..n]).await.is_err() {
+                                    break;
+                                }
+                            }
+                        });
+                    }
+                });
+            }
+        });
+        // Opens `n` streams on `session`, each echoing one byte or reset; returns those kept.
+        async fn open_echoing(session: &holdfast::Session, n: usize) -> (Vec<holdfast::Stream>, usize) {
+            let (mut kept, mut reset) = (Vec::new(), 0);
+            for i in 0..n {
+                let mut st = session.open().await.expect("the session opens streams");
+                st.write_all(&[i as u8]).await.expect("write");
+                let mut b = [0u8; 1];
+                match st.read_exact(&mut b).await {
+                    Ok(_) => kept.push(st),
+                    Err(e) => {
+                        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+                        assert!(e.to_string().contains("limit"), "{e}");
+                        reset += 1;
+                    }
+                }
+            }
+            (kept, reset)
+        }
+        let a = holdfast::connect_session(addr.clone(), cfgs[0].clone()).await.unwrap();
+        let (a_kept, a_reset) = open_echoing(&a, 12).await;
+        assert_eq!((a_kept.len(), a_reset), (8, 4), "key A holds its 8 slots and no more");
+        let b = holdfast::connect_session(addr.clone(), cfgs[1].clone()).await.unwrap();
+        let (b_kept, b_reset) = open_echoing(&b, 5).await;
+        assert_eq!((b_kept.len(), b_reset), (4, 1), "key B gets the server's last 4 slots");
+        // Key A's streams still carry bytes.
+        for (i, mut st) in a_kept.into_iter().enumerate() {
+            st.write_all(&[i as u8]).await.unwrap();
+            let mut got = [0u8; 1];
+            st.read_exact(&mut got).await.unwrap();
+            assert_eq!(got[0], i as u8);
+        }
+        drop(b_kept);
+        server.abort();
+    })
+    .await;
+}

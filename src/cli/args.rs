@@ -52,7 +52,7 @@ pub(crate) struct Cli {
     /// More log output on stderr (-v debug, -vv trace). RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true, help_heading = "Output")]
     pub(crate) verbose: u8,
-    /// Only log errors (and, for `connect` on a terminal, no link state in the window title).
+    /// Only log errors.
     #[arg(short, long, global = true, help_heading = "Output")]
     pub(crate) quiet: bool,
     #[command(subcommand)]
@@ -86,7 +86,7 @@ pub(crate) enum Cmd {
     Client(ClientArgs),
     /// Carry one stream on stdin/stdout, for `ssh -o ProxyCommand`. EOF on stdin is a half-close.
     #[command(
-        after_help = "Example:\n  ssh -o ProxyCommand='holdfast connect --server host:7700 \\\n      --server-key keys/server.pub --key keys/laptop.key --service ssh' user@host\n\nOn a terminal, connect shows short status lines on stderr while it recovers a lost link;\n-q turns them off.\n\nWith a config file (its [client] section; only the keys `connect` has are used):\n  ssh -o ProxyCommand='holdfast connect --config client.toml --service ssh' user@host"
+        after_help = "Example:\n  ssh -o ProxyCommand='holdfast connect --server host:7700 \\\n      --server-key keys/server.pub --key keys/laptop.key --service ssh' user@host\n\nOn a terminal, connect shows the link state in the window title while it recovers a lost\nlink; -q turns that off.\n\nWith a config file (its [client] section; only the keys `connect` has are used):\n  ssh -o ProxyCommand='holdfast connect --config client.toml --service ssh' user@host"
     )]
     Connect(ConnectArgs),
     /// Resilient ssh with nothing set up on the server: runs your own `ssh` to start a holdfast
@@ -116,7 +116,7 @@ pub(crate) enum Cmd {
     /// Show the live sessions of a running server (or the forwards and session of a running
     /// client): what its --status control socket answers, as a table or as JSON.
     #[command(
-        after_help = "Examples:\n  holdfast status                                  (server with --status /run/holdfast/status.sock)\n  holdfast status --json\n  holdfast status --socket /run/user/1000/holdfast-client.sock   (client with --status PATH)\n\nOnly the user the server runs as (and root) can use the socket."
+        after_help = "Examples:\n  holdfast status                                  (server with --status /run/holdfast/status.sock)\n  holdfast status --json\n  holdfast status --socket /run/user/1000/forward.sock   (a client run with --status PATH)\n\nOnly the user the server runs as (and root) can use the socket."
     )]
     Status(StatusArgs),
     /// Print shell completions.

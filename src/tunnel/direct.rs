@@ -10,7 +10,7 @@ use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
 use super::join::join;
-use super::mux::MuxPool;
+use super::pool::MuxPool;
 use super::TunnelError;
 use crate::human::printable;
 

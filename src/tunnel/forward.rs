@@ -8,7 +8,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use super::join::{join, Refused};
-use super::mux::MuxPool;
+use super::pool::MuxPool;
 use super::request::request;
 use super::splice::splice_requested;
 use super::{check_name, TunnelError};

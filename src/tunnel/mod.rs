@@ -24,14 +24,16 @@ mod direct;
 mod forward;
 mod join;
 mod limits;
-mod mux;
+mod pool;
 pub(crate) mod request;
 mod reverse;
 mod rights;
 mod serve;
+mod session;
 mod socks;
 mod splice;
 mod stdio;
+mod target;
 
 use std::collections::BTreeMap;
 use std::io;
@@ -46,13 +48,14 @@ pub use connect::{allowed_of, plan, Plan};
 pub use direct::forward_connect;
 pub use forward::{forward, forward_via};
 pub use limits::{ResolveFn, TunnelLimits};
-pub use mux::MuxPool;
+pub use pool::MuxPool;
 pub use request::{finish, open, FINISH_TIMEOUT};
 pub use reverse::remote;
 pub use serve::{serve, serve_until};
 pub use socks::socks;
 pub use splice::{splice, splice_until};
 pub use stdio::stdio;
+pub use target::SERVICE_CONNECT_TIMEOUT;
 
 pub use crate::names::MAX_SERVICE_NAME;
 /// How long a server waits for a service request, and a client for its reply.

@@ -9,9 +9,8 @@
 //! stream, or the server stops) it is closed at once. What its connections hold is bounded
 //! ([`super::TunnelLimits`]).
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::AsyncReadExt;
@@ -21,20 +20,12 @@ use tracing::{info, warn};
 
 use super::join::join;
 use super::limits::ReversePermit;
-use super::mux::MuxPool;
-use super::request::{read_addr, read_reply, tagged, write_reply, REVERSE_OPEN};
-use super::serve::connect_service;
+use super::pool::{lock, MuxPool};
+use super::request::{read_reply, tagged, write_reply, REVERSE_OPEN};
 use super::{Services, Status, TunnelError, REQUEST_TIMEOUT};
 use crate::human::printable;
 use crate::keys::AllowedPeer;
 use crate::net::{LinkStatus, Session, Stream};
-
-/// Client side: the reverse forwards in force, by the server's listener address.
-pub(super) type Remotes = Arc<Mutex<HashMap<SocketAddr, String>>>;
-
-fn lock(r: &Remotes) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, String>> {
-    r.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
 
 /// First pause before asking again after a refusal; it doubles after each refusal, up to
 /// [`RETRY_MAX`], and starts again from here after a listener that worked.
@@ -84,45 +75,6 @@ pub async fn remote(pool: Arc<MuxPool>, bind: String, target: String) {
         }
         tokio::time::sleep(pause).await; // retry pace, not synchronisation
         pause = (pause * 2).min(RETRY_MAX);
-    }
-}
-
-/// Client side: streams the server opens, each a connection to one of `remotes`' listeners.
-pub(super) async fn accept_inbound(session: Session, remotes: Remotes) {
-    while let Some(sub) = session.accept().await {
-        tokio::spawn(carry_back(sub, remotes.clone()));
-    }
-}
-
-async fn carry_back(mut sub: Stream, remotes: Remotes) {
-    let head = async {
-        match sub.read_u8().await? {
-            REVERSE_OPEN => Ok(read_addr(&mut sub).await?),
-            _ => Err(TunnelError::Malformed("stream opened by the server")),
-        }
-    };
-    let at = match tokio::time::timeout(REQUEST_TIMEOUT, head).await {
-        Ok(Ok(at)) => at,
-        Ok(Err(e)) => return warn!(error = %printable(&e.to_string()), "bad stream from the server"),
-        Err(_) => return warn!("a stream from the server said nothing in time"),
-    };
-    let target = lock(&remotes).get(&at).cloned();
-    let Some(target) = target else {
-        let _ = write_reply(&mut sub, Status::UnknownService, "").await;
-        return warn!(server_listens = %at, "a connection for a reverse forward this client no longer has");
-    };
-    let Some(tcp) = connect_service("this client", "reverse forward", &target).await else {
-        let _ = write_reply(&mut sub, Status::Unavailable, "").await;
-        return;
-    };
-    if write_reply(&mut sub, Status::Connected, "").await.is_err() {
-        return;
-    }
-    match join(tcp, sub, None, None).await {
-        Ok((to_server, to_target)) => {
-            info!(server_listens = %at, %target, to_server, to_target, "reverse connection closed")
-        }
-        Err(e) => info!(server_listens = %at, %target, error = %e, "reverse connection ended by a reset"),
     }
 }
 

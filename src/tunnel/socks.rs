@@ -14,7 +14,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 
 use super::join::join;
-use super::mux::MuxPool;
+use super::pool::MuxPool;
 use super::{TunnelError, REQUEST_TIMEOUT};
 use crate::human::printable;
 

@@ -1,0 +1,222 @@
+//! The server side of the tunnel's sessions: every stream a client opens carries one request
+//! (a service, a connect or a listen request, `docs/PROTOCOL.md` Appendix A) and then its
+//! connection's bytes.
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+use zeroize::Zeroizing;
+
+use super::join::join;
+use super::request::{read_request, write_reply, Request};
+use super::rights;
+use super::target::{connect_service, connect_target, resolve};
+use super::{Services, Status, REQUEST_TIMEOUT};
+use crate::human::printable;
+use crate::keys::AllowedPeer;
+use crate::net::{self, AllowListHandle, LinkStatus, Peer, Session, Stream};
+
+/// Server side: serves every stream the client opens on `session` as a tunnel of its own,
+/// until the session ends or `stop` turns true.
+pub(super) async fn serve_session(
+    session: Session,
+    peer: Peer,
+    services: Arc<Services>,
+    allow: AllowListHandle,
+    stop: watch::Receiver<bool>,
+) {
+    let who = peer.label();
+    let status = session.status();
+    let mut open = tokio::task::JoinSet::new();
+    let mut stopping = stop.clone();
+    let mut stopped = false;
+    let ctx = SessionCtx { lookups: services.bounds().session_lookups(), status: status.clone() };
+    // On a stop, the streams open finish as any tunnel does (the services are read no more
+    // and each stream is half-closed); then the session is closed.
+    loop {
+        if stopped && open.is_empty() {
+            session.close();
+        }
+        tokio::select! {
+            sub = session.accept() => match sub {
+                Some(sub) => {
+                    let (peer, services, allow, stop) = (peer.clone(), services.clone(), allow.clone(), stop.clone());
+                    let sub = serve_sub(sub, session.clone(), peer, services, allow, stop, ctx.clone());
+                    open.spawn(tracing::Instrument::in_current_span(sub));
+                }
+                None => break,
+            },
+            Some(_) = open.join_next(), if !open.is_empty() => {}
+            _ = stopping.wait_for(|s| *s), if !stopped => stopped = true,
+        }
+    }
+    drop(session);
+    while open.join_next().await.is_some() {}
+    match &*status.borrow() {
+        LinkStatus::Failed(e) => warn!(client = %who, error = %printable(e), "session failed"),
+        _ => debug!(client = %who, "session's streams ended"),
+    }
+    session_end(status).await;
+}
+
+/// What the streams of one multiplexed session share: its look-up permits, and its link's
+/// status (a reverse forward accepts only while the session is attached).
+#[derive(Clone)]
+pub(super) struct SessionCtx {
+    pub(super) lookups: Arc<tokio::sync::Semaphore>,
+    pub(super) status: watch::Receiver<crate::net::LinkStatus>,
+}
+
+/// One stream of a multiplexed session: a service request, then the service's bytes.
+async fn serve_sub(
+    mut sub: Stream,
+    mux: Session,
+    peer: Peer,
+    services: Arc<Services>,
+    allow: AllowListHandle,
+    stop: watch::Receiver<bool>,
+    ctx: SessionCtx,
+) {
+    let who = peer.label();
+    let request = match tokio::time::timeout(REQUEST_TIMEOUT, read_request(&mut sub)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            sub.reset();
+            return warn!(client = %who, error = %printable(&e.to_string()), "bad service request; stream reset");
+        }
+        Err(_) => {
+            sub.reset();
+            return warn!(client = %who, "no service request in time; stream reset");
+        }
+    };
+    // The rights of the key now, from the list in force: not the name the session opened with.
+    let Some(entry) = rights::current(&peer, &allow) else {
+        let gone = "the client is no longer on the allow-list";
+        return refuse_sub(sub, Status::UnknownService, &who, &request_label(&request), gone).await;
+    };
+    let who = rights::label(&entry);
+    let (name, tcp, target) = match request {
+        Request::Service(name) => {
+            let target = match resolve(&name, &peer, &services, &allow) {
+                Ok(t) => t,
+                Err((status, why)) => return refuse_sub(sub, status, &who, &name, why).await,
+            };
+            let Some(tcp) = connect_service(&who, &name, target).await else {
+                return refuse_sub(sub, Status::Unavailable, &who, &name, "service unavailable").await;
+            };
+            (name, tcp, target.to_string())
+        }
+        Request::Connect { host, port } => {
+            let name = request_label(&Request::Connect { host: host.clone(), port });
+            let (tcp, target) = match connect_destination(&entry, &services, &who, &ctx, (&host, port)).await {
+                Ok(t) => t,
+                Err((status, why)) => return refuse_sub(sub, status, &who, &name, why).await,
+            };
+            (name, tcp, target.to_string())
+        }
+        Request::Listen(addr) => {
+            return super::reverse::serve_listen(sub, addr, mux, (entry, services), stop, (ctx.status, &peer)).await;
+        }
+    };
+    if write_reply(&mut sub, Status::Connected, "").await.is_err() {
+        return;
+    }
+    info!(client = %who, service = %name, target = %printable(&target), "tunnel open");
+    let counted = peer.stream_opened();
+    let carried = join(tcp, sub, Some(stop), None).await;
+    drop(counted);
+    match carried {
+        Ok((to_client, to_service)) => {
+            peer.carried(to_client, to_service);
+            info!(client = %who, service = %name, to_service, to_client, "tunnel closed")
+        }
+        // A stream reset by the client (its program reset its connection) is a close.
+        Err(e) if matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe) => {
+            info!(client = %who, service = %name, error = %e, "tunnel ended: reset by the client")
+        }
+        Err(e) => warn!(client = %who, service = %name, error = %printable(&e.to_string()), "tunnel failed"),
+    }
+}
+
+/// How logs name a request.
+fn request_label(request: &Request) -> String {
+    match request {
+        Request::Service(name) => name.clone(),
+        Request::Connect { host, port } => format!("connect {}", printable(&format!("{host}:{port}"))),
+        Request::Listen(addr) => format!("listen {addr}"),
+    }
+}
+
+/// Connects to `host:port` for a dynamic forward, if the `--allow-connect` rules that apply to
+/// this client's key (see [`rights::connect_rules`]) give it; else the refusal: status 1 for a
+/// destination not allowed, 3 if every address refused the connection, 2 for one that a name
+/// rule gives but that does not resolve or answer (the cause is logged here). A name that only address rules could give is looked up, and any
+/// failure is answered 1, as for a name that resolves outside them: the answer does not tell
+/// whether a name exists. IP literals are never looked up; names are looked up within the
+/// session's and the key's bounds ([`super::TunnelLimits`]).
+async fn connect_destination(
+    entry: &AllowedPeer,
+    services: &Services,
+    who: &str,
+    ctx: &SessionCtx,
+    (host, port): (&str, u16),
+) -> Result<(TcpStream, std::net::SocketAddr), (Status, &'static str)> {
+    let rules = rights::connect_rules(services, entry);
+    let client = entry.name.as_deref();
+    let not_allowed = (Status::UnknownService, "destination not allowed (--allow-connect)");
+    let addrs = match super::plan(&rules, client, host, port) {
+        super::Plan::Refuse => return Err(not_allowed),
+        super::Plan::Addr(a) => vec![a],
+        super::Plan::Lookup { by_name } => match services.bounds().lookup(entry.key, &ctx.lookups, host, port).await {
+            Ok(found) => super::allowed_of(&rules, client, by_name, found),
+            Err(e) if by_name => {
+                warn!(client = %who, host = %printable(host), port, error = %e, "cannot resolve the destination");
+                return Err((Status::Unavailable, "destination does not resolve"));
+            }
+            Err(e) => {
+                debug!(client = %who, host = %printable(host), port, error = %e, "cannot resolve a destination only address rules could give");
+                Vec::new()
+            }
+        },
+    };
+    if addrs.is_empty() {
+        return Err(not_allowed);
+    }
+    // Status 3 only when every address refused (a reset): the SOCKS client's "connection refused".
+    let mut refused = true;
+    for addr in addrs {
+        match connect_target(who, &format!("connect {}", printable(host)), &addr.to_string()).await {
+            Ok(tcp) => return Ok((tcp, addr)),
+            Err(kind) => refused &= kind == Some(std::io::ErrorKind::ConnectionRefused),
+        }
+    }
+    if refused {
+        return Err((Status::Refused, "destination refused the connection"));
+    }
+    Err((Status::Unavailable, "destination unavailable"))
+}
+
+/// Answers a refusal on a stream and ends it: FIN, then what the client still sends is read
+/// and dropped until its FIN (bounded).
+async fn refuse_sub(mut sub: Stream, status: Status, who: &str, name: &str, what: &str) {
+    if write_reply(&mut sub, status, "").await.is_err() {
+        return;
+    }
+    let _ = sub.shutdown().await;
+    let mut sink = Zeroizing::new(vec![0u8; 4096]);
+    let drain = async { while matches!(sub.read(&mut sink[..]).await, Ok(1..)) {} };
+    let _ = tokio::time::timeout(Duration::from_secs(10), drain).await;
+    info!(client = %who, service = %name, "tunnel refused: {what}");
+}
+
+/// The stream's end goes out with its session's last records: waits for them (bounded), so
+/// that a stopping server does not exit before its clients heard the close.
+pub(super) async fn session_end(mut status: watch::Receiver<net::LinkStatus>) {
+    let ended = |s: &net::LinkStatus| matches!(s, net::LinkStatus::Closed | net::LinkStatus::Failed(_));
+    let _ = tokio::time::timeout(Duration::from_secs(3), status.wait_for(ended)).await;
+}

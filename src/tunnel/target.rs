@@ -1,0 +1,59 @@
+//! Where a tunnel leads on the server: a named service's target, or a dynamic forward's
+//! destination, connected within a bound.
+
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tracing::warn;
+
+use super::{Services, Status};
+use crate::net::{AllowListHandle, Peer};
+
+/// How long the server tries to connect to a service's target before it answers status 2. It
+/// is shorter than [`REQUEST_TIMEOUT`], so that the client hears the answer before it gives up.
+pub const SERVICE_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The target of the service `name` for `peer`, or the refusal: an unknown service, or one this
+/// client is not given (answered alike, so that it does not learn that the service exists).
+pub(super) fn resolve<'a>(
+    name: &str,
+    peer: &Peer,
+    services: &'a Services,
+    allow: &AllowListHandle,
+) -> Result<&'a str, (Status, &'static str)> {
+    let target = services.get(name).ok_or((Status::UnknownService, "unknown service"))?;
+    match allow.get().lookup(&peer.key).map(|entry| entry.allows(name)) {
+        Some(true) => Ok(target),
+        Some(false) => Err((Status::UnknownService, "not given to this client")),
+        None => Err((Status::UnknownService, "the client is no longer on the allow-list")),
+    }
+}
+
+/// Connects to a service's target (bounded); the cause of a failure is logged here, and the
+/// client only learns that the service is unavailable.
+pub(super) async fn connect_service(who: &str, name: &str, target: &str) -> Option<TcpStream> {
+    connect_target(who, name, target).await.ok()
+}
+
+/// [`connect_service`], with why it failed: `Some(kind)` of the connect error, `None` for no
+/// answer within the timeout.
+pub(super) async fn connect_target(
+    who: &str,
+    name: &str,
+    target: &str,
+) -> Result<TcpStream, Option<std::io::ErrorKind>> {
+    match tokio::time::timeout(SERVICE_CONNECT_TIMEOUT, TcpStream::connect(target)).await {
+        Ok(Ok(t)) => {
+            let _ = t.set_nodelay(true);
+            Ok(t)
+        }
+        failed => {
+            let (error, kind) = match failed {
+                Ok(Err(e)) => (e.to_string(), Some(e.kind())),
+                _ => (format!("no connection within {}", crate::human::Rounded(SERVICE_CONNECT_TIMEOUT)), None),
+            };
+            warn!(client = %who, service = %name, %target, %error, "cannot connect to the service");
+            Err(kind)
+        }
+    }
+}
