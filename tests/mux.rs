@@ -189,3 +189,49 @@ async fn library_streams_open_half_close_and_reset_alone() {
     assert_eq!(&got, b"still here");
     assert_eq!(*client_mux.status().borrow(), holdfast::LinkStatus::Connected);
 }
+
+/// Issue 22: 1,000 streams open at once on one session, idle, all echo: the server grants open
+/// credit as the streams arrive (up to 1024 at once), and each holds only its window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_idle_streams_on_one_session_all_echo() {
+    let (mut listener, ccfg) = server_and_client().await;
+    let addr = listener.local_addr().to_string();
+    let server = tokio::spawn(async move {
+        let (session, _) = listener.accept_session().await.unwrap();
+        while let Some(mut st) = session.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 16];
+                while let Ok(n @ 1..) = st.read(&mut buf).await {
+                    if st.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let client = holdfast::connect_session(&addr, ccfg).await.unwrap();
+    let mut streams = Vec::new();
+    timeout(LIMIT, async {
+        for i in 0..1000u32 {
+            let mut st = client.open().await.unwrap();
+            st.write_all(&i.to_be_bytes()).await.unwrap();
+            streams.push(st);
+        }
+        assert_eq!(client.streams(), 1000, "every stream is open at once");
+        for (i, st) in streams.iter_mut().enumerate() {
+            let mut b = [0u8; 4];
+            st.read_exact(&mut b).await.unwrap();
+            assert_eq!(u32::from_be_bytes(b), i as u32, "stream {i} echoed another's bytes");
+        }
+        // Idle and all still open: each echoes again.
+        for (i, st) in streams.iter_mut().enumerate().rev() {
+            st.write_all(&(i as u32).to_be_bytes()).await.unwrap();
+            let mut b = [0u8; 4];
+            st.read_exact(&mut b).await.unwrap();
+            assert_eq!(u32::from_be_bytes(b), i as u32);
+        }
+    })
+    .await
+    .expect("1,000 streams did not all echo in time");
+    server.abort();
+}
