@@ -234,7 +234,9 @@ fn server_restart_reports_session_lost() {
     let ns_s = w.ns_s.clone();
     w.server = spawn_server(&w.lab, &ns_s, &w.server_cmd, w.name);
     let t0 = w.server.log.wait_line("server ready", 0, START).map_or(0, |l| l.at);
-    let failed = w.client_line("stream failed", fault, RESUME);
+    // Said by the session's failure event ("stream failed") or by the client's exit, whichever
+    // the client prints first: both name the lost session.
+    let failed = w.client_line("session lost", fault, RESUME);
     w.check(failed.is_some(), "the client did not report the lost session");
     let failed = failed.unwrap_or_else(|| unreachable!());
     w.check(failed.text.contains("session lost"), "the failure does not say the session was lost");
