@@ -45,6 +45,9 @@ async fn a_full_screen_program_keeps_its_screen_through_a_fault() {
         assert_eq!(screen(&after), screen(&before), "vi's screen changed:\n{after}");
         tmux.wait(&["display", "-p", "-t", "t", "#{pane_title}"], |t| !t.contains("holdfast")).await;
         tmux.run(&["send-keys", "-t", "t", ":q!", "Enter"]);
+        // vi quits, so ssh and `holdfast ssh` exit and the pane with them: nothing is left
+        // running when the test ends.
+        tmux.wait(&["list-sessions", "-F", "#{session_name}"], |t| t.trim().is_empty()).await;
         eprintln!("{name}: vi's screen unchanged through a kill; the title given back");
     })
     .await;
