@@ -19,10 +19,10 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::faults::{check_ss_kill, Gate, KillLoop, Kills};
+use common::faults::{Gate, KillLoop, Kills};
 use common::http::{self, Pattern};
 use common::postgres::{self, Postgres};
-use common::procs::{self, check_tools, err_text, hex, output, run_ok, s, tail, Out, Proc, TempDir, LIMIT};
+use common::procs::{self, err_text, hex, output, run_ok, s, tail, Out, Proc, TempDir, LIMIT};
 use common::sshd::{self, Sshd};
 use common::tunnel::Tunnel;
 use sha2::{Digest as _, Sha256};
@@ -36,18 +36,7 @@ const MIN_KILLS: u64 = 5;
 
 /// Runs `test` if `tools` (and root, and a working `ss -K`) are there, within `limit`.
 async fn run_test<F: Future<Output = ()>>(name: &str, tools: &[&str], limit: Duration, test: impl FnOnce() -> F) {
-    let ready = match check_tools(&[&["ss"], tools].concat()) {
-        Ok(()) => check_ss_kill().await,
-        Err(e) => Err(e),
-    };
-    if let Err(reason) = ready {
-        return procs::skip(name, &reason);
-    }
-    let start = Instant::now();
-    if timeout(limit, test()).await.is_err() {
-        panic!("{name}: did not finish within {limit:?}");
-    }
-    eprintln!("{name}: passed in {:.1?}", start.elapsed());
+    common::faults::run_killing(name, tools, limit, test).await
 }
 
 /// One ssh session running `sh`: 200 commands one after another, each answer read before the

@@ -177,6 +177,29 @@ pub async fn kill_connections(port: u16) -> Result<u64, String> {
     Ok(text.lines().filter(|l| l.starts_with("ESTAB")).count() as u64)
 }
 
+/// Runs `test` if `tools`, root and a working `ss -K` are there (else it says "skipped", or
+/// fails under `HOLDFAST_REQUIRE_TOOLS=1`), within `limit`.
+#[allow(dead_code)]
+pub async fn run_killing<F: std::future::Future<Output = ()>>(
+    name: &str,
+    tools: &[&str],
+    limit: Duration,
+    test: impl FnOnce() -> F,
+) {
+    let ready = match super::procs::check_tools(&[&["ss"], tools].concat()) {
+        Ok(()) => check_ss_kill().await,
+        Err(e) => Err(e),
+    };
+    if let Err(reason) = ready {
+        return super::procs::skip(name, &reason);
+    }
+    let start = Instant::now();
+    if tokio::time::timeout(limit, test()).await.is_err() {
+        panic!("{name}: did not finish within {limit:?}");
+    }
+    eprintln!("{name}: passed in {:.1?}", start.elapsed());
+}
+
 /// Checks that `ss -K` can destroy a loopback connection here (it needs root and a kernel with
 /// `CONFIG_INET_DIAG_DESTROY`); returns the reason if not.
 pub async fn check_ss_kill() -> Result<(), String> {

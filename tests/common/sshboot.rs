@@ -9,27 +9,15 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use tokio::process::Command;
-use tokio::time::timeout;
 
 use super::cli::BIN;
-use super::faults::check_ss_kill;
-use super::procs::{self, check_tools, free_port, s, TempDir, LIMIT};
+use super::faults::run_killing;
+use super::procs::{free_port, s, TempDir, LIMIT};
 use super::sshd::{self, Sshd};
 
 /// Runs `test` if root, `tools`, sshd and a working `ss -K` are there, within `limit`.
 pub async fn run_test<F: Future<Output = ()>>(name: &str, tools: &[&str], limit: Duration, test: impl FnOnce() -> F) {
-    let ready = match check_tools(&[&["ss"], &sshd::TOOLS[..], tools].concat()) {
-        Ok(()) => check_ss_kill().await,
-        Err(e) => Err(e),
-    };
-    if let Err(reason) = ready {
-        return procs::skip(name, &reason);
-    }
-    let start = Instant::now();
-    if timeout(limit, test()).await.is_err() {
-        panic!("{name}: did not finish within {limit:?}");
-    }
-    eprintln!("{name}: passed in {:.1?}", start.elapsed());
+    run_killing(name, &[&sshd::TOOLS[..], tools].concat(), limit, test).await
 }
 
 /// An sshd, and the user's side: an ssh config naming it as host `box`.
