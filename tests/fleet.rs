@@ -83,8 +83,11 @@ async fn a_fleet_behind_haproxy_routes_every_resume_home_and_a_dead_server_loses
         let mut cmd = Command::new(BIN);
         cmd.args(["server", "--listen", "127.0.0.1:0", "--key", s(&server_key), "--authorized", s(&authorized)]);
         cmd.args(["--service", &format!("echo={echo}"), "--server-id", &id.to_string(), "--proxy-from", lb]);
-        // The 30 clients share one key, and come through one balancer.
-        cmd.args(["--max-sessions-per-key", "100", "--buffer-per-key", "1GiB"]).args(FAST).env_remove("RUST_LOG");
+        // The 30 clients share one key and one source address (127.0.0.1, as behind one large
+        // NAT), and come through one balancer; each reconnects at every kill (2.5 a second).
+        cmd.args(["--max-sessions-per-key", "100", "--buffer-per-key", "1GiB", "--handshake-rate", "1000"])
+            .args(FAST)
+            .env_remove("RUST_LOG");
         let p = Proc::spawn(&format!("holdfast server {id}"), &mut cmd, Out::Null);
         let addr = p.logged_addr("server ready", "listen=").await;
         servers.push((p, addr));

@@ -102,15 +102,24 @@ pub type Exchanged = (Client, [u8; 32], std::io::Result<[u8; 32]>);
 
 /// Waits (bounded) for every exchange task and checks each echo; returns the clients in order.
 pub async fn collect(tasks: Vec<tokio::task::JoinHandle<Exchanged>>, what: &str) -> Vec<Client> {
+    try_collect(tasks, what).await.unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`collect`], with the first failure returned (the client's log included) instead of a panic,
+/// so that the caller can add the servers' logs.
+pub async fn try_collect(tasks: Vec<tokio::task::JoinHandle<Exchanged>>, what: &str) -> Result<Vec<Client>, String> {
     let mut clients = Vec::with_capacity(tasks.len());
     for (i, task) in tasks.into_iter().enumerate() {
-        let (c, want, got) =
-            tokio::time::timeout(LIMIT * 3, task).await.unwrap_or_else(|_| panic!("{what} did not finish")).unwrap();
+        let Ok(joined) = tokio::time::timeout(LIMIT * 3, task).await else {
+            return Err(format!("{what} did not finish"));
+        };
+        let (c, want, got) = joined.map_err(|e| format!("client {i}'s task failed: {e}"))?;
         match got {
-            Ok(h) => assert_eq!(h, want, "client {i}: the echo differs"),
-            Err(e) => panic!("client {i} failed ({e}); its log:\n{}", tail(&c.proc.log(), 30)),
+            Ok(h) if h == want => {}
+            Ok(_) => return Err(format!("client {i}: the echo differs")),
+            Err(e) => return Err(format!("client {i} failed ({e}); its log:\n{}", tail(&c.proc.log(), 30))),
         }
         clients.push(c);
     }
-    clients
+    Ok(clients)
 }
