@@ -1,16 +1,17 @@
 //! `holdfast ssh` and `holdfast connect` on a terminal (tmux): a full-screen program keeps its
-//! screen through a fault, and answering n to `--on-fault ask` ends the session on the server.
+//! screen through a fault, a closed terminal ends everything `holdfast ssh` started, and
+//! answering n to `--on-fault ask` ends the session on the server.
 //! Set-up as in `tests/ssh_bootstrap.rs` (`common::sshboot`); skipped without root, sshd, ss or
 //! tmux unless `HOLDFAST_REQUIRE_TOOLS=1`.
 #![cfg(unix)]
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::cli::BIN;
-use common::procs::{s, TempDir};
-use common::sshboot::{run_test, wait_file, Setup, Tmux};
+use common::procs::{s, TempDir, LIMIT};
+use common::sshboot::{holdfast_procs, run_test, wait_file, Setup, Tmux};
 use common::sshd::Sshd;
 
 /// A full-screen program (vi, in tmux) while the link breaks and resumes: its screen is left as
@@ -51,6 +52,66 @@ async fn a_full_screen_program_keeps_its_screen_through_a_fault() {
         eprintln!("{name}: vi's screen unchanged through a kill; the title given back");
     })
     .await;
+}
+
+/// The terminal goes away while a program runs (a tmux pane killed, a terminal window closed):
+/// `holdfast ssh`, its ssh, its ProxyCommand and the remote server all end, and leave nothing
+/// running for the session's expiry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_terminal_ends_holdfast_ssh_and_everything_it_started() {
+    let name = "a_closed_terminal_ends_holdfast_ssh_and_everything_it_started";
+    run_test(name, &["tmux", "vi"], Duration::from_secs(90), || async {
+        let setup = Setup::start("sshhup").await;
+        let file = setup.dir.path("lines.txt");
+        std::fs::write(&file, "one line\n").unwrap();
+        let tmux = Tmux { socket: format!("holdfast-test-hup-{}-{}", std::process::id(), setup.port) };
+        let command = format!(
+            "env XDG_RUNTIME_DIR={} {BIN} ssh --server {BIN} --ports {} -F {} -t box vi {}",
+            s(&setup.dir.path("run")),
+            setup.ports(),
+            setup.config,
+            s(&file)
+        );
+        tmux.run(&["new-session", "-d", "-s", "t", "-x", "100", "-y", "30", &command]);
+        tmux.wait(&["capture-pane", "-p", "-t", "t"], |t| t.contains("one line")).await;
+        let ours = || {
+            let mut p = procs_naming(s(setup.dir.root()));
+            p.retain(|&pid| !cmdline(pid).contains("sshd_config"));
+            p
+        };
+        let detached = || holdfast_procs(&["--detached", &setup.ports()]);
+        assert!(ours().len() >= 3 && detached().len() == 1, "{:?} {:?}", ours(), detached());
+        tmux.run(&["kill-server"]);
+        let deadline = Instant::now() + LIMIT;
+        while !ours().is_empty() || !detached().is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "still running after the terminal closed: {:?}, remote server {:?}",
+                ours().iter().map(|p| cmdline(*p)).collect::<Vec<_>>(),
+                detached()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await; // polling for exits, bounded
+        }
+        eprintln!("{name}: holdfast ssh, ssh, ssh-proxy and the remote server ended with the terminal");
+    })
+    .await;
+}
+
+/// Pids of the processes whose command line has a word containing `text`.
+fn procs_naming(text: &str) -> Vec<u32> {
+    let me = std::process::id();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+        .filter(|&pid| pid != me && cmdline(pid).contains(text))
+        .collect()
+}
+
+fn cmdline(pid: u32) -> String {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .unwrap_or_default()
 }
 
 /// `holdfast connect --on-fault ask` under ssh, in tmux: after a fault, `n` ends the session on

@@ -326,13 +326,18 @@ async fn hangup() {
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
-    // The stream now finishes within a few seconds; a second signal ends the process at once.
+    // The stream now finishes within a few seconds; a second SIGTERM or Ctrl-C ends the process
+    // at once. A second SIGHUP does not: one often comes twice (from the terminal's hang-up to
+    // the process group, and from ssh as it exits), and ending at once would leave the session,
+    // and the shell behind it, on the server until it expires.
     tokio::spawn(async move {
-        tokio::select! {
-            _ = hup.recv() => {}
-            _ = term.recv() => {}
-            _ = int.recv() => {}
+        loop {
+            tokio::select! {
+                _ = hup.recv() => continue,
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            std::process::exit(130);
         }
-        std::process::exit(130);
     });
 }

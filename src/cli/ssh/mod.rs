@@ -202,21 +202,25 @@ async fn run_session(user_args: &[OsString], file: &std::path::Path) -> Result<i
     cmd.args(user_args);
     let mut child = cmd.spawn().context("cannot run ssh")?;
     use tokio::signal::unix::{signal, SignalKind};
-    // The terminal's signals reach ssh too, which decides; this process waits for it to exit,
-    // then removes the session file's directory. A SIGTERM meant for this process goes to ssh.
+    // A Ctrl-C typed on the terminal reaches ssh too, which decides; this process waits for it
+    // to exit, then removes the session file's directory. A SIGTERM or SIGHUP meant for this
+    // process is passed on to ssh: when the terminal goes away, the kernel tells only the
+    // session leader (this process, in a tmux pane or a terminal window), and ssh, left with a
+    // dead terminal, would otherwise keep the session open on the server.
     let mut int = signal(SignalKind::interrupt()).context("cannot watch for SIGINT")?;
     let mut hup = signal(SignalKind::hangup()).context("cannot watch for SIGHUP")?;
     let mut term = signal(SignalKind::terminate()).context("cannot watch for SIGTERM")?;
+    let pass_on = |child: &tokio::process::Child, sig| {
+        if let Some(pid) = child.id().and_then(|p| rustix::process::Pid::from_raw(p as i32)) {
+            let _ = rustix::process::kill_process(pid, sig);
+        }
+    };
     let status = loop {
         tokio::select! {
             s = child.wait() => break s.context("cannot wait for ssh")?,
             _ = int.recv() => {}
-            _ = hup.recv() => {}
-            _ = term.recv() => {
-                if let Some(pid) = child.id().and_then(|p| rustix::process::Pid::from_raw(p as i32)) {
-                    let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-                }
-            }
+            _ = hup.recv() => pass_on(&child, rustix::process::Signal::HUP),
+            _ = term.recv() => pass_on(&child, rustix::process::Signal::TERM),
         }
     };
     use std::os::unix::process::ExitStatusExt;
