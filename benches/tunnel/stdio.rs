@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use tokio::process::Command;
 
-use super::{echo_rtt, HoldfastKeys, BIN, SERVICE_NAME};
+use super::metrics::echo_rtt;
+use super::paths::HoldfastKeys;
+use super::{BIN, SERVICE_NAME};
 
 /// Round trips of 64 B through a fresh `holdfast connect` to the server on `port`:
 /// (p50, p99) in µs.

@@ -7,7 +7,8 @@ use std::time::Instant;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::{connect, err, gbit, tput_down};
+use super::metrics::{connect, tput_down};
+use super::util::{err, gbit};
 
 /// `n` streams, each downloading `bytes / n`, at once: total Gbit/s from the first request to
 /// the last byte of the last stream.
