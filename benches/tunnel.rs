@@ -38,14 +38,14 @@ use tokio::net::TcpListener;
 use memory::memory_test;
 use metrics::{conn_echo, rtt, tput_down, tput_up};
 use paths::{
-    holdfast_keys, holdfast_server, holdfast_server_with, setup_holdfast, setup_socat, setup_spiped, setup_ssh,
-    setup_stunnel,
+    holdfast_keys, holdfast_server, holdfast_server_with, setup_holdfast, setup_socat, setup_spiped, setup_stunnel,
 };
 use procs::{Setup, Tool};
 use raw::{handshake_rate, RawKeys};
 use report::{PathStats, StdioStats};
 use resume::resume_test;
 use service::service;
+use ssh::setup_ssh;
 use util::{loadavg, loopback, median, s};
 
 #[path = "tunnel/memory.rs"]
@@ -64,6 +64,8 @@ mod report;
 mod resume;
 #[path = "tunnel/service.rs"]
 mod service;
+#[path = "tunnel/ssh.rs"]
+mod ssh;
 #[path = "tunnel/stdio.rs"]
 mod stdio;
 #[path = "tunnel/streams.rs"]

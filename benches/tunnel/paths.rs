@@ -80,7 +80,11 @@ pub(crate) async fn holdfast_server_with(
     args.extend(post.iter().map(|a| s(a)));
     let mut child = spawn(dir, log, BIN, &args)?;
     // A bare TCP probe: the server drops it silently during the handshake phase.
-    wait_port(loopback(port), std::slice::from_mut(&mut child)).await?;
+    if let Err(e) = wait_port(loopback(port), std::slice::from_mut(&mut child)).await {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(e);
+    }
     Ok((child, port))
 }
 
@@ -133,13 +137,15 @@ pub(crate) async fn setup_holdfast(
     client_extra: &[&str],
 ) -> Setup {
     let run = async {
-        let (server, sport) = holdfast_server(dir, keys, svc, &format!("{name}-server.log"), &[]).await?;
-        let server_pid = server.id();
         let local = free_port();
-        let client = holdfast_client_with(dir, keys, sport, local, &format!("{name}-client.log"), client_extra)?;
-        let mut children = vec![server, client];
-        wait_port(loopback(local), &mut children).await?;
-        Ok::<_, io::Error>(Tool { name, entry: loopback(local), children, server_pid: Some(server_pid) })
+        // Everything started is in `tool`, which ends it if a later step fails.
+        let mut tool = Tool::new(name, loopback(local));
+        let (server, sport) = holdfast_server(dir, keys, svc, &format!("{name}-server.log"), &[]).await?;
+        tool.server_pid = Some(server.id());
+        tool.children.push(server);
+        tool.children.push(holdfast_client_with(dir, keys, sport, local, &format!("{name}-client.log"), client_extra)?);
+        wait_port(tool.entry, &mut tool.children).await?;
+        Ok::<_, io::Error>(tool)
     };
     match run.await {
         Ok(t) => Setup::Ready(t),
@@ -160,12 +166,12 @@ pub(crate) async fn setup_socat(dir: &Path, svc: u16) -> Setup {
         ]
     };
     let run = async {
-        let second = spawn(dir, "socat-2.log", &socat, &hop(mid, svc))?;
-        let first = spawn(dir, "socat-1.log", &socat, &hop(entry, mid))?;
-        let mut children = vec![second, first];
-        wait_port(loopback(entry), &mut children).await?;
-        let server_pid = children[0].id();
-        Ok::<_, io::Error>(Tool { name: "socat relay", entry: loopback(entry), children, server_pid: Some(server_pid) })
+        let mut tool = Tool::new("socat relay", loopback(entry));
+        tool.children.push(spawn(dir, "socat-2.log", &socat, &hop(mid, svc))?);
+        tool.server_pid = Some(tool.children[0].id());
+        tool.children.push(spawn(dir, "socat-1.log", &socat, &hop(entry, mid))?);
+        wait_port(tool.entry, &mut tool.children).await?;
+        Ok::<_, io::Error>(tool)
     };
     match run.await {
         Ok(t) => Setup::Ready(t),
@@ -210,15 +216,14 @@ pub(crate) async fn setup_stunnel(dir: &Path, svc: u16) -> Setup {
     let run = async {
         std::fs::write(dir.join("stunnel-server.conf"), server_conf)?;
         std::fs::write(dir.join("stunnel-client.conf"), client_conf)?;
-        let server =
-            spawn(dir, "stunnel-server.log", &stunnel, &[dir.join("stunnel-server.conf").display().to_string()])?;
-        let client =
-            spawn(dir, "stunnel-client.log", &stunnel, &[dir.join("stunnel-client.conf").display().to_string()])?;
-        let server_pid = server.id();
-        let mut children = vec![server, client];
-        wait_port(loopback(mid), &mut children).await?;
-        wait_port(loopback(entry), &mut children).await?;
-        Ok::<_, io::Error>(Tool { name: "stunnel", entry: loopback(entry), children, server_pid: Some(server_pid) })
+        let mut tool = Tool::new("stunnel", loopback(entry));
+        let conf = |end: &str| [dir.join(format!("stunnel-{end}.conf")).display().to_string()];
+        tool.children.push(spawn(dir, "stunnel-server.log", &stunnel, &conf("server"))?);
+        tool.server_pid = Some(tool.children[0].id());
+        tool.children.push(spawn(dir, "stunnel-client.log", &stunnel, &conf("client"))?);
+        wait_port(loopback(mid), &mut tool.children).await?;
+        wait_port(tool.entry, &mut tool.children).await?;
+        Ok::<_, io::Error>(tool)
     };
     match run.await {
         Ok(t) => Setup::Ready(t),
@@ -250,94 +255,15 @@ pub(crate) async fn setup_spiped(dir: &Path, svc: u16) -> Setup {
         ]
     };
     let run = async {
-        let server = spawn(dir, "spiped-d.log", &spiped, &pipe("-d", mid, svc))?;
-        let client = spawn(dir, "spiped-e.log", &spiped, &pipe("-e", entry, mid))?;
-        let server_pid = server.id();
-        let mut children = vec![server, client];
-        wait_port(loopback(entry), &mut children).await?;
-        Ok::<_, io::Error>(Tool { name: "spiped", entry: loopback(entry), children, server_pid: Some(server_pid) })
+        let mut tool = Tool::new("spiped", loopback(entry));
+        tool.children.push(spawn(dir, "spiped-d.log", &spiped, &pipe("-d", mid, svc))?);
+        tool.server_pid = Some(tool.children[0].id());
+        tool.children.push(spawn(dir, "spiped-e.log", &spiped, &pipe("-e", entry, mid))?);
+        wait_port(tool.entry, &mut tool.children).await?;
+        Ok::<_, io::Error>(tool)
     };
     match run.await {
         Ok(t) => Setup::Ready(t),
         Err(e) => Setup::Failed(format!("spiped: {e}")),
-    }
-}
-
-/// `ssh -L` to an sshd of its own (chacha20-poly1305@openssh.com), as the user running the
-/// benchmark.
-pub(crate) async fn setup_ssh(dir: &Path, svc: u16) -> Setup {
-    let (Some(sshd), Some(ssh), Some(keygen)) = (which("sshd"), which("ssh"), which("ssh-keygen")) else {
-        return Setup::Skipped(s("OpenSSH not installed (Debian: openssh-server openssh-client)"));
-    };
-    let user = Command::new("id")
-        .arg("-un")
-        .output()
-        .ok()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_else(|| s("root"));
-    let (host_key, user_key) = (dir.join("ssh-host"), dir.join("ssh-user"));
-    for k in [&host_key, &user_key] {
-        let ok = Command::new(&keygen)
-            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-            .arg(k)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            return Setup::Failed(s("ssh: ssh-keygen failed"));
-        }
-    }
-    // sshd insists on its privilege-separation directory.
-    let _ = std::fs::create_dir_all("/run/sshd");
-    let (entry, port) = (free_port(), free_port());
-    let conf = format!(
-        "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\nPidFile none\nUsePAM no\n\
-         StrictModes no\nPermitRootLogin prohibit-password\nPasswordAuthentication no\n\
-         KbdInteractiveAuthentication no\nCiphers chacha20-poly1305@openssh.com\nAllowTcpForwarding yes\n\
-         LogLevel ERROR\nMaxStartups 100:30:200\nMaxSessions 100\n",
-        host_key.display(),
-        dir.join("ssh-authorized").display()
-    );
-    let run = async {
-        std::fs::copy(user_key.with_extension("pub"), dir.join("ssh-authorized"))?;
-        std::fs::write(dir.join("sshd.conf"), conf)?;
-        let server =
-            spawn(dir, "sshd.log", &sshd, &[s("-D"), s("-e"), s("-f"), dir.join("sshd.conf").display().to_string()])?;
-        let server_pid = server.id();
-        let mut children = vec![server];
-        wait_port(loopback(port), &mut children).await?;
-        let args = vec![
-            s("-F"),
-            s("/dev/null"),
-            s("-N"),
-            s("-T"),
-            s("-L"),
-            format!("127.0.0.1:{entry}:127.0.0.1:{svc}"),
-            s("-p"),
-            port.to_string(),
-            s("-i"),
-            user_key.display().to_string(),
-            s("-o"),
-            s("StrictHostKeyChecking=no"),
-            s("-o"),
-            s("UserKnownHostsFile=/dev/null"),
-            s("-o"),
-            s("Ciphers=chacha20-poly1305@openssh.com"),
-            s("-o"),
-            s("BatchMode=yes"),
-            s("-o"),
-            s("ExitOnForwardFailure=yes"),
-            s("-o"),
-            s("LogLevel=ERROR"),
-            format!("{user}@127.0.0.1"),
-        ];
-        children.push(spawn(dir, "ssh.log", &ssh, &args)?);
-        wait_port(loopback(entry), &mut children).await?;
-        Ok::<_, io::Error>(Tool { name: "ssh -L", entry: loopback(entry), children, server_pid: Some(server_pid) })
-    };
-    match run.await {
-        Ok(t) => Setup::Ready(t),
-        Err(e) => Setup::Failed(format!("ssh: {e} (see {})", dir.join("sshd.log").display())),
     }
 }

@@ -16,13 +16,26 @@ pub(crate) struct Tool {
     pub(crate) name: &'static str,
     /// Where a program connects to use the path.
     pub(crate) entry: SocketAddr,
-    /// Its processes, servers first.
+    /// Its processes, servers first and the client-side process (the one a program connects
+    /// to) last.
     pub(crate) children: Vec<Child>,
     /// The process whose memory and CPU are the "server" figures.
     pub(crate) server_pid: Option<u32>,
 }
 
 impl Tool {
+    /// A path with no processes yet, reached at `entry`; processes are pushed as they start, so
+    /// that dropping it on a failed start ends them.
+    pub(crate) fn new(name: &'static str, entry: SocketAddr) -> Self {
+        Tool { name, entry, children: Vec::new(), server_pid: None }
+    }
+
+    /// The client-side process: the last of two or more (a path of one process, or none, has
+    /// no client side of its own).
+    pub(crate) fn client_pid(&self) -> Option<u32> {
+        (self.children.len() >= 2).then(|| self.children.last().map(|c| c.id())).flatten()
+    }
+
     /// Ends every process and waits for it.
     pub(crate) fn kill(&mut self) {
         // Clients first (ssh before sshd). Each child by its own pid, never a group or a name:

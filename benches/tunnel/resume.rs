@@ -163,7 +163,10 @@ fn parse_duration(v: &str) -> Option<Duration> {
 /// A download through a relay that the test resets `resets` times: how long until data
 /// flows again, and how much was replayed.
 pub(crate) async fn resume_test(dir: &Path, keys: &HoldfastKeys, svc: u16, resets: usize) -> io::Result<ResumeResult> {
+    let local = free_port();
+    let mut tool = Tool::new("holdfast", loopback(local));
     let (server, sport) = holdfast_server(dir, keys, svc, "resume-server.log", &[]).await?;
+    tool.children.push(server);
     // The relay gets a thread and a runtime of its own, so that the busy download in this
     // runtime does not delay its clock readings.
     let rl = std::net::TcpListener::bind("127.0.0.1:0")?;
@@ -184,9 +187,7 @@ pub(crate) async fn resume_test(dir: &Path, keys: &HoldfastKeys, svc: u16, reset
             });
         })
     };
-    let local = free_port();
-    let client = holdfast_client(dir, keys, rport, local, "resume-client.log")?;
-    let mut tool = Tool { name: "holdfast", entry: loopback(local), children: vec![server, client], server_pid: None };
+    tool.children.push(holdfast_client(dir, keys, rport, local, "resume-client.log")?);
     wait_port(tool.entry, &mut tool.children).await?;
     // The probe opened (and closed) a tunnel of its own: let it finish first.
     tokio::time::sleep(Duration::from_millis(500)).await;
