@@ -17,6 +17,11 @@
 //!   path; plain `holdfast` uses the default, AES-256-GCM on CPUs with AES instructions).
 //! - `HOLDFAST_BENCH_METRICS` comma list among `tput,rtt,stdio,conn,streams,resume,hs,mem` (default all;
 //!   `streams` is 8 concurrent downloads and one beside a stalled stream; `stdio` is the RTT through `holdfast connect`'s pipes, measured in the same rounds).
+//!   Not in the default: `cpu`, one transfer of `HOLDFAST_BENCH_CPU_GIB` GiB (default 8) each way
+//!   per path with the CPU time (utime + stime in `/proc`) of the path's client-side and
+//!   server-side processes per byte moved; `delay`, round trips on a delayed path (see
+//!   `tunnel/delay.rs`; `HOLDFAST_BENCH_DELAY_MS` one-way delay, default 25,
+//!   `HOLDFAST_BENCH_DELAY_SAMPLES` samples of each measure, default 10).
 //! - `HOLDFAST_BENCH_RESETS` resets in the resume test (default 60).
 //! - `HOLDFAST_BENCH_SESSIONS` idle sessions in the memory test (default 1000).
 //!
@@ -48,6 +53,8 @@ use service::service;
 use ssh::setup_ssh;
 use util::{loadavg, loopback, median, s};
 
+#[path = "tunnel/cpu.rs"]
+mod cpu;
 #[path = "tunnel/memory.rs"]
 mod memory;
 #[path = "tunnel/metrics.rs"]
@@ -98,6 +105,8 @@ struct Opts {
     rtt_samples: usize,
     /// New connections per round (`HOLDFAST_BENCH_CONN`).
     conn_samples: usize,
+    /// GiB each way in the `cpu` metric (`HOLDFAST_BENCH_CPU_GIB`).
+    cpu_gib: u64,
 }
 
 /// The variable `name` parsed, or `default` when unset or unparsable.
@@ -125,6 +134,7 @@ impl Opts {
             sessions: env_or("HOLDFAST_BENCH_SESSIONS", 1000usize).max(1),
             rtt_samples: env_or("HOLDFAST_BENCH_RTT", 5000usize).max(100),
             conn_samples: env_or("HOLDFAST_BENCH_CONN", 50usize).max(10),
+            cpu_gib: env_or("HOLDFAST_BENCH_CPU_GIB", 8u64).max(1),
         }
     }
 
@@ -266,11 +276,21 @@ async fn run(opts: Opts) {
     }
 
     let names: Vec<&'static str> = tools.iter().map(|t| t.name).collect();
-    report::paths(&opts, &names, &stats, &skipped);
+    if ["tput", "rtt", "conn", "streams"].iter().any(|m| opts.metric(m)) {
+        report::paths(&opts, &names, &stats, &skipped);
+    }
     if stdio_server.is_some() {
         report::stdio(&names, &stats, &stdio_stats);
     }
     drop(stdio_server);
+    if opts.metric("cpu") {
+        let mut costs = Vec::new();
+        for t in &tools {
+            eprintln!("cpu: {} ({} GiB each way, load {})", t.name, opts.cpu_gib, loadavg());
+            costs.extend(cpu::measure(t, opts.cpu_gib << 30).await);
+        }
+        cpu::report(&costs, opts.cpu_gib);
+    }
 
     // holdfast-only metrics.
     let raw = Arc::new(RawKeys {

@@ -69,18 +69,70 @@ pub(crate) fn vm_rss_kib(pid: u32) -> Option<u64> {
 
 /// User plus system CPU time of a process.
 pub(crate) fn cpu_time(pid: u32) -> Option<Duration> {
+    let st = proc_stat(pid)?;
+    Some(ticks(st.utime + st.stime))
+}
+
+/// User plus system CPU time of a process and of every process below it: of each living one,
+/// its own and that of its children it has waited for (so a helper that was forked for a
+/// connection and has ended still counts, once its parent has reaped it).
+pub(crate) fn tree_cpu_time(pid: u32) -> Option<Duration> {
+    let mut all = Vec::new();
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        if let Some(st) = e.file_name().to_str().and_then(|n| n.parse().ok()).and_then(proc_stat) {
+            all.push(st);
+        }
+    }
+    let root = all.iter().find(|s| s.pid == pid)?;
+    let (mut total, mut todo) = (0u64, vec![root.pid]);
+    while let Some(p) = todo.pop() {
+        for st in all.iter().filter(|s| s.pid == p) {
+            total += st.utime + st.stime + st.cutime + st.cstime;
+        }
+        todo.extend(all.iter().filter(|s| s.ppid == p).map(|s| s.pid));
+    }
+    Some(ticks(total))
+}
+
+/// The fields of `/proc/PID/stat` that the CPU figures use.
+struct ProcStat {
+    /// The process.
+    pid: u32,
+    /// Its parent.
+    ppid: u32,
+    /// User time, clock ticks.
+    utime: u64,
+    /// System time, clock ticks.
+    stime: u64,
+    /// User time of the children it has waited for.
+    cutime: u64,
+    /// System time of the children it has waited for.
+    cstime: u64,
+}
+
+/// Reads `/proc/PID/stat`.
+fn proc_stat(pid: u32) -> Option<ProcStat> {
     let stat = read_to_string(format!("/proc/{pid}/stat"));
     let after = stat.rsplit_once(')')?.1;
     let f: Vec<&str> = after.split_whitespace().collect();
-    // Fields after the command: state is index 0, utime is field 14 overall (index 11 here).
-    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-    let hz: u64 = Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100);
-    Some(Duration::from_secs_f64(ticks as f64 / hz as f64))
+    // Fields after the command: state is index 0, ppid 1, utime is field 14 overall (index 11
+    // here), then stime, cutime and cstime.
+    let num = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok());
+    Some(ProcStat { pid, ppid: num(1)? as u32, utime: num(11)?, stime: num(12)?, cutime: num(13)?, cstime: num(14)? })
+}
+
+/// `n` clock ticks as a duration.
+fn ticks(n: u64) -> Duration {
+    static HZ: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let hz = *HZ.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(100)
+    });
+    Duration::from_secs_f64(n as f64 / hz as f64)
 }
 
 /// The 1, 5 and 15 minute load averages.
