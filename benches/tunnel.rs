@@ -33,7 +33,6 @@
 //! measure holdfast alone, and `report.rs` prints the tables.
 
 use std::collections::HashMap;
-use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -42,19 +41,21 @@ use tokio::net::TcpListener;
 
 use memory::memory_test;
 use metrics::{conn_echo, rtt, tput_down, tput_up};
-use paths::{
-    holdfast_keys, holdfast_server, holdfast_server_with, setup_holdfast, setup_socat, setup_spiped, setup_stunnel,
-};
+use paths::{holdfast_keys, holdfast_server, setup_holdfast, setup_socat, setup_spiped, setup_stunnel};
 use procs::{Setup, Tool};
-use raw::{handshake_rate, RawKeys};
+use raw::{handshake_test, RawKeys};
 use report::{PathStats, StdioStats};
 use resume::resume_test;
 use service::service;
 use ssh::setup_ssh;
-use util::{loadavg, loopback, median, s};
+use util::{loadavg, loopback, s};
 
 #[path = "tunnel/cpu.rs"]
 mod cpu;
+#[path = "tunnel/delay.rs"]
+mod delay;
+#[path = "tunnel/delay_relay.rs"]
+mod delay_relay;
 #[path = "tunnel/memory.rs"]
 mod memory;
 #[path = "tunnel/metrics.rs"]
@@ -107,6 +108,10 @@ struct Opts {
     conn_samples: usize,
     /// GiB each way in the `cpu` metric (`HOLDFAST_BENCH_CPU_GIB`).
     cpu_gib: u64,
+    /// Delay added each way in the `delay` metric, ms (`HOLDFAST_BENCH_DELAY_MS`).
+    delay_ms: u64,
+    /// Samples of each measure in the `delay` metric (`HOLDFAST_BENCH_DELAY_SAMPLES`).
+    delay_samples: usize,
 }
 
 /// The variable `name` parsed, or `default` when unset or unparsable.
@@ -135,6 +140,8 @@ impl Opts {
             rtt_samples: env_or("HOLDFAST_BENCH_RTT", 5000usize).max(100),
             conn_samples: env_or("HOLDFAST_BENCH_CONN", 50usize).max(10),
             cpu_gib: env_or("HOLDFAST_BENCH_CPU_GIB", 8u64).max(1),
+            delay_ms: env_or("HOLDFAST_BENCH_DELAY_MS", 25u64).max(1),
+            delay_samples: env_or("HOLDFAST_BENCH_DELAY_SAMPLES", 10usize).max(1),
         }
     }
 
@@ -291,6 +298,19 @@ async fn run(opts: Opts) {
         }
         cpu::report(&costs, opts.cpu_gib);
     }
+    if opts.metric("delay") {
+        eprintln!("delay: {} ms each way (load {})", opts.delay_ms, loadavg());
+        let o = delay::DelayOpts {
+            delay: Duration::from_millis(opts.delay_ms),
+            samples: opts.delay_samples,
+            paths: opts.paths.clone(),
+        };
+        match tokio::time::timeout(Duration::from_secs(600), delay::run(&dir, &keys, svc, &o)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => println!("delay test FAILED: {e}"),
+            Err(_) => println!("delay test timed out"),
+        }
+    }
 
     // holdfast-only metrics.
     let raw = Arc::new(RawKeys {
@@ -309,24 +329,7 @@ async fn run(opts: Opts) {
     let mut hs = None;
     if opts.metric("hs") {
         eprintln!("handshake rate (load {})", loadavg());
-        let run = async {
-            // One key opens every session here: lift its share of the buffer budget.
-            let share = ["--buffer-per-key", "1GiB"];
-            let (server, port) = holdfast_server_with(&dir, &keys, svc, "hs-server.log", &["-q"], &share).await?;
-            let mut tool = Tool { name: "hs", entry: loopback(port), children: vec![server], server_pid: None };
-            let pid = tool.children[0].id();
-            let mut rates = Vec::new();
-            let mut cpus = Vec::new();
-            for _ in 0..opts.runs.min(3) {
-                let (r, c) = handshake_rate(tool.entry, pid, raw.clone(), Duration::from_secs(3)).await?;
-                rates.push(r);
-                cpus.push(c);
-                tokio::time::sleep(Duration::from_millis(300)).await;
-            }
-            tool.kill();
-            Ok::<_, io::Error>((median(&rates).unwrap_or(0.0), median(&cpus).unwrap_or(0.0)))
-        };
-        match run.await {
+        match handshake_test(&dir, &keys, &raw, svc, opts.runs.min(3)).await {
             Ok(r) => hs = Some(r),
             Err(e) => println!("handshake test FAILED: {e}"),
         }

@@ -109,7 +109,16 @@ pub(crate) fn holdfast_client_with(
     log: &str,
     extra: &[&str],
 ) -> io::Result<Child> {
-    let mut args = vec![
+    let mut args = holdfast_client_args(keys, server, local);
+    args.push(s("--no-check"));
+    args.extend(extra.iter().map(|a| s(a)));
+    spawn(dir, log, BIN, &args)
+}
+
+/// The arguments of `holdfast client` forwarding `local` to the bench service through the
+/// server on port `server`, with the client's defaults (its start-up check included).
+pub(crate) fn holdfast_client_args(keys: &HoldfastKeys, server: u16, local: u16) -> Vec<String> {
+    vec![
         s("client"),
         s("--server"),
         format!("127.0.0.1:{server}"),
@@ -121,10 +130,7 @@ pub(crate) fn holdfast_client_with(
         format!("127.0.0.1:{local}"),
         s("--service"),
         s(SERVICE_NAME),
-        s("--no-check"),
-    ];
-    args.extend(extra.iter().map(|a| s(a)));
-    spawn(dir, log, BIN, &args)
+    ]
 }
 
 /// The holdfast path: `name` is how it is reported, `client_extra` extra client arguments (the

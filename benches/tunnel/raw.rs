@@ -1,9 +1,11 @@
-//! holdfast only: a raw protocol client for handshake rate and idle-session memory. It binds a
+//! holdfast only: a raw protocol client for handshake rate and idle-session memory, and the
+//! handshake test. It binds a
 //! different loopback source address per connection (127.1.x.y), so the server's per-source
 //! handshake rate limit (a flood defence) does not cap the measurement.
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,7 +16,9 @@ use holdfast::proto::{ClientHandshake, CloseCode, Frame, Transport};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
-use super::util::{cpu_time, err};
+use super::paths::{holdfast_server_with, HoldfastKeys};
+use super::procs::Tool;
+use super::util::{cpu_time, err, loopback, median};
 
 /// The keys a raw client handshakes with.
 pub(crate) struct RawKeys {
@@ -129,4 +133,30 @@ pub(crate) async fn handshake_rate(
         return Err(err(format!("{} of {} handshakes failed", failed.load(Ordering::Relaxed), n)));
     }
     Ok((n as f64 / secs, (cpu1 - cpu0).as_secs_f64() * 1e6 / n.max(1) as f64))
+}
+
+/// The handshake test on a server of its own: [`handshake_rate`] for 3 s, `runs` times; the
+/// medians of the rates and of the CPU per handshake (µs).
+pub(crate) async fn handshake_test(
+    dir: &Path,
+    keys: &HoldfastKeys,
+    raw: &Arc<RawKeys>,
+    svc: u16,
+    runs: usize,
+) -> io::Result<(f64, f64)> {
+    // One key opens every session here: lift its share of the buffer budget.
+    let share = ["--buffer-per-key", "1GiB"];
+    let (server, port) = holdfast_server_with(dir, keys, svc, "hs-server.log", &["-q"], &share).await?;
+    let mut tool = Tool { name: "hs", entry: loopback(port), children: vec![server], server_pid: None };
+    let pid = tool.children[0].id();
+    let mut rates = Vec::new();
+    let mut cpus = Vec::new();
+    for _ in 0..runs {
+        let (r, c) = handshake_rate(tool.entry, pid, raw.clone(), Duration::from_secs(3)).await?;
+        rates.push(r);
+        cpus.push(c);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    tool.kill();
+    Ok((median(&rates).unwrap_or(0.0), median(&cpus).unwrap_or(0.0)))
 }
