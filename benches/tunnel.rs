@@ -214,7 +214,8 @@ async fn run(opts: Opts) {
     }
     let mut stdio_stats = StdioStats::default();
 
-    for round in 0..opts.runs {
+    let rounds = if ["tput", "rtt", "conn", "streams", "stdio"].iter().any(|m| opts.metric(m)) { opts.runs } else { 0 };
+    for round in 0..rounds {
         eprintln!("round {}/{} (load {})", round + 1, opts.runs, loadavg());
         if let Some((_, port)) = &stdio_server {
             match tokio::time::timeout(limit, stdio::rtt(&keys, *port, opts.rtt_samples)).await {

@@ -173,8 +173,10 @@ pub(crate) fn holdfast_only(
     hs: Option<(f64, f64)>,
     mem: Option<&MemResult>,
 ) {
-    println!("## holdfast only");
-    println!();
+    if resume.is_some() || hs.is_some() || mem.is_some() {
+        println!("## holdfast only");
+        println!();
+    }
     if let Some(r) = resume {
         println!(
             "- resume after a reset mid-transfer ({} resets, {:.0} MiB downloaded meanwhile): reset to data \
