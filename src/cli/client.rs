@@ -113,22 +113,6 @@ pub(crate) async fn client(args: ClientArgs) -> Result<()> {
             tokio::net::TcpListener::bind(addr).await.with_context(|| format!("--local {addr}: cannot listen"))?;
         forwards.push((listener, service));
     }
-    if !args.no_check {
-        let mut checked = std::collections::BTreeSet::new();
-        for (_, service) in &forwards {
-            if !checked.insert(service.clone()) {
-                continue;
-            }
-            let probe = tunnel::open(&server, cfg.clone(), service).await?;
-            // End the probe as a normal close (both ends of the stream finished), not an abort
-            // that the server would log as a failed tunnel; it needs no waiting for.
-            tokio::spawn(async move {
-                if let Err(e) = tunnel::finish(probe, 1 << 20).await {
-                    tracing::debug!(error = %printable(&e.to_string()), "start-up check did not end cleanly");
-                }
-            });
-        }
-    }
     let mut shown = crate::status::ClientStatus::new(server.clone(), !args.no_mux);
     for (listener, service) in &forwards {
         shown.add("local", listener.local_addr()?.to_string(), format!("service {service}"));
@@ -152,6 +136,32 @@ pub(crate) async fn client(args: ClientArgs) -> Result<()> {
     });
     // One multiplexed session with the server carries every forward's connections.
     let pool = (!args.no_mux).then(|| tunnel::MuxPool::new(server.clone(), cfg.clone(), Some(tx.clone())));
+    if !args.no_check {
+        // Each service is asked for once before the forwards start, so that a wrong key, name or
+        // address fails now rather than at the first connection. With multiplexing, the check
+        // is a stream of the forwards' own session: the program's first connection then finds
+        // the session open, and costs no handshake of its own.
+        let mut checked = std::collections::BTreeSet::new();
+        for (_, service) in &forwards {
+            if !checked.insert(service.clone()) {
+                continue;
+            }
+            let probe = match &pool {
+                Some(pool) => match pool.open(service).await? {
+                    Some(s) => s,
+                    None => tunnel::open(&server, cfg.clone(), service).await?,
+                },
+                None => tunnel::open(&server, cfg.clone(), service).await?,
+            };
+            // End the probe as a normal close (both ends of the stream finished), not an abort
+            // that the server would log as a failed tunnel; it needs no waiting for.
+            tokio::spawn(async move {
+                if let Err(e) = tunnel::finish(probe, 1 << 20).await {
+                    tracing::debug!(error = %printable(&e.to_string()), "start-up check did not end cleanly");
+                }
+            });
+        }
+    }
     let mut running = tokio::task::JoinSet::new();
     if let Some(addr) = &args.socks {
         let Some(pool) = pool.clone() else { bail!("--socks needs multiplexing: drop --no-mux") };
