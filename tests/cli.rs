@@ -486,6 +486,25 @@ async fn the_start_up_check_leaves_no_warning_on_the_server() {
     assert!(warnings(&client.stderr()).is_empty(), "{}", client.stderr());
 }
 
+/// The start-up check runs while the forwards already listen, on their own session: a service
+/// the server refuses still ends `holdfast client` with the server's reason, and an unreachable
+/// one with the service's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_start_up_check_ends_the_client_with_the_reason() {
+    let keys = Keys::new("checkfail");
+    let dead = closed_port();
+    let (_server, addr) = keys.server(&[format!("dead={dead}")]).await;
+    for (service, words) in [
+        ("nope", &["no service named 'nope'"][..]),
+        ("dead", &["service 'dead' is unavailable", "its log has the cause"][..]),
+    ] {
+        let mut args = keys.client_args("client", addr, service);
+        args.extend(["--local", "127.0.0.1:0"].map(String::from));
+        let (st, _, err) = run(&strs(&args), b"").await;
+        assert_error(st, &err, words);
+    }
+}
+
 /// A refused tunnel (unknown service, on `connect` and through a forward) ends as a normal
 /// close on the server, logged at info; an unavailable one logs only the server's own problem
 /// (the connect error) as a warning, and its session closes normally too.

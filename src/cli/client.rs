@@ -136,30 +136,33 @@ pub(crate) async fn client(args: ClientArgs) -> Result<()> {
     });
     // One multiplexed session with the server carries every forward's connections.
     let pool = (!args.no_mux).then(|| tunnel::MuxPool::new(server.clone(), cfg.clone(), Some(tx.clone())));
+    // Each service is asked for once before the forwards start, so that a wrong key, name or
+    // address fails now rather than at the first connection. With multiplexing, the check is a
+    // stream of the forwards' own session, and the forwards start once the session is open
+    // without waiting for the answers: a refusal still ends the client with its reason.
+    let mut checks = tokio::task::JoinSet::new();
     if !args.no_check {
-        // Each service is asked for once before the forwards start, so that a wrong key, name or
-        // address fails now rather than at the first connection. With multiplexing, the check
-        // is a stream of the forwards' own session: the program's first connection then finds
-        // the session open, and costs no handshake of its own.
         let mut checked = std::collections::BTreeSet::new();
         for (_, service) in &forwards {
             if !checked.insert(service.clone()) {
                 continue;
             }
-            let probe = match &pool {
-                Some(pool) => match pool.open(service).await? {
-                    Some(s) => s,
-                    None => tunnel::open(&server, cfg.clone(), service).await?,
-                },
-                None => tunnel::open(&server, cfg.clone(), service).await?,
-            };
-            // End the probe as a normal close (both ends of the stream finished), not an abort
-            // that the server would log as a failed tunnel; it needs no waiting for.
-            tokio::spawn(async move {
-                if let Err(e) = tunnel::finish(probe, 1 << 20).await {
-                    tracing::debug!(error = %printable(&e.to_string()), "start-up check did not end cleanly");
+            match &pool {
+                Some(pool) => {
+                    let answer = pool.check(service).await?;
+                    checks.spawn(answer);
                 }
-            });
+                None => {
+                    let probe = tunnel::open(&server, cfg.clone(), service).await?;
+                    // A normal close (both ends of the stream finished), not an abort that the
+                    // server would log as a failed tunnel; it needs no waiting for.
+                    tokio::spawn(async move {
+                        if let Err(e) = tunnel::finish(probe, 1 << 20).await {
+                            tracing::debug!(error = %printable(&e.to_string()), "start-up check did not end cleanly");
+                        }
+                    });
+                }
+            }
         }
     }
     let mut running = tokio::task::JoinSet::new();
@@ -193,20 +196,26 @@ pub(crate) async fn client(args: ClientArgs) -> Result<()> {
             tunnel::forward_via(listener, server.clone(), cfg.clone(), service, Some(tx.clone()), pool.clone());
         running.spawn(forward);
     }
-    let lost = async {
-        match &pool {
-            Some(p) => p.failed().await,
-            None => std::future::pending().await,
+    {
+        let lost = async {
+            match &pool {
+                Some(p) => p.failed().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(lost);
+        loop {
+            tokio::select! {
+                Some(r) = checks.join_next() => r.context("the start-up check stopped")??,
+                Some(r) = running.join_next() => break r.context("a forward stopped")??,
+                reason = &mut lost => bail!(
+                    "the session with the server failed: {}. Every forward's connections ended with it, and this client does not start a new session unasked; run it again for a new one (Restart=on-failure under systemd does)",
+                    printable(&reason)
+                ),
+                _ = tokio::signal::ctrl_c() => break info!("interrupted; exiting"),
+                _ = terminated() => break info!("terminated; exiting"),
+            }
         }
-    };
-    tokio::select! {
-        Some(r) = running.join_next() => r.context("a forward stopped")??,
-        reason = lost => bail!(
-            "the session with the server failed: {}. Every forward's connections ended with it, and this client does not start a new session unasked; run it again for a new one (Restart=on-failure under systemd does)",
-            printable(&reason)
-        ),
-        _ = tokio::signal::ctrl_c() => info!("interrupted; exiting"),
-        _ = terminated() => info!("terminated; exiting"),
     }
     // End the shared session cleanly, so that the server frees it (and any reverse forward's
     // listener) now rather than holding it for a resume.

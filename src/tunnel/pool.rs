@@ -146,6 +146,33 @@ impl MuxPool {
         Ok(Some(sub))
     }
 
+    /// Asks the server for `service` without waiting for its answer, opening the session first
+    /// if there is none, and returns a future that reads the answer and ends the stream
+    /// cleanly: the start-up check of `holdfast client`, during which the forwards can already
+    /// carry connections on the same session.
+    ///
+    /// # Errors
+    /// As [`MuxPool::open`] for opening the session; the future's error is the server's
+    /// refusal (unknown service, service unavailable) or the stream's failure.
+    pub async fn check(
+        &self,
+        service: &str,
+    ) -> Result<impl std::future::Future<Output = Result<(), TunnelError>> + Send + 'static, TunnelError> {
+        let label = service.to_string();
+        let mut sub = self
+            .open_unanswered(service)
+            .await?
+            .ok_or_else(|| TunnelError::Io(io::Error::new(io::ErrorKind::Unsupported, "no multiplexed session")))?;
+        Ok(async move {
+            read_reply(&mut sub, &label).await?;
+            // A normal close (both ends finished), not an abort that the server would log.
+            if let Err(e) = super::request::finish(sub, 1 << 20).await {
+                debug!(error = %printable(&e.to_string()), "start-up check did not end cleanly");
+            }
+            Ok(())
+        })
+    }
+
     /// A new stream of the session (opening the session first if there is none).
     async fn open_raw(&self) -> Result<Option<Stream>, TunnelError> {
         if self.closed.load(std::sync::atomic::Ordering::Relaxed) {
