@@ -13,7 +13,8 @@
 //!
 //! - **idle**: the server's VmRSS with N idle sessions against its VmRSS before them, per
 //!   session; its CPU time over 10 s of idling (keepalives only);
-//! - **storm**: every link is killed at once (`ss -K` on the server's port, needs root), and the
+//! - **storm**: every link is killed at once (`ss -K` on the server's port and the links' client
+//!   ports, needs root), and the
 //!   time until every session has resumed is taken from each stream's `Resumed` event; 200 ms
 //!   into the storm a new client connects, and the time it takes is reported; the server's
 //!   VmRSS is sampled every 20 ms for its peak; every session then echoes a byte again, and any
@@ -97,6 +98,7 @@ async fn run(n: usize) {
     // The storm.
     let resumed = Arc::new(AtomicUsize::new(0));
     let times = Arc::new(std::sync::Mutex::new(Vec::with_capacity(n)));
+    let links = srv.links_now();
     let storm = Instant::now();
     let lost = Arc::new(AtomicUsize::new(0));
     let all_done = Arc::new(tokio::sync::Notify::new());
@@ -126,7 +128,7 @@ async fn run(n: usize) {
     let peak = srv.sample_peak();
     let c1 = cpu(pid);
     let own0 = cpu(std::process::id());
-    let killed = srv.kill_links();
+    let killed = srv.kill(&links);
     let newcomer = {
         let (addr, cfg) = (addr.clone(), cfg.clone());
         tokio::spawn(async move {

@@ -23,11 +23,17 @@
 //!   memory for the streams' sockets is not in it. Then every stream echoes again.
 //! - **storm**: S sessions each open K streams (each a connection of the server's to the
 //!   service) and echo 4 KiB on each; then every link is killed at once (`ss -K` on the server's
-//!   port, needs root) and at once every stream writes a new 4 KiB pattern of its own and reads
+//!   port and the links' client ports, so a link that reconnects during the sweep is not killed
+//!   again; needs root) and at once every stream writes a new 4 KiB pattern of its own and reads
 //!   it back, through the resume, compared byte for byte. Reported: streams intact, sessions
-//!   resumed and resumes per session (each pool's `Resumed` events, 2 s after the last echo;
-//!   the server's `holdfast_resumes_total` as a check), the time to every session resumed and
-//!   to every stream's echo, the server's peak VmRSS (sampled every 20 ms) and CPU.
+//!   resumed, and per session the links lost, reconnect attempts and resumes (each pool's link
+//!   events, 2 s after the last echo; the server's `holdfast_resumes_total` as a check), the
+//!   time to every session resumed and to every stream's echo, the server's peak VmRSS (sampled
+//!   every 20 ms) and CPU.
+//!
+//! `HOLDFAST_STREAMS_PAUSE=SECONDS` pauses the idle run before the streams are opened and again
+//! while they are open, printing the server's pid: time to attach a heap profiler to it
+//! (`heaptrack -p PID`) and to stop it.
 //!
 //! See BENCHMARKS.md (*Streams*) for results.
 
@@ -80,29 +86,44 @@ async fn open(pool: &MuxPool) -> Result<Stream, TunnelError> {
     }
 }
 
+/// What [`open_idle`] opened: the streams that echoed, the count and first error of those that
+/// did not, and each open's time (to its answered request) and its echo's.
+struct Opened {
+    streams: Vec<Stream>,
+    failed: usize,
+    why: Option<String>,
+    opens: Vec<Duration>,
+    echoes: Vec<Duration>,
+}
+
 /// Opens `n` streams on `pool` at once; each echoes the pattern of its seed (from `first`).
-/// Returns the streams that did, and the first error of those that did not, with their count.
-async fn open_idle(pool: &Arc<MuxPool>, first: u64, n: usize) -> (Vec<Stream>, usize, Option<String>) {
+async fn open_idle(pool: &Arc<MuxPool>, first: u64, n: usize) -> Opened {
     let mut set = JoinSet::new();
     for i in 0..n as u64 {
         let pool = pool.clone();
         set.spawn(async move {
+            let t = Instant::now();
             let mut s = open(&pool).await.map_err(|e| e.to_string())?;
+            let opened = t.elapsed();
             echo(&mut s, &pattern(first + i, IDLE_ECHO), LIMIT).await.map_err(|e| e.to_string())?;
-            Ok::<_, String>(s)
+            Ok::<_, String>((s, opened, t.elapsed() - opened))
         });
     }
-    let (mut ok, mut bad, mut why) = (Vec::with_capacity(n), 0, None);
+    let mut o = Opened { streams: Vec::with_capacity(n), failed: 0, why: None, opens: vec![], echoes: vec![] };
     while let Some(r) = set.join_next().await {
         match r.map_err(|e| e.to_string()).and_then(|r| r) {
-            Ok(s) => ok.push(s),
+            Ok((s, opened, echoed)) => {
+                o.streams.push(s);
+                o.opens.push(opened);
+                o.echoes.push(echoed);
+            }
             Err(e) => {
-                bad += 1;
-                why.get_or_insert(e);
+                o.failed += 1;
+                o.why.get_or_insert(e);
             }
         }
     }
-    (ok, bad, why)
+    o
 }
 
 async fn idle(n: usize) {
@@ -116,19 +137,26 @@ async fn idle(n: usize) {
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let base = srv.rss();
+    pause(&srv, "before the idle streams are opened").await;
     let mut streams = Vec::with_capacity(n);
     let mut steps = Vec::new();
     let (mut failed, mut why) = (0, None);
     for (first, count) in [(1000, n / 2), (1000 + n as u64, n - n / 2)] {
         let t = Instant::now();
-        let (ok, bad, e) = open_idle(&pool, first, count).await;
+        let mut o = open_idle(&pool, first, count).await;
         let took = t.elapsed();
-        streams.extend(ok);
-        failed += bad;
-        why = why.or(e);
+        streams.extend(o.streams);
+        failed += o.failed;
+        why = why.or(o.why);
+        let [o50, _, o99, omax] = percentiles(&mut o.opens);
+        let [e50, _, e99, emax] = percentiles(&mut o.echoes);
+        println!(
+            "idle streams: {count} opened at once in {took:.2?}: open p50 {o50:.2?}, p99 {o99:.2?}, max {omax:.2?}; echo p50 {e50:.2?}, p99 {e99:.2?}, max {emax:.2?}"
+        );
         tokio::time::sleep(Duration::from_secs(3)).await;
-        steps.push((streams.len(), srv.rss(), took));
+        steps.push((streams.len(), srv.rss()));
     }
+    pause(&srv, "with the idle streams open").await;
     let buffered = srv.metric("holdfast_buffered_bytes").await;
     let mut bad_after = 0;
     for (i, s) in streams.iter_mut().enumerate() {
@@ -136,12 +164,11 @@ async fn idle(n: usize) {
             bad_after += 1;
         }
     }
-    let ((n1, rss1, t1), (n2, rss2, t2)) = (steps[0], steps[1]);
+    let ((n1, rss1), (n2, rss2)) = (steps[0], steps[1]);
     let per = |kib: u64, streams: usize| kib as f64 * 1024.0 / streams.max(1) as f64;
     println!(
-        "idle streams: {n2} of {n} open on one session ({failed} failed{}); opened {n1} at once in {t1:.2?}, {} more in {t2:.2?}",
+        "idle streams: {n2} of {n} open on one session ({failed} failed{})",
         why.map(|e| format!(", first error: {e}")).unwrap_or_default(),
-        n2 - n1,
     );
     println!(
         "idle streams: server VmRSS {base} KiB -> {rss1} KiB ({n1} streams) -> {rss2} KiB ({n2} streams): \
@@ -155,28 +182,45 @@ async fn idle(n: usize) {
     pool.close().await;
 }
 
+/// Waits `HOLDFAST_STREAMS_PAUSE` seconds (none by default), saying so with the server's pid:
+/// time to attach a profiler to the server (`heaptrack -p PID`) and to stop it.
+async fn pause(srv: &Server, when: &str) {
+    let secs = env_or("HOLDFAST_STREAMS_PAUSE", 0);
+    if secs > 0 {
+        println!("pause: {secs} s {when}; server pid {}", srv.pid);
+        tokio::time::sleep(Duration::from_secs(secs as u64)).await;
+    }
+}
+
 /// One session of the storm: its pool, its streams, and what its link events said.
 struct Client {
     pool: Arc<MuxPool>,
     streams: Vec<Stream>,
     resumed: Arc<Mutex<Vec<Instant>>>,
-    failed: Arc<AtomicUsize>,
+    /// Links lost, reconnect attempts, and `Failed` events.
+    counts: Arc<[AtomicUsize; 3]>,
 }
 
 /// Opens session `i` and its `per` streams, each echoing its pattern of round 0.
 async fn open_client(srv: (&str, &holdfast::ClientConfig), i: usize, per: usize) -> Result<Client, String> {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let pool = MuxPool::new(srv.0.to_string(), srv.1.clone(), Some(tx));
-    let (resumed, failed) = (Arc::new(Mutex::new(Vec::new())), Arc::new(AtomicUsize::new(0)));
+    let (resumed, counts) = (Arc::new(Mutex::new(Vec::new())), Arc::new([0, 0, 0].map(AtomicUsize::new)));
     {
-        let (resumed, failed) = (resumed.clone(), failed.clone());
+        let (resumed, counts) = (resumed.clone(), counts.clone());
         tokio::spawn(async move {
             while let Some((_, ev)) = rx.recv().await {
-                match ev {
-                    LinkEvent::Resumed { .. } => resumed.lock().unwrap().push(Instant::now()),
-                    LinkEvent::Failed { .. } => _ = failed.fetch_add(1, Ordering::Relaxed),
-                    _ => {}
-                }
+                let k = match ev {
+                    LinkEvent::Resumed { .. } => {
+                        resumed.lock().unwrap().push(Instant::now());
+                        continue;
+                    }
+                    LinkEvent::Lost(_) => 0,
+                    LinkEvent::Reconnecting { .. } => 1,
+                    LinkEvent::Failed { .. } => 2,
+                    _ => continue,
+                };
+                counts[k].fetch_add(1, Ordering::Relaxed);
             }
         });
     }
@@ -188,7 +232,7 @@ async fn open_client(srv: (&str, &holdfast::ClientConfig), i: usize, per: usize)
             .map_err(|e| format!("session {i} stream {j}: {e}"))?;
         streams.push(s);
     }
-    Ok(Client { pool, streams, resumed, failed })
+    Ok(Client { pool, streams, resumed, counts })
 }
 
 /// The pattern seed of stream `j` of session `i` in `round`.
@@ -229,8 +273,9 @@ async fn storm(sessions: usize, per: usize) {
     // The storm: every link killed, and at once every stream echoes a new pattern through it.
     let peak = srv.sample_peak();
     let (c0, own0) = (cpu(srv.pid), cpu(std::process::id()));
+    let links = srv.links_now();
     let storm = Instant::now();
-    let killed = srv.kill_links();
+    let killed = srv.kill(&links);
     let mut echoes = JoinSet::new();
     for (i, c) in clients.iter_mut().enumerate() {
         for (j, mut s) in c.streams.drain(..).enumerate() {
@@ -258,22 +303,28 @@ async fn storm(sessions: usize, per: usize) {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let peak = peak.finish().await;
     let resumes = srv.metric("holdfast_resumes_total").await.unwrap_or(f64::NAN) - resumes0;
-    let mut by_count: BTreeMap<usize, usize> = BTreeMap::new();
+    // Per session: (links lost, reconnect attempts, resumes) -> sessions.
+    let mut by_count: BTreeMap<(usize, usize, usize), usize> = BTreeMap::new();
     let mut first_resume = Vec::with_capacity(sessions);
     let mut lost = 0;
     for c in &clients {
         let r = c.resumed.lock().unwrap();
-        *by_count.entry(r.len()).or_default() += 1;
+        let n = |k: usize| c.counts[k].load(Ordering::Relaxed);
+        *by_count.entry((n(0), n(1), r.len())).or_default() += 1;
         first_resume.extend(r.first().map(|t| t.saturating_duration_since(storm)));
-        lost += usize::from(c.failed.load(Ordering::Relaxed) > 0);
+        lost += usize::from(n(2) > 0);
     }
     let resumed_sessions = first_resume.len();
     let [r50, r90, r99, rlast] = percentiles(&mut first_resume);
     let [e50, e90, e99, elast] = percentiles(&mut done);
-    let histogram: Vec<String> = by_count.iter().map(|(k, v)| format!("{v} with {k}")).collect();
+    let histogram: Vec<String> = by_count
+        .iter()
+        .map(|((l, a, r), v)| format!("{v} sessions lost {l} link(s), made {a} attempt(s), resumed {r} time(s)"))
+        .collect();
     println!(
-        "storm: {killed} links killed at once; {resumed_sessions} of {sessions} sessions resumed (first resume p50 {r50:.2?}, p90 {r90:.2?}, p99 {r99:.2?}, last {rlast:.2?}); resumes per session: {}; server holdfast_resumes_total +{resumes}; sessions failed: {lost}",
-        histogram.join(", ")
+        "storm: {killed} of {} links killed at once; {resumed_sessions} of {sessions} sessions resumed (first resume p50 {r50:.2?}, p90 {r90:.2?}, p99 {r99:.2?}, last {rlast:.2?}); {}; server holdfast_resumes_total +{resumes}; sessions failed: {lost}",
+        links.count,
+        histogram.join("; ")
     );
     println!(
         "storm: streams intact (their {STORM_ECHO}-byte pattern echoed exactly through the storm): {} of {}{}; echoed by p50 {e50:.2?}, p90 {e90:.2?}, p99 {e99:.2?}, all by {elast:.2?}",

@@ -33,9 +33,11 @@ pub fn vm_kib(pid: u32, field: &str) -> u64 {
 pub fn cpu(pid: u32) -> Duration {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let after = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
-    let f: Vec<u64> = after.split_whitespace().filter_map(|x| x.parse().ok()).collect();
-    // Fields 14 and 15 of stat (utime, stime), in clock ticks (100 per second here).
-    let ticks = f.get(10).copied().unwrap_or(0) + f.get(11).copied().unwrap_or(0);
+    // Fields 14 and 15 of stat (utime, stime), in clock ticks (100 per second here); `after`
+    // starts at field 3. Every field is counted, parsed or not: field 8 (tpgid) is -1 for a
+    // process without a terminal, and skipping it would shift the others.
+    let field = |n: usize| after.split_whitespace().nth(n - 3).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
+    let ticks = field(14) + field(15);
     Duration::from_millis(ticks * 10)
 }
 
@@ -152,23 +154,56 @@ impl Server {
         };
         let body = tokio::time::timeout(Duration::from_secs(5), scrape).await.ok()??;
         let mut found = None;
+        let body = body.split_once("\r\n\r\n").map_or(body.as_str(), |(_, b)| b);
         for line in body.lines().filter(|l| !l.starts_with('#')) {
-            let (key, value) = line.rsplit_once(' ')?;
-            let metric = key.split('{').next().unwrap_or(key);
-            if metric == name {
-                *found.get_or_insert(0.0) += value.parse::<f64>().ok()?;
+            let Some((key, value)) = line.rsplit_once(' ') else { continue };
+            if key.split('{').next() == Some(name) {
+                *found.get_or_insert(0.0) += value.parse::<f64>().unwrap_or(f64::NAN);
             }
         }
         found
     }
 
-    /// Kills every established link to the server at once (`ss -K` on its port; needs root),
-    /// and returns how many `ss` listed as killed.
-    pub fn kill_links(&self) -> usize {
+    /// A filter for `ss` that matches the links to the server established now, and no later
+    /// one: by their client ports. `ss -K` with a filter on the server's port alone kills as it
+    /// walks the sockets, so a client that reconnects at once can see its new link killed by
+    /// the same sweep, and count two faults.
+    pub fn links_now(&self) -> Links {
         let out = Command::new("ss")
-            .args(["-K", "-H", "-t", "dst", "127.0.0.1", "dport", "=", &format!(":{}", self.port)])
+            .args([
+                "-H",
+                "-t",
+                "-n",
+                "state",
+                "established",
+                "dst",
+                "127.0.0.1",
+                "dport",
+                "=",
+                &format!(":{}", self.port),
+            ])
             .output()
             .expect("ss");
+        let ports: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| {
+                l.split_whitespace().find(|t| t.contains(':'))?.rsplit_once(':').map(|(_, p)| p.to_string())
+            })
+            .collect();
+        let sports: Vec<String> = ports.iter().map(|p| format!("sport = :{p}")).collect();
+        // One condition a line: `ss -F` refuses long lines.
+        let filter = format!("dst 127.0.0.1 and dport = :{} and (\n{}\n)\n", self.port, sports.join("\nor "));
+        let path = self.dir.join("links.filter");
+        std::fs::write(&path, filter).unwrap();
+        Links { path, count: ports.len() }
+    }
+
+    /// Kills `links` at once (`ss -K`, needs root); returns how many `ss` listed as killed.
+    pub fn kill(&self, links: &Links) -> usize {
+        if links.count == 0 {
+            return 0;
+        }
+        let out = Command::new("ss").args(["-K", "-H", "-t", "-F"]).arg(&links.path).output().expect("ss");
         String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.starts_with("ESTAB")).count()
     }
 
@@ -189,6 +224,13 @@ impl Server {
         };
         PeakRss { on, task }
     }
+}
+
+/// The links of [`Server::links_now`]: an `ss` filter file, and how many it matches.
+pub struct Links {
+    path: PathBuf,
+    /// Links the filter matches.
+    pub count: usize,
 }
 
 /// The RSS sampler of [`Server::sample_peak`].
