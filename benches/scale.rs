@@ -13,7 +13,8 @@
 //!
 //! - **idle**: the server's VmRSS with N idle sessions against its VmRSS before them, per
 //!   session; its CPU time over 10 s of idling (keepalives only);
-//! - **storm**: every link is killed at once (`ss -K` on the server's port, needs root), and the
+//! - **storm**: every link is killed at once (`ss -K` on the server's port and the links' client
+//!   ports, needs root), and the
 //!   time until every session has resumed is taken from each stream's `Resumed` event; 200 ms
 //!   into the storm a new client connects, and the time it takes is reported; the server's
 //!   VmRSS is sampled every 20 ms for its peak; every session then echoes a byte again, and any
@@ -21,62 +22,16 @@
 //!
 //! See BENCHMARKS.md for results.
 
-use std::net::SocketAddr;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+#[path = "scale/common.rs"]
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use holdfast::keys::{self, Keypair};
-use holdfast::{ClientConfig, LinkEvent, Stream};
+use common::{cpu, echo_service, raise_fd_limit, Server};
+use holdfast::{LinkEvent, Stream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
-
-const BIN: &str = env!("CARGO_BIN_EXE_holdfast");
-
-fn vm_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
-/// User plus system CPU time of `pid`.
-fn cpu(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
-    let f: Vec<u64> = after.split_whitespace().filter_map(|x| x.parse().ok()).collect();
-    // Fields 14 and 15 of stat (utime, stime), in clock ticks (100 per second here).
-    let ticks = f.get(10).copied().unwrap_or(0) + f.get(11).copied().unwrap_or(0);
-    Duration::from_millis(ticks * 10)
-}
-
-fn raise_fd_limit() {
-    use rustix::process::{getrlimit, setrlimit, Resource};
-    let want = rustix::process::Rlimit { current: Some(200_000), maximum: Some(200_000) };
-    if setrlimit(Resource::Nofile, want).is_err() {
-        let mut lim = getrlimit(Resource::Nofile);
-        lim.current = lim.maximum;
-        let _ = setrlimit(Resource::Nofile, lim);
-    }
-}
-
-async fn echo_service() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.into_split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    addr
-}
 
 async fn echo_byte(s: &mut Stream, b: u8) -> std::io::Result<()> {
     s.write_all(&[b]).await?;
@@ -89,42 +44,6 @@ async fn echo_byte(s: &mut Stream, b: u8) -> std::io::Result<()> {
     }
 }
 
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_server(dir: &Path, svc: SocketAddr, port: u16) -> Server {
-    let log = std::fs::File::create(dir.join("server.log")).unwrap();
-    let child = Command::new(BIN)
-        .args(["server", "--listen", &format!("127.0.0.1:{port}"), "--service", &format!("echo={svc}")])
-        .arg("--key")
-        .arg(dir.join("server.key"))
-        .arg("--authorized")
-        .arg(dir.join("authorized"))
-        .args([
-            "--max-sessions",
-            "20000",
-            "--max-sessions-per-key",
-            "20000",
-            "--handshake-rate",
-            "1000000",
-            "--metrics",
-            "127.0.0.1:9771",
-        ])
-        .args(std::env::var("HOLDFAST_SCALE_SERVER_ARGS").unwrap_or_default().split_whitespace())
-        .env("RUST_LOG", std::env::var("HOLDFAST_SCALE_LOG").unwrap_or_else(|_| "warn".into()))
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("start holdfast server");
-    Server(child)
-}
-
 fn main() {
     raise_fd_limit();
     let n: usize = std::env::var("HOLDFAST_SCALE_SESSIONS").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
@@ -133,29 +52,16 @@ fn main() {
 }
 
 async fn run(n: usize) {
-    let dir = std::env::temp_dir().join(format!("holdfast-scale-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (server, client) = (Keypair::generate(), Keypair::generate());
-    keys::save_private_key(&dir.join("server.key"), &server.private).unwrap();
-    std::fs::write(dir.join("authorized"), format!("{} bench\n", client.public)).unwrap();
     let svc = echo_service().await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let srv = start_server(&dir, svc, port);
-    let pid = srv.0.id();
-    let addr = format!("127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while tokio::net::TcpStream::connect(&addr).await.is_err() {
-        assert!(Instant::now() < deadline, "the server did not start");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let cfg = ClientConfig::new(client, server.public);
+    let srv = Server::start("scale", svc, &["--max-sessions", "20000", "--max-sessions-per-key", "20000"]).await;
+    let (pid, addr, cfg) = (srv.pid, srv.addr.clone(), srv.cfg.clone());
     // Warm-up, then the baseline.
     for _ in 0..50 {
         let mut s = holdfast::tunnel::open(&addr, cfg.clone(), "echo").await.unwrap();
         echo_byte(&mut s, 1).await.unwrap();
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let base = vm_kib(pid, "VmRSS:");
+    let base = srv.rss();
 
     let t0 = Instant::now();
     let opened = Arc::new(AtomicUsize::new(0));
@@ -177,7 +83,7 @@ async fn run(n: usize) {
     }
     let open_time = t0.elapsed();
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let idle = vm_kib(pid, "VmRSS:");
+    let idle = srv.rss();
     let c0 = cpu(pid);
     tokio::time::sleep(Duration::from_secs(10)).await;
     let idle_cpu = cpu(pid).saturating_sub(c0);
@@ -192,6 +98,7 @@ async fn run(n: usize) {
     // The storm.
     let resumed = Arc::new(AtomicUsize::new(0));
     let times = Arc::new(std::sync::Mutex::new(Vec::with_capacity(n)));
+    let links = srv.links_now();
     let storm = Instant::now();
     let lost = Arc::new(AtomicUsize::new(0));
     let all_done = Arc::new(tokio::sync::Notify::new());
@@ -218,25 +125,10 @@ async fn run(n: usize) {
             }
         }));
     }
-    let sampling = Arc::new(AtomicBool::new(true));
-    let peak = {
-        let sampling = sampling.clone();
-        tokio::spawn(async move {
-            let mut peak = 0;
-            while sampling.load(Ordering::Relaxed) {
-                peak = peak.max(vm_kib(pid, "VmRSS:"));
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            peak
-        })
-    };
+    let peak = srv.sample_peak();
     let c1 = cpu(pid);
     let own0 = cpu(std::process::id());
-    let out = Command::new("ss")
-        .args(["-K", "-H", "-t", "dst", "127.0.0.1", "dport", "=", &format!(":{port}")])
-        .output()
-        .expect("ss");
-    let killed = String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.starts_with("ESTAB")).count();
+    let killed = srv.kill(&links);
     let newcomer = {
         let (addr, cfg) = (addr.clone(), cfg.clone());
         tokio::spawn(async move {
@@ -250,20 +142,10 @@ async fn run(n: usize) {
     let storm_time = storm.elapsed();
     let storm_cpu = cpu(pid).saturating_sub(c1);
     let own_cpu = cpu(std::process::id()).saturating_sub(own0);
-    sampling.store(false, Ordering::Relaxed);
-    let peak = peak.await.unwrap();
+    let peak = peak.finish().await;
     let (new_time, new_result) = newcomer.await.unwrap();
-    let mut t = times.lock().unwrap().clone();
-    t.sort_unstable();
-    let pct =
-        |p: f64| t.get(((t.len() as f64 * p) as usize).min(t.len().saturating_sub(1))).copied().unwrap_or_default();
-    println!(
-        "storm: resumed by p50 {:.2?}, p90 {:.2?}, p99 {:.2?}, last {:.2?}",
-        pct(0.5),
-        pct(0.9),
-        pct(0.99),
-        pct(1.0)
-    );
+    let [p50, p90, p99, last] = common::percentiles(&mut times.lock().unwrap().clone());
+    println!("storm: resumed by p50 {p50:.2?}, p90 {p90:.2?}, p99 {p99:.2?}, last {last:.2?}");
     let mut bad = 0;
     for (i, s) in streams.iter_mut().enumerate() {
         if echo_byte(s, (i + 7) as u8).await.is_err() {
@@ -284,7 +166,4 @@ async fn run(n: usize) {
     );
     drop(streams);
     drop(srv);
-    if std::env::var_os("HOLDFAST_SCALE_LOG").is_none() {
-        let _ = std::fs::remove_dir_all(&dir);
-    }
 }
