@@ -235,3 +235,54 @@ async fn a_thousand_idle_streams_on_one_session_all_echo() {
     .expect("1,000 streams did not all echo in time");
     server.abort();
 }
+
+/// Issue 22: a burst of opens from many tasks at once, more than the open credit (64 at first):
+/// every one completes as the server grants credit, none waits for unrelated traffic. The
+/// keepalives are an hour apart, so an opener that was not woken when credit came would wait
+/// for the test's bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_opens_past_the_open_credit_all_complete() {
+    use holdfast::keys::{AllowList, Keypair};
+    use holdfast::proto::SessionConfig;
+    use holdfast::{ClientConfig, ServerConfig};
+    use std::time::Duration;
+    let quiet = SessionConfig {
+        keepalive: Duration::from_secs(3600),
+        dead_after: Duration::from_secs(7200),
+        ..SessionConfig::default()
+    };
+    let (server_keys, client_keys) = (Keypair::generate(), Keypair::generate());
+    let server_pub = server_keys.public;
+    let mut scfg =
+        ServerConfig::new(server_keys, AllowList::from_keys([(client_keys.public, Some("test-client".to_string()))]));
+    scfg.session = quiet.clone();
+    let mut listener = holdfast::bind("127.0.0.1:0", scfg).await.unwrap();
+    let addr = listener.local_addr().to_string();
+    let mut ccfg = ClientConfig::new(client_keys, server_pub);
+    ccfg.session = quiet;
+    let server = tokio::spawn(async move {
+        let (session, _) = listener.accept_session().await.unwrap();
+        let mut held = Vec::new();
+        while let Some(st) = session.accept().await {
+            held.push(st);
+        }
+    });
+    let client = holdfast::connect_session(&addr, ccfg).await.unwrap();
+    const OPENERS: usize = 300;
+    let tasks: Vec<_> = (0..OPENERS)
+        .map(|_| {
+            let c = client.clone();
+            tokio::spawn(async move { c.open().await.map(|s| s.id()) })
+        })
+        .collect();
+    let mut ids = std::collections::BTreeSet::new();
+    timeout(LIMIT, async {
+        for t in tasks {
+            ids.insert(t.await.unwrap().unwrap());
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("only {} of {OPENERS} opens completed: the others were never woken", ids.len()));
+    assert_eq!(ids.len(), OPENERS, "two opens got the same stream");
+    server.abort();
+}
