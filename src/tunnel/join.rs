@@ -51,7 +51,9 @@ pub(super) async fn join(
         let up = tcp_to_stream_until(tr, &mut sw, &mut stop);
         let down = async {
             if let Some(service) = answer {
-                read_reply(&mut sr, service).await.map_err(Refused::wrap)?;
+                // Boxed: a stream waits for its answer once, and the reply's reader would
+                // otherwise size every joined stream's future for its whole life.
+                Box::pin(read_reply(&mut sr, service)).await.map_err(Refused::wrap)?;
             }
             stream_to_tcp(&mut sr, tw).await
         };

@@ -74,7 +74,7 @@ pub(super) struct SessionCtx {
 
 /// One stream of a multiplexed session: a service request, then the service's bytes.
 async fn serve_sub(
-    mut sub: Stream,
+    sub: Stream,
     mux: Session,
     peer: Peer,
     services: Arc<Services>,
@@ -82,32 +82,89 @@ async fn serve_sub(
     stop: watch::Receiver<bool>,
     ctx: SessionCtx,
 ) {
+    // The request is served in a future of its own, on the heap only until the stream carries
+    // bytes: an open stream's task then holds what carrying needs and nothing else (issue 22:
+    // server memory per idle stream).
+    if let Some(open) = Box::pin(open_sub(sub, mux, peer, services, allow, stop, ctx)).await {
+        open.carry().await;
+    }
+}
+
+/// A stream whose request was answered with its connection (status 0): what carrying it needs.
+struct Carry {
+    tcp: TcpStream,
+    sub: Stream,
+    stop: watch::Receiver<bool>,
+    peer: Peer,
+    who: String,
+    name: String,
+}
+
+impl Carry {
+    /// Joins the connection and the stream until both ends are done; logs how it ended.
+    async fn carry(self) {
+        let Carry { tcp, sub, stop, peer, who, name } = self;
+        let counted = peer.stream_opened();
+        let carried = join(tcp, sub, Some(stop), None).await;
+        drop(counted);
+        match carried {
+            Ok((to_client, to_service)) => {
+                peer.carried(to_client, to_service);
+                info!(client = %who, service = %name, to_service, to_client, "tunnel closed")
+            }
+            // A stream reset by the client (its program reset its connection) is a close.
+            Err(e) if matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe) => {
+                info!(client = %who, service = %name, error = %e, "tunnel ended: reset by the client")
+            }
+            Err(e) => warn!(client = %who, service = %name, error = %printable(&e.to_string()), "tunnel failed"),
+        }
+    }
+}
+
+/// Reads a stream's request and answers it: `Some` once the stream is connected and answered,
+/// `None` if it was refused, reset, or served here (a listen request).
+async fn open_sub(
+    mut sub: Stream,
+    mux: Session,
+    peer: Peer,
+    services: Arc<Services>,
+    allow: AllowListHandle,
+    stop: watch::Receiver<bool>,
+    ctx: SessionCtx,
+) -> Option<Carry> {
     let who = peer.label();
     let request = match tokio::time::timeout(REQUEST_TIMEOUT, read_request(&mut sub)).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
             sub.reset();
-            return warn!(client = %who, error = %printable(&e.to_string()), "bad service request; stream reset");
+            warn!(client = %who, error = %printable(&e.to_string()), "bad service request; stream reset");
+            return None;
         }
         Err(_) => {
             sub.reset();
-            return warn!(client = %who, "no service request in time; stream reset");
+            warn!(client = %who, "no service request in time; stream reset");
+            return None;
         }
     };
     // The rights of the key now, from the list in force: not the name the session opened with.
     let Some(entry) = rights::current(&peer, &allow) else {
         let gone = "the client is no longer on the allow-list";
-        return refuse_sub(sub, Status::UnknownService, &who, &request_label(&request), gone).await;
+        refuse_sub(sub, Status::UnknownService, &who, &request_label(&request), gone).await;
+        return None;
     };
     let who = rights::label(&entry);
     let (name, tcp, target) = match request {
         Request::Service(name) => {
             let target = match resolve(&name, &peer, &services, &allow) {
                 Ok(t) => t,
-                Err((status, why)) => return refuse_sub(sub, status, &who, &name, why).await,
+                Err((status, why)) => {
+                    refuse_sub(sub, status, &who, &name, why).await;
+                    return None;
+                }
             };
             let Some(tcp) = connect_service(&who, &name, target).await else {
-                return refuse_sub(sub, Status::Unavailable, &who, &name, "service unavailable").await;
+                refuse_sub(sub, Status::Unavailable, &who, &name, "service unavailable").await;
+                return None;
             };
             (name, tcp, target.to_string())
         }
@@ -115,32 +172,23 @@ async fn serve_sub(
             let name = request_label(&Request::Connect { host: host.clone(), port });
             let (tcp, target) = match connect_destination(&entry, &services, &who, &ctx, (&host, port)).await {
                 Ok(t) => t,
-                Err((status, why)) => return refuse_sub(sub, status, &who, &name, why).await,
+                Err((status, why)) => {
+                    refuse_sub(sub, status, &who, &name, why).await;
+                    return None;
+                }
             };
             (name, tcp, target.to_string())
         }
         Request::Listen(addr) => {
-            return super::reverse::serve_listen(sub, addr, mux, (entry, services), stop, (ctx.status, &peer)).await;
+            super::reverse::serve_listen(sub, addr, mux, (entry, services), stop, (ctx.status, &peer)).await;
+            return None;
         }
     };
     if write_reply(&mut sub, Status::Connected, "").await.is_err() {
-        return;
+        return None;
     }
     info!(client = %who, service = %name, target = %printable(&target), "tunnel open");
-    let counted = peer.stream_opened();
-    let carried = join(tcp, sub, Some(stop), None).await;
-    drop(counted);
-    match carried {
-        Ok((to_client, to_service)) => {
-            peer.carried(to_client, to_service);
-            info!(client = %who, service = %name, to_service, to_client, "tunnel closed")
-        }
-        // A stream reset by the client (its program reset its connection) is a close.
-        Err(e) if matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe) => {
-            info!(client = %who, service = %name, error = %e, "tunnel ended: reset by the client")
-        }
-        Err(e) => warn!(client = %who, service = %name, error = %printable(&e.to_string()), "tunnel failed"),
-    }
+    Some(Carry { tcp, sub, stop, peer, who, name })
 }
 
 /// How logs name a request.
