@@ -11,6 +11,7 @@ pub mod events;
 mod pump;
 mod race;
 pub mod server;
+pub(crate) mod short_read;
 pub mod stream;
 pub mod watch;
 mod wire;

@@ -8,6 +8,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
+use crate::net::short_read;
 use crate::net::stream::Shared;
 use crate::proto::frame::{split_record, MAX_FRAME, MAX_RECORD, RECORD_HEADER};
 use crate::proto::transport::TAG_LEN;
@@ -115,7 +116,12 @@ pub(crate) async fn pump<R>(
         };
         tokio::select! {
             res = readable, if want_read => {
-                let res = res.and_then(|grant| rd.try_read_buf(&mut (&mut inbuf).limit(grant)));
+                let res = res.and_then(|grant| {
+                    // Exactly what the read may fill: a read that fills less emptied the socket.
+                    let asked = grant.min(inbuf.capacity() - inbuf.len());
+                    let asked = if asked == 0 { usize::MAX } else { asked };
+                    short_read::read_once(rd.as_ref(), asked, || rd.try_read_buf(&mut (&mut inbuf).limit(grant)))
+                });
                 let closed = match res {
                     Ok(0) => Some("connection closed without a FIN frame".to_string()),
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,

@@ -102,7 +102,11 @@ pub(super) async fn tcp_to_stream_until(
                 return Ok(total);
             }
         }
-        match to.write_with(FILL, |bufs| sock.try_read_vectored(bufs)).await {
+        let read = |bufs: &mut [io::IoSliceMut<'_>]| {
+            let asked = bufs.iter().map(|b| b.len()).sum();
+            crate::net::short_read::read_once(sock, asked, || sock.try_read_vectored(bufs))
+        };
+        match to.write_with(FILL, read).await {
             Ok(0) => {
                 to.shutdown().await?;
                 return Ok(total);
