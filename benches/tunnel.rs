@@ -1,7 +1,8 @@
 //! Side-by-side tunnel benchmarks on loopback, all in one run: direct TCP, holdfast (the real
 //! release binary: `holdfast client` forward -> `holdfast server` -> a local service), a plain
 //! two-hop relay without encryption (two `socat -b 262144` hops), stunnel (TLS 1.3,
-//! ChaCha20-Poly1305), spiped and `ssh -L` (chacha20-poly1305@openssh.com). A tool that is not
+//! ChaCha20-Poly1305), spiped and `ssh -L` (aes128-gcm@openssh.com unless
+//! `HOLDFAST_BENCH_SSH_CIPHER` names another). A tool that is not
 //! installed is reported as skipped.
 //!
 //! ```text
