@@ -21,17 +21,7 @@ async fn a_full_screen_program_keeps_its_screen_through_a_fault() {
     let name = "a_full_screen_program_keeps_its_screen_through_a_fault";
     run_test(name, &["tmux", "vi"], Duration::from_secs(90), || async {
         let setup = Setup::start("sshvi").await;
-        let file = setup.dir.path("lines.txt");
-        std::fs::write(&file, (1..=200).map(|i| format!("line {i}\n")).collect::<String>()).unwrap();
-        let tmux = Tmux { socket: format!("holdfast-test-{}-{}", std::process::id(), setup.port) };
-        let command = format!(
-            "env XDG_RUNTIME_DIR={} {BIN} ssh --server {BIN} --ports {} -F {} -t box vi {}",
-            s(&setup.dir.path("run")),
-            setup.ports(),
-            setup.config,
-            s(&file)
-        );
-        tmux.run(&["new-session", "-d", "-s", "t", "-x", "100", "-y", "30", &command]);
+        let tmux = vi_in_tmux(&setup, "vi", &(1..=200).map(|i| format!("line {i}\n")).collect::<String>());
         let screen = |t: &str| t.lines().take(25).map(str::to_string).collect::<Vec<_>>();
         let before = tmux.wait(&["capture-pane", "-p", "-t", "t"], |t| t.contains("line 25")).await;
         assert_eq!(tmux.run(&["display", "-p", "-t", "t", "#{cursor_y}"]).trim(), "0", "{before}");
@@ -62,17 +52,7 @@ async fn a_closed_terminal_ends_holdfast_ssh_and_everything_it_started() {
     let name = "a_closed_terminal_ends_holdfast_ssh_and_everything_it_started";
     run_test(name, &["tmux", "vi"], Duration::from_secs(90), || async {
         let setup = Setup::start("sshhup").await;
-        let file = setup.dir.path("lines.txt");
-        std::fs::write(&file, "one line\n").unwrap();
-        let tmux = Tmux { socket: format!("holdfast-test-hup-{}-{}", std::process::id(), setup.port) };
-        let command = format!(
-            "env XDG_RUNTIME_DIR={} {BIN} ssh --server {BIN} --ports {} -F {} -t box vi {}",
-            s(&setup.dir.path("run")),
-            setup.ports(),
-            setup.config,
-            s(&file)
-        );
-        tmux.run(&["new-session", "-d", "-s", "t", "-x", "100", "-y", "30", &command]);
+        let tmux = vi_in_tmux(&setup, "hup", "one line\n");
         tmux.wait(&["capture-pane", "-p", "-t", "t"], |t| t.contains("one line")).await;
         let ours = || {
             let mut p = procs_naming(s(setup.dir.root()));
@@ -95,6 +75,23 @@ async fn a_closed_terminal_ends_holdfast_ssh_and_everything_it_started() {
         eprintln!("{name}: holdfast ssh, ssh, ssh-proxy and the remote server ended with the terminal");
     })
     .await;
+}
+
+/// `holdfast ssh -t box vi FILE` (FILE holding `text`) in a new tmux session "t" of 100 x 30, on a
+/// tmux server of the test's own (`tag` in its socket's name).
+fn vi_in_tmux(setup: &Setup, tag: &str, text: &str) -> Tmux {
+    let file = setup.dir.path("lines.txt");
+    std::fs::write(&file, text).unwrap();
+    let tmux = Tmux { socket: format!("holdfast-test-{tag}-{}-{}", std::process::id(), setup.port) };
+    let command = format!(
+        "env XDG_RUNTIME_DIR={} {BIN} ssh --server {BIN} --ports {} -F {} -t box vi {}",
+        s(&setup.dir.path("run")),
+        setup.ports(),
+        setup.config,
+        s(&file)
+    );
+    tmux.run(&["new-session", "-d", "-s", "t", "-x", "100", "-y", "30", &command]);
+    tmux
 }
 
 /// Pids of the processes whose command line has a word containing `text`.
