@@ -881,13 +881,13 @@ fn feed(s: &mut Session, id: u64, data: &[u8], at: &mut usize) {
 fn stream_fins_and_resets_survive_cuts_at_every_record() {
     use holdfast::proto::streams::{wire::reset, StreamsConfig, Unlimited};
     let (a_data, b_data, answer) = (pattern(200_000, 1), pattern(60_000, 2), pattern(90_000, 3));
-    for k in (3..=30) {
+    for k in 3..=30 {
         let cut = Some(Cut { records: k, partial: [0, 1, 2, 40, 9000][k % 5] });
         let mut p = Pair::new(SessionConfig::default());
         p.client.enable_streams(StreamsConfig::default(), Box::new(Unlimited));
         p.server().enable_streams(StreamsConfig::default(), Box::new(Unlimited));
         p.cut = cut;
-        let mut open = |s: &mut Session| {
+        let open = |s: &mut Session| {
             let room = s.send_space();
             s.stream_open(room).expect("open").expect("open credit")
         };

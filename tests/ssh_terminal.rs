@@ -39,6 +39,8 @@ async fn a_full_screen_program_keeps_its_screen_through_a_fault() {
         // vi quits, so ssh and `holdfast ssh` exit and the pane with them: nothing is left
         // running when the test ends.
         tmux.wait(&["list-sessions", "-F", "#{session_name}"], |t| t.trim().is_empty()).await;
+        // The ProxyCommand ends the session on the server, which then exits too.
+        all_ended(&setup, "vi quit").await;
         eprintln!("{name}: vi's screen unchanged through a kill; the title given back");
     })
     .await;
@@ -54,27 +56,40 @@ async fn a_closed_terminal_ends_holdfast_ssh_and_everything_it_started() {
         let setup = Setup::start("sshhup").await;
         let tmux = vi_in_tmux(&setup, "hup", "one line\n");
         tmux.wait(&["capture-pane", "-p", "-t", "t"], |t| t.contains("one line")).await;
-        let ours = || {
-            let mut p = procs_naming(s(setup.dir.root()));
-            p.retain(|&pid| !cmdline(pid).contains("sshd_config"));
-            p
-        };
-        let detached = || holdfast_procs(&["--detached", &setup.ports()]);
-        assert!(ours().len() >= 3 && detached().len() == 1, "{:?} {:?}", ours(), detached());
+        assert!(ours(&setup).len() >= 3 && detached(&setup).len() == 1, "{:?} {:?}", ours(&setup), detached(&setup));
         tmux.run(&["kill-server"]);
-        let deadline = Instant::now() + LIMIT;
-        while !ours().is_empty() || !detached().is_empty() {
-            assert!(
-                Instant::now() < deadline,
-                "still running after the terminal closed: {:?}, remote server {:?}",
-                ours().iter().map(|p| cmdline(*p)).collect::<Vec<_>>(),
-                detached()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await; // polling for exits, bounded
-        }
+        all_ended(&setup, "the terminal closed").await;
         eprintln!("{name}: holdfast ssh, ssh, ssh-proxy and the remote server ended with the terminal");
     })
     .await;
+}
+
+/// The processes of this test's `holdfast ssh` (itself, its ssh and its ssh-proxy: each names a
+/// path in the test's directory), the test's sshd aside.
+fn ours(setup: &Setup) -> Vec<u32> {
+    let mut p = procs_naming(s(setup.dir.root()));
+    p.retain(|&pid| !cmdline(pid).contains("sshd_config"));
+    p
+}
+
+/// The remote holdfast server of this test's `holdfast ssh`.
+fn detached(setup: &Setup) -> Vec<u32> {
+    holdfast_procs(&["--detached", &setup.ports()])
+}
+
+/// Waits (bounded) until `holdfast ssh`, its ssh, its ssh-proxy and the remote server have all
+/// exited after `what`.
+async fn all_ended(setup: &Setup, what: &str) {
+    let deadline = Instant::now() + LIMIT;
+    while !ours(setup).is_empty() || !detached(setup).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "still running after {what}: {:?}, remote server {:?}",
+            ours(setup).iter().map(|p| cmdline(*p)).collect::<Vec<_>>(),
+            detached(setup)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await; // polling for exits, bounded
+    }
 }
 
 /// `holdfast ssh -t box vi FILE` (FILE holding `text`) in a new tmux session "t" of 100 x 30, on a
