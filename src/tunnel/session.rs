@@ -46,7 +46,15 @@ pub(super) async fn serve_session(
             sub = session.accept() => match sub {
                 Some(sub) => {
                     let (peer, services, allow, stop) = (peer.clone(), services.clone(), allow.clone(), stop.clone());
-                    let sub = serve_sub(sub, session.clone(), peer, services, allow, stop, ctx.clone());
+                    // The request is served in a future of its own, on the heap only until the
+                    // stream carries bytes: an open stream's task then holds what carrying needs
+                    // and nothing else (issue 22: server memory per idle stream).
+                    let opening = Box::pin(open_sub(sub, session.clone(), peer, services, allow, stop, ctx.clone()));
+                    let sub = async move {
+                        if let Some(open) = opening.await {
+                            open.carry().await;
+                        }
+                    };
                     open.spawn(tracing::Instrument::in_current_span(sub));
                 }
                 None => break,
@@ -70,24 +78,6 @@ pub(super) async fn serve_session(
 pub(super) struct SessionCtx {
     pub(super) lookups: Arc<tokio::sync::Semaphore>,
     pub(super) status: watch::Receiver<crate::net::LinkStatus>,
-}
-
-/// One stream of a multiplexed session: a service request, then the service's bytes.
-async fn serve_sub(
-    sub: Stream,
-    mux: Session,
-    peer: Peer,
-    services: Arc<Services>,
-    allow: AllowListHandle,
-    stop: watch::Receiver<bool>,
-    ctx: SessionCtx,
-) {
-    // The request is served in a future of its own, on the heap only until the stream carries
-    // bytes: an open stream's task then holds what carrying needs and nothing else (issue 22:
-    // server memory per idle stream).
-    if let Some(open) = Box::pin(open_sub(sub, mux, peer, services, allow, stop, ctx)).await {
-        open.carry().await;
-    }
 }
 
 /// A stream whose request was answered with its connection (status 0): what carrying it needs.
@@ -121,7 +111,8 @@ impl Carry {
     }
 }
 
-/// Reads a stream's request and answers it: `Some` once the stream is connected and answered,
+/// One stream of a multiplexed session, until its request is answered: reads the request (a
+/// service, a connect or a listen request) and answers it. `Some` once the stream is connected and answered,
 /// `None` if it was refused, reset, or served here (a listen request).
 async fn open_sub(
     mut sub: Stream,
