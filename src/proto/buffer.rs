@@ -12,6 +12,9 @@ use zeroize::Zeroize;
 
 /// Bytes per chunk. Equal to the largest DATA payload so a frame never spans more than two.
 pub const CHUNK: usize = 16 * 1024;
+/// Most buffers one [`ByteQueue::push_with`] hands out: the free end of the last chunk and up
+/// to 17 new chunks, enough for a 256 KiB socket read that starts mid-chunk.
+pub const MAX_IOV: usize = 18;
 /// Spare chunks a queue keeps for itself.
 const MAX_SPARE: usize = 4;
 /// Wiped chunks kept for reuse by every queue of the process (4 MiB). A bulk transfer cycles
@@ -172,25 +175,32 @@ impl ByteQueue {
             self.start = self.end;
         }
         let tail_free = self.chunks.back().map_or(0, |c| CHUNK - c.len());
+        // No allocation per call: the new chunks and the list of buffers live in arrays, so a
+        // call takes at most `MAX_IOV - 1` new chunks (a larger `max` is cut to what they hold).
+        let max = max.min(tail_free + (MAX_IOV - 1) * CHUNK);
         let want = max.saturating_sub(tail_free).div_ceil(CHUNK);
-        let mut extra: Vec<Chunk> =
-            (0..want).map(|_| self.spare.pop().or_else(|| pool().pop()).unwrap_or_else(Chunk::new)).collect();
+        let mut extra: [Option<Chunk>; MAX_IOV - 1] = std::array::from_fn(|i| {
+            (i < want).then(|| self.spare.pop().or_else(|| pool().pop()).unwrap_or_else(Chunk::new))
+        });
         let res = {
-            let mut bufs: Vec<std::io::IoSliceMut<'_>> = Vec::with_capacity(want + 1);
-            let mut room = max;
+            let mut bufs: [std::io::IoSliceMut<'_>; MAX_IOV] =
+                std::array::from_fn(|_| std::io::IoSliceMut::new(&mut []));
+            let (mut used, mut room) = (0, max);
             if let Some(tail) = self.chunks.back_mut().filter(|_| tail_free > 0) {
                 let f = tail.free_mut();
                 let k = f.len().min(room);
                 room -= k;
-                bufs.push(std::io::IoSliceMut::new(&mut f[..k]));
+                bufs[used] = std::io::IoSliceMut::new(&mut f[..k]);
+                used += 1;
             }
-            for c in &mut extra {
+            for c in extra.iter_mut().flatten() {
                 let f = c.free_mut();
                 let k = f.len().min(room);
                 room -= k;
-                bufs.push(std::io::IoSliceMut::new(&mut f[..k]));
+                bufs[used] = std::io::IoSliceMut::new(&mut f[..k]);
+                used += 1;
             }
-            fill(&mut bufs)
+            fill(&mut bufs[..used])
         };
         let mut left = *res.as_ref().unwrap_or(&0);
         if let Some(tail) = self.chunks.back_mut().filter(|_| tail_free > 0) {
@@ -199,7 +209,7 @@ impl ByteQueue {
             left -= k;
         }
         let n = res.as_ref().map_or(0, |n| *n);
-        for mut c in extra {
+        for mut c in extra.into_iter().flatten() {
             let k = left.min(CHUNK);
             if k > 0 {
                 c.len = k;
@@ -225,14 +235,15 @@ impl ByteQueue {
         drain: impl FnOnce(&[std::io::IoSlice<'_>]) -> Result<usize, E>,
     ) -> Result<usize, E> {
         let n = {
-            let mut bufs: Vec<std::io::IoSlice<'_>> = Vec::with_capacity(16);
-            let mut off = self.start;
-            while off < self.end && bufs.len() < 16 {
+            let mut bufs: [std::io::IoSlice<'_>; 16] = [std::io::IoSlice::new(&[]); 16];
+            let (mut used, mut off) = (0, self.start);
+            while off < self.end && used < bufs.len() {
                 let s = self.slice_from(off, CHUNK);
                 off += s.len() as u64;
-                bufs.push(std::io::IoSlice::new(s));
+                bufs[used] = std::io::IoSlice::new(s);
+                used += 1;
             }
-            drain(&bufs)?
+            drain(&bufs[..used])?
         };
         let n = n.min(self.len());
         self.release_to(self.start + n as u64);

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
-use super::buffer::ByteQueue;
+use super::buffer::{ByteQueue, MAX_IOV};
 use wire::{reset, Header, Item, Parser, WireError, DATA_HEADER, MAX_HEADER, MAX_PAYLOAD};
 
 /// Credit each direction of a new stream starts with, before any WINDOW (protocol constant).
@@ -724,7 +724,11 @@ impl Streams {
         }
         let res = send.push_with(DATA_HEADER + n, |bufs| {
             let mut head: [&mut [u8]; 2] = [&mut [], &mut []];
-            let mut rest: Vec<std::io::IoSliceMut<'_>> = Vec::with_capacity(bufs.len());
+            // The payload's buffers, after the header's bytes: in an array, not allocated per
+            // frame (`push_with` hands out at most `MAX_IOV`).
+            let mut rest: [std::io::IoSliceMut<'_>; MAX_IOV] =
+                std::array::from_fn(|_| std::io::IoSliceMut::new(&mut []));
+            let mut used = 0;
             let mut need = DATA_HEADER;
             let mut h = 0;
             for b in bufs.iter_mut() {
@@ -736,13 +740,15 @@ impl Streams {
                     h += 1;
                     need -= k;
                     if !tail.is_empty() {
-                        rest.push(std::io::IoSliceMut::new(tail));
+                        rest[used] = std::io::IoSliceMut::new(tail);
+                        used += 1;
                     }
                 } else {
-                    rest.push(std::io::IoSliceMut::new(s));
+                    rest[used] = std::io::IoSliceMut::new(s);
+                    used += 1;
                 }
             }
-            let got = fill(&mut rest)?;
+            let got = fill(&mut rest[..used])?;
             if got == 0 {
                 return Ok(0);
             }
