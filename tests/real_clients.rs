@@ -404,15 +404,17 @@ async fn iperf3_both_ways_through_kills() {
             }
             assert!(p.log().contains("in use"), "iperf3 server did not start:\n{}", p.log());
         }
-        let _server = server.expect("iperf3 found no free port in 5 tries");
+        let server = server.expect("iperf3 found no free port in 5 tries");
         let tunnel = Tunnel::start(&dir, &[("perf", SocketAddr::from(([127, 0, 0, 1], port)))]).await;
         let (_client, local) = tunnel.forward("perf").await;
         // The forward's session starts with its first connection, and a link killed between the
         // server's reply and the client's key confirmation loses a first session for good
         // (nothing is committed before it: docs/PROTOCOL.md section 9.1): the session is started
-        // before the kills, with a connection iperf3's server shrugs off.
+        // before the kills, with a connection iperf3's server shrugs off; it takes the next test
+        // once it listens again (a test arriving before that is refused with a reset).
         drop(tokio::net::TcpStream::connect(local).await.unwrap());
         assert!(tunnel.server.wait_for(|t| t.contains("session opened")).await, "{}", tunnel.server.log());
+        assert!(server.wait_for(|t| t.matches("Server listening").count() >= 2).await, "{}", server.log());
         let kills = KillLoop::start(tunnel.port(), Duration::from_millis(300), &Gate::new());
         let mut results = Vec::new();
         for reverse in [false, true] {
