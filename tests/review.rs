@@ -1,4 +1,5 @@
-//! The findings of the independent security review (issue 13), each against a real listener on
+//! The findings of the independent security review (issue 13), and of an implementation written
+//! from docs/PROTOCOL.md alone, each against a real listener on
 //! loopback: replayed hellos hold nothing and use up nothing, a delayed older link cannot undo a
 //! newer one, one key cannot starve the others, and a low-order key authenticates nobody.
 //!
@@ -431,6 +432,45 @@ async fn one_keys_streams_cannot_take_every_descriptor() {
         }
         drop(b_kept);
         server.abort();
+    })
+    .await;
+}
+
+/// Found by an implementation written from docs/PROTOCOL.md alone: a stream frame that breaks
+/// the rules ended the session with no CLOSE, so the client saw a link fault, resumed, and was
+/// told only "unknown session". Section 13.7: the session ends with CLOSE(Protocol) and a
+/// reason, on a live link and in the key confirmation alike.
+#[tokio::test]
+async fn a_stream_violation_is_answered_with_close_protocol() {
+    bounded(async {
+        let me = Keypair::generate();
+        let (listener, _cfgs, server) = server(Limits::default(), &[Keypair::from_private(me.private.clone())]).await;
+        let mut h = [0u8; holdfast::proto::streams::wire::MAX_HEADER];
+        let n = Header::Fin(99).encode(&mut h);
+        for in_confirmation in [false, true] {
+            let mut sock = TcpStream::connect(listener.local_addr()).await.unwrap();
+            let (hs, hello) =
+                ClientHandshake::initial(&me.private, &server.public, Cipher::AesGcm, 8 + u64::from(in_confirmation))
+                    .unwrap();
+            send_record(&mut sock, &hello).await;
+            let done = hs.read_reply(&recv_record(&mut sock).await.expect("IK reply")).unwrap();
+            let mut t = done.transport;
+            if !in_confirmation {
+                sock.write_all(&seal(&mut t, Frame::Ack(0))).await.unwrap();
+            }
+            // A FIN for a stream never opened.
+            sock.write_all(&seal(&mut t, Frame::Data { offset: 0, data: &h[..n] })).await.unwrap();
+            let mut close = None;
+            while let Some(mut body) = recv_record(&mut sock).await {
+                let len = t.open_in_place(&mut body).expect("the server's record decrypts");
+                if let Ok(Frame::Close { code, reason }) = Frame::decode(&body[..len]) {
+                    close = Some((code, reason.to_string()));
+                }
+            }
+            let (code, reason) = close.expect("no CLOSE before the server closed the connection");
+            assert_eq!(code, 1, "CLOSE code (Protocol)");
+            assert!(reason.contains("stream FIN for a stream never opened"), "reason: {reason}");
+        }
     })
     .await;
 }

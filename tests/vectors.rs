@@ -830,3 +830,62 @@ fn the_stream_frame_examples_are_the_codes_own() {
         assert_eq!(documented, hex(&bytes), "{label}");
     }
 }
+
+/// Section 21.2's layout of the handshake records gives, field by field, the bytes of the
+/// records in section 21.5 (whole or as `first…last`): an independent implementation found
+/// five of them left from an earlier version.
+#[test]
+fn the_layout_of_the_handshake_records_is_the_vectors_own() {
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/PROTOCOL.md")).expect("read PROTOCOL.md");
+    let from = doc.find("Layout of the handshake records:").expect("the layout in section 21.2");
+    let block = doc[from..].split("```").nth(1).expect("the layout's block");
+    let vectors = compute();
+    let mut fields: Vec<(String, Vec<(String, Option<usize>)>)> = Vec::new();
+    for line in block.lines().skip(1).filter(|l| !l.trim().is_empty()) {
+        let chars: Vec<char> = line.chars().collect();
+        let name: String = chars[..10].iter().collect::<String>().trim().to_string();
+        let column: String = chars[10..49.min(chars.len())].iter().collect();
+        let described: String = chars[49.min(chars.len())..].iter().collect();
+        let len = described.rsplit_once('(').and_then(|(_, n)| n.trim_end_matches(')').parse::<usize>().ok());
+        if !name.is_empty() {
+            fields.push((name, Vec::new()));
+        }
+        let tokens: Vec<&str> = column.split_whitespace().collect();
+        let record = &mut fields.last_mut().expect("a record's name first").1;
+        for (i, t) in tokens.iter().enumerate() {
+            record.push((t.to_string(), if i + 1 == tokens.len() { len } else { None }));
+        }
+    }
+    assert_eq!(fields.len(), 4, "four handshake records in the layout");
+    for (name, tokens) in fields {
+        let bytes = &vectors.iter().find(|(n, _)| *n == name).unwrap_or_else(|| panic!("no vector {name}")).1;
+        let whole = hex(bytes);
+        let mut at = 0;
+        for (token, len) in tokens {
+            let rest = &whole[at..];
+            let taken = match token.split_once('…') {
+                None => {
+                    assert!(rest.starts_with(&token), "{name}: {token} where the record has {}", &rest[..token.len()]);
+                    token.len()
+                }
+                Some((first, last)) => {
+                    let n = match len {
+                        Some(n) => 2 * n,
+                        None => rest[first.len()..].find(last).expect("the field's end") + first.len() + last.len(),
+                    };
+                    let field = &rest[..n];
+                    assert!(
+                        field.starts_with(first) && field.ends_with(last),
+                        "{name}: {token} where the record has {}…{}",
+                        &field[..first.len()],
+                        &field[n - last.len()..]
+                    );
+                    n
+                }
+            };
+            at += taken;
+        }
+        assert_eq!(at, whole.len(), "{name}: the layout does not cover the whole record");
+    }
+}

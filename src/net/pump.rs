@@ -44,7 +44,9 @@ pub(crate) async fn pump<R>(
     let mut inbuf = BytesMut::with_capacity(READ_CHUNK + MAX_RECORD + RECORD_HEADER);
     let mut out: Vec<u8> = Vec::with_capacity(WRITE_BUDGET + MAX_RECORD);
     let mut out_pos = 0usize;
-    loop {
+    // False once the session ended on something the peer sent: what follows it is not read.
+    let mut reading = true;
+    'link: loop {
         let now = Instant::now();
         let (deadline, want_read, over) = {
             let mut inner = shared.lock();
@@ -72,7 +74,7 @@ pub(crate) async fn pump<R>(
                 on_event(ev);
             }
             let over = inner.session.failure().is_some() && out_pos == out.len();
-            (inner.session.poll_timeout(), true, over)
+            (inner.session.poll_timeout(), reading, over)
         };
         if over {
             let _ = wr.shutdown().await;
@@ -143,7 +145,14 @@ pub(crate) async fn pump<R>(
                     let body = used + RECORD_HEADER..used + RECORD_HEADER + body.len();
                     if let Err(e) = inner.session.handle_record_in_place(now, &mut inbuf[body]) {
                         inner.wake_all();
-                        return PumpEnd::Fault(e);
+                        if inner.session.failure().is_none() {
+                            return PumpEnd::Fault(e);
+                        }
+                        // A violation that ends the session queued a CLOSE saying why: nothing
+                        // more is read, and the loop's top sends the CLOSE before the link ends.
+                        inbuf.clear();
+                        reading = false;
+                        continue 'link;
                     }
                     used += n;
                 }

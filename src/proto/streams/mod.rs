@@ -465,7 +465,8 @@ impl Streams {
         if id != self.next_peer {
             return Err("stream OPEN out of sequence");
         }
-        if self.peer_opened >= self.peer_max {
+        // Against the credit the peer was told, not what this end will grant next.
+        if self.peer_opened >= self.peer_max_sent {
             return Err("stream OPEN beyond the open credit");
         }
         self.next_peer += 2;

@@ -222,3 +222,27 @@ fn a_peer_breaking_the_rules_is_a_protocol_error() {
     let n = Header::Data { id: 9, len: 1 }.encode(&mut b);
     assert_eq!(s3.st.ingest(&b[..n]), Err("stream DATA for a stream never opened"));
 }
+
+/// The open credit is what the peer was told: 64 OPENs before any STREAMS, and the 65th is a
+/// violation even though this end would grant more once it flushed (an independent
+/// implementation found the server accepting up to its own cap of 1024 instead).
+#[test]
+fn an_open_beyond_the_credit_told_is_a_violation() {
+    let (_, mut s) = pair();
+    let mut b = [0u8; MAX_HEADER];
+    let mut bytes = Vec::new();
+    for i in 0..INITIAL_STREAMS {
+        let n = Header::Open(1 + 2 * i).encode(&mut b);
+        bytes.extend_from_slice(&b[..n]);
+    }
+    assert_eq!(s.st.ingest(&bytes), Ok(()));
+    let n = Header::Open(1 + 2 * INITIAL_STREAMS).encode(&mut b);
+    assert_eq!(s.st.ingest(&b[..n]), Err("stream OPEN beyond the open credit"));
+    // Once the STREAMS that raises it has been written, the next OPEN is within the credit.
+    let (_, mut s) = pair();
+    assert_eq!(s.st.ingest(&bytes), Ok(()));
+    let mut out = ByteQueue::new();
+    s.st.flush(s.now, None, &mut out, ROOM);
+    assert!(s.st.peer_max_sent > INITIAL_STREAMS, "no STREAMS was written");
+    assert_eq!(s.st.ingest(&b[..n]), Ok(()));
+}
