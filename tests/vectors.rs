@@ -841,7 +841,9 @@ fn the_layout_of_the_handshake_records_is_the_vectors_own() {
     let from = doc.find("Layout of the handshake records:").expect("the layout in section 21.2");
     let block = doc[from..].split("```").nth(1).expect("the layout's block");
     let vectors = compute();
-    let mut fields: Vec<(String, Vec<(String, Option<usize>)>)> = Vec::new();
+    // Each record's name and its fields: the hex as written, and its length in bytes if given.
+    type Fields = Vec<(String, Option<usize>)>;
+    let mut fields: Vec<(String, Fields)> = Vec::new();
     for line in block.lines().skip(1).filter(|l| !l.trim().is_empty()) {
         let chars: Vec<char> = line.chars().collect();
         let name: String = chars[..10].iter().collect::<String>().trim().to_string();
