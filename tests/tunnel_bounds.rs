@@ -259,3 +259,42 @@ async fn a_name_gets_one_answer_whether_it_exists_or_not() {
     b.close().await;
     server.abort();
 }
+
+/// Found by an implementation written from docs/PROTOCOL.md alone: a client's RESET after its
+/// FIN did not end the tunnel while the service stayed silent. The server kept the service's
+/// connection (a descriptor, though the stream's slot was given back) until the service next
+/// spoke, and the session could not finish. A RESET now resets the service's connection at once
+/// (Appendix A.5), whatever the service does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_after_the_fin_ends_the_tunnel_while_the_service_is_silent() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut services = Services::new();
+    services.add("silent", &silent.local_addr().unwrap().to_string()).unwrap();
+    let (a, b, server) = start(Arc::new(services)).await;
+    let mut s = a.open("silent").await.expect("service silent refused").expect("the server multiplexes");
+    let (mut conn, _) = timeout(LIMIT, silent.accept()).await.expect("no connection to the service").unwrap();
+    s.shutdown().await.unwrap();
+    let mut buf = [0u8; 16];
+    let n = timeout(LIMIT, conn.read(&mut buf)).await.expect("the FIN never reached the service").unwrap();
+    assert_eq!(n, 0, "the service read bytes nobody sent");
+    s.reset();
+    // The service's connection is reset. Its reads still say end of file (the FIN came first),
+    // but the reset leaves its error on the socket.
+    let reset = async {
+        loop {
+            match conn.take_error() {
+                Ok(Some(e)) => break e.kind(),
+                Ok(None) => tokio::time::sleep(Duration::from_millis(5)).await,
+                Err(e) => break e.kind(),
+            }
+        }
+    };
+    let kind = timeout(LIMIT, reset).await.expect("the service's connection outlived the client's RESET");
+    assert!(
+        matches!(kind, std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe),
+        "the service's connection ended with {kind:?}, not a reset"
+    );
+    a.close().await;
+    b.close().await;
+    server.abort();
+}

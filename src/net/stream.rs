@@ -457,6 +457,29 @@ impl WriteHalf {
         self.shared.wake_driver.notify_one();
     }
 
+    /// Waits until this end can send nothing more on the stream because it was reset (by the
+    /// peer or here) or the session ended, and returns why; while the stream is open, or only
+    /// half-closed by this end, it waits. For a writer that is waiting for something else to
+    /// write (a socket to read from), so that the peer's RESET ends it at once.
+    pub async fn stopped(&self) -> io::Error {
+        std::future::poll_fn(|cx| {
+            let mut inner = self.shared.lock();
+            if let Some(e) = inner.session.failure() {
+                return Poll::Ready(to_io(e.clone()));
+            }
+            match inner.streams().send_credit(self.id) {
+                Err(e @ (StreamError::Reset | StreamError::ResetByPeer(_) | StreamError::Unknown)) => {
+                    Poll::Ready(failed(&inner, e))
+                }
+                _ => {
+                    inner.set_write_waker(self.id, cx);
+                    Poll::Pending
+                }
+            }
+        })
+        .await
+    }
+
     /// Writes without an intermediate buffer: waits until the stream can take bytes, then calls
     /// `fill` once with free space of the session's replay buffer (at most `max` bytes, as a
     /// list of buffers), and sends the bytes `fill` says it wrote, from the first buffer on.

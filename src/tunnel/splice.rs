@@ -95,12 +95,21 @@ pub(super) async fn tcp_to_stream_until(
                 None => std::future::pending().await,
             }
         };
-        tokio::select! {
-            r = sock.readable() => r?,
-            () = stopping => {
-                to.shutdown().await?;
-                return Ok(total);
+        // The peer's RESET ends this direction too, even while the socket has nothing to read
+        // (after the peer's FIN, nothing else would notice it).
+        let stop_now = tokio::select! {
+            // Readable first: while bytes keep coming, nothing else is polled (or locked).
+            biased;
+            r = sock.readable() => {
+                r?;
+                false
             }
+            () = stopping => true,
+            e = to.stopped() => return Err(e),
+        };
+        if stop_now {
+            to.shutdown().await?;
+            return Ok(total);
         }
         let read = |bufs: &mut [io::IoSliceMut<'_>]| {
             let asked = bufs.iter().map(|b| b.len()).sum();
