@@ -44,6 +44,9 @@ impl fmt::Display for ConnectRule {
             Host::Any => write!(f, "*")?,
             Host::Name(n) => write!(f, "{n}")?,
             Host::Suffix(s) => write!(f, "*.{s}")?,
+            // IPv6 in brackets, as the rule is written: `[::1]:22`, `[fd00::]/8:443`.
+            Host::Net(n) if n.prefix_len() == n.max_prefix_len() && n.addr().is_ipv6() => write!(f, "[{}]", n.addr())?,
+            Host::Net(n) if n.addr().is_ipv6() => write!(f, "[{}]/{}", n.addr(), n.prefix_len())?,
             Host::Net(n) if n.prefix_len() == n.max_prefix_len() => write!(f, "{}", n.addr())?,
             Host::Net(n) => write!(f, "{n}")?,
         }
@@ -259,8 +262,13 @@ mod tests {
         ] {
             assert_eq!(rule(s).to_string(), s);
         }
-        assert_eq!(rule("[::1]:22").to_string(), "::1:22");
-        assert_eq!(rule("[fd00::]/8:22").to_string(), "fd00::/8:22");
+        // IPv6 is shown in brackets, as a listen request and `--allow-listen` write it.
+        assert_eq!(rule("[::1]:22").to_string(), "[::1]:22");
+        assert_eq!(rule("::1:22").to_string(), "[::1]:22");
+        assert_eq!(rule("[fd00::]/8:22").to_string(), "[fd00::]/8:22");
+        for s in ["[::1]:22", "[fd00::]/8:22"] {
+            assert_eq!(rule(&rule(s).to_string()), rule(s), "{s} does not read back");
+        }
         for bad in ["", "host", "@h:1", "h:x", "h:9-1", "h:70000", "a/b:1", "h\u{1b}:1"] {
             assert!(bad.parse::<ConnectRule>().is_err(), "{bad:?} parsed");
         }

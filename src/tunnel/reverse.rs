@@ -204,6 +204,13 @@ async fn reverse_one(
         Ok(Ok(sub)) => sub,
         failed => {
             let why = match failed {
+                // The client's answer (A.4), not a service's.
+                Ok(Err(TunnelError::UnknownService(_))) => {
+                    "the client has no reverse forward for this address".to_string()
+                }
+                Ok(Err(TunnelError::ServiceRefused { .. })) => {
+                    "the client could not connect to its target for this forward".to_string()
+                }
                 Ok(Err(e)) => printable(&e.to_string()).into_owned(),
                 _ => format!("no answer within {} (the client may be away)", crate::human::Rounded(REQUEST_TIMEOUT)),
             };
@@ -219,7 +226,10 @@ async fn reverse_one(
             peer.carried(to_client, to_program);
             info!(client = %who, listen = %at, %from, to_client, to_program, "reverse connection closed")
         }
-        Err(e) => info!(client = %who, listen = %at, %from, error = %e, "reverse connection ended by a reset"),
+        Err(e) => {
+            peer.tunnel_reset();
+            info!(client = %who, listen = %at, %from, error = %e, "reverse connection ended by a reset")
+        }
     }
 }
 

@@ -102,11 +102,20 @@ impl Carry {
                 peer.carried(to_client, to_service);
                 info!(client = %who, service = %name, to_service, to_client, "tunnel closed")
             }
-            // A stream reset by the client (its program reset its connection) is a close.
+            // A reset, of the stream by the client or of the connection by the service, ends a
+            // tunnel as a close does. The stream's own errors carry a `StreamError`.
             Err(e) if matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe) => {
-                info!(client = %who, service = %name, error = %e, "tunnel ended: reset by the client")
+                peer.tunnel_reset();
+                if e.get_ref().is_some_and(|i| i.is::<crate::proto::StreamError>()) {
+                    info!(client = %who, service = %name, error = %e, "tunnel ended: reset by the client")
+                } else {
+                    info!(client = %who, service = %name, error = %e, "tunnel ended: the service reset its connection")
+                }
             }
-            Err(e) => warn!(client = %who, service = %name, error = %printable(&e.to_string()), "tunnel failed"),
+            Err(e) => {
+                peer.tunnel_reset();
+                warn!(client = %who, service = %name, error = %printable(&e.to_string()), "tunnel failed")
+            }
         }
     }
 }

@@ -198,17 +198,17 @@ fn defer_end_line(entry: &Entry, stream: (u64, u64)) {
     let failure = entry.shared.lock().session.failure().cloned();
     let lasted = Rounded(entry.opened.elapsed());
     let who = entry.who.clone();
-    let line = move |tunnels: Option<(u64, u64, u64)>| {
-        let (to_client, from_client, tunnels) = tunnels.unwrap_or((stream.0, stream.1, 0));
+    let line = move |tunnels: Option<((u64, u64, u64), u64)>| {
+        let ((to_client, from_client, tunnels), tunnels_reset) = tunnels.unwrap_or(((stream.0, stream.1, 0), 0));
         match failure {
             None | Some(SessionError::Finished) => {
-                info!(client = %who, to_client, from_client, tunnels, %lasted, "session closed")
+                info!(client = %who, to_client, from_client, tunnels, tunnels_reset, %lasted, "session closed")
             }
             Some(e @ SessionError::Expired(_)) => {
-                info!(client = %who, to_client, from_client, tunnels, %lasted, reason = %printable(&e.to_string()), "session ended")
+                info!(client = %who, to_client, from_client, tunnels, tunnels_reset, %lasted, reason = %printable(&e.to_string()), "session ended")
             }
             Some(e) => {
-                warn!(client = %who, to_client, from_client, tunnels, %lasted, reason = %printable(&e.to_string()), "session ended")
+                warn!(client = %who, to_client, from_client, tunnels, tunnels_reset, %lasted, reason = %printable(&e.to_string()), "session ended")
             }
         }
     };

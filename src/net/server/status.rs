@@ -69,9 +69,9 @@ pub struct SessionStatus {
     pub forwards: Vec<String>,
 }
 
-/// Logs a session's end line, given its tunnels' bytes (to the client, from the client, how
-/// many tunnels) if the tunnel layer reported any.
-pub(super) type EndLine = Box<dyn FnOnce(Option<(u64, u64, u64)>) + Send>;
+/// Logs a session's end line, given its closed tunnels' bytes (to the client, from the client,
+/// how many tunnels) and how many tunnels were reset, if the tunnel layer reported any.
+pub(super) type EndLine = Box<dyn FnOnce(Option<((u64, u64, u64), u64)>) + Send>;
 
 /// What a session's [`Peer`] and its server-side entry share: counters the tunnel layer keeps,
 /// and the session's end line, logged once both the session's driver and every `Peer` of it
@@ -84,6 +84,8 @@ pub(crate) struct Activity {
     /// Bytes of the session's tunnels that ended, (to the client, from the client), and how
     /// many of them.
     carried: Mutex<(u64, u64, u64)>,
+    /// How many of the session's tunnels ended with a reset (their bytes are not counted).
+    reset_tunnels: AtomicU64,
     /// The end line to log on drop, set by the session's driver.
     pub(super) end: Mutex<Option<EndLine>>,
 }
@@ -96,6 +98,7 @@ impl Activity {
             forwards: Mutex::new(Vec::new()),
             next_forward: AtomicU64::new(0),
             carried: Mutex::new((0, 0, 0)),
+            reset_tunnels: AtomicU64::new(0),
             end: Mutex::new(None),
         })
     }
@@ -118,7 +121,8 @@ impl std::fmt::Debug for Activity {
 impl Drop for Activity {
     fn drop(&mut self) {
         let carried = *self.carried.get_mut().unwrap_or_else(|p| p.into_inner());
-        let tunnels = (carried.2 > 0).then_some(carried);
+        let reset = self.reset_tunnels.load(Ordering::Relaxed);
+        let tunnels = (carried.2 > 0 || reset > 0).then_some((carried, reset));
         if let Some(log) = self.end.get_mut().unwrap_or_else(|p| p.into_inner()).take() {
             // Dropped by a task about this session, the line is in its span already.
             let inside = tracing::Span::current().metadata().is_some_and(|m| m.name() == "session");
@@ -179,6 +183,13 @@ impl Peer {
         let n = self.activity.next_forward.fetch_add(1, Ordering::Relaxed);
         self.activity.forwards.lock().unwrap_or_else(|p| p.into_inner()).push((n, what));
         ForwardGuard(self.activity.clone(), n)
+    }
+
+    /// Counts one tunnel of this session that ended with a reset (of its stream or its
+    /// connection): the session's "session closed" line gives how many (`tunnels_reset`),
+    /// beside the closed ones, whose bytes it sums.
+    pub fn tunnel_reset(&self) {
+        self.activity.reset_tunnels.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Adds the bytes of one tunnel that ended (as its "tunnel closed" line gives them) to the
