@@ -20,7 +20,8 @@
 //!   `streams` is 8 concurrent downloads and one beside a stalled stream; `stdio` is the RTT through `holdfast connect`'s pipes, measured in the same rounds).
 //!   Not in the default: `cpu`, one transfer of `HOLDFAST_BENCH_CPU_GIB` GiB (default 8) each way
 //!   per path with the CPU time (utime + stime in `/proc`) of the path's client-side and
-//!   server-side processes per byte moved; `delay`, round trips on a delayed path (see
+//!   server-side processes per byte moved, then the same per new connection (`HOLDFAST_BENCH_CONN`
+//!   connections, at least 200, each with a one-byte echo); `delay`, round trips on a delayed path (see
 //!   `tunnel/delay.rs`; `HOLDFAST_BENCH_DELAY_MS` one-way delay, default 25,
 //!   `HOLDFAST_BENCH_DELAY_SAMPLES` samples of each measure, default 10).
 //! - `HOLDFAST_BENCH_RESETS` resets in the resume test (default 60).
@@ -299,6 +300,14 @@ async fn run(opts: Opts) {
             costs.extend(cpu::measure(t, opts.cpu_gib << 30).await);
         }
         cpu::report(&costs, opts.cpu_gib);
+        // 60 ms apart, as the conn metric (a `--no-mux` path makes a session per connection).
+        let n = opts.conn_samples.max(200);
+        let mut rows = Vec::new();
+        for t in &tools {
+            eprintln!("cpu: {} ({n} new connections, load {})", t.name, loadavg());
+            rows.extend(cpu::per_connection(t, n, Duration::from_millis(60)).await);
+        }
+        cpu::report_connections(&rows, n);
     }
     if opts.metric("delay") {
         eprintln!("delay: {} ms each way (load {})", opts.delay_ms, loadavg());

@@ -418,6 +418,11 @@ async fn iperf3_both_ways_through_kills() {
         let kills = KillLoop::start(tunnel.port(), Duration::from_millis(300), &Gate::new());
         let mut results = Vec::new();
         for reverse in [false, true] {
+            // iperf3's server listens anew after each test, and refuses connections until it
+            // does (the holdfast server's connect is refused, the client then resets iperf3's
+            // connection: "unable to send cookie"): each test waits for its "Server listening".
+            let ready = 2 + results.len();
+            assert!(server.wait_for(|t| t.matches("Server listening").count() >= ready).await, "{}", server.log());
             let mut cmd = Command::new("iperf3");
             cmd.args(["-c", "127.0.0.1", "-p", &local.port().to_string(), "-t", "5", "--json"]);
             if reverse {
@@ -425,7 +430,13 @@ async fn iperf3_both_ways_through_kills() {
             }
             let out = output("iperf3 -c", &mut cmd, LIMIT * 2).await;
             let json = String::from_utf8_lossy(&out.stdout);
-            assert!(out.status.success() && !json.contains("\"error\""), "iperf3 failed ({}):\n{json}", out.status);
+            assert!(
+                out.status.success() && !json.contains("\"error\""),
+                "iperf3 failed ({}):\n{json}\niperf3 server:\n{}\nholdfast server:\n{}",
+                out.status,
+                server.log(),
+                tunnel.server.log()
+            );
             let sent = iperf_bytes(&json, "sum_sent").unwrap_or_else(|| panic!("no sum_sent:\n{json}"));
             let got = iperf_bytes(&json, "sum_received").unwrap_or_else(|| panic!("no sum_received:\n{json}"));
             assert!(got > 0 && got <= sent, "received {got} of {sent} bytes");

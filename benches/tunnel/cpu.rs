@@ -124,3 +124,46 @@ pub(crate) fn report(costs: &[PathCost], gib: u64) {
         println!();
     }
 }
+
+/// CPU per new connection: `n` connections through `t`, one after another (each a one-byte
+/// echo, `pace` apart), and the CPU time its client-side and server-side processes spent, in
+/// µs per connection; `None` for a path without processes on both sides.
+pub(crate) async fn per_connection(
+    t: &Tool,
+    n: usize,
+    pace: Duration,
+) -> Option<(&'static str, Result<(f64, f64, f64), String>)> {
+    let (client, server) = (t.client_pid()?, t.server_pid?);
+    let run = async {
+        let before = (tree_cpu_time(client), tree_cpu_time(server));
+        let (p50, _) = super::metrics::conn_echo(t.entry, n, pace).await?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let after = (tree_cpu_time(client), tree_cpu_time(server));
+        let per = |a: Option<Duration>, b: Option<Duration>| match (a, b) {
+            (Some(a), Some(b)) => Ok(b.saturating_sub(a).as_nanos() as f64 / 1e3 / n as f64),
+            _ => Err(err("no CPU time in /proc")),
+        };
+        Ok::<_, io::Error>((p50, per(before.0, after.0)?, per(before.1, after.1)?))
+    };
+    let r = match tokio::time::timeout(Duration::from_secs(600), run).await {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("timed out".to_string()),
+    };
+    Some((t.name, r))
+}
+
+/// The table of CPU per new connection.
+pub(crate) fn report_connections(rows: &[(&'static str, Result<(f64, f64, f64), String>)], n: usize) {
+    println!("## CPU per new connection ({n} connections, each with a one-byte echo; utime + stime of each side's processes)");
+    println!();
+    println!("| path | connect+echo p50 µs | client µs per connection | server µs per connection |");
+    println!("|---|---:|---:|---:|");
+    for (name, r) in rows {
+        match r {
+            Ok((p50, c, s)) => println!("| {name} | {p50:.0} | {c:.0} | {s:.0} |"),
+            Err(e) => println!("| {name} | – | – | – |  (error: {e})"),
+        }
+    }
+    println!();
+}
