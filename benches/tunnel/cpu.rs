@@ -125,6 +125,10 @@ pub(crate) fn report(costs: &[PathCost], gib: u64) {
     }
 }
 
+/// One path's CPU per new connection: its name, and (connect+echo p50 µs, client µs per
+/// connection, server µs per connection) or why not.
+pub(crate) type ConnCost = (&'static str, Result<(f64, f64, f64), String>);
+
 /// CPU per new connection: `n` connections through `t`, one after another (each a one-byte
 /// echo, `pace` apart), and the CPU time its client-side and server-side processes spent, in
 /// µs per connection; `None` for a path without processes on both sides.
@@ -154,7 +158,7 @@ pub(crate) async fn per_connection(
 }
 
 /// The table of CPU per new connection.
-pub(crate) fn report_connections(rows: &[(&'static str, Result<(f64, f64, f64), String>)], n: usize) {
+pub(crate) fn report_connections(rows: &[ConnCost], n: usize) {
     println!("## CPU per new connection ({n} connections, each with a one-byte echo; utime + stime of each side's processes)");
     println!();
     println!("| path | connect+echo p50 µs | client µs per connection | server µs per connection |");
