@@ -298,3 +298,64 @@ async fn a_reset_after_the_fin_ends_the_tunnel_while_the_service_is_silent() {
     b.close().await;
     server.abort();
 }
+
+/// Found by a red-team review: a tunnel whose service closed its side and then never read held
+/// the service's connection forever once its stream was reset or its session ended (the
+/// direction to the service waited for room in the socket and watched nothing else), its slot
+/// given back: descriptors outside every bound. A RESET now ends it at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_ends_a_tunnel_whose_service_never_reads() {
+    let half = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut services = Services::new();
+    services.add("half", &half.local_addr().unwrap().to_string()).unwrap();
+    let (a, b, server) = start(Arc::new(services)).await;
+    let s = a.open("half").await.expect("service half refused").expect("the server multiplexes");
+    let (conn, _) = timeout(LIMIT, half.accept()).await.expect("no connection to the service").unwrap();
+    // The service ends its side at once and never reads.
+    let conn = conn.into_std().unwrap();
+    conn.shutdown(std::net::Shutdown::Write).unwrap();
+    let conn = TcpStream::from_std(conn).unwrap();
+    let (mut rd, mut wr) = s.into_split();
+    let mut eof = [0u8; 1];
+    assert_eq!(timeout(LIMIT, rd.read(&mut eof)).await.expect("no FIN from the service").unwrap(), 0);
+    // Writes until the path to the service is full: the server then waits for room. Stalled:
+    // three writes in a row that make no progress for 100 ms (were the server not yet waiting,
+    // the RESET below would find it still writing, and this test would pass without the fix).
+    let chunk = vec![7u8; 64 << 10];
+    let fill = async {
+        let mut stalls = 0;
+        while stalls < 3 {
+            match timeout(Duration::from_millis(100), wr.write_all(&chunk)).await {
+                Ok(r) => {
+                    r.expect("the stream failed before the RESET");
+                    stalls = 0;
+                }
+                Err(_) => stalls += 1,
+            }
+        }
+    };
+    timeout(LIMIT, fill).await.expect("the writer never stalled");
+    wr.reset();
+    drop(rd);
+    finish(conn, a, b, server).await;
+
+    async fn finish(conn: TcpStream, a: Arc<MuxPool>, b: Arc<MuxPool>, server: tokio::task::JoinHandle<()>) {
+        let reset = async {
+            loop {
+                match conn.take_error() {
+                    Ok(Some(e)) => break e.kind(),
+                    Ok(None) => tokio::time::sleep(Duration::from_millis(5)).await,
+                    Err(e) => break e.kind(),
+                }
+            }
+        };
+        let kind = timeout(LIMIT, reset).await.expect("the service's connection outlived the RESET");
+        assert!(
+            matches!(kind, std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe),
+            "the service's connection ended with {kind:?}, not a reset"
+        );
+        a.close().await;
+        b.close().await;
+        server.abort();
+    }
+}

@@ -274,6 +274,11 @@ impl Inner {
     }
 }
 
+/// True if `e` is a stream's error because its session finished cleanly (both ends done).
+pub fn is_finished(e: &io::Error) -> bool {
+    e.get_ref().and_then(|i| i.downcast_ref::<SessionError>()).is_some_and(|s| matches!(s, SessionError::Finished))
+}
+
 /// Maps a session failure to the `io::Error` the program sees.
 pub(crate) fn to_io(e: SessionError) -> io::Error {
     use io::ErrorKind as K;
@@ -402,6 +407,28 @@ impl ReadHalf {
         self.shared.status.subscribe()
     }
 
+    /// Waits until nothing more can be read from the stream because it was reset (by the peer
+    /// or here) or the session ended, and returns why; while it is open, or finished by the
+    /// peer's FIN with bytes left to read, it waits. For a reader that is waiting for something
+    /// else (room in a socket to write what it read), so that a RESET or the session's end
+    /// ends it at once.
+    pub async fn stopped(&self) -> io::Error {
+        std::future::poll_fn(|cx| {
+            let mut inner = self.shared.lock();
+            if let Some(e) = inner.session.failure() {
+                return Poll::Ready(to_io(e.clone()));
+            }
+            match inner.streams().stopped(self.id) {
+                Some(e) => Poll::Ready(failed(&inner, e)),
+                None => {
+                    inner.set_read_waker(self.id, cx);
+                    Poll::Pending
+                }
+            }
+        })
+        .await
+    }
+
     /// Reads without an intermediate buffer: waits until bytes arrived (or the stream ended),
     /// then calls `drain` once with the received bytes (as a list of buffers); those it says
     /// it took are consumed. Made for `|bufs| socket.try_write_vectored(bufs)`. Returns 0 at the
@@ -467,11 +494,9 @@ impl WriteHalf {
             if let Some(e) = inner.session.failure() {
                 return Poll::Ready(to_io(e.clone()));
             }
-            match inner.streams().send_credit(self.id) {
-                Err(e @ (StreamError::Reset | StreamError::ResetByPeer(_) | StreamError::Unknown)) => {
-                    Poll::Ready(failed(&inner, e))
-                }
-                _ => {
+            match inner.streams().stopped(self.id) {
+                Some(e) => Poll::Ready(failed(&inner, e)),
+                None => {
                     inner.set_write_waker(self.id, cx);
                     Poll::Pending
                 }

@@ -674,6 +674,17 @@ impl Streams {
         Ok(e)
     }
 
+    /// Why stream `id` carries nothing more either way, if it was reset (here or by the peer)
+    /// or is unknown; `None` while it is open, half-closed included.
+    pub fn stopped(&self, id: u64) -> Option<StreamError> {
+        match self.map.get(&id) {
+            None => Some(StreamError::Unknown),
+            Some(Entry { reset: Some((true, code)), .. }) => Some(StreamError::ResetByPeer(*code)),
+            Some(Entry { reset: Some((false, _)), .. }) => Some(StreamError::Reset),
+            Some(_) => None,
+        }
+    }
+
     /// How many bytes stream `id` may send now (its credit; the replay buffer's room aside).
     ///
     /// # Errors
