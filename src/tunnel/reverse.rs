@@ -178,8 +178,14 @@ pub(super) fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
     };
     sock.set_reuseaddr(true)?;
     sock.bind(addr)?;
-    sock.listen(1024)
+    // A short backlog: connections the listener has not accepted (at its permits' bound, or
+    // while its session is detached) hold kernel memory for whoever made them, and nothing is
+    // charged for it. Past it, new connections wait for their SYN to be retransmitted.
+    sock.listen(LISTEN_BACKLOG)
 }
+
+/// The kernel's queue of connections a reverse forward's listener has not accepted yet.
+const LISTEN_BACKLOG: u32 = 64;
 
 /// One connection to a reverse forward's listener, carried to the client on a new stream. The
 /// client must answer within [`REQUEST_TIMEOUT`] (it may be detached), else the connection is
@@ -236,6 +242,26 @@ async fn reverse_one(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The red-team review filled a detached session's listener backlog (1024) with a
+    /// stranger's connections carrying data: 200 MiB of kernel memory charged to nobody. The
+    /// backlog is now 64 (`ss` reports it as a listener's Send-Q).
+    #[test]
+    fn a_reverse_listener_queues_at_most_its_backlog() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let _in = rt.enter();
+        let listener = bind_listener("127.0.0.1:0".parse().unwrap()).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let out = match std::process::Command::new("ss").args(["-Hltn", &format!("sport = :{port}")]).output() {
+            Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).into_owned(),
+            other => {
+                assert!(std::env::var_os("HOLDFAST_REQUIRE_TOOLS").is_none(), "ss (iproute2) is required: {other:?}");
+                return eprintln!("skipped: no ss (iproute2)");
+            }
+        };
+        let backlog: Vec<&str> = out.split_whitespace().collect();
+        assert_eq!(backlog.get(2), Some(&"64"), "ss says: {out}");
+    }
 
     #[tokio::test]
     async fn an_ipv6_reverse_listener_takes_no_ipv4_connection() {
