@@ -25,6 +25,7 @@ mod forward;
 mod join;
 mod limits;
 mod pool;
+mod quiet;
 pub(crate) mod request;
 mod reverse;
 mod rights;

@@ -13,9 +13,10 @@ use std::net::SocketAddr;
 use std::sync::Mutex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
-use tracing::{debug, info, warn};
+use tracing::debug;
 
 use super::join::join;
+use super::quiet::{quiet, LogBudget};
 use super::request::{connect_session_when_not_busy, read_addr, read_reply, write_reply, REVERSE_OPEN};
 use super::target::connect_service;
 use super::{Status, TunnelError, REQUEST_TIMEOUT};
@@ -254,7 +255,12 @@ pub(super) async fn accept_inbound(session: Session, remotes: Remotes) {
     }
 }
 
+/// What the reverse forwards' connections may log: the server, and whoever reaches its
+/// listeners, decide how many there are ([`super::quiet`]).
+static REVERSE_LOG: std::sync::LazyLock<LogBudget> = std::sync::LazyLock::new(LogBudget::new);
+
 async fn carry_back(mut sub: Stream, remotes: Remotes) {
+    let log = &*REVERSE_LOG;
     let head = async {
         match sub.read_u8().await? {
             REVERSE_OPEN => Ok(read_addr(&mut sub).await?),
@@ -263,15 +269,18 @@ async fn carry_back(mut sub: Stream, remotes: Remotes) {
     };
     let at = match tokio::time::timeout(REQUEST_TIMEOUT, head).await {
         Ok(Ok(at)) => at,
-        Ok(Err(e)) => return warn!(error = %printable(&e.to_string()), "bad stream from the server"),
-        Err(_) => return warn!("a stream from the server said nothing in time"),
+        Ok(Err(e)) => return quiet!(log, warn!(error = %printable(&e.to_string()), "bad stream from the server")),
+        Err(_) => return quiet!(log, warn!("a stream from the server said nothing in time")),
     };
     let target = lock(&remotes).get(&at).cloned();
     let Some(target) = target else {
         let _ = write_reply(&mut sub, Status::UnknownService, "").await;
-        return warn!(server_listens = %at, "a connection for a reverse forward this client no longer has");
+        return quiet!(
+            log,
+            warn!(server_listens = %at, "a connection for a reverse forward this client no longer has")
+        );
     };
-    let Some(tcp) = connect_service("this client", "reverse forward", &target).await else {
+    let Some(tcp) = connect_service("this client", "reverse forward", &target, log).await else {
         let _ = write_reply(&mut sub, Status::Unavailable, "").await;
         return;
     };
@@ -280,8 +289,8 @@ async fn carry_back(mut sub: Stream, remotes: Remotes) {
     }
     match join(tcp, sub, None, None).await {
         Ok((to_server, to_target)) => {
-            info!(server_listens = %at, %target, to_server, to_target, "reverse connection closed")
+            quiet!(log, info!(server_listens = %at, %target, to_server, to_target, "reverse connection closed"))
         }
-        Err(e) => info!(server_listens = %at, %target, error = %e, "reverse connection ended by a reset"),
+        Err(e) => quiet!(log, info!(server_listens = %at, %target, error = %e, "reverse connection ended by a reset")),
     }
 }

@@ -21,6 +21,7 @@ use tracing::{info, warn};
 use super::join::join;
 use super::limits::ReversePermit;
 use super::pool::{lock, MuxPool};
+use super::quiet::{quiet, LogBudget};
 use super::request::{read_reply, tagged, write_reply, REVERSE_OPEN};
 use super::{Services, Status, TunnelError, REQUEST_TIMEOUT};
 use crate::human::printable;
@@ -123,6 +124,8 @@ pub(super) async fn serve_listen(
     let mut stopping = stop.clone();
     let mut pause = Duration::ZERO;
     let mut backoff = crate::net::AcceptBackoff::default();
+    // Whoever reaches the listener decides how many connections there are ([`super::quiet`]).
+    let log = Arc::new(LogBudget::new());
     loop {
         let next = async {
             if !pause.is_zero() {
@@ -147,7 +150,7 @@ pub(super) async fn serve_listen(
                     pause = Duration::ZERO;
                     backoff.succeeded();
                     permit.accepted();
-                    let one = reverse_one(tcp, from, at, mux.clone(), (who.clone(), peer.clone()), stop.clone(), permit);
+                    let one = reverse_one(tcp, from, at, mux.clone(), (who.clone(), peer.clone(), log.clone()), stop.clone(), permit);
                     tokio::spawn(tracing::Instrument::in_current_span(one));
                 }
                 Err(e) => {
@@ -195,7 +198,7 @@ async fn reverse_one(
     from: SocketAddr,
     at: SocketAddr,
     mux: Session,
-    (who, peer): (String, crate::net::Peer),
+    (who, peer, log): (String, crate::net::Peer, Arc<LogBudget>),
     stop: watch::Receiver<bool>,
     _permit: ReversePermit,
 ) {
@@ -221,7 +224,7 @@ async fn reverse_one(
                 _ => format!("no answer within {} (the client may be away)", crate::human::Rounded(REQUEST_TIMEOUT)),
             };
             let _ = tcp.set_zero_linger();
-            return warn!(client = %who, listen = %at, %from, error = %why, "reverse connection refused");
+            return quiet!(log, warn!(client = %who, listen = %at, %from, error = %why, "reverse connection refused"));
         }
     };
     let counted = peer.stream_opened();
@@ -230,11 +233,11 @@ async fn reverse_one(
     match carried {
         Ok((to_client, to_program)) => {
             peer.carried(to_client, to_program);
-            info!(client = %who, listen = %at, %from, to_client, to_program, "reverse connection closed")
+            quiet!(log, info!(client = %who, listen = %at, %from, to_client, to_program, "reverse connection closed"))
         }
         Err(e) => {
             peer.tunnel_reset();
-            info!(client = %who, listen = %at, %from, error = %e, "reverse connection ended by a reset")
+            quiet!(log, info!(client = %who, listen = %at, %from, error = %e, "reverse connection ended by a reset"))
         }
     }
 }

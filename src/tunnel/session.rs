@@ -9,10 +9,11 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 use zeroize::Zeroizing;
 
 use super::join::join;
+use super::quiet::{quiet, LogBudget};
 use super::request::{read_request, write_reply, Request};
 use super::rights;
 use super::target::{connect_service, connect_target, resolve};
@@ -35,7 +36,11 @@ pub(super) async fn serve_session(
     let mut open = tokio::task::JoinSet::new();
     let mut stopping = stop.clone();
     let mut stopped = false;
-    let ctx = SessionCtx { lookups: services.bounds().session_lookups(), status: status.clone() };
+    let ctx = SessionCtx {
+        lookups: services.bounds().session_lookups(),
+        status: status.clone(),
+        log: Arc::new(LogBudget::new()),
+    };
     // On a stop, the streams open finish as any tunnel does (the services are read no more
     // and each stream is half-closed); then the session is closed.
     loop {
@@ -78,6 +83,8 @@ pub(super) async fn serve_session(
 pub(super) struct SessionCtx {
     pub(super) lookups: Arc<tokio::sync::Semaphore>,
     pub(super) status: watch::Receiver<crate::net::LinkStatus>,
+    /// What the session's streams may log ([`super::quiet`]).
+    pub(super) log: Arc<LogBudget>,
 }
 
 /// A stream whose request was answered with its connection (status 0): what carrying it needs.
@@ -88,33 +95,37 @@ struct Carry {
     peer: Peer,
     who: String,
     name: String,
+    log: Arc<LogBudget>,
 }
 
 impl Carry {
     /// Joins the connection and the stream until both ends are done; logs how it ended.
     async fn carry(self) {
-        let Carry { tcp, sub, stop, peer, who, name } = self;
+        let Carry { tcp, sub, stop, peer, who, name, log } = self;
         let counted = peer.stream_opened();
         let carried = join(tcp, sub, Some(stop), None).await;
         drop(counted);
         match carried {
             Ok((to_client, to_service)) => {
                 peer.carried(to_client, to_service);
-                info!(client = %who, service = %name, to_service, to_client, "tunnel closed")
+                quiet!(log, info!(client = %who, service = %name, to_service, to_client, "tunnel closed"))
             }
             // A reset, of the stream by the client or of the connection by the service, ends a
             // tunnel as a close does. The stream's own errors carry a `StreamError`.
             Err(e) if matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe) => {
                 peer.tunnel_reset();
                 if e.get_ref().is_some_and(|i| i.is::<crate::proto::StreamError>()) {
-                    info!(client = %who, service = %name, error = %e, "tunnel ended: reset by the client")
+                    quiet!(log, info!(client = %who, service = %name, error = %e, "tunnel ended: reset by the client"))
                 } else {
-                    info!(client = %who, service = %name, error = %e, "tunnel ended: the service reset its connection")
+                    quiet!(
+                        log,
+                        info!(client = %who, service = %name, error = %e, "tunnel ended: the service reset its connection")
+                    )
                 }
             }
             Err(e) => {
                 peer.tunnel_reset();
-                warn!(client = %who, service = %name, error = %printable(&e.to_string()), "tunnel failed")
+                quiet!(log, warn!(client = %who, service = %name, error = %printable(&e.to_string()), "tunnel failed"))
             }
         }
     }
@@ -137,19 +148,22 @@ async fn open_sub(
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
             sub.reset();
-            warn!(client = %who, error = %printable(&e.to_string()), "bad service request; stream reset");
+            quiet!(
+                ctx.log,
+                warn!(client = %who, error = %printable(&e.to_string()), "bad service request; stream reset")
+            );
             return None;
         }
         Err(_) => {
             sub.reset();
-            warn!(client = %who, "no service request in time; stream reset");
+            quiet!(ctx.log, warn!(client = %who, "no service request in time; stream reset"));
             return None;
         }
     };
     // The rights of the key now, from the list in force: not the name the session opened with.
     let Some(entry) = rights::current(&peer, &allow) else {
         let gone = "the client is no longer on the allow-list";
-        refuse_sub(sub, Status::UnknownService, &who, &request_label(&request), gone).await;
+        refuse_sub(sub, Status::UnknownService, (&who, &ctx.log), &request_label(&request), gone).await;
         return None;
     };
     let who = rights::label(&entry);
@@ -158,12 +172,12 @@ async fn open_sub(
             let target = match resolve(&name, &peer, &services, &allow) {
                 Ok(t) => t,
                 Err((status, why)) => {
-                    refuse_sub(sub, status, &who, &name, why).await;
+                    refuse_sub(sub, status, (&who, &ctx.log), &name, why).await;
                     return None;
                 }
             };
-            let Some(tcp) = connect_service(&who, &name, target).await else {
-                refuse_sub(sub, Status::Unavailable, &who, &name, "service unavailable").await;
+            let Some(tcp) = connect_service(&who, &name, target, &ctx.log).await else {
+                refuse_sub(sub, Status::Unavailable, (&who, &ctx.log), &name, "service unavailable").await;
                 return None;
             };
             (name, tcp, target.to_string())
@@ -173,7 +187,7 @@ async fn open_sub(
             let (tcp, target) = match connect_destination(&entry, &services, &who, &ctx, (&host, port)).await {
                 Ok(t) => t,
                 Err((status, why)) => {
-                    refuse_sub(sub, status, &who, &name, why).await;
+                    refuse_sub(sub, status, (&who, &ctx.log), &name, why).await;
                     return None;
                 }
             };
@@ -187,8 +201,8 @@ async fn open_sub(
     if write_reply(&mut sub, Status::Connected, "").await.is_err() {
         return None;
     }
-    info!(client = %who, service = %name, target = %printable(&target), "tunnel open");
-    Some(Carry { tcp, sub, stop, peer, who, name })
+    quiet!(ctx.log, info!(client = %who, service = %name, target = %printable(&target), "tunnel open"));
+    Some(Carry { tcp, sub, stop, peer, who, name, log: ctx.log })
 }
 
 /// How logs name a request.
@@ -223,7 +237,10 @@ async fn connect_destination(
         super::Plan::Lookup { by_name } => match services.bounds().lookup(entry.key, &ctx.lookups, host, port).await {
             Ok(found) => super::allowed_of(&rules, client, by_name, found),
             Err(e) if by_name => {
-                warn!(client = %who, host = %printable(host), port, error = %e, "cannot resolve the destination");
+                quiet!(
+                    ctx.log,
+                    warn!(client = %who, host = %printable(host), port, error = %e, "cannot resolve the destination")
+                );
                 return Err((Status::Unavailable, "destination does not resolve"));
             }
             Err(e) => {
@@ -238,7 +255,7 @@ async fn connect_destination(
     // Status 3 only when every address refused (a reset): the SOCKS client's "connection refused".
     let mut refused = true;
     for addr in addrs {
-        match connect_target(who, &format!("connect {}", printable(host)), &addr.to_string()).await {
+        match connect_target(who, &format!("connect {}", printable(host)), &addr.to_string(), &ctx.log).await {
             Ok(tcp) => return Ok((tcp, addr)),
             Err(kind) => refused &= kind == Some(std::io::ErrorKind::ConnectionRefused),
         }
@@ -251,7 +268,7 @@ async fn connect_destination(
 
 /// Answers a refusal on a stream and ends it: FIN, then what the client still sends is read
 /// and dropped until its FIN (bounded).
-async fn refuse_sub(mut sub: Stream, status: Status, who: &str, name: &str, what: &str) {
+async fn refuse_sub(mut sub: Stream, status: Status, (who, log): (&str, &LogBudget), name: &str, what: &str) {
     if write_reply(&mut sub, status, "").await.is_err() {
         return;
     }
@@ -259,7 +276,7 @@ async fn refuse_sub(mut sub: Stream, status: Status, who: &str, name: &str, what
     let mut sink = Zeroizing::new(vec![0u8; 4096]);
     let drain = async { while matches!(sub.read(&mut sink[..]).await, Ok(1..)) {} };
     let _ = tokio::time::timeout(Duration::from_secs(10), drain).await;
-    info!(client = %who, service = %name, "tunnel refused: {what}");
+    quiet!(log, info!(client = %who, service = %name, "tunnel refused: {what}"));
 }
 
 /// The stream's end goes out with its session's last records: waits for them (bounded), so

@@ -1,10 +1,10 @@
 //! Where a tunnel leads on the server: a named service's target, or a dynamic forward's
 //! destination, connected within a bound.
 
+use super::quiet::{quiet, LogBudget};
 use std::time::Duration;
 
 use tokio::net::TcpStream;
-use tracing::warn;
 
 use super::{Services, Status};
 use crate::net::{AllowListHandle, Peer};
@@ -31,8 +31,8 @@ pub(super) fn resolve<'a>(
 
 /// Connects to a service's target (bounded); the cause of a failure is logged here, and the
 /// client only learns that the service is unavailable.
-pub(super) async fn connect_service(who: &str, name: &str, target: &str) -> Option<TcpStream> {
-    connect_target(who, name, target).await.ok()
+pub(super) async fn connect_service(who: &str, name: &str, target: &str, log: &LogBudget) -> Option<TcpStream> {
+    connect_target(who, name, target, log).await.ok()
 }
 
 /// [`connect_service`], with why it failed: `Some(kind)` of the connect error, `None` for no
@@ -41,6 +41,7 @@ pub(super) async fn connect_target(
     who: &str,
     name: &str,
     target: &str,
+    log: &LogBudget,
 ) -> Result<TcpStream, Option<std::io::ErrorKind>> {
     match tokio::time::timeout(SERVICE_CONNECT_TIMEOUT, TcpStream::connect(target)).await {
         Ok(Ok(t)) => {
@@ -52,7 +53,7 @@ pub(super) async fn connect_target(
                 Ok(Err(e)) => (e.to_string(), Some(e.kind())),
                 _ => (format!("no connection within {}", crate::human::Rounded(SERVICE_CONNECT_TIMEOUT)), None),
             };
-            warn!(client = %who, service = %name, %target, %error, "cannot connect to the service");
+            quiet!(log, warn!(client = %who, service = %name, %target, %error, "cannot connect to the service"));
             Err(kind)
         }
     }
