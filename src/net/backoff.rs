@@ -1,7 +1,8 @@
 //! Back-off for accept loops. When `accept` fails (the process is out of file descriptors, say),
 //! trying again at once spins a core and writes a log line per try; every accept loop of the
 //! library and the binary waits instead, longer after each failure in a row, and logs at most
-//! one line in [`AcceptBackoff::LOG_EVERY`] with the number of failures held back.
+//! one line in [`AcceptBackoff::LOG_EVERY`] with the number of failures held back. Also the
+//! client's wait after links that die as soon as they were resumed ([`Flaps`]).
 
 use std::time::{Duration, Instant};
 
@@ -77,6 +78,36 @@ impl AcceptBackoff {
     }
 }
 
+/// Links that die soon after they were attached having carried nothing new either way (a
+/// server or a path that takes the resume and then drops the connection): the first such loss
+/// resumes at once, like any other; each one in a row after it waits the recovery backoff,
+/// doubling, before the next race, so that a client cannot be made to resume hundreds of times
+/// a second. A link that moved bytes is no flap, however short: a path with frequent faults
+/// under a transfer still resumes at once every time.
+#[derive(Debug, Default)]
+pub(crate) struct Flaps {
+    in_a_row: u32,
+}
+
+impl Flaps {
+    /// A link that lived less than this counts as a flap.
+    pub(crate) const SHORT: Duration = Duration::from_secs(1);
+
+    /// A link ended after living `lived`, having `moved` bytes (new positions received or
+    /// acknowledged) or not: how long to wait before racing for the next one.
+    pub(crate) fn link_ended(&mut self, lived: Duration, moved: bool, policy: &crate::net::RecoveryPolicy) -> Duration {
+        if lived >= Self::SHORT || moved {
+            self.in_a_row = 0;
+            return Duration::ZERO;
+        }
+        self.in_a_row += 1;
+        match self.in_a_row {
+            1 => Duration::ZERO,
+            n => policy.backoff(n - 2),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -93,5 +124,26 @@ mod tests {
         assert_eq!(b.failed(t + AcceptBackoff::LOG_EVERY).log, Some(7), "the failures held back are counted");
         b.succeeded();
         assert_eq!(b.failed(t + AcceptBackoff::LOG_EVERY).pause, AcceptBackoff::FIRST);
+    }
+
+    #[test]
+    fn links_that_die_at_once_wait_longer_each_time_in_a_row() {
+        let p = crate::net::RecoveryPolicy::default();
+        let mut f = Flaps::default();
+        let short = Duration::from_millis(5);
+        assert_eq!(f.link_ended(short, false, &p), Duration::ZERO, "the first loss resumes at once");
+        assert_eq!(f.link_ended(short, false, &p), p.backoff_initial);
+        assert_eq!(f.link_ended(short, false, &p), p.backoff_initial * 2);
+        for _ in 0..30 {
+            assert!(f.link_ended(short, false, &p) <= p.backoff_max);
+        }
+        assert_eq!(f.link_ended(short, false, &p), p.backoff_max);
+        // A link that lived starts over.
+        assert_eq!(f.link_ended(Flaps::SHORT, false, &p), Duration::ZERO);
+        assert_eq!(f.link_ended(short, false, &p), Duration::ZERO);
+        assert_eq!(f.link_ended(short, false, &p), p.backoff_initial);
+        // So does a short one that moved bytes.
+        assert_eq!(f.link_ended(short, true, &p), Duration::ZERO);
+        assert_eq!(f.link_ended(short, false, &p), Duration::ZERO);
     }
 }

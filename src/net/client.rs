@@ -158,6 +158,14 @@ async fn client_task(shared: Arc<Shared>, cfg: ClientConfig, addr: String, sock:
     let mut race: Option<Race> = None;
     let mut link = Some(sock);
     let mut faults = 0u64;
+    let mut attached_at = (Instant::now(), 0u64);
+    // Positions received plus positions of ours acknowledged: it grows when a link moves bytes.
+    let moved = |shared: &Shared| {
+        let inner = shared.lock();
+        let s = &inner.session;
+        s.received_offset() + s.written_offset().saturating_sub(s.unacked() as u64)
+    };
+    let mut flaps = super::backoff::Flaps::default();
     // Racing on suspicion would recover without asking: with a hook, only faults recover.
     let races_on_suspicion = cfg.recovery.race && cfg.recovery.hook.is_none();
     loop {
@@ -212,6 +220,13 @@ async fn client_task(shared: Arc<Shared>, cfg: ClientConfig, addr: String, sock:
                             }
                         }
                         if race.as_ref().is_none_or(Race::cancelled) {
+                            // A link that died as soon as it was attached, again: wait first.
+                            let lived = attached_at.0.elapsed();
+                            let wait = flaps.link_ended(lived, moved(&shared) != attached_at.1, &cfg.recovery);
+                            if !wait.is_zero() {
+                                debug!(?wait, "the last links died as soon as they were resumed; waiting");
+                                tokio::time::sleep(super::race::jittered(wait, cfg.recovery.jitter)).await;
+                            }
                             // The pending outcome is awaited just below; no handle is needed.
                             let _ = Race::start(
                                 shared.clone(),
@@ -236,7 +251,10 @@ async fn client_task(shared: Arc<Shared>, cfg: ClientConfig, addr: String, sock:
         };
         race = None;
         match won.and_then(|w| attach(&shared, w)) {
-            Ok(sock) => link = Some(sock),
+            Ok(sock) => {
+                attached_at = (Instant::now(), moved(&shared));
+                link = Some(sock);
+            }
             Err(e) => {
                 debug!(error = %e, "session failed");
                 let code = if matches!(e, SessionError::GaveUp(_)) { CloseCode::Expired } else { CloseCode::Abort };

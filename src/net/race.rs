@@ -9,7 +9,8 @@
 //! oldest is abandoned for a new one. A BUSY answer, and refused connections (nothing listening,
 //! or a middlebox resetting) after the first [`REFUSED_GRACE`], grow the delay instead, from
 //! `backoff_initial` doubling to `backoff_max`, with jitter, so that many clients returning after
-//! a server outage spread out.
+//! a server outage spread out. Silent closes and unknown REJECT codes (a server shedding load)
+//! are treated as refusals.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -105,7 +106,11 @@ enum Failed {
     /// Nothing listening (or a middlebox resetting): keep the short schedule for a few
     /// seconds, then back off.
     Refused,
-    /// Anything else (timeout, reset, silence): keep the short schedule.
+    /// The server closed the connection without answering (how it sheds load, and what it does
+    /// to a hello it cannot place) or answered with a code this version does not know: keep
+    /// the short schedule for a few seconds, then back off.
+    Answered,
+    /// Anything else (no answer in time, a reset on the path): keep the short schedule.
     Other,
 }
 
@@ -115,6 +120,9 @@ fn classify(e: &Error) -> Failed {
         Error::Handshake { source: HandshakeError::NoLongerAllowed, .. } => Failed::NotAllowed,
         Error::Busy { .. } => Failed::Busy,
         Error::Connect { source, .. } if source.kind() == std::io::ErrorKind::ConnectionRefused => Failed::Refused,
+        Error::HandshakeRefused { .. } | Error::Handshake { source: HandshakeError::Rejected(_), .. } => {
+            Failed::Answered
+        }
         _ => Failed::Other,
     }
 }
@@ -201,10 +209,12 @@ async fn run(
                     Err(e) => match classify(&e) {
                         Failed::Lost => return Some(Err(SessionError::Lost)),
                         Failed::NotAllowed => return Some(Err(SessionError::NotAllowed)),
-                        Failed::Refused if started.elapsed() < REFUSED_GRACE => {
+                        Failed::Refused | Failed::Answered if started.elapsed() < REFUSED_GRACE => {
                             debug!(error = %e, "reconnect attempt refused");
                         }
-                        Failed::Busy | Failed::Refused => {
+                        // Past the grace, a refusal, a silent close (how a server sheds load,
+                        // docs/PROTOCOL.md 9.2) or an unknown answer backs off like BUSY.
+                        Failed::Busy | Failed::Refused | Failed::Answered => {
                             debug!(error = %e, "reconnect attempt refused; backing off");
                             next = next.max(Instant::now() + jittered(backoff, policy.jitter));
                             backoff = (backoff * 2).min(policy.backoff_max);

@@ -406,7 +406,7 @@ impl ClientHandshake {
                     [5] => HandshakeError::OtherVersion,
                     [c] => HandshakeError::Rejected(*c),
                     _ => HandshakeError::Malformed,
-                })
+                });
             }
             _ => return Err(HandshakeError::Malformed),
         }
@@ -822,7 +822,10 @@ mod tests {
         let (c, s) = pair();
         let t = Ticket::generate();
         let resume = || ClientHandshake::resume(&c.private, &s.public, &t, 1, (1, 1), Cipher::ChaChaPoly).unwrap().0;
-        assert_eq!(resume().read_reply(&reject(RejectCode::UnknownSession)).unwrap_err(), HandshakeError::UnknownSession);
+        assert_eq!(
+            resume().read_reply(&reject(RejectCode::UnknownSession)).unwrap_err(),
+            HandshakeError::UnknownSession
+        );
         assert_eq!(resume().read_reply(&reject(RejectCode::NotAllowed)).unwrap_err(), HandshakeError::NoLongerAllowed);
         // About a session, so not for a first connection: there they are unknown codes (found by
         // an implementation written from docs/PROTOCOL.md alone; a REJECT is not authenticated).
