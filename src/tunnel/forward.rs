@@ -68,6 +68,9 @@ pub async fn forward_via(
                             Err(e) if Refused::of(&e).is_some() => {
                                 warn!(%from, error = %printable(&e.to_string()), "cannot open tunnel")
                             }
+                            Err(e) if super::join::reset_by_stream(&e) => {
+                                info!(%from, error = %e, "the server reset the stream; the local connection is reset")
+                            }
                             Err(e)
                                 if matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe) =>
                             {
@@ -108,6 +111,9 @@ pub async fn forward_via(
             match splice_requested(tcp, stream, &service).await {
                 Ok((to_service, to_program)) => info!(%from, to_service, to_program, "connection closed"),
                 Err(e) if e.is_refusal() => warn!(%from, error = %printable(&e.to_string()), "cannot open tunnel"),
+                Err(TunnelError::Io(e)) if super::join::reset_by_stream(&e) => {
+                    info!(%from, error = %e, "the server reset the stream; the local connection is reset")
+                }
                 Err(TunnelError::Io(e))
                     if matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe) =>
                 {

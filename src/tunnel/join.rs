@@ -27,6 +27,12 @@ impl Refused {
     }
 }
 
+/// True if `e`, a reset that ended a joined pair, came from the stream (the peer or the
+/// session reset it), not from the TCP connection.
+pub(super) fn reset_by_stream(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|i| i.is::<crate::proto::StreamError>())
+}
+
 /// Joins a TCP connection and a tunnel's stream both ways, with half-close and no copy buffer
 /// (the socket is read straight into the session's replay buffer and written straight from the
 /// stream's receive queue); returns the bytes moved (TCP to stream, stream to TCP). With

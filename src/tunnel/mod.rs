@@ -70,7 +70,7 @@ pub enum TunnelError {
     #[error(transparent)]
     Net(#[from] net::Error),
     /// The server has no service of that name.
-    #[error("the server has no service named '{0}'")]
+    #[error("the server has no service named '{0}' for this key (none by that name, or this key may not use it)")]
     UnknownService(String),
     /// The server could not connect to the service (status 2). Why is in the server's log.
     #[error(

@@ -24,6 +24,8 @@ use crate::net::{self, ClientConfig, ReadHalf, Stream, WriteHalf};
 /// [`TunnelError::ServiceRefused`], [`TunnelError::UnknownStatus`], [`TunnelError::Timeout`].
 pub async fn open(addr: &str, cfg: ClientConfig, service: &str) -> Result<Stream, TunnelError> {
     let mut stream = request(addr, cfg, service).await?;
+    let ended =
+        |s: &crate::net::LinkStatus| matches!(s, crate::net::LinkStatus::Closed | crate::net::LinkStatus::Failed(_));
     match read_reply(&mut stream, service).await {
         Ok(_) => Ok(stream),
         Err(e) if e.is_refusal() => {
@@ -32,13 +34,18 @@ pub async fn open(addr: &str, cfg: ClientConfig, service: &str) -> Result<Stream
             // exits at once does not leave the server holding a detached session.
             let mut status = stream.status();
             let _ = finish(stream, REFUSAL_DRAIN).await;
-            let ended = |s: &crate::net::LinkStatus| {
-                matches!(s, crate::net::LinkStatus::Closed | crate::net::LinkStatus::Failed(_))
-            };
             let _ = tokio::time::timeout(Duration::from_secs(5), status.wait_for(ended)).await;
             Err(e)
         }
-        Err(e) => Err(e),
+        Err(e) => {
+            // No usable reply (none in time, or a malformed one): the stream is reset, and the
+            // session, which holds no other, ends with it; wait for that (bounded), so that the
+            // server is told rather than left holding a detached session until it expires.
+            let mut status = stream.status();
+            stream.reset();
+            let _ = tokio::time::timeout(Duration::from_secs(5), status.wait_for(ended)).await;
+            Err(e)
+        }
     }
 }
 

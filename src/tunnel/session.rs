@@ -114,7 +114,7 @@ impl Carry {
             // tunnel as a close does. The stream's own errors carry a `StreamError`.
             Err(e) if matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe) => {
                 peer.tunnel_reset();
-                if e.get_ref().is_some_and(|i| i.is::<crate::proto::StreamError>()) {
+                if super::join::reset_by_stream(&e) {
                     quiet!(log, info!(client = %who, service = %name, error = %e, "tunnel ended: reset by the client"))
                 } else {
                     quiet!(
