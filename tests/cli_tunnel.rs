@@ -194,3 +194,30 @@ async fn local_in_ssh_syntax_connects_under_allow_connect() {
     let log = client.wait_log("does not allow this destination", 1).await;
     assert!(log.contains(&format!("127.0.0.1:{}", denied.port())), "{log}");
 }
+
+/// Found by a server written from docs/PROTOCOL.md alone: `holdfast connect` whose request got
+/// no reply exited after 10 s without a word to the server, which then held the session,
+/// detached, until it expired. It now resets its stream, and the session ends on both sides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_without_a_reply_ends_its_session_on_the_server() {
+    use holdfast::keys::{load_private_key, AllowList, Keypair};
+    let keys = Keys::new("noreply");
+    let server = Keypair::from_private(load_private_key(&keys.server_key).unwrap());
+    let client = Keypair::from_private(load_private_key(&keys.client_key).unwrap()).public;
+    let mut cfg = holdfast::ServerConfig::new(server, AllowList::from_keys([(client, None)]));
+    cfg.session = common::harness::fast_session();
+    let mut listener = holdfast::bind("127.0.0.1:0", cfg).await.unwrap();
+    let mut conn = Proc::spawn(&strs(&keys.client_args("connect", listener.local_addr(), "echo")), true);
+    let (mut stream, _) = timeout(LIMIT, listener.accept()).await.expect("no session").expect("listener closed");
+    // The service request arrives (A.2: name_len, name); no reply is ever sent.
+    let mut request = [0u8; 5];
+    timeout(LIMIT, stream.read_exact(&mut request)).await.expect("no request").unwrap();
+    assert_eq!(&request, b"\x04echo");
+    let mut more = [0u8; 1];
+    let end = timeout(LIMIT, stream.read(&mut more)).await.expect("the client left the stream open after giving up");
+    let e = end.expect_err("the client ended its stream without a reset");
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+    drop(stream);
+    let (status, err) = timeout(LIMIT, conn.exit()).await.expect("connect did not exit");
+    assert_error(status, &err, &["timed out waiting for the tunnel reply"]);
+}
