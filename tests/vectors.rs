@@ -727,12 +727,14 @@ fn frames_decode_and_records_open() {
 #[test]
 fn refusals_read_as_their_codes() {
     let v = compute();
-    for (name, want) in [
-        ("reject_unknown_session", HandshakeError::UnknownSession),
-        ("reject_busy", HandshakeError::Busy),
-        ("reject_stale", HandshakeError::Stale),
-        ("reject_not_allowed", HandshakeError::NoLongerAllowed),
-        ("reject_version", HandshakeError::OtherVersion),
+    // UNKNOWN_SESSION and NOT_ALLOWED are about a session: only a resume reads them as such; to
+    // a first connection they are unknown codes (docs/PROTOCOL.md section 8).
+    for (name, want, resume_only) in [
+        ("reject_unknown_session", HandshakeError::UnknownSession, Some(1)),
+        ("reject_busy", HandshakeError::Busy, None),
+        ("reject_stale", HandshakeError::Stale, None),
+        ("reject_not_allowed", HandshakeError::NoLongerAllowed, Some(4)),
+        ("reject_version", HandshakeError::OtherVersion, None),
     ] {
         let rec = get(&v, name);
         let (body, used) = split_record(&rec).expect("a whole record");
@@ -745,7 +747,24 @@ fn refusals_read_as_their_codes() {
             Some(&seq32(CLIENT_E_IK)),
         )
         .expect("hello");
-        assert_eq!(hs.read_reply(body).err(), Some(want), "{name}");
+        let first = hs.read_reply(body).err();
+        match resume_only {
+            None => assert_eq!(first, Some(want), "{name}"),
+            Some(code) => {
+                assert_eq!(first, Some(HandshakeError::Rejected(code)), "{name} to a first connection");
+                let ticket = holdfast::proto::Ticket::generate();
+                let (hs, _) = ClientHandshake::resume(
+                    &client_static(),
+                    &server_static().public_key(),
+                    &ticket,
+                    1,
+                    (0, 0),
+                    Cipher::ChaChaPoly,
+                )
+                .expect("resume hello");
+                assert_eq!(hs.read_reply(body).err(), Some(want), "{name}");
+            }
+        }
     }
 }
 
