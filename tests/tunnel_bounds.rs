@@ -280,20 +280,7 @@ async fn a_reset_after_the_fin_ends_the_tunnel_while_the_service_is_silent() {
     s.reset();
     // The service's connection is reset. Its reads still say end of file (the FIN came first),
     // but the reset leaves its error on the socket.
-    let reset = async {
-        loop {
-            match conn.take_error() {
-                Ok(Some(e)) => break e.kind(),
-                Ok(None) => tokio::time::sleep(Duration::from_millis(5)).await,
-                Err(e) => break e.kind(),
-            }
-        }
-    };
-    let kind = timeout(LIMIT, reset).await.expect("the service's connection outlived the client's RESET");
-    assert!(
-        matches!(kind, std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe),
-        "the service's connection ended with {kind:?}, not a reset"
-    );
+    assert_reset(&conn, "the service's connection outlived the client's RESET").await;
     a.close().await;
     b.close().await;
     server.abort();
@@ -337,25 +324,27 @@ async fn a_reset_ends_a_tunnel_whose_service_never_reads() {
     timeout(LIMIT, fill).await.expect("the writer never stalled");
     wr.reset();
     drop(rd);
-    finish(conn, a, b, server).await;
+    assert_reset(&conn, "the service's connection outlived the RESET").await;
+    a.close().await;
+    b.close().await;
+    server.abort();
+}
 
-    async fn finish(conn: TcpStream, a: Arc<MuxPool>, b: Arc<MuxPool>, server: tokio::task::JoinHandle<()>) {
-        let reset = async {
-            loop {
-                match conn.take_error() {
-                    Ok(Some(e)) => break e.kind(),
-                    Ok(None) => tokio::time::sleep(Duration::from_millis(5)).await,
-                    Err(e) => break e.kind(),
-                }
+/// Waits (bounded) until `conn` was reset: its error (`take_error`) is a reset or a broken
+/// pipe. Reads cannot tell once they returned end of file.
+async fn assert_reset(conn: &TcpStream, what: &str) {
+    let reset = async {
+        loop {
+            match conn.take_error() {
+                Ok(Some(e)) => break e.kind(),
+                Ok(None) => tokio::time::sleep(Duration::from_millis(5)).await,
+                Err(e) => break e.kind(),
             }
-        };
-        let kind = timeout(LIMIT, reset).await.expect("the service's connection outlived the RESET");
-        assert!(
-            matches!(kind, std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe),
-            "the service's connection ended with {kind:?}, not a reset"
-        );
-        a.close().await;
-        b.close().await;
-        server.abort();
-    }
+        }
+    };
+    let kind = timeout(LIMIT, reset).await.expect(what);
+    assert!(
+        matches!(kind, std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe),
+        "the service's connection ended with {kind:?}, not a reset"
+    );
 }

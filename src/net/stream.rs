@@ -413,20 +413,7 @@ impl ReadHalf {
     /// else (room in a socket to write what it read), so that a RESET or the session's end
     /// ends it at once.
     pub async fn stopped(&self) -> io::Error {
-        std::future::poll_fn(|cx| {
-            let mut inner = self.shared.lock();
-            if let Some(e) = inner.session.failure() {
-                return Poll::Ready(to_io(e.clone()));
-            }
-            match inner.streams().stopped(self.id) {
-                Some(e) => Poll::Ready(failed(&inner, e)),
-                None => {
-                    inner.set_read_waker(self.id, cx);
-                    Poll::Pending
-                }
-            }
-        })
-        .await
+        stopped(&self.shared, self.id, Inner::set_read_waker).await
     }
 
     /// Reads without an intermediate buffer: waits until bytes arrived (or the stream ended),
@@ -489,20 +476,7 @@ impl WriteHalf {
     /// half-closed by this end, it waits. For a writer that is waiting for something else to
     /// write (a socket to read from), so that the peer's RESET ends it at once.
     pub async fn stopped(&self) -> io::Error {
-        std::future::poll_fn(|cx| {
-            let mut inner = self.shared.lock();
-            if let Some(e) = inner.session.failure() {
-                return Poll::Ready(to_io(e.clone()));
-            }
-            match inner.streams().stopped(self.id) {
-                Some(e) => Poll::Ready(failed(&inner, e)),
-                None => {
-                    inner.set_write_waker(self.id, cx);
-                    Poll::Pending
-                }
-            }
-        })
-        .await
+        stopped(&self.shared, self.id, Inner::set_write_waker).await
     }
 
     /// Writes without an intermediate buffer: waits until the stream can take bytes, then calls
@@ -582,6 +556,25 @@ impl Drop for WriteHalf {
         drop(inner);
         self.shared.wake_driver.notify_one();
     }
+}
+
+/// Waits until stream `id` was reset or its session failed (see [`ReadHalf::stopped`] and
+/// [`WriteHalf::stopped`]); `wait` registers the half's waker meanwhile.
+async fn stopped(shared: &Shared, id: u64, wait: fn(&mut Inner, u64, &Context<'_>)) -> io::Error {
+    std::future::poll_fn(|cx| {
+        let mut inner = shared.lock();
+        if let Some(e) = inner.session.failure() {
+            return Poll::Ready(to_io(e.clone()));
+        }
+        match inner.streams().stopped(id) {
+            Some(e) => Poll::Ready(failed(&inner, e)),
+            None => {
+                wait(&mut inner, id, cx);
+                Poll::Pending
+            }
+        }
+    })
+    .await
 }
 
 fn poll_read(shared: &Shared, id: u64, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
