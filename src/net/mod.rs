@@ -33,7 +33,8 @@ pub use server::{
     bind, bind_with_handover, client_label, prepare_handover, AllowListHandle, ForwardGuard, Listener, Peer, Refusals,
     Retirement, ServerStats, SessionStatus, SessionTag, StatsHandle, StreamGuard, Upgrade,
 };
-pub use stream::{is_finished, ReadHalf, Session, Stream, WriteHalf};
+pub(crate) use stream::is_finished;
+pub use stream::{ReadHalf, Session, Stream, WriteHalf};
 
 /// Errors of the driver layer: everything a connect, bind or accept can fail with.
 #[derive(Debug, Error)]

@@ -275,7 +275,7 @@ impl Inner {
 }
 
 /// True if `e` is a stream's error because its session finished cleanly (both ends done).
-pub fn is_finished(e: &io::Error) -> bool {
+pub(crate) fn is_finished(e: &io::Error) -> bool {
     e.get_ref().and_then(|i| i.downcast_ref::<SessionError>()).is_some_and(|s| matches!(s, SessionError::Finished))
 }
 

@@ -73,12 +73,34 @@ const FILL: usize = 256 * 1024;
 
 /// How long a connection may take nothing of what is left for it once its session has finished
 /// (nothing is charged for it any more), before it is reset.
-pub(super) const LINGER: std::time::Duration = std::time::Duration::from_secs(30);
+const LINGER: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The error of a connection that took nothing for [`LINGER`] after its session finished.
 #[derive(Debug, thiserror::Error)]
-#[error("the connection took none of the bytes left for it for 30 s after the session had finished")]
-pub(super) struct LingerOver;
+#[error(
+    "the connection took none of the bytes left for it for {} after the session had finished",
+    crate::human::Rounded(LINGER)
+)]
+struct LingerOver;
+
+/// Waits for room in `sock`. While it is full, a RESET or the session's failure still ends the
+/// wait with an error (the socket's reader may never read again, and the other direction may be
+/// over already). After a session that finished cleanly, what is left is owed to the socket's
+/// reader, which gets [`LINGER`] without progress to take it.
+async fn room_or_stopped(sock: &TcpStream, from: &ReadHalf) -> io::Result<()> {
+    let stopped = tokio::select! {
+        biased;
+        r = sock.writable() => return r,
+        e = from.stopped() => e,
+    };
+    if !crate::net::is_finished(&stopped) {
+        return Err(stopped);
+    }
+    match tokio::time::timeout(LINGER, sock.writable()).await {
+        Ok(r) => r,
+        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, LingerOver)),
+    }
+}
 
 /// Copies a TCP socket into a stream until EOF, then half-closes the stream. The socket is read
 /// straight into the stream's replay buffer: no copy buffer, so an idle tunnel holds none.
@@ -148,29 +170,7 @@ pub(super) async fn stream_to_tcp(from: &mut ReadHalf, mut to: tcp::WriteHalf<'_
                 return Ok(total);
             }
             Ok(n) => total += n as u64,
-            // While the socket is full, a RESET or the session's failure still ends this
-            // direction (its reader may never read again, and the other direction may be over
-            // already). After a session that finished cleanly, what is left here is owed to the
-            // socket's reader, which gets `LINGER` without progress to take it.
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                let stopped = tokio::select! {
-                    biased;
-                    r = sock.writable() => {
-                        r?;
-                        None
-                    }
-                    e = from.stopped() => Some(e),
-                };
-                if let Some(e) = stopped {
-                    if !crate::net::is_finished(&e) {
-                        return Err(e);
-                    }
-                    match tokio::time::timeout(LINGER, sock.writable()).await {
-                        Ok(r) => r?,
-                        Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, LingerOver)),
-                    }
-                }
-            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => room_or_stopped(sock, from).await?,
             Err(e) => return Err(e),
         }
     }
