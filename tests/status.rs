@@ -318,6 +318,24 @@ async fn a_flood_of_refusals_is_one_line_at_the_default_level() {
     let socket = setup.keys.dir.path("status.sock");
     let (server, addr) = setup.server(echo, &socket, &["--metrics", "127.0.0.1:0"]).await;
     let metrics = server.logged_addr("metrics endpoint ready", "metrics=").await;
+    // Hellos of another protocol version (anyone can send them): each is answered REJECT 5.
+    for _ in 0..5 {
+        let me = Keypair::generate();
+        let (_, mut hello) = holdfast::proto::ClientHandshake::initial(
+            &me.private,
+            &setup.server_pub,
+            holdfast::proto::Cipher::AesGcm,
+            1,
+        )
+        .unwrap();
+        hello[4] = 3;
+        let mut sock = TcpStream::connect(addr).await.unwrap();
+        sock.write_all(&(hello.len() as u16).to_be_bytes()).await.unwrap();
+        sock.write_all(&hello).await.unwrap();
+        let mut reply = Vec::new();
+        timeout(LIMIT, sock.read_to_end(&mut reply)).await.unwrap().unwrap();
+        assert_eq!(reply, [0, 2, 2, 5], "REJECT 5");
+    }
     // A client that pins another server key: its hello cannot be read.
     let mut cfg = setup.client_cfg();
     cfg.server_key = Keypair::generate().public;
@@ -327,15 +345,19 @@ async fn a_flood_of_refusals_is_one_line_at_the_default_level() {
     let deadline = Instant::now() + LIMIT;
     loop {
         let body = scrape_body(metrics).await;
-        if body.contains("holdfast_handshakes_refused_total{reason=\"failed\"} 5") {
+        if body.contains("holdfast_handshakes_refused_total{reason=\"failed\"} 10") {
             break;
         }
-        assert!(Instant::now() < deadline, "never 5 failed handshakes:\n{body}");
+        assert!(Instant::now() < deadline, "never 10 failed handshakes:\n{body}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // Ten refusals from one source for one reason: one line, the first one's, which names both
+    // protocol versions.
     let log = server.stderr();
     let refused: Vec<&str> = log.lines().filter(|l| l.contains("connection refused")).collect();
     assert_eq!(refused.len(), 1, "{log}");
+    assert_eq!(log.matches("protocol version").count(), 1, "{log}");
+    assert!(refused[0].contains("the client speaks protocol version 3, this server version 4"), "{log}");
     assert!(
         refused[0].contains(" WARN ") && refused[0].contains("reason=\"failed\"")
             || refused[0].contains("reason=failed"),

@@ -111,7 +111,7 @@ pub enum HandshakeError {
     #[error("not a holdfast handshake message")]
     Malformed,
     /// The peer speaks another protocol version.
-    #[error("unsupported protocol version {0}")]
+    #[error("the client speaks protocol version {0}, this server version {VERSION}: install the same holdfast release on both ends")]
     Version(u8),
     /// A Noise message failed to authenticate: wrong key, tampering, or a replay.
     #[error("handshake failed authentication (wrong key or tampered message)")]
