@@ -332,3 +332,49 @@ async fn services_can_be_restricted_per_key() {
     assert!(typo.contains("client=\"typo\" service=ehco"), "{typo}");
     assert!(log.contains("client=\"ci runner\" service=other"), "{log}");
 }
+
+/// A key that makes its streams log, session after session (bad requests, listen requests it may
+/// not make), writes at most its key's burst of lines plus the refill: a new session does not
+/// bring a fresh budget (a red-team review wrote 21,600 lines a second that way). Every line
+/// held back is counted: those logged and the `suppressed` counts add up to the requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_one_after_another_share_their_keys_log_budget() {
+    let keys = Keys::new("log-budget");
+    let echo = echo_service().await;
+    let (server, addr) = keys.server(&[format!("echo={echo}")]).await;
+    let (private, server_key) = client_keys(&keys);
+    let cfg = ClientConfig::new(Keypair::from_private(private), server_key);
+    const SESSIONS: usize = 5;
+    const EACH: usize = 1000;
+    let start = std::time::Instant::now();
+    for i in 0..SESSIONS {
+        let session = holdfast::connect_session(addr.to_string(), cfg.clone()).await.unwrap();
+        for _ in 0..EACH {
+            let mut stream = session.open().await.unwrap();
+            // A request of length 0 (malformed), or a listen request no rule allows.
+            let request: &[u8] = if i % 2 == 0 { &[0] } else { b"\xFE\x0a10.9.9.9:1" };
+            stream.write_all(request).await.unwrap();
+            let mut rest = Vec::new();
+            let _ = tokio::time::timeout(LIMIT, stream.read_to_end(&mut rest)).await.unwrap();
+        }
+        session.close();
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let lines = |log: &str| {
+        log.lines().filter(|l| l.contains("bad service request") || l.contains("reverse forward refused")).count()
+    };
+    let suppressed = |log: &str| -> usize {
+        log.split_whitespace().filter_map(|w| w.strip_prefix("suppressed=")).map(|n| n.parse::<usize>().unwrap()).sum()
+    };
+    // Every line held back is reported, at the latest when its session's budget goes.
+    let mut rx = server.log.clone();
+    let all = SESSIONS * EACH;
+    let _ = tokio::time::timeout(LIMIT, rx.wait_for(|l| lines(&l.text) + suppressed(&l.text) >= all)).await;
+    let log = server.stderr();
+    assert_eq!(lines(&log) + suppressed(&log), all, "{}", &log[log.len().saturating_sub(3000)..]);
+    // The key's burst (2,000) and its refill (50 a second) while the test ran; each session
+    // alone would have had 1,000 (5,000 in all).
+    let most = 2000 + (50.0 * (elapsed + 1.0)) as usize;
+    assert!(lines(&log) <= most, "{} lines in {elapsed:.1} s, at most {most}", lines(&log));
+    assert!(log.contains("log lines held back by the log budget were not written"), "{log}");
+}

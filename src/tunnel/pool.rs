@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::debug;
 
 use super::join::join;
-use super::quiet::{quiet, LogBudget};
+use super::quiet::{quiet, Level, LogBudget};
 use super::request::{connect_session_when_not_busy, read_addr, read_reply, write_reply, REVERSE_OPEN};
 use super::target::connect_service;
 use super::{Status, TunnelError, REQUEST_TIMEOUT};
@@ -257,7 +257,7 @@ pub(super) async fn accept_inbound(session: Session, remotes: Remotes) {
 
 /// What the reverse forwards' connections may log: the server, and whoever reaches its
 /// listeners, decide how many there are ([`super::quiet`]).
-static REVERSE_LOG: std::sync::LazyLock<LogBudget> = std::sync::LazyLock::new(LogBudget::new);
+static REVERSE_LOG: std::sync::LazyLock<LogBudget> = std::sync::LazyLock::new(|| LogBudget::new(Level::SESSION));
 
 async fn carry_back(mut sub: Stream, remotes: Remotes) {
     let log = &*REVERSE_LOG;

@@ -1,31 +1,66 @@
-//! A budget of log lines: what one session's streams (or one reverse listener's connections)
-//! may log. A client, or a stranger reaching a reverse forward, decides how many streams and
-//! connections there are, so without it they would decide how fast the server's log grows (a
-//! red-team review wrote 33,800 lines a second through one session). A burst of
-//! [`BURST`] lines is logged in full (a browser's hundreds of connections at once); past it,
-//! [`LINES_PER_SECOND`].
+//! Budgets of log lines. A client, or a stranger reaching a reverse forward, decides how many
+//! streams, requests and connections there are, so without them they would decide how fast the
+//! server's log grows (red-team reviews wrote 33,800 lines a second through one session, and
+//! 21,600 a second by opening one session after another). Every line a client's streams cause
+//! is charged to three buckets: its session's ([`Level::SESSION`]), its key's ([`Level::KEY`],
+//! which outlives the key's sessions, so that a new session starts with what the last one left)
+//! and the server's ([`Level::SERVER`]). A burst is logged in full (a browser's hundreds of
+//! connections at once); past it, the refill rate. A line is logged only if every bucket of its
+//! chain has one; the lines held back are counted in the session's bucket and reported with its
+//! next line (`suppressed=N`), or when the session ends.
 
-use std::sync::Mutex;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-/// Lines logged at once before the budget holds any back.
-pub(super) const BURST: f64 = 1000.0;
-/// Lines per second the budget refills; the lines held back are counted and reported with the
-/// next line that is logged.
-pub(super) const LINES_PER_SECOND: f64 = 50.0;
+use crate::keys::PublicKey;
 
-/// A bucket of [`BURST`] lines, refilled at [`LINES_PER_SECOND`].
+/// The size and refill rate of one kind of bucket.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Level {
+    /// Lines logged at once before the bucket holds any back.
+    pub(super) burst: f64,
+    /// Lines per second the bucket refills.
+    pub(super) per_second: f64,
+}
+
+impl Level {
+    /// One session's streams (or one reverse listener's connections, within their session's).
+    pub(super) const SESSION: Level = Level { burst: 1000.0, per_second: 50.0 };
+    /// Every session of one key.
+    pub(super) const KEY: Level = Level { burst: 2000.0, per_second: 50.0 };
+    /// The whole server.
+    pub(super) const SERVER: Level = Level { burst: 10_000.0, per_second: 200.0 };
+}
+
+/// A bucket of lines, refilled over time, within the buckets of its `parent` chain.
 #[derive(Debug)]
 pub(super) struct LogBudget {
-    /// When the bucket was last filled, the lines in it, and the lines held back since the
-    /// last line logged.
-    state: Mutex<(Instant, f64, u64)>,
+    level: Level,
+    parent: Option<Arc<LogBudget>>,
+    state: Mutex<Bucket>,
+}
+
+#[derive(Debug)]
+struct Bucket {
+    /// When the bucket was last filled.
+    at: Instant,
+    /// The lines in it.
+    lines: f64,
+    /// Lines held back since the last one logged through this bucket (counted in the bucket a
+    /// line was asked of, not in its parents).
+    held: u64,
 }
 
 impl LogBudget {
-    /// A full budget.
-    pub(super) fn new() -> LogBudget {
-        LogBudget { state: Mutex::new((Instant::now(), BURST, 0)) }
+    /// A full budget of `level`, alone (for a client's own lines, and tests).
+    pub(super) fn new(level: Level) -> LogBudget {
+        LogBudget::under(level, None)
+    }
+
+    /// A full budget of `level` whose lines are also charged to `parent`'s chain.
+    pub(super) fn under(level: Level, parent: Option<Arc<LogBudget>>) -> LogBudget {
+        LogBudget { level, parent, state: Mutex::new(Bucket { at: Instant::now(), lines: level.burst, held: 0 }) }
     }
 
     /// `Some(held back)` if a line may be logged now, with how many were held back since the
@@ -35,16 +70,100 @@ impl LogBudget {
     }
 
     fn take_at(&self, now: Instant) -> Option<u64> {
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let refill = now.saturating_duration_since(s.0).as_secs_f64() * LINES_PER_SECOND;
-        s.0 = s.0.max(now);
-        s.1 = (s.1 + refill).min(BURST);
-        if s.1 < 1.0 {
-            s.2 += 1;
+        let mut s = self.lock();
+        s.refill(self.level, now);
+        // The chain is locked from here to the root, always in that order.
+        if s.lines < 1.0 || !self.parent.as_ref().is_none_or(|p| p.take_one(now)) {
+            s.held += 1;
             return None;
         }
-        s.1 -= 1.0;
-        Some(std::mem::take(&mut s.2))
+        s.lines -= 1.0;
+        Some(std::mem::take(&mut s.held))
+    }
+
+    /// Takes one line from this bucket and its parents, or none if one of them is empty.
+    fn take_one(&self, now: Instant) -> bool {
+        let mut s = self.lock();
+        s.refill(self.level, now);
+        if s.lines < 1.0 || !self.parent.as_ref().is_none_or(|p| p.take_one(now)) {
+            return false;
+        }
+        s.lines -= 1.0;
+        true
+    }
+
+    /// True if the bucket is full again (nothing would be lost by forgetting it).
+    fn is_full(&self, now: Instant) -> bool {
+        let mut s = self.lock();
+        s.refill(self.level, now);
+        s.lines >= self.level.burst
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Bucket> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Bucket {
+    fn refill(&mut self, level: Level, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.at = self.at.max(now);
+        self.lines = (self.lines + elapsed * level.per_second).min(level.burst);
+    }
+}
+
+impl Drop for LogBudget {
+    fn drop(&mut self) {
+        let held = self.lock().held;
+        if held > 0 {
+            tracing::info!(suppressed = held, "log lines held back by the log budget were not written");
+        }
+    }
+}
+
+/// The server's bucket and one per key, kept while a session of the key holds it or while it is
+/// not full again (so that closing a session and opening another does not refill it).
+#[derive(Debug)]
+pub(super) struct KeyedLogs {
+    server: Arc<LogBudget>,
+    keys: Mutex<KeyMap>,
+}
+
+#[derive(Debug, Default)]
+struct KeyMap {
+    map: HashMap<PublicKey, Arc<LogBudget>>,
+    /// The map's size after it was last pruned: it is pruned again when it has doubled.
+    pruned_at: usize,
+}
+
+impl Default for KeyedLogs {
+    fn default() -> Self {
+        KeyedLogs { server: Arc::new(LogBudget::new(Level::SERVER)), keys: Mutex::default() }
+    }
+}
+
+impl KeyedLogs {
+    /// A new session's budget, charged to its key's and the server's.
+    pub(super) fn session(&self, key: &PublicKey) -> Arc<LogBudget> {
+        Arc::new(LogBudget::under(Level::SESSION, Some(self.key(key))))
+    }
+
+    fn key(&self, key: &PublicKey) -> Arc<LogBudget> {
+        let mut k = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(b) = k.map.get(key) {
+            return b.clone();
+        }
+        // Forget the keys that nobody holds and whose buckets are full: the map holds at most
+        // the keys with a session, or with lines spent in the last `burst / per_second`
+        // seconds (40 s), at most twice over.
+        if k.map.len() >= 2 * k.pruned_at.max(64) {
+            let now = Instant::now();
+            k.map.retain(|_, b| Arc::strong_count(b) > 1 || !b.is_full(now));
+            k.pruned_at = k.map.len();
+        }
+        let b = Arc::new(LogBudget::under(Level::KEY, Some(self.server.clone())));
+        k.map.insert(*key, b.clone());
+        b
     }
 }
 
@@ -70,21 +189,64 @@ mod tests {
 
     #[test]
     fn a_burst_is_logged_then_lines_are_held_back_and_counted_with_the_next_one() {
-        let b = LogBudget::new();
-        let t0 = b.state.lock().unwrap().0;
-        for _ in 0..BURST as usize {
+        let b = LogBudget::new(Level::SESSION);
+        let t0 = b.lock().at;
+        for _ in 0..1000 {
             assert_eq!(b.take_at(t0), Some(0));
         }
         for _ in 0..1000 {
             assert_eq!(b.take_at(t0), None);
         }
         // One line's worth of refill later: one line, with the count of those held back.
-        let one = Duration::from_secs_f64(1.0 / LINES_PER_SECOND);
+        let one = Duration::from_secs_f64(1.0 / Level::SESSION.per_second);
         assert_eq!(b.take_at(t0 + one), Some(1000));
         assert_eq!(b.take_at(t0 + one), None);
         // A second later, a second's worth.
         let later = t0 + one + Duration::from_secs(1);
         let logged = (0..200).filter(|_| b.take_at(later).is_some()).count();
-        assert_eq!(logged, LINES_PER_SECOND as usize);
+        assert_eq!(logged, Level::SESSION.per_second as usize);
+        b.lock().held = 0;
+    }
+
+    /// One session after another of one key get the key's budget, not a fresh one each; the
+    /// server's budget bounds every key together.
+    #[test]
+    fn sessions_share_their_keys_budget_and_keys_the_servers() {
+        let logs = KeyedLogs::default();
+        let (a, b) = (crate::keys::Keypair::generate().public, crate::keys::Keypair::generate().public);
+        let t0 = Instant::now() + Duration::from_secs(1);
+        let mut logged = 0;
+        for _ in 0..10 {
+            let s = logs.session(&a);
+            logged += (0..1000).filter(|_| s.take_at(t0).is_some()).count();
+            s.lock().held = 0;
+        }
+        assert_eq!(logged, Level::KEY.burst as usize, "ten sessions of one key log the key's burst");
+        // The key's budget was kept although no session holds it.
+        let s = logs.session(&a);
+        assert_eq!(s.take_at(t0), None);
+        s.lock().held = 0;
+        // Another key has its own; the server's runs out after its burst, whoever asks.
+        let mut all = logged;
+        for _ in 0..20 {
+            let c = crate::keys::Keypair::generate().public;
+            let s = logs.session(&c);
+            all += (0..1000).filter(|_| s.take_at(t0).is_some()).count();
+            s.lock().held = 0;
+        }
+        assert_eq!(all, Level::SERVER.burst as usize);
+        let s = logs.session(&b);
+        assert_eq!(s.take_at(t0), None, "the server's budget is spent for every key");
+        s.lock().held = 0;
+    }
+
+    /// Keys nobody holds whose buckets are full again are forgotten: the map stays bounded.
+    #[test]
+    fn forgotten_keys_are_pruned() {
+        let logs = KeyedLogs::default();
+        for _ in 0..1000 {
+            drop(logs.session(&crate::keys::Keypair::generate().public));
+        }
+        assert!(logs.keys.lock().unwrap().map.len() <= 128, "{}", logs.keys.lock().unwrap().map.len());
     }
 }

@@ -21,7 +21,7 @@ use tracing::{info, warn};
 use super::join::join;
 use super::limits::ReversePermit;
 use super::pool::{lock, MuxPool};
-use super::quiet::{quiet, LogBudget};
+use super::quiet::{quiet, Level, LogBudget};
 use super::request::{read_reply, tagged, write_reply, REVERSE_OPEN};
 use super::{Services, Status, TunnelError, REQUEST_TIMEOUT};
 use crate::human::printable;
@@ -94,20 +94,20 @@ pub(super) async fn serve_listen(
     mux: Session,
     (entry, services): (AllowedPeer, Arc<Services>),
     stop: watch::Receiver<bool>,
-    (mut status, peer): (watch::Receiver<LinkStatus>, &crate::net::Peer),
+    (mut status, peer, session_log): (watch::Receiver<LinkStatus>, &crate::net::Peer, Arc<LogBudget>),
 ) {
     let who = super::rights::label(&entry);
     // An IPv4-mapped address is the IPv4 address: judged and bound as that.
     let addr = SocketAddr::new(addr.ip().to_canonical(), addr.port());
     if !super::rights::may_listen(&services, &entry, addr) {
-        info!(client = %who, %addr, "reverse forward refused: not allowed (--allow-listen)");
+        quiet!(session_log, info!(client = %who, %addr, "reverse forward refused: not allowed (--allow-listen)"));
         let _ = write_reply(&mut control, Status::UnknownService, "").await;
         return;
     }
     let listener = match bind_listener(addr) {
         Ok(l) => l,
         Err(e) => {
-            warn!(client = %who, %addr, error = %e, "reverse forward refused: cannot listen");
+            quiet!(session_log, warn!(client = %who, %addr, error = %e, "reverse forward refused: cannot listen"));
             let _ = write_reply(&mut control, Status::Unavailable, "").await;
             return;
         }
@@ -116,7 +116,7 @@ pub(super) async fn serve_listen(
     if write_reply(&mut control, Status::Connected, &at.to_string()).await.is_err() {
         return;
     }
-    info!(client = %who, listen = %at, "reverse forward listening");
+    quiet!(session_log, info!(client = %who, listen = %at, "reverse forward listening"));
     let _listed = peer.forward_opened(format!("listen {at}"));
     let bounds = services.bounds().clone();
     let (permits, _counted) = (bounds.listener_permits(), bounds.listener());
@@ -124,8 +124,9 @@ pub(super) async fn serve_listen(
     let mut stopping = stop.clone();
     let mut pause = Duration::ZERO;
     let mut backoff = crate::net::AcceptBackoff::default();
-    // Whoever reaches the listener decides how many connections there are ([`super::quiet`]).
-    let log = Arc::new(LogBudget::new());
+    // Whoever reaches the listener decides how many connections there are: they have a budget
+    // of their own within their session's ([`super::quiet`]).
+    let log = Arc::new(LogBudget::under(Level::SESSION, Some(session_log.clone())));
     loop {
         let next = async {
             if !pause.is_zero() {
@@ -166,7 +167,7 @@ pub(super) async fn serve_listen(
         }
     }
     drop(listener);
-    info!(client = %who, listen = %at, "reverse forward closed; the listener is released");
+    quiet!(session_log, info!(client = %who, listen = %at, "reverse forward closed; the listener is released"));
 }
 
 /// Binds a reverse forward's listener. An IPv6 address listens for IPv6 only

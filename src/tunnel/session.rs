@@ -39,7 +39,7 @@ pub(super) async fn serve_session(
     let ctx = SessionCtx {
         lookups: services.bounds().session_lookups(),
         status: status.clone(),
-        log: Arc::new(LogBudget::new()),
+        log: services.bounds().session_log(&peer.key),
     };
     // On a stop, the streams open finish as any tunnel does (the services are read no more
     // and each stream is half-closed); then the session is closed.
@@ -194,7 +194,7 @@ async fn open_sub(
             (name, tcp, target.to_string())
         }
         Request::Listen(addr) => {
-            super::reverse::serve_listen(sub, addr, mux, (entry, services), stop, (ctx.status, &peer)).await;
+            super::reverse::serve_listen(sub, addr, mux, (entry, services), stop, (ctx.status, &peer, ctx.log)).await;
             return None;
         }
     };
