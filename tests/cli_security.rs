@@ -378,3 +378,56 @@ async fn sessions_one_after_another_share_their_keys_log_budget() {
     assert!(lines(&log) <= most, "{} lines in {elapsed:.1} s, at most {most}", lines(&log));
     assert!(log.contains("log lines held back by the log budget were not written"), "{log}");
 }
+
+/// Strangers holding connections in their handshake cannot take the server's descriptors, even
+/// under a low descriptor limit that the server cannot raise: it holds fewer handshakes then (a
+/// quarter of the spare descriptors, two each and the BUSY answers), evicts the oldest, and a
+/// real client still connects and echoes (a red-team review held 4,096 descriptors with 3,000
+/// idle connections, and a real client waited 8 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_cannot_take_every_descriptor_under_a_low_limit() {
+    let name = "strangers_cannot_take_every_descriptor_under_a_low_limit";
+    if let Err(reason) = common::procs::check_tools(&["setpriv", "prlimit"]) {
+        common::procs::skip(name, &reason);
+        return;
+    }
+    const LIMIT_FDS: usize = 1024;
+    let keys = Keys::new("fd-strangers");
+    let echo = echo_service().await;
+    let nofile = format!("--nofile={LIMIT_FDS}:{LIMIT_FDS}");
+    // Without CAP_SYS_RESOURCE (as root) the server cannot raise its limit past the hard one.
+    let via = ["setpriv", "--bounding-set", "-sys_resource", "prlimit", nofile.as_str()];
+    let mut args = vec!["server", "--listen", "127.0.0.1:0", "--key", s(&keys.server_key)];
+    args.extend(["--authorized", s(&keys.authorized)]);
+    let svc = format!("echo={echo}");
+    args.extend(["--service", svc.as_str()]);
+    let server = Proc::spawn_via(&via, &args, false);
+    let addr = server.logged_addr("server ready", "listen=").await;
+    let log = server.stderr();
+    assert!(log.contains("file-descriptor limit holds fewer"), "{log}");
+    let pid = server.child.id().unwrap();
+    // 1,000 silent connections from 200 sources (5 each, within each source's rate).
+    let mut held = Vec::new();
+    for i in 0..1000u32 {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(SocketAddr::from(([127, 0, 0, 2 + (i % 200) as u8], 0))).unwrap();
+        held.push(sock.connect(addr).await.unwrap());
+    }
+    // A real client gets in (the connections before its own were accepted by then).
+    let (private, server_key) = client_keys(&keys);
+    let cfg = ClientConfig::new(Keypair::from_private(private), server_key);
+    let mut stream = tokio::time::timeout(LIMIT, holdfast::connect(addr.to_string(), cfg)).await.unwrap().unwrap();
+    let mut request = vec![4u8];
+    request.extend_from_slice(b"echo");
+    stream.write_all(&request).await.unwrap();
+    stream.write_all(b"ping").await.unwrap();
+    let mut reply = [0u8; 6];
+    tokio::time::timeout(LIMIT, stream.read_exact(&mut reply)).await.unwrap().unwrap();
+    assert_eq!(&reply, b"\0\0ping", "status 0, no message, then the echo");
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+    // The handshakes' share (a quarter of the spare) and the server's own few dozen.
+    assert!(fds < (LIMIT_FDS - 256) / 4 + 64, "{fds} descriptors held with 1,000 strangers connected");
+    let log = server.stderr();
+    assert!(!log.contains("accept failed"), "{log}");
+    drop(held);
+}

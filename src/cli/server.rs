@@ -39,7 +39,7 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
         services.allow_connect(rule.parse().with_context(|| format!("--allow-connect {}", printable(rule)))?);
     }
     let defaults = holdfast::net::Limits::default();
-    let max_streams = raise_fd_limit(args.max_sessions, defaults.max_streams, args.max_handshakes);
+    let (max_streams, max_handshakes) = raise_fd_limit(args.max_sessions, defaults.max_streams, args.max_handshakes);
     let keypair = load_keypair("--key", &key)?;
     let allow = AllowList::load(&authorized).map_err(|e| anyhow!("--authorized {e}"))?;
     if allow.is_empty() {
@@ -52,7 +52,7 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
     cfg.limits.max_sessions = args.max_sessions;
     cfg.limits.max_sessions_per_key = args.max_sessions_per_key;
     cfg.limits.max_streams = max_streams;
-    cfg.limits.max_handshakes = args.max_handshakes;
+    cfg.limits.max_handshakes = max_handshakes;
     cfg.limits.handshakes_per_sec_per_ip = args.handshake_rate.max(1);
     cfg.limits.buffer_budget = usize::try_from(args.buffer_budget).context("--buffer-budget is too large")?;
     cfg.limits.buffer_per_key = usize::try_from(args.buffer_per_key).context("--buffer-per-key is too large")?;
@@ -171,12 +171,17 @@ const FD_RESERVE: u64 = 256;
 
 /// Raises the soft file-descriptor limit for `max_sessions` sessions (their links),
 /// `max_streams` streams (each may hold its service or forwarded connection), `handshakes`
-/// connections in their handshake and a reserve, up to the hard limit (or above it as root).
-/// Returns the streams the limit holds: `max_streams`, or fewer when the limit is lower (then a
-/// stream past them is refused, RESET LIMIT, instead of failing `accept` for everyone).
-fn raise_fd_limit(max_sessions: usize, max_streams: usize, handshakes: usize) -> usize {
+/// connections in their handshake (two descriptors each, and the connections answered BUSY:
+/// [`holdfast::net::Limits::handshake_descriptors`]) and a reserve, up to the hard limit (or
+/// above it as root). Returns the streams and handshakes the limit holds: `max_streams` and
+/// `handshakes`, or fewer when the limit is lower. Then a stream past them is refused (RESET
+/// LIMIT) and a handshake past them evicts the oldest or is answered BUSY, instead of failing
+/// `accept` for everyone: whatever strangers do, the descriptors of their connections stay
+/// within a quarter of what the limit leaves beyond the reserve.
+fn raise_fd_limit(max_sessions: usize, max_streams: usize, handshakes: usize) -> (usize, usize) {
     use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
-    let fixed = (max_sessions as u64).saturating_add(handshakes as u64).saturating_add(FD_RESERVE);
+    let hs_fds = |n: usize| holdfast::net::Limits { max_handshakes: n, ..Default::default() }.handshake_descriptors();
+    let fixed = (max_sessions as u64).saturating_add(hs_fds(handshakes)).saturating_add(FD_RESERVE);
     let need = fixed.saturating_add(max_streams as u64);
     let lim = getrlimit(Resource::Nofile);
     let hard = lim.maximum.unwrap_or(u64::MAX);
@@ -185,19 +190,25 @@ fn raise_fd_limit(max_sessions: usize, max_streams: usize, handshakes: usize) ->
     if lim.current.is_some_and(|c| c < need) && setrlimit(Resource::Nofile, wanted).is_err() {
         let _ = setrlimit(Resource::Nofile, Rlimit { current: lim.maximum, maximum: lim.maximum });
     }
-    let Some(n) = getrlimit(Resource::Nofile).current.filter(|&n| n < need) else { return max_streams };
+    let Some(n) = getrlimit(Resource::Nofile).current.filter(|&n| n < need) else { return (max_streams, handshakes) };
+    let spare = n.saturating_sub(FD_RESERVE);
+    // Handshakes (strangers') get at most a ninth of the spare: 2 descriptors each and a
+    // quarter as many BUSY answers take at most a quarter of it.
+    let handshakes = handshakes.min(usize::try_from(spare / 9).unwrap_or(usize::MAX)).max(1);
     // Half of what is left after the reserve goes to streams, at least, so that neither sessions
     // nor streams take every descriptor.
-    let spare = n.saturating_sub(FD_RESERVE);
-    let streams = spare.saturating_sub((max_sessions + handshakes) as u64).max(spare / 2).min(max_streams as u64);
-    let msg = "the file-descriptor limit holds fewer sessions and streams than the limits allow: streams past it are refused; to allow them all, raise it (ulimit -n, or LimitNOFILE= under systemd)";
+    let streams = spare
+        .saturating_sub((max_sessions as u64).saturating_add(hs_fds(handshakes)))
+        .max(spare / 2)
+        .min(max_streams as u64);
+    let msg = "the file-descriptor limit holds fewer sessions, streams and handshakes than the limits allow: streams and handshakes past it are refused; to allow them all, raise it (ulimit -n, or LimitNOFILE= under systemd)";
     // A limit that still holds thousands of streams is worth knowing only when looking for it.
     if streams < 1024 {
-        warn!(limit = n, streams, max_sessions, "{msg}");
+        warn!(limit = n, streams, handshakes, max_sessions, "{msg}");
     } else {
-        tracing::debug!(limit = n, streams, max_sessions, "{msg}");
+        tracing::debug!(limit = n, streams, handshakes, max_sessions, "{msg}");
     }
-    streams as usize
+    (streams as usize, handshakes)
 }
 
 /// Resolves when this process has handed its listener over and has nothing left to do: its

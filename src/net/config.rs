@@ -160,8 +160,9 @@ pub struct Limits {
     /// one round trip, so slow or silent connections are the ones that get evicted, and a flood
     /// of them cannot lock real clients out. A handshake can be evicted until the server replies,
     /// and a resume again after its reply until its key confirmation arrives (so resumes that
-    /// are never confirmed cannot hold the slots). Default 2048 (a file descriptor and a few KiB
-    /// each).
+    /// are never confirmed cannot hold the slots). Default 2048 (two file descriptors and a few KiB
+    /// each: [`Limits::handshake_descriptors`]; `holdfast server` lowers it to fit a
+    /// descriptor limit it cannot raise).
     pub max_handshakes: usize,
     /// At the `max_handshakes` cap, the oldest handshake is closed only if it has run this long
     /// (a real one takes a round trip); if every handshake in progress is younger, as in a storm
@@ -244,6 +245,22 @@ impl Default for Limits {
             max_streams: 16384,
             handshake_timeout: Duration::from_secs(10),
         }
+    }
+}
+
+impl Limits {
+    /// Connections answered BUSY at once (the handshake cap reached, or a source over its
+    /// rate): a quarter of `max_handshakes`, at least 16. Past it, the answer is written only
+    /// if the socket takes it at once, and the connection is closed.
+    pub fn max_busy_answers(&self) -> usize {
+        (self.max_handshakes / 4).max(16)
+    }
+
+    /// File descriptors the server may hold for connections that have not authenticated: two
+    /// for each handshake (its connection, and a copy kept to answer BUSY on if it is evicted)
+    /// and one for each connection being answered BUSY ([`Limits::max_busy_answers`]).
+    pub fn handshake_descriptors(&self) -> u64 {
+        2 * self.max_handshakes.max(1) as u64 + self.max_busy_answers() as u64
     }
 }
 

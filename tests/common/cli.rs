@@ -74,8 +74,21 @@ pub struct Proc {
 impl Proc {
     /// Starts `holdfast ARGS` with stdin and stdout piped or null.
     pub fn spawn(args: &[&str], piped: bool) -> Proc {
+        Proc::spawn_via(&[], args, piped)
+    }
+
+    /// Like [`Proc::spawn`], run through the command `via` (`["prlimit", "--nofile=N"]`, say):
+    /// `via... holdfast ARGS`.
+    pub fn spawn_via(via: &[&str], args: &[&str], piped: bool) -> Proc {
         let io = || if piped { Stdio::piped() } else { Stdio::null() };
-        let mut cmd = Command::new(BIN);
+        let mut cmd = match via.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
         cmd.args(args).env_remove("RUST_LOG").stdin(io()).stdout(io()).stderr(Stdio::piped());
         let mut child = own_group(&mut cmd).spawn().expect("start holdfast");
         let group = Group::new(child.id());

@@ -35,10 +35,10 @@ use crate::proto::{
 /// anything, so the client can tell "try again shortly" from an authentication refusal (the
 /// answer depends on nothing the client sent). It then waits, briefly, for the hello, so that
 /// closing does not reset the connection and destroy the answer in flight. At most
-/// [`MAX_REFUSING`] connections are answered this way at once; beyond that the answer is only
+/// [`crate::net::Limits::max_busy_answers`] connections are answered this way at once; beyond that the answer is only
 /// written if the socket takes it at once, and the connection closed.
 pub(super) fn refuse_busy(state: &Arc<State>, mut sock: TcpStream) {
-    if state.refusing.fetch_add(1, Ordering::Relaxed) >= MAX_REFUSING {
+    if state.refusing.fetch_add(1, Ordering::Relaxed) >= state.cfg.limits.max_busy_answers() {
         state.refusing.fetch_sub(1, Ordering::Relaxed);
         // Past the cap, the answer is written if the socket takes it at once, without waiting
         // to read what the client sent: closing may then reset the connection and lose it, but
@@ -60,8 +60,6 @@ pub(super) fn refuse_busy(state: &Arc<State>, mut sock: TcpStream) {
     });
 }
 
-/// Most over-rate connections answered with BUSY at once (see [`refuse_busy`]).
-pub(super) const MAX_REFUSING: usize = 512;
 /// How long an over-rate connection is kept open for its BUSY answer to be read.
 pub(super) const REFUSE_LINGER: Duration = Duration::from_millis(500);
 
