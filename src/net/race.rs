@@ -107,8 +107,9 @@ enum Failed {
     /// seconds, then back off.
     Refused,
     /// The server closed the connection without answering (how it sheds load, and what it does
-    /// to a hello it cannot place) or answered with a code this version does not know: keep
-    /// the short schedule for a few seconds, then back off.
+    /// to a hello it cannot place) or answered with a code this version does not know, or one
+    /// that a resume should never get (REJECT 3 or 5): keep the short schedule for a few
+    /// seconds, then back off.
     Answered,
     /// Anything else (no answer in time, a reset on the path): keep the short schedule.
     Other,
@@ -120,9 +121,13 @@ fn classify(e: &Error) -> Failed {
         Error::Handshake { source: HandshakeError::NoLongerAllowed, .. } => Failed::NotAllowed,
         Error::Busy { .. } => Failed::Busy,
         Error::Connect { source, .. } if source.kind() == std::io::ErrorKind::ConnectionRefused => Failed::Refused,
-        Error::HandshakeRefused { .. } | Error::Handshake { source: HandshakeError::Rejected(_), .. } => {
-            Failed::Answered
-        }
+        // REJECT 3 and 5 to a resume come from no server that answered this session's first
+        // connection (docs/PROTOCOL.md section 8): like an unknown code.
+        Error::HandshakeRefused { .. }
+        | Error::Handshake {
+            source: HandshakeError::Rejected(_) | HandshakeError::Stale | HandshakeError::OtherVersion,
+            ..
+        } => Failed::Answered,
         _ => Failed::Other,
     }
 }
@@ -233,5 +238,22 @@ async fn run(
                 Err(_) => signals_ok = false,
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every answer that is not BUSY, 1 or 4 backs off like a refusal after the grace: a server
+    /// answering 3 or 5 to resumes is not asked four times a second until the give-up time.
+    #[test]
+    fn answers_a_resume_should_not_get_back_off_like_refusals() {
+        let hs = |source| Error::Handshake { addr: "x".into(), source };
+        for e in [HandshakeError::Stale, HandshakeError::OtherVersion, HandshakeError::Rejected(9)] {
+            assert!(matches!(classify(&hs(e.clone())), Failed::Answered), "{e:?}");
+        }
+        assert!(matches!(classify(&hs(HandshakeError::UnknownSession)), Failed::Lost));
+        assert!(matches!(classify(&hs(HandshakeError::NoLongerAllowed)), Failed::NotAllowed));
     }
 }

@@ -525,14 +525,17 @@ impl Streams {
     }
 
     /// The peer ended its half of the session (its session FIN): it opens and sends nothing
-    /// more. A stream it left open is treated as reset by it.
+    /// more, not even credit. A stream it left open is treated as reset by it, and so is one
+    /// whose FIN it sent while this end's half is still open (a conforming peer never leaves
+    /// one: its session FIN waits for this end's FIN or RESET of every stream): without more
+    /// credit, its bytes might never all be sent.
     pub fn peer_ended(&mut self) {
         self.ended = true;
         self.accept_woken = true;
         let ids: Vec<u64> = self.map.keys().copied().collect();
         for id in ids {
             if let Some(e) = self.map.get_mut(&id) {
-                if e.reset.is_none() && !e.recv_fin {
+                if e.reset.is_none() && (!e.recv_fin || e.fin == Fin::Open) {
                     e.reset = Some((true, reset::SHUTDOWN));
                     self.wake(id);
                     self.maybe_remove(id);

@@ -246,3 +246,37 @@ fn an_open_beyond_the_credit_told_is_a_violation() {
     assert!(s.st.peer_max_sent > INITIAL_STREAMS, "no STREAMS was written");
     assert_eq!(s.st.ingest(&b[..n]), Ok(()));
 }
+
+/// The peer's session FIN after its FIN of a stream whose other half is still open (the peer
+/// can send no more credit): the stream is reset, as by the peer, instead of waiting for ever
+/// with bytes beyond its credit. A stream whose halves are both ended, or ending, is left to
+/// end normally.
+#[test]
+fn the_peers_session_fin_resets_a_stream_whose_half_is_still_open() {
+    let (mut c, mut s) = pair();
+    let open = c.st.open(&mut c.out, ROOM).unwrap().unwrap();
+    let ending = c.st.open(&mut c.out, ROOM).unwrap().unwrap();
+    c.st.shutdown(open);
+    c.st.shutdown(ending);
+    deliver(&mut c, &mut s).unwrap();
+    assert_eq!(s.st.accept(), Ok(Some(open)));
+    assert_eq!(s.st.accept(), Ok(Some(ending)));
+    assert_eq!(s.st.read(open, &mut [0u8; 4]).0, Ok(Some(0)));
+    assert_eq!(s.st.read(ending, &mut [0u8; 4]).0, Ok(Some(0)));
+    // The server's half of `open` has used up its credit; `ending`'s FIN is asked for.
+    let big = vec![1u8; INITIAL_WINDOW as usize + 1];
+    let mut sent = 0;
+    while let Ok(n @ 1..) = s.st.write(open, &big[sent..], &mut s.out, ROOM) {
+        sent += n;
+    }
+    assert_eq!(sent as u64, INITIAL_WINDOW);
+    s.st.shutdown(ending);
+    s.st.peer_ended();
+    assert_eq!(s.st.write(open, &big, &mut s.out, ROOM), Err(StreamError::ResetByPeer(reset::SHUTDOWN)));
+    s.st.release_read(open);
+    s.st.release_write(open);
+    s.st.release_read(ending);
+    s.st.release_write(ending);
+    deliver(&mut s, &mut c).unwrap();
+    assert!(s.st.is_empty(), "both streams are over at the server");
+}
