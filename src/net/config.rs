@@ -38,10 +38,11 @@ pub struct RecoveryPolicy {
     pub give_up_after: Duration,
     /// Longest time one connection attempt (TCP connect plus handshake) may take. Default 10 s.
     pub handshake_timeout: Duration,
-    /// While reconnecting, a new attempt starts this often (with 20% jitter) while earlier ones
-    /// are still pending, so that the first SYN after the network is back gets through rather
-    /// than waiting on the kernel's SYN retransmissions. Refused connections and BUSY answers
-    /// back off from `backoff_initial` to `backoff_max` instead. Default 250 ms (RFC 8305's
+    /// While reconnecting, a new attempt starts this often (with 20% jitter), whether earlier
+    /// ones are still pending or failed, so that the first SYN after the network is back gets
+    /// through rather than waiting on the kernel's SYN retransmissions. BUSY answers, and after
+    /// 5 s refused connections, silent closes and unexpected REJECT codes, delay the next
+    /// attempt by at least the backoff, from `backoff_initial` doubling to `backoff_max`. Default 250 ms (RFC 8305's
     /// connection attempt delay).
     pub stagger: Duration,
     /// Open a second connection and resume on it when the link is suspect (silent for much
