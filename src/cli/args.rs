@@ -314,7 +314,8 @@ pub(crate) struct Timers {
     /// Consider the link dead after this much silence from the peer.
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     pub(crate) dead_after: Duration,
-    /// Replay buffer per stream: bytes kept until acknowledged (writes wait when full).
+    /// Replay buffer of each session, shared by its streams: bytes sent and kept until
+    /// acknowledged, to be sent again after a fault (writes wait when it is full).
     #[arg(long, default_value = "8MiB", value_parser = parse_size)]
     pub(crate) buffer: u64,
 }
