@@ -149,6 +149,38 @@ async fn sigterm_ends_every_tunnel_cleanly() {
     assert!(!client.stderr().contains("stream failed"), "{}", client.stderr());
 }
 
+/// A tunnel whose program never ends its side outlasts the server's drain time (10 s): its
+/// client is then told that the server stopped (CLOSE Shutdown) and fails at once, instead of
+/// finding the link gone and retrying until its give-up time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_open_past_the_drain_time_is_told_the_server_stopped() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let keys = Keys::new("term-drain");
+    let echo = echo_service().await;
+    let (mut server, addr) = keys.server(&[format!("echo={echo}")]).await;
+    let args = keys.client_args("connect", addr, "echo");
+    let mut client = Proc::spawn(&strs(&args), true);
+    let mut stdin = client.child.stdin.take().unwrap();
+    let mut stdout = client.child.stdout.take().unwrap();
+    stdin.write_all(b"ping").await.unwrap();
+    let mut got = [0u8; 4];
+    tokio::time::timeout(common::cli::LIMIT, stdout.read_exact(&mut got)).await.unwrap().unwrap();
+    assert_eq!(&got, b"ping");
+    let pid = server.child.id().and_then(|p| rustix::process::Pid::from_raw(p as i32)).expect("pid");
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    // The program keeps its side open: the server gives up after its drain time.
+    let (status, log) = client.exit().await;
+    assert!(!status.success(), "connect exit {status}:\n{log}");
+    assert!(log.contains("the server is stopping, and its drain time is over"), "{log}");
+    let mut rest = Vec::new();
+    let _ = stdout.read_to_end(&mut rest).await;
+    assert!(rest.is_empty(), "{rest:?}");
+    let (status, slog) = server.exit().await;
+    assert!(status.success(), "server exit {status}:\n{slog}");
+    assert!(slog.contains("drain time over; exiting with tunnels still open"), "{slog}");
+    drop(stdin);
+}
+
 /// One fault is one line; durations are rounded for people; a program that resets its own
 /// connection is a close, not an error (issue 16 item 10).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

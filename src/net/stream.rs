@@ -861,4 +861,11 @@ impl Session {
         self.shared.fail(crate::proto::CloseCode::Abort, SessionError::Aborted("the program ended the session".into()));
         self.shared.wake_driver.notify_one();
     }
+
+    /// Ends the session at once because the server stops and waited long enough for it to end
+    /// cleanly: like [`Session::abort`], with CLOSE code Shutdown and `why` as its reason.
+    pub(crate) fn shut_down(&self, why: &str) {
+        self.shared.fail(crate::proto::CloseCode::Shutdown, SessionError::Aborted(why.into()));
+        self.shared.wake_driver.notify_one();
+    }
 }

@@ -22,11 +22,15 @@ pub async fn serve(listener: Listener, services: Arc<Services>) -> Result<(), ne
     serve_until(listener, services, std::future::pending(), Duration::ZERO).await.map(|_| ())
 }
 
+/// How long the sessions still open when the drain time is over get to be told CLOSE
+/// (Shutdown).
+const TELL_STOPPING: Duration = Duration::from_secs(1);
+
 /// Like [`serve`], until `stop` resolves. Then it stops accepting (the listener is dropped), and
 /// ends every open tunnel cleanly: the service's side is read no more, the client gets a FIN
 /// after every byte already read from the service, and the tunnel is over when the client has
-/// ended its side too. It waits for that at most `drain`; returns the number of tunnels still
-/// open then (they end when the process exits).
+/// ended its side too. It waits for that at most `drain`; returns the number of sessions still
+/// open then, which are ended at once, their clients told with CLOSE (Shutdown).
 ///
 /// # Errors
 /// Returns early only if the listener stops.
@@ -37,7 +41,9 @@ pub async fn serve_until(
     drain: Duration,
 ) -> Result<usize, net::Error> {
     let allow = listener.allow_list_handle();
+    let retirement = listener.retirement();
     let (stopping, stopped) = watch::channel(false);
+    let (drain_over, drained) = watch::channel(false);
     let mut open = tokio::task::JoinSet::new();
     tokio::pin!(stop);
     loop {
@@ -45,7 +51,7 @@ pub async fn serve_until(
             r = listener.accept_session() => {
                 let (session, peer) = r?;
                 let span = peer.session().span();
-                let one = serve_session(session, peer, services.clone(), allow.clone(), stopped.clone());
+                let one = serve_session(session, peer, services.clone(), allow.clone(), (stopped.clone(), drained.clone()));
                 open.spawn(tracing::Instrument::instrument(one, span));
             }
             Some(_) = open.join_next(), if !open.is_empty() => {}
@@ -59,5 +65,15 @@ pub async fn serve_until(
         info!(tunnels = n, drain = %crate::human::Rounded(drain), "shutting down: ending every tunnel cleanly");
     }
     let _ = tokio::time::timeout(drain, async { while open.join_next().await.is_some() {} }).await;
-    Ok(open.len())
+    // The sessions still open are told the server is stopping (CLOSE Shutdown), rather than
+    // left to find their link gone and retry until their give-up time.
+    let left = open.len();
+    let _ = drain_over.send(true);
+    let _ = tokio::time::timeout(TELL_STOPPING, async {
+        while open.join_next().await.is_some() {}
+        // Their drivers' last lines, too.
+        retirement.sessions_ended().await;
+    })
+    .await;
+    Ok(left)
 }

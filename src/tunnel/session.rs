@@ -29,7 +29,7 @@ pub(super) async fn serve_session(
     peer: Peer,
     services: Arc<Services>,
     allow: AllowListHandle,
-    stop: watch::Receiver<bool>,
+    (stop, mut drained): (watch::Receiver<bool>, watch::Receiver<bool>),
 ) {
     let who = peer.label();
     let status = session.status();
@@ -66,6 +66,11 @@ pub(super) async fn serve_session(
             },
             Some(_) = open.join_next(), if !open.is_empty() => {}
             _ = stopping.wait_for(|s| *s), if !stopped => stopped = true,
+            // The server's drain time is over: the streams left fail with the session.
+            Ok(_) = drained.wait_for(|d| *d) => {
+                session.shut_down("the server is stopping, and its drain time is over");
+                break;
+            }
         }
     }
     drop(session);

@@ -147,12 +147,18 @@ impl Stdin {
     }
 
     /// Copies standard input into the stream until EOF, then half-closes the stream (the
-    /// returned future completes once the peer acknowledged every byte).
+    /// returned future completes once the peer acknowledged every byte). The stream's reset or
+    /// its session's failure ends it with that error even while standard input is silent (the
+    /// peer's half may have ended already: then nothing else would notice).
     async fn copy_to(mut self, mut to: WriteHalf) -> io::Result<u64> {
         let mut total = 0u64;
         match &mut self {
             Stdin::Reactor(rx, _) => loop {
-                rx.readable().await?;
+                tokio::select! {
+                    biased;
+                    r = rx.readable() => r?,
+                    e = to.stopped() => return Err(e),
+                }
                 match to.write_with(FILL, |bufs| rx.try_read_vectored(bufs)).await {
                     Ok(0) => break,
                     Ok(n) => total += n as u64,
@@ -163,7 +169,11 @@ impl Stdin {
             Stdin::Blocking(file) => {
                 let mut buf = Zeroizing::new(vec![0u8; COPY_BUF]);
                 loop {
-                    let n = file.read(&mut buf).await?;
+                    let n = tokio::select! {
+                        biased;
+                        r = file.read(&mut buf) => r?,
+                        e = to.stopped() => return Err(e),
+                    };
                     if n == 0 {
                         break;
                     }

@@ -316,6 +316,19 @@ impl Retirement {
         }
     }
 
+    /// Waits until every session of this process has ended (its last line logged).
+    pub async fn sessions_ended(&self) {
+        loop {
+            let changed = self.state.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.sessions() == 0 {
+                return;
+            }
+            changed.await;
+        }
+    }
+
     /// Waits until a new process has taken the listener over.
     pub async fn until_handed_over(&self) {
         loop {

@@ -182,9 +182,14 @@ pub(super) async fn session_task(
     // Clean up: forget tickets and release the session's share of the limits.
     state.table().by_ticket.retain(|_, e| !Arc::ptr_eq(e, &entry));
     let stream = state.registry.remove(&entry, &state.counters);
-    state.release(&entry.client);
-    shared.report_end();
     defer_end_line(&entry, stream);
+    // The end line is logged by the last holder of the session's activity: this driver, now,
+    // or the tunnel layer's `Peer` once its tunnels are done. Either way before the session
+    // stops counting, which a stopping server waits for before it exits.
+    let client = entry.client;
+    drop(entry);
+    shared.report_end();
+    state.release(&client);
 }
 
 /// Prepares the line that says how the session ended: logged once its driver and every [`Peer`]
