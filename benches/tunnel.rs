@@ -25,6 +25,8 @@
 //!   `tunnel/delay.rs`; `HOLDFAST_BENCH_DELAY_MS` one-way delay, default 25,
 //!   `HOLDFAST_BENCH_DELAY_SAMPLES` samples of each measure, default 10).
 //! - `HOLDFAST_BENCH_RESETS` resets in the resume test (default 60).
+//! - `HOLDFAST_BENCH_BIN` the `holdfast` binary to run instead of this build's (to compare two
+//!   builds in alternating runs).
 //! - `HOLDFAST_BENCH_SESSIONS` idle sessions in the memory test (default 1000).
 //!
 //! See BENCHMARKS.md for the method and the results.
@@ -83,8 +85,11 @@ mod streams;
 #[path = "tunnel/util.rs"]
 mod util;
 
-/// The release binary under test.
-const BIN: &str = env!("CARGO_BIN_EXE_holdfast");
+/// The release binary under test: this build's, or `HOLDFAST_BENCH_BIN` (to compare two builds
+/// in alternating runs).
+static BIN: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    std::env::var("HOLDFAST_BENCH_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_holdfast").to_string())
+});
 /// The service name every holdfast path forwards to.
 const SERVICE_NAME: &str = "bench";
 /// Payload of the request/response test.

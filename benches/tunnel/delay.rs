@@ -97,7 +97,7 @@ pub(crate) async fn run(dir: &Path, keys: &HoldfastKeys, echo: u16, o: &DelayOpt
         move |local: u16| {
             let mut args = holdfast_client_args(keys, hf, local);
             args.extend(extra.iter().map(|a| s(a)));
-            spawn(dir, log, BIN, &args)
+            spawn(dir, log, &*BIN, &args)
         }
     };
     let mut clients: Vec<Client<'_>> = Vec::new();

@@ -24,7 +24,7 @@ pub(crate) struct HoldfastKeys {
 /// Makes a server and a client key pair in `dir`, and the authorized-keys file.
 pub(crate) fn holdfast_keys(dir: &Path) -> io::Result<HoldfastKeys> {
     for name in ["hf-server", "hf-client"] {
-        let st = Command::new(BIN)
+        let st = Command::new(&*BIN)
             .args(["keygen", "--out"])
             .arg(dir.join(name))
             .stdout(Stdio::null())
@@ -78,7 +78,7 @@ pub(crate) async fn holdfast_server_with(
         format!("{SERVICE_NAME}=127.0.0.1:{svc}"),
     ]);
     args.extend(post.iter().map(|a| s(a)));
-    let mut child = spawn(dir, log, BIN, &args)?;
+    let mut child = spawn(dir, log, &*BIN, &args)?;
     // A bare TCP probe: the server drops it silently during the handshake phase.
     if let Err(e) = wait_port(loopback(port), std::slice::from_mut(&mut child)).await {
         let _ = child.kill();
@@ -112,7 +112,7 @@ pub(crate) fn holdfast_client_with(
     let mut args = holdfast_client_args(keys, server, local);
     args.push(s("--no-check"));
     args.extend(extra.iter().map(|a| s(a)));
-    spawn(dir, log, BIN, &args)
+    spawn(dir, log, &*BIN, &args)
 }
 
 /// The arguments of `holdfast client` forwarding `local` to the bench service through the

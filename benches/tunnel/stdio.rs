@@ -15,7 +15,7 @@ use super::{BIN, SERVICE_NAME};
 /// Round trips of 64 B through a fresh `holdfast connect` to the server on `port`:
 /// (p50, p99) in µs.
 pub(crate) async fn rtt(keys: &HoldfastKeys, port: u16, samples: usize) -> io::Result<(f64, f64)> {
-    let mut child = Command::new(BIN)
+    let mut child = Command::new(&*BIN)
         .arg("-q")
         .arg("connect")
         .args(["--server", &format!("127.0.0.1:{port}"), "--service", SERVICE_NAME])
