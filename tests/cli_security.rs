@@ -164,6 +164,12 @@ fn client_keys(keys: &Keys) -> (PrivateKey, PublicKey) {
     (keys::load_private_key(&keys.client_key).unwrap(), keys::load_public_key(&keys.server_pub).unwrap())
 }
 
+/// A library client's configuration with the client key of `keys`.
+fn client_cfg(keys: &Keys) -> ClientConfig {
+    let (private, server_key) = client_keys(keys);
+    ClientConfig::new(Keypair::from_private(private), server_key)
+}
+
 /// An authenticated client sends a service name with a newline and a fake log line in it: the
 /// server logs the name escaped, on its own line.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -171,8 +177,7 @@ async fn a_service_name_cannot_fake_a_log_line() {
     let keys = Keys::new("log-name");
     let echo = echo_service().await;
     let (server, addr) = keys.server(&[format!("echo={echo}")]).await;
-    let (private, server_key) = client_keys(&keys);
-    let cfg = ClientConfig::new(Keypair::from_private(private), server_key);
+    let cfg = client_cfg(&keys);
     let mut stream = holdfast::connect(addr.to_string(), cfg).await.unwrap();
     let name = format!("x\n{FAKE}");
     let mut request = vec![name.len() as u8];
@@ -342,8 +347,7 @@ async fn sessions_one_after_another_share_their_keys_log_budget() {
     let keys = Keys::new("log-budget");
     let echo = echo_service().await;
     let (server, addr) = keys.server(&[format!("echo={echo}")]).await;
-    let (private, server_key) = client_keys(&keys);
-    let cfg = ClientConfig::new(Keypair::from_private(private), server_key);
+    let cfg = client_cfg(&keys);
     const SESSIONS: usize = 5;
     const EACH: usize = 1000;
     let start = std::time::Instant::now();
@@ -414,8 +418,7 @@ async fn strangers_cannot_take_every_descriptor_under_a_low_limit() {
         held.push(sock.connect(addr).await.unwrap());
     }
     // A real client gets in (the connections before its own were accepted by then).
-    let (private, server_key) = client_keys(&keys);
-    let cfg = ClientConfig::new(Keypair::from_private(private), server_key);
+    let cfg = client_cfg(&keys);
     let mut stream = tokio::time::timeout(LIMIT, holdfast::connect(addr.to_string(), cfg)).await.unwrap().unwrap();
     let mut request = vec![4u8];
     request.extend_from_slice(b"echo");

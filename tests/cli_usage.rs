@@ -257,3 +257,28 @@ async fn defaults_survive_a_night_away() {
         assert!(d >= std::time::Duration::from_secs(12 * 3600), "{cmd} --{flag} defaults to {value}, less than 12 h");
     }
 }
+
+/// A worker-thread count that is not a positive number (tokio reads `TOKIO_WORKER_THREADS`
+/// itself) is an error that says what to do, not a panic.
+#[test]
+fn a_bad_worker_thread_count_is_an_error_not_a_panic() {
+    for v in ["abc", "0", "", " 2"] {
+        let out = std::process::Command::new(common::cli::BIN)
+            .arg("pubkey")
+            .env("TOKIO_WORKER_THREADS", v)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{v:?}: {err}");
+        assert!(err.contains("TOKIO_WORKER_THREADS") && err.contains("positive number"), "{v:?}: {err}");
+        assert!(!err.contains("panicked"), "{v:?}: {err}");
+    }
+    let out = std::process::Command::new(common::cli::BIN)
+        .arg("pubkey")
+        .env("TOKIO_WORKER_THREADS", "1")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("TOKIO_WORKER_THREADS"));
+}

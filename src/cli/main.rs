@@ -102,6 +102,16 @@ fn main() -> ExitCode {
     }
     // `connect` carries one stream for one program: a single thread moves its bytes without
     // waking another thread for every message (round trips through it are request/response).
+    // tokio reads this variable itself, and panics on a value that is not a positive number.
+    if let Some(v) = std::env::var_os("TOKIO_WORKER_THREADS") {
+        if !v.to_str().and_then(|t| t.parse::<usize>().ok()).is_some_and(|n| n > 0) {
+            eprintln!(
+                "holdfast: error: TOKIO_WORKER_THREADS is {:?}: set it to a positive number of threads, or unset it (one per CPU)",
+                v
+            );
+            return ExitCode::from(2);
+        }
+    }
     let rt = if matches!(cli.cmd, Cmd::Connect(_) | Cmd::SshProxy { .. } | Cmd::Ssh(_) | Cmd::SshServer(_)) {
         tokio::runtime::Builder::new_current_thread().enable_all().build()
     } else {
