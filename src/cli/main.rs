@@ -104,7 +104,7 @@ fn main() -> ExitCode {
     // waking another thread for every message (round trips through it are request/response).
     // tokio reads this variable itself, and panics on a value that is not a positive number.
     if let Some(v) = std::env::var_os("TOKIO_WORKER_THREADS") {
-        if !v.to_str().and_then(|t| t.parse::<usize>().ok()).is_some_and(|n| n > 0) {
+        if !matches!(v.to_str().map(str::parse::<usize>), Some(Ok(1..))) {
             eprintln!(
                 "holdfast: error: TOKIO_WORKER_THREADS is {:?}: set it to a positive number of threads, or unset it (one per CPU)",
                 v
