@@ -433,4 +433,21 @@ async fn strangers_cannot_take_every_descriptor_under_a_low_limit() {
     let log = server.stderr();
     assert!(!log.contains("accept failed"), "{log}");
     drop(held);
+    // The limit holds (1,024 - 256) / 2 = 384 streams; one key gets a quarter of them, not all.
+    let session = holdfast::connect_session(addr.to_string(), client_cfg(&keys)).await.unwrap();
+    let mut open = Vec::new();
+    for _ in 0..200 {
+        let mut sub = session.open().await.unwrap();
+        sub.write_all(b"\x04echo").await.unwrap();
+        let mut reply = [0u8; 2];
+        match tokio::time::timeout(LIMIT, sub.read_exact(&mut reply)).await.unwrap() {
+            Ok(_) => open.push(sub),
+            Err(e) => {
+                assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+                break;
+            }
+        }
+    }
+    // The first session's stream holds one slot of the key's 96.
+    assert_eq!(open.len(), 95, "streams one key holds under the lowered limit");
 }

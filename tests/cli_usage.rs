@@ -177,7 +177,7 @@ async fn a_tunnel_open_past_the_drain_time_is_told_the_server_stopped() {
     assert!(rest.is_empty(), "{rest:?}");
     let (status, slog) = server.exit().await;
     assert!(status.success(), "server exit {status}:\n{slog}");
-    assert!(slog.contains("drain time over; exiting with tunnels still open"), "{slog}");
+    assert!(slog.contains("drain time over; the sessions still open were ended"), "{slog}");
     drop(stdin);
 }
 

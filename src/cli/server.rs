@@ -52,6 +52,9 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
     cfg.limits.max_sessions = args.max_sessions;
     cfg.limits.max_sessions_per_key = args.max_sessions_per_key;
     cfg.limits.max_streams = max_streams;
+    // Under a descriptor limit that lowered the server's streams, one key keeps the default
+    // share of them (a quarter), so that it cannot take every slot.
+    cfg.limits.max_streams_per_key = cfg.limits.max_streams_per_key.min((max_streams / 4).max(1));
     cfg.limits.max_handshakes = max_handshakes;
     cfg.limits.handshakes_per_sec_per_ip = args.handshake_rate.max(1);
     cfg.limits.buffer_budget = usize::try_from(args.buffer_budget).context("--buffer-budget is too large")?;
@@ -152,7 +155,7 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
         r = tunnel::serve_until(listener, services, stop, SHUTDOWN_DRAIN) => {
             let left = r?;
             if left > 0 {
-                warn!(tunnels = left, "drain time over; exiting with tunnels still open");
+                warn!(sessions = left, "drain time over; the sessions still open were ended (their clients are told the server stopped)");
             } else {
                 info!("every tunnel ended; exiting");
             }

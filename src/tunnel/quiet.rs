@@ -38,6 +38,8 @@ impl Level {
 pub(super) struct LogBudget {
     level: Level,
     parent: Option<Arc<LogBudget>>,
+    /// Lines held back and not reported are handed to `parent` on drop, not logged.
+    hands_up: bool,
     state: Mutex<Bucket>,
 }
 
@@ -60,7 +62,18 @@ impl LogBudget {
 
     /// A full budget of `level` whose lines are also charged to `parent`'s chain.
     pub(super) fn under(level: Level, parent: Option<Arc<LogBudget>>) -> LogBudget {
-        LogBudget { level, parent, state: Mutex::new(Bucket { at: Instant::now(), lines: level.burst, held: 0 }) }
+        let state = Mutex::new(Bucket { at: Instant::now(), lines: level.burst, held: 0 });
+        LogBudget { level, parent, hands_up: false, state }
+    }
+
+    /// A budget of [`Level::SESSION`] within `session`'s (a reverse listener's): what it holds
+    /// back and has not reported when it goes is reported by `session`'s, not by a line of its
+    /// own (a client opening listener after listener would otherwise decide how many such
+    /// lines there are).
+    pub(super) fn within(session: &Arc<LogBudget>) -> LogBudget {
+        let mut b = LogBudget::under(Level::SESSION, Some(session.clone()));
+        b.hands_up = true;
+        b
     }
 
     /// `Some(held back)` if a line may be logged now, with how many were held back since the
@@ -113,10 +126,16 @@ impl Bucket {
 }
 
 impl Drop for LogBudget {
+    /// The lines held back and not reported yet: a budget under a session's (a reverse
+    /// listener's) hands them to it; a session's reports them in one line, its last.
     fn drop(&mut self) {
-        let held = self.lock().held;
-        if held > 0 {
-            tracing::info!(suppressed = held, "log lines held back by the log budget were not written");
+        let held = std::mem::take(&mut self.lock().held);
+        if held == 0 {
+            return;
+        }
+        match (&self.parent, self.hands_up) {
+            (Some(p), true) => p.lock().held += held,
+            _ => tracing::info!(suppressed = held, "log lines held back by the log budget were not written"),
         }
     }
 }
@@ -248,5 +267,22 @@ mod tests {
             drop(logs.session(&crate::keys::Keypair::generate().public));
         }
         assert!(logs.keys.lock().unwrap().map.len() <= 128, "{}", logs.keys.lock().unwrap().map.len());
+    }
+
+    /// A listener's budget hands what it held back to its session's when it goes: one report
+    /// per session, however many listeners it opened.
+    #[test]
+    fn a_listeners_held_lines_are_reported_by_its_session() {
+        let logs = KeyedLogs::default();
+        let session = logs.session(&crate::keys::Keypair::generate().public);
+        let t0 = Instant::now() + Duration::from_secs(1);
+        while session.take_at(t0).is_some() {}
+        let before = session.lock().held;
+        for _ in 0..10 {
+            let listener = LogBudget::within(&session);
+            assert_eq!(listener.take_at(t0), None, "the session's budget is spent");
+        }
+        assert_eq!(session.lock().held, before + 10);
+        session.lock().held = 0;
     }
 }

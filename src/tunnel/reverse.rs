@@ -21,7 +21,7 @@ use tracing::{info, warn};
 use super::join::join;
 use super::limits::ReversePermit;
 use super::pool::{lock, MuxPool};
-use super::quiet::{quiet, Level, LogBudget};
+use super::quiet::{quiet, LogBudget};
 use super::request::{read_reply, tagged, write_reply, REVERSE_OPEN};
 use super::{Services, Status, TunnelError, REQUEST_TIMEOUT};
 use crate::human::printable;
@@ -126,7 +126,7 @@ pub(super) async fn serve_listen(
     let mut backoff = crate::net::AcceptBackoff::default();
     // Whoever reaches the listener decides how many connections there are: they have a budget
     // of their own within their session's ([`super::quiet`]).
-    let log = Arc::new(LogBudget::under(Level::SESSION, Some(session_log.clone())));
+    let log = Arc::new(LogBudget::within(&session_log));
     loop {
         let next = async {
             if !pause.is_zero() {

@@ -23,8 +23,9 @@ pub async fn serve(listener: Listener, services: Arc<Services>) -> Result<(), ne
 }
 
 /// How long the sessions still open when the drain time is over get to be told CLOSE
-/// (Shutdown).
-const TELL_STOPPING: Duration = Duration::from_secs(1);
+/// (Shutdown) and to end: a session's driver waits up to 2 s after its CLOSE for the client to
+/// close too (`net::pump`), then logs the session's last line.
+const TELL_STOPPING: Duration = Duration::from_secs(3);
 
 /// Like [`serve`], until `stop` resolves. Then it stops accepting (the listener is dropped), and
 /// ends every open tunnel cleanly: the service's side is read no more, the client gets a FIN
@@ -62,7 +63,7 @@ pub async fn serve_until(
     let _ = stopping.send(true);
     let n = open.len();
     if n > 0 {
-        info!(tunnels = n, drain = %crate::human::Rounded(drain), "shutting down: ending every tunnel cleanly");
+        info!(sessions = n, drain = %crate::human::Rounded(drain), "shutting down: ending every tunnel cleanly");
     }
     let _ = tokio::time::timeout(drain, async { while open.join_next().await.is_some() {} }).await;
     // The sessions still open are told the server is stopping (CLOSE Shutdown), rather than
