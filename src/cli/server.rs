@@ -39,7 +39,8 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
         services.allow_connect(rule.parse().with_context(|| format!("--allow-connect {}", printable(rule)))?);
     }
     let defaults = holdfast::net::Limits::default();
-    let (max_streams, max_handshakes) = raise_fd_limit(args.max_sessions, defaults.max_streams, args.max_handshakes);
+    let (max_streams, max_handshakes, max_sessions) =
+        raise_fd_limit(args.max_sessions, defaults.max_streams, args.max_handshakes);
     let keypair = load_keypair("--key", &key)?;
     let allow = AllowList::load(&authorized).map_err(|e| anyhow!("--authorized {e}"))?;
     if allow.is_empty() {
@@ -49,7 +50,7 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
     warn_unknown_services(&allow, &services);
     let mut cfg = ServerConfig::new(keypair, allow);
     cfg.session = session_config(&args.timers)?;
-    cfg.limits.max_sessions = args.max_sessions;
+    cfg.limits.max_sessions = max_sessions;
     cfg.limits.max_sessions_per_key = args.max_sessions_per_key;
     cfg.limits.max_streams = max_streams;
     // Under a descriptor limit that lowered the server's streams, one key keeps the default
@@ -176,12 +177,13 @@ const FD_RESERVE: u64 = 256;
 /// `max_streams` streams (each may hold its service or forwarded connection), `handshakes`
 /// connections in their handshake (two descriptors each, and the connections answered BUSY:
 /// [`holdfast::net::Limits::handshake_descriptors`]) and a reserve, up to the hard limit (or
-/// above it as root). Returns the streams and handshakes the limit holds: `max_streams` and
-/// `handshakes`, or fewer when the limit is lower. Then a stream past them is refused (RESET
-/// LIMIT) and a handshake past them evicts the oldest or is answered BUSY, instead of failing
-/// `accept` for everyone: whatever strangers do, the descriptors of their connections stay
-/// within a quarter of what the limit leaves beyond the reserve.
-fn raise_fd_limit(max_sessions: usize, max_streams: usize, handshakes: usize) -> (usize, usize) {
+/// above it as root). Returns the streams, handshakes and sessions the limit holds:
+/// `max_streams`, `handshakes` and `max_sessions`, or fewer when the limit is lower. Then a
+/// stream past them is refused (RESET LIMIT), a handshake past them evicts the oldest or is
+/// answered BUSY and a session past them is answered BUSY, instead of failing `accept` for
+/// everyone: whatever strangers do, the descriptors of their connections stay within a quarter
+/// of what the limit leaves beyond the reserve, and the three together within all of it.
+fn raise_fd_limit(max_sessions: usize, max_streams: usize, handshakes: usize) -> (usize, usize, usize) {
     use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
     let hs_fds = |n: usize| holdfast::net::Limits { max_handshakes: n, ..Default::default() }.handshake_descriptors();
     let fixed = (max_sessions as u64).saturating_add(hs_fds(handshakes)).saturating_add(FD_RESERVE);
@@ -193,7 +195,9 @@ fn raise_fd_limit(max_sessions: usize, max_streams: usize, handshakes: usize) ->
     if lim.current.is_some_and(|c| c < need) && setrlimit(Resource::Nofile, wanted).is_err() {
         let _ = setrlimit(Resource::Nofile, Rlimit { current: lim.maximum, maximum: lim.maximum });
     }
-    let Some(n) = getrlimit(Resource::Nofile).current.filter(|&n| n < need) else { return (max_streams, handshakes) };
+    let Some(n) = getrlimit(Resource::Nofile).current.filter(|&n| n < need) else {
+        return (max_streams, handshakes, max_sessions);
+    };
     let spare = n.saturating_sub(FD_RESERVE);
     // Handshakes (strangers') get at most a ninth of the spare: 2 descriptors each and a
     // quarter as many BUSY answers take at most a quarter of it.
@@ -204,14 +208,17 @@ fn raise_fd_limit(max_sessions: usize, max_streams: usize, handshakes: usize) ->
         .saturating_sub((max_sessions as u64).saturating_add(hs_fds(handshakes)))
         .max(spare / 2)
         .min(max_streams as u64);
-    let msg = "the file-descriptor limit holds fewer sessions, streams and handshakes than the limits allow: streams and handshakes past it are refused; to allow them all, raise it (ulimit -n, or LimitNOFILE= under systemd)";
+    // Sessions (a descriptor each, their links) get the rest: at least a quarter of the spare.
+    let sessions = spare.saturating_sub(hs_fds(handshakes).saturating_add(streams));
+    let sessions = usize::try_from(sessions).unwrap_or(usize::MAX).min(max_sessions).max(1);
+    let msg = "the file-descriptor limit holds fewer sessions, streams and handshakes than the limits allow: those past it are refused; to allow them all, raise it (ulimit -n, or LimitNOFILE= under systemd)";
     // A limit that still holds thousands of streams is worth knowing only when looking for it.
     if streams < 1024 {
-        warn!(limit = n, streams, handshakes, max_sessions, "{msg}");
+        warn!(limit = n, streams, handshakes, sessions, "{msg}");
     } else {
-        tracing::debug!(limit = n, streams, handshakes, max_sessions, "{msg}");
+        tracing::debug!(limit = n, streams, handshakes, sessions, "{msg}");
     }
-    (streams as usize, handshakes)
+    (streams as usize, handshakes, sessions)
 }
 
 /// Resolves when this process has handed its listener over and has nothing left to do: its
