@@ -260,6 +260,20 @@ async fn a_name_gets_one_answer_whether_it_exists_or_not() {
     server.abort();
 }
 
+/// A server offering one service `name` (a listener of the test's own, which nobody reads
+/// unless the test does), the client's pools, a tunnel to it and the service's side of it.
+async fn one_tunnel(
+    name: &str,
+) -> (Arc<MuxPool>, Arc<MuxPool>, tokio::task::JoinHandle<()>, holdfast::Stream, tokio::net::TcpStream) {
+    let service = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut services = Services::new();
+    services.add(name, &service.local_addr().unwrap().to_string()).unwrap();
+    let (a, b, server) = start(Arc::new(services)).await;
+    let s = a.open(name).await.expect("service refused").expect("the server multiplexes");
+    let (conn, _) = timeout(LIMIT, service.accept()).await.expect("no connection to the service").unwrap();
+    (a, b, server, s, conn)
+}
+
 /// Found by an implementation written from docs/PROTOCOL.md alone: a client's RESET after its
 /// FIN did not end the tunnel while the service stayed silent. The server kept the service's
 /// connection (a descriptor, though the stream's slot was given back) until the service next
@@ -267,12 +281,7 @@ async fn a_name_gets_one_answer_whether_it_exists_or_not() {
 /// (Appendix A.5), whatever the service does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reset_after_the_fin_ends_the_tunnel_while_the_service_is_silent() {
-    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let mut services = Services::new();
-    services.add("silent", &silent.local_addr().unwrap().to_string()).unwrap();
-    let (a, b, server) = start(Arc::new(services)).await;
-    let mut s = a.open("silent").await.expect("service silent refused").expect("the server multiplexes");
-    let (mut conn, _) = timeout(LIMIT, silent.accept()).await.expect("no connection to the service").unwrap();
+    let (a, b, server, mut s, mut conn) = one_tunnel("silent").await;
     s.shutdown().await.unwrap();
     let mut buf = [0u8; 16];
     let n = timeout(LIMIT, conn.read(&mut buf)).await.expect("the FIN never reached the service").unwrap();
@@ -292,12 +301,7 @@ async fn a_reset_after_the_fin_ends_the_tunnel_while_the_service_is_silent() {
 /// given back: descriptors outside every bound. A RESET now ends it at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reset_ends_a_tunnel_whose_service_never_reads() {
-    let half = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let mut services = Services::new();
-    services.add("half", &half.local_addr().unwrap().to_string()).unwrap();
-    let (a, b, server) = start(Arc::new(services)).await;
-    let s = a.open("half").await.expect("service half refused").expect("the server multiplexes");
-    let (conn, _) = timeout(LIMIT, half.accept()).await.expect("no connection to the service").unwrap();
+    let (a, b, server, s, conn) = one_tunnel("half").await;
     // The service ends its side at once and never reads.
     let conn = conn.into_std().unwrap();
     conn.shutdown(std::net::Shutdown::Write).unwrap();
