@@ -9,6 +9,7 @@ pub mod config;
 pub mod control;
 pub mod events;
 mod pump;
+pub(crate) mod quiet;
 mod race;
 pub mod server;
 pub(crate) mod short_read;

@@ -113,7 +113,6 @@ pub(super) struct Bounds {
     reverse_open: AtomicUsize,
     reverse_most: AtomicUsize,
     listeners: AtomicUsize,
-    logs: super::quiet::KeyedLogs,
 }
 
 impl fmt::Debug for Bounds {
@@ -143,17 +142,11 @@ impl Bounds {
             reverse_open: AtomicUsize::new(0),
             reverse_most: AtomicUsize::new(0),
             listeners: AtomicUsize::new(0),
-            logs: super::quiet::KeyedLogs::default(),
         }
     }
 
     pub(super) fn resolver(&self) -> Arc<ResolveFn> {
         self.resolver.clone()
-    }
-
-    /// The log budget of a new session of `key` ([`super::quiet`]).
-    pub(super) fn session_log(&self, key: &crate::keys::PublicKey) -> Arc<super::quiet::LogBudget> {
-        self.logs.session(key)
     }
 
     /// A semaphore for one session's look-ups.

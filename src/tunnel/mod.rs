@@ -25,7 +25,6 @@ mod forward;
 mod join;
 mod limits;
 mod pool;
-mod quiet;
 pub(crate) mod request;
 mod reverse;
 mod rights;

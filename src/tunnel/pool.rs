@@ -16,11 +16,11 @@ use tokio::sync::{mpsc, watch};
 use tracing::debug;
 
 use super::join::join;
-use super::quiet::{quiet, Level, LogBudget};
 use super::request::{connect_session_when_not_busy, read_addr, read_reply, write_reply, REVERSE_OPEN};
 use super::target::connect_service;
 use super::{Status, TunnelError, REQUEST_TIMEOUT};
 use crate::human::printable;
+use crate::net::quiet::{quiet, Level, LogBudget};
 use crate::net::{ClientConfig, LinkEvent, LinkStatus, Session, Stream};
 
 /// Client side: the session of a forward (or of several), opened on first use, shared by every

@@ -21,11 +21,11 @@ use tracing::{info, warn};
 use super::join::join;
 use super::limits::ReversePermit;
 use super::pool::{lock, MuxPool};
-use super::quiet::{quiet, LogBudget};
 use super::request::{read_reply, tagged, write_reply, REVERSE_OPEN};
 use super::{Services, Status, TunnelError, REQUEST_TIMEOUT};
 use crate::human::printable;
 use crate::keys::AllowedPeer;
+use crate::net::quiet::{quiet, LogBudget};
 use crate::net::{LinkStatus, Session, Stream};
 
 /// First pause before asking again after a refusal; it doubles after each refusal, up to

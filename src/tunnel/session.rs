@@ -13,13 +13,13 @@ use tracing::{debug, warn};
 use zeroize::Zeroizing;
 
 use super::join::join;
-use super::quiet::{quiet, LogBudget};
 use super::request::{read_request, write_reply, Request};
 use super::rights;
 use super::target::{connect_service, connect_target, resolve};
 use super::{Services, Status, REQUEST_TIMEOUT};
 use crate::human::printable;
 use crate::keys::AllowedPeer;
+use crate::net::quiet::{quiet, LogBudget};
 use crate::net::{self, AllowListHandle, LinkStatus, Peer, Session, Stream};
 
 /// Server side: serves every stream the client opens on `session` as a tunnel of its own,
@@ -36,11 +36,8 @@ pub(super) async fn serve_session(
     let mut open = tokio::task::JoinSet::new();
     let mut stopping = stop.clone();
     let mut stopped = false;
-    let ctx = SessionCtx {
-        lookups: services.bounds().session_lookups(),
-        status: status.clone(),
-        log: services.bounds().session_log(&peer.key),
-    };
+    let ctx =
+        SessionCtx { lookups: services.bounds().session_lookups(), status: status.clone(), log: peer.log().clone() };
     // On a stop, the streams open finish as any tunnel does (the services are read no more
     // and each stream is half-closed); then the session is closed.
     loop {

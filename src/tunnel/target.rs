@@ -1,7 +1,7 @@
 //! Where a tunnel leads on the server: a named service's target, or a dynamic forward's
 //! destination, connected within a bound.
 
-use super::quiet::{quiet, LogBudget};
+use crate::net::quiet::{quiet, LogBudget};
 use std::time::Duration;
 
 use tokio::net::TcpStream;

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use super::session::{session_task, sync_tickets};
 use super::state::{Claim, Entry, NewLink, Reservation, ResumesFull, Slot, State};
@@ -20,6 +20,7 @@ use super::{handover, proxy};
 use crate::keys::PublicKey;
 use crate::net::budget::{Charge, StreamCharge};
 use crate::net::events::LinkEvent;
+use crate::net::quiet::quiet;
 use crate::net::stream::{Session as StreamSession, Shared};
 use crate::net::wire::{read_record, write_record};
 use crate::net::Error;
@@ -417,12 +418,14 @@ pub(super) fn commit_new(
     let who = super::client_label(name.as_deref(), &client);
     let activity = super::status::Activity::new(state.registry.fresh_tag());
     let span = activity.tag.span();
+    let log = state.logs.session(&client);
     let entry = Arc::new(Entry {
         shared: shared.clone(),
         client,
         who,
         name: name.clone(),
         activity: activity.clone(),
+        log: log.clone(),
         track: super::status::Track::new(addr, link.is_some()),
         opened: now,
         replace: tx,
@@ -439,18 +442,21 @@ pub(super) fn commit_new(
         sync_tickets(state, &entry, ev);
     }
     state.registry.insert(entry.clone());
-    let peer = Peer { key: client, name, addr, activity };
+    let peer = Peer { key: client, name, addr, activity, log };
     let _in = span.enter();
-    info!(client = %entry.who, key = %client, %addr, %cipher, "session opened");
+    quiet!(entry.log, info!(client = %entry.who, key = %client, %addr, %cipher, "session opened"));
     shared.emit(LinkEvent::Connected { peer: addr });
     match state.accepted.try_send((StreamSession::from_counted(shared.clone()), peer)) {
         Ok(()) => {}
         Err(mpsc::error::TrySendError::Full(_)) => {
-            warn!(%addr, "accept queue full; dropping new session");
+            quiet!(entry.log, warn!(client = %entry.who, %addr, "accept queue full; dropping new session"));
             shared.fail(CloseCode::Limit, SessionError::Aborted("server accept queue full".into()));
         }
         Err(mpsc::error::TrySendError::Closed(_)) => {
-            info!(client = %entry.who, %addr, "the server is stopping: closing the session it just opened");
+            quiet!(
+                entry.log,
+                info!(client = %entry.who, %addr, "the server is stopping: closing the session it just opened")
+            );
             shared.fail(CloseCode::Shutdown, SessionError::Aborted("the server is stopping".into()));
         }
     }

@@ -31,6 +31,7 @@ pub use upgrade::{bind_with_handover, prepare_handover, ExtraSockets, Upgrade};
 
 use crate::keys::{AllowList, PublicKey};
 use crate::net::config::ServerConfig;
+use crate::net::quiet::{self, quiet};
 use crate::net::stream::{Session, Stream};
 use crate::net::Error;
 use crate::proto::StaticSecrets;
@@ -69,7 +70,7 @@ impl AllowListHandle {
 ///
 /// The session's "session closed" line is logged once its driver is done and every clone of
 /// its `Peer` is dropped: so that the lines about its tunnels, which hold the `Peer`, come first.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Peer {
     /// The client's static public key (on the allow-list).
     pub key: PublicKey,
@@ -79,7 +80,18 @@ pub struct Peer {
     pub addr: SocketAddr,
     /// The session's id and what its tunnels report (see [`Peer::stream_opened`]).
     activity: Arc<status::Activity>,
+    /// The budget of the lines the session causes (see [`crate::net::quiet`]).
+    log: Arc<quiet::LogBudget>,
 }
+
+/// Two peers are equal when they are the same session's (the log budget follows the session).
+impl PartialEq for Peer {
+    fn eq(&self, other: &Self) -> bool {
+        (self.key, &self.name, self.addr, &self.activity) == (other.key, &other.name, other.addr, &other.activity)
+    }
+}
+
+impl Eq for Peer {}
 
 impl Peer {
     /// How logs name the client: its allow-list name when the session opened, or else its key,
@@ -87,6 +99,11 @@ impl Peer {
     /// or `=` reads as one field.
     pub fn label(&self) -> String {
         client_label(self.name.as_deref(), &self.key)
+    }
+
+    /// The budget of the lines the session causes, charged to its key's and the server's.
+    pub(crate) fn log(&self) -> &Arc<quiet::LogBudget> {
+        &self.log
     }
 }
 
@@ -171,6 +188,7 @@ fn new_state(cfg: ServerConfig) -> (Arc<State>, mpsc::Receiver<(Session, Peer)>)
         registry: Default::default(),
         refusal_summary: Default::default(),
         refusal_log: Default::default(),
+        logs: Default::default(),
         refusing: AtomicUsize::new(0),
         pending: Mutex::new(Pending::default()),
         accepted: tx,
@@ -220,7 +238,10 @@ impl Listener {
                 Ok(stream) => return Ok((stream, peer)),
                 // The session is dropped: its client's stream is refused, and it ends.
                 Err(e) => {
-                    tracing::warn!(client = %peer.label(), error = %e, "cannot take the session's first stream (it ended before it was accepted, or the stream limits are spent); session dropped")
+                    quiet!(
+                        peer.log,
+                        warn!(client = %peer.label(), error = %e, "cannot take the session's first stream (it ended before it was accepted, or the stream limits are spent); session dropped")
+                    )
                 }
             }
         }

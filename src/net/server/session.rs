@@ -7,13 +7,14 @@ use std::time::Instant;
 
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
-use tracing::{debug, info, warn};
+use tracing::debug;
 
 use super::state::{Entry, NewLink, State};
 use super::stats::Phase;
 use crate::human::{printable, Rounded};
 use crate::net::events::{LinkEvent, LinkLost, LinkStatus};
 use crate::net::pump::{pump, PumpEnd};
+use crate::net::quiet::quiet;
 use crate::proto::{CloseCode, Event, SessionError, Ticket};
 
 /// Applies ticket events to the table.
@@ -82,7 +83,10 @@ pub(super) async fn session_task(
                         entry.track.detached();
                         faults += 1;
                         lost_at = Instant::now();
-                        info!(client = %entry.who, cause = %printable(&cause.to_string()), "session detached; waiting for resume");
+                        quiet!(
+                            entry.log,
+                            info!(client = %entry.who, cause = %printable(&cause.to_string()), "session detached; waiting for resume")
+                        );
                         let lost = LinkLost { cause: cause.to_string(), faults };
                         shared.set_status(LinkStatus::Reconnecting { cause: lost.cause.clone(), attempt: 0 });
                         shared.emit(LinkEvent::Lost(lost));
@@ -109,7 +113,10 @@ pub(super) async fn session_task(
                 match next {
                     Ok(Some(new)) => new,
                     Ok(None) | Err(_) => {
-                        info!(client = %entry.who, expiry = %Rounded(expiry), "session expired without a resume");
+                        quiet!(
+                            entry.log,
+                            info!(client = %entry.who, expiry = %Rounded(expiry), "session expired without a resume")
+                        );
                         state.expired.fetch_add(1, Ordering::Relaxed);
                         shared.fail(CloseCode::Expired, SessionError::Expired(expiry));
                         break;
@@ -143,13 +150,16 @@ pub(super) async fn session_task(
                 state.resumes.fetch_add(1, Ordering::Relaxed);
                 entry.track.resumed(new.peer);
                 let replayed_received = new.client_written.saturating_sub(shared.lock().session.received_offset());
-                info!(
-                    client = %entry.who,
-                    addr = %new.peer,
-                    after = %Rounded(now.saturating_duration_since(lost_at)),
-                    replayed_to_client = a.replayed,
-                    replayed_from_client = replayed_received,
-                    "session resumed"
+                quiet!(
+                    entry.log,
+                    info!(
+                        client = %entry.who,
+                        addr = %new.peer,
+                        after = %Rounded(now.saturating_duration_since(lost_at)),
+                        replayed_to_client = a.replayed,
+                        replayed_from_client = replayed_received,
+                        "session resumed"
+                    )
                 );
                 shared.set_status(LinkStatus::Connected);
                 shared.emit(LinkEvent::Resumed {
@@ -162,18 +172,27 @@ pub(super) async fn session_task(
             }
             Err(e) if e.is_link_fault() => {
                 // The confirmation frame was bad: drop this connection only, as on a live link.
-                warn!(client = %entry.who, error = %printable(&e.to_string()), "resumed connection sent a bad first frame; waiting for another");
+                quiet!(
+                    entry.log,
+                    warn!(client = %entry.who, error = %printable(&e.to_string()), "resumed connection sent a bad first frame; waiting for another")
+                );
                 shared.lock().session.detach();
                 lost_at = Instant::now();
             }
             Err(e @ SessionError::BadResume(_)) => {
                 // The client claims positions that were never sent: this end cannot resume it.
                 // The CLOSE(Protocol) that says so goes out on the new link.
-                warn!(client = %entry.who, error = %printable(&e.to_string()), "resume failed; ending session");
+                quiet!(
+                    entry.log,
+                    warn!(client = %entry.who, error = %printable(&e.to_string()), "resume failed; ending session")
+                );
                 link = Some(new.sock);
             }
             Err(e) => {
-                warn!(client = %entry.who, error = %printable(&e.to_string()), "resume failed; ending session");
+                quiet!(
+                    entry.log,
+                    warn!(client = %entry.who, error = %printable(&e.to_string()), "resume failed; ending session")
+                );
                 break;
             }
         }
@@ -203,17 +222,27 @@ fn defer_end_line(entry: &Entry, stream: (u64, u64)) {
     let failure = entry.shared.lock().session.failure().cloned();
     let lasted = Rounded(entry.opened.elapsed());
     let who = entry.who.clone();
+    let log = entry.log.clone();
     let line = move |tunnels: Option<((u64, u64, u64), u64)>| {
         let ((to_client, from_client, tunnels), tunnels_reset) = tunnels.unwrap_or(((stream.0, stream.1, 0), 0));
         match failure {
             None | Some(SessionError::Finished) => {
-                info!(client = %who, to_client, from_client, tunnels, tunnels_reset, %lasted, "session closed")
+                quiet!(
+                    log,
+                    info!(client = %who, to_client, from_client, tunnels, tunnels_reset, %lasted, "session closed")
+                )
             }
             Some(e @ SessionError::Expired(_)) => {
-                info!(client = %who, to_client, from_client, tunnels, tunnels_reset, %lasted, reason = %printable(&e.to_string()), "session ended")
+                quiet!(
+                    log,
+                    info!(client = %who, to_client, from_client, tunnels, tunnels_reset, %lasted, reason = %printable(&e.to_string()), "session ended")
+                )
             }
             Some(e) => {
-                warn!(client = %who, to_client, from_client, tunnels, tunnels_reset, %lasted, reason = %printable(&e.to_string()), "session ended")
+                quiet!(
+                    log,
+                    warn!(client = %who, to_client, from_client, tunnels, tunnels_reset, %lasted, reason = %printable(&e.to_string()), "session ended")
+                )
             }
         }
     };

@@ -45,6 +45,9 @@ pub(super) struct Entry {
     pub(super) name: Option<String>,
     /// Its id, and what its tunnels report (shared with its [`Peer`]s).
     pub(super) activity: Arc<super::status::Activity>,
+    /// The budget of every line the session causes, its own and its streams' (shared with
+    /// its [`Peer`]s).
+    pub(super) log: Arc<crate::net::quiet::LogBudget>,
     /// Where it is connected from, and since when (for `holdfast status`).
     pub(super) track: super::status::Track,
     /// When the session was committed.
@@ -298,6 +301,8 @@ pub(super) struct State {
     pub(super) refusal_summary: super::refusals::Summary,
     /// Which refused client keys were logged lately (see [`RefusalLog`]).
     pub(super) refusal_log: RefusalLog,
+    /// The log budgets of the server and of each key (see [`crate::net::quiet`]).
+    pub(super) logs: crate::net::quiet::KeyedLogs,
     /// Over-rate connections being answered with BUSY.
     pub(super) refusing: AtomicUsize,
     pub(super) pending: Mutex<Pending>,
@@ -591,6 +596,7 @@ mod resume_tests {
             who: String::new(),
             name: None,
             activity: super::super::status::Activity::new(super::super::status::SessionTag(0)),
+            log: std::sync::Arc::new(crate::net::quiet::LogBudget::new(crate::net::quiet::Level::SESSION)),
             track: super::super::status::Track::new(std::net::SocketAddr::from(([127, 0, 0, 1], 1)), true),
             opened: Instant::now(),
             replace,
