@@ -8,6 +8,7 @@ pub mod config;
 #[cfg(unix)]
 pub mod control;
 pub mod events;
+pub(crate) mod kernel;
 mod pump;
 pub(crate) mod quiet;
 mod race;

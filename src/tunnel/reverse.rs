@@ -203,7 +203,7 @@ async fn reverse_one(
     stop: watch::Receiver<bool>,
     _permit: ReversePermit,
 ) {
-    let _ = tcp.set_nodelay(true);
+    crate::net::kernel::bound(&tcp);
     let open = async {
         let mut sub = mux.open().await?;
         tokio::io::AsyncWriteExt::write_all(&mut sub, &tagged(REVERSE_OPEN, &at.to_string())).await?;

@@ -73,7 +73,7 @@ pub(super) async fn handshake(
     hello: Option<Vec<u8>>,
     slot: &Slot,
 ) -> Result<(), Error> {
-    let _ = sock.set_nodelay(true);
+    crate::net::kernel::bound(&sock);
     let (addr, body) = match hello {
         Some(body) => (addr, body),
         None => {
