@@ -11,6 +11,14 @@
 //! it is writable, so at most that and one write (256 KiB) wait for a peer that does not read,
 //! beyond what is in flight (bounded by the peer's window). In A/B runs of iperf3 through a
 //! forward on loopback it cost no throughput (BENCHMARKS.md).
+//!
+//! A socket closed with bytes still queued is kept by the kernel, with no descriptor and no
+//! budget, until they are delivered: for as long as a peer acknowledges the kernel's probes
+//! without ever reading (a red-team review left 400 such sockets, 137 MiB, from one session in
+//! half a second, and they were still there minutes later). A link the session no longer uses
+//! is reset instead (`net::pump`); a tunnel's socket that ends cleanly gets
+//! `TCP_USER_TIMEOUT` ([`closing`]), so that the kernel gives up on bytes a peer does not take
+//! within [`CLOSING`].
 
 use tokio::net::TcpStream;
 
@@ -22,4 +30,15 @@ pub(crate) const NOTSENT: u32 = 256 * 1024;
 pub(crate) fn bound(tcp: &TcpStream) {
     let _ = tcp.set_nodelay(true);
     let _ = socket2::SockRef::from(tcp).set_tcp_notsent_lowat(NOTSENT);
+}
+
+/// How long the kernel keeps trying to deliver what a cleanly closed socket still queues while
+/// its peer takes nothing (the same 30 s a tunnel gets after its session finished).
+pub(crate) const CLOSING: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Bounds the life of `tcp` once it is closed: queued bytes its peer does not take within
+/// [`CLOSING`] are dropped and the connection reset by the kernel. Only at the end: set on a
+/// live connection it would also end one whose reader merely pauses.
+pub(crate) fn closing(tcp: &TcpStream) {
+    let _ = socket2::SockRef::from(tcp).set_tcp_user_timeout(Some(CLOSING));
 }

@@ -20,6 +20,8 @@ const WRITE_BUDGET: usize = 256 * 1024;
 const CLOSE_LINGER: std::time::Duration = std::time::Duration::from_secs(2);
 /// Read buffer size.
 const READ_CHUNK: usize = 128 * 1024;
+/// How often the timers are looked at while a write waits for room in the socket.
+const PENDING_WRITE_TICK: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// How a connection's pump ended.
 pub(crate) enum PumpEnd<R> {
@@ -37,6 +39,22 @@ pub(crate) enum PumpEnd<R> {
 pub(crate) async fn pump<R>(
     shared: &Shared,
     mut sock: TcpStream,
+    replace: Option<(&mut mpsc::Receiver<R>, impl Fn(&R) -> bool)>,
+    on_event: impl FnMut(Event),
+) -> PumpEnd<R> {
+    let end = drive(shared, &mut sock, replace, on_event).await;
+    if !matches!(end, PumpEnd::Over) {
+        // A link the session no longer uses is reset, not closed: what it still queues is in
+        // the replay buffer, and a closed socket with queued bytes would stay in the kernel (no
+        // descriptor, no budget) for as long as its peer acknowledges probes without reading.
+        let _ = sock.set_zero_linger();
+    }
+    end
+}
+
+async fn drive<R>(
+    shared: &Shared,
+    sock: &mut TcpStream,
     mut replace: Option<(&mut mpsc::Receiver<R>, impl Fn(&R) -> bool)>,
     mut on_event: impl FnMut(Event),
 ) -> PumpEnd<R> {
@@ -89,9 +107,21 @@ pub(crate) async fn pump<R>(
                     }
                 }
             };
-            let _ = tokio::time::timeout(CLOSE_LINGER, drain).await;
+            if tokio::time::timeout(CLOSE_LINGER, drain).await.is_err() {
+                // The peer did not close in time: its last bytes are not waited for in the
+                // kernel either (see `pump`).
+                let _ = rd.as_ref().set_zero_linger();
+            }
             return PumpEnd::Over;
         }
+        // While a write waits for room, a due keepalive or ACK cannot go out, so its deadline
+        // stays in the past: the timers are looked at again after a tick, not at once (the
+        // loop spun at 100 % of a core for a peer that stopped reading its link). The dead-peer
+        // time is then judged up to a tick late.
+        let deadline = match deadline {
+            Some(d) if out_pos < out.len() => Some(d.max(now + PENDING_WRITE_TICK)),
+            d => d,
+        };
         let sleep = async {
             match deadline {
                 Some(d) => tokio::time::sleep_until(d.into()).await,

@@ -7,7 +7,8 @@
 //! ([`Level::SESSION`]), its key's ([`Level::KEY`], which outlives the key's sessions, so that a
 //! new session starts with what the last one left) and the server's ([`Level::SERVER`]). A
 //! burst is logged in full (a browser's hundreds of connections at once); past it, the refill
-//! rate. A line is logged only if every bucket of its chain has one. The lines held back are
+//! rate. The server keeps two sets of these, one for sessions' own lines and one for their
+//! streams', so that one cannot spend the other's. A line is logged only if every bucket of its chain has one. The lines held back are
 //! counted in the bucket they were asked of and reported with the next line logged through it
 //! (`suppressed=N`); a bucket that goes hands its count to its parent, whose count is reported
 //! with the next line of any bucket under it. No line is ever written outside the budgets,

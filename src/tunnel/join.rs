@@ -65,6 +65,9 @@ pub(super) async fn join(
         };
         tokio::try_join!(up, down)
     };
+    if res.is_ok() {
+        crate::net::kernel::closing(&tcp);
+    }
     if let Err(e) = &res {
         let _ = tcp.set_zero_linger();
         drop(tcp);

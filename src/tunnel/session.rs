@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
-use tracing::{debug, warn};
+use tracing::debug;
 use zeroize::Zeroizing;
 
 use super::join::join;
@@ -73,7 +73,7 @@ pub(super) async fn serve_session(
     drop(session);
     while open.join_next().await.is_some() {}
     match &*status.borrow() {
-        LinkStatus::Failed(e) => warn!(client = %who, error = %printable(e), "session failed"),
+        LinkStatus::Failed(e) => quiet!(ctx.log, warn!(client = %who, error = %printable(e), "session failed")),
         _ => debug!(client = %who, "session's streams ended"),
     }
     session_end(status).await;

@@ -425,7 +425,7 @@ pub(super) fn commit_new(
         who,
         name: name.clone(),
         activity: activity.clone(),
-        log: log.clone(),
+        life: state.life.session(&client),
         track: super::status::Track::new(addr, link.is_some()),
         opened: now,
         replace: tx,
@@ -444,17 +444,17 @@ pub(super) fn commit_new(
     state.registry.insert(entry.clone());
     let peer = Peer { key: client, name, addr, activity, log };
     let _in = span.enter();
-    quiet!(entry.log, info!(client = %entry.who, key = %client, %addr, %cipher, "session opened"));
+    quiet!(entry.life, info!(client = %entry.who, key = %client, %addr, %cipher, "session opened"));
     shared.emit(LinkEvent::Connected { peer: addr });
     match state.accepted.try_send((StreamSession::from_counted(shared.clone()), peer)) {
         Ok(()) => {}
         Err(mpsc::error::TrySendError::Full(_)) => {
-            quiet!(entry.log, warn!(client = %entry.who, %addr, "accept queue full; dropping new session"));
+            quiet!(entry.life, warn!(client = %entry.who, %addr, "accept queue full; dropping new session"));
             shared.fail(CloseCode::Limit, SessionError::Aborted("server accept queue full".into()));
         }
         Err(mpsc::error::TrySendError::Closed(_)) => {
             quiet!(
-                entry.log,
+                entry.life,
                 info!(client = %entry.who, %addr, "the server is stopping: closing the session it just opened")
             );
             shared.fail(CloseCode::Shutdown, SessionError::Aborted("the server is stopping".into()));

@@ -189,6 +189,7 @@ fn new_state(cfg: ServerConfig) -> (Arc<State>, mpsc::Receiver<(Session, Peer)>)
         refusal_summary: Default::default(),
         refusal_log: Default::default(),
         logs: Default::default(),
+        life: Default::default(),
         refusing: AtomicUsize::new(0),
         pending: Mutex::new(Pending::default()),
         accepted: tx,

@@ -84,7 +84,7 @@ pub(super) async fn session_task(
                         faults += 1;
                         lost_at = Instant::now();
                         quiet!(
-                            entry.log,
+                            entry.life,
                             info!(client = %entry.who, cause = %printable(&cause.to_string()), "session detached; waiting for resume")
                         );
                         let lost = LinkLost { cause: cause.to_string(), faults };
@@ -114,7 +114,7 @@ pub(super) async fn session_task(
                     Ok(Some(new)) => new,
                     Ok(None) | Err(_) => {
                         quiet!(
-                            entry.log,
+                            entry.life,
                             info!(client = %entry.who, expiry = %Rounded(expiry), "session expired without a resume")
                         );
                         state.expired.fetch_add(1, Ordering::Relaxed);
@@ -151,7 +151,7 @@ pub(super) async fn session_task(
                 entry.track.resumed(new.peer);
                 let replayed_received = new.client_written.saturating_sub(shared.lock().session.received_offset());
                 quiet!(
-                    entry.log,
+                    entry.life,
                     info!(
                         client = %entry.who,
                         addr = %new.peer,
@@ -173,7 +173,7 @@ pub(super) async fn session_task(
             Err(e) if e.is_link_fault() => {
                 // The confirmation frame was bad: drop this connection only, as on a live link.
                 quiet!(
-                    entry.log,
+                    entry.life,
                     warn!(client = %entry.who, error = %printable(&e.to_string()), "resumed connection sent a bad first frame; waiting for another")
                 );
                 shared.lock().session.detach();
@@ -183,14 +183,14 @@ pub(super) async fn session_task(
                 // The client claims positions that were never sent: this end cannot resume it.
                 // The CLOSE(Protocol) that says so goes out on the new link.
                 quiet!(
-                    entry.log,
+                    entry.life,
                     warn!(client = %entry.who, error = %printable(&e.to_string()), "resume failed; ending session")
                 );
                 link = Some(new.sock);
             }
             Err(e) => {
                 quiet!(
-                    entry.log,
+                    entry.life,
                     warn!(client = %entry.who, error = %printable(&e.to_string()), "resume failed; ending session")
                 );
                 break;
@@ -222,7 +222,7 @@ fn defer_end_line(entry: &Entry, stream: (u64, u64)) {
     let failure = entry.shared.lock().session.failure().cloned();
     let lasted = Rounded(entry.opened.elapsed());
     let who = entry.who.clone();
-    let log = entry.log.clone();
+    let log = entry.life.clone();
     let line = move |tunnels: Option<((u64, u64, u64), u64)>| {
         let ((to_client, from_client, tunnels), tunnels_reset) = tunnels.unwrap_or(((stream.0, stream.1, 0), 0));
         match failure {

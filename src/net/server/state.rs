@@ -45,9 +45,8 @@ pub(super) struct Entry {
     pub(super) name: Option<String>,
     /// Its id, and what its tunnels report (shared with its [`Peer`]s).
     pub(super) activity: Arc<super::status::Activity>,
-    /// The budget of every line the session causes, its own and its streams' (shared with
-    /// its [`Peer`]s).
-    pub(super) log: Arc<crate::net::quiet::LogBudget>,
+    /// The budget of the session's own lines (see [`State::life`]).
+    pub(super) life: Arc<crate::net::quiet::LogBudget>,
     /// Where it is connected from, and since when (for `holdfast status`).
     pub(super) track: super::status::Track,
     /// When the session was committed.
@@ -301,8 +300,12 @@ pub(super) struct State {
     pub(super) refusal_summary: super::refusals::Summary,
     /// Which refused client keys were logged lately (see [`RefusalLog`]).
     pub(super) refusal_log: RefusalLog,
-    /// The log budgets of the server and of each key (see [`crate::net::quiet`]).
+    /// The log budgets of the server and of each key (see [`crate::net::quiet`]), for the
+    /// lines of sessions' streams.
     pub(super) logs: crate::net::quiet::KeyedLogs,
+    /// The same, for sessions' own lines (opened, resumed, closed): lines of streams cannot
+    /// spend them (a key could otherwise hide its own logins behind its streams' lines).
+    pub(super) life: crate::net::quiet::KeyedLogs,
     /// Over-rate connections being answered with BUSY.
     pub(super) refusing: AtomicUsize,
     pub(super) pending: Mutex<Pending>,
@@ -596,7 +599,7 @@ mod resume_tests {
             who: String::new(),
             name: None,
             activity: super::super::status::Activity::new(super::super::status::SessionTag(0)),
-            log: std::sync::Arc::new(crate::net::quiet::LogBudget::new(crate::net::quiet::Level::SESSION)),
+            life: std::sync::Arc::new(crate::net::quiet::LogBudget::new(crate::net::quiet::Level::SESSION)),
             track: super::super::status::Track::new(std::net::SocketAddr::from(([127, 0, 0, 1], 1)), true),
             opened: Instant::now(),
             replace,
