@@ -187,6 +187,11 @@ impl ChaosProxy {
         self.inner.addr
     }
 
+    /// The upstream of connections accepted from now on.
+    pub fn target(&self) -> SocketAddr {
+        *lock(&self.shared().target)
+    }
+
     /// Upstream used for connections accepted from now on.
     pub fn set_target(&self, target: SocketAddr) {
         *lock(&self.shared().target) = target;
