@@ -174,6 +174,21 @@ impl KeyedLogs {
         Arc::new(LogBudget::under(Level::SESSION, Some(self.key(key))))
     }
 
+    /// The lines held back that no later line reported (a key that stopped logging after its
+    /// budget ran out), per key, taken through each key's budget: a key whose budget has no line
+    /// yet waits for the next call. The server calls it once a minute and logs one line for each.
+    pub(crate) fn held_reports(&self) -> Vec<(PublicKey, u64)> {
+        self.held_reports_at(Instant::now())
+    }
+
+    fn held_reports_at(&self, now: Instant) -> Vec<(PublicKey, u64)> {
+        let holding: Vec<(PublicKey, Arc<LogBudget>)> = {
+            let k = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+            k.map.iter().filter(|(_, b)| b.lock().held > 0).map(|(key, b)| (*key, b.clone())).collect()
+        };
+        holding.into_iter().filter_map(|(key, b)| b.take_one(now).filter(|n| *n > 0).map(|n| (key, n))).collect()
+    }
+
     fn key(&self, key: &PublicKey) -> Arc<LogBudget> {
         let mut k = self.keys.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(b) = k.map.get(key) {
@@ -297,6 +312,24 @@ mod tests {
         assert_eq!(third.take_at(t0 + one), Some(1100));
         assert_eq!(second.take_at(t0 + 2 * one), Some(100));
         assert_eq!(logs.key(&key).lock().held, 0);
+    }
+
+    /// A key that stopped logging after its budget ran out has what it held back reported by
+    /// the periodic report, once its budget has a line again, and only once.
+    #[test]
+    fn a_keys_unreported_lines_are_reported_by_the_periodic_report() {
+        let logs = KeyedLogs::default();
+        let key = crate::keys::Keypair::generate().public;
+        let t0 = Instant::now() + Duration::from_secs(1);
+        let (first, second) = (logs.session(&key), logs.session(&key));
+        let logged = (0..1000).filter(|_| first.take_at(t0).is_some()).count()
+            + (0..1500).filter(|_| second.take_at(t0).is_some()).count();
+        assert_eq!(logged, Level::KEY.burst as usize);
+        drop((first, second));
+        assert_eq!(logs.held_reports_at(t0), vec![], "the key's budget is spent");
+        let one = Duration::from_secs_f64(1.0 / Level::KEY.per_second);
+        assert_eq!(logs.held_reports_at(t0 + one), vec![(key, 500)]);
+        assert_eq!(logs.held_reports_at(t0 + 3 * one), vec![]);
     }
 
     /// A listener's budget hands what it held back to its session's when it goes: one report

@@ -104,6 +104,10 @@ pub(super) async fn summarise(state: Weak<State>) {
             let source = source.map_or_else(|| "others".to_string(), |a| a.to_string());
             info!(reason = why.name(), %source, refused = n, window = %crate::human::Rounded(WINDOW), "connections refused (after the first one logged)");
         }
+        // Lines held back by a key's log budget that no later line of the key reported.
+        for (key, suppressed) in state.life.held_reports().into_iter().chain(state.logs.held_reports()) {
+            info!(%key, suppressed, "log lines held back by the log budget were not written");
+        }
     }
 }
 
