@@ -341,6 +341,21 @@ async fn fill_until_stalled(wr: &mut holdfast::net::WriteHalf) {
     timeout(LIMIT, fill).await.expect("the writer never stalled");
 }
 
+/// True (and the test is reported skipped) if `ss` is not here.
+fn without_ss(test: &str) -> bool {
+    let missing = common::procs::check_tools(&["ss"]).err();
+    if let Some(reason) = &missing {
+        common::procs::skip(test, reason);
+    }
+    missing.is_some()
+}
+
+/// What `ss ARGS` prints.
+fn ss(args: &[&str]) -> String {
+    let out = std::process::Command::new("ss").args(args).output().expect("ss runs");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// A service that never reads holds, in the server's socket to it, at most the unsent bytes
 /// `TCP_NOTSENT_LOWAT` allows (256 KiB) and one write (256 KiB), not the kernel's largest send
 /// buffer (a red-team review measured 3.8 MiB of kernel memory for each such stream, so that a
@@ -348,9 +363,7 @@ async fn fill_until_stalled(wr: &mut holdfast::net::WriteHalf) {
 /// socket's send queue.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_that_never_reads_holds_little_kernel_memory() {
-    let name = "a_service_that_never_reads_holds_little_kernel_memory";
-    if let Err(reason) = common::procs::check_tools(&["ss"]) {
-        common::procs::skip(name, &reason);
+    if without_ss("a_service_that_never_reads_holds_little_kernel_memory") {
         return;
     }
     let (a, b, server, s, conn) = one_tunnel("silent").await;
@@ -358,8 +371,7 @@ async fn a_service_that_never_reads_holds_little_kernel_memory() {
     let (_rd, mut wr) = s.into_split();
     fill_until_stalled(&mut wr).await;
     // The server's socket to the service: its peer is the service's port.
-    let out = std::process::Command::new("ss").args(["-tnH", "state", "established"]).output().unwrap();
-    let out = String::from_utf8_lossy(&out.stdout);
+    let out = ss(&["-tnH", "state", "established"]);
     let queued: Vec<u64> = out
         .lines()
         .filter(|l| l.split_whitespace().nth(3).is_some_and(|peer| peer == format!("127.0.0.1:{port}")))
@@ -382,9 +394,7 @@ async fn a_service_that_never_reads_holds_little_kernel_memory() {
 /// `ss` finds no socket of the server's port still trying to deliver.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_link_given_up_for_a_resume_leaves_nothing_in_the_kernel() {
-    let name = "a_link_given_up_for_a_resume_leaves_nothing_in_the_kernel";
-    if let Err(reason) = common::procs::check_tools(&["ss"]) {
-        common::procs::skip(name, &reason);
+    if without_ss("a_link_given_up_for_a_resume_leaves_nothing_in_the_kernel") {
         return;
     }
     let service = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -405,11 +415,7 @@ async fn a_link_given_up_for_a_resume_leaves_nothing_in_the_kernel() {
     assert!(proxy.wait_for_connections(accepted + 1, LIMIT).await, "the client never resumed");
     timeout(LIMIT, read_n(&mut s, &mut buf, 4 << 20)).await.expect("the download did not go on after the resume");
     let port = proxy.target().port();
-    let out = std::process::Command::new("ss")
-        .args(["-tnH", "state", "all", "sport", "=", &format!(":{port}")])
-        .output()
-        .unwrap();
-    let out = String::from_utf8_lossy(&out.stdout);
+    let out = ss(&["-tnH", "state", "all", "sport", "=", &format!(":{port}")]);
     let stuck: Vec<&str> = out
         .lines()
         .filter(|l| l.starts_with("FIN-WAIT-1") || l.starts_with("LAST-ACK") || l.starts_with("CLOSING"))
