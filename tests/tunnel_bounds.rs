@@ -386,6 +386,59 @@ async fn a_service_that_never_reads_holds_little_kernel_memory() {
     server.abort();
 }
 
+/// The receive side of the same: a download that flowed fast (so that the kernel would grow the
+/// buffer) and then found no reader leaves little in the server's socket from a service on this
+/// host, whose receive buffer is fixed at 256 KiB (`src/net/kernel.rs`). The reader stops; the
+/// service writes until it stalls; `ss -m` reads what the kernel holds for the server's socket
+/// (up to 3.5 MiB with the kernel's own tuning in runs here, 7.1 MiB in a red-team run).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_nobody_reads_holds_little_in_the_servers_receive_buffer() {
+    if without_ss("a_download_nobody_reads_holds_little_in_the_servers_receive_buffer") {
+        return;
+    }
+    let (a, b, server, mut s, conn) = one_tunnel("fire").await;
+    let port = conn.local_addr().unwrap().port();
+    let (_rd, mut wr) = conn.into_split();
+    let fire = tokio::spawn(async move {
+        let chunk = vec![9u8; 64 << 10];
+        let mut stalls = 0;
+        // Stalled: three writes in a row that make no progress for 100 ms (as `fill_until_stalled`).
+        while stalls < 3 {
+            match timeout(Duration::from_millis(100), wr.write_all(&chunk)).await {
+                Ok(r) => {
+                    r.expect("the service's connection failed");
+                    stalls = 0;
+                }
+                Err(_) => stalls += 1,
+            }
+        }
+        wr
+    });
+    let mut buf = vec![0u8; 64 << 10];
+    timeout(LIMIT, read_n(&mut s, &mut buf, 64 << 20)).await.expect("the download did not flow");
+    let _wr = timeout(LIMIT, fire).await.expect("the service never stalled").unwrap();
+    // The server's socket to the service: its peer is the service's port. `ss -m` gives what
+    // the kernel holds for it (`r`) and its receive buffer (`rb`): fixed, it is exactly the
+    // kernel's double of the 256 KiB set; tuned by the kernel, it grew to 0.4–3.5 MiB here.
+    let out = ss(&["-tmnH", "state", "established", "dst", &format!("127.0.0.1:{port}")]);
+    let skmem = |field: &str| -> u64 {
+        let at = out.find("skmem:(").unwrap_or_else(|| panic!("no skmem in: {out}"));
+        let list = &out[at + 7..];
+        let list = &list[..list.find(')').unwrap()];
+        let value =
+            list.split(',').find_map(|f| f.strip_prefix(field).filter(|v| v.bytes().all(|b| b.is_ascii_digit())));
+        value.unwrap_or_else(|| panic!("no {field} in: {out}")).parse().unwrap()
+    };
+    let (held, buffer) = (skmem("r"), skmem("rb"));
+    assert!(held >= 64 << 10, "the test filled nothing: {held} bytes held ({out})");
+    assert_eq!(buffer, 512 << 10, "the receive buffer was not fixed: {out}");
+    assert!(held <= buffer + (64 << 10), "{held} bytes held for a receive buffer of {buffer}: {out}");
+    s.reset();
+    a.close().await;
+    b.close().await;
+    server.abort();
+}
+
 /// A link the server gives up for a resume is reset, not closed: closed with bytes queued for a
 /// peer that takes none, the kernel would keep it (no descriptor, no budget) for as long as the
 /// peer acknowledges its probes (a red-team review left 800 such sockets, 276 MiB, by resuming

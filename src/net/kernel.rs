@@ -12,6 +12,16 @@
 //! beyond what is in flight (bounded by the peer's window). In A/B runs of iperf3 through a
 //! forward on loopback it cost no throughput (BENCHMARKS.md).
 //!
+//! The receive side is the other half. What holdfast has not yet read from a service waits in
+//! the socket's receive buffer, which the kernel grows (up to `net.ipv4.tcp_rmem`'s maximum)
+//! while holdfast reads fast, and which then fills when the stream's reader stops granting
+//! credit: a red-team review measured 2.4–7.1 MiB per stalled download stream from a service on
+//! the same host. A peer on this host needs no large buffer (its round trip is microseconds), so
+//! a tunnel's socket to one ([`bound_tunnel`]) gets a fixed receive buffer of [`RECEIVE_LOCAL`]
+//! (the kernel doubles it for its bookkeeping), which in A/B runs of the benchmark's downloads
+//! through a forward on loopback cost no throughput (BENCHMARKS.md). A distant peer keeps the
+//! kernel's tuning: a fixed buffer would cap its throughput at the buffer per round trip.
+//!
 //! A socket closed with bytes still queued is kept by the kernel, with no descriptor and no
 //! budget, until they are delivered: for as long as a peer acknowledges the kernel's probes
 //! without ever reading (a red-team review left 400 such sockets, 137 MiB, from one session in
@@ -30,6 +40,29 @@ pub(crate) const NOTSENT: u32 = 256 * 1024;
 pub(crate) fn bound(tcp: &TcpStream) {
     let _ = tcp.set_nodelay(true);
     let _ = socket2::SockRef::from(tcp).set_tcp_notsent_lowat(NOTSENT);
+}
+
+/// The receive buffer of a tunnel's socket to a peer on this host (see the module
+/// documentation).
+pub(crate) const RECEIVE_LOCAL: usize = 256 * 1024;
+
+/// [`bound`], for a tunnel's socket (to a service, to a connect request's target, or accepted
+/// for a reverse forward): if its peer is on this host, also fixes its receive buffer at
+/// [`RECEIVE_LOCAL`]. A failure leaves the kernel's defaults.
+pub(crate) fn bound_tunnel(tcp: &TcpStream) {
+    bound(tcp);
+    if on_this_host(tcp) {
+        let _ = socket2::SockRef::from(tcp).set_recv_buffer_size(RECEIVE_LOCAL);
+    }
+}
+
+/// True if `tcp`'s peer is on this host: a loopback address, or the address this end has (the
+/// kernel routes a connection to one of the host's own addresses through loopback).
+fn on_this_host(tcp: &TcpStream) -> bool {
+    match (tcp.local_addr(), tcp.peer_addr()) {
+        (Ok(local), Ok(peer)) => peer.ip().is_loopback() || peer.ip() == local.ip(),
+        _ => false,
+    }
 }
 
 /// How long the kernel keeps trying to deliver what a cleanly closed socket still queues while

@@ -203,7 +203,7 @@ async fn reverse_one(
     stop: watch::Receiver<bool>,
     _permit: ReversePermit,
 ) {
-    crate::net::kernel::bound(&tcp);
+    crate::net::kernel::bound_tunnel(&tcp);
     let open = async {
         let mut sub = mux.open().await?;
         tokio::io::AsyncWriteExt::write_all(&mut sub, &tagged(REVERSE_OPEN, &at.to_string())).await?;

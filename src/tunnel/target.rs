@@ -45,7 +45,7 @@ pub(super) async fn connect_target(
 ) -> Result<TcpStream, Option<std::io::ErrorKind>> {
     match tokio::time::timeout(SERVICE_CONNECT_TIMEOUT, TcpStream::connect(target)).await {
         Ok(Ok(t)) => {
-            crate::net::kernel::bound(&t);
+            crate::net::kernel::bound_tunnel(&t);
             Ok(t)
         }
         failed => {
