@@ -21,6 +21,12 @@ use crate::proto::Session;
 const SLACK: usize = 0;
 /// The least a session takes at once when it needs room.
 const STEP: usize = 64 * 1024;
+/// Streams' windows grow only while more than one part in this many of each budget stays free
+/// (for new streams' first windows and the sessions' buffers). A window that grew stays
+/// charged until its stream ends, so without it a key's few streams that once moved bytes fast
+/// (16 MiB windows each, at most) could leave no room for the key's next stream, which is then
+/// reset with LIMIT.
+const GROWTH_RESERVE: usize = 4;
 
 /// A bound on the bytes that sessions may hold together, with the tasks waiting for room.
 #[derive(Debug)]
@@ -88,6 +94,21 @@ impl Budget {
                 Err(now) => used = now,
             }
         }
+    }
+
+    /// Takes exactly `want` bytes if at least `keep` are still free after it; else nothing.
+    fn take_keeping(&self, want: usize, keep: usize) -> bool {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |used| {
+                let after = used.checked_add(want)?;
+                (after.checked_add(keep)? <= self.limit).then_some(after)
+            })
+            .is_ok()
+    }
+
+    /// What growing windows must leave free of this budget: a quarter.
+    fn growth_reserve(&self) -> usize {
+        self.limit / GROWTH_RESERVE
     }
 
     /// Gives `n` bytes back and wakes every task waiting for room.
@@ -243,6 +264,20 @@ impl crate::proto::StreamBudget for StreamCharge {
         true
     }
 
+    fn grow_window(&mut self, n: u64) -> bool {
+        let want = usize::try_from(n).unwrap_or(usize::MAX);
+        let [key, server] = &self.budgets;
+        if !key.take_keeping(want, key.growth_reserve()) {
+            return false;
+        }
+        if !server.take_keeping(want, server.growth_reserve()) {
+            key.give(want);
+            return false;
+        }
+        self.windows += n;
+        true
+    }
+
     fn give_window(&mut self, n: u64) {
         let n = n.min(self.windows);
         self.windows -= n;
@@ -330,6 +365,37 @@ mod tests {
         let s = Session::new(Role::Server, SessionConfig::default());
         assert_eq!(a.room(&s, 1 << 20, &mut noop_cx()), 100 * 1024);
         assert_eq!((server.used(), key.used()), (100 * 1024, 100 * 1024));
+    }
+
+    #[test]
+    fn growing_windows_leave_a_quarter_of_the_keys_share_for_new_streams() {
+        use crate::proto::StreamBudget;
+        let (server, key) = (Budget::new(1 << 30), Budget::new(16 << 20));
+        let mut a = StreamCharge::new(server.clone(), key.clone());
+        // Streams that move bytes fast double their windows from 64 KiB while the budget lets
+        // them (as `Streams::flush` does).
+        let mut windows = vec![64u64 << 10; 8];
+        for w in &mut windows {
+            assert!(a.take_window(*w));
+        }
+        let mut grew = true;
+        while grew {
+            grew = false;
+            for w in windows.iter_mut().filter(|w| **w < 16 << 20) {
+                if a.grow_window(*w) {
+                    *w *= 2;
+                    grew = true;
+                }
+            }
+        }
+        let grown: u64 = windows.iter().sum();
+        assert!(grown <= 12 << 20, "windows grew into the last quarter: {grown} bytes");
+        // New streams still get their first windows: the quarter kept is 64 of them.
+        for _ in 0..60 {
+            assert!(a.take_window(64 << 10), "a new stream found no room ({} bytes used)", key.used());
+        }
+        drop(a);
+        assert_eq!((server.used(), key.used()), (0, 0));
     }
 
     #[test]

@@ -58,6 +58,13 @@ impl Default for StreamsConfig {
 pub trait StreamBudget: Send {
     /// Takes `n` bytes of receive window; false if the budget cannot give them now.
     fn take_window(&mut self, n: u64) -> bool;
+    /// Takes `n` more bytes for a window that grows. A budget may refuse it sooner than
+    /// [`take_window`](Self::take_window): a grown window stays charged while its stream lives
+    /// (credit granted cannot be taken back), so growth must not take the room new streams
+    /// need. By default the same as `take_window`.
+    fn grow_window(&mut self, n: u64) -> bool {
+        self.take_window(n)
+    }
     /// Gives back `n` bytes of receive window.
     fn give_window(&mut self, n: u64);
     /// Takes a stream slot (a stream and the file descriptor it may use); false at a limit.
@@ -965,7 +972,7 @@ impl Streams {
                     let grow = e.last_update.is_some_and(|t| now.saturating_duration_since(t) < fast)
                         && e.window < self.cfg.max_window
                         && e.unannounced * 2 >= e.window;
-                    if grow && self.budget.take_window(e.window) {
+                    if grow && self.budget.grow_window(e.window) {
                         add += e.window;
                         e.window *= 2;
                     }
