@@ -227,15 +227,17 @@ async fn client_task(shared: Arc<Shared>, cfg: ClientConfig, addr: String, sock:
                                 debug!(?wait, "the last links died as soon as they were resumed; waiting");
                                 tokio::time::sleep(super::race::jittered(wait, cfg.recovery.jitter)).await;
                             }
-                            // The pending outcome is awaited just below; no handle is needed.
-                            let _ = Race::start(
+                            // Kept, so that it is stopped once a connection resumes (a
+                            // cancelled race's attempts still pending may also resume, and
+                            // another race's too).
+                            race = Some(Race::start(
                                 shared.clone(),
                                 cfg.clone(),
                                 addr.clone(),
                                 race_tx.clone(),
                                 Instant::now(),
                                 false,
-                            );
+                            ));
                         }
                         match race_rx.recv().await {
                             Some(outcome) => outcome,
@@ -249,7 +251,11 @@ async fn client_task(shared: Arc<Shared>, cfg: ClientConfig, addr: String, sock:
                 None => Err(SessionError::Lost),
             },
         };
-        race = None;
+        // A race still running (one cancelled by a link that answered again, then lost, has
+        // another beside it) starts no new attempt once one resumed.
+        if let Some(r) = race.take() {
+            r.cancel();
+        }
         match won.and_then(|w| attach(&shared, w)) {
             Ok(sock) => {
                 attached_at = (Instant::now(), moved(&shared));

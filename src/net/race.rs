@@ -30,6 +30,7 @@ use crate::net::events::LinkEvent;
 use crate::net::stream::Shared;
 use crate::net::watch;
 use crate::net::Error;
+use crate::proto::frame::RESUME_ID_LEN;
 use crate::proto::handshake::ClientDone;
 use crate::proto::{HandshakeError, SessionError};
 
@@ -52,8 +53,9 @@ pub(crate) struct Won {
     pub(crate) suspicion: bool,
 }
 
-/// One attempt's result, with the received position its hello carried.
-type Attempt = (Result<(TcpStream, ClientDone, SocketAddr), Error>, u64);
+/// One attempt's result, with the received position its hello carried and the id of the
+/// ticket it resumed with.
+type Attempt = (Result<(TcpStream, ClientDone, SocketAddr), Error>, u64, [u8; RESUME_ID_LEN]);
 
 /// What a race ends with.
 pub(crate) type Outcome = Result<Won, SessionError>;
@@ -132,6 +134,12 @@ fn classify(e: &Error) -> Failed {
     }
 }
 
+/// True if the session resumes with another ticket than `used` now: an attempt made with
+/// `used` was superseded by a resume.
+fn superseded(shared: &Shared, used: &[u8; RESUME_ID_LEN]) -> bool {
+    shared.lock().session.ticket().is_some_and(|t| &t.resume_id != used)
+}
+
 pub(crate) fn jittered(d: Duration, jitter: f64) -> Duration {
     let cut = rand::thread_rng().gen_range(0.0..=jitter.clamp(0.0, 1.0));
     d.mul_f64(1.0 - cut)
@@ -190,14 +198,14 @@ async fn run(
                     }
                 }
                 let (cfg, addr) = (cfg.clone(), addr.to_string());
-                let received = offsets.0;
+                let (received, used) = (offsets.0, ticket.resume_id);
                 let h = pending.spawn(async move {
                     let limit = cfg.recovery.handshake_timeout.min(left);
                     let r = match tokio::time::timeout(limit, dial(&addr, &cfg, Some((&ticket, number, offsets)))).await {
                         Ok(r) => r,
                         Err(_) => Err(Error::Timeout { addr: addr.clone(), after: limit }),
                     };
-                    (r, received)
+                    (r, received, used)
                 });
                 order.push_back(h);
                 order.retain(|h| !h.is_finished());
@@ -205,13 +213,22 @@ async fn run(
             }
             Some(done) = pending.join_next(), if !pending.is_empty() => {
                 finished += 1;
-                let Ok((r, received)) = done else { continue };
+                let Ok((r, received, used)) = done else { continue };
                 match r {
                     Ok((sock, done, peer)) => {
                         pending.abort_all();
                         return Some(Ok(Won { sock, done, peer, received, started, suspicion }));
                     }
                     Err(e) => match classify(&e) {
+                        // The server retires a ticket once the client has the next one, which
+                        // it gets on a link that resumed: an attempt that resumed with an older
+                        // ticket than the session's was superseded, and its refusal says nothing
+                        // about the session (an attempt of an earlier race, whose SYN got
+                        // through late, was refused after another had resumed, and the client
+                        // took that for a lost session).
+                        Failed::Lost if superseded(shared, &used) => {
+                            debug!("a superseded reconnect attempt was refused");
+                        }
                         Failed::Lost => return Some(Err(SessionError::Lost)),
                         Failed::NotAllowed => return Some(Err(SessionError::NotAllowed)),
                         Failed::Refused | Failed::Answered if started.elapsed() < REFUSED_GRACE => {
@@ -244,6 +261,71 @@ async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::keys::Keypair;
+    use crate::proto::handshake::{reject, respond, ClientHandshake, RejectCode, Ticket};
+    use crate::proto::{Cipher, Role, Session, SessionConfig};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn ticket(id: u8) -> Ticket {
+        Ticket { resume_id: [id; RESUME_ID_LEN], secret: zeroize::Zeroizing::new([id; 32]) }
+    }
+
+    /// Found by a newcomer's run of the chat example through 8 s of silence: two races were
+    /// running (the first cancelled when the old link answered again, its attempts still
+    /// pending); one resumed, and the other's attempt, refused because it resumed with the
+    /// ticket the server had since retired, ended the session as lost. Here a server answers
+    /// every resume hello "unknown session"; while it reads the first, the session moves on to a
+    /// new ticket (as a resume elsewhere gives it). That refusal is passed over; the next
+    /// attempt, made with the session's ticket, is the true answer.
+    #[tokio::test]
+    async fn a_refusal_of_an_attempt_with_a_superseded_ticket_does_not_lose_the_session() {
+        let (c, s) = (Keypair::generate(), Keypair::generate());
+        let (hs, hello) = ClientHandshake::initial(&c.private, &s.public, Cipher::ChaChaPoly, 1).unwrap();
+        let acc = respond(&hello, &s.private, |_| true, |_| None).unwrap();
+        let mut session = Session::new(Role::Client, SessionConfig::default());
+        session.attach(Instant::now(), hs.read_reply(&acc.reply).unwrap().transport, 0, None, None).unwrap();
+        session.adopt_ticket(ticket(1));
+        let shared = Shared::new(session, s.public, 1);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let server = {
+            let (shared, seen) = (shared.clone(), seen.clone());
+            tokio::spawn(async move {
+                loop {
+                    let (mut sock, _) = listener.accept().await.unwrap();
+                    let mut hello = [0u8; 2048];
+                    let _ = sock.read(&mut hello).await;
+                    {
+                        let mut inner = shared.lock();
+                        let mut seen = seen.lock().unwrap();
+                        seen.push(inner.session.ticket().unwrap().resume_id[0]);
+                        if seen.len() == 1 {
+                            inner.session.adopt_ticket(ticket(2));
+                        }
+                    }
+                    let body = reject(RejectCode::UnknownSession);
+                    let mut record = (body.len() as u16).to_be_bytes().to_vec();
+                    record.extend_from_slice(&body);
+                    let _ = sock.write_all(&record).await;
+                    let _ = sock.shutdown().await;
+                }
+            })
+        };
+        let mut cfg = ClientConfig::new(c, s.public);
+        cfg.recovery.stagger = Duration::from_millis(20);
+        cfg.recovery.give_up_after = Duration::from_secs(60);
+        let cancel = AtomicBool::new(false);
+        let outcome =
+            tokio::time::timeout(Duration::from_secs(30), run(&shared, &cfg, &addr, &cancel, Instant::now(), false))
+                .await
+                .expect("the race never ended");
+        server.abort();
+        assert!(matches!(outcome, Some(Err(SessionError::Lost))), "the race did not end lost");
+        // The server saw the ticket in force when each attempt reached it.
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen, vec![1, 2], "the session was lost on the refusal of a superseded attempt");
+    }
 
     /// Every answer that is not BUSY, 1 or 4 backs off like a refusal after the grace: a server
     /// answering 3 or 5 to resumes is not asked four times a second until the give-up time.
