@@ -9,7 +9,7 @@ use holdfast::net::{LinkEvent, LinkStatus, Recovery, RecoveryPolicy, Rounded};
 use holdfast::proto::Cipher;
 use holdfast::tunnel;
 use holdfast::ClientConfig;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::args::{CipherArg, ClientArgs, ClientCommon, ConnectArgs, Local, OnFault};
 use crate::config::required;
@@ -72,8 +72,13 @@ fn log_event(from: Option<SocketAddr>, ev: LinkEvent) {
             info!(%from, reason = %printable(&reason), "stream ended by this end")
         }
         LinkEvent::Failed { reason } => error!(%from, reason = %printable(&reason), "stream failed"),
-        LinkEvent::Reconnecting { attempt, elapsed } if attempt > 1 => {
+        // An attempt starts every 250 ms during an outage: a line at 4, 8, 16… says that it is
+        // still trying (as `connect`'s status does) without four lines a second.
+        LinkEvent::Reconnecting { attempt, elapsed } if attempt >= 4 && attempt.is_power_of_two() => {
             info!(%from, attempt, elapsed = %Rounded(elapsed), "still reconnecting")
+        }
+        LinkEvent::Reconnecting { attempt, elapsed } if attempt > 1 => {
+            debug!(%from, attempt, elapsed = %Rounded(elapsed), "still reconnecting")
         }
         _ => {}
     }
