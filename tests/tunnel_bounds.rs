@@ -324,7 +324,7 @@ async fn a_reset_ends_a_tunnel_whose_service_never_reads() {
 /// Writes to `wr` until the path behind it is full. Stalled: three writes in a row that make no
 /// progress for 100 ms. (On a machine too busy for that, it stops early, with less queued: the
 /// tests that use it then check less, and never fail for it.)
-async fn fill_until_stalled(wr: &mut holdfast::net::WriteHalf) {
+async fn fill_until_stalled<W: tokio::io::AsyncWrite + Unpin>(wr: &mut W) {
     let chunk = vec![7u8; 64 << 10];
     let fill = async {
         let mut stalls = 0;
@@ -400,18 +400,7 @@ async fn a_download_nobody_reads_holds_little_in_the_servers_receive_buffer() {
     let port = conn.local_addr().unwrap().port();
     let (_rd, mut wr) = conn.into_split();
     let fire = tokio::spawn(async move {
-        let chunk = vec![9u8; 64 << 10];
-        let mut stalls = 0;
-        // Stalled: three writes in a row that make no progress for 100 ms (as `fill_until_stalled`).
-        while stalls < 3 {
-            match timeout(Duration::from_millis(100), wr.write_all(&chunk)).await {
-                Ok(r) => {
-                    r.expect("the service's connection failed");
-                    stalls = 0;
-                }
-                Err(_) => stalls += 1,
-            }
-        }
+        fill_until_stalled(&mut wr).await;
         wr
     });
     let mut buf = vec![0u8; 64 << 10];
