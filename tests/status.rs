@@ -309,6 +309,36 @@ async fn one_session_id_follows_a_session_through_the_log() {
     drop(other);
 }
 
+/// A tunnel that ends with a reset still counts the bytes it moved: its line gives them, and the
+/// session's line sums them with the closed tunnels' (a newcomer found `from_client=0` on the
+/// session line of a client that had sent 2.8 MiB through tunnels the server's stop reset).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_tunnels_bytes_are_counted_in_its_line_and_its_sessions() {
+    let setup = Setup::new("status-reset-bytes");
+    let echo = echo_service().await;
+    let socket = setup.keys.dir.path("status.sock");
+    let (server, addr) = setup.server(echo, &socket, &[]).await;
+    let mut b = holdfast::tunnel::open(&addr.to_string(), setup.client_cfg(), "echo").await.unwrap();
+    echo_through(&mut b, 5000).await;
+    b.reset();
+    let log = server.wait_log("session closed", 1).await;
+    let field = |line: &str, k: &str| -> u64 {
+        let v = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{k}=")))
+            .unwrap_or_else(|| panic!("no {k} in {line}"));
+        v.parse().unwrap()
+    };
+    let tunnel = log.lines().find(|l| l.contains("tunnel ended")).unwrap_or_else(|| panic!("no tunnel line:\n{log}"));
+    assert_eq!((field(tunnel, "to_client"), field(tunnel, "to_service")), (5000, 5000), "{tunnel}");
+    let end = log
+        .lines()
+        .find(|l| l.contains("session closed") || l.contains("session ended"))
+        .unwrap_or_else(|| panic!("no session line:\n{log}"));
+    assert_eq!((field(end, "to_client"), field(end, "from_client")), (5000, 5000), "{end}");
+    assert_eq!((field(end, "tunnels"), field(end, "tunnels_reset")), (0, 1), "{end}");
+}
+
 /// Refusals are logged at the default level, one line for a flood from one source and reason;
 /// the rest is counted (and summed up every minute: `net::server::refusals`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

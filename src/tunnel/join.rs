@@ -6,7 +6,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use super::request::{finish_halves, read_reply, REFUSAL_DRAIN};
-use super::splice::{stream_to_tcp, tcp_to_stream_until};
+use super::splice::{stream_to_tcp_counted, tcp_to_stream_until};
 use super::TunnelError;
 use crate::net::Stream;
 
@@ -46,24 +46,37 @@ pub(super) fn reset_by_stream(e: &io::Error) -> bool {
 /// # Errors
 /// The first I/O error of either direction.
 pub(super) async fn join(
+    tcp: TcpStream,
+    stream: Stream,
+    stop: Option<watch::Receiver<bool>>,
+    answer: Option<&str>,
+) -> io::Result<(u64, u64)> {
+    let (res, moved) = join_counted(tcp, stream, stop, answer).await;
+    res.map(|()| moved)
+}
+
+/// [`join`], with the bytes moved (TCP to stream, stream to TCP) whether it ended cleanly or
+/// not: the server's lines and its session totals count a tunnel that was reset too.
+pub(super) async fn join_counted(
     mut tcp: TcpStream,
     stream: Stream,
     mut stop: Option<watch::Receiver<bool>>,
     answer: Option<&str>,
-) -> io::Result<(u64, u64)> {
+) -> (io::Result<()>, (u64, u64)) {
     let (mut sr, mut sw) = stream.into_split();
+    let (mut up_bytes, mut down_bytes) = (0, 0);
     let res = {
         let (tr, tw) = tcp.split();
-        let up = tcp_to_stream_until(tr, &mut sw, &mut stop);
+        let up = tcp_to_stream_until(tr, &mut sw, &mut stop, &mut up_bytes);
         let down = async {
             if let Some(service) = answer {
                 // Boxed: a stream waits for its answer once, and the reply's reader would
                 // otherwise size every joined stream's future for its whole life.
                 Box::pin(read_reply(&mut sr, service)).await.map_err(Refused::wrap)?;
             }
-            stream_to_tcp(&mut sr, tw).await
+            stream_to_tcp_counted(&mut sr, tw, &mut down_bytes).await
         };
-        tokio::try_join!(up, down)
+        tokio::try_join!(up, down).map(|_| ())
     };
     if res.is_ok() {
         crate::net::kernel::closing(&tcp);
@@ -77,5 +90,5 @@ pub(super) async fn join(
             sw.reset();
         }
     }
-    res
+    (res, (up_bytes, down_bytes))
 }

@@ -18,7 +18,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use super::join::join;
+use super::join::join_counted;
 use super::limits::ReversePermit;
 use super::pool::{lock, MuxPool};
 use super::request::{read_reply, tagged, write_reply, REVERSE_OPEN};
@@ -229,16 +229,19 @@ async fn reverse_one(
         }
     };
     let counted = peer.stream_opened();
-    let carried = join(tcp, sub, Some(stop), None).await;
+    let (carried, (to_client, to_program)) = join_counted(tcp, sub, Some(stop), None).await;
     drop(counted);
     match carried {
-        Ok((to_client, to_program)) => {
+        Ok(()) => {
             peer.carried(to_client, to_program);
             quiet!(log, info!(client = %who, listen = %at, %from, to_client, to_program, "reverse connection closed"))
         }
         Err(e) => {
-            peer.tunnel_reset();
-            quiet!(log, info!(client = %who, listen = %at, %from, error = %e, "reverse connection ended by a reset"))
+            peer.tunnel_reset(to_client, to_program);
+            quiet!(
+                log,
+                info!(client = %who, listen = %at, %from, to_client, to_program, error = %e, "reverse connection ended by a reset")
+            )
         }
     }
 }

@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use tracing::debug;
 use zeroize::Zeroizing;
 
-use super::join::join;
+use super::join::join_counted;
 use super::request::{read_request, write_reply, Request};
 use super::rights;
 use super::target::{connect_service, connect_target, resolve};
@@ -105,29 +105,35 @@ impl Carry {
     async fn carry(self) {
         let Carry { tcp, sub, stop, peer, who, name, log } = self;
         let counted = peer.stream_opened();
-        let carried = join(tcp, sub, Some(stop), None).await;
+        let (carried, (to_client, to_service)) = join_counted(tcp, sub, Some(stop), None).await;
         drop(counted);
         match carried {
-            Ok((to_client, to_service)) => {
+            Ok(()) => {
                 peer.carried(to_client, to_service);
                 quiet!(log, info!(client = %who, service = %name, to_service, to_client, "tunnel closed"))
             }
             // A reset, of the stream by the client or of the connection by the service, ends a
             // tunnel as a close does. The stream's own errors carry a `StreamError`.
             Err(e) if matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe) => {
-                peer.tunnel_reset();
+                peer.tunnel_reset(to_client, to_service);
                 if super::join::reset_by_stream(&e) {
-                    quiet!(log, info!(client = %who, service = %name, error = %e, "tunnel ended: reset by the client"))
+                    quiet!(
+                        log,
+                        info!(client = %who, service = %name, to_service, to_client, error = %e, "tunnel ended: reset by the client")
+                    )
                 } else {
                     quiet!(
                         log,
-                        info!(client = %who, service = %name, error = %e, "tunnel ended: the service reset its connection")
+                        info!(client = %who, service = %name, to_service, to_client, error = %e, "tunnel ended: the service reset its connection")
                     )
                 }
             }
             Err(e) => {
-                peer.tunnel_reset();
-                quiet!(log, warn!(client = %who, service = %name, error = %printable(&e.to_string()), "tunnel failed"))
+                peer.tunnel_reset(to_client, to_service);
+                quiet!(
+                    log,
+                    warn!(client = %who, service = %name, to_service, to_client, error = %printable(&e.to_string()), "tunnel failed")
+                )
             }
         }
     }

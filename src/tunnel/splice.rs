@@ -105,18 +105,21 @@ async fn room_or_stopped(sock: &TcpStream, from: &ReadHalf) -> io::Result<()> {
 /// Copies a TCP socket into a stream until EOF, then half-closes the stream. The socket is read
 /// straight into the stream's replay buffer: no copy buffer, so an idle tunnel holds none.
 async fn tcp_to_stream(from: tcp::ReadHalf<'_>, to: &mut WriteHalf) -> io::Result<u64> {
-    tcp_to_stream_until(from, to, &mut None).await
+    let mut total = 0;
+    tcp_to_stream_until(from, to, &mut None, &mut total).await?;
+    Ok(total)
 }
 
 /// Like [`tcp_to_stream`], and when `stop` turns true it stops reading the socket and
-/// half-closes the stream as at EOF (the server is shutting down).
+/// half-closes the stream as at EOF (the server is shutting down). The bytes moved are added
+/// to `total` as they go, so that a failure still tells how many.
 pub(super) async fn tcp_to_stream_until(
     from: tcp::ReadHalf<'_>,
     to: &mut WriteHalf,
     stop: &mut Option<watch::Receiver<bool>>,
-) -> io::Result<u64> {
+    total: &mut u64,
+) -> io::Result<()> {
     let sock: &TcpStream = from.as_ref();
-    let mut total = 0u64;
     loop {
         let stopping = async {
             match stop.as_mut() {
@@ -140,7 +143,7 @@ pub(super) async fn tcp_to_stream_until(
         };
         if stop_now {
             to.shutdown().await?;
-            return Ok(total);
+            return Ok(());
         }
         let read = |bufs: &mut [io::IoSliceMut<'_>]| {
             let asked = bufs.iter().map(|b| b.len()).sum();
@@ -149,9 +152,9 @@ pub(super) async fn tcp_to_stream_until(
         match to.write_with(FILL, read).await {
             Ok(0) => {
                 to.shutdown().await?;
-                return Ok(total);
+                return Ok(());
             }
-            Ok(n) => total += n as u64,
+            Ok(n) => *total += n as u64,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(e),
         }
@@ -160,16 +163,27 @@ pub(super) async fn tcp_to_stream_until(
 
 /// Copies a stream into a TCP socket until the stream ends, then half-closes the socket. The
 /// socket is written straight from the stream's receive buffer.
-pub(super) async fn stream_to_tcp(from: &mut ReadHalf, mut to: tcp::WriteHalf<'_>) -> io::Result<u64> {
-    let mut total = 0u64;
+pub(super) async fn stream_to_tcp(from: &mut ReadHalf, to: tcp::WriteHalf<'_>) -> io::Result<u64> {
+    let mut total = 0;
+    stream_to_tcp_counted(from, to, &mut total).await?;
+    Ok(total)
+}
+
+/// [`stream_to_tcp`], adding the bytes moved to `total` as they go (a failure still tells how
+/// many).
+pub(super) async fn stream_to_tcp_counted(
+    from: &mut ReadHalf,
+    mut to: tcp::WriteHalf<'_>,
+    total: &mut u64,
+) -> io::Result<()> {
     loop {
         let sock: &TcpStream = to.as_ref();
         match from.read_with(|bufs| sock.try_write_vectored(bufs)).await {
             Ok(0) => {
                 to.shutdown().await?;
-                return Ok(total);
+                return Ok(());
             }
-            Ok(n) => total += n as u64,
+            Ok(n) => *total += n as u64,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => room_or_stopped(sock, from).await?,
             Err(e) => return Err(e),
         }
@@ -198,13 +212,17 @@ pub async fn splice_until(
     mut stop: Option<watch::Receiver<bool>>,
 ) -> io::Result<(u64, u64)> {
     let (mut sr, mut sw) = stream.into_split();
+    let (mut up, mut down) = (0, 0);
     let res = {
         let (tr, tw) = tcp.split();
-        tokio::try_join!(tcp_to_stream_until(tr, &mut sw, &mut stop), stream_to_tcp(&mut sr, tw))
+        tokio::try_join!(
+            tcp_to_stream_until(tr, &mut sw, &mut stop, &mut up),
+            stream_to_tcp_counted(&mut sr, tw, &mut down)
+        )
     };
     if res.is_err() {
         // Reset rather than close, so the program does not mistake a failure for a clean end.
         let _ = tcp.set_zero_linger();
     }
-    res
+    res.map(|_| (up, down))
 }

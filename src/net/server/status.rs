@@ -186,16 +186,19 @@ impl Peer {
     }
 
     /// Counts one tunnel of this session that ended with a reset (of its stream or its
-    /// connection): the session's "session closed" line gives how many (`tunnels_reset`),
-    /// beside the closed ones, whose bytes it sums.
-    pub fn tunnel_reset(&self) {
+    /// connection), with the bytes it moved before (to the client, from the client): the
+    /// session's "session closed" line gives how many (`tunnels_reset`), beside the closed
+    /// ones, and sums the bytes of both.
+    pub fn tunnel_reset(&self, to_client: u64, from_client: u64) {
         self.activity.reset_tunnels.fetch_add(1, Ordering::Relaxed);
+        let mut c = self.activity.carried.lock().unwrap_or_else(|p| p.into_inner());
+        *c = (c.0.saturating_add(to_client), c.1.saturating_add(from_client), c.2);
     }
 
-    /// Adds the bytes of one tunnel that ended (as its "tunnel closed" line gives them) to the
-    /// session's: its "session closed" line then gives the sum over its tunnels, so that the two
-    /// agree (the stream bytes, which include the tunnel requests and replies, are in the
-    /// metrics and `holdfast status`).
+    /// Adds the bytes of one tunnel that ended cleanly (as its "tunnel closed" line gives them)
+    /// to the session's: its "session closed" line then gives the sum over its tunnels, reset
+    /// ones included ([`Peer::tunnel_reset`]), so that the lines agree (the stream bytes, which
+    /// include the tunnel requests and replies, are in the metrics and `holdfast status`).
     pub fn carried(&self, to_client: u64, from_client: u64) {
         let mut c = self.activity.carried.lock().unwrap_or_else(|p| p.into_inner());
         *c = (c.0.saturating_add(to_client), c.1.saturating_add(from_client), c.2 + 1);
