@@ -26,6 +26,37 @@ fn server_args<'a>(keys: &'a Keys, authorized: &'a str) -> Vec<&'a str> {
     args
 }
 
+/// `--server-key` given a private key file (found by a newcomer: it was accepted, and the client
+/// failed later with a generic "dropped the handshake"), or something that is neither a file nor
+/// a key (a truncated key got "cannot read: No such file"): each is said, and neither the file's
+/// key nor the text given is shown. The same private key, copied without its `.key` name, is
+/// recognised by its `.pub` sibling.
+#[tokio::test]
+async fn server_key_given_a_private_key_or_a_truncated_key_says_so() {
+    let keys = Keys::new("server-key-private");
+    let server: SocketAddr = "127.0.0.1:9".parse().unwrap(); // refused before any connection
+    let secret = std::fs::read_to_string(&keys.server_key).unwrap();
+    let copy = keys.dir.path("server");
+    std::fs::copy(&keys.server_key, &copy).unwrap();
+    let public = std::fs::read_to_string(&keys.server_pub).unwrap();
+    let truncated = &public[..20];
+    for (given, expect) in [
+        (s(&keys.server_key), "this is a private key file"),
+        (s(&copy), "this is a private key file"),
+        (truncated, "neither an existing file nor a key"),
+    ] {
+        let mut args = keys.client_args("connect", server, "echo");
+        let i = args.iter().position(|a| a == "--server-key").unwrap();
+        args[i + 1] = given.to_string();
+        let (st, _, err) = run(&strs(&args), b"").await;
+        assert_error(st, &err, &["--server-key", expect]);
+        assert!(!err.contains(secret.trim()), "the private key was shown: {err}");
+        if given == truncated {
+            assert!(!err.contains(truncated), "the text given was shown: {err}");
+        }
+    }
+}
+
 /// A low-order key is refused wherever a public key is read from text: `--server-key` inline
 /// and as a file, and an allow-list line.
 #[tokio::test]

@@ -49,7 +49,42 @@ pub(crate) fn load_server_key(arg: &str) -> Result<PublicKey> {
         Err(e) if keys::looks_like_key(arg) && !Path::new(arg).exists() => bail!("--server-key: {e}"),
         Err(_) => {}
     }
-    keys::load_public_key(Path::new(arg)).map_err(|e| anyhow!("--server-key {e}"))
+    let path = Path::new(arg);
+    if !path.exists() {
+        // Neither a file nor a key: say both (not shown: it may be part of a private key).
+        bail!(
+            "--server-key: what was given is neither an existing file nor a key (a key is 44 base64 \
+             characters, as `holdfast pubkey` prints it); give the server's public key or the path of its \
+             .pub file"
+        );
+    }
+    let key = keys::load_public_key(path).map_err(|e| anyhow!("--server-key {e}"))?;
+    if is_private_key_file(path) {
+        let public = path.with_extension("pub");
+        bail!(
+            "--server-key {}: this is a private key file (not shown); --server-key takes the server's public \
+             key: its .pub file ({}) or the key `holdfast pubkey` prints from it",
+            path.display(),
+            public.display()
+        );
+    }
+    Ok(key)
+}
+
+/// True if `path` holds a private key: its name ends in `.key` (what `keygen` writes), or it is
+/// the private half of the key in its `.pub` sibling.
+fn is_private_key_file(path: &Path) -> bool {
+    if path.extension().is_some_and(|e| e == "key") {
+        return true;
+    }
+    let sibling = path.with_extension("pub");
+    if sibling == path {
+        return false;
+    }
+    match (keys::load_private_key(path), keys::load_public_key(&sibling)) {
+        (Ok(private), Ok(public)) => Keypair::from_private(private).public == public,
+        _ => false,
+    }
 }
 
 pub(crate) fn keygen(out: &Path) -> Result<()> {
