@@ -166,6 +166,9 @@ async fn file_errors_name_their_flag() {
         let (st, err) = connect_with(&keys, flag, s(&nope)).await;
         assert_error(st, &err, &[&format!("{flag} {}: cannot read: no such file", s(&nope))]);
     }
+    // A path that could be key text (only base64's letters) is not shown.
+    let (st, err) = connect_with(&keys, "--server-key", "nope").await;
+    assert_error(st, &err, &["--server-key: what was given is neither an existing file nor a key"]);
     let (st, err) = server_with_key(&keys, &nope).await;
     assert_error(st, &err, &[&format!("--key {}: cannot read: no such file", s(&nope))]);
     // A missing private key says how to make one (the package's unit fails this way until the
@@ -180,6 +183,7 @@ async fn file_errors_name_their_flag() {
     );
     let (st, _, err) = run(&server_args(&keys, s(&nope)), b"").await;
     assert_error(st, &err, &[&format!("--authorized {}: cannot read: no such file", s(&nope))]);
+    assert_error(st, &err, &["create it with one client public key per line"]);
 }
 
 /// A fake log line, as a peer would smuggle it in after a newline.

@@ -50,6 +50,12 @@ pub(crate) fn load_server_key(arg: &str) -> Result<PublicKey> {
         Err(_) => {}
     }
     let path = Path::new(arg);
+    let base64 = |c: char| c.is_ascii_alphanumeric() || matches!(c, '+' | '/' | '=');
+    if !path.exists() && !arg.chars().all(base64) {
+        // A path (base64 has no '.', '-', '_'...): the file's error says which.
+        return keys::load_public_key(path)
+            .map_err(|e| anyhow!("--server-key {e}; give the server's public key or the path of its .pub file"));
+    }
     if !path.exists() {
         // Neither a file nor a key: say both (not shown: it may be part of a private key).
         bail!(

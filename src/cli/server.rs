@@ -42,7 +42,17 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
     let (max_streams, max_handshakes, max_sessions) =
         raise_fd_limit(args.max_sessions, defaults.max_streams, args.max_handshakes);
     let keypair = load_keypair("--key", &key)?;
-    let allow = AllowList::load(&authorized).map_err(|e| anyhow!("--authorized {e}"))?;
+    let allow = AllowList::load(&authorized).map_err(|e| {
+        if authorized.exists() {
+            anyhow!("--authorized {e}")
+        } else {
+            anyhow!(
+                "--authorized {e}; create it with one client public key per line (a client's PREFIX.pub from \
+                 `holdfast keygen --out PREFIX`, or `holdfast pubkey` of its key), optionally followed by a name \
+                 (see `holdfast server --help`)"
+            )
+        }
+    })?;
     if allow.is_empty() {
         warn!(file = %authorized.display(), "the allow-list is empty: no client can connect");
     }
