@@ -23,8 +23,12 @@ pub enum ControlError {
     /// Something that is not a socket is at the path: it is left alone.
     #[error("{} exists and is not a socket; remove it or give another path", .0.display())]
     NotASocket(PathBuf),
-    /// No server answers at the path.
-    #[error("nothing answers at {} (is the server running, with --status at this path?)", .0.display())]
+    /// No process answers at the path.
+    #[error(
+        "nothing answers at {} (is the holdfast server or client that was given --status at this path \
+         running?)",
+        .0.display()
+    )]
     NotRunning(PathBuf),
     /// The process at the other end runs as another user.
     #[error("the process at the control socket runs as user {0}, not as this user (or root); refusing it")]
