@@ -373,6 +373,24 @@ async fn services_can_be_restricted_per_key() {
     assert!(log.contains("client=\"ci runner\" service=other"), "{log}");
 }
 
+/// A rule limited to a client name no allow-list line carries is warned about at start (a
+/// newcomer's `laptop@...` rule with no line named laptop started silently); one whose name a
+/// line carries is not.
+#[tokio::test]
+async fn a_rule_naming_no_client_of_the_allow_list_is_warned_about() {
+    let keys = Keys::new("rule-names");
+    let line = format!("{} ci\n", Keypair::generate().public);
+    std::fs::write(&keys.authorized, line).unwrap();
+    let mut args = server_args(&keys, s(&keys.authorized));
+    args.extend(["--allow-connect", "laptop@10.0.0.0/8:*", "--allow-listen", "ci@127.0.0.1:18000-18010"]);
+    let server = Proc::spawn(&args, false);
+    let log = server.wait_log("server ready", 1).await;
+    let warned: Vec<&str> =
+        log.lines().filter(|l| l.contains("names a client that no allow-list line names")).collect();
+    assert_eq!(warned.len(), 1, "{log}");
+    assert!(warned[0].contains("--allow-connect") && warned[0].contains("client=laptop"), "{log}");
+}
+
 /// Lines logged and lines reported held back (`suppressed=N`), among those of `kinds`: every
 /// line a client causes is one or the other, once the last held back was reported.
 fn accounted(log: &str, kinds: &[&str]) -> (usize, usize) {

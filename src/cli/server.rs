@@ -335,4 +335,14 @@ fn warn_unknown_services(allow: &AllowList, services: &Services) {
             warn!(%client, service = %name, "the allow-list gives this client a service the server does not offer");
         }
     }
+    // A rule limited to a client name that no line carries gives nothing (yet): say so, it is
+    // more often a typo than a client still to come.
+    let rules = [("--allow-connect", services.connect_rules()), ("--allow-listen", services.listen_rules())];
+    for (flag, rules) in rules {
+        for rule in rules {
+            if let Some(name) = rule.client().filter(|n| !allow.iter().any(|p| p.name.as_deref() == Some(*n))) {
+                warn!(client = %name, rule = %rule, "{flag} names a client that no allow-list line names: it gives nothing until one does");
+            }
+        }
+    }
 }
