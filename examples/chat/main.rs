@@ -136,7 +136,10 @@ async fn server(listen: String, dir: KeyDir) -> i32 {
         "[room] allow-list {}: {members} member key(s), {seats} free seat(s) for new names on this machine",
         dir.allow().display()
     );
-    eprintln!("[room] join from another terminal: cargo run --release --example chat -- join NAME");
+    // The default address needs no --server; any other one does.
+    let at = listener.local_addr();
+    let server = if at.to_string() == "127.0.0.1:7710" { String::new() } else { format!(" --server {at}") };
+    eprintln!("[room] join from another terminal: cargo run --release --example chat -- join NAME{server}");
     let (out, print) = printer();
     let stop = async {
         let _ = tokio::signal::ctrl_c().await;
