@@ -73,8 +73,14 @@ pub fn clean(line: &str) -> String {
     line.chars().map(|c| if c.is_control() && c != '\t' { '?' } else { c }).collect()
 }
 
+/// A duration for people: milliseconds below a tenth of a second (a resume after a reset
+/// takes a few), else seconds to one decimal.
 pub fn secs(d: Duration) -> String {
-    format!("{:.1}s", d.as_secs_f64())
+    if d < Duration::from_millis(100) {
+        format!("{}ms", d.as_millis())
+    } else {
+        format!("{:.1}s", d.as_secs_f64())
+    }
 }
 
 /// Splits received bytes into lines.
