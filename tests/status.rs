@@ -293,13 +293,6 @@ async fn one_session_id_follows_a_session_through_the_log() {
     }
     // Every line of this session carries its id once, and no line of the other one does.
     assert!(mine.iter().all(|l| l.matches("session{").count() == 1), "{log}");
-    let field = |line: &str, k: &str| -> u64 {
-        let v = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix(&format!("{k}=")))
-            .unwrap_or_else(|| panic!("no {k} in {line}"));
-        v.parse().unwrap()
-    };
     let tunnel = mine.iter().find(|l| l.contains("tunnel closed")).unwrap();
     let closed = mine.iter().find(|l| l.contains("session closed")).unwrap();
     assert_eq!((field(tunnel, "to_client"), field(tunnel, "to_service")), (4000, 4000), "{tunnel}");
@@ -307,6 +300,15 @@ async fn one_session_id_follows_a_session_through_the_log() {
     let other_opened = log.lines().filter(|l| l.contains("session opened")).count();
     assert_eq!(other_opened, 2, "{log}");
     drop(other);
+}
+
+/// The number logged as `k=N` on `line`.
+fn field(line: &str, k: &str) -> u64 {
+    let v = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{k}=")))
+        .unwrap_or_else(|| panic!("no {k} in {line}"));
+    v.parse().unwrap()
 }
 
 /// A tunnel that ends with a reset still counts the bytes it moved: its line gives them, and the
@@ -322,13 +324,6 @@ async fn a_reset_tunnels_bytes_are_counted_in_its_line_and_its_sessions() {
     echo_through(&mut b, 5000).await;
     b.reset();
     let log = server.wait_log("session closed", 1).await;
-    let field = |line: &str, k: &str| -> u64 {
-        let v = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix(&format!("{k}=")))
-            .unwrap_or_else(|| panic!("no {k} in {line}"));
-        v.parse().unwrap()
-    };
     let tunnel = log.lines().find(|l| l.contains("tunnel ended")).unwrap_or_else(|| panic!("no tunnel line:\n{log}"));
     assert_eq!((field(tunnel, "to_client"), field(tunnel, "to_service")), (5000, 5000), "{tunnel}");
     let end = log
