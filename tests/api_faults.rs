@@ -56,6 +56,30 @@ async fn wrong_pinned_server_key_fails() {
     .await;
 }
 
+/// A port that accepts TCP and never answers the handshake (a newcomer pointed a client at an
+/// HTTP server and got only "timed out") is told apart from one that does not connect at all.
+#[tokio::test]
+async fn a_port_that_never_answers_the_handshake_says_so() {
+    bounded(async {
+        let (_listener, mut ccfg) = server_and_client().await;
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = silent.local_addr().unwrap();
+        let hold = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((sock, _)) = silent.accept().await {
+                held.push(sock);
+            }
+        });
+        ccfg.recovery.handshake_timeout = Duration::from_millis(300);
+        let err = holdfast::connect(addr.to_string(), ccfg).await.unwrap_err();
+        assert!(matches!(err, Error::NoReply { .. }), "{err}");
+        assert!(err.to_string().contains("accepted the TCP connection but sent no handshake reply"), "{err}");
+        assert_eq!(std::io::Error::from(err).kind(), ErrorKind::TimedOut);
+        hold.abort();
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn unreachable_server_is_a_connect_error() {
     bounded(async {

@@ -29,7 +29,8 @@ use crate::proto::{ClientHandshake, CloseCode, Event, HandshakeError, Role, Sess
 /// [`Error::Connect`] if the server cannot be reached, [`Error::HandshakeReset`] if it resets
 /// the connection before answering, [`Error::HandshakeRefused`] if it drops
 /// the handshake (wrong pinned key or client not allowed), [`Error::Handshake`] for protocol
-/// failures, [`Error::Timeout`] if the handshake takes longer than the policy allows.
+/// failures, [`Error::Timeout`] if the handshake takes longer than the policy allows
+/// ([`Error::NoReply`] if the TCP connection was made and no reply came).
 ///
 /// # Example
 /// ```no_run
@@ -111,6 +112,8 @@ pub(crate) async fn dial(
 ) -> Result<(TcpStream, crate::proto::handshake::ClientDone, SocketAddr), Error> {
     let limit = cfg.recovery.handshake_timeout;
     let hs_err = |source| Error::Handshake { addr: addr.to_string(), source };
+    // Set once TCP connected: a timeout after it is a peer that does not answer the handshake.
+    let connected = std::sync::atomic::AtomicBool::new(false);
     let attempt = async {
         // The hello does not depend on the connection: it is computed while the TCP handshake
         // is in flight (the connect future sends its SYN when first polled, before this runs).
@@ -124,6 +127,7 @@ pub(crate) async fn dial(
         };
         let (sock, hello) = tokio::join!(TcpStream::connect(addr), hello);
         let mut sock = sock.map_err(|source| Error::Connect { addr: addr.to_string(), source })?;
+        connected.store(true, std::sync::atomic::Ordering::Relaxed);
         let (hs, hello) = hello.map_err(hs_err)?;
         let _ = sock.set_nodelay(true);
         let peer = sock.peer_addr().map_err(Error::Io)?;
@@ -146,6 +150,9 @@ pub(crate) async fn dial(
     };
     match tokio::time::timeout(limit, attempt).await {
         Ok(r) => r,
+        Err(_) if connected.load(std::sync::atomic::Ordering::Relaxed) => {
+            Err(Error::NoReply { addr: addr.to_string(), after: limit })
+        }
         Err(_) => Err(Error::Timeout { addr: addr.to_string(), after: limit }),
     }
 }

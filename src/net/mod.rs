@@ -111,6 +111,19 @@ pub enum Error {
         /// The limit that passed.
         after: Duration,
     },
+    /// The TCP connection was accepted, but no handshake reply came in time: what a port that
+    /// is not a holdfast server's (or a server that cannot answer) does.
+    #[error(
+        "{addr} accepted the TCP connection but sent no handshake reply within {}; check that it is a \
+         holdfast server's listening address",
+        crate::human::Rounded(*after)
+    )]
+    NoReply {
+        /// The peer address.
+        addr: String,
+        /// The limit that passed.
+        after: Duration,
+    },
     /// The listen address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -143,7 +156,7 @@ impl From<Error> for io::Error {
             Error::Handshake { source: HandshakeError::NoLongerAllowed, .. } => K::PermissionDenied,
             Error::Handshake { .. } | Error::ProxyHeader { .. } => K::InvalidData,
             Error::Handover { .. } => K::Other,
-            Error::Timeout { .. } => K::TimedOut,
+            Error::Timeout { .. } | Error::NoReply { .. } => K::TimedOut,
             Error::Session(s) => return stream::to_io(s.clone()),
             Error::Keys(_) => K::InvalidInput,
             Error::Io(i) => i.kind(),
