@@ -282,8 +282,14 @@ impl ClientStatus {
             return;
         }
         let mut s = self.session.lock().unwrap_or_else(|p| p.into_inner());
+        // A new session, or a new link, starts its time anew (a session the server ended is
+        // replaced by a new one at the next connection: its counts start again).
+        let fresh = matches!(ev, LinkEvent::Connected { .. } | LinkEvent::Resumed { .. });
         let (state, cause) = match ev {
-            LinkEvent::Connected { .. } => ("attached", None),
+            LinkEvent::Connected { .. } => {
+                (s.resumes, s.faults) = (0, 0);
+                ("attached", None)
+            }
             LinkEvent::Resumed { .. } => {
                 s.resumes += 1;
                 ("attached", None)
@@ -292,10 +298,19 @@ impl ClientStatus {
                 s.faults += 1;
                 ("reconnecting", Some(l.cause.clone()))
             }
+            // Silent for much longer than its round trip: a new connection is being tried
+            // while the old one may still answer.
+            LinkEvent::Suspect { quiet } => (
+                "suspect (no answer; trying a new connection)",
+                Some(format!("no answer for {}", holdfast::human::Rounded(*quiet))),
+            ),
+            LinkEvent::Healthy => ("attached", None),
+            // The server ended the session (it stopped, say): the next connection opens another.
+            LinkEvent::Closed => ("closed (a new session opens with the next connection)", None),
             LinkEvent::Failed { reason } => ("failed", Some(reason.clone())),
             _ => return,
         };
-        if s.state != state {
+        if s.state != state || fresh {
             s.since = SystemTime::now();
         }
         s.state = state;
@@ -344,5 +359,41 @@ impl ClientStatus {
         rows.extend(self.forwards.iter().map(|(k, l, t)| vec![k.to_string(), l.clone(), t.clone()]));
         out.push_str(&table(&rows));
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(status: &ClientStatus) -> (String, u64, u64, SystemTime) {
+        let s = status.session.lock().unwrap();
+        (s.state.to_string(), s.resumes, s.faults, s.since)
+    }
+
+    /// Found by an operator's look: through a silent outage the client's status said "attached"
+    /// with the old link's time, and after the server stopped it still showed the ended
+    /// session's. A suspect link, a resume, an end and a new session each show.
+    #[test]
+    fn the_client_status_follows_suspicion_resumes_and_new_sessions() {
+        let status = ClientStatus::new("s".into(), true);
+        let peer: std::net::SocketAddr = "127.0.0.1:1".parse().unwrap();
+        status.event(&LinkEvent::Connected { peer });
+        let (st, _, _, first) = state(&status);
+        assert_eq!(st, "attached");
+        status.event(&LinkEvent::Suspect { quiet: Duration::from_secs(2) });
+        assert!(state(&status).0.starts_with("suspect"), "{:?}", state(&status));
+        let resumed =
+            LinkEvent::Resumed { peer, after: Duration::from_secs(3), replayed_sent: 0, replayed_received: 0 };
+        std::thread::sleep(Duration::from_millis(5));
+        status.event(&resumed);
+        let (st, resumes, _, since) = state(&status);
+        assert_eq!((st.as_str(), resumes), ("attached", 1));
+        assert!(since > first, "the new link's time did not start anew");
+        status.event(&LinkEvent::Closed);
+        assert!(state(&status).0.starts_with("closed"), "{:?}", state(&status));
+        status.event(&LinkEvent::Connected { peer });
+        let (st, resumes, faults, _) = state(&status);
+        assert_eq!((st.as_str(), resumes, faults), ("attached", 0, 0), "a new session's counts start again");
     }
 }
