@@ -124,8 +124,11 @@ pub enum HandshakeError {
     /// a silent refusal, like [`HandshakeError::Auth`].
     #[error("client key {0} is not on the allow-list")]
     NotAllowed(PublicKey),
-    /// The resume id names no live session.
-    #[error("session is unknown or expired")]
+    /// The resume id names no live session's ticket.
+    #[error(
+        "the resume ticket names no live session (expired or unknown, or a ticket its session has since replaced: \
+         an attempt overtaken by a newer resume)"
+    )]
     UnknownSession,
     /// The server refused: it is at a limit.
     #[error("server is busy")]
