@@ -33,7 +33,7 @@ pub async fn forward_connect(local: TcpListener, pool: Arc<MuxPool>, host: Strin
                 Ok(Some(sub)) => {
                     debug!(%from, %dest, "connection open");
                     match join(tcp, sub, None, None).await {
-                        Ok((to_server, to_program)) => info!(%from, %dest, to_server, to_program, "connection closed"),
+                        Ok((to_server, to_program)) => debug!(%from, %dest, to_server, to_program, "connection closed"),
                         Err(e) => info!(%from, %dest, error = %e, "connection ended by a reset"),
                     }
                 }

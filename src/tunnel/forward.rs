@@ -63,13 +63,13 @@ pub async fn forward_via(
                     Ok(Some(sub)) => {
                         debug!(%from, service = %service, "forwarding (multiplexed)");
                         match join(tcp, sub, None, Some(&service)).await {
-                            Ok((to_service, to_program)) => info!(%from, to_service, to_program, "connection closed"),
+                            Ok((to_service, to_program)) => debug!(%from, to_service, to_program, "connection closed"),
                             // The refusal's text is the error's own (`Refused` is transparent).
                             Err(e) if Refused::of(&e).is_some() => {
                                 warn!(%from, error = %printable(&e.to_string()), "cannot open tunnel")
                             }
                             Err(e) if super::join::reset_by_stream(&e) => {
-                                info!(%from, error = %e, "the server reset the stream; the local connection is reset")
+                                info!(%from, error = %e, "the stream was reset; the local connection is reset")
                             }
                             Err(e)
                                 if matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe) =>
@@ -109,10 +109,10 @@ pub async fn forward_via(
             }
             debug!(%from, service = %service, "forwarding");
             match splice_requested(tcp, stream, &service).await {
-                Ok((to_service, to_program)) => info!(%from, to_service, to_program, "connection closed"),
+                Ok((to_service, to_program)) => debug!(%from, to_service, to_program, "connection closed"),
                 Err(e) if e.is_refusal() => warn!(%from, error = %printable(&e.to_string()), "cannot open tunnel"),
                 Err(TunnelError::Io(e)) if super::join::reset_by_stream(&e) => {
-                    info!(%from, error = %e, "the server reset the stream; the local connection is reset")
+                    info!(%from, error = %e, "the stream was reset; the local connection is reset")
                 }
                 Err(TunnelError::Io(e))
                     if matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe) =>
