@@ -45,6 +45,8 @@ pub(super) async fn session_task(
     let mut link = link;
     let mut faults = 0u64;
     let mut lost_at = Instant::now();
+    // True when the link being replaced was still attached (a resume the client raced).
+    let mut replaced = false;
     // The number of the attached (or last attached) link: only a newer one may replace it. A
     // link whose confirmation was held back while the client moved on is older, and its
     // attach would undo what the newer link did (its ticket, its offsets).
@@ -68,6 +70,7 @@ pub(super) async fn session_task(
                     PumpEnd::Over => break,
                     PumpEnd::Replaced(new) => {
                         lost_at = Instant::now();
+                        replaced = true;
                         new
                     }
                     PumpEnd::Fault(cause) => {
@@ -83,6 +86,7 @@ pub(super) async fn session_task(
                         entry.track.detached();
                         faults += 1;
                         lost_at = Instant::now();
+                        replaced = false;
                         quiet!(
                             entry.life,
                             info!(client = %entry.who, cause = %printable(&cause.to_string()), "session detached; waiting for resume")
@@ -150,17 +154,32 @@ pub(super) async fn session_task(
                 state.resumes.fetch_add(1, Ordering::Relaxed);
                 entry.track.resumed(new.peer);
                 let replayed_received = new.client_written.saturating_sub(shared.lock().session.received_offset());
-                quiet!(
-                    entry.life,
-                    info!(
-                        client = %entry.who,
-                        addr = %new.peer,
-                        after = %Rounded(now.saturating_duration_since(lost_at)),
-                        replayed_to_client = a.replayed,
-                        replayed_from_client = replayed_received,
-                        "session resumed"
-                    )
-                );
+                if replaced {
+                    // The old link was still attached here: the client had stopped hearing it
+                    // (how long ago, only the client knows).
+                    quiet!(
+                        entry.life,
+                        info!(
+                            client = %entry.who,
+                            addr = %new.peer,
+                            replayed_to_client = a.replayed,
+                            replayed_from_client = replayed_received,
+                            "session resumed on a new connection; the one it replaces was still attached here"
+                        )
+                    );
+                } else {
+                    quiet!(
+                        entry.life,
+                        info!(
+                            client = %entry.who,
+                            addr = %new.peer,
+                            after = %Rounded(now.saturating_duration_since(lost_at)),
+                            replayed_to_client = a.replayed,
+                            replayed_from_client = replayed_received,
+                            "session resumed"
+                        )
+                    );
+                }
                 shared.set_status(LinkStatus::Connected);
                 shared.emit(LinkEvent::Resumed {
                     peer: new.peer,
