@@ -297,6 +297,10 @@ async fn metrics_parse_and_count_live_bytes_reloads_and_idle_clients() {
     assert_eq!(at(&live, "holdfast_client_sessions", &["client=test-client"]), Some(1.0), "{live:#?}");
     assert_eq!(at(&live, "holdfast_sessions", &["state=attached"]), Some(1.0), "{live:#?}");
     assert_eq!(at(&live, "holdfast_sessions_opened_total", &[]), Some(1.0), "{live:#?}");
+    // The open stream's receive window (64 KiB at first) is taken from the budget, whatever its
+    // buffers hold now (an operator read holdfast_buffered_bytes 0 with bytes waiting in it).
+    let used = at(&live, "holdfast_budget_used_bytes", &[]).unwrap_or_else(|| panic!("no budget gauge: {live:#?}"));
+    assert!(used >= 65536.0, "{live:#?}");
 
     // An allow-list that does not load, and SIGHUP: counted as a failed reload.
     std::fs::write(&keys.authorized, "not a key\n").unwrap();

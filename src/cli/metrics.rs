@@ -244,7 +244,16 @@ pub(crate) fn render(stats: &StatsHandle, allow: &AllowListHandle) -> String {
     sessions.get_or_create(&vec![("state", "detached".into())]).set(i64::try_from(s.detached).unwrap_or(i64::MAX));
     reg.register("sessions", "Sessions now, with a connection (attached) or waiting for a resume (detached)", sessions);
     reg.register("handshakes", "Connections in their handshake now", gauge(s.handshakes));
-    reg.register("buffered_bytes", "Bytes the sessions' buffers hold now (at most --buffer-budget)", gauge(s.buffered));
+    reg.register(
+        "buffered_bytes",
+        "Bytes the sessions' replay buffers (sent, not yet acknowledged) and stream-less receive buffers hold now",
+        gauge(s.buffered),
+    );
+    reg.register(
+        "budget_used_bytes",
+        "Bytes taken from --buffer-budget now: buffers held and streams' receive windows reserved (at most the budget)",
+        gauge(s.budget_used),
+    );
     reg.register("sessions_opened", "Sessions opened since start", counter(s.opened));
     reg.register("resumes", "Sessions resumed on a new connection since start", counter(s.resumes as u64));
     reg.register(

@@ -23,9 +23,14 @@ pub struct ServerStats {
     pub detached: usize,
     /// Connections in their handshake now.
     pub handshakes: usize,
-    /// Bytes the sessions' buffers hold now, charged against `Limits::buffer_budget`
-    /// (`net::budget`): never above it.
+    /// Bytes the sessions' buffers hold now (replay buffers: sent and not yet acknowledged;
+    /// receive buffers of sessions without streams), charged against `Limits::buffer_budget`
+    /// (`net::budget`). Streams' received bytes are not in it: their receive windows are
+    /// reserved whole, and counted in [`ServerStats::budget_used`].
     pub buffered: usize,
+    /// Bytes taken from `Limits::buffer_budget` now: what the buffers hold and what streams'
+    /// receive windows reserve (never above the budget).
+    pub budget_used: usize,
     /// Sessions opened since start (first connections whose handshake completed).
     pub opened: u64,
     /// Sessions expired since start.
@@ -206,6 +211,7 @@ impl StatsHandle {
             detached: c.detached.load(Ordering::Relaxed),
             handshakes: s.pending().live.len(),
             buffered: s.budget.held(),
+            budget_used: s.budget.used(),
             opened: c.opened.load(Ordering::Relaxed),
             expired: s.expired.load(Ordering::Relaxed),
             resumes: s.resumes.load(Ordering::Relaxed),
