@@ -133,9 +133,15 @@ pub(crate) async fn client(args: ClientArgs) -> Result<()> {
         crate::status::serve(path.clone(), move |json| shown.answer(json))?;
     }
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let multiplexed = !args.no_mux;
     tokio::spawn(async move {
         while let Some((from, ev)) = rx.recv().await {
             shown.event(&ev);
+            // The forwards' session ended cleanly (the server stopped, say): said once, since
+            // the next connection opens another (an operator saw nothing in the log).
+            if multiplexed && matches!(ev, LinkEvent::Closed) {
+                info!(server = %from, "session closed; a new one opens with the next connection");
+            }
             log_event(Some(from), ev);
         }
     });
