@@ -322,9 +322,12 @@ mod tests {
                 .expect("the race never ended");
         server.abort();
         assert!(matches!(outcome, Some(Err(SessionError::Lost))), "the race did not end lost");
-        // The server saw the ticket in force when each attempt reached it.
+        // The server saw the ticket in force when each attempt reached it: the race went on past
+        // the first refusal (attempts started before the new ticket are passed over too, so a
+        // busy machine may see more than two).
         let seen = seen.lock().unwrap().clone();
-        assert_eq!(seen, vec![1, 2], "the session was lost on the refusal of a superseded attempt");
+        assert_eq!(seen.first(), Some(&1), "{seen:?}");
+        assert!(seen.len() >= 2, "the session was lost on the refusal of a superseded attempt: {seen:?}");
     }
 
     /// Every answer that is not BUSY, 1 or 4 backs off like a refusal after the grace: a server
