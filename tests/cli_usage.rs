@@ -120,10 +120,11 @@ async fn help_groups_options_as_users_read_them() {
     assert!(pos("--verbose") > pos("--session-expiry"), "-v sits among the server's options:\n{help}");
 }
 
-/// Ctrl-C or SIGTERM on the server: no new sessions, and every open tunnel ends cleanly (the
-/// program reads every byte and then EOF, not a reset), then the server exits.
+/// Ctrl-C or SIGTERM on the server: no new sessions or tunnels, and the tunnels open run to
+/// their end (a transfer in flight is not cut short with a clean end: bytes the service sends
+/// after the stop still arrive); then the server exits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_ends_every_tunnel_cleanly() {
+async fn sigterm_lets_the_open_tunnels_finish() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let keys = Keys::new("term");
     let echo = echo_service().await;
@@ -138,15 +139,60 @@ async fn sigterm_ends_every_tunnel_cleanly() {
     conn.read_exact(&mut got).await.unwrap();
     let pid = server.child.id().and_then(|p| rustix::process::Pid::from_raw(p as i32)).expect("pid");
     rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    server.wait_log("stopping: no new sessions", 1).await;
+    // The service answers after the stop: the program gets that too, then the end.
+    conn.write_all(b"after the stop").await.unwrap();
+    conn.shutdown().await.unwrap();
     let mut rest = Vec::new();
     let end = tokio::time::timeout(common::cli::LIMIT, conn.read_to_end(&mut rest)).await.expect("no end in time");
     assert!(end.is_ok(), "the program saw {end:?}, not a clean end");
-    conn.shutdown().await.unwrap();
+    assert_eq!(rest, b"after the stop", "{}", String::from_utf8_lossy(&rest));
     let (status, log) = server.exit().await;
     assert!(status.success(), "server exit {status}:\n{log}");
     assert!(log.contains("every tunnel ended; exiting"), "{log}");
     assert!(log.contains("session closed"), "{log}");
     assert!(!client.stderr().contains("stream failed"), "{}", client.stderr());
+}
+
+/// A stopping server's tunnels that outlast its drain time end with a reset for their
+/// programs, never a clean end (a transfer cut short must not look finished), and a new
+/// connection during the drain is refused, not served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_still_open_when_the_drain_time_is_over_is_reset() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let keys = Keys::new("term-reset");
+    let echo = echo_service().await;
+    let (mut server, addr) = keys.server_with(&[format!("echo={echo}")], &["--drain-time", "1s"]).await;
+    let mut args = keys.client_args("client", addr, "echo");
+    args.extend(["--local", "127.0.0.1:0", "--no-check"].map(String::from));
+    let client = Proc::spawn(&strs(&args), false);
+    let local = client.logged_addr("forwarding", "local=").await;
+    let mut conn = tokio::net::TcpStream::connect(local).await.unwrap();
+    conn.write_all(b"open").await.unwrap();
+    let mut got = [0u8; 4];
+    conn.read_exact(&mut got).await.unwrap();
+    let pid = server.child.id().and_then(|p| rustix::process::Pid::from_raw(p as i32)).expect("pid");
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    server.wait_log("stopping: no new sessions", 1).await;
+    // A new connection now gets nothing from the service.
+    let mut late = tokio::net::TcpStream::connect(local).await.unwrap();
+    let _ = late.write_all(b"late").await;
+    let mut seen = Vec::new();
+    let late_end = tokio::time::timeout(common::cli::LIMIT, late.read_to_end(&mut seen)).await.expect("no end in time");
+    assert!(seen.is_empty(), "a connection made during the drain was served: {seen:?}");
+    assert!(late_end.is_err(), "a refused connection ended as if served");
+    // The open one is still carried, until the drain time is over: then it is reset.
+    conn.write_all(b"still").await.unwrap();
+    let mut got = [0u8; 5];
+    conn.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"still");
+    let mut rest = Vec::new();
+    let end = tokio::time::timeout(common::cli::LIMIT, conn.read_to_end(&mut rest)).await.expect("no end in time");
+    let err = end.expect_err("the program saw a clean end of a tunnel the server ended");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+    let (status, log) = server.exit().await;
+    assert!(status.success(), "server exit {status}:\n{log}");
+    assert!(log.contains("drain time over; the sessions still open were ended"), "{log}");
 }
 
 /// A tunnel whose program never ends its side outlasts the server's drain time (10 s): its

@@ -73,6 +73,7 @@ struct ServerSection {
     handover: Option<String>,
     status: Option<String>,
     retire_after: Option<String>,
+    drain_time: Option<String>,
     keepalive: Option<String>,
     dead_after: Option<String>,
     buffer: Option<String>,

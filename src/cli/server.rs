@@ -17,9 +17,6 @@ use crate::config::required;
 use crate::keyfiles::load_keypair;
 use crate::{metrics, session_config};
 
-/// How long a stopping server waits for its open tunnels to end cleanly.
-const SHUTDOWN_DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
-
 pub(crate) async fn server(args: ServerArgs) -> Result<()> {
     let listen = required(args.listen.clone(), "listen", "server", "0.0.0.0:7700")?;
     let key = required(args.key.clone(), "key", "server", "keys/server.key")?;
@@ -142,17 +139,17 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
     // handover, the new process takes that role from the old one).
     let _ = sd_notify::notify(&[sd_notify::NotifyState::MainPid(std::process::id()), sd_notify::NotifyState::Ready]);
     let reload = reload_on_hangup(hangups, listener.allow_list_handle(), authorized, services.clone());
-    // Ctrl-C or SIGTERM: stop accepting and end every tunnel cleanly within the drain time; a
+    // Ctrl-C or SIGTERM: stop accepting and let the tunnels open end within the drain time; a
     // second one exits at once.
     let mut term = signal(SignalKind::terminate()).context("cannot watch for SIGTERM")?;
-    let retire_after = args.retire_after;
+    let (retire_after, drain) = (args.retire_after, args.drain_time);
     let stop = async move {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
             () = retired(retirement, retire_after) => return,
         }
-        info!(drain = %holdfast::human::Rounded(SHUTDOWN_DRAIN), "stopping: no new sessions; ending open tunnels (signal again to exit at once)");
+        info!(drain = %holdfast::human::Rounded(drain), "stopping: no new sessions or tunnels; those open may run to their end for the drain time (signal again to exit at once)");
         tokio::spawn(async move {
             let mut term = signal(SignalKind::terminate()).ok();
             tokio::select! {
@@ -163,7 +160,7 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
         });
     };
     tokio::select! {
-        r = tunnel::serve_until(listener, services, stop, SHUTDOWN_DRAIN) => {
+        r = tunnel::serve_until(listener, services, stop, drain) => {
             let left = r?;
             if left > 0 {
                 warn!(sessions = left, "drain time over; the sessions still open were ended (their clients are told the server stopped)");

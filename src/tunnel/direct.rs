@@ -32,7 +32,7 @@ pub async fn forward_connect(local: TcpListener, pool: Arc<MuxPool>, host: Strin
             match pool.open_connect(&host, port).await {
                 Ok(Some(sub)) => {
                     debug!(%from, %dest, "connection open");
-                    match join(tcp, sub, None, None).await {
+                    match join(tcp, sub, None).await {
                         Ok((to_server, to_program)) => debug!(%from, %dest, to_server, to_program, "connection closed"),
                         Err(e) => info!(%from, %dest, error = %e, "connection ended by a reset"),
                     }

@@ -62,7 +62,7 @@ pub async fn forward_via(
                 match pool.open_unanswered(&service).await {
                     Ok(Some(sub)) => {
                         debug!(%from, service = %service, "forwarding (multiplexed)");
-                        match join(tcp, sub, None, Some(&service)).await {
+                        match join(tcp, sub, Some(&service)).await {
                             Ok((to_service, to_program)) => debug!(%from, to_service, to_program, "connection closed"),
                             // The refusal's text is the error's own (`Refused` is transparent).
                             Err(e) if Refused::of(&e).is_some() => {

@@ -3,7 +3,6 @@
 use std::io;
 
 use tokio::net::TcpStream;
-use tokio::sync::watch;
 
 use super::request::{finish_halves, read_reply, REFUSAL_DRAIN};
 use super::splice::{stream_to_tcp_counted, tcp_to_stream_until};
@@ -38,20 +37,14 @@ pub(super) fn reset_by_stream(e: &io::Error) -> bool {
 /// stream's receive queue); returns the bytes moved (TCP to stream, stream to TCP). With
 /// `answer`, the stream's first bytes are the reply to a request for that service, sent without
 /// waiting for it (the program's first bytes go out behind the request, saving a round trip); a
-/// refusal is an error that [`Refused::of`] finds, after which the stream is ended cleanly. With
-/// `stop`, the TCP side is read no more once it turns true and the stream is half-closed, as at
-/// EOF. On any other error the TCP connection is reset and so is the stream, so that neither
+/// refusal is an error that [`Refused::of`] finds, after which the stream is ended cleanly. On
+/// any other error the TCP connection is reset and so is the stream, so that neither
 /// the program nor the peer takes a failure for a clean end.
 ///
 /// # Errors
 /// The first I/O error of either direction.
-pub(super) async fn join(
-    tcp: TcpStream,
-    stream: Stream,
-    stop: Option<watch::Receiver<bool>>,
-    answer: Option<&str>,
-) -> io::Result<(u64, u64)> {
-    let (res, moved) = join_counted(tcp, stream, stop, answer).await;
+pub(super) async fn join(tcp: TcpStream, stream: Stream, answer: Option<&str>) -> io::Result<(u64, u64)> {
+    let (res, moved) = join_counted(tcp, stream, answer).await;
     res.map(|()| moved)
 }
 
@@ -60,14 +53,14 @@ pub(super) async fn join(
 pub(super) async fn join_counted(
     mut tcp: TcpStream,
     stream: Stream,
-    mut stop: Option<watch::Receiver<bool>>,
     answer: Option<&str>,
 ) -> (io::Result<()>, (u64, u64)) {
     let (mut sr, mut sw) = stream.into_split();
     let (mut up_bytes, mut down_bytes) = (0, 0);
+    let mut no_stop = None;
     let res = {
         let (tr, tw) = tcp.split();
-        let up = tcp_to_stream_until(tr, &mut sw, &mut stop, &mut up_bytes);
+        let up = tcp_to_stream_until(tr, &mut sw, &mut no_stop, &mut up_bytes);
         let down = async {
             if let Some(service) = answer {
                 // Boxed: a stream waits for its answer once, and the reply's reader would

@@ -287,7 +287,7 @@ async fn carry_back(mut sub: Stream, remotes: Remotes) {
     if write_reply(&mut sub, Status::Connected, "").await.is_err() {
         return;
     }
-    match join(tcp, sub, None, None).await {
+    match join(tcp, sub, None).await {
         Ok((to_server, to_target)) => {
             quiet!(log, info!(server_listens = %at, %target, to_server, to_target, "reverse connection closed"))
         }

@@ -151,7 +151,7 @@ pub(super) async fn serve_listen(
                     pause = Duration::ZERO;
                     backoff.succeeded();
                     permit.accepted();
-                    let one = reverse_one(tcp, from, at, mux.clone(), (who.clone(), peer.clone(), log.clone()), stop.clone(), permit);
+                    let one = reverse_one(tcp, from, at, mux.clone(), (who.clone(), peer.clone(), log.clone()), permit);
                     tokio::spawn(tracing::Instrument::in_current_span(one));
                 }
                 Err(e) => {
@@ -200,7 +200,6 @@ async fn reverse_one(
     at: SocketAddr,
     mux: Session,
     (who, peer, log): (String, crate::net::Peer, Arc<LogBudget>),
-    stop: watch::Receiver<bool>,
     _permit: ReversePermit,
 ) {
     crate::net::kernel::bound_tunnel(&tcp);
@@ -229,7 +228,7 @@ async fn reverse_one(
         }
     };
     let counted = peer.stream_opened();
-    let (carried, (to_client, to_program)) = join_counted(tcp, sub, Some(stop), None).await;
+    let (carried, (to_client, to_program)) = join_counted(tcp, sub, None).await;
     drop(counted);
     match carried {
         Ok(()) => {

@@ -27,11 +27,12 @@ pub async fn serve(listener: Listener, services: Arc<Services>) -> Result<(), ne
 /// close too (`net::pump`), then logs the session's last line.
 const TELL_STOPPING: Duration = Duration::from_secs(3);
 
-/// Like [`serve`], until `stop` resolves. Then it stops accepting (the listener is dropped), and
-/// ends every open tunnel cleanly: the service's side is read no more, the client gets a FIN
-/// after every byte already read from the service, and the tunnel is over when the client has
-/// ended its side too. It waits for that at most `drain`; returns the number of sessions still
-/// open then, which are ended at once, their clients told with CLOSE (Shutdown).
+/// Like [`serve`], until `stop` resolves. Then it stops accepting (the listener is dropped)
+/// and closes every session: no new stream is accepted, and the tunnels open run to their end
+/// as they would have without the stop (a transfer in flight finishes). It waits for that at
+/// most `drain`; returns the number of sessions still open then, which are ended at once: their
+/// streams fail (each program sees a reset, never a clean end of a transfer cut short) and
+/// their clients are told with CLOSE (Shutdown).
 ///
 /// # Errors
 /// Returns early only if the listener stops.
@@ -63,7 +64,7 @@ pub async fn serve_until(
     let _ = stopping.send(true);
     let n = open.len();
     if n > 0 {
-        info!(sessions = n, drain = %crate::human::Rounded(drain), "shutting down: ending every tunnel cleanly");
+        info!(sessions = n, drain = %crate::human::Rounded(drain), "shutting down: waiting for the open tunnels to end");
     }
     let _ = tokio::time::timeout(drain, async { while open.join_next().await.is_some() {} }).await;
     // The sessions still open are told the server is stopping (CLOSE Shutdown), rather than

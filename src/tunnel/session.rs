@@ -22,8 +22,12 @@ use crate::keys::AllowedPeer;
 use crate::net::quiet::{quiet, LogBudget};
 use crate::net::{self, AllowListHandle, LinkStatus, Peer, Session, Stream};
 
+/// Why the sessions still open when a stopping server's drain time is over are ended.
+const DRAIN_OVER: &str = "the server is stopping, and its drain time is over";
+
 /// Server side: serves every stream the client opens on `session` as a tunnel of its own,
-/// until the session ends or `stop` turns true.
+/// until the session ends or `stop` turns true (then the streams open run to their end, until
+/// `drained` turns true: those still open then fail with the session).
 pub(super) async fn serve_session(
     session: Session,
     peer: Peer,
@@ -38,12 +42,12 @@ pub(super) async fn serve_session(
     let mut stopped = false;
     let ctx =
         SessionCtx { lookups: services.bounds().session_lookups(), status: status.clone(), log: peer.log().clone() };
-    // On a stop, the streams open finish as any tunnel does (the services are read no more
-    // and each stream is half-closed); then the session is closed.
+    let mut shut = false;
+    // On a stop the session is closed: no new stream is accepted (the client's are refused), and
+    // the streams open run to their end, as they would have without the stop, until the
+    // server's drain time is over. A stream's bytes are never cut short with a clean end: what
+    // is still open then fails with the session, and its programs see a reset.
     loop {
-        if stopped && open.is_empty() {
-            session.close();
-        }
         tokio::select! {
             sub = session.accept() => match sub {
                 Some(sub) => {
@@ -62,16 +66,37 @@ pub(super) async fn serve_session(
                 None => break,
             },
             Some(_) = open.join_next(), if !open.is_empty() => {}
-            _ = stopping.wait_for(|s| *s), if !stopped => stopped = true,
-            // The server's drain time is over: the streams left fail with the session.
-            Ok(_) = drained.wait_for(|d| *d) => {
-                session.shut_down("the server is stopping, and its drain time is over");
-                break;
+            _ = stopping.wait_for(|s| *s), if !stopped => {
+                stopped = true;
+                session.close();
+            }
+            Ok(_) = drained.wait_for(|d| *d), if !shut => {
+                session.shut_down(DRAIN_OVER);
+                shut = true;
             }
         }
     }
+    // The streams left run to their end, or to the end of a stopping server's drain time.
+    while !open.is_empty() {
+        tokio::select! {
+            _ = open.join_next() => {}
+            Ok(_) = drained.wait_for(|d| *d), if !shut => {
+                session.shut_down(DRAIN_OVER);
+                shut = true;
+            }
+        }
+    }
+    // On a stop, the session's own end too: a reverse forward's connections are streams of it
+    // that no task here holds.
+    if stopped {
+        let mut watching = status.clone();
+        let ended = |s: &LinkStatus| matches!(s, LinkStatus::Closed | LinkStatus::Failed(_));
+        tokio::select! {
+            _ = watching.wait_for(ended) => {}
+            Ok(_) = drained.wait_for(|d| *d), if !shut => session.shut_down(DRAIN_OVER),
+        }
+    }
     drop(session);
-    while open.join_next().await.is_some() {}
     match &*status.borrow() {
         LinkStatus::Failed(e) => quiet!(ctx.log, warn!(client = %who, error = %printable(e), "session failed")),
         _ => debug!(client = %who, "session's streams ended"),
@@ -93,7 +118,6 @@ pub(super) struct SessionCtx {
 struct Carry {
     tcp: TcpStream,
     sub: Stream,
-    stop: watch::Receiver<bool>,
     peer: Peer,
     who: String,
     name: String,
@@ -103,9 +127,9 @@ struct Carry {
 impl Carry {
     /// Joins the connection and the stream until both ends are done; logs how it ended.
     async fn carry(self) {
-        let Carry { tcp, sub, stop, peer, who, name, log } = self;
+        let Carry { tcp, sub, peer, who, name, log } = self;
         let counted = peer.stream_opened();
-        let (carried, (to_client, to_service)) = join_counted(tcp, sub, Some(stop), None).await;
+        let (carried, (to_client, to_service)) = join_counted(tcp, sub, None).await;
         drop(counted);
         match carried {
             Ok(()) => {
@@ -210,7 +234,7 @@ async fn open_sub(
         return None;
     }
     quiet!(ctx.log, info!(client = %who, service = %name, target = %printable(&target), "tunnel open"));
-    Some(Carry { tcp, sub, stop, peer, who, name, log: ctx.log })
+    Some(Carry { tcp, sub, peer, who, name, log: ctx.log })
 }
 
 /// How logs name a request.

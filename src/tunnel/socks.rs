@@ -65,7 +65,7 @@ async fn carry(proto: Commanded, host: String, port: u16, pool: &MuxPool, from: 
         Ok(Some(sub)) => {
             let Ok(tcp) = proto.reply_success(std::net::SocketAddr::from(([0, 0, 0, 0], 0))).await else { return };
             debug!(%from, %dest, "SOCKS connection open");
-            match join(tcp, sub, None, None).await {
+            match join(tcp, sub, None).await {
                 Ok((to_server, to_program)) => debug!(%from, %dest, to_server, to_program, "connection closed"),
                 Err(e) => info!(%from, %dest, error = %e, "connection ended by a reset"),
             }

@@ -219,7 +219,13 @@ impl Keys {
 
     /// Starts a server offering `services` (NAME=HOST:PORT); returns it and its actual address.
     pub async fn server(&self, services: &[String]) -> (Proc, SocketAddr) {
+        self.server_with(services, &[]).await
+    }
+
+    /// [`Keys::server`], with more arguments.
+    pub async fn server_with(&self, services: &[String], more: &[&str]) -> (Proc, SocketAddr) {
         let mut args = vec!["server", "--listen", "127.0.0.1:0", "--key", s(&self.server_key)];
+        args.extend(more);
         args.extend(["--authorized", s(&self.authorized)]);
         for svc in services {
             args.extend(["--service", svc.as_str()]);

@@ -113,7 +113,9 @@ fn reset_name(code: u8) -> &'static str {
     match code {
         reset::CANCEL => "cancelled",
         reset::LIMIT => "the peer's stream limit was reached",
-        reset::REFUSED => "the peer takes no streams",
+        reset::REFUSED => {
+            "the peer takes no new streams on this session (it is ending the session, or never takes them)"
+        }
         reset::SHUTDOWN => "the peer is shutting down",
         _ => "unknown code",
     }
