@@ -227,3 +227,26 @@ fn read_all(s: &mut Session, buf: &mut [u8]) -> usize {
     }
     n
 }
+
+/// The round trip shown (status, metrics) is the path's, not the peer's ack delay: a small
+/// write is acknowledged up to 10 ms late (the ack delay), and a 2 ms path must not show as
+/// 12 ms. A PING follows the first acknowledged DATA, and its PONG is the sample shown.
+#[test]
+fn the_round_trip_shown_is_not_the_peers_ack_delay() {
+    let mut p = Pair::new();
+    assert_eq!(p.c.rtt(), None, "nothing measured yet");
+    p.c.write(b"ls\n").unwrap();
+    for _ in 0..40 {
+        p.exchange(MS);
+        p.now += MS;
+        p.tick();
+    }
+    let rtt = p.c.rtt().expect("measured");
+    assert!(rtt >= 2 * MS && rtt <= 3 * MS, "a 2 ms round trip shown as {rtt:?}");
+    // The suspicion rule keeps its longer estimate (safe: it only waits longer).
+    let t = {
+        p.c.write(&[7u8; 1000]).unwrap();
+        p.silence_until_suspect(Duration::from_secs(5)).expect("never suspect")
+    };
+    assert!(t >= MIN_SUSPECT, "suspect after {t:?}");
+}

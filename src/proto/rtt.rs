@@ -92,8 +92,9 @@ impl Liveness {
         std::mem::take(&mut self.suspected)
     }
 
-    /// An ACK of every position below `acked`: samples it completes feed `rtt`.
-    pub(crate) fn acked(&mut self, now: Instant, acked: u64, rtt: &mut RttEstimate) {
+    /// An ACK of every position below `acked`: samples it completes feed `rtt`. True if it
+    /// gave one.
+    pub(crate) fn acked(&mut self, now: Instant, acked: u64, rtt: &mut RttEstimate) -> bool {
         let mut newest = None;
         while let Some(&(end, at)) = self.samples.front() {
             if end > acked {
@@ -105,13 +106,20 @@ impl Liveness {
         if let Some(at) = newest {
             rtt.sample(now.saturating_duration_since(at));
         }
+        newest.is_some()
     }
 
-    /// A PONG arrived.
-    pub(crate) fn ponged(&mut self, now: Instant, rtt: &mut RttEstimate) {
-        if let Some(at) = self.ping.take() {
-            rtt.sample(now.saturating_duration_since(at));
-        }
+    /// A PONG arrived: its sample feeds `rtt` and is returned.
+    pub(crate) fn ponged(&mut self, now: Instant, rtt: &mut RttEstimate) -> Option<Duration> {
+        let at = self.ping.take()?;
+        let r = now.saturating_duration_since(at);
+        rtt.sample(r);
+        Some(r)
+    }
+
+    /// True while a PING awaits its PONG.
+    pub(crate) fn pinging(&self) -> bool {
+        self.ping.is_some()
     }
 
     /// The operating system said the network changed, or the machine woke from sleep: the

@@ -170,6 +170,8 @@ struct Link {
     transport: Transport,
     last_recv: Instant,
     last_send: Instant,
+    /// When the last PING left on this link.
+    last_ping: Instant,
     /// What awaits an answer on this link, for the suspicion rule (see [`super::rtt`]).
     live: Liveness,
 }
@@ -208,8 +210,12 @@ pub struct Session {
     scratch: Zeroizing<Vec<u8>>,
     /// Client: resume attempts numbered so far.
     attempts: u64,
-    /// The round-trip estimate, across links.
+    /// The round-trip estimate, across links, from every sample: DATA → ACK samples may
+    /// include the peer's ack delay, so it errs long, which is safe for the suspicion rule.
     rtt: RttEstimate,
+    /// The round trip as shown (status, metrics): PING → PONG samples only, which the peer
+    /// answers at once, so a 10 ms ack delay does not pass for a 10 ms path.
+    rtt_ping: RttEstimate,
     /// Races (second connections on suspicion) since the link last made progress for a while:
     /// each doubles the suspicion threshold.
     races: u32,
@@ -265,6 +271,7 @@ impl Session {
             scratch: Zeroizing::new(Vec::new()),
             attempts: 0,
             rtt: RttEstimate::default(),
+            rtt_ping: RttEstimate::default(),
             races: 0,
             raced_at: None,
             probe_due: false,
@@ -581,7 +588,7 @@ impl Session {
         // Below what the peer already acknowledged: its offsets were taken before that ACK (a
         // hello that raced a live link). It has those positions; resend from the ACK.
         let peer_received = peer_received.max(self.send.start());
-        self.link = Some(Link { transport, last_recv: now, last_send: now, live: Liveness::new(now) });
+        self.link = Some(Link { transport, last_recv: now, last_send: now, last_ping: now, live: Liveness::new(now) });
         if peer_received > self.written_offset() {
             // The peer claims positions never written: nothing can repair that. The CLOSE that
             // says so goes out on this new link.
@@ -613,6 +620,7 @@ impl Session {
     /// Unplugs the real connection (it failed or was replaced). Nothing in the stream is lost.
     pub fn detach(&mut self) {
         self.link = None;
+        self.probe_due = false; // a probe of this link; a new one has nothing to probe yet
         self.ack_due = None;
         self.pong_due = false;
         self.ticket_ack_to_send = None;
@@ -703,7 +711,11 @@ impl Session {
                 let progress = v > self.send.start();
                 self.apply_ack(v);
                 if let Some(link) = &mut self.link {
-                    link.live.acked(now, v, &mut self.rtt);
+                    let sampled = link.live.acked(now, v, &mut self.rtt);
+                    // The first PING once there is a sample to judge its silence by.
+                    if sampled && self.rtt_ping.smoothed().is_none() && !link.live.pinging() {
+                        self.probe_due = true;
+                    }
                 }
                 if progress {
                     self.calm();
@@ -712,7 +724,9 @@ impl Session {
             Frame::Ping => self.pong_due = true,
             Frame::Pong => {
                 if let Some(link) = &mut self.link {
-                    link.live.ponged(now, &mut self.rtt);
+                    if let Some(r) = link.live.ponged(now, &mut self.rtt) {
+                        self.rtt_ping.sample(r);
+                    }
                 }
             }
             Frame::Ticket { resume_id, secret } => {
@@ -851,9 +865,14 @@ impl Session {
             }
         }
         let probe = std::mem::take(&mut self.probe_due);
-        if (out.len() == before && now >= link.last_send + self.cfg.keepalive) || probe {
+        // A keepalive when idle; and while busy, one PING per keepalive interval goes out with
+        // what is sent anyway, so that the round trip shown stays current (a frame every 5 s).
+        let idle = out.len() == before && now >= link.last_send + self.cfg.keepalive;
+        let busy = out.len() > before && now >= link.last_ping + self.cfg.keepalive && !link.live.pinging();
+        if idle || busy || probe {
             seal(Frame::Ping, out)?;
             link.live.sent_ping(now);
+            link.last_ping = now;
         }
         if self.sent > data_from {
             link.live.sent_data(now, self.sent);
@@ -941,9 +960,12 @@ impl Session {
         threshold(&self.rtt, self.races, self.cfg.dead_after)
     }
 
-    /// The smoothed round trip, once measured.
+    /// The smoothed round trip, once measured by PING → PONG (a round trip after the first
+    /// acknowledged DATA, or a keepalive interval into an idle session): what status and
+    /// metrics show. DATA → ACK samples are not used for it: the peer may hold an ACK up to its
+    /// ack delay (10 ms by default), which would pass for a 10 ms path.
     pub fn rtt(&self) -> Option<Duration> {
-        self.rtt.smoothed()
+        self.rtt_ping.smoothed()
     }
 
     /// Client: a race (a second connection opened because the link was suspect) was attached.
