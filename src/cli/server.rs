@@ -163,7 +163,7 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
         r = tunnel::serve_until(listener, services, stop, drain) => {
             let left = r?;
             if left > 0 {
-                warn!(sessions = left, "drain time over; the sessions still open were ended (their clients are told the server stopped)");
+                warn!(sessions = left, "drain time over; the sessions still open were ended (the clients attached are told the server stopped; a detached one finds nothing listening)");
             } else {
                 info!("every tunnel ended; exiting");
             }
