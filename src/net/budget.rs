@@ -27,6 +27,14 @@ const STEP: usize = 64 * 1024;
 /// (16 MiB windows each, at most) could leave no room for the key's next stream, which is then
 /// reset with LIMIT.
 const GROWTH_RESERVE: usize = 4;
+/// Streams' first windows are taken only while one part in this many of each budget stays
+/// free for the sessions' buffers. A window is held while its stream lives, and a stream ends
+/// only when its service's bytes have gone out through the replay buffer: windows that took
+/// the whole budget left the replay buffer no room, so no stream could end and every session
+/// of the key froze for good (an operator's key share of 4 MiB and 64 idle connections).
+/// Buffers give their room back by themselves (the peer's ACKs, the program's reads), so the
+/// part kept always comes back.
+const BUFFER_RESERVE: usize = 16;
 
 /// A bound on the bytes that sessions may hold together, with the tasks waiting for room.
 #[derive(Debug)]
@@ -109,6 +117,11 @@ impl Budget {
     /// What growing windows must leave free of this budget: a quarter.
     fn growth_reserve(&self) -> usize {
         self.limit / GROWTH_RESERVE
+    }
+
+    /// What first windows must leave free of this budget for the sessions' buffers.
+    fn buffer_reserve(&self) -> usize {
+        self.limit / BUFFER_RESERVE
     }
 
     /// Gives `n` bytes back and wakes every task waiting for room.
@@ -249,15 +262,11 @@ impl crate::proto::StreamBudget for StreamCharge {
     fn take_window(&mut self, n: u64) -> bool {
         let want = usize::try_from(n).unwrap_or(usize::MAX);
         let [key, server] = &self.budgets;
-        let k = key.take(want);
-        if k < want {
-            key.give(k);
+        if !key.take_keeping(want, key.buffer_reserve()) {
             return false;
         }
-        let s = server.take(want);
-        if s < want {
-            server.give(s);
-            key.give(k);
+        if !server.take_keeping(want, server.buffer_reserve()) {
+            key.give(want);
             return false;
         }
         self.windows += n;
@@ -390,12 +399,43 @@ mod tests {
         }
         let grown: u64 = windows.iter().sum();
         assert!(grown <= 12 << 20, "windows grew into the last quarter: {grown} bytes");
-        // New streams still get their first windows: the quarter kept is 64 of them.
-        for _ in 0..60 {
+        // New streams still get their first windows: the quarter kept is 64 of them, less the
+        // sixteenth that first windows leave to the buffers.
+        for _ in 0..44 {
             assert!(a.take_window(64 << 10), "a new stream found no room ({} bytes used)", key.used());
         }
         drop(a);
         assert_eq!((server.used(), key.used()), (0, 0));
+    }
+
+    /// Found by an operator's day: with a 4 MiB key share, 64 idle connections took it all in
+    /// windows, the replay buffer had no room for a service's bytes, no stream could end, and
+    /// the session froze for good. First windows leave a sixteenth for the buffers.
+    #[test]
+    fn first_windows_leave_room_for_the_sessions_buffers() {
+        use crate::proto::StreamBudget;
+        let (server, key) = (Budget::new(1 << 30), Budget::new(4 << 20));
+        let mut streams = StreamCharge::new(server.clone(), key.clone());
+        let mut opened = 0;
+        while streams.take_window(64 << 10) {
+            opened += 1;
+            assert!(opened <= 64, "more windows than the share holds");
+        }
+        assert!(opened >= 56, "only {opened} first windows in a 4 MiB share");
+        let s = Session::new(Role::Server, SessionConfig::default());
+        let mut replay = Charge::new(server.clone(), key.clone());
+        assert!(
+            replay.room(&s, 16 << 10, &mut noop_cx()) >= 16 << 10,
+            "the replay buffer found no room beside the windows ({} of {} bytes used)",
+            key.used(),
+            4 << 20
+        );
+        // The server's budget keeps its part too.
+        let (server, key) = (Budget::new(1 << 20), Budget::new(1 << 30));
+        let mut streams = StreamCharge::new(server.clone(), key.clone());
+        while streams.take_window(64 << 10) {}
+        let mut replay = Charge::new(server, key);
+        assert!(replay.room(&s, 16 << 10, &mut noop_cx()) >= 16 << 10);
     }
 
     #[test]

@@ -112,7 +112,9 @@ pub enum StreamError {
 fn reset_name(code: u8) -> &'static str {
     match code {
         reset::CANCEL => "cancelled",
-        reset::LIMIT => "the peer's stream limit was reached",
+        reset::LIMIT => {
+            "the peer has no room for another stream (its limit on streams, or on the memory their windows take)"
+        }
         reset::REFUSED => {
             "the peer takes no new streams on this session (it is ending the session, or never takes them)"
         }
