@@ -328,3 +328,22 @@ fn a_bad_worker_thread_count_is_an_error_not_a_panic() {
         .unwrap();
     assert!(!String::from_utf8_lossy(&out.stderr).contains("TOKIO_WORKER_THREADS"));
 }
+
+/// A reader that goes away (`holdfast man | head`, `holdfast status | true`) ends the command
+/// quietly, as for other tools: it panicked with "failed printing to stdout: Broken pipe".
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    for args in [&["man"][..], &["completions", "bash"]] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_holdfast"))
+            .args(args)
+            .stdout(writer)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked"), "holdfast {args:?}: {err}");
+        assert!(out.status.success(), "holdfast {args:?}: {}: {err}", out.status);
+    }
+}

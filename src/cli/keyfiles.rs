@@ -107,7 +107,7 @@ pub(crate) fn keygen(out: &Path) -> Result<()> {
     let kp = Keypair::generate();
     keys::save_private_key(&key_path, &kp.private)?;
     keys::save_public_key(&pub_path, &kp.public)?;
-    println!("{}", kp.public);
+    crate::write_stdout(format!("{}\n", kp.public).as_bytes())?;
     eprintln!("wrote {} (private, mode 0600) and {}", key_path.display(), pub_path.display());
     Ok(())
 }
@@ -116,6 +116,5 @@ pub(crate) fn pubkey() -> Result<()> {
     let mut text = Zeroizing::new(String::new());
     std::io::stdin().read_to_string(&mut text).context("cannot read stdin")?;
     let key = PrivateKey::from_base64(text.trim())?;
-    println!("{}", key.public_key());
-    Ok(())
+    crate::write_stdout(format!("{}\n", key.public_key()).as_bytes())
 }

@@ -72,16 +72,25 @@ async fn run(cli: Cli) -> Result<bool> {
         }
         Cmd::Demo { bytes, faults } => return demo::demo(bytes, faults).await,
         Cmd::Completions { shell } => {
-            clap_complete::generate(shell, &mut args::command(), "holdfast", &mut std::io::stdout());
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut args::command(), "holdfast", &mut script);
+            write_stdout(&script)?;
         }
         Cmd::Status(a) => status::status(a).await?,
-        Cmd::Man => {
-            let page = manpage::render(&args::command());
-            std::io::Write::write_all(&mut std::io::stdout(), page.as_bytes())
-                .context("cannot write the manual page")?;
-        }
+        Cmd::Man => write_stdout(manpage::render(&args::command()).as_bytes())?,
     }
     Ok(true)
+}
+
+/// Writes a command's output. A reader that went away (`holdfast status | head`) ends the
+/// command quietly, as it does for other tools, not with a panic.
+pub(crate) fn write_stdout(bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        r => r.context("cannot write to standard output"),
+    }
 }
 
 fn main() -> ExitCode {

@@ -44,8 +44,7 @@ pub(crate) async fn status(args: StatusArgs) -> Result<()> {
             path.display()
         );
     }
-    print!("{answer}");
-    Ok(())
+    crate::write_stdout(answer.as_bytes())
 }
 
 /// Binds the control socket at `path` and answers it in a task with `render(json)`.
