@@ -286,7 +286,8 @@ impl ClientStatus {
         let fresh = matches!(ev, LinkEvent::Connected { .. } | LinkEvent::Resumed { .. });
         let (state, cause) = match ev {
             LinkEvent::Connected { .. } => {
-                (s.resumes, s.faults) = (0, 0);
+                // A new session: the last cause was the ended one's.
+                (s.resumes, s.faults, s.cause) = (0, 0, None);
                 ("attached", None)
             }
             LinkEvent::Resumed { .. } => {
@@ -394,5 +395,8 @@ mod tests {
         status.event(&LinkEvent::Connected { peer });
         let (st, resumes, faults, _) = state(&status);
         assert_eq!((st.as_str(), resumes, faults), ("attached", 0, 0), "a new session's counts start again");
+        // Found by an operator's day: the new session showed the ended one's last cause.
+        let text = status.answer(false);
+        assert!(!text.contains("last:"), "{text}");
     }
 }
