@@ -488,20 +488,27 @@ async fn the_start_up_check_leaves_no_warning_on_the_server() {
 
 /// The start-up check runs while the forwards already listen, on their own session: a service
 /// the server refuses still ends `holdfast client` with the server's reason, and an unreachable
-/// one with the service's.
+/// one with the service's. The client ends its session on the way out: the server closes it
+/// (it was left detached, held for a resume until its expiry, an hour in an operator's config).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_start_up_check_ends_the_client_with_the_reason() {
     let keys = Keys::new("checkfail");
     let dead = closed_port();
-    let (_server, addr) = keys.server(&[format!("dead={dead}")]).await;
-    for (service, words) in [
+    let (server, addr) = keys.server(&[format!("dead={dead}")]).await;
+    for (n, (service, words)) in [
         ("nope", &["no service named 'nope'"][..]),
         ("dead", &["service 'dead' is unavailable", "its log has the cause"][..]),
-    ] {
+    ]
+    .into_iter()
+    .enumerate()
+    {
         let mut args = keys.client_args("client", addr, service);
         args.extend(["--local", "127.0.0.1:0"].map(String::from));
         let (st, _, err) = run(&strs(&args), b"").await;
         assert_error(st, &err, words);
+        assert!(!err.contains("a new one opens"), "the client's own close was told as the server's:\n{err}");
+        let log = server.wait_log("session closed", n + 1).await;
+        assert!(!log.contains("session detached"), "{log}");
     }
 }
 

@@ -2,6 +2,8 @@
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use holdfast::human::printable;
@@ -134,12 +136,15 @@ pub(crate) async fn client(args: ClientArgs) -> Result<()> {
     }
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let multiplexed = !args.no_mux;
+    // Set when this client ends its session itself, on its way out.
+    let exiting = Arc::new(AtomicBool::new(false));
+    let ending = exiting.clone();
     tokio::spawn(async move {
         while let Some((from, ev)) = rx.recv().await {
             shown.event(&ev);
             // The forwards' session ended cleanly (the server stopped, say): said once, since
             // the next connection opens another (an operator saw nothing in the log).
-            if multiplexed && matches!(ev, LinkEvent::Closed) {
+            if multiplexed && matches!(ev, LinkEvent::Closed) && !ending.load(Ordering::Relaxed) {
                 info!(server = %from, "session closed; a new one opens with the next connection");
             }
             log_event(Some(from), ev);
@@ -207,7 +212,7 @@ pub(crate) async fn client(args: ClientArgs) -> Result<()> {
             tunnel::forward_via(listener, server.clone(), cfg.clone(), service, Some(tx.clone()), pool.clone());
         running.spawn(forward);
     }
-    {
+    let outcome: Result<()> = async {
         let lost = async {
             match &pool {
                 Some(p) => p.failed().await,
@@ -218,22 +223,25 @@ pub(crate) async fn client(args: ClientArgs) -> Result<()> {
         loop {
             tokio::select! {
                 Some(r) = checks.join_next() => r.context("the start-up check stopped")??,
-                Some(r) = running.join_next() => break r.context("a forward stopped")??,
+                Some(r) = running.join_next() => break Ok(r.context("a forward stopped")??),
                 reason = &mut lost => bail!(
                     "the session with the server failed: {}. Every forward's connections ended with it, and this client does not start a new session unasked; run it again for a new one (Restart=on-failure under systemd does)",
                     printable(&reason)
                 ),
-                _ = tokio::signal::ctrl_c() => break info!("interrupted; exiting"),
-                _ = terminated() => break info!("terminated; exiting"),
+                _ = tokio::signal::ctrl_c() => break Ok(info!("interrupted; exiting")),
+                _ = terminated() => break Ok(info!("terminated; exiting")),
             }
         }
     }
-    // End the shared session cleanly, so that the server frees it (and any reverse forward's
-    // listener) now rather than holding it for a resume.
+    .await;
+    // End the shared session cleanly, whatever ended the client (a refused start-up check
+    // too), so that the server frees it (and any reverse forward's listener) now rather than
+    // holding it for a resume until its expiry.
     if let Some(pool) = pool {
+        exiting.store(true, Ordering::Relaxed);
         pool.close().await;
     }
-    Ok(())
+    outcome
 }
 
 pub(crate) async fn connect(args: ConnectArgs, quiet: bool) -> Result<()> {

@@ -301,6 +301,9 @@ async fn connect_destination(
 /// Answers a refusal on a stream and ends it: FIN, then what the client still sends is read
 /// and dropped until its FIN (bounded).
 async fn refuse_sub(mut sub: Stream, status: Status, (who, log): (&str, &LogBudget), name: &str, what: &str) {
+    // Logged when it happens, not once the client has ended its side (a client that exits on
+    // the refusal may end it only with its session, an hour later).
+    quiet!(log, info!(client = %who, service = %name, "tunnel refused: {what}"));
     if write_reply(&mut sub, status, "").await.is_err() {
         return;
     }
@@ -308,7 +311,6 @@ async fn refuse_sub(mut sub: Stream, status: Status, (who, log): (&str, &LogBudg
     let mut sink = Zeroizing::new(vec![0u8; 4096]);
     let drain = async { while matches!(sub.read(&mut sink[..]).await, Ok(1..)) {} };
     let _ = tokio::time::timeout(Duration::from_secs(10), drain).await;
-    quiet!(log, info!(client = %who, service = %name, "tunnel refused: {what}"));
 }
 
 /// The stream's end goes out with its session's last records: waits for them (bounded), so
