@@ -228,8 +228,14 @@ pub(crate) async fn client(args: ClientArgs) -> Result<()> {
                     "the session with the server failed: {}. Every forward's connections ended with it, and this client does not start a new session unasked; run it again for a new one (Restart=on-failure under systemd does)",
                     printable(&reason)
                 ),
-                _ = tokio::signal::ctrl_c() => break Ok(info!("interrupted; exiting")),
-                _ = terminated() => break Ok(info!("terminated; exiting")),
+                _ = tokio::signal::ctrl_c() => {
+                    info!("interrupted; exiting");
+                    break Ok(());
+                }
+                _ = terminated() => {
+                    info!("terminated; exiting");
+                    break Ok(());
+                }
             }
         }
     }
