@@ -167,7 +167,9 @@ pub(crate) struct SshArgs {
     /// Give up after this long without a connection (time asleep counts); ssh then ends.
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration, help_heading = "Recovery")]
     pub(crate) give_up: Duration,
-    /// How long the remote server keeps the session for this client to come back; it exits then.
+    /// How long the remote server keeps the session for this client to come back; it exits then
+    /// (with the remote shell). At most --give-up and a minute: after that no client can come
+    /// back (its session keys are gone).
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration, help_heading = "Recovery")]
     pub(crate) session_expiry: Duration,
     /// ssh's options, the destination ([user@]host) and the remote command, as for ssh.

@@ -65,7 +65,13 @@ async fn run(cli: Cli) -> Result<bool> {
         Cmd::SshServer(a) => ssh::remote::ssh_server(a).await?,
         Cmd::Ssh(a) => {
             // ssh's exit status is this command's (a remote command's status comes back).
-            let code = ssh::ssh(a).await?;
+            // -q and -v reach the ProxyCommand (`ssh-proxy`), which carries the link.
+            let output = match (cli.quiet, cli.verbose) {
+                (true, _) => " -q".to_string(),
+                (false, 0) => String::new(),
+                (false, n) => format!(" -{}", "v".repeat(usize::from(n.min(2)))),
+            };
+            let code = ssh::ssh(a, &output).await?;
             if code != 0 {
                 std::process::exit(code);
             }

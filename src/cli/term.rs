@@ -27,25 +27,25 @@ pub(crate) fn said(text: &str) {
     write_stderr(&format!("\r\nholdfast: {text}\r\n"));
 }
 
-/// The state of the link shown in the terminal's title.
-#[derive(Default)]
-struct Title {
+/// The state of the link shown in the terminal's title, written with `W`.
+struct Title<W: FnMut(&str)> {
     /// The title in force before ours is on the terminal's title stack.
     pushed: bool,
+    write: W,
 }
 
-impl Title {
+impl<W: FnMut(&str)> Title<W> {
     /// Shows `text` as the window title (pushing the one in force first).
     fn show(&mut self, text: &str) {
         let push = if self.pushed { "" } else { "\x1b[22;2t" };
         self.pushed = true;
-        write_stderr(&format!("{push}\x1b]2;holdfast: {text}\x07"));
+        (self.write)(&format!("{push}\x1b]2;holdfast: {text}\x07"));
     }
 
     /// Gives the terminal back the title it had.
     fn restore(&mut self) {
         if std::mem::take(&mut self.pushed) {
-            write_stderr("\x1b[23;2t");
+            (self.write)("\x1b[23;2t");
         }
     }
 }
@@ -74,28 +74,60 @@ pub(crate) fn describe(ev: &LinkEvent) -> Option<String> {
     }
 }
 
+/// How long a fault lasts before the title tells of it. The title is written on the terminal
+/// that ssh writes to, from another process: a write that lands while the screen's output is in
+/// the middle of an escape sequence (ssh's last bytes before the fault may end inside one, and
+/// the rest arrives only once the link is back) breaks that sequence, leaving text such as
+/// `27m` on the screen. Most faults are over in milliseconds (a reset, a new address): those
+/// now write nothing at all; a longer outage, which a user wants explained, still is.
+const SHOW_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Shows the stream's link events in the terminal's title until the stream ends or the
 /// program on stdio is gone (`gone` turns true: nothing more is shown, the title is given
-/// back). With `asking` (the `--on-fault ask` question tells of each loss itself), losses are
-/// not shown.
-pub(crate) async fn show_events(
+/// back), once a fault has lasted [`SHOW_AFTER`]: a fault over sooner shows nothing. With
+/// `asking` (the `--on-fault ask` question tells of each loss itself), losses are not shown.
+pub(crate) async fn show_events(events: broadcast::Receiver<LinkEvent>, asking: bool, gone: watch::Receiver<bool>) {
+    show_events_with(events, asking, gone, write_stderr).await;
+}
+
+/// [`show_events`], writing the terminal's bytes with `write`.
+async fn show_events_with(
     mut events: broadcast::Receiver<LinkEvent>,
     asking: bool,
     mut gone: watch::Receiver<bool>,
+    write: impl FnMut(&str),
 ) {
-    let mut title = Title::default();
+    let mut title = Title { pushed: false, write };
+    // A fault not shown yet: when it will be, and its latest status.
+    let mut pending: Option<(tokio::time::Instant, String)> = None;
     loop {
+        let due = pending.as_ref().map(|p| p.0);
         let ev = tokio::select! {
             ev = events.recv() => ev,
             _ = gone.wait_for(|g| *g) => break,
+            () = async { match due { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {
+                if let Some((_, text)) = pending.take() {
+                    title.show(&text);
+                }
+                continue;
+            }
         };
         match ev {
             Ok(ev) => {
                 if asking && matches!(ev, LinkEvent::Lost(_)) {
                     continue;
                 }
+                let over = matches!(ev, LinkEvent::Resumed { .. } | LinkEvent::Healthy);
                 if let Some(text) = describe(&ev) {
-                    title.show(&text);
+                    if title.pushed {
+                        title.show(&text);
+                    } else if over {
+                        // Over before it was shown: nothing to say.
+                        pending = None;
+                    } else {
+                        let at = pending.as_ref().map_or_else(|| tokio::time::Instant::now() + SHOW_AFTER, |p| p.0);
+                        pending = Some((at, text));
+                    }
                 }
                 match ev {
                     LinkEvent::Resumed { .. } | LinkEvent::Healthy => title.restore(),
@@ -144,6 +176,35 @@ mod tests {
     use super::*;
     use holdfast::net::LinkLost;
     use std::time::Duration;
+
+    /// Found by a walk through faults: a title written while ssh's output stood inside an escape
+    /// sequence broke it (`27m` on the screen, 11 lines in 20 kills). A fault over within
+    /// [`SHOW_AFTER`] now writes nothing; a longer one is shown, and the title given back.
+    #[tokio::test(start_paused = true)]
+    async fn a_fault_over_quickly_writes_nothing_on_the_terminal() {
+        let (tx, rx) = broadcast::channel(16);
+        let (_gone_tx, gone) = watch::channel(false);
+        let written = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let sink = written.clone();
+        let shown = tokio::spawn(show_events_with(rx, false, gone, move |b| sink.lock().unwrap().push_str(b)));
+        let lost = || LinkEvent::Lost(LinkLost { cause: "reset".into(), faults: 1 });
+        let peer: std::net::SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let back =
+            || LinkEvent::Resumed { peer, after: Duration::from_millis(5), replayed_sent: 0, replayed_received: 0 };
+        tx.send(lost()).unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        tx.send(back()).unwrap();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(written.lock().unwrap().as_str(), "", "a 300 ms fault was shown");
+        tx.send(lost()).unwrap();
+        tokio::time::sleep(SHOW_AFTER + Duration::from_millis(100)).await;
+        assert!(written.lock().unwrap().contains("link lost"), "{:?}", written.lock().unwrap());
+        tx.send(back()).unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(written.lock().unwrap().ends_with("\x1b[23;2t"), "the title was not given back");
+        drop(tx);
+        shown.await.unwrap();
+    }
 
     #[test]
     fn status_lines_are_short_and_rounded() {

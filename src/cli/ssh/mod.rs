@@ -53,7 +53,8 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_NOISE_LINES: usize = 1000;
 
 /// Runs `holdfast ssh`; returns ssh's exit status.
-pub(crate) async fn ssh(args: SshArgs) -> Result<i32> {
+/// `output` is the flags of `-q` and `-v` given to this command: its ProxyCommand gets them too.
+pub(crate) async fn ssh(args: SshArgs, output: &str) -> Result<i32> {
     let line = SshLine::parse(&args.ssh)?;
     let dest = line.destination.to_string_lossy().into_owned();
     let keypair = Keypair::generate();
@@ -68,9 +69,16 @@ pub(crate) async fn ssh(args: SshArgs) -> Result<i32> {
     let dir = PrivateDir::create()?;
     let file = dir.path().join("session");
     Session { server, server_key, keypair, give_up: args.give_up }.write(&file)?;
-    let code = run_session(&args.ssh, &file).await;
+    let code = run_session(&args.ssh, &file, output).await;
     drop(dir);
     code
+}
+
+/// How long the remote server keeps the session: `expiry`, but no longer than the client keeps
+/// trying (`give_up`) and a minute. A client that gave up never comes back (the session's keys
+/// were made for it alone), so a longer expiry only left the remote shell running.
+fn remote_expiry(expiry: Duration, give_up: Duration) -> Duration {
+    expiry.min(give_up.saturating_add(Duration::from_secs(60))).max(Duration::from_secs(1))
 }
 
 /// Starts the remote server over the user's ssh and returns its port and key.
@@ -85,7 +93,7 @@ async fn bootstrap(
         shell_word(&args.server),
         args.ports.0,
         args.ports.1,
-        args.session_expiry.as_secs()
+        remote_expiry(args.session_expiry, args.give_up).as_secs()
     );
     let mut cmd = Command::new("ssh");
     cmd.arg("-T");
@@ -189,11 +197,11 @@ async fn probe(server: &str, dest: &str, (first, last): (u16, u16)) -> Result<()
 
 /// Runs the user's ssh through the remote server, with `holdfast ssh-proxy FILE` as its
 /// ProxyCommand; returns ssh's exit status once it has exited.
-async fn run_session(user_args: &[OsString], file: &std::path::Path) -> Result<i32> {
+async fn run_session(user_args: &[OsString], file: &std::path::Path, output: &str) -> Result<i32> {
     let exe = std::env::current_exe().context("cannot find this program's own path for ssh's ProxyCommand")?;
     // ssh runs the ProxyCommand with the user's shell after expanding %-tokens.
     let quote = |p: &std::path::Path| shell_word(&p.to_string_lossy()).replace('%', "%%");
-    let proxy = format!("{} ssh-proxy {}", quote(&exe), quote(file));
+    let proxy = format!("{} ssh-proxy{output} {}", quote(&exe), quote(file));
     let mut cmd = Command::new("ssh");
     cmd.arg("-o").arg(format!("ProxyCommand={proxy}"));
     for o in SESSION_OPTS {
@@ -237,5 +245,14 @@ mod tests {
         assert_eq!(host_of("example.com"), "example.com");
         assert_eq!(host_of("ssh://me@example.com:2222"), "example.com");
         assert_eq!(host_of("ssh://[::1]:22"), "::1");
+    }
+
+    /// Found by a walk through faults: after `--give-up 30s` the remote shell stayed a day.
+    #[test]
+    fn the_remote_keeps_the_session_no_longer_than_the_client_tries() {
+        let (day, s) = (Duration::from_secs(86_400), Duration::from_secs);
+        assert_eq!(remote_expiry(day, s(30)), s(90));
+        assert_eq!(remote_expiry(s(20), day), s(20));
+        assert_eq!(remote_expiry(day, day), day);
     }
 }
