@@ -40,6 +40,8 @@ pub(crate) struct Inner {
     wakers: HashMap<u64, Wakers>,
     accept_waker: Option<Waker>,
     open_waker: Option<Waker>,
+    /// An open has waited for the peer's open credit: said once per session.
+    credit_wait_told: bool,
     /// Writers waiting for room in the replay buffer or the memory budget.
     room_waiters: Vec<Waker>,
     /// Streams whose `shutdown` waits for the peer's acknowledgement of their FIN.
@@ -66,6 +68,7 @@ impl Shared {
                 wakers: HashMap::new(),
                 accept_waker: None,
                 open_waker: None,
+                credit_wait_told: false,
                 room_waiters: Vec::new(),
                 fin_waiters: Vec::new(),
                 handles,
@@ -755,6 +758,12 @@ impl Session {
                 Ok(None) => {
                     inner.open_waker = Some(cx.waker().clone());
                     inner.room_waiters.push(cx.waker().clone());
+                    // Found by an operator's day: 4,095 connections through one forward, the
+                    // 1,025th and later waited (as designed) with no word on either side.
+                    if !std::mem::replace(&mut inner.credit_wait_told, true) {
+                        drop(inner);
+                        tracing::warn!("the peer's limit on streams open at once on this session is reached: new streams wait until one ends (this is said once per session)");
+                    }
                     Poll::Pending
                 }
                 Err(e) => Poll::Ready(Err(stream_io(e))),

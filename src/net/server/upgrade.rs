@@ -277,7 +277,12 @@ pub(super) async fn retire_when_asked(unix: UnixListener, listen: OwnedFd, state
             match handover::next_resume(&new).await {
                 Ok(Some((sock, addr, body))) => spawn_handshake(&state, sock, addr, Some(body)),
                 Ok(None) => {
-                    info!("the new server process closed the handover connection (it exited): this process's sessions can no longer resume");
+                    // Also what a crash of the new process looks like: then nothing listens
+                    // on the port, and an operator must hear of it.
+                    warn!(
+                        new_pid = pid,
+                        "the new server process closed the handover connection (it ended: stopped, killed or crashed): this process's sessions can no longer resume, and this process does not listen for new ones; unless the new one was stopped on purpose, start the server again"
+                    );
                     break;
                 }
                 Err(e) => {
