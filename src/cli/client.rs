@@ -261,13 +261,23 @@ pub(crate) async fn connect(args: ConnectArgs, quiet: bool) -> Result<()> {
     carry_stdio(&server, cfg, service, matches!(c.on_fault, OnFault::Ask), quiet).await
 }
 
+/// How long `holdfast ssh`'s connections to its server are refused before it is taken as gone.
+const SSH_SERVER_GONE: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// `holdfast ssh-proxy FILE`: the ProxyCommand of `holdfast ssh`, which carries ssh's
 /// connection to the remote server's one service as `connect` does, with the session's keys
 /// from the session file (read once and removed).
 pub(crate) async fn ssh_proxy(file: &std::path::Path, quiet: bool) -> Result<()> {
     let session = crate::ssh::session::Session::take(file)?;
     let mut cfg = ClientConfig::new(session.keypair, session.server_key);
-    cfg.recovery = RecoveryPolicy { give_up_after: session.give_up, ..RecoveryPolicy::default() };
+    // The remote server serves this one session and never comes back once it has ended (its
+    // expiry, a kill, a reboot of its host): refusals for half a minute mean it is gone, where
+    // the client would otherwise try until its give-up time with a frozen terminal.
+    cfg.recovery = RecoveryPolicy {
+        give_up_after: session.give_up,
+        refused_ends_after: Some(SSH_SERVER_GONE),
+        ..RecoveryPolicy::default()
+    };
     carry_stdio(&session.server, cfg, "ssh", false, quiet).await
 }
 

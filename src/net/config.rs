@@ -57,6 +57,12 @@ pub struct RecoveryPolicy {
     /// as a reconnect does, before it fails with [`crate::Error::Busy`]. Default 10 s; zero
     /// fails at the first BUSY.
     pub busy_wait: Duration,
+    /// With `Some`, reconnecting ends once every attempt for this long was refused (a TCP
+    /// reset: nothing listens), with [`crate::proto::SessionError::ServerGone`]: for a server
+    /// that serves one session and never comes back once it has ended (`holdfast ssh`'s).
+    /// `None`, the default: refusals back off and go on until `give_up_after` (a server
+    /// restarting, or a middlebox resetting for a while).
+    pub refused_ends_after: Option<Duration>,
 }
 
 impl Default for RecoveryPolicy {
@@ -66,6 +72,7 @@ impl Default for RecoveryPolicy {
             backoff_max: Duration::from_secs(2),
             jitter: 0.5,
             give_up_after: Duration::from_secs(3600),
+            refused_ends_after: None,
             handshake_timeout: Duration::from_secs(10),
             stagger: Duration::from_millis(250),
             race: true,

@@ -164,6 +164,8 @@ async fn run(
     let mut finished = 0u32;
     let mut signals = watch::signals();
     let mut signals_ok = true;
+    // Since when every attempt that was answered at all was refused (nothing listening).
+    let mut refused_since: Option<Instant> = None;
     loop {
         // Suspend counts: a laptop that slept past the give-up time gives up on waking, but
         // only after one attempt had its chance, so that it can learn the true answer (its
@@ -214,12 +216,26 @@ async fn run(
             Some(done) = pending.join_next(), if !pending.is_empty() => {
                 finished += 1;
                 let Ok((r, received, used)) = done else { continue };
+                // Something answers at the address (BUSY, a close, a REJECT): not a server
+                // that is gone.
+                if let Err(e) = &r {
+                    if matches!(classify(e), Failed::Busy | Failed::Answered | Failed::Lost) {
+                        refused_since = None;
+                    }
+                }
                 match r {
                     Ok((sock, done, peer)) => {
                         pending.abort_all();
                         return Some(Ok(Won { sock, done, peer, received, started, suspicion }));
                     }
                     Err(e) => match classify(&e) {
+                        Failed::Refused if policy.refused_ends_after.is_some_and(|d| {
+                            refused_since.get_or_insert_with(Instant::now).elapsed() >= d
+                        }) => {
+                            debug!(error = %e, "reconnect attempts refused for too long: the server is gone");
+                            pending.abort_all();
+                            return Some(Err(SessionError::ServerGone(refused_since.map_or(Duration::ZERO, |t| t.elapsed()))));
+                        }
                         // The server retires a ticket once the client has the next one, which
                         // it gets on a link that resumed: an attempt that resumed with an older
                         // ticket than the session's was superseded, and its refusal says nothing
@@ -328,6 +344,36 @@ mod tests {
         let seen = seen.lock().unwrap().clone();
         assert_eq!(seen.first(), Some(&1), "{seen:?}");
         assert!(seen.len() >= 2, "the session was lost on the refusal of a superseded attempt: {seen:?}");
+    }
+
+    /// Found by a walk through faults: `holdfast ssh`'s client, whose server had exited (its
+    /// session expired, or it was killed), went on reconnecting until its give-up time (24 h)
+    /// with a frozen terminal. With `refused_ends_after`, refusals for that long end the race
+    /// as `ServerGone`; without it (the default) they go on.
+    #[tokio::test]
+    async fn refusals_for_long_enough_end_the_race_where_the_policy_says_so() {
+        let (c, s) = (Keypair::generate(), Keypair::generate());
+        let (hs, hello) = ClientHandshake::initial(&c.private, &s.public, Cipher::ChaChaPoly, 1).unwrap();
+        let acc = respond(&hello, &s.private, |_| true, |_| None).unwrap();
+        let mut session = Session::new(Role::Client, SessionConfig::default());
+        session.attach(Instant::now(), hs.read_reply(&acc.reply).unwrap().transport, 0, None, None).unwrap();
+        session.adopt_ticket(ticket(1));
+        let shared = Shared::new(session, s.public, 1);
+        // A port nothing listens on: every connection is refused.
+        let addr = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().to_string()
+        };
+        let mut cfg = ClientConfig::new(c, s.public);
+        cfg.recovery.stagger = Duration::from_millis(20);
+        cfg.recovery.give_up_after = Duration::from_secs(3);
+        cfg.recovery.refused_ends_after = Some(Duration::from_millis(200));
+        let cancel = AtomicBool::new(false);
+        let outcome = run(&shared, &cfg, &addr, &cancel, Instant::now(), false).await;
+        assert!(matches!(outcome, Some(Err(SessionError::ServerGone(_)))), "{:?}", outcome.map(|o| o.err()));
+        cfg.recovery.refused_ends_after = None;
+        let outcome = run(&shared, &cfg, &addr, &cancel, Instant::now(), false).await;
+        assert!(matches!(outcome, Some(Err(SessionError::GaveUp(_)))), "{:?}", outcome.map(|o| o.err()));
     }
 
     /// Every answer that is not BUSY, 1 or 4 backs off like a refusal after the grace: a server

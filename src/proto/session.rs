@@ -113,6 +113,14 @@ pub enum SessionError {
          was ended; ask the server's operator if that is a mistake"
     )]
     NotAllowed,
+    /// Every reconnect attempt was refused (nothing listening) for this long, where the
+    /// client's policy says a server that is gone does not come back
+    /// (`RecoveryPolicy::refused_ends_after`).
+    #[error(
+        "nothing listens at the server's address any more: every connection was refused for {}, and this session's server does not come back once it has ended",
+        Rounded(*.0)
+    )]
+    ServerGone(Duration),
     /// The server expired the detached session.
     #[error("session expired after {} without a resume", Rounded(*.0))]
     Expired(Duration),
