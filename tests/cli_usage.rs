@@ -173,7 +173,8 @@ async fn a_tunnel_still_open_when_the_drain_time_is_over_is_reset() {
     conn.read_exact(&mut got).await.unwrap();
     let pid = server.child.id().and_then(|p| rustix::process::Pid::from_raw(p as i32)).expect("pid");
     rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
-    server.wait_log("stopping: no new sessions", 1).await;
+    // Logged once every session was closed to new streams.
+    server.wait_log("shutting down: waiting for the open tunnels to end", 1).await;
     // A new connection now gets nothing from the service.
     let mut late = tokio::net::TcpStream::connect(local).await.unwrap();
     let _ = late.write_all(b"late").await;

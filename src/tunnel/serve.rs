@@ -47,20 +47,32 @@ pub async fn serve_until(
     let (stopping, stopped) = watch::channel(false);
     let (drain_over, drained) = watch::channel(false);
     let mut open = tokio::task::JoinSet::new();
+    // A handle on each session being served, to close them all at once when the server stops.
+    let mut sessions = std::collections::HashMap::new();
     tokio::pin!(stop);
     loop {
         tokio::select! {
             r = listener.accept_session() => {
                 let (session, peer) = r?;
                 let span = peer.session().span();
+                let handle = session.clone();
                 let one = serve_session(session, peer, services.clone(), allow.clone(), (stopped.clone(), drained.clone()));
-                open.spawn(tracing::Instrument::instrument(one, span));
+                let task = open.spawn(tracing::Instrument::instrument(one, span));
+                sessions.insert(task.id(), handle);
             }
-            Some(_) = open.join_next(), if !open.is_empty() => {}
+            Some(done) = open.join_next_with_id(), if !open.is_empty() => {
+                sessions.remove(&done.map_or_else(|e| e.id(), |(id, ())| id));
+            }
             () = &mut stop => break,
         }
     }
     drop(listener);
+    // Every session takes no new stream from now on (its task closes it too, once it sees the
+    // stop): done here, so that nothing opened after the stop is logged is served.
+    for session in sessions.values() {
+        session.close();
+    }
+    drop(sessions);
     let _ = stopping.send(true);
     let n = open.len();
     if n > 0 {
