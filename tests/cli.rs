@@ -553,3 +553,34 @@ async fn refused_tunnels_end_as_normal_closes() {
     assert!(warned.len() == 1 && warned[0].contains("cannot connect to the service"), "{log}");
     assert!(!log.contains("session ended") && !log.contains("tunnel failed"), "{log}");
 }
+
+/// Found by an operator's day: the start-up check of a service that talks first (a stream, a
+/// banner without end) read everything the service sent, 256 MiB through the tunnel for
+/// nothing. It reads at most 64 KiB past the reply, then resets its stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_start_up_check_does_not_read_a_talking_service_to_its_end() {
+    let keys = Keys::new("talker");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let talker = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let block = vec![7u8; 64 << 10];
+                for _ in 0..128 {
+                    if sock.write_all(&block).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let (server, addr) = keys.server(&[format!("talk={talker}")]).await;
+    let mut args = keys.client_args("client", addr, "talk");
+    args.extend(["--local", "127.0.0.1:0"].map(String::from));
+    let _client = Proc::spawn(&strs(&args), false);
+    let log = server.wait_log("tunnel ended: reset by the client", 1).await;
+    let line = log.lines().find(|l| l.contains("tunnel ended: reset by the client")).unwrap();
+    let sent: u64 =
+        line.split("to_client=").nth(1).and_then(|v| v.split(' ').next()).and_then(|v| v.parse().ok()).unwrap();
+    assert!(sent < 1 << 20, "the check took {sent} bytes of an 8 MiB stream:\n{log}");
+}

@@ -23,6 +23,10 @@ use crate::human::printable;
 use crate::net::quiet::{quiet, Level, LogBudget};
 use crate::net::{ClientConfig, LinkEvent, LinkStatus, Session, Stream};
 
+/// Most bytes a start-up check reads from its service after the reply before it gives up on
+/// the service ending its side, and resets the stream.
+const CHECK_READ: u64 = 64 << 10;
+
 /// Client side: the session of a forward (or of several), opened on first use, shared by every
 /// connection.
 pub struct MuxPool {
@@ -167,7 +171,9 @@ impl MuxPool {
         Ok(async move {
             read_reply(&mut sub, &label).await?;
             // A normal close (both ends finished), not an abort that the server would log.
-            if let Err(e) = super::request::finish(sub, 1 << 20).await {
+            // A talk-first service (a banner, a stream) is not read past 64 KiB: the stream is
+            // then reset.
+            if let Err(e) = super::request::finish(sub, CHECK_READ).await {
                 debug!(error = %printable(&e.to_string()), "start-up check did not end cleanly");
             }
             Ok(())

@@ -62,7 +62,7 @@ pub(super) const REFUSAL_DRAIN: u64 = 16 << 20;
 ///
 /// # Errors
 /// The stream's failure, or `TimedOut` / `InvalidData` if the peer did not end its stream in
-/// time or sent more than `limit`; the stream is then dropped, which aborts the session.
+/// time or sent more than `limit`; the stream is then reset (the session goes on).
 pub async fn finish(stream: Stream, limit: u64) -> io::Result<u64> {
     let (mut r, mut w) = stream.into_split();
     finish_halves(&mut r, &mut w, limit).await
@@ -89,10 +89,16 @@ pub(super) async fn finish_halves(r: &mut ReadHalf, w: &mut WriteHalf, limit: u6
         shut?;
         drained
     };
-    match tokio::time::timeout(FINISH_TIMEOUT, both).await {
+    let r = match tokio::time::timeout(FINISH_TIMEOUT, both).await {
         Ok(r) => r,
         Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "the peer did not end its stream in time")),
+    };
+    if r.is_err() {
+        // Abandoned, not left open: a talk-first service behind a start-up check would
+        // otherwise go on sending (an operator's 256 MiB went through, read by nobody).
+        w.reset();
     }
+    r
 }
 
 /// Server side: writes the reply. The message is cut to 255 bytes on a character boundary.
