@@ -87,8 +87,9 @@ pub(super) async fn serve_session(
         }
     }
     // On a stop, the session's own end too: a reverse forward's connections are streams of it
-    // that no task here holds.
-    if stopped {
+    // that no task here holds. (The server may have closed the session before this task saw
+    // the stop: its accept then ended first.)
+    if stopped || *stop.borrow() {
         let mut watching = status.clone();
         let ended = |s: &LinkStatus| matches!(s, LinkStatus::Closed | LinkStatus::Failed(_));
         tokio::select! {
