@@ -370,3 +370,35 @@ fn output_into_a_closed_pipe_ends_quietly() {
         assert!(out.status.success(), "holdfast {args:?}: {}: {err}", out.status);
     }
 }
+
+/// Found by an operator's day: an edit of the config file followed by SIGHUP changed nothing
+/// but the allow-list, and the log did not say so. The server now warns that the file's other
+/// settings wait for an upgrade or a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_after_a_config_edit_says_what_was_not_reloaded() {
+    let keys = Keys::new("hup-config");
+    let echo = echo_service().await;
+    let file = keys.dir.path("server.toml");
+    let write = |services: &str| {
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nkey = \"{}\"\nauthorized = \"{}\"\nservice = [{services}]\n",
+            keys.server_key.display(),
+            keys.authorized.display()
+        );
+        std::fs::write(&file, text).unwrap();
+    };
+    write(&format!("\"echo={echo}\", \"other={echo}\""));
+    let server = Proc::spawn(&["server", "--config", file.to_str().unwrap()], false);
+    server.wait_log("server ready", 1).await;
+    let pid = server.child.id().and_then(|p| rustix::process::Pid::from_raw(p as i32)).expect("pid");
+    rustix::process::kill_process(pid, rustix::process::Signal::HUP).unwrap();
+    let log = server.wait_log("allow-list reloaded", 1).await;
+    assert!(!log.contains("config file changed"), "nothing was edited:\n{log}");
+    write(&format!("\"echo={echo}\""));
+    rustix::process::kill_process(pid, rustix::process::Signal::HUP).unwrap();
+    let log = server.wait_log("allow-list reloaded", 2).await;
+    assert!(
+        log.contains("the config file changed since the server started: SIGHUP reloads only the allow-list"),
+        "{log}"
+    );
+}

@@ -138,7 +138,13 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
     // Under systemd (Type=notify): ready, and this is the service's main process now (after a
     // handover, the new process takes that role from the old one).
     let _ = sd_notify::notify(&[sd_notify::NotifyState::MainPid(std::process::id()), sd_notify::NotifyState::Ready]);
-    let reload = reload_on_hangup(hangups, listener.allow_list_handle(), authorized, services.clone());
+    // The config file as it was read, to tell an operator who edits it and sends SIGHUP that
+    // only the allow-list is reloaded.
+    let config = args.config.clone().map(|p| {
+        let text = std::fs::read(&p).unwrap_or_default();
+        (p, text)
+    });
+    let reload = reload_on_hangup(hangups, listener.allow_list_handle(), authorized, services.clone(), config);
     // Ctrl-C or SIGTERM: stop accepting and let the tunnels open end within the drain time; a
     // second one exits at once.
     let mut term = signal(SignalKind::terminate()).context("cannot watch for SIGTERM")?;
@@ -302,8 +308,16 @@ async fn reload_on_hangup(
     handle: holdfast::net::AllowListHandle,
     path: PathBuf,
     services: Arc<Services>,
+    config: Option<(PathBuf, Vec<u8>)>,
 ) -> Result<()> {
     while hangups.recv().await.is_some() {
+        // Found by an operator's day: a service removed from server.toml, SIGHUP, and the
+        // service still served, with nothing in the log to say the edit was not read.
+        if let Some((file, text)) = &config {
+            if std::fs::read(file).is_ok_and(|now| now != *text) {
+                warn!(config = %file.display(), "the config file changed since the server started: SIGHUP reloads only the allow-list; its other settings (services, rules, limits) take effect with an upgrade (SIGUSR2, `systemctl reload` under the unit) or a restart");
+            }
+        }
         match AllowList::load(&path) {
             Ok(list) => {
                 if list.is_empty() {
