@@ -12,7 +12,7 @@ use crate::net::config::{ClientConfig, Recovery};
 use crate::net::events::{LinkEvent, LinkLost, LinkStatus};
 use crate::net::pump::{pump, PumpEnd};
 use crate::net::race::{Outcome, Race, Won};
-use crate::net::stream::{Session as StreamSession, Shared, Stream};
+use crate::net::stream::{Inner, Session as StreamSession, Shared, Stream};
 use crate::net::watch;
 use crate::net::wire::{read_record, write_record};
 use crate::net::Error;
@@ -44,18 +44,17 @@ use crate::proto::{ClientHandshake, CloseCode, Event, HandshakeError, Role, Sess
 /// # Ok(()) }
 /// ```
 pub async fn connect(addr: impl Into<String>, cfg: ClientConfig) -> Result<Stream, Error> {
-    // Counted as a session handle until its first stream exists, so that the driver does not
-    // end a session that has no stream yet.
-    let shared = start(addr.into(), cfg, 1).await?;
-    let id = {
-        let mut inner = shared.lock();
+    // The first stream is opened before the driver starts: the server's program may write on
+    // it as soon as the key confirmation reaches the server (`Listener::accept` hands it out
+    // before its OPEN arrives), and a DATA for a stream this end has not opened yet would end
+    // the session.
+    let (shared, id) = start(addr.into(), cfg, 0, |inner| {
         if let Some(st) = inner.session.streams_mut() {
             st.set_accepting(false);
         }
-        let id = inner.session.stream_open(usize::MAX);
-        inner.handles -= 1;
-        id
-    };
+        inner.session.stream_open(usize::MAX)
+    })
+    .await?;
     match id {
         Ok(Some(id)) => {
             shared.wake_driver.notify_one();
@@ -74,10 +73,17 @@ pub async fn connect(addr: impl Into<String>, cfg: ClientConfig) -> Result<Strea
 /// # Errors
 /// As [`connect`].
 pub async fn connect_session(addr: impl Into<String>, cfg: ClientConfig) -> Result<StreamSession, Error> {
-    Ok(StreamSession::from_counted(start(addr.into(), cfg, 1).await?))
+    Ok(StreamSession::from_counted(start(addr.into(), cfg, 1, |_| ()).await?.0))
 }
 
-async fn start(addr: String, cfg: ClientConfig, handles: usize) -> Result<Arc<Shared>, Error> {
+/// Connects and starts the session's driver. `prepare` runs on the session before the driver
+/// does (before the key confirmation is sent, so before anything of the server's is read).
+async fn start<T>(
+    addr: String,
+    cfg: ClientConfig,
+    handles: usize,
+    prepare: impl FnOnce(&mut Inner) -> T,
+) -> Result<(Arc<Shared>, T), Error> {
     // A BUSY server is at a limit for now: try again, backing off, for a while.
     let start = Instant::now();
     let mut attempt = 0;
@@ -98,10 +104,11 @@ async fn start(addr: String, cfg: ClientConfig, handles: usize) -> Result<Arc<Sh
     // it is returned now and the program's first bytes follow the key confirmation at once.
     session.adopt_ticket(ticket);
     let shared = Shared::new(session, cfg.server_key, handles);
+    let prepared = prepare(&mut shared.lock());
     shared.emit(LinkEvent::Connected { peer });
     tokio::spawn(client_task(shared.clone(), cfg, addr, sock));
     tokio::spawn(watch_path(shared.clone()));
-    Ok(shared)
+    Ok((shared, prepared))
 }
 
 /// One connection attempt: TCP connect plus handshake, within the handshake timeout.

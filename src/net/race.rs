@@ -286,6 +286,19 @@ mod tests {
         Ticket { resume_id: [id; RESUME_ID_LEN], secret: zeroize::Zeroizing::new([id; 32]) }
     }
 
+    /// A client's session, attached once and holding ticket 1: its keys (client, server) and
+    /// its shared state.
+    fn attached() -> (Keypair, Keypair, Arc<Shared>) {
+        let (c, s) = (Keypair::generate(), Keypair::generate());
+        let (hs, hello) = ClientHandshake::initial(&c.private, &s.public, Cipher::ChaChaPoly, 1).unwrap();
+        let acc = respond(&hello, &s.private, |_| true, |_| None).unwrap();
+        let mut session = Session::new(Role::Client, SessionConfig::default());
+        session.attach(Instant::now(), hs.read_reply(&acc.reply).unwrap().transport, 0, None, None).unwrap();
+        session.adopt_ticket(ticket(1));
+        let shared = Shared::new(session, s.public, 1);
+        (c, s, shared)
+    }
+
     /// Found by a newcomer's run of the chat example through 8 s of silence: two races were
     /// running (the first cancelled when the old link answered again, its attempts still
     /// pending); one resumed, and the other's attempt, refused because it resumed with the
@@ -295,13 +308,7 @@ mod tests {
     /// attempt, made with the session's ticket, is the true answer.
     #[tokio::test]
     async fn a_refusal_of_an_attempt_with_a_superseded_ticket_does_not_lose_the_session() {
-        let (c, s) = (Keypair::generate(), Keypair::generate());
-        let (hs, hello) = ClientHandshake::initial(&c.private, &s.public, Cipher::ChaChaPoly, 1).unwrap();
-        let acc = respond(&hello, &s.private, |_| true, |_| None).unwrap();
-        let mut session = Session::new(Role::Client, SessionConfig::default());
-        session.attach(Instant::now(), hs.read_reply(&acc.reply).unwrap().transport, 0, None, None).unwrap();
-        session.adopt_ticket(ticket(1));
-        let shared = Shared::new(session, s.public, 1);
+        let (c, s, shared) = attached();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -352,13 +359,7 @@ mod tests {
     /// as `ServerGone`; without it (the default) they go on.
     #[tokio::test]
     async fn refusals_for_long_enough_end_the_race_where_the_policy_says_so() {
-        let (c, s) = (Keypair::generate(), Keypair::generate());
-        let (hs, hello) = ClientHandshake::initial(&c.private, &s.public, Cipher::ChaChaPoly, 1).unwrap();
-        let acc = respond(&hello, &s.private, |_| true, |_| None).unwrap();
-        let mut session = Session::new(Role::Client, SessionConfig::default());
-        session.attach(Instant::now(), hs.read_reply(&acc.reply).unwrap().transport, 0, None, None).unwrap();
-        session.adopt_ticket(ticket(1));
-        let shared = Shared::new(session, s.public, 1);
+        let (c, s, shared) = attached();
         // A port nothing listens on: every connection is refused.
         let addr = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
