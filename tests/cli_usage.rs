@@ -415,3 +415,23 @@ async fn sighup_after_a_config_edit_says_what_was_not_reloaded() {
         "{log}"
     );
 }
+
+/// A first connection refused at a session cap says which cap, and names the client.
+#[tokio::test]
+async fn a_refusal_at_the_session_cap_names_the_cap_and_the_client() {
+    let keys = Keys::new("cap-reason");
+    let echo = echo_service().await;
+    let (server, addr) = keys.server_with(&[format!("echo={echo}")], &["--max-sessions-per-key", "1"]).await;
+    // The first session stays open (its stdin stays open).
+    let args = keys.client_args("connect", addr, "echo");
+    let first = Proc::spawn(&strs(&args), true);
+    server.wait_log("tunnel open", 1).await;
+    // The second is answered BUSY, and retries: the server's log says why.
+    let second = Proc::spawn(&strs(&args), true);
+    let log = server.wait_log("refused a new session of client", 1).await;
+    let line = log.lines().find(|l| l.contains("refused a new session of client")).unwrap();
+    assert!(line.contains("reason=\"busy\""), "{line}");
+    assert!(line.contains("test-client"), "{line}");
+    assert!(line.contains("this client key is at its session limit (1 held, max-sessions-per-key = 1"), "{line}");
+    drop((first, second));
+}

@@ -32,8 +32,8 @@ pub use client::{connect, connect_session};
 pub use config::{ClientConfig, Limits, Recovery, RecoveryHook, RecoveryPolicy, ServerConfig};
 pub use events::{LinkEvent, LinkLost, LinkStatus};
 pub use server::{
-    bind, bind_with_handover, client_label, prepare_handover, AllowListHandle, ForwardGuard, Listener, Peer, Refusals,
-    Retirement, ServerStats, SessionStatus, SessionTag, StatsHandle, StreamGuard, Upgrade,
+    bind, bind_with_handover, client_label, prepare_handover, AllowListHandle, CapReached, ForwardGuard, Listener,
+    Peer, Refusals, Retirement, ServerStats, SessionStatus, SessionTag, StatsHandle, StreamGuard, Upgrade,
 };
 pub(crate) use stream::is_finished;
 pub use stream::{ReadHalf, Session, Stream, WriteHalf};
@@ -77,6 +77,17 @@ pub enum Error {
     Busy {
         /// The address dialled.
         addr: String,
+    },
+    /// The server refused a first connection, answering BUSY, because a session cap is
+    /// reached (the client tries again after its backoff).
+    #[error("refused a new session of client {client} from {addr}: {cap}; answered BUSY (the client retries)")]
+    SessionCap {
+        /// The client's address.
+        addr: String,
+        /// The client, as logs name it (its allow-list name, or its key).
+        client: String,
+        /// Which cap.
+        cap: server::CapReached,
     },
     /// The handshake failed.
     #[error("handshake with {addr} failed: {source}")]
@@ -150,7 +161,7 @@ impl From<Error> for io::Error {
             Error::Connect { source, .. } | Error::Bind { source, .. } => source.kind(),
             Error::HandshakeRefused { .. } => K::PermissionDenied,
             Error::HandshakeReset { .. } => K::ConnectionReset,
-            Error::Busy { .. } => K::ResourceBusy,
+            Error::Busy { .. } | Error::SessionCap { .. } => K::ResourceBusy,
             Error::Handshake { source: HandshakeError::UnknownSession, .. } => K::NotConnected,
             Error::Handshake { source: HandshakeError::Busy, .. } => K::ResourceBusy,
             Error::Handshake { source: HandshakeError::NoLongerAllowed, .. } => K::PermissionDenied,

@@ -217,10 +217,18 @@ async fn hello_read(
             // session slot until its handshake ends: concurrent first connections cannot then
             // overshoot a cap, and no replay can take one.
             _unconfirmed = Unconfirmed::new(state, *client);
-            reservation = state.reserve(*client);
-            if _unconfirmed.is_none() || reservation.is_none() {
+            if _unconfirmed.is_none() {
                 let _ = write_record(&mut sock, &handshake::reject(RejectCode::Busy)).await;
                 return Err(fail(HandshakeError::Busy));
+            }
+            match state.reserve(*client) {
+                Ok(r) => reservation = Some(r),
+                Err(cap) => {
+                    let _ = write_record(&mut sock, &handshake::reject(RejectCode::Busy)).await;
+                    let name = state.allow().lookup(client).and_then(|p| p.name.clone());
+                    let client = super::client_label(name.as_deref(), client);
+                    return Err(Error::SessionCap { addr: addr.to_string(), client, cap });
+                }
             }
         }
         Hello::Resume { attempt, .. } => {

@@ -23,6 +23,7 @@ use tokio::task::JoinHandle;
 use tracing::debug;
 
 use handshake::{handshake, refuse_busy};
+pub use state::CapReached;
 use state::{Claim, Live, Pending, Slot, State, Table};
 use stats::Refusal;
 pub use stats::{Refusals, ServerStats, StatsHandle};

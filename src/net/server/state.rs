@@ -403,7 +403,7 @@ impl State {
     }
 
     /// True if every session limit would admit one more session for `client` now.
-    fn admits(&self, t: &Table, client: &PublicKey) -> bool {
+    fn admits(&self, t: &Table, client: &PublicKey) -> Result<(), CapReached> {
         let limits = &self.cfg.limits;
         // Buffers are charged as they fill (`net::budget`), not here: an idle session holds
         // none, and a full budget makes writers wait instead of refusing sessions.
@@ -411,21 +411,28 @@ impl State {
         let inherited = t.inherited.per_key.get(client).copied().unwrap_or(0);
         let per_key = t.per_key.get(client).copied().unwrap_or(0) + inherited;
         let sessions = self.sessions.load(Ordering::Relaxed) + t.inherited.total;
-        sessions < limits.max_sessions && per_key < limits.max_sessions_per_key
+        if sessions >= limits.max_sessions {
+            return Err(CapReached::Server { sessions, max: limits.max_sessions });
+        }
+        if per_key >= limits.max_sessions_per_key {
+            return Err(CapReached::Key { sessions: per_key, max: limits.max_sessions_per_key });
+        }
+        Ok(())
     }
 
     /// Takes a session slot for `client` if every session limit allows it. Only a fresh hello
     /// (its timestamp never seen) gets here, so a replayed one holds none. Checking and counting
     /// happen under one lock, so concurrent handshakes cannot overshoot a cap.
-    pub(super) fn reserve(&self, client: PublicKey) -> Option<Reservation<'_>> {
+    ///
+    /// # Errors
+    /// Which cap is reached.
+    pub(super) fn reserve(&self, client: PublicKey) -> Result<Reservation<'_>, CapReached> {
         let mut t = self.table();
-        if !self.admits(&t, &client) {
-            return None;
-        }
+        self.admits(&t, &client)?;
         *t.per_key.entry(client).or_insert(0) += 1;
         self.sessions.fetch_add(1, Ordering::Relaxed);
         self.report_sessions(&t, &client);
-        Some(Reservation { state: self, client, kept: false })
+        Ok(Reservation { state: self, client, kept: false })
     }
 
     /// Gives back a session slot taken by [`State::reserve`].
@@ -524,6 +531,31 @@ impl RefusalLog {
         w.keys.insert(key, now);
         true
     }
+}
+
+/// The session cap a first connection found reached ([`State::reserve`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum CapReached {
+    /// The server holds `max` sessions (an earlier process's, after an upgrade, included).
+    #[error(
+        "the server is at its session limit ({sessions} held, max-sessions = {max}; detached sessions count until they resume or expire)"
+    )]
+    Server {
+        /// Sessions held.
+        sessions: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The client's key holds `max` sessions.
+    #[error(
+        "this client key is at its session limit ({sessions} held, max-sessions-per-key = {max}; detached sessions count until they resume or expire)"
+    )]
+    Key {
+        /// Sessions the key holds.
+        sessions: usize,
+        /// The limit.
+        max: usize,
+    },
 }
 
 /// A session slot held by a handshake; released on drop unless the session was committed.

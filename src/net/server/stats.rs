@@ -106,6 +106,7 @@ impl Refusal {
     /// The reason a failed handshake counts under.
     pub(super) fn of(e: &Error) -> Refusal {
         match e {
+            Error::SessionCap { .. } => Refusal::Busy,
             Error::Handshake { source, .. } => match source {
                 HandshakeError::Busy => Refusal::Busy,
                 HandshakeError::NotAllowed(_) | HandshakeError::UnknownClient => Refusal::NotAllowed,
