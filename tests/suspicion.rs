@@ -65,7 +65,7 @@ impl Pair {
 
     /// The client's events so far, other than tickets.
     fn client_events(&mut self) -> Vec<Event> {
-        std::iter::from_fn(|| self.c.poll_event()).filter(|e| matches!(e, Event::Suspect(_) | Event::Healthy)).collect()
+        std::iter::from_fn(|| self.c.poll_event()).filter(|e| matches!(e, Event::Suspect(_) | Event::PathSuspect | Event::Healthy)).collect()
     }
 
     /// The client's records go nowhere from now on (a dead path); returns when the client
@@ -113,6 +113,26 @@ fn unanswered_data_makes_the_link_suspect_after_four_round_trips_or_250_ms() {
     assert!(t >= rtt * 4 - 2 * MS && t <= rtt * 4 + 2 * MS, "suspect after {t:?} with rtt {rtt:?}");
     // Reported once, until the link is heard from again.
     assert_eq!(p.silence_until_suspect(Duration::from_secs(2)), None);
+}
+
+/// A network change makes the link suspect at once, and says so: not as a silence (the link
+/// may have been quiet for a millisecond), once until the link is heard from again.
+#[test]
+fn a_network_change_is_reported_as_such_once_until_the_link_answers() {
+    let mut p = Pair::new();
+    p.now += 3 * MS;
+    p.c.path_changed(p.now);
+    assert_eq!(p.client_events(), vec![Event::PathSuspect]);
+    p.c.path_changed(p.now + MS);
+    assert!(p.client_events().is_empty(), "reported twice");
+    // The link still works: the next answer (the ACK, after the server's ack delay) makes it
+    // healthy again.
+    p.c.write(&[5u8; 100]).unwrap();
+    p.exchange(MS);
+    p.now += 20 * MS;
+    p.tick();
+    p.exchange(MS);
+    assert_eq!(p.client_events(), vec![Event::Healthy]);
 }
 
 #[test]

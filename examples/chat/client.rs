@@ -183,6 +183,11 @@ impl LinkView {
                 self.quiet = true;
                 format!("[link] suspect: no answer for {}; trying a new connection, keep typing.{kept}", secs(*quiet))
             }
+            LinkEvent::NetworkChanged => {
+                self.down_since.get_or_insert_with(Instant::now);
+                self.quiet = true;
+                format!("[link] the network changed; trying a new connection, keep typing.{kept}")
+            }
             LinkEvent::Healthy => {
                 self.down_since = None;
                 self.quiet = false;

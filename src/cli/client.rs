@@ -69,6 +69,9 @@ fn log_event(from: Option<SocketAddr>, ev: LinkEvent) {
         LinkEvent::Suspect { quiet } => {
             warn!(%from, quiet = %Rounded(quiet), "link suspect (no answer); trying a new connection")
         }
+        LinkEvent::NetworkChanged => {
+            warn!(%from, "the network changed (an address or route, or the machine woke); trying a new connection")
+        }
         LinkEvent::Healthy => info!(%from, "link answering again"),
         LinkEvent::Failed { reason } if reason.starts_with("stream aborted") => {
             info!(%from, reason = %printable(&reason), "stream ended by this end")

@@ -304,6 +304,10 @@ impl ClientStatus {
                 "suspect (no answer; trying a new connection)",
                 Some(format!("no answer for {}", holdfast::human::Rounded(*quiet))),
             ),
+            LinkEvent::NetworkChanged => (
+                "suspect (the network changed; trying a new connection)",
+                Some("the network changed (an address or route, or the machine woke)".to_string()),
+            ),
             LinkEvent::Healthy => ("attached", None),
             // The server ended the session (it stopped, say): the next connection opens another.
             LinkEvent::Closed => ("closed (a new session opens with the next connection)", None),

@@ -67,6 +67,7 @@ pub(crate) fn describe(ev: &LinkEvent) -> Option<String> {
         LinkEvent::Suspect { quiet } => {
             Some(format!("link suspect (no answer for {}); trying a new connection…", Rounded(*quiet)))
         }
+        LinkEvent::NetworkChanged => Some("the network changed; trying a new connection…".to_string()),
         LinkEvent::Healthy => Some("link answering again".to_string()),
         LinkEvent::Resumed { after, .. } => Some(format!("link back; resumed after {}", Rounded(*after))),
         // A failure gets no status: `connect` exits with the error, said once.

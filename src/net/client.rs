@@ -186,10 +186,13 @@ async fn client_task(shared: Arc<Shared>, cfg: ClientConfig, addr: String, sock:
         let won = match link.take() {
             Some(sock) => {
                 let on_event = |ev| match ev {
-                    Event::Suspect(quiet) => {
-                        shared.emit(LinkEvent::Suspect { quiet });
+                    Event::Suspect(_) | Event::PathSuspect => {
+                        shared.emit(match ev {
+                            Event::Suspect(quiet) => LinkEvent::Suspect { quiet },
+                            _ => LinkEvent::NetworkChanged,
+                        });
                         if races_on_suspicion && race.as_ref().is_none_or(Race::cancelled) {
-                            debug!(quiet = ?quiet, "link suspect; racing a new connection");
+                            debug!(event = ?ev, "link suspect; racing a new connection");
                             let since = Instant::now();
                             race = Some(Race::start(
                                 shared.clone(),

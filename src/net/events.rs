@@ -67,6 +67,10 @@ pub enum LinkEvent {
         /// How long the link had been silent.
         quiet: Duration,
     },
+    /// This machine's network changed (an address or a route came or went, or the machine
+    /// slept and woke): the link may be gone. The client races a second connection (unless a
+    /// recovery hook is set); a [`LinkEvent::Resumed`] or [`LinkEvent::Healthy`] follows.
+    NetworkChanged,
     /// A suspect link answered again, without a resume.
     Healthy,
     /// The stream ended normally (both directions finished).

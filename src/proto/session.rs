@@ -163,7 +163,11 @@ pub enum Event {
     /// round trip: it may be dead (the client races a second connection). Reported once until
     /// the link is heard from again.
     Suspect(Duration),
-    /// A link reported [`Event::Suspect`] was heard from again.
+    /// The driver said the network changed ([`Session::path_changed`]): the attached link may
+    /// be gone, whatever its silence (the client races a second connection). Reported once
+    /// until the link is heard from again.
+    PathSuspect,
+    /// A link reported [`Event::Suspect`] or [`Event::PathSuspect`] was heard from again.
     Healthy,
 }
 
@@ -953,11 +957,11 @@ impl Session {
     }
 
     /// The driver learned that the network changed (an address or route came or went) or that
-    /// the machine slept: an attached link is suspect at once ([`Event::Suspect`]), since its
-    /// path may be gone and no timer has noticed yet.
+    /// the machine slept: an attached link is suspect at once ([`Event::PathSuspect`]), since
+    /// its path may be gone and no timer has noticed yet.
     pub fn path_changed(&mut self, now: Instant) {
-        if let Some(quiet) = self.link.as_mut().and_then(|l| l.live.force_suspect(now)) {
-            self.events.push_back(Event::Suspect(quiet));
+        if self.link.as_mut().and_then(|l| l.live.force_suspect(now)).is_some() {
+            self.events.push_back(Event::PathSuspect);
         }
     }
 

@@ -27,7 +27,7 @@ pub(super) fn sync_tickets(state: &State, entry: &Arc<Entry>, ev: Event) {
         Event::TicketRetired(id) => {
             t.by_ticket.remove(&id);
         }
-        Event::TicketReceived | Event::Suspect(_) | Event::Healthy => {}
+        Event::TicketReceived | Event::Suspect(_) | Event::PathSuspect | Event::Healthy => {}
     }
 }
 
