@@ -65,7 +65,9 @@ impl Pair {
 
     /// The client's events so far, other than tickets.
     fn client_events(&mut self) -> Vec<Event> {
-        std::iter::from_fn(|| self.c.poll_event()).filter(|e| matches!(e, Event::Suspect(_) | Event::PathSuspect | Event::Healthy)).collect()
+        std::iter::from_fn(|| self.c.poll_event())
+            .filter(|e| matches!(e, Event::Suspect(_) | Event::PathSuspect | Event::Healthy))
+            .collect()
     }
 
     /// The client's records go nowhere from now on (a dead path); returns when the client

@@ -408,18 +408,25 @@ async fn example_config_upgrade() {
     let (data, want) = pattern(3, 64 * KIB);
     assert_eq!(old_session.exchange(&data, None, None).await.unwrap(), want);
     // The example's status socket is the new process's: it lists the new session (the old
-    // process's is not its to show).
+    // process's is not its to show), and counts the old process's.
     let shown = run_ok("holdfast status", Command::new(BIN).args(["status", "--json"]).env_remove("RUST_LOG")).await;
     assert_eq!(shown.matches("\"id\":").count(), 1, "{shown}");
     assert!(shown.contains("\"client\":\"laptop\"") && shown.contains("\"state\":\"attached\""), "{shown}");
+    assert!(shown.contains("\"earlier_process_sessions\":1}"), "{shown}");
+    let table = run_ok("holdfast status", Command::new(BIN).args(["status"]).env_remove("RUST_LOG")).await;
+    assert!(table.contains("and 1 session(s) of an earlier server process, kept since an upgrade"), "{table}");
+    let reply = http_get(metrics, "/metrics").await.unwrap();
+    assert!(reply.contains("holdfast_earlier_process_sessions 1\n"), "{reply}");
     // The old process's last session ends: it exits; the new one answers the scrapes.
     let (status, log) = old_session.close().await;
     assert!(status.success(), "{log}");
     first.wait_log("this process's last session has ended; exiting", 1).await;
+    first.wait_log("the earlier server process has exited", 1).await;
     let reply = http_get(metrics, "/metrics").await.unwrap();
     assert!(reply.starts_with("HTTP/1.1 200 OK\r\n"), "{reply}");
     assert!(reply.contains("holdfast_sessions{state=\"attached\"} 1\n"), "{reply}");
     assert!(reply.contains("holdfast_client_sessions{client=\"laptop\"} 1\n"), "{reply}");
+    assert!(reply.contains("holdfast_earlier_process_sessions 0\n"), "{reply}");
     let (status, log) = new_session.close().await;
     assert!(status.success(), "{log}");
     signal(new_pid, Signal::TERM);

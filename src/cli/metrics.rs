@@ -245,6 +245,11 @@ pub(crate) fn render(stats: &StatsHandle, allow: &AllowListHandle) -> String {
     reg.register("sessions", "Sessions now, with a connection (attached) or waiting for a resume (detached)", sessions);
     reg.register("handshakes", "Connections in their handshake now", gauge(s.handshakes));
     reg.register(
+        "earlier_process_sessions",
+        "Sessions an earlier server process still holds after an upgrade (not in holdfast_sessions)",
+        gauge(s.earlier_sessions),
+    );
+    reg.register(
         "buffered_bytes",
         "Bytes the sessions' replay buffers (sent, not yet acknowledged) and stream-less receive buffers hold now",
         gauge(s.buffered),

@@ -99,10 +99,23 @@ async fn answer_all(listener: UnixListener, path: PathBuf, render: impl Fn(bool)
 /// The server's answer: its live sessions.
 pub(crate) fn server_answer(stats: &StatsHandle, json: bool) -> String {
     let list = stats.sessions();
+    let earlier = stats.stats().earlier_sessions;
     if json {
-        sessions_json(&list, SystemTime::now())
+        let doc = sessions_json(&list, SystemTime::now());
+        // `{"sessions":[...]}` gains the earlier processes' count before its closing brace.
+        match doc.trim_end().strip_suffix('}') {
+            Some(head) => format!("{head},\"earlier_process_sessions\":{earlier}}}\n"),
+            None => doc,
+        }
     } else {
-        sessions_table(&list, SystemTime::now())
+        let mut out = sessions_table(&list, SystemTime::now());
+        if earlier > 0 {
+            let _ = writeln!(
+                out,
+                "and {earlier} session(s) of an earlier server process, kept since an upgrade (not listed: they resume and end in that process)"
+            );
+        }
+        out
     }
 }
 

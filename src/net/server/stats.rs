@@ -44,6 +44,10 @@ pub struct ServerStats {
     pub bytes_from_clients: u64,
     /// Connections refused or failed before a session, since start, by reason.
     pub refused: Refusals,
+    /// Sessions that earlier server processes still hold after an upgrade (they resume and
+    /// end there, and count against the caps here): as they last reported them; 0 once they
+    /// have exited, or without an upgrade. Not in [`ServerStats::sessions`].
+    pub earlier_sessions: usize,
 }
 
 /// Connections that did not become (or resume) a session, by reason, since start. The set of
@@ -219,6 +223,7 @@ impl StatsHandle {
             bytes_to_clients,
             bytes_from_clients,
             refused: c.refusals(),
+            earlier_sessions: s.table().inherited.total,
         }
     }
 
