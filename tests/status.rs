@@ -53,7 +53,7 @@ async fn status(socket: &std::path::Path) -> Vec<Session> {
     let (st, out, err) = run(&["status", "--socket", s(socket), "--json"], b"").await;
     assert!(st.success(), "holdfast status failed: {err}");
     let out = String::from_utf8(out).unwrap();
-    assert!(out.starts_with("{\"sessions\":[") && out.ends_with("]}\n"), "{out}");
+    assert!(out.starts_with("{\"sessions\":[") && out.ends_with("],\"earlier_process_sessions\":0}\n"), "{out}");
     out.split("{\"id\":").skip(1).map(|s| Session(format!("\"id\":{s}"))).collect()
 }
 
