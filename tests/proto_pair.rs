@@ -813,6 +813,16 @@ fn impossible_offsets_are_rejected() {
     s.handle_record(now, &seal(&mut raw, Frame::Fin(0))).unwrap();
     assert_eq!((s.read(&mut buf), s.received_offset()), (Ok(Some(0)), 1));
     assert!(protocol(s.handle_record(now, &seal(&mut raw, Frame::Fin(1)))));
+    // After the FIN, DATA made only of duplicates is ignored (resent after a resume whose
+    // message 2 was older than what the old link delivered); a byte past the FIN is an error.
+    let (mut s, mut raw) = raw_peer(now);
+    s.handle_record(now, &seal(&mut raw, Frame::Data { offset: 0, data: b"0123456789" })).unwrap();
+    s.handle_record(now, &seal(&mut raw, Frame::Fin(10))).unwrap();
+    s.handle_record(now, &seal(&mut raw, Frame::Data { offset: 4, data: b"456789" })).unwrap();
+    s.handle_record(now, &seal(&mut raw, Frame::Fin(10))).unwrap();
+    assert_eq!((s.read(&mut buf), &buf[..10]), (Ok(Some(10)), &b"0123456789"[..]));
+    assert_eq!((s.read(&mut buf), s.received_offset()), (Ok(Some(0)), 11));
+    assert!(protocol(s.handle_record(now, &seal(&mut raw, Frame::Data { offset: 9, data: b"9x" }))));
 
     let (mut s, mut raw) = raw_peer(now);
     assert_eq!(s.write(b"hello"), Ok(5));

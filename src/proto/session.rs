@@ -691,11 +691,16 @@ impl Session {
         match Frame::decode(plain)? {
             Frame::Data { offset, data } => {
                 let next = self.recv.end();
-                if self.peer_fin.is_some() || offset > next {
-                    return Err(SessionError::Protocol("DATA offset beyond the next expected byte"));
+                if offset > next {
+                    return Err(SessionError::Protocol("DATA offset beyond the next expected byte (a gap)"));
                 }
                 let end =
                     offset.checked_add(data.len() as u64).ok_or(SessionError::Protocol("DATA offset overflows"))?;
+                // Duplicates are ignored even after the FIN: a resume's message 2 may be older
+                // than what the old link went on to deliver, FIN included (section 12.2).
+                if self.peer_fin.is_some() && end > next {
+                    return Err(SessionError::Protocol("DATA past the FIN"));
+                }
                 if end > next {
                     let fresh = &data[(next - offset) as usize..];
                     match self.streams.as_deref_mut() {
