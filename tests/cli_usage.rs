@@ -435,3 +435,17 @@ async fn a_refusal_at_the_session_cap_names_the_cap_and_the_client() {
     assert!(line.contains("this client key is at its session limit (1 held, max-sessions-per-key = 1"), "{line}");
     drop((first, second));
 }
+
+/// Red team F1: an operator who lowers --buffer-budget below --buffer-per-key (the example
+/// config sets both) must not let one key take the whole budget: the share is lowered to half
+/// of the budget, and the server says so.
+#[tokio::test]
+async fn a_keys_share_above_half_the_budget_is_lowered_with_a_warning() {
+    let keys = Keys::new("share");
+    let echo = echo_service().await;
+    let more = ["--buffer-budget", "64MiB", "--buffer-per-key", "256MiB"];
+    let (server, _addr) = keys.server_with(&[format!("echo={echo}")], &more).await;
+    let log = server.wait_log("--buffer-per-key is more than half of --buffer-budget", 1).await;
+    let line = log.lines().find(|l| l.contains("--buffer-per-key is more than half")).unwrap();
+    assert!(line.contains("using=32.0 MiB") && line.contains("buffer_budget=64.0 MiB"), "{line}");
+}

@@ -281,9 +281,11 @@ pub(crate) struct ServerArgs {
     #[arg(long, default_value = "1GiB", value_parser = parse_size, help_heading = "Limits")]
     pub(crate) buffer_budget: u64,
     /// The share of --buffer-budget the sessions of one client key may hold together, so that
-    /// no key can starve the others.
-    #[arg(long, default_value = "256MiB", value_parser = parse_size, help_heading = "Limits")]
-    pub(crate) buffer_per_key: u64,
+    /// no key can starve the others [default: a quarter of --buffer-budget, 256 MiB at its
+    /// default]. At most half of --buffer-budget: a larger value is lowered to that, with a
+    /// warning.
+    #[arg(long, value_parser = parse_size, help_heading = "Limits")]
+    pub(crate) buffer_per_key: Option<u64>,
     /// New connections per second from one source address (a /64 for IPv6), with a burst of as
     /// many; more are told BUSY and retry. Raise it when many clients share one address (a
     /// large NAT), or for a load test from one host.

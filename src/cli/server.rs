@@ -66,7 +66,8 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
     cfg.limits.max_handshakes = max_handshakes;
     cfg.limits.handshakes_per_sec_per_ip = args.handshake_rate.max(1);
     cfg.limits.buffer_budget = usize::try_from(args.buffer_budget).context("--buffer-budget is too large")?;
-    cfg.limits.buffer_per_key = usize::try_from(args.buffer_per_key).context("--buffer-per-key is too large")?;
+    let per_key = buffer_per_key(args.buffer_budget, args.buffer_per_key);
+    cfg.limits.buffer_per_key = usize::try_from(per_key).context("--buffer-per-key is too large")?;
     cfg.limits.session_expiry = args.session_expiry;
     cfg.server_id = args.server_id;
     cfg.proxy_from = args.proxy_from.clone();
@@ -355,5 +356,41 @@ fn warn_unknown_services(allow: &AllowList, services: &Services) {
                 warn!(client = %name, rule = %rule, "{flag} names a client that no allow-list line names: it gives nothing until one does");
             }
         }
+    }
+}
+
+/// One key's share of the buffer budget: as given, at most half of the budget (a share as large
+/// as the budget, say after the budget alone was lowered, would let one key take the memory of
+/// every other); a quarter of the budget if not given.
+fn buffer_per_key(budget: u64, given: Option<u64>) -> u64 {
+    let half = budget / 2;
+    match given {
+        None => budget / 4,
+        Some(n) if n > half => {
+            warn!(
+                buffer_per_key = %crate::status::bytes(n),
+                buffer_budget = %crate::status::bytes(budget),
+                using = %crate::status::bytes(half),
+                "--buffer-per-key is more than half of --buffer-budget: one client key could hold the memory every other key needs; it is lowered to half. To let one key hold more, raise --buffer-budget too"
+            );
+            half
+        }
+        Some(n) => n,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::buffer_per_key;
+
+    /// A key's share is a quarter of the budget unless given, and never above half of it.
+    #[test]
+    fn a_keys_share_follows_the_budget_and_never_exceeds_half_of_it() {
+        const MIB: u64 = 1 << 20;
+        assert_eq!(buffer_per_key(1024 * MIB, None), 256 * MIB);
+        assert_eq!(buffer_per_key(64 * MIB, None), 16 * MIB);
+        assert_eq!(buffer_per_key(64 * MIB, Some(256 * MIB)), 32 * MIB);
+        assert_eq!(buffer_per_key(64 * MIB, Some(32 * MIB)), 32 * MIB);
+        assert_eq!(buffer_per_key(64 * MIB, Some(8 * MIB)), 8 * MIB);
     }
 }

@@ -216,7 +216,7 @@ fn ago(d: Duration) -> String {
 }
 
 /// A byte count for people: exact below 10 KiB, else in KiB, MiB or GiB.
-fn bytes(n: u64) -> String {
+pub(crate) fn bytes(n: u64) -> String {
     const UNITS: [&str; 3] = ["KiB", "MiB", "GiB"];
     if n < 10 * 1024 {
         return format!("{n} B");
