@@ -449,3 +449,26 @@ async fn a_keys_share_above_half_the_budget_is_lowered_with_a_warning() {
     let line = log.lines().find(|l| l.contains("--buffer-per-key is more than half")).unwrap();
     assert!(line.contains("using=32.0 MiB") && line.contains("buffer_budget=64.0 MiB"), "{line}");
 }
+
+/// Red team U2: SIGUSR2 during a stop's drain starts no new server (one would outlive the stop,
+/// binding the port afresh once this one exits).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_asked_for_during_a_stop_is_ignored() {
+    let keys = Keys::new("usr2-drain");
+    let echo = echo_service().await;
+    let handover = keys.dir.path("handover.sock");
+    let more = ["--drain-time", "60s", "--handover", s(&handover)];
+    let (mut server, addr) = keys.server_with(&[format!("echo={echo}")], &more).await;
+    // A tunnel kept open, so that the drain lasts.
+    let tunnel = Proc::spawn(&strs(&keys.client_args("connect", addr, "echo")), true);
+    server.wait_log("tunnel open", 1).await;
+    let pid = server.child.id().and_then(|p| rustix::process::Pid::from_raw(p as i32)).expect("pid");
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    server.wait_log("shutting down: waiting for the open tunnels to end", 1).await;
+    rustix::process::kill_process(pid, rustix::process::Signal::USR2).unwrap();
+    let log = server.wait_log("SIGUSR2 ignored: this server is stopping", 1).await;
+    assert!(!log.contains("started a new server process"), "{log}");
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    let _ = server.exit().await;
+    drop(tunnel);
+}

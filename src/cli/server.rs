@@ -111,7 +111,9 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
         }
     };
     let retirement = listener.retirement();
-    let upgrades = upgrade_on_usr2(args.handover.is_some(), retirement.clone())?;
+    // Set once a stop begins: an upgrade then would start a server that outlives the stop.
+    let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let upgrades = upgrade_on_usr2(args.handover.is_some(), retirement.clone(), stopping.clone())?;
     let metrics = match metrics {
         Some(socket) => {
             if args.handover.is_some() {
@@ -156,6 +158,7 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
             _ = term.recv() => {}
             () = retired(retirement, retire_after) => return,
         }
+        stopping.store(true, std::sync::atomic::Ordering::Relaxed);
         info!(drain = %holdfast::human::Rounded(drain), "stopping: no new sessions or tunnels; those open may run to their end for the drain time (signal again to exit at once)");
         tokio::spawn(async move {
             let mut term = signal(SignalKind::terminate()).ok();
@@ -254,12 +257,21 @@ async fn retired(retirement: Retirement, bound: Option<std::time::Duration>) {
 /// On SIGUSR2, starts a new server process (the binary now at this one's path, with this one's
 /// arguments), which takes the listener over through --handover. If it exits before it has
 /// taken over (a bad new binary or configuration), this process says so and goes on serving.
-fn upgrade_on_usr2(enabled: bool, retirement: Retirement) -> Result<impl std::future::Future<Output = Result<()>>> {
+/// Once `stopping` is set (SIGTERM), SIGUSR2 is ignored: the new process would outlive the stop.
+fn upgrade_on_usr2(
+    enabled: bool,
+    retirement: Retirement,
+    stopping: Arc<std::sync::atomic::AtomicBool>,
+) -> Result<impl std::future::Future<Output = Result<()>>> {
     let mut usr2 = signal(SignalKind::user_defined2()).context("cannot watch for SIGUSR2")?;
     Ok(async move {
         while usr2.recv().await.is_some() {
             if !enabled {
                 warn!("SIGUSR2 ignored: start the server with --handover PATH to upgrade it without losing sessions");
+                continue;
+            }
+            if stopping.load(std::sync::atomic::Ordering::Relaxed) {
+                warn!("SIGUSR2 ignored: this server is stopping (it was told to stop before the upgrade); start the new version once it has stopped");
                 continue;
             }
             if retirement.handed_over() {
