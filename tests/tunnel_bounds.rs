@@ -160,21 +160,26 @@ async fn a_detached_sessions_listener_accepts_nothing_until_it_resumes() {
     server.abort();
 }
 
-/// A resolver whose names ending `.stuck` never answer until released; `exists.test` is
-/// 127.0.0.1 and other names do not exist. It counts the look-ups it was asked for.
+/// A resolver whose names ending `.stuck` never answer until released; `exists.test` and
+/// `localhost` are 127.0.0.1 and other names do not exist. It counts the look-ups it was asked
+/// for: of `.stuck` names (`asked`), and of the others (`other`).
 struct Resolver {
     gate: Arc<(Mutex<bool>, Condvar)>,
     asked: Arc<AtomicUsize>,
+    other: Arc<AtomicUsize>,
 }
 
 impl Resolver {
     fn new() -> (Resolver, Arc<ResolveFn>) {
         let gate = Arc::new((Mutex::new(false), Condvar::new()));
-        let asked = Arc::new(AtomicUsize::new(0));
-        let (g, n) = (gate.clone(), asked.clone());
+        let (asked, other) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (g, n, o) = (gate.clone(), asked.clone(), other.clone());
         let f: Arc<ResolveFn> = Arc::new(move |host: &str, port| {
-            n.fetch_add(1, Ordering::SeqCst);
+            if !host.ends_with(".stuck") {
+                o.fetch_add(1, Ordering::SeqCst);
+            }
             if host.ends_with(".stuck") {
+                n.fetch_add(1, Ordering::SeqCst);
                 let (open, cv) = &*g;
                 let mut open = open.lock().unwrap();
                 while !*open {
@@ -183,11 +188,11 @@ impl Resolver {
                 return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "released"));
             }
             match host {
-                "exists.test" => Ok(vec![SocketAddr::from(([127, 0, 0, 1], port))]),
+                "exists.test" | "localhost" => Ok(vec![SocketAddr::from(([127, 0, 0, 1], port))]),
                 _ => Err(std::io::Error::new(std::io::ErrorKind::NotFound, "no such name")),
             }
         });
-        (Resolver { gate, asked }, f)
+        (Resolver { gate, asked, other }, f)
     }
 
     fn release(&self) {
@@ -240,6 +245,34 @@ fn one_keys_stuck_lookups_do_not_hold_up_another_keys_service() {
         b.close().await;
         server.abort();
     });
+}
+
+/// Red team T1: a service whose target is a name was looked up once per stream, each on
+/// tokio's blocking pool: a key opening streams fast behind a slow resolver held hundreds of
+/// threads and delayed every other key's streams to named services past their timeout. Now
+/// each target has one look-up at a time, its answer reused a while: fifty streams at once from
+/// one key, and another key's, make one look-up between them, and every one echoes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_to_a_service_named_by_host_share_one_lookup() {
+    let echo = echo_service().await;
+    let (resolver, resolve) = Resolver::new();
+    let mut services = Services::new();
+    services.add("web", &format!("exists.test:{}", echo.port())).unwrap();
+    services.set_resolver(resolve);
+    let (a, b, server) = start(Arc::new(services)).await;
+    let mut all = tokio::task::JoinSet::new();
+    for _ in 0..50 {
+        let a = a.clone();
+        all.spawn(async move { web_echoes(&a).await });
+    }
+    web_echoes(&b).await;
+    while let Some(r) = all.join_next().await {
+        r.unwrap();
+    }
+    assert_eq!(resolver.other.load(Ordering::SeqCst), 1, "look-ups of the service's target");
+    a.close().await;
+    b.close().await;
+    server.abort();
 }
 
 /// Item 8: with only an address rule, a name that does not exist and one that resolves outside

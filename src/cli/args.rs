@@ -223,7 +223,8 @@ pub(crate) struct ServerArgs {
     #[arg(long, value_name = "FILE", value_hint = ValueHint::FilePath)]
     pub(crate) authorized: Option<PathBuf>,
     /// A service: NAME=HOST:PORT (repeat for more). At least one, unless --allow-connect or
-    /// --allow-listen is given.
+    /// --allow-listen is given. A HOST given by name is looked up when a client asks for the
+    /// service, one look-up at a time, its answer reused for 5 s.
     #[arg(long = "service", value_name = "NAME=HOST:PORT")]
     pub(crate) services: Vec<String>,
     /// Where clients' SOCKS5 CONNECTs (holdfast client --socks) may go: [CLIENT@]HOST:PORT,

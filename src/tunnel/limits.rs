@@ -5,7 +5,8 @@
 //! Reverse connections take a permit of their listener and one of their key *before* they are
 //! accepted: past the bound the server does not accept, and the kernel's backlog holds the rest.
 //! Look-ups take a permit of their session, of their key and of the server, and run on threads
-//! of their own (never tokio's blocking pool, which resolves the services' targets), within
+//! of their own (never tokio's blocking pool; the services' targets are looked up apart, one
+//! look-up at a time per target: [`super::service_lookup`]), within
 //! [`TunnelLimits::lookup_timeout`]; a permit is given back only when its look-up has returned,
 //! so a resolver that never answers holds at most the bounds.
 
@@ -110,6 +111,8 @@ pub(super) struct Bounds {
     lookup_key: Arc<KeyedPermits>,
     lookup_all: Arc<Semaphore>,
     resolver: Arc<ResolveFn>,
+    /// Look-ups of the services' targets given by name ([`super::service_lookup`]).
+    services: super::service_lookup::ServiceLookups,
     reverse_open: AtomicUsize,
     reverse_most: AtomicUsize,
     listeners: AtomicUsize,
@@ -138,6 +141,7 @@ impl Bounds {
             lookup_key: KeyedPermits::new(limits.lookups_per_key),
             lookup_all: Arc::new(Semaphore::new(limits.lookups.max(1))),
             resolver,
+            services: Default::default(),
             limits,
             reverse_open: AtomicUsize::new(0),
             reverse_most: AtomicUsize::new(0),
@@ -147,6 +151,12 @@ impl Bounds {
 
     pub(super) fn resolver(&self) -> Arc<ResolveFn> {
         self.resolver.clone()
+    }
+
+    /// The addresses of a service's target given by name: one look-up at a time per target,
+    /// its answer reused for a while ([`super::service_lookup`]).
+    pub(super) async fn service_addrs(&self, host: &str, port: u16) -> io::Result<Arc<[SocketAddr]>> {
+        self.services.addrs(&self.resolver, host, port).await
     }
 
     /// A semaphore for one session's look-ups.

@@ -29,6 +29,7 @@ pub(crate) mod request;
 mod reverse;
 mod rights;
 mod serve;
+mod service_lookup;
 mod session;
 mod socks;
 mod splice;

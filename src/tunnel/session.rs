@@ -15,7 +15,7 @@ use zeroize::Zeroizing;
 use super::join::join_counted;
 use super::request::{read_request, write_reply, Request};
 use super::rights;
-use super::target::{connect_service, connect_target, resolve};
+use super::target::{connect_offered, connect_target, resolve};
 use super::{Services, Status, REQUEST_TIMEOUT};
 use crate::human::printable;
 use crate::keys::AllowedPeer;
@@ -209,7 +209,7 @@ async fn open_sub(
                     return None;
                 }
             };
-            let Some(tcp) = connect_service(&who, &name, target, &ctx.log).await else {
+            let Some(tcp) = connect_offered(services.bounds(), &who, &name, target, &ctx.log).await else {
                 refuse_sub(sub, Status::Unavailable, (&who, &ctx.log), &name, "service unavailable").await;
                 return None;
             };

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use tokio::net::TcpStream;
 
+use super::limits::Bounds;
 use super::{Services, Status};
 use crate::net::{AllowListHandle, Peer};
 
@@ -33,6 +34,49 @@ pub(super) fn resolve<'a>(
 /// client only learns that the service is unavailable.
 pub(super) async fn connect_service(who: &str, name: &str, target: &str, log: &LogBudget) -> Option<TcpStream> {
     connect_target(who, name, target, log).await.ok()
+}
+
+/// Connects to a service's target for a client's stream, on the server: like
+/// [`connect_service`], but a target given by name is looked up through `bounds` (one look-up
+/// at a time per target, its answer reused a while: [`super::service_lookup`]), never once per
+/// stream. Bounded by [`SERVICE_CONNECT_TIMEOUT`] in all.
+pub(super) async fn connect_offered(
+    bounds: &Bounds,
+    who: &str,
+    name: &str,
+    target: &str,
+    log: &LogBudget,
+) -> Option<TcpStream> {
+    let by_name = match target.parse::<std::net::SocketAddr>() {
+        Ok(_) => None,
+        Err(_) => target.rsplit_once(':').and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?))),
+    };
+    let Some((host, port)) = by_name else { return connect_service(who, name, target, log).await };
+    let work = async {
+        let addrs = bounds.service_addrs(host, port).await.map_err(|e| e.to_string())?;
+        let mut last = format!("{target} has no address");
+        for addr in addrs.iter() {
+            match TcpStream::connect(addr).await {
+                Ok(t) => return Ok(t),
+                Err(e) => last = format!("{addr}: {e}"),
+            }
+        }
+        Err(last)
+    };
+    match tokio::time::timeout(SERVICE_CONNECT_TIMEOUT, work).await {
+        Ok(Ok(t)) => {
+            crate::net::kernel::bound_tunnel(&t);
+            Some(t)
+        }
+        failed => {
+            let error = match failed {
+                Ok(Err(e)) => e,
+                _ => format!("no connection within {}", crate::human::Rounded(SERVICE_CONNECT_TIMEOUT)),
+            };
+            quiet!(log, warn!(client = %who, service = %name, %target, %error, "cannot connect to the service"));
+            None
+        }
+    }
 }
 
 /// [`connect_service`], with why it failed: `Some(kind)` of the connect error, `None` for no
