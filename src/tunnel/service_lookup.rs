@@ -23,11 +23,14 @@ pub(super) const FRESH: Duration = Duration::from_secs(5);
 /// The last answer for a target, and when it came.
 type Answer = Option<(Instant, Arc<[SocketAddr]>)>;
 
+/// A target's slot: locked by the look-up running for it.
+type Slot = Arc<tokio::sync::Mutex<Answer>>;
+
 /// One slot per target (the operator's services, so a bounded number), each an async lock held
 /// by the look-up running for it.
 #[derive(Default)]
 pub(super) struct ServiceLookups {
-    slots: Mutex<HashMap<(String, u16), Arc<tokio::sync::Mutex<Answer>>>>,
+    slots: Mutex<HashMap<(String, u16), Slot>>,
 }
 
 impl ServiceLookups {
