@@ -212,6 +212,77 @@ async fn idle_connections_do_not_block_a_scrape() {
     drop(idle);
 }
 
+/// Red team M1: connections that send their request and then read nothing (a tiny receive
+/// buffer, an answer larger than it) were "being answered", and the endpoint's cap spared them:
+/// 64 of them locked every scrape out, renewed every 15 s. Now the oldest goes at the cap. The
+/// answer must not fit in the kernel's buffers, so this runs in a network namespace of its own
+/// with a loopback MTU of 1500 (a real link's): the test re-executes itself inside `unshare`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scrapers_that_ask_and_never_read_do_not_lock_a_scrape_out() {
+    let name = "scrapers_that_ask_and_never_read_do_not_lock_a_scrape_out";
+    if std::env::var_os(IN_NAMESPACE).is_some() {
+        return never_reading_scrapers().await;
+    }
+    if let Err(reason) = common::procs::check_tools(&["unshare", "ip"]) {
+        common::procs::skip(name, &reason);
+        return;
+    }
+    let exe = std::env::current_exe().unwrap();
+    let mut cmd = tokio::process::Command::new("unshare");
+    cmd.args(["--net", "--kill-child", "--fork"]).arg(&exe).args([name, "--exact", "--nocapture", "--test-threads=1"]);
+    cmd.env(IN_NAMESPACE, "1");
+    let out = common::procs::output("the test in its namespace", &mut cmd, 3 * LIMIT).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && text.contains("1 passed"), "{}\n{text}\n{err}", out.status);
+}
+
+/// Set in the inner run of [`scrapers_that_ask_and_never_read_do_not_lock_a_scrape_out`].
+const IN_NAMESPACE: &str = "HOLDFAST_TEST_IN_NAMESPACE";
+
+async fn never_reading_scrapers() {
+    let up = std::process::Command::new("ip").args(["link", "set", "lo", "mtu", "1500", "up"]).status().unwrap();
+    assert!(up.success(), "ip link set lo up");
+    let keys = Keys::new("metrics-hold");
+    let echo = echo_service().await;
+    // 1,500 clients on the list: an answer of about 80 KB.
+    let mut list = std::fs::read_to_string(&keys.authorized).unwrap();
+    for i in 0..1500 {
+        list.push_str(&format!("{} c{i:04}\n", Keypair::generate().public));
+    }
+    std::fs::write(&keys.authorized, list).unwrap();
+    let args = [
+        "server",
+        "--listen",
+        "127.0.0.1:0",
+        "--key",
+        s(&keys.server_key),
+        "--authorized",
+        s(&keys.authorized),
+        "--service",
+        &format!("echo={echo}"),
+        "--metrics",
+        "127.0.0.1:0",
+    ];
+    let server = Proc::spawn(&args, false);
+    let metrics = server.logged_addr("metrics endpoint ready", "metrics=").await;
+    // As many as the endpoint serves at once, each asking and then reading nothing; each has
+    // the first bytes of its answer waiting (peeked, not read): all of them are being answered.
+    let mut holders = Vec::new();
+    for _ in 0..64 {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.set_recv_buffer_size(1024).unwrap();
+        let mut c = sock.connect(metrics).await.unwrap();
+        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n").await.unwrap();
+        let mut first = [0u8; 1];
+        timeout(LIMIT, c.peek(&mut first)).await.expect("no answer began").unwrap();
+        holders.push(c);
+    }
+    let m = scrape(metrics).await;
+    assert_eq!(m.get("holdfast_allowed_clients"), Some(&1501.0));
+    drop(holders);
+}
+
 /// A scrape as Prometheus reads it (`prometheus-parse`): (family as its samples name it,
 /// labels sorted as `k=v` pairs) to value.
 async fn parsed(addr: SocketAddr) -> BTreeMap<(String, Vec<String>), f64> {

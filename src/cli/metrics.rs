@@ -4,7 +4,7 @@
 //! The HTTP side is deliberately tiny: one request per connection (`Connection: close`), a
 //! request head of at most [`MAX_REQUEST`](holdfast::scrape::MAX_REQUEST) bytes read within [`REQUEST_TIMEOUT`], connections
 //! served concurrently, at most [`MAX_CONNECTIONS`] at once (at the cap the oldest idle one is
-//! closed for a new one), each closed after [`CONNECTION_TIMEOUT`], `GET /metrics` answered,
+//! closed for a new one, or the oldest of all if none is idle), each closed after [`CONNECTION_TIMEOUT`], `GET /metrics` answered,
 //! 404 for any other path and 405 for any other method. Every scrape takes a fresh snapshot
 //! (atomic loads and two short locks: the handshake list and the per-key table), so nothing
 //! on the data path pays for the metrics.
@@ -102,8 +102,9 @@ struct Conn {
 /// Serves the metrics endpoint on `listener` in a task, which never ends by itself; it stops
 /// accepting (and closes the socket) when `stop` resolves (this process handed its sockets to a
 /// new one). Connections are served concurrently, at most [`MAX_CONNECTIONS`] at once: at the
-/// cap, the oldest connection that has not sent its request yet is closed to make room, so idle
-/// connections cannot lock a scraper out. Returns the bound address and the task.
+/// cap, the oldest connection that has not sent its request yet is closed to make room, or if
+/// every one has, the oldest of all, so that neither idle connections nor ones that ask and
+/// never read can lock a scraper out. Returns the bound address and the task.
 ///
 /// # Errors
 /// If the listener has no local address.
@@ -143,9 +144,14 @@ pub(crate) fn serve(
                             c.task.abort();
                         }
                     }
+                    // Every one is being answered: the oldest goes, so that connections which
+                    // sent a request and then read nothing cannot lock scrapers out (an answer
+                    // takes milliseconds to a scraper that reads).
                     None => {
-                        debug!(%peer, "metrics: too many connections being answered; closing this one");
-                        continue;
+                        debug!(%peer, "metrics: too many connections being answered; closing the oldest");
+                        if let Some(c) = conns.pop_front() {
+                            c.task.abort();
+                        }
                     }
                 }
             }
