@@ -414,9 +414,9 @@ pub(crate) struct ClientArgs {
     /// each service, which the service may log).
     #[arg(long)]
     pub(crate) no_check: bool,
-    /// One holdfast session per local connection, instead of carrying every connection as a
-    /// stream of one multiplexed session (the default; a server that does not multiplex gets
-    /// one session per connection anyway).
+    /// One holdfast session per local connection (a handshake and a resume of its own each),
+    /// instead of carrying every connection as a stream of one session (the default, and
+    /// faster to open). Not with --socks or --remote, which need the shared session.
     #[arg(long)]
     pub(crate) no_mux: bool,
     /// A local control socket for `holdfast status --socket PATH`: it lists this client's
