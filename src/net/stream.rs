@@ -168,10 +168,19 @@ impl Inner {
         let room = self.write_room().min(want);
         let room = if room > MAX_HEADER { self.budget_room(room, cx) } else { 0 };
         if room <= MAX_HEADER {
-            self.room_waiters.push(cx.waker().clone());
+            self.wait_for_room(cx);
             return Poll::Pending;
         }
         Poll::Ready(room)
+    }
+
+    /// Registers `cx` to be woken when there is room: once per task, however often a task
+    /// that waits is polled again (a task carrying both directions of a tunnel is polled for
+    /// each byte the other direction moves), so the list stays one entry per waiting task.
+    fn wait_for_room(&mut self, cx: &Context<'_>) {
+        if !self.room_waiters.iter().any(|w| w.will_wake(cx.waker())) {
+            self.room_waiters.push(cx.waker().clone());
+        }
     }
 
     /// Wakes the writers waiting for room (the driver handed bytes to the socket).
@@ -521,7 +530,7 @@ impl WriteHalf {
                 }
                 Ok(Some(Err(e))) => Poll::Ready(Err(e)),
                 Ok(None) => {
-                    inner.room_waiters.push(cx.waker().clone());
+                    inner.wait_for_room(cx);
                     Poll::Pending
                 }
                 Err(e) => Poll::Ready(Err(failed(&inner, e))),
@@ -622,7 +631,7 @@ fn poll_write(shared: &Shared, id: u64, cx: &mut Context<'_>, data: &[u8]) -> Po
     let room = std::task::ready!(inner.poll_room(want, cx));
     match inner.session.stream_write(id, data, room) {
         Ok(0) => {
-            inner.room_waiters.push(cx.waker().clone());
+            inner.wait_for_room(cx);
             Poll::Pending
         }
         Ok(n) => {
@@ -757,7 +766,7 @@ impl Session {
                 Ok(Some(id)) => Poll::Ready(Ok(id)),
                 Ok(None) => {
                     inner.open_waker = Some(cx.waker().clone());
-                    inner.room_waiters.push(cx.waker().clone());
+                    inner.wait_for_room(cx);
                     // Found by an operator's day: 4,095 connections through one forward, the
                     // 1,025th and later waited (as designed) with no word on either side.
                     if !std::mem::replace(&mut inner.credit_wait_told, true) {
@@ -876,5 +885,38 @@ impl Session {
     pub(crate) fn shut_down(&self, why: &str) {
         self.shared.fail(crate::proto::CloseCode::Shutdown, SessionError::Aborted(why.into()));
         self.shared.wake_driver.notify_one();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{Role, SessionConfig};
+
+    struct Count(std::sync::atomic::AtomicUsize);
+    impl std::task::Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// A task that waits for room and is polled again and again (for each byte the other
+    /// direction of its tunnel moves) is one entry in the waiting list, not one per poll; each
+    /// task is woken once.
+    #[test]
+    fn a_writer_polled_again_waits_once() {
+        let shared =
+            Shared::new(Core::new(Role::Client, SessionConfig::default()), crate::keys::Keypair::generate().public, 1);
+        let (a, b) = (Arc::new(Count(0.into())), Arc::new(Count(0.into())));
+        let (wa, wb) = (Waker::from(a.clone()), Waker::from(b.clone()));
+        let mut inner = shared.lock();
+        for _ in 0..1000 {
+            inner.wait_for_room(&Context::from_waker(&wa));
+        }
+        inner.wait_for_room(&Context::from_waker(&wb));
+        assert_eq!(inner.room_waiters.len(), 2);
+        inner.wake_writer();
+        let woken = |c: &Count| c.0.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!((woken(&a), woken(&b), inner.room_waiters.len()), (1, 1, 0));
     }
 }
