@@ -70,7 +70,7 @@ fn log_event(from: Option<SocketAddr>, ev: LinkEvent) {
             warn!(%from, quiet = %Rounded(quiet), "link suspect (no answer); trying a new connection")
         }
         LinkEvent::NetworkChanged => {
-            warn!(%from, "the network changed (an address or route, or the machine woke); trying a new connection")
+            warn!(%from, "link suspect: the network changed (an address or route, or the machine woke); trying a new connection")
         }
         LinkEvent::Healthy => info!(%from, "link answering again"),
         LinkEvent::Failed { reason } if reason.starts_with("stream aborted") => {
