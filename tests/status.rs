@@ -253,6 +253,37 @@ async fn the_status_socket_is_private_and_never_replaces_a_file() {
     assert_error(st, &err, &["nothing answers"]);
 }
 
+/// A server running as root answers its status socket to root only, even when the socket's
+/// mode lets another user connect (a red team found that any user got the answer: the check
+/// passed everyone when the answering process was root). Needs root, to ask as another user.
+#[tokio::test]
+async fn a_root_server_answers_no_other_user_on_its_status_socket() {
+    let name = "a_root_server_answers_no_other_user_on_its_status_socket";
+    if let Err(reason) = common::procs::check_tools(&["setpriv"]) {
+        common::procs::skip(name, &reason);
+        return;
+    }
+    let setup = Setup::new("status-root");
+    let echo = echo_service().await;
+    // A directory anyone may enter, and the socket opened to everyone after it is made.
+    let open = common::cli::TempDir::new("status-open");
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&open.0, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let socket = open.path("status.sock");
+    let (_server, _) = setup.server(echo, &socket, &[]).await;
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    assert_eq!(status(&socket).await.len(), 0, "root is answered");
+    let out = tokio::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", BIN, "status", "--socket", s(&socket)])
+        .env_remove("RUST_LOG")
+        .output()
+        .await
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success() && !stdout.contains("ID"), "another user was answered:\n{stdout}\n{stderr}");
+    assert!(stderr.contains("without an answer"), "{stderr}");
+}
+
 /// One session's id follows it through the log: opened, detached, resumed, its tunnel closed,
 /// then the session closed, with the tunnel's byte counts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -50,7 +50,10 @@ async fn four_hundred_sessions_all_resume_from_a_storm_and_a_newcomer_gets_in() 
     // One host, one key: the per-source and per-key limits are for the Internet. A small
     // handshake cap, so that the storm meets it; a small buffer budget, to be checked.
     cmd.args(["--handshake-rate", "100000", "--max-sessions-per-key", "1000", "--max-handshakes", "64"]);
-    cmd.args(["--buffer-budget", "64MiB", "--metrics", "127.0.0.1:0"]).env_remove("RUST_LOG");
+    // Every session is the one key's: its share is half the budget (the most it may be), which
+    // holds 400 streams' first windows.
+    cmd.args(["--buffer-budget", "64MiB", "--buffer-per-key", "32MiB", "--metrics", "127.0.0.1:0"])
+        .env_remove("RUST_LOG");
     let srv = Proc::spawn("holdfast server", &mut cmd, Out::Null);
     let addr = srv.logged_addr("server ready", "listen=").await;
     let metrics = srv.logged_addr("metrics endpoint ready", "metrics=").await;

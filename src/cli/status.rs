@@ -32,12 +32,17 @@ pub(crate) async fn status(args: StatusArgs) -> Result<()> {
         sock.read_to_string(&mut answer).await?;
         Ok::<_, std::io::Error>(answer)
     };
-    let answer = tokio::time::timeout(EXCHANGE_TIMEOUT, exchange)
-        .await
-        .map_err(|_| {
-            anyhow::anyhow!("{}: no answer within {}", path.display(), holdfast::human::Rounded(EXCHANGE_TIMEOUT))
-        })?
-        .with_context(|| format!("{}: cannot read the answer", path.display()))?;
+    let answer = tokio::time::timeout(EXCHANGE_TIMEOUT, exchange).await.map_err(|_| {
+        anyhow::anyhow!("{}: no answer within {}", path.display(), holdfast::human::Rounded(EXCHANGE_TIMEOUT))
+    })?;
+    // A process that refuses the asker closes the connection at once: the question may then
+    // meet a closed socket.
+    let answer = match answer {
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset) => {
+            String::new()
+        }
+        r => r.with_context(|| format!("{}: cannot read the answer", path.display()))?,
+    };
     if answer.is_empty() {
         anyhow::bail!(
             "{}: the process there closed the connection without an answer (it answers only its own user and root)",
@@ -74,7 +79,7 @@ async fn answer_all(listener: UnixListener, path: PathBuf, render: impl Fn(bool)
                 continue;
             }
         };
-        if let Err(e) = control::check_peer(&sock, &path) {
+        if let Err(e) = control::check_asker(&sock, &path) {
             debug!(error = %e, "status: connection refused");
             continue;
         }

@@ -67,18 +67,38 @@ pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
     Ok(l)
 }
 
-/// Checks that the process at the other end of `sock` runs as this process's user, or as root.
+/// The asking side's check: the process answering at the other end of `sock` runs as this
+/// process's user, or as root; root may ask any user's process.
 ///
 /// # Errors
 /// [`ControlError::OtherUser`], or [`ControlError::Io`] if its credentials cannot be read.
 pub fn check_peer(sock: &UnixStream, path: &Path) -> Result<(), ControlError> {
-    let uid = sock.peer_cred().map_err(|source| ControlError::Io { path: path.to_owned(), source })?.uid();
+    let uid = peer_uid(sock, path)?;
     let me = rustix::process::geteuid().as_raw();
     if uid == me || uid == 0 || me == 0 {
         Ok(())
     } else {
         Err(ControlError::OtherUser(uid))
     }
+}
+
+/// The answering side's check: the process asking at the other end of `sock` runs as this
+/// process's user, or as root, and nobody else, also when this process runs as root (then
+/// only root may ask).
+///
+/// # Errors
+/// [`ControlError::OtherUser`], or [`ControlError::Io`] if its credentials cannot be read.
+pub fn check_asker(sock: &UnixStream, path: &Path) -> Result<(), ControlError> {
+    let uid = peer_uid(sock, path)?;
+    if uid == rustix::process::geteuid().as_raw() || uid == 0 {
+        Ok(())
+    } else {
+        Err(ControlError::OtherUser(uid))
+    }
+}
+
+fn peer_uid(sock: &UnixStream, path: &Path) -> Result<u32, ControlError> {
+    Ok(sock.peer_cred().map_err(|source| ControlError::Io { path: path.to_owned(), source })?.uid())
 }
 
 /// Connects to the control socket at `path` and checks the process there ([`check_peer`]).
