@@ -472,3 +472,24 @@ async fn an_upgrade_asked_for_during_a_stop_is_ignored() {
     let _ = server.exit().await;
     drop(tunnel);
 }
+
+/// Hostile-server review F2: a remote whose output before holdfast's answer never ends a line
+/// (a fake `ssh` here) made `holdfast ssh` keep all of it (1.5 GB in the review). It stops at
+/// 1 MiB, says so, and exits.
+#[tokio::test]
+async fn holdfast_ssh_stops_reading_a_remote_that_talks_without_end() {
+    let dir = common::cli::TempDir::new("ssh-noise");
+    let fake = dir.path("ssh");
+    // 4 MiB without a newline, then silence until killed.
+    std::fs::write(&fake, "#!/bin/sh\nhead -c 4194304 /dev/zero | tr '\\0' x\nexec sleep 60\n").unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!("{}:{}", dir.0.display(), std::env::var("PATH").unwrap_or_default());
+    let mut cmd = tokio::process::Command::new(common::cli::BIN);
+    cmd.args(["ssh", "user@example.invalid"]).env("PATH", path).env_remove("RUST_LOG");
+    cmd.stdin(std::process::Stdio::null()).kill_on_drop(true);
+    let out = tokio::time::timeout(common::cli::LIMIT, cmd.output()).await.expect("holdfast ssh did not end").unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("sent over 1.0 MiB of other output before holdfast's answer"), "{err}");
+}

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use holdfast::keys::Keypair;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::Command;
 
 use self::args::{shell_word, SshLine};
@@ -51,6 +51,10 @@ const SESSION_OPTS: [&str; 3] = ["ServerAliveInterval=0", "ControlMaster=no", "C
 const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most lines of other output (a login script's) read before the bootstrap answer.
 const MAX_NOISE_LINES: usize = 1000;
+/// Most bytes of output read before the bootstrap answer (its line included): a remote that
+/// sends more, or one line without end, is not kept in memory (a red team's fake remote grew
+/// this process to 1.5 GB with one endless line).
+const MAX_NOISE_BYTES: u64 = 1 << 20;
 
 /// Runs `holdfast ssh`; returns ssh's exit status.
 /// `output` is the flags of `-q` and `-v` given to this command: its ProxyCommand gets them too.
@@ -110,21 +114,31 @@ async fn bootstrap(
     // ssh may be waiting for a password or a host key answer on the terminal: the request is
     // sent now and read by the remote end once it runs.
     let _ = stdin.write_all(hello_line(client).as_bytes()).await;
-    let mut lines = BufReader::new(stdout).lines();
+    let mut out = BufReader::new(stdout).take(MAX_NOISE_BYTES);
     let mut answer = None;
+    let mut line = Vec::new();
     for _ in 0..MAX_NOISE_LINES {
-        match lines.next_line().await {
-            Ok(Some(l)) => {
-                if let Some(a) = parse_answer(&l) {
+        line.clear();
+        match out.read_until(b'\n', &mut line).await {
+            Ok(0) | Err(_) => break,
+            // The byte bound, reached within a line.
+            Ok(_) if !line.ends_with(b"\n") && out.limit() == 0 => break,
+            Ok(_) => {
+                if let Some(a) = parse_answer(String::from_utf8_lossy(&line).trim_end_matches(['\n', '\r'])) {
                     answer = Some(a?);
                     break;
                 }
             }
-            Ok(None) | Err(_) => break,
         }
     }
+    if answer.is_none() && out.limit() == 0 {
+        bail!(
+            "{dest} sent over {} of other output before holdfast's answer (a login script's?); holdfast ssh stopped reading it",
+            crate::status::bytes(MAX_NOISE_BYTES)
+        );
+    }
     drop(stdin);
-    drop(lines);
+    drop(out);
     let status = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
     match answer {
         Some(Answer::Ready { port, key }) => Ok((port, key)),
