@@ -15,8 +15,9 @@ use tokio::sync::{broadcast, watch, Notify};
 use crate::keys::PublicKey;
 use crate::net::budget::Charge;
 use crate::net::events::{LinkEvent, LinkStatus};
+use crate::proto::streams::capped::Capped;
 use crate::proto::streams::wire::{reset, MAX_HEADER};
-use crate::proto::streams::{StreamsConfig, Unlimited};
+use crate::proto::streams::StreamsConfig;
 use crate::proto::{Session as Core, SessionError, StreamError};
 
 /// State shared by a session's handles and its driver task.
@@ -56,11 +57,12 @@ pub(crate) struct Inner {
 }
 
 impl Shared {
-    /// Shared state for `session`, whose streams are enabled here if they are not yet (with no
-    /// budget: a client's). `handles` session handles exist from the start.
+    /// Shared state for `session`, whose streams are enabled here if they are not yet (a
+    /// client's: within its own caps, [`Capped`]). `handles` session handles exist from the
+    /// start.
     pub(crate) fn new(mut session: Core, peer_key: PublicKey, handles: usize) -> Arc<Self> {
         if session.streams().is_none() {
-            session.enable_streams(StreamsConfig::default(), Box::new(Unlimited));
+            session.enable_streams(StreamsConfig::default(), Box::new(Capped::default()));
         }
         Arc::new(Shared {
             inner: Mutex::new(Inner {

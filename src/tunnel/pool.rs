@@ -254,10 +254,29 @@ pub(super) fn lock(r: &Remotes) -> std::sync::MutexGuard<'_, HashMap<SocketAddr,
     r.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Client side: streams the server opens, each a connection to one of `remotes`' listeners.
+/// Most connections the server's streams make this client hold at once (to its reverse
+/// forwards' targets: a descriptor each). An honest server sends no more (it holds at most 256
+/// reverse connections per key); a hostile one would otherwise take every descriptor of the
+/// client (a review: 1,006 of 1,024, and `--local` could accept nothing).
+pub const REVERSE_MAX: usize = 256;
+
+/// Client side: streams the server opens, each a connection to one of `remotes`' listeners, at
+/// most [`REVERSE_MAX`] at once; past it a stream is reset.
 pub(super) async fn accept_inbound(session: Session, remotes: Remotes) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(REVERSE_MAX));
     while let Some(sub) = session.accept().await {
-        tokio::spawn(carry_back(sub, remotes.clone()));
+        match permits.clone().try_acquire_owned() {
+            Ok(permit) => {
+                tokio::spawn(carry_back(sub, remotes.clone(), permit));
+            }
+            Err(_) => {
+                sub.reset();
+                quiet!(
+                    &*REVERSE_LOG,
+                    warn!(limit = REVERSE_MAX, "the server opened more reverse connections than this client carries at once; the stream was reset")
+                );
+            }
+        }
     }
 }
 
@@ -265,7 +284,7 @@ pub(super) async fn accept_inbound(session: Session, remotes: Remotes) {
 /// listeners, decide how many there are ([`super::quiet`]).
 static REVERSE_LOG: std::sync::LazyLock<LogBudget> = std::sync::LazyLock::new(|| LogBudget::new(Level::SESSION));
 
-async fn carry_back(mut sub: Stream, remotes: Remotes) {
+async fn carry_back(mut sub: Stream, remotes: Remotes, _permit: tokio::sync::OwnedSemaphorePermit) {
     let log = &*REVERSE_LOG;
     let head = async {
         match sub.read_u8().await? {

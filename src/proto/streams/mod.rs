@@ -16,6 +16,7 @@
 //! [`StreamBudget`] (on a server: its memory budget and the client key's share, and a stream
 //! slot that stands for the outbound connection's file descriptor).
 
+pub mod capped;
 pub mod wire;
 
 use std::collections::{HashMap, VecDeque};
@@ -53,7 +54,7 @@ impl Default for StreamsConfig {
 }
 
 /// What a stream's windows and its slot are charged to. A server charges its memory budget and
-/// the client key's share; a client charges nothing ([`Unlimited`]). Every call is non-blocking:
+/// the client key's share; a client charges its session's own caps ([`capped::Capped`]). Every call is non-blocking:
 /// a refusal resets the new stream (RESET LIMIT) or leaves a window where it is.
 pub trait StreamBudget: Send {
     /// Takes `n` bytes of receive window; false if the budget cannot give them now.

@@ -280,3 +280,40 @@ fn the_peers_session_fin_resets_a_stream_whose_half_is_still_open() {
     deliver(&mut s, &mut c).unwrap();
     assert!(s.st.is_empty(), "both streams are over at the server");
 }
+
+/// A client's budget ([`super::capped::Capped`]): a peer that lets the program read until the
+/// windows have grown, and then fills them while it does not read, makes this end hold at most
+/// the cap, not 16 MiB a stream (a hostile server made a client hold 981 MB with 64 streams).
+#[test]
+fn a_capped_end_holds_at_most_its_cap_whatever_the_peer_sends() {
+    const CAP: u64 = 2 << 20;
+    let mut c = End::new(true, Box::new(super::capped::Capped::new(CAP, 64)));
+    let mut s = End::new(false, Box::new(Unlimited));
+    let ids: Vec<u64> = (0..8).map(|_| c.st.open(&mut c.out, ROOM).unwrap().unwrap()).collect();
+    deliver(&mut c, &mut s).unwrap();
+    while let Ok(Some(_)) = s.st.accept() {}
+    let big = vec![1u8; 1 << 20];
+    let send_all = |s: &mut End| {
+        for &id in &ids {
+            let _ = s.st.write(id, &big, &mut s.out, ROOM);
+        }
+    };
+    // The program reads: the windows grow.
+    for _ in 0..40 {
+        send_all(&mut s);
+        deliver(&mut s, &mut c).unwrap();
+        for &id in &ids {
+            read_all(&mut c, id);
+        }
+        deliver(&mut c, &mut s).unwrap();
+    }
+    // It stops reading; the peer fills every window it was granted.
+    for _ in 0..40 {
+        send_all(&mut s);
+        deliver(&mut s, &mut c).unwrap();
+        deliver(&mut c, &mut s).unwrap();
+    }
+    let held: u64 = ids.iter().map(|&id| c.st.readable(id) as u64).sum();
+    assert!(held > ids.len() as u64 * INITIAL_WINDOW, "the windows never grew: {held}");
+    assert!(held <= CAP, "held {held} bytes, over the cap of {CAP}");
+}
