@@ -187,20 +187,7 @@ async fn a_required_flag_missing_from_flags_and_file_is_named_with_its_key() {
 async fn idle_connections_do_not_block_a_scrape() {
     let keys = Keys::new("metrics-idle");
     let echo = echo_service().await;
-    let args = [
-        "server",
-        "--listen",
-        "127.0.0.1:0",
-        "--key",
-        s(&keys.server_key),
-        "--authorized",
-        s(&keys.authorized),
-        "--service",
-        &format!("echo={echo}"),
-        "--metrics",
-        "127.0.0.1:0",
-    ];
-    let server = Proc::spawn(&args, false);
+    let (server, _) = keys.server_with(&[format!("echo={echo}")], &["--metrics", "127.0.0.1:0"]).await;
     let metrics = server.logged_addr("metrics endpoint ready", "metrics=").await;
     // Connected, never sending a byte; more than the endpoint serves at once (64).
     let mut idle = Vec::new();
@@ -251,20 +238,7 @@ async fn never_reading_scrapers() {
         list.push_str(&format!("{} c{i:04}\n", Keypair::generate().public));
     }
     std::fs::write(&keys.authorized, list).unwrap();
-    let args = [
-        "server",
-        "--listen",
-        "127.0.0.1:0",
-        "--key",
-        s(&keys.server_key),
-        "--authorized",
-        s(&keys.authorized),
-        "--service",
-        &format!("echo={echo}"),
-        "--metrics",
-        "127.0.0.1:0",
-    ];
-    let server = Proc::spawn(&args, false);
+    let (server, _) = keys.server_with(&[format!("echo={echo}")], &["--metrics", "127.0.0.1:0"]).await;
     let metrics = server.logged_addr("metrics endpoint ready", "metrics=").await;
     // As many as the endpoint serves at once, each asking and then reading nothing; each has
     // the first bytes of its answer waiting (peeked, not read): all of them are being answered.
