@@ -532,3 +532,67 @@ async fn assert_reset(conn: &TcpStream, what: &str) {
         "the service's connection ended with {kind:?}, not a reset"
     );
 }
+
+/// A hostile server (one holding the key the client pins) opening more reverse connections
+/// than any honest server would: the client carries at most `REVERSE_MAX` at once (each a
+/// descriptor for its target) and resets the rest, instead of taking every descriptor it has
+/// (a review: 1,006 of 1,024, and `--local` could accept nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_server_gets_at_most_the_clients_reverse_connection_cap() {
+    const OPENS: usize = tunnel::REVERSE_MAX + 44;
+    let (server_keys, client_keys) = (Keypair::generate(), Keypair::generate());
+    let server_pub = server_keys.public;
+    let allow = AllowList::from_keys([(client_keys.public, Some("c".to_string()))]);
+    let mut scfg = ServerConfig::new(server_keys, allow);
+    scfg.session = fast_session();
+    let mut listener = holdfast::bind("127.0.0.1:0", scfg).await.expect("bind loopback");
+    let target = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut ccfg = ClientConfig::new(client_keys, server_pub);
+    ccfg.session = fast_session();
+    let pool = MuxPool::new(listener.local_addr().to_string(), ccfg, None);
+    let forward = tokio::spawn(tunnel::remote(pool, "127.0.0.1:9999".into(), target.local_addr().unwrap().to_string()));
+    // The target takes every connection and holds it (the kernel's backlog may be small).
+    let at_target = Arc::new(AtomicUsize::new(0));
+    let counted = at_target.clone();
+    let acceptor = tokio::spawn(async move {
+        let mut conns = Vec::new();
+        while let Ok((c, _)) = target.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            conns.push(c);
+        }
+    });
+    // The hostile server: answers the listen request, then opens stream after stream for it.
+    let (session, _) = timeout(LIMIT, listener.accept_session()).await.expect("no session").unwrap();
+    let mut control = timeout(LIMIT, session.accept()).await.expect("no listen request").unwrap();
+    let mut head = [0u8; 2];
+    control.read_exact(&mut head).await.unwrap();
+    let mut bind = vec![0u8; head[1] as usize];
+    control.read_exact(&mut bind).await.unwrap();
+    assert_eq!((head[0], bind.as_slice()), (0xFE, &b"127.0.0.1:9999"[..]));
+    let at = b"127.0.0.1:9999";
+    control.write_all(&[&[0u8, at.len() as u8][..], at].concat()).await.unwrap();
+    let mut answers = tokio::task::JoinSet::new();
+    for _ in 0..OPENS {
+        let mut s = timeout(LIMIT, session.open()).await.expect("no stream credit").unwrap();
+        s.write_all(&[&[0xFDu8, at.len() as u8][..], at].concat()).await.unwrap();
+        answers.spawn(async move {
+            let mut reply = [0u8; 2];
+            let r = timeout(LIMIT, s.read_exact(&mut reply)).await.expect("no answer to a reverse open");
+            (r.is_ok() && reply == [0, 0], s)
+        });
+    }
+    let (mut carried, mut held) = (0, Vec::new());
+    while let Some(r) = answers.join_next().await {
+        let (ok, s) = r.unwrap();
+        carried += usize::from(ok);
+        held.push(s);
+    }
+    assert_eq!(carried, tunnel::REVERSE_MAX, "reverse connections the client carried at once");
+    // Each carried one was answered once its connection was made (the target's accept may
+    // lag behind the kernel's); the others never connected.
+    until("the target's accepts", || at_target.load(Ordering::SeqCst) >= tunnel::REVERSE_MAX).await;
+    assert_eq!(at_target.load(Ordering::SeqCst), tunnel::REVERSE_MAX, "connections the client made to its target");
+    forward.abort();
+    acceptor.abort();
+    drop((held, control, session));
+}

@@ -49,7 +49,7 @@ pub use connect::{allowed_of, plan, Plan};
 pub use direct::forward_connect;
 pub use forward::{forward, forward_via};
 pub use limits::{ResolveFn, TunnelLimits};
-pub use pool::MuxPool;
+pub use pool::{MuxPool, REVERSE_MAX};
 pub use request::{finish, open, FINISH_TIMEOUT};
 pub use reverse::remote;
 pub use serve::{serve, serve_until};
