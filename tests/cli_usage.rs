@@ -493,3 +493,24 @@ async fn holdfast_ssh_stops_reading_a_remote_that_talks_without_end() {
     assert!(!out.status.success(), "{err}");
     assert!(err.contains("sent over 1.0 MiB of other output before holdfast's answer"), "{err}");
 }
+
+/// `holdfast client` raises its soft descriptor limit to the hard one: each connection it
+/// carries is a descriptor, and the usual soft limit (1,024) would fail the 1,000th.
+#[tokio::test]
+async fn the_client_raises_its_descriptor_limit_to_the_hard_one() {
+    if let Err(reason) = common::procs::check_tools(&["prlimit"]) {
+        return common::procs::skip("the_client_raises_its_descriptor_limit_to_the_hard_one", &reason);
+    }
+    let keys = Keys::new("nofile");
+    let echo = echo_service().await;
+    let (_server, addr) = keys.server(&[format!("echo={echo}")]).await;
+    let mut args = keys.client_args("client", addr, "echo");
+    args.extend(["--local", "127.0.0.1:0"].map(String::from));
+    let client = Proc::spawn_via(&["prlimit", "--nofile=512:4096", "--"], &strs(&args), false);
+    client.wait_log("forwarding", 1).await;
+    let pid = client.child.id().unwrap();
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits.lines().find(|l| l.starts_with("Max open files")).unwrap();
+    let nums: Vec<&str> = line.split_whitespace().filter(|w| w.parse::<u64>().is_ok()).collect();
+    assert_eq!(nums, ["4096", "4096"], "{line}");
+}

@@ -103,6 +103,7 @@ pub(crate) async fn client(args: ClientArgs) -> Result<()> {
         bail!("nothing to forward: give --local HOST:PORT[=SERVICE] (or `local = [\"HOST:PORT=SERVICE\"]` in [client] of a --config file), --socks or --remote");
     }
     let (server, cfg) = client_config(c, false)?;
+    raise_fd_limit();
     let mut forwards = Vec::new();
     let mut direct = Vec::new();
     for local in &args.local {
@@ -397,4 +398,17 @@ async fn hangup() {
             std::process::exit(130);
         }
     });
+}
+
+/// Raises the soft limit on file descriptors to the hard one: every connection a forward
+/// carries is a descriptor (two for `--local HOST:PORT:…`, none of them the server's to bound),
+/// and the usual soft limit of 1,024 would make the 1,000th program's connection fail.
+fn raise_fd_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let lim = getrlimit(Resource::Nofile);
+    if let (Some(now), Some(hard)) = (lim.current, lim.maximum) {
+        if now < hard {
+            let _ = setrlimit(Resource::Nofile, Rlimit { current: Some(hard), maximum: Some(hard) });
+        }
+    }
 }
