@@ -117,6 +117,26 @@ fn unanswered_data_makes_the_link_suspect_after_four_round_trips_or_250_ms() {
     assert_eq!(p.silence_until_suspect(Duration::from_secs(2)), None);
 }
 
+/// A download whose last record before the silence was an ACK (the peer acknowledging what we
+/// sent: keystrokes, in an ssh session) is watched like one whose last record was DATA. Found by
+/// a walk through `holdfast ssh`: a dead link froze the screen for 5.25 s, the next keepalive.
+#[test]
+fn a_dead_download_is_suspected_soon_when_its_last_record_was_an_ack() {
+    let mut p = Pair::new();
+    for _ in 0..10 {
+        p.s.write(&[3u8; 4000]).unwrap();
+        p.c.write(&[1u8; 10]).unwrap();
+        p.exchange(MS);
+    }
+    // The server's ACK of the client's last bytes comes after its ack delay, after its DATA.
+    p.now += 20 * MS;
+    p.tick();
+    p.exchange(MS);
+    assert!(p.client_events().is_empty(), "a live session was suspected");
+    let t = p.silence_until_suspect(Duration::from_secs(5)).expect("a dead download was not suspected within 5 s");
+    assert!(t <= MIN_SUSPECT * 3 / 2 + 2 * MS, "suspect after {t:?}");
+}
+
 /// A network change makes the link suspect at once, and says so: not as a silence (the link
 /// may have been quiet for a millisecond), once until the link is heard from again.
 #[test]

@@ -106,12 +106,7 @@ pub(crate) fn server_answer(stats: &StatsHandle, json: bool) -> String {
     let list = stats.sessions();
     let earlier = stats.stats().earlier_sessions;
     if json {
-        let doc = sessions_json(&list, SystemTime::now());
-        // `{"sessions":[...]}` gains the earlier processes' count before its closing brace.
-        match doc.trim_end().strip_suffix('}') {
-            Some(head) => format!("{head},\"earlier_process_sessions\":{earlier}}}\n"),
-            None => doc,
-        }
+        sessions_json(&list, earlier, SystemTime::now())
     } else {
         let mut out = sessions_table(&list, SystemTime::now());
         if earlier > 0 {
@@ -124,8 +119,9 @@ pub(crate) fn server_answer(stats: &StatsHandle, json: bool) -> String {
     }
 }
 
-/// The sessions as a JSON document: `{"sessions": [...]}`.
-pub(crate) fn sessions_json(list: &[SessionStatus], now: SystemTime) -> String {
+/// The sessions as a JSON document: `{"sessions": [...], "earlier_process_sessions": N}` (the
+/// sessions earlier server processes still hold after an upgrade, not listed).
+pub(crate) fn sessions_json(list: &[SessionStatus], earlier: usize, now: SystemTime) -> String {
     let mut out = String::from("{\"sessions\":[");
     for (i, s) in list.iter().enumerate() {
         if i > 0 {
@@ -153,7 +149,7 @@ pub(crate) fn sessions_json(list: &[SessionStatus], now: SystemTime) -> String {
             forwards.join(","),
         );
     }
-    out.push_str("]}\n");
+    let _ = writeln!(out, "],\"earlier_process_sessions\":{earlier}}}");
     out
 }
 

@@ -6,8 +6,9 @@
 //! - **RTT.** Samples come from PING → PONG and from the first transmission of DATA → the ACK
 //!   that covers it (resent data gives no sample). Smoothed as in RFC 6298.
 //! - **Outstanding.** Something awaits an answer while DATA is unacknowledged or a PING is
-//!   unanswered. A link whose peer was streaming DATA to us and then went quiet gets one probe
-//!   PING, so that a download, which sends us nothing to acknowledge, is watched too.
+//!   unanswered. A link whose peer sent DATA to us since the last probe and then went quiet
+//!   gets one probe PING, so that a download, which sends us nothing to acknowledge, is
+//!   watched too (whatever record came last: an ACK of ours does not end the download).
 //! - **Suspect** when something is outstanding and nothing at all was received for the
 //!   threshold: `max(4 × smoothed RTT, 250 ms)`, doubled after every race until the stream makes
 //!   progress again (so a peer whose program stopped reading, whose new link is as quiet as the
@@ -59,7 +60,9 @@ pub(crate) struct Liveness {
     ping: Option<Instant>,
     /// When anything was last received.
     heard: Instant,
-    /// The last record received was DATA (the peer was streaming to us).
+    /// DATA was received since the last probe (the peer was streaming to us). Other records
+    /// (an ACK of ours, a PONG) leave it set: a peer that streams DATA also acknowledges what
+    /// we send, and a silence after its ACK is as much a dead download as one after its DATA.
     streaming: bool,
     /// The link was reported suspect and has not been heard from since.
     suspected: bool,
@@ -86,10 +89,21 @@ impl Liveness {
 
     /// Something was received. Returns true if the link had been reported suspect: it is
     /// answering again.
-    pub(crate) fn heard(&mut self, now: Instant, data: bool) -> bool {
+    pub(crate) fn heard(&mut self, now: Instant) -> bool {
         self.heard = now;
-        self.streaming = data;
         std::mem::take(&mut self.suspected)
+    }
+
+    /// New DATA arrived: the peer is streaming to us, and a silence from now on gets a probe.
+    pub(crate) fn data_arrived(&mut self) {
+        self.streaming = true;
+    }
+
+    /// The program is not reading, so the driver is not either: a silence proves nothing, and
+    /// none is judged until reading resumes (see `Session::handle_timeout`).
+    pub(crate) fn not_reading(&mut self, now: Instant) {
+        self.heard = now;
+        self.streaming = false;
     }
 
     /// An ACK of every position below `acked`: samples it completes feed `rtt`. True if it
@@ -226,13 +240,31 @@ mod tests {
         let t0 = Instant::now();
         let th = Duration::from_millis(400);
         let mut l = Liveness::new(t0);
-        l.heard(t0, true);
+        l.heard(t0);
+        l.data_arrived();
         assert_eq!(l.deadline(th), Some(t0 + th / 2));
         assert_eq!(l.check(t0 + th / 2, th), Check::Probe);
         l.sent_ping(t0 + th / 2);
         assert_eq!(l.check(t0 + th, th), Check::Nothing);
         assert_eq!(l.check(t0 + th / 2 + th, th), Check::Suspect(th / 2 + th));
         assert_eq!(l.check(t0 + th * 3, th), Check::Nothing, "reported once");
-        assert!(l.heard(t0 + th * 3, false), "heard again after the report");
+        assert!(l.heard(t0 + th * 3), "heard again after the report");
+    }
+
+    /// A peer streaming DATA to us also acknowledges what we send (an ssh session: output one
+    /// way, keystrokes and window updates the other): an ACK after its last DATA does not
+    /// disarm the probe. Before, it did, and a dead link was noticed only by the next
+    /// keepalive (a walk through `holdfast ssh` saw 5.25 s freezes).
+    #[test]
+    fn an_ack_after_the_data_does_not_disarm_the_probe() {
+        let t0 = Instant::now();
+        let th = Duration::from_millis(400);
+        let mut l = Liveness::new(t0);
+        l.heard(t0);
+        l.data_arrived();
+        let ack = t0 + Duration::from_millis(3);
+        l.heard(ack);
+        assert_eq!(l.deadline(th), Some(ack + th / 2));
+        assert_eq!(l.check(ack + th / 2, th), Check::Probe);
     }
 }

@@ -671,8 +671,7 @@ impl Session {
         }
         let n = link.transport.open_in_place(body)?;
         link.last_recv = now;
-        let data = body.first() == Some(&super::frame::kind::DATA);
-        if link.live.heard(now, data) {
+        if link.live.heard(now) {
             self.events.push_back(Event::Healthy);
         }
         let res = self.handle_frame(now, &body[..n]);
@@ -702,6 +701,9 @@ impl Session {
                     return Err(SessionError::Protocol("DATA past the FIN"));
                 }
                 if end > next {
+                    if let Some(link) = &mut self.link {
+                        link.live.data_arrived();
+                    }
                     let fresh = &data[(next - offset) as usize..];
                     match self.streams.as_deref_mut() {
                         Some(st) => {
@@ -945,7 +947,7 @@ impl Session {
                 // The program is not reading, so the driver is not either: silence from the
                 // peer proves nothing. Judge liveness again once reading resumes.
                 link.last_recv = now;
-                link.live.heard(now, false);
+                link.live.not_reading(now);
                 return Ok(());
             }
             let silent = now.saturating_duration_since(link.last_recv);
