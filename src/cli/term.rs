@@ -99,8 +99,11 @@ async fn show_events_with(
     write: impl FnMut(&str),
 ) {
     let mut title = Title { pushed: false, write };
-    // A fault not shown yet: when it will be, and its latest status.
+    // A fault not shown yet: when it will be, and what started it (the first word of the
+    // outage, not the attempts made since: "still reconnecting" would come first otherwise).
     let mut pending: Option<(tokio::time::Instant, String)> = None;
+    // An outage's first event was seen, and the link has not come back since.
+    let mut outage = false;
     loop {
         let due = pending.as_ref().map(|p| p.0);
         let ev = tokio::select! {
@@ -119,16 +122,19 @@ async fn show_events_with(
                     continue;
                 }
                 let over = matches!(ev, LinkEvent::Resumed { .. } | LinkEvent::Healthy);
-                if let Some(text) = describe(&ev) {
+                // The old link given up during an outage already told (a suspicion, a network
+                // change) adds nothing: the attempts go on, and "lost" after them reads backwards.
+                let old_news = outage && matches!(ev, LinkEvent::Lost(_));
+                if let Some(text) = describe(&ev).filter(|_| !old_news) {
                     if title.pushed {
                         title.show(&text);
                     } else if over {
                         // Over before it was shown: nothing to say.
                         pending = None;
-                    } else {
-                        let at = pending.as_ref().map_or_else(|| tokio::time::Instant::now() + SHOW_AFTER, |p| p.0);
-                        pending = Some((at, text));
+                    } else if pending.is_none() {
+                        pending = Some((tokio::time::Instant::now() + SHOW_AFTER, text));
                     }
+                    outage = !over;
                 }
                 match ev {
                     LinkEvent::Resumed { .. } | LinkEvent::Healthy => title.restore(),
@@ -203,6 +209,31 @@ mod tests {
         tx.send(back()).unwrap();
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert!(written.lock().unwrap().ends_with("\x1b[23;2t"), "the title was not given back");
+        drop(tx);
+        shown.await.unwrap();
+    }
+
+    /// Found by a walk through `holdfast ssh`: the title's first words in an outage were
+    /// "still reconnecting (attempt 4, …)", and a "link lost" came 14 s after the attempts
+    /// began. The outage's first event is what is shown; the old link given up is not news.
+    #[tokio::test(start_paused = true)]
+    async fn an_outage_is_shown_by_what_started_it_and_then_its_attempts() {
+        let (tx, rx) = broadcast::channel(16);
+        let (_gone_tx, gone) = watch::channel(false);
+        let written = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let sink = written.clone();
+        let shown = tokio::spawn(show_events_with(rx, false, gone, move |b| sink.lock().unwrap().push_str(b)));
+        tx.send(LinkEvent::NetworkChanged).unwrap();
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        tx.send(LinkEvent::Reconnecting { attempt: 4, elapsed: Duration::from_millis(600) }).unwrap();
+        tokio::time::sleep(SHOW_AFTER).await;
+        let text = written.lock().unwrap().clone();
+        assert!(text.contains("the network changed") && !text.contains("still reconnecting"), "{text:?}");
+        tx.send(LinkEvent::Lost(LinkLost { cause: "peer silent for 15.0s".into(), faults: 1 })).unwrap();
+        tx.send(LinkEvent::Reconnecting { attempt: 8, elapsed: Duration::from_secs(2) }).unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let text = written.lock().unwrap().clone();
+        assert!(text.contains("still reconnecting (attempt 8") && !text.contains("link lost"), "{text:?}");
         drop(tx);
         shown.await.unwrap();
     }
