@@ -157,7 +157,7 @@ async fn bootstrap(
 fn not_started(dest: &str, server: &str, code: Option<i32>) -> anyhow::Error {
     match code {
         Some(255) => anyhow!(
-            "ssh could not log in to {dest} (its message is above); holdfast ssh logs in with your own ssh, so `ssh {dest}` must work first"
+            "ssh could not reach or log in to {dest} (its message is above); holdfast ssh logs in with your own ssh, so `ssh {dest}` with the same options must work first"
         ),
         Some(126 | 127) => anyhow!(
             "{dest} has no `{server}` that a non-interactive ssh command can run (the remote shell's message is above): install holdfast there (on a machine of the same kind, `scp \"$(command -v holdfast)\" {dest}:` copies this binary to your home directory there, then give holdfast ssh --server ./holdfast), or give its path with holdfast ssh --server PATH"
