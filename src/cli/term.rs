@@ -182,18 +182,27 @@ pub(crate) fn ask(cause: &str) -> Recovery {
 mod tests {
     use super::*;
     use holdfast::net::LinkLost;
+    use std::sync::{Arc, Mutex};
     use std::time::Duration;
+
+    /// [`show_events_with`] running on a channel: its sender, what it wrote, its task, and the
+    /// `gone` sender it watches (kept, so that the program on stdio stays).
+    fn titles() -> (broadcast::Sender<LinkEvent>, Arc<Mutex<String>>, tokio::task::JoinHandle<()>, watch::Sender<bool>)
+    {
+        let (tx, rx) = broadcast::channel(16);
+        let (gone_tx, gone) = watch::channel(false);
+        let written = Arc::new(Mutex::new(String::new()));
+        let sink = written.clone();
+        let shown = tokio::spawn(show_events_with(rx, false, gone, move |b| sink.lock().unwrap().push_str(b)));
+        (tx, written, shown, gone_tx)
+    }
 
     /// Found by a walk through faults: a title written while ssh's output stood inside an escape
     /// sequence broke it (`27m` on the screen, 11 lines in 20 kills). A fault over within
     /// [`SHOW_AFTER`] now writes nothing; a longer one is shown, and the title given back.
     #[tokio::test(start_paused = true)]
     async fn a_fault_over_quickly_writes_nothing_on_the_terminal() {
-        let (tx, rx) = broadcast::channel(16);
-        let (_gone_tx, gone) = watch::channel(false);
-        let written = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-        let sink = written.clone();
-        let shown = tokio::spawn(show_events_with(rx, false, gone, move |b| sink.lock().unwrap().push_str(b)));
+        let (tx, written, shown, _gone) = titles();
         let lost = || LinkEvent::Lost(LinkLost { cause: "reset".into(), faults: 1 });
         let peer: std::net::SocketAddr = "127.0.0.1:1".parse().unwrap();
         let back =
@@ -218,11 +227,7 @@ mod tests {
     /// began. The outage's first event is what is shown; the old link given up is not news.
     #[tokio::test(start_paused = true)]
     async fn an_outage_is_shown_by_what_started_it_and_then_its_attempts() {
-        let (tx, rx) = broadcast::channel(16);
-        let (_gone_tx, gone) = watch::channel(false);
-        let written = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-        let sink = written.clone();
-        let shown = tokio::spawn(show_events_with(rx, false, gone, move |b| sink.lock().unwrap().push_str(b)));
+        let (tx, written, shown, _gone) = titles();
         tx.send(LinkEvent::NetworkChanged).unwrap();
         tokio::time::sleep(Duration::from_millis(600)).await;
         tx.send(LinkEvent::Reconnecting { attempt: 4, elapsed: Duration::from_millis(600) }).unwrap();

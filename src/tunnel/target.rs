@@ -53,30 +53,17 @@ pub(super) async fn connect_offered(
     };
     let Some((host, port)) = by_name else { return connect_service(who, name, target, log).await };
     let work = async {
-        let addrs = bounds.service_addrs(host, port).await.map_err(|e| e.to_string())?;
-        let mut last = format!("{target} has no address");
+        let addrs = bounds.service_addrs(host, port).await?;
+        let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, format!("{target} has no address"));
         for addr in addrs.iter() {
             match TcpStream::connect(addr).await {
                 Ok(t) => return Ok(t),
-                Err(e) => last = format!("{addr}: {e}"),
+                Err(e) => last = std::io::Error::new(e.kind(), format!("{addr}: {e}")),
             }
         }
         Err(last)
     };
-    match tokio::time::timeout(SERVICE_CONNECT_TIMEOUT, work).await {
-        Ok(Ok(t)) => {
-            crate::net::kernel::bound_tunnel(&t);
-            Some(t)
-        }
-        failed => {
-            let error = match failed {
-                Ok(Err(e)) => e,
-                _ => format!("no connection within {}", crate::human::Rounded(SERVICE_CONNECT_TIMEOUT)),
-            };
-            quiet!(log, warn!(client = %who, service = %name, %target, %error, "cannot connect to the service"));
-            None
-        }
-    }
+    bounded((who, name, target, log), work).await.ok()
 }
 
 /// [`connect_service`], with why it failed: `Some(kind)` of the connect error, `None` for no
@@ -87,7 +74,16 @@ pub(super) async fn connect_target(
     target: &str,
     log: &LogBudget,
 ) -> Result<TcpStream, Option<std::io::ErrorKind>> {
-    match tokio::time::timeout(SERVICE_CONNECT_TIMEOUT, TcpStream::connect(target)).await {
+    bounded((who, name, target, log), TcpStream::connect(target)).await
+}
+
+/// Runs `connect` within [`SERVICE_CONNECT_TIMEOUT`]; the connection gets the tunnel's socket
+/// bounds, and a failure is logged for the service `name` of client `who`.
+async fn bounded(
+    (who, name, target, log): (&str, &str, &str, &LogBudget),
+    connect: impl std::future::Future<Output = std::io::Result<TcpStream>>,
+) -> Result<TcpStream, Option<std::io::ErrorKind>> {
+    match tokio::time::timeout(SERVICE_CONNECT_TIMEOUT, connect).await {
         Ok(Ok(t)) => {
             crate::net::kernel::bound_tunnel(&t);
             Ok(t)
