@@ -75,3 +75,55 @@ pub(crate) const CLOSING: std::time::Duration = std::time::Duration::from_secs(3
 pub(crate) fn closing(tcp: &TcpStream) {
     let _ = socket2::SockRef::from(tcp).set_tcp_user_timeout(Some(CLOSING));
 }
+
+/// Connects to `addr` like `TcpStream::connect`, but looks at once whether the connection is
+/// already up before it waits for the runtime to say so. A peer on this host has usually
+/// answered by the time `connect` returns; waiting for readiness instead costs a turn of the
+/// runtime's event loop, often on another worker thread (a wake-up of that thread and a hand-off
+/// of the task), on the path of every new tunnel to a local service.
+///
+/// # Errors
+/// The socket's creation or the connection's failure.
+pub(crate) async fn connect(addr: std::net::SocketAddr) -> std::io::Result<TcpStream> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking().cloexec(), Some(Protocol::TCP))?;
+    let up = match sock.connect(&addr.into()) {
+        Ok(()) => true,
+        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INPROGRESS.raw_os_error()) => {
+            // The peer's address is known only once the handshake completed.
+            sock.peer_addr().is_ok()
+        }
+        Err(e) => return Err(e),
+    };
+    let tcp = TcpStream::from_std(std::net::TcpStream::from(sock))?;
+    if !up {
+        // As `TcpStream::connect`: writable once the handshake completed or failed.
+        tcp.writable().await?;
+        if let Some(e) = tcp.take_error()? {
+            return Err(e);
+        }
+    }
+    Ok(tcp)
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn connect_reaches_a_listener_and_reports_a_refusal() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (mut c, (mut s, _)) =
+            tokio::join!(async { super::connect(addr).await.unwrap() }, async { l.accept().await.unwrap() });
+        c.write_all(b"ping").await.unwrap();
+        let mut b = [0u8; 4];
+        s.read_exact(&mut b).await.unwrap();
+        assert_eq!(&b, b"ping");
+        assert_eq!(c.peer_addr().unwrap(), addr);
+        // A port nobody listens on any more.
+        drop(l);
+        let e = super::connect(addr).await.unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused);
+    }
+}

@@ -56,7 +56,7 @@ pub(super) async fn connect_offered(
         let addrs = bounds.service_addrs(host, port).await?;
         let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, format!("{target} has no address"));
         for addr in addrs.iter() {
-            match TcpStream::connect(addr).await {
+            match crate::net::kernel::connect(*addr).await {
                 Ok(t) => return Ok(t),
                 Err(e) => last = std::io::Error::new(e.kind(), format!("{addr}: {e}")),
             }
@@ -74,7 +74,13 @@ pub(super) async fn connect_target(
     target: &str,
     log: &LogBudget,
 ) -> Result<TcpStream, Option<std::io::ErrorKind>> {
-    bounded((who, name, target, log), TcpStream::connect(target)).await
+    let connect = async {
+        match target.parse::<std::net::SocketAddr>() {
+            Ok(addr) => crate::net::kernel::connect(addr).await,
+            Err(_) => TcpStream::connect(target).await,
+        }
+    };
+    bounded((who, name, target, log), connect).await
 }
 
 /// Runs `connect` within [`SERVICE_CONNECT_TIMEOUT`]; the connection gets the tunnel's socket
