@@ -595,6 +595,45 @@ fn raw_peer(now: Instant) -> (Session, Transport) {
     (s, raw)
 }
 
+/// A bulk transfer is acknowledged at once at the ack threshold, but not more often than the
+/// ack spacing: an ACK due sooner after the last one waits for the rest of it (and the timer
+/// says so), so that a fast path does not wake its peer for an ACK every 64 KiB.
+#[test]
+fn acks_at_the_threshold_are_spaced_out() {
+    let t0 = Instant::now();
+    let (mut s, mut raw) = raw_peer(t0);
+    let cfg = SessionConfig::default();
+    let chunk = vec![7u8; 16 << 10];
+    let mut off = 0u64;
+    let mut send_threshold = |s: &mut Session, raw: &mut Transport, now: Instant| {
+        for _ in 0..cfg.ack_threshold / chunk.len() as u64 {
+            s.handle_record(now, &seal(raw, Frame::Data { offset: off, data: &chunk })).unwrap();
+            off += chunk.len() as u64;
+        }
+        off
+    };
+    let acks = |s: &mut Session, raw: &mut Transport, now: Instant| -> Vec<Vec<u8>> {
+        let mut wire = Vec::new();
+        s.poll_transmit(now, &mut wire, BUDGET).unwrap();
+        open_all(raw, &wire)
+    };
+    // The first threshold's worth (a spacing after the link's first ACK) goes out at once.
+    let t0 = t0 + cfg.ack_spacing;
+    let first = send_threshold(&mut s, &mut raw, t0);
+    assert_eq!(acks(&mut s, &mut raw, t0), vec![enc(Frame::Ack(first))]);
+    // The next, a tenth of the spacing later, waits for the spacing, not for the ack delay.
+    let t1 = t0 + cfg.ack_spacing / 10;
+    let second = send_threshold(&mut s, &mut raw, t1);
+    assert!(acks(&mut s, &mut raw, t1).is_empty(), "an ACK within the spacing of the last one");
+    assert_eq!(s.poll_timeout(), Some(t0 + cfg.ack_spacing));
+    let t2 = t0 + cfg.ack_spacing;
+    assert_eq!(acks(&mut s, &mut raw, t2), vec![enc(Frame::Ack(second))]);
+    // Once the spacing has passed since the last ACK, the threshold acts at once again.
+    let t3 = t2 + cfg.ack_spacing;
+    let third = send_threshold(&mut s, &mut raw, t3);
+    assert_eq!(acks(&mut s, &mut raw, t3), vec![enc(Frame::Ack(third))]);
+}
+
 /// Idle links exchange PING/PONG every `keepalive` and never die; a silent link is declared dead
 /// exactly `dead_after` after the last record received, not before.
 #[test]
