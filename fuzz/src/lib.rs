@@ -245,6 +245,7 @@ fn small_config() -> SessionConfig {
         dead_after: Duration::from_millis(1500),
         ack_delay: Duration::from_millis(10),
         ack_threshold: 8 * 1024,
+        ack_spacing: Duration::from_millis(1),
     }
 }
 
