@@ -121,7 +121,7 @@ fn main() -> ExitCode {
     if let Some(v) = std::env::var_os("TOKIO_WORKER_THREADS") {
         if !matches!(v.to_str().map(str::parse::<usize>), Some(Ok(1..))) {
             eprintln!(
-                "holdfast: error: TOKIO_WORKER_THREADS is {:?}: set it to a positive number of threads, or unset it (one per CPU)",
+                "holdfast: error: TOKIO_WORKER_THREADS is {:?}: set it to a positive number of threads, or unset it (one per CPU; one for `client`)",
                 v
             );
             return ExitCode::from(2);
@@ -129,6 +129,11 @@ fn main() -> ExitCode {
     }
     let rt = if matches!(cli.cmd, Cmd::Connect(_) | Cmd::SshProxy { .. } | Cmd::Ssh(_) | Cmd::SshServer(_)) {
         tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else if matches!(cli.cmd, Cmd::Client(_)) && std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
+        // A client carries one user's forwards over one session, whose streams share one lock:
+        // a second worker mostly hands tasks across threads. With one, iperf3 through a forward
+        // moved 11 % more up and 3-8 % more down on a 2-CPU machine (BENCHMARKS.md).
+        tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()
     } else {
         tokio::runtime::Runtime::new()
     };
