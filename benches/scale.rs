@@ -53,7 +53,11 @@ fn main() {
 
 async fn run(n: usize) {
     let svc = echo_service().await;
-    let srv = Server::start("scale", svc, &["--max-sessions", "20000", "--max-sessions-per-key", "20000"]).await;
+    // A key gets a quarter of the server's stream slots (sized from its descriptor limit) and of
+    // its buffer budget: the sessions are spread over keys of at most 2,000 each.
+    let keys = n.div_ceil(2000);
+    let srv =
+        Server::start_keys("scale", svc, &["--max-sessions", "20000", "--max-sessions-per-key", "20000"], keys).await;
     let (pid, addr, cfg) = (srv.pid, srv.addr.clone(), srv.cfg.clone());
     // Warm-up, then the baseline.
     for _ in 0..50 {
@@ -68,7 +72,7 @@ async fn run(n: usize) {
     let sem = Arc::new(tokio::sync::Semaphore::new(64));
     let mut tasks = Vec::with_capacity(n);
     for i in 0..n {
-        let (addr, cfg, sem, opened) = (addr.clone(), cfg.clone(), sem.clone(), opened.clone());
+        let (addr, cfg, sem, opened) = (addr.clone(), srv.cfgs[i % keys].clone(), sem.clone(), opened.clone());
         tasks.push(tokio::spawn(async move {
             let _permit = sem.acquire().await.unwrap();
             let mut s = holdfast::tunnel::open(&addr, cfg, "echo").await.unwrap_or_else(|e| panic!("session {i}: {e}"));

@@ -86,6 +86,9 @@ pub struct Server {
     pub addr: String,
     /// A client configuration whose key is on the server's allow-list.
     pub cfg: ClientConfig,
+    /// One client configuration for each allowed key ([`Server::start_keys`]); the first is
+    /// `cfg`.
+    pub cfgs: Vec<ClientConfig>,
 }
 
 impl Drop for Server {
@@ -105,11 +108,19 @@ impl Server {
     /// waits until it listens. Its log (`RUST_LOG` from `HOLDFAST_SCALE_LOG`, default `warn`)
     /// is kept in the directory when `HOLDFAST_SCALE_LOG` is set.
     pub async fn start(name: &str, svc: SocketAddr, args: &[&str]) -> Server {
+        Server::start_keys(name, svc, args, 1).await
+    }
+
+    /// [`Server::start`] with `keys` allowed client keys (at least one): a server gives one key
+    /// a quarter of its stream slots, so thousands of sessions with a stream each need several.
+    pub async fn start_keys(name: &str, svc: SocketAddr, args: &[&str], keys: usize) -> Server {
         let dir = std::env::temp_dir().join(format!("holdfast-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let (server, client) = (Keypair::generate(), Keypair::generate());
+        let server = Keypair::generate();
+        let clients: Vec<Keypair> = (0..keys.max(1)).map(|_| Keypair::generate()).collect();
         keys::save_private_key(&dir.join("server.key"), &server.private).unwrap();
-        std::fs::write(dir.join("authorized"), format!("{} bench\n", client.public)).unwrap();
+        let lines: String = clients.iter().enumerate().map(|(i, c)| format!("{} bench{i}\n", c.public)).collect();
+        std::fs::write(dir.join("authorized"), lines).unwrap();
         let (port, metrics) = (free_port(), free_port());
         let log = std::fs::File::create(dir.join("server.log")).unwrap();
         let child = Command::new(BIN)
@@ -128,7 +139,8 @@ impl Server {
             .expect("start holdfast server");
         let pid = child.id();
         let addr = format!("127.0.0.1:{port}");
-        let s = Server { child, dir, pid, port, metrics, addr, cfg: ClientConfig::new(client, server.public) };
+        let cfgs: Vec<ClientConfig> = clients.into_iter().map(|c| ClientConfig::new(c, server.public)).collect();
+        let s = Server { child, dir, pid, port, metrics, addr, cfg: cfgs[0].clone(), cfgs };
         let deadline = Instant::now() + Duration::from_secs(10);
         while tokio::net::TcpStream::connect(&s.addr).await.is_err() {
             assert!(Instant::now() < deadline, "the server did not start");
