@@ -243,13 +243,16 @@ fn seed(i: usize, j: usize, round: u64) -> u64 {
 async fn storm(sessions: usize, per: usize) {
     let svc = echo_service().await;
     let cap = (sessions + 64).to_string();
-    let srv = Server::start("streams-storm", svc, &["--max-sessions-per-key", &cap]).await;
+    // One key gets a quarter of the server's stream slots (sized from its descriptor limit):
+    // the sessions are spread over keys holding at most 2,000 streams each.
+    let keys = (sessions * per).div_ceil(2000).max(1);
+    let srv = Server::start_keys("streams-storm", svc, &["--max-sessions-per-key", &cap], keys).await;
     let base = srv.rss();
     let t0 = Instant::now();
     let sem = Arc::new(Semaphore::new(64));
     let mut set = JoinSet::new();
     for i in 0..sessions {
-        let (addr, cfg, sem) = (srv.addr.clone(), srv.cfg.clone(), sem.clone());
+        let (addr, cfg, sem) = (srv.addr.clone(), srv.cfgs[i % keys].clone(), sem.clone());
         set.spawn(async move {
             let _permit = sem.acquire().await.unwrap();
             (i, open_client((&addr, &cfg), i, per).await)
