@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use holdfast::proto::frame::split_record;
+use holdfast::proto::streams::wire::{Header, MAX_HEADER};
 use holdfast::proto::{CloseCode, Frame};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{watch, Semaphore};
@@ -38,7 +39,16 @@ async fn idle_session(
     let mut req = vec![SERVICE_NAME.len() as u8];
     req.extend_from_slice(SERVICE_NAME.as_bytes());
     req.push(b'H');
-    let out = seal(&mut t, &[Frame::Ack(0), Frame::Data { offset: 0, data: &req }])?;
+    // Protocol version 4: the service request travels on the session's first stream (id 1),
+    // opened in the same DATA (docs/PROTOCOL.md, section 13 and Appendix A).
+    let mut data = Vec::with_capacity(2 * MAX_HEADER + req.len());
+    for h in [Header::Open(1), Header::Data { id: 1, len: req.len() }] {
+        let mut b = [0u8; MAX_HEADER];
+        let n = h.encode(&mut b);
+        data.extend_from_slice(&b[..n]);
+    }
+    data.extend_from_slice(&req);
+    let out = seal(&mut t, &[Frame::Ack(0), Frame::Data { offset: 0, data: &data }])?;
     s.write_all(&out).await?;
     let (mut rd, mut wr) = s.split();
     let mut received = 0u64;
