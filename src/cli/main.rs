@@ -132,7 +132,7 @@ fn main() -> ExitCode {
     } else if matches!(cli.cmd, Cmd::Client(_)) && std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
         // A client carries one user's forwards over one session, whose streams share one lock:
         // a second worker mostly hands tasks across threads. With one, iperf3 through a forward
-        // moved 11 % more up and 3-8 % more down on a 2-CPU machine (BENCHMARKS.md).
+        // moved 13 % more up on a 2-CPU machine, the rest within the noise (BENCHMARKS.md).
         tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()
     } else {
         tokio::runtime::Runtime::new()
