@@ -231,6 +231,30 @@ async fn a_tunnel_still_open_when_the_drain_time_is_over_is_reset() {
     assert!(log.contains("drain time over; the sessions still open were ended"), "{log}");
 }
 
+/// A second stop signal during the drain ends the sessions still open at once and tells their
+/// clients (CLOSE Shutdown): the program sees a reset at once. Found by an operator's day: the
+/// server exited without a word, and the client reconnected to a closed port while its program
+/// hung until the client's give-up time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_stop_signal_ends_the_sessions_and_tells_their_clients() {
+    use tokio::io::AsyncReadExt;
+    let Draining { mut server, client, mut conn, pid, .. } = draining("term-twice", "1h").await;
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    server.wait_log("shutting down: waiting for the open tunnels to end", 1).await;
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    let mut rest = Vec::new();
+    let end = tokio::time::timeout(common::cli::LIMIT, conn.read_to_end(&mut rest)).await.expect("no end in time");
+    let err = end.expect_err("the program saw a clean end of a tunnel the server ended");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+    let (status, log) = server.exit().await;
+    assert!(status.success(), "server exit {status}:\n{log}");
+    assert!(log.contains("second stop signal: ending the sessions still open now"), "{log}");
+    assert!(log.contains("were ended on the second stop signal"), "{log}");
+    // Told: not "connection closed without a FIN frame", then reconnecting.
+    let clog = client.wait_log("the server is stopping", 1).await;
+    assert!(!clog.contains("reconnecting"), "{clog}");
+}
+
 /// A tunnel whose program never ends its side outlasts the server's drain time (10 s): its
 /// client is then told that the server stopped (CLOSE Shutdown) and fails at once, instead of
 /// finding the link gone and retrying until its give-up time.
@@ -414,6 +438,38 @@ async fn sighup_after_a_config_edit_says_what_was_not_reloaded() {
         log.contains("the config file changed since the server started: SIGHUP reloads only the allow-list"),
         "{log}"
     );
+}
+
+/// `retire-after` and `handover` may come one from the config file and one from the command
+/// line (found by an operator's day: the flag required `--handover` on the command line itself,
+/// and with both in the opposite places the error named no argument at all).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retire_after_and_handover_may_come_from_the_file_and_the_flags() {
+    let keys = Keys::new("retire-split");
+    let echo = echo_service().await;
+    let file = keys.dir.path("server.toml");
+    let handover = keys.dir.path("handover.sock");
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nkey = \"{}\"\nauthorized = \"{}\"\nservice = [\"echo={echo}\"]\nhandover = \"{}\"\n",
+        keys.server_key.display(),
+        keys.authorized.display(),
+        handover.display()
+    );
+    std::fs::write(&file, text).unwrap();
+    let server = Proc::spawn(&["server", "--config", file.to_str().unwrap(), "--retire-after", "20s"], false);
+    let log = server.wait_log("server ready", 1).await;
+    assert!(log.contains("server ready"), "{log}");
+    drop(server);
+    // Without --handover anywhere, the error says what is missing.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_holdfast"))
+        .args(["server", "--listen", "127.0.0.1:0", "--key", keys.server_key.to_str().unwrap()])
+        .args(["--authorized", keys.authorized.to_str().unwrap(), "--service", &format!("echo={echo}")])
+        .args(["--retire-after", "20s"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("give --handover too"), "{err}");
 }
 
 /// A first connection refused at a session cap says which cap, and names the client.

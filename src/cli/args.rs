@@ -258,14 +258,16 @@ pub(crate) struct ServerArgs {
     #[arg(long, value_name = "PATH", help_heading = "Upgrades")]
     pub(crate) handover: Option<PathBuf>,
     /// After handing over, the longest this process keeps its sessions before exiting (they are
-    /// then lost, and their clients told so). Default: until the last one ends or expires.
-    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, requires = "handover", help_heading = "Upgrades")]
+    /// then lost, and their clients told so). Default: until the last one ends or expires. Needs
+    /// --handover (on the command line or in the config file).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, help_heading = "Upgrades")]
     pub(crate) retire_after: Option<Duration>,
     /// How long a stopping server (SIGTERM, Ctrl-C) lets the tunnels open run to their end: it
     /// accepts nothing new, and a transfer in flight finishes. Those still open then are ended,
     /// their programs see a reset (never a clean end of a transfer cut short) and their clients
-    /// are told the server stopped. Keep it below systemd's TimeoutStopSec (20 s in the unit)
-    /// minus 3 s.
+    /// are told the server stopped. A second SIGTERM or Ctrl-C ends the drain there (a third
+    /// exits without telling the clients). Keep it below systemd's TimeoutStopSec (20 s in the
+    /// unit) minus 3 s.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration, help_heading = "Upgrades")]
     pub(crate) drain_time: Duration,
     /// Most sessions at once (each takes a file descriptor for its link and one for each

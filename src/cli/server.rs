@@ -24,6 +24,10 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
     if args.services.is_empty() && args.allow_connect.is_empty() && args.allow_listen.is_empty() {
         bail!("no service: give --service NAME=HOST:PORT (or `service = [\"NAME=HOST:PORT\"]` in [server] of a --config file), or --allow-connect / --allow-listen");
     }
+    // Checked here, once the config file and the flags are merged: either may give either.
+    if args.retire_after.is_some() && args.handover.is_none() {
+        bail!("--retire-after (retire-after) bounds how long this process keeps its sessions after an upgrade handed its listener over, and there is no upgrade without --handover PATH: give --handover too (on the command line or as `handover = \"PATH\"` in [server]), or drop --retire-after");
+    }
     let metrics = metrics::check_addr(args.metrics, args.metrics_public)?;
     let mut services = Services::new();
     for spec in &args.services {
@@ -149,9 +153,14 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
     });
     let reload = reload_on_hangup(hangups, listener.allow_list_handle(), authorized, services.clone(), config);
     // Ctrl-C or SIGTERM: stop accepting and let the tunnels open end within the drain time; a
-    // second one exits at once.
+    // second one ends the sessions still open at once, telling their clients (found by an
+    // operator's day: exiting there and then left every client reconnecting to a closed port,
+    // and its programs hanging, until its give-up time); a third one exits without telling.
     let mut term = signal(SignalKind::terminate()).context("cannot watch for SIGTERM")?;
     let (retire_after, drain) = (args.retire_after, args.drain_time);
+    let (cut_tx, cut_rx) = tokio::sync::oneshot::channel::<()>();
+    let cut_asked = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let cut_seen = cut_asked.clone();
     let stop = async move {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
@@ -159,20 +168,36 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
             () = retired(retirement, retire_after) => return,
         }
         stopping.store(true, std::sync::atomic::Ordering::Relaxed);
-        info!(drain = %holdfast::human::Rounded(drain), "stopping: no new sessions or tunnels; those open may run to their end for the drain time (signal again to exit at once)");
+        info!(drain = %holdfast::human::Rounded(drain), "stopping: no new sessions or tunnels; those open may run to their end for the drain time (signal again to end them at once)");
         tokio::spawn(async move {
             let mut term = signal(SignalKind::terminate()).ok();
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
-            }
+            let mut again = async || {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+                }
+            };
+            again().await;
+            info!("second stop signal: ending the sessions still open now, their clients told the server stopped (signal again to exit without telling them)");
+            cut_asked.store(true, std::sync::atomic::Ordering::Relaxed);
+            let _ = cut_tx.send(());
+            again().await;
+            warn!("third stop signal: exiting now; the clients of sessions still open are not told");
             std::process::exit(130);
         });
     };
+    // Resolves only when the second signal came (not when its sender is dropped).
+    let cut = async move {
+        if cut_rx.await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
     tokio::select! {
-        r = tunnel::serve_until(listener, services, stop, drain) => {
+        r = tunnel::serve_until_cut(listener, services, stop, drain, cut) => {
             let left = r?;
-            if left > 0 {
+            if left > 0 && cut_seen.load(std::sync::atomic::Ordering::Relaxed) {
+                warn!(sessions = left, "the sessions still open were ended on the second stop signal (the clients attached are told the server stopped; a detached one finds nothing listening)");
+            } else if left > 0 {
                 warn!(sessions = left, "drain time over; the sessions still open were ended (the clients attached are told the server stopped; a detached one finds nothing listening)");
             } else {
                 info!("every tunnel ended; exiting");

@@ -52,7 +52,7 @@ pub use limits::{ResolveFn, TunnelLimits};
 pub use pool::{MuxPool, REVERSE_MAX};
 pub use request::{finish, open, FINISH_TIMEOUT};
 pub use reverse::remote;
-pub use serve::{serve, serve_until};
+pub use serve::{serve, serve_until, serve_until_cut};
 pub use socks::socks;
 pub use splice::{splice, splice_until};
 pub use stdio::stdio;

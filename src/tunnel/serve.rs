@@ -37,10 +37,26 @@ const TELL_STOPPING: Duration = Duration::from_secs(3);
 /// # Errors
 /// Returns early only if the listener stops.
 pub async fn serve_until(
+    listener: Listener,
+    services: Arc<Services>,
+    stop: impl std::future::Future<Output = ()>,
+    drain: Duration,
+) -> Result<usize, net::Error> {
+    serve_until_cut(listener, services, stop, drain, std::future::pending()).await
+}
+
+/// Like [`serve_until`], and when `cut` resolves during the drain, the drain ends there: the
+/// sessions still open are ended at once, their clients told the server stopped (CLOSE
+/// Shutdown), as at the end of the drain time (an operator's second stop signal).
+///
+/// # Errors
+/// As [`serve_until`].
+pub async fn serve_until_cut(
     mut listener: Listener,
     services: Arc<Services>,
     stop: impl std::future::Future<Output = ()>,
     drain: Duration,
+    cut: impl std::future::Future<Output = ()>,
 ) -> Result<usize, net::Error> {
     let allow = listener.allow_list_handle();
     let retirement = listener.retirement();
@@ -78,7 +94,10 @@ pub async fn serve_until(
     if n > 0 {
         info!(sessions = n, drain = %crate::human::Rounded(drain), "shutting down: waiting for the open tunnels to end");
     }
-    let _ = tokio::time::timeout(drain, async { while open.join_next().await.is_some() {} }).await;
+    tokio::select! {
+        _ = tokio::time::timeout(drain, async { while open.join_next().await.is_some() {} }) => {}
+        () = cut => {}
+    }
     // The sessions still open are told the server is stopping (CLOSE Shutdown), rather than
     // left to find their link gone and retry until their give-up time.
     let left = open.len();
