@@ -264,6 +264,9 @@ struct SessionState {
     since: SystemTime,
     resumes: u64,
     faults: u64,
+    /// A suspicion (silence, a network change) not yet counted as a fault: it is one if it
+    /// ends in a resume (the link was given up), not if the link answers again.
+    suspected: bool,
     cause: Option<String>,
 }
 
@@ -278,7 +281,14 @@ impl ClientStatus {
             server,
             multiplexed,
             forwards: Vec::new(),
-            session: Mutex::new(SessionState { state, since: SystemTime::now(), resumes: 0, faults: 0, cause: None }),
+            session: Mutex::new(SessionState {
+                state,
+                since: SystemTime::now(),
+                resumes: 0,
+                faults: 0,
+                suspected: false,
+                cause: None,
+            }),
         })
     }
 
@@ -301,28 +311,45 @@ impl ClientStatus {
         let (state, cause) = match ev {
             LinkEvent::Connected { .. } => {
                 // A new session: the last cause was the ended one's.
-                (s.resumes, s.faults, s.cause) = (0, 0, None);
+                (s.resumes, s.faults, s.suspected, s.cause) = (0, 0, false, None);
                 ("attached", None)
             }
             LinkEvent::Resumed { .. } => {
                 s.resumes += 1;
+                // Found by an operator's day: an outage that went silent (the commonest, Wi-Fi
+                // gone) ends in a resume without a "lost" event, and was not counted.
+                if std::mem::take(&mut s.suspected) {
+                    s.faults += 1;
+                }
                 ("attached", None)
             }
             LinkEvent::Lost(l) => {
+                // One outage is one fault, suspected first or not.
+                s.suspected = false;
                 s.faults += 1;
                 ("reconnecting", Some(l.cause.clone()))
             }
             // Silent for much longer than its round trip: a new connection is being tried
             // while the old one may still answer.
-            LinkEvent::Suspect { quiet } => (
-                "suspect (no answer; trying a new connection)",
-                Some(format!("no answer for {}", holdfast::human::Rounded(*quiet))),
-            ),
-            LinkEvent::NetworkChanged => (
-                "suspect (the network changed; trying a new connection)",
-                Some("the network changed (an address or route, or the machine woke)".to_string()),
-            ),
-            LinkEvent::Healthy => ("attached", None),
+            LinkEvent::Suspect { quiet } => {
+                s.suspected = true;
+                (
+                    "suspect (no answer; trying a new connection)",
+                    Some(format!("no answer for {}", holdfast::human::Rounded(*quiet))),
+                )
+            }
+            LinkEvent::NetworkChanged => {
+                s.suspected = true;
+                (
+                    "suspect (the network changed; trying a new connection)",
+                    Some("the network changed (an address or route, or the machine woke)".to_string()),
+                )
+            }
+            LinkEvent::Healthy => {
+                // The old link answered again: no fault.
+                s.suspected = false;
+                ("attached", None)
+            }
             // The server ended the session (it stopped, say): the next connection opens another.
             LinkEvent::Closed => ("closed (a new session opens with the next connection)", None),
             LinkEvent::Failed { reason } => ("failed", Some(reason.clone())),
@@ -405,8 +432,9 @@ mod tests {
             LinkEvent::Resumed { peer, after: Duration::from_secs(3), replayed_sent: 0, replayed_received: 0 };
         std::thread::sleep(Duration::from_millis(5));
         status.event(&resumed);
-        let (st, resumes, _, since) = state(&status);
-        assert_eq!((st.as_str(), resumes), ("attached", 1));
+        let (st, resumes, faults, since) = state(&status);
+        // A silent outage given up and resumed is a fault, though no "lost" came.
+        assert_eq!((st.as_str(), resumes, faults), ("attached", 1, 1));
         assert!(since > first, "the new link's time did not start anew");
         status.event(&LinkEvent::Closed);
         assert!(state(&status).0.starts_with("closed"), "{:?}", state(&status));
@@ -416,5 +444,27 @@ mod tests {
         // Found by an operator's day: the new session showed the ended one's last cause.
         let text = status.answer(false);
         assert!(!text.contains("last:"), "{text}");
+    }
+
+    /// One outage is one fault whatever its events; a suspicion the link then clears is none.
+    #[test]
+    fn each_outage_is_one_fault_and_a_cleared_suspicion_none() {
+        let status = ClientStatus::new("s".into(), true);
+        let peer: std::net::SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let resumed = LinkEvent::Resumed { peer, after: Duration::ZERO, replayed_sent: 0, replayed_received: 0 };
+        let lost = || LinkEvent::Lost(holdfast::net::LinkLost { cause: "reset".into(), faults: 1 });
+        status.event(&LinkEvent::Connected { peer });
+        status.event(&LinkEvent::Suspect { quiet: Duration::from_secs(1) });
+        status.event(&LinkEvent::Healthy);
+        assert_eq!(state(&status).2, 0, "the link answered again");
+        status.event(&LinkEvent::Suspect { quiet: Duration::from_secs(1) });
+        status.event(&lost());
+        status.event(&resumed);
+        assert_eq!(state(&status).2, 1, "suspect, lost, resumed: one outage");
+        status.event(&lost());
+        status.event(&resumed);
+        status.event(&LinkEvent::NetworkChanged);
+        status.event(&resumed);
+        assert_eq!(state(&status).2, 3);
     }
 }

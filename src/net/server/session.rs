@@ -173,7 +173,10 @@ pub(super) async fn session_task(
                         info!(
                             client = %entry.who,
                             addr = %new.peer,
-                            after = %Rounded(now.saturating_duration_since(lost_at)),
+                            // How long this end held it detached: the client may have
+                            // heard nothing for longer (a silent outage is seen here only
+                            // once the link fails or a new one comes).
+                            detached_here = %Rounded(now.saturating_duration_since(lost_at)),
                             replayed_to_client = a.replayed,
                             replayed_from_client = replayed_received,
                             "session resumed"
