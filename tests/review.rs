@@ -242,6 +242,9 @@ async fn no_key_can_starve_the_others() {
         let e = refused.await;
         assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
         assert!(e.to_string().contains("limit"), "{e}");
+        // Counted for the operator (found by an operator's day: the server said nothing).
+        let st = listener.stats();
+        assert_eq!((st.streams_refused_memory, st.streams_refused_slots), (1, 0), "{st:?}");
         let mut other = holdfast::connect(addr.clone(), cfgs[1].clone()).await.expect("another key gets in");
         let (mut theirs, _) = listener.accept().await.unwrap();
         let data: Vec<u8> = (0..(1 << 20)).map(|i| (i % 251) as u8).collect();
@@ -379,6 +382,7 @@ async fn one_keys_streams_cannot_take_every_descriptor() {
         let limits = Limits { max_streams_per_key: 8, max_streams: 12, ..Limits::default() };
         let (mut listener, cfgs, _) = server(limits, &keys).await;
         let addr = listener.local_addr().to_string();
+        let stats = listener.stats_handle();
         // The server echoes every stream of every session.
         let server = tokio::spawn(async move {
             while let Ok((session, _)) = listener.accept_session().await {
@@ -424,6 +428,8 @@ async fn one_keys_streams_cannot_take_every_descriptor() {
         let b = holdfast::connect_session(addr.clone(), cfgs[1].clone()).await.unwrap();
         let (b_kept, b_reset) = open_echoing(&b, 5).await;
         assert_eq!((b_kept.len(), b_reset), (4, 1), "key B gets the server's last 4 slots");
+        let st = stats.stats();
+        assert_eq!((st.streams_refused_slots, st.streams_refused_memory), (5, 0), "{st:?}");
         // Key A's streams still carry bytes.
         for (i, mut st) in a_kept.into_iter().enumerate() {
             st.write_all(&[i as u8]).await.unwrap();

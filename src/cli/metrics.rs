@@ -294,6 +294,12 @@ pub(crate) fn render(stats: &StatsHandle, allow: &AllowListHandle) -> String {
         ],
     );
     reg.register("handshakes_refused", "Connections that did not open or resume a session, by reason", refused);
+    let streams_refused = by("reason", &[("slots", s.streams_refused_slots), ("memory", s.streams_refused_memory)]);
+    reg.register(
+        "streams_refused",
+        "Streams refused (reset) since start: no stream slot (the key's share or the server's), or no room in the buffer budget (the key's share or the whole) for their receive window",
+        streams_refused,
+    );
     let list = allow.get();
     reg.register("allowed_clients", "Client keys on the allow-list in force", gauge(list.len()));
     reg.register(
@@ -315,7 +321,11 @@ pub(crate) fn render(stats: &StatsHandle, allow: &AllowListHandle) -> String {
         let name = list.lookup(&key).and_then(|p| p.name.clone()).unwrap_or_else(|| key.to_string());
         clients.get_or_create(&vec![("client", name)]).inc_by(i64::try_from(n).unwrap_or(i64::MAX));
     }
-    reg.register("client_sessions", "Sessions now per client (allow-list name, or public key)", clients);
+    reg.register(
+        "client_sessions",
+        "Sessions this process holds now per client (allow-list name, or public key); after an upgrade an earlier process's are not in it (holdfast_earlier_process_sessions)",
+        clients,
+    );
     let mut out = String::new();
     if encode(&mut out, &reg).is_err() {
         warn!("metrics: cannot encode");

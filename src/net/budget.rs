@@ -9,9 +9,10 @@
 //! comes back: the bound is never exceeded and nothing is dropped or refused. An idle session
 //! holds nothing, so admission no longer charges each session its worst case.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
 
 use crate::proto::Session;
 
@@ -250,11 +251,84 @@ pub(crate) struct StreamCharge {
     budgets: [Arc<Budget>; 2],
     windows: u64,
     slots: usize,
+    /// Where its refusals are counted and told (a server's sessions; `None` in unit tests).
+    refusals: Option<RefusalLog>,
+}
+
+/// Streams a server refused (RESET LIMIT) since start, by what was missing.
+#[derive(Debug, Default)]
+pub(crate) struct StreamRefusals {
+    /// No stream slot: its key's share of them, or the server's (each may hold a descriptor).
+    pub(crate) slots: AtomicU64,
+    /// No room for the stream's receive window: its key's share of the buffer budget, or the
+    /// budget itself.
+    pub(crate) memory: AtomicU64,
+}
+
+/// How often a session's refused streams are told in the log, after its first.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// A session's refused streams: counted server-wide, and told in the log (the first at once,
+/// then at most one line a minute with how many since).
+#[derive(Debug)]
+struct RefusalLog {
+    counts: Arc<StreamRefusals>,
+    who: String,
+    last: Option<Instant>,
+    unlogged: u64,
+}
+
+/// What a stream was refused for.
+#[derive(Debug, Clone, Copy)]
+enum Missing {
+    KeySlots,
+    ServerSlots,
+    KeyMemory,
+    ServerMemory,
+}
+
+impl Missing {
+    fn why(self) -> &'static str {
+        match self {
+            Missing::KeySlots => "this client key holds its share of the server's stream slots (a quarter of them; each may hold a connection to a service)",
+            Missing::ServerSlots => "the server holds all its stream slots (sized from its file-descriptor limit)",
+            Missing::KeyMemory => "this client key's share of the buffer budget (buffer-per-key) has no room for another stream's receive window",
+            Missing::ServerMemory => "the server's buffer budget (buffer-budget) has no room for another stream's receive window",
+        }
+    }
 }
 
 impl StreamCharge {
     pub(crate) fn new(server: Arc<Budget>, key: Arc<Budget>) -> StreamCharge {
-        StreamCharge { budgets: [key, server], windows: 0, slots: 0 }
+        StreamCharge { budgets: [key, server], windows: 0, slots: 0, refusals: None }
+    }
+
+    /// Counts its refusals in `counts` and tells them in the log, naming the client `who`.
+    pub(crate) fn told(mut self, counts: Arc<StreamRefusals>, who: String) -> StreamCharge {
+        self.refusals = Some(RefusalLog { counts, who, last: None, unlogged: 0 });
+        self
+    }
+
+    fn refused(&mut self, missing: Missing) {
+        let Some(log) = self.refusals.as_mut() else { return };
+        let counter = match missing {
+            Missing::KeySlots | Missing::ServerSlots => &log.counts.slots,
+            Missing::KeyMemory | Missing::ServerMemory => &log.counts.memory,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        log.unlogged += 1;
+        let now = Instant::now();
+        if log.last.is_some_and(|t| now.saturating_duration_since(t) < REFUSAL_LOG_EVERY) {
+            return;
+        }
+        tracing::warn!(
+            client = %log.who,
+            refused = log.unlogged,
+            "no room for a stream of this client's session: {}; the stream is refused and its connection reset (counted in holdfast_streams_refused_total; at most one such line a minute per session)",
+            missing.why()
+        );
+        log.last = Some(now);
+        log.unlogged = 0;
     }
 }
 
@@ -263,10 +337,12 @@ impl crate::proto::StreamBudget for StreamCharge {
         let want = usize::try_from(n).unwrap_or(usize::MAX);
         let [key, server] = &self.budgets;
         if !key.take_keeping(want, key.buffer_reserve()) {
+            self.refused(Missing::KeyMemory);
             return false;
         }
         if !server.take_keeping(want, server.buffer_reserve()) {
             key.give(want);
+            self.refused(Missing::ServerMemory);
             return false;
         }
         self.windows += n;
@@ -298,10 +374,12 @@ impl crate::proto::StreamBudget for StreamCharge {
     fn take_stream(&mut self) -> bool {
         let [key, server] = &self.budgets;
         if !key.take_stream() {
+            self.refused(Missing::KeySlots);
             return false;
         }
         if !server.take_stream() {
             key.give_stream();
+            self.refused(Missing::ServerSlots);
             return false;
         }
         self.slots += 1;

@@ -405,7 +405,11 @@ pub(super) fn commit_new(
     let mut session = Session::new(Role::Server, cfg.session.clone());
     // The streams exist before the confirmation is read: its record may already open one.
     let streams = StreamsConfig { max_streams: cfg.limits.max_streams_per_session, ..StreamsConfig::default() };
-    session.enable_streams(streams, Box::new(StreamCharge::new(state.budget.clone(), state.key_budget(&client))));
+    let name = state.allow().lookup(&client).and_then(|p| p.name.clone());
+    let who = super::client_label(name.as_deref(), &client);
+    let charge = StreamCharge::new(state.budget.clone(), state.key_budget(&client))
+        .told(state.counters.streams_refused.clone(), who.clone());
+    session.enable_streams(streams, Box::new(charge));
     session.attach(now, transport, 0, None, None).map_err(Error::Session)?;
     session.adopt_ticket(ticket);
     // The confirmation decrypted: the session exists whatever its frame holds. A frame that
@@ -422,8 +426,6 @@ pub(super) fn commit_new(
     let shared = Shared::new(session, client, 1);
     shared.lock().charge = Some(Charge::new(state.budget.clone(), state.key_budget(&client)));
     let (tx, rx) = mpsc::channel(4);
-    let name = state.allow().lookup(&client).and_then(|p| p.name.clone());
-    let who = super::client_label(name.as_deref(), &client);
     let activity = super::status::Activity::new(state.registry.fresh_tag());
     let span = activity.tag.span();
     let log = state.logs.session(&client);

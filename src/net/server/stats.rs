@@ -44,6 +44,12 @@ pub struct ServerStats {
     pub bytes_from_clients: u64,
     /// Connections refused or failed before a session, since start, by reason.
     pub refused: Refusals,
+    /// Streams refused since start (RESET LIMIT) for want of a stream slot: their key's share
+    /// of the slots, or the server's (each slot may hold a file descriptor).
+    pub streams_refused_slots: u64,
+    /// Streams refused since start (RESET LIMIT) for want of room for their receive window:
+    /// their key's share of the buffer budget, or the budget.
+    pub streams_refused_memory: u64,
     /// Sessions that earlier server processes still hold after an upgrade (they resume and
     /// end there, and count against the caps here): as they last reported them; 0 once they
     /// have exited, or without an upgrade. Not in [`ServerStats::sessions`].
@@ -132,6 +138,8 @@ pub(super) struct Counters {
     pub(super) bytes_to_clients: AtomicU64,
     pub(super) bytes_from_clients: AtomicU64,
     refused: [AtomicU64; Refusal::COUNT],
+    /// Streams refused (RESET LIMIT) for want of a slot or of memory.
+    pub(super) streams_refused: Arc<crate::net::budget::StreamRefusals>,
 }
 
 impl Counters {
@@ -223,6 +231,8 @@ impl StatsHandle {
             bytes_to_clients,
             bytes_from_clients,
             refused: c.refusals(),
+            streams_refused_slots: c.streams_refused.slots.load(Ordering::Relaxed),
+            streams_refused_memory: c.streams_refused.memory.load(Ordering::Relaxed),
             earlier_sessions: s.table().inherited.total,
         }
     }
