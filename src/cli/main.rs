@@ -45,12 +45,29 @@ fn init_logs(cli: &Cli) {
         _ => "trace",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default.into());
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false)
-        .init();
+        .with_target(false);
+    if matches!(cli.cmd, Cmd::Server(_)) {
+        // After an upgrade two server processes write to the same log (the new one inherits the
+        // old one's stderr, and journald names the stream's first process): each line says
+        // whose it is (found by an operator's day).
+        logs.with_timer(WithPid(std::process::id())).init();
+    } else {
+        logs.init();
+    }
+}
+
+/// The time of a log line, then the process id.
+struct WithPid(u32);
+
+impl tracing_subscriber::fmt::time::FormatTime for WithPid {
+    fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
+        tracing_subscriber::fmt::time::SystemTime.format_time(w)?;
+        write!(w, " pid={}", self.0)
+    }
 }
 
 async fn run(cli: Cli) -> Result<bool> {
