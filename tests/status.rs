@@ -202,6 +202,13 @@ async fn status_shows_attached_detached_and_multiplexed_sessions() {
     })
     .await;
     assert_eq!(list.len(), 3);
+    // A key renamed on the allow-list (SIGHUP) is shown by its new name, as the log and the
+    // metrics give it (found by an operator's day: status kept the old one).
+    std::fs::write(&setup.keys.authorized, format!("{} renamed-client\n", setup.client.public)).unwrap();
+    let pid = rustix::process::Pid::from_raw(server.child.id().unwrap() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::HUP).unwrap();
+    let list = wait_status(&socket, "the new name", |l| l.iter().all(|s| s.str("client") == "renamed-client")).await;
+    assert_eq!(list.len(), 3);
 
     let (st, out, err) = run(&["status", "--socket", s(&client_socket), "--json"], b"").await;
     assert!(st.success(), "{err}");

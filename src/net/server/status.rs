@@ -42,7 +42,8 @@ impl SessionTag {
 pub struct SessionStatus {
     /// Its short id, as in the log.
     pub id: SessionTag,
-    /// The client's allow-list name when the session opened, if it had one.
+    /// The client's allow-list name now (its name when the session opened if its key has
+    /// been removed from the list since), if it has one.
     pub name: Option<String>,
     /// The client's public key.
     pub key: PublicKey,
@@ -330,6 +331,7 @@ impl StatsHandle {
     pub fn sessions(&self) -> Vec<SessionStatus> {
         let wall = SystemTime::now();
         let now = Instant::now();
+        let allow = self.state.allow();
         let mut list: Vec<SessionStatus> = self
             .state
             .registry
@@ -342,7 +344,9 @@ impl StatsHandle {
                 let forwards = e.activity.forwards.lock().unwrap_or_else(|p| p.into_inner());
                 SessionStatus {
                     id: e.activity.tag,
-                    name: e.name.clone(),
+                    // The allow-list's name now, as the log and the metrics give it (found by
+                    // an operator's day: a key renamed on SIGHUP kept its old name here).
+                    name: allow.lookup(&e.client).map_or_else(|| e.name.clone(), |p| p.name.clone()),
                     key: e.client,
                     addr: t.addr,
                     attached: t.attached,
