@@ -4,7 +4,7 @@ use std::io;
 
 use tokio::net::TcpStream;
 
-use super::request::{finish_halves, read_reply, REFUSAL_DRAIN};
+use super::request::{finish_halves, read_reply_on, REFUSAL_DRAIN};
 use super::splice::{stream_to_tcp_counted, tcp_to_stream_until};
 use super::TunnelError;
 use crate::net::Stream;
@@ -65,7 +65,8 @@ pub(super) async fn join_counted(
             if let Some(service) = answer {
                 // Boxed: a stream waits for its answer once, and the reply's reader would
                 // otherwise size every joined stream's future for its whole life.
-                Box::pin(read_reply(&mut sr, service)).await.map_err(Refused::wrap)?;
+                let link = super::link_time::Link::of(sr.events(), &sr.status().borrow());
+                Box::pin(read_reply_on(&mut sr, service, Some(link))).await.map_err(Refused::wrap)?;
             }
             stream_to_tcp_counted(&mut sr, tw, &mut down_bytes).await
         };

@@ -24,6 +24,7 @@ mod direct;
 mod forward;
 mod join;
 mod limits;
+mod link_time;
 mod pool;
 pub(crate) mod request;
 mod reverse;

@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::debug;
 
 use super::join::join;
-use super::request::{connect_session_when_not_busy, read_addr, read_reply, write_reply, REVERSE_OPEN};
+use super::request::{connect_session_when_not_busy, read_addr, read_reply, read_reply_on, write_reply, REVERSE_OPEN};
 use super::target::connect_service;
 use super::{Status, TunnelError, REQUEST_TIMEOUT};
 use crate::human::printable;
@@ -205,7 +205,8 @@ impl MuxPool {
     async fn open_with(&self, req: &[u8], label: &str) -> Result<Option<(Stream, String)>, TunnelError> {
         let Some(mut sub) = self.open_raw().await? else { return Ok(None) };
         sub.write_all(req).await?;
-        let msg = read_reply(&mut sub, label).await?;
+        let link = super::link_time::Link::of(sub.events(), &sub.status().borrow());
+        let msg = read_reply_on(&mut sub, label, Some(link)).await?;
         Ok(Some((sub, msg)))
     }
 

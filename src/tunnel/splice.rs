@@ -7,7 +7,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{tcp, TcpStream};
 use tokio::sync::watch;
 
-use super::request::{finish_halves, read_reply, REFUSAL_DRAIN};
+use super::request::{finish_halves, read_reply_on, REFUSAL_DRAIN};
 use super::TunnelError;
 use crate::net::{ReadHalf, Stream, WriteHalf};
 
@@ -26,7 +26,8 @@ pub(super) async fn splice_requested(
         let (tr, tw) = tcp.split();
         let up = tcp_to_stream(tr, &mut sw);
         let down = async {
-            read_reply(&mut sr, service).await?;
+            let link = super::link_time::Link::of(sr.events(), &sr.status().borrow());
+            read_reply_on(&mut sr, service, Some(link)).await?;
             Ok::<_, TunnelError>(stream_to_tcp(&mut sr, tw).await?)
         };
         tokio::pin!(up, down);
