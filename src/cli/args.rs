@@ -338,7 +338,8 @@ pub(crate) struct Timers {
 pub(crate) enum OnFault {
     /// Reconnect silently (default).
     Recover,
-    /// Ask on the terminal (/dev/tty) whether to recover.
+    /// Ask on the terminal (/dev/tty) whether to recover; not while an interactive program
+    /// (an interactive ssh) reads it key by key: then recover, saying so once.
     Ask,
 }
 

@@ -149,16 +149,34 @@ async fn show_events_with(
     title.restore();
 }
 
+/// Said once: `--on-fault ask` does not ask while another program reads the terminal key by key.
+static RAW_TOLD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Asks on the controlling terminal whether to recover, answered by one key: `n` gives up,
-/// anything else (`y`, Enter) recovers. The terminal is put in raw mode for the one key (ssh
-/// has usually done so already) and given back its mode afterwards. Without a terminal,
-/// recovers.
+/// anything else (`y`, Enter) recovers. The terminal is put in raw mode for the one key and
+/// given back its mode afterwards. Without a terminal, or with one already in raw mode (an
+/// interactive ssh reads it key by key, and would lose keys to the question or take the
+/// answer), recovers without asking.
 pub(crate) fn ask(cause: &str) -> Recovery {
     let Ok(mut tty) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/tty") else {
         write_stderr("\r\nholdfast: --on-fault ask: no terminal to ask on; recovering\r\n");
         return Recovery::Recover;
     };
     let saved = rustix::termios::tcgetattr(tty.as_fd()).ok();
+    if saved.as_ref().is_some_and(|t| !t.local_modes.contains(rustix::termios::LocalModes::ICANON)) {
+        // Found by a walk through `--on-fault ask` under interactive ssh: ssh reads this
+        // terminal key by key too, so the answer was taken from it (it then waited for one more
+        // key, which went to the remote program) or an `n` went to the remote shell instead.
+        // Not asked: said once, and the link recovered, as without --on-fault ask.
+        if !RAW_TOLD.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            let _ = write!(
+                tty,
+                "\r\nholdfast: link lost ({}); recovering without asking: another program (ssh) reads this terminal key by key, so an answer typed here would be taken from it. --on-fault ask asks only for a command that does not (ssh HOST COMMAND, scp, git)\r\n",
+                printable(&os_errors_in_words(cause))
+            );
+        }
+        return Recovery::Recover;
+    }
     if let Some(mut raw) = saved.clone() {
         raw.make_raw();
         let _ = rustix::termios::tcsetattr(tty.as_fd(), rustix::termios::OptionalActions::Now, &raw);
