@@ -456,3 +456,36 @@ async fn start_up_says_only_what_an_operator_needs() {
         assert!(l.contains(" WARN "), "{log}");
     }
 }
+
+/// A second server given a running one's `--status` path refuses it and exits, and the first
+/// one's socket still answers (found by a walk: the second took it over without a word, and
+/// the running server could no longer be asked). A stale socket (its process gone) is replaced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_status_path_in_use_is_refused_and_a_stale_one_replaced() {
+    let setup = Setup::new("status-in-use");
+    let echo = echo_service().await;
+    let socket = setup.keys.dir.path("status.sock");
+    let (first, _) = setup.server(echo, &socket, &[]).await;
+    let k = &setup.keys;
+    let svc = format!("echo={echo}");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_holdfast"))
+        .args(["server", "--listen", "127.0.0.1:0", "--key", s(&k.server_key), "--authorized", s(&k.authorized)])
+        .args(["--service", &svc, "--status", s(&socket)])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("another process answers at"), "{err}");
+    let (st, _, e) = run(&["status", "--socket", s(&socket)], b"").await;
+    assert!(st.success(), "the first server no longer answers: {e}");
+    // Its process gone, the socket file left behind is replaced by the next server.
+    drop(first);
+    let deadline = Instant::now() + LIMIT;
+    while std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+        assert!(Instant::now() < deadline, "the first server never went");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (_second, _) = setup.server(echo, &socket, &[]).await;
+    let (st, _, e) = run(&["status", "--socket", s(&socket)], b"").await;
+    assert!(st.success(), "{e}");
+}

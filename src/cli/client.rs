@@ -136,7 +136,7 @@ pub(crate) async fn client(args: ClientArgs) -> Result<()> {
     }
     if let Some(path) = &args.status {
         let shown = shown.clone();
-        crate::status::serve(path.clone(), move |json| shown.answer(json))?;
+        crate::status::serve(path.clone(), false, move |json| shown.answer(json))?;
     }
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let multiplexed = !args.no_mux;

@@ -84,9 +84,12 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
     // Taking over from an older holdfast that keeps its metrics port until it exits: that one
     // already stopped accepting, so this one serves, and binds metrics once the port is free.
     let mut metrics_later = None;
+    // An upgrade's new process takes its predecessor's status socket over, too.
+    let mut taking_over = false;
     let (listener, metrics) = match &args.handover {
         Some(path) => {
             let mut upgrade = holdfast::net::prepare_handover(listen, path).await?;
+            taking_over = upgrade.from_pid().is_some();
             let metrics = match metrics {
                 Some(addr) => match upgrade.take_socket(addr) {
                     Some(socket) => {
@@ -131,7 +134,7 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
     };
     if let Some(path) = &args.status {
         let stats = listener.stats_handle();
-        crate::status::serve(path.clone(), move |json| crate::status::server_answer(&stats, json))?;
+        crate::status::serve(path.clone(), taking_over, move |json| crate::status::server_answer(&stats, json))?;
     }
     let offered: Vec<String> = services.iter().map(|(n, t)| format!("{n}={t}")).collect();
     let connect: Vec<String> = services.connect_rules().iter().map(ToString::to_string).collect();

@@ -52,15 +52,17 @@ pub(crate) async fn status(args: StatusArgs) -> Result<()> {
     crate::write_stdout(answer.as_bytes())
 }
 
-/// Binds the control socket at `path` and answers it in a task with `render(json)`.
+/// Binds the control socket at `path` and answers it in a task with `render(json)`. A live
+/// process's socket there is taken over only with `take_over` (an upgrade), else refused.
 ///
 /// # Errors
 /// If the socket cannot be created.
 pub(crate) fn serve(
     path: PathBuf,
+    take_over: bool,
     render: impl Fn(bool) -> String + Send + Sync + 'static,
 ) -> Result<tokio::task::JoinHandle<()>> {
-    let listener = control::bind(&path).with_context(|| format!("--status {}", path.display()))?;
+    let listener = control::bind(&path, take_over).with_context(|| format!("--status {}", path.display()))?;
     info!(status = %path.display(), "status socket ready (holdfast status --socket PATH)");
     Ok(tokio::spawn(answer_all(listener, path, render)))
 }

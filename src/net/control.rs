@@ -30,6 +30,13 @@ pub enum ControlError {
         .0.display()
     )]
     NotRunning(PathBuf),
+    /// A live process answers at the path (another server or client given the same path).
+    #[error(
+        "another process answers at {} (a holdfast server or client given the same --status path); give this \
+         one another path, or stop that one first",
+        .0.display()
+    )]
+    InUse(PathBuf),
     /// The process at the other end runs as another user.
     #[error("the process at the control socket runs as user {0}, not as this user (or root); refusing it")]
     OtherUser(u32),
@@ -44,15 +51,23 @@ pub enum ControlError {
 }
 
 /// Binds the control socket at `path`, mode 0600, replacing a stale socket there (a file that is
-/// not a socket is refused, never removed).
+/// not a socket is refused, never removed). A socket a live process answers on is replaced only
+/// with `take_over` (an upgrade's new process takes its predecessor's); otherwise it is refused
+/// (found by a walk: a second instance given the same path silently took a running server's).
 ///
 /// # Errors
-/// [`ControlError::NoDirectory`], [`ControlError::NotASocket`], [`ControlError::Io`].
-pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
+/// [`ControlError::NoDirectory`], [`ControlError::NotASocket`], [`ControlError::InUse`],
+/// [`ControlError::Io`].
+pub fn bind(path: &Path, take_over: bool) -> Result<UnixListener, ControlError> {
     use std::os::unix::fs::FileTypeExt as _;
     let io_err = |source| ControlError::Io { path: path.to_owned(), source };
     match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path).map_err(io_err)?,
+        Ok(m) if m.file_type().is_socket() => {
+            if !take_over && std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(ControlError::InUse(path.to_owned()));
+            }
+            std::fs::remove_file(path).map_err(io_err)?;
+        }
         Ok(_) => return Err(ControlError::NotASocket(path.to_owned())),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(io_err(e)),
