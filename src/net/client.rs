@@ -29,8 +29,9 @@ use crate::proto::{ClientHandshake, CloseCode, Event, HandshakeError, Role, Sess
 /// [`Error::Connect`] if the server cannot be reached, [`Error::HandshakeReset`] if it resets
 /// the connection before answering, [`Error::HandshakeRefused`] if it drops
 /// the handshake (wrong pinned key or client not allowed), [`Error::Handshake`] for protocol
-/// failures, [`Error::Timeout`] if the handshake takes longer than the policy allows
-/// ([`Error::NoReply`] if the TCP connection was made and no reply came).
+/// failures, [`Error::NoAnswer`] if the TCP connection attempt gets no answer within the
+/// policy's handshake timeout, [`Error::NoReply`] if the connection was made and no reply came
+/// within it.
 ///
 /// # Example
 /// ```no_run
@@ -160,7 +161,8 @@ pub(crate) async fn dial(
         Err(_) if connected.load(std::sync::atomic::Ordering::Relaxed) => {
             Err(Error::NoReply { addr: addr.to_string(), after: limit })
         }
-        Err(_) => Err(Error::Timeout { addr: addr.to_string(), after: limit }),
+        // Found by a walk: a black-holed path was reported as a handshake that timed out.
+        Err(_) => Err(Error::NoAnswer { addr: addr.to_string(), after: limit }),
     }
 }
 

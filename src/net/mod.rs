@@ -114,9 +114,22 @@ pub enum Error {
         /// What went wrong.
         source: server::handover::HandoverError,
     },
-    /// A connect or handshake took too long.
-    #[error("handshake with {addr} timed out after {}", crate::human::Rounded(*after))]
+    /// A connect and handshake together took too long.
+    #[error("connecting to {addr} and its handshake took longer than {}", crate::human::Rounded(*after))]
     Timeout {
+        /// The peer address.
+        addr: String,
+        /// The limit that passed.
+        after: Duration,
+    },
+    /// The TCP connection attempt got no answer in time (no acceptance, no refusal): nothing
+    /// was received from the peer.
+    #[error(
+        "{addr} did not answer the TCP connection attempt within {} (no acceptance, no refusal); check the \
+         address, and that its port can be reached from here",
+        crate::human::Rounded(*after)
+    )]
+    NoAnswer {
         /// The peer address.
         addr: String,
         /// The limit that passed.
@@ -167,7 +180,7 @@ impl From<Error> for io::Error {
             Error::Handshake { source: HandshakeError::NoLongerAllowed, .. } => K::PermissionDenied,
             Error::Handshake { .. } | Error::ProxyHeader { .. } => K::InvalidData,
             Error::Handover { .. } => K::Other,
-            Error::Timeout { .. } | Error::NoReply { .. } => K::TimedOut,
+            Error::Timeout { .. } | Error::NoReply { .. } | Error::NoAnswer { .. } => K::TimedOut,
             Error::Session(s) => return stream::to_io(s.clone()),
             Error::Keys(_) => K::InvalidInput,
             Error::Io(i) => i.kind(),
