@@ -293,6 +293,11 @@ fn toml_error(path: &Path, text: &str, e: &toml::de::Error) -> anyhow::Error {
                 "config {shown}, line {line}{place}: the value of `{key}` is not quoted: write {key} = \"{value}\" \
                  (text, sizes, durations, addresses and paths go in double quotes; numbers and true or false do not)"
             ),
+            // Found by a walk: the hint for a list key led to a second error.
+            Some(A_LIST) => anyhow!(
+                "config {shown}, line {line}{place}: `{key}` takes a list: write {key} = [\"{value}\"] (several: \
+                 [\"A\", \"B\"])"
+            ),
             Some(takes) => anyhow!(
                 "config {shown}, line {line}{place}: `{key}` takes {takes}, and {value} is not one (write it without quotes)"
             ),
@@ -308,6 +313,9 @@ fn toml_error(path: &Path, text: &str, e: &toml::de::Error) -> anyhow::Error {
 
 /// What the key on line `line` takes if not text, found by parsing the file again with `value`
 /// quoted: `None` if the quoted value is accepted there (quoting is the fix).
+/// What [`quoted_takes`] says of a key whose value is a list.
+const A_LIST: &str = "a list";
+
 fn quoted_takes(text: &str, line: usize, key: &str, value: &str) -> Option<&'static str> {
     let fixed: Vec<String> = text
         .lines()
@@ -324,6 +332,8 @@ fn quoted_takes(text: &str, line: usize, key: &str, value: &str) -> Option<&'sta
         Some("a whole number")
     } else if message.contains("expected a boolean") {
         Some("true or false")
+    } else if message.contains("expected a sequence") {
+        Some(A_LIST)
     } else {
         None
     }

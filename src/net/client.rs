@@ -91,6 +91,14 @@ async fn start<T>(
     let (sock, done, peer) = loop {
         match dial(&addr, &cfg, None).await {
             Err(Error::Busy { .. }) if start.elapsed() < cfg.recovery.busy_wait => {
+                if attempt == 0 {
+                    // Found by an operator's day: ten silent seconds, then the error.
+                    tracing::warn!(
+                        server = %addr,
+                        "the server answered BUSY: it is at a limit (its sessions, this client key's, or new connections per second from this address; its log names which); trying again for up to {}",
+                        crate::human::Rounded(cfg.recovery.busy_wait)
+                    );
+                }
                 let delay = super::race::jittered(cfg.recovery.backoff(attempt), cfg.recovery.jitter);
                 attempt += 1;
                 tokio::time::sleep(delay.min(cfg.recovery.busy_wait.saturating_sub(start.elapsed()))).await;

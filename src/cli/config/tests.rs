@@ -130,6 +130,11 @@ fn toml_mistakes_are_said_with_their_fix() {
         )),
         "{msg}"
     );
+    // A list key: the hint is a list (found by a walk: `write local = "…"` was refused next).
+    let (msg, file) = error("[server]\nservice = ssh=127.0.0.1:22\n");
+    let want =
+        format!("config {file}, line 2 in [server]: `service` takes a list: write service = [\"ssh=127.0.0.1:22\"]");
+    assert!(msg.starts_with(&want), "{msg}");
     let (msg, file) = error("[sever]\nlisten = \"127.0.0.1:0\"\n");
     let want = format!("config {file}, line 1: unknown section [sever]; a config file has a [server] section");
     assert!(msg.starts_with(&want) && !msg.contains("[]"), "{msg}");
