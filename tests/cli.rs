@@ -40,6 +40,16 @@ async fn keygen_writes_keys_and_refuses_overwrite() {
     let (status, out, err) = run(&["pubkey"], &key_text).await;
     assert!(status.success(), "{err}");
     assert_eq!(String::from_utf8(out).unwrap(), pub_text, "pubkey differs from the .pub file");
+
+    // Into a directory others may write, which every command refuses to load a key from: refused
+    // at once, nothing left there (found by a walk: reported as written).
+    let open = dir.path("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let (status, out, err) = run(&["keygen", "--out", s(&open.join("k"))], b"").await;
+    assert_error(status, &err, &["has mode 0777", "the key pair was not kept"]);
+    assert!(out.is_empty());
+    assert_eq!(std::fs::read_dir(&open).unwrap().count(), 0, "files were left in {}", open.display());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

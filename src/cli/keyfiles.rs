@@ -101,12 +101,20 @@ pub(crate) fn keygen(out: &Path) -> Result<()> {
             bail!("refusing to overwrite existing file {}", p.display());
         }
     }
-    if let Some(dir) = key_path.parent().filter(|d| !d.as_os_str().is_empty()) {
+    if let Some(dir) = key_path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create directory {}", dir.display()))?;
+        eprintln!("created directory {}", dir.display());
     }
     let kp = Keypair::generate();
     keys::save_private_key(&key_path, &kp.private)?;
     keys::save_public_key(&pub_path, &kp.public)?;
+    // Found by a walk: a key pair written where every later command refuses to load it (a
+    // directory others may write) was reported as written. Loaded back as they will be.
+    if let Err(e) = keys::load_private_key(&key_path) {
+        let _ = std::fs::remove_file(&key_path);
+        let _ = std::fs::remove_file(&pub_path);
+        bail!("{e}; the key pair was not kept, since holdfast would refuse to load it from there");
+    }
     crate::write_stdout(format!("{}\n", kp.public).as_bytes())?;
     eprintln!("wrote {} (private, mode 0600) and {}", key_path.display(), pub_path.display());
     Ok(())
