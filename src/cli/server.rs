@@ -159,25 +159,27 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
     // second one ends the sessions still open at once, telling their clients (found by an
     // operator's day: exiting there and then left every client reconnecting to a closed port,
     // and its programs hanging, until its give-up time); a third one exits without telling.
+    // The same two signal streams follow the stop from its first signal to its third: one made
+    // after the first signal could miss a second that came before it (it did in CI).
     let mut term = signal(SignalKind::terminate()).context("cannot watch for SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot watch for SIGINT")?;
     let (retire_after, drain) = (args.retire_after, args.drain_time);
     let (cut_tx, cut_rx) = tokio::sync::oneshot::channel::<()>();
     let cut_asked = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let cut_seen = cut_asked.clone();
     let stop = async move {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
+            _ = int.recv() => {}
             _ = term.recv() => {}
             () = retired(retirement, retire_after) => return,
         }
         stopping.store(true, std::sync::atomic::Ordering::Relaxed);
         info!(drain = %holdfast::human::Rounded(drain), "stopping: no new sessions or tunnels; those open may run to their end for the drain time (signal again to end them at once)");
         tokio::spawn(async move {
-            let mut term = signal(SignalKind::terminate()).ok();
             let mut again = async || {
                 tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+                    _ = int.recv() => {}
+                    _ = term.recv() => {}
                 }
             };
             again().await;
