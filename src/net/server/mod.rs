@@ -426,7 +426,16 @@ fn spawn_handshake(state: &Arc<State>, sock: tokio::net::TcpStream, addr: Socket
             Ok(Err(e)) => {
                 // A key not on the list was logged already, with the line to add.
                 let logged = matches!(&e, Error::Handshake { source: crate::proto::HandshakeError::NotAllowed(_), .. });
-                st.refused(Refusal::of(&e), addr, Some(&e.to_string()), logged);
+                let what = match &e {
+                    Error::SessionCap { client, cap: CapReached::Server { .. }, .. } => {
+                        Some(format!("{client}, max-sessions"))
+                    }
+                    Error::SessionCap { client, cap: CapReached::Key { .. }, .. } => {
+                        Some(format!("{client}, max-sessions-per-key"))
+                    }
+                    _ => None,
+                };
+                st.refused_for(Refusal::of(&e), addr, Some(&e.to_string()), logged, what);
             }
             Err(_) => {
                 st.refused(Refusal::TimedOut, addr, Some("no complete handshake within the handshake timeout"), false);
