@@ -27,6 +27,7 @@ struct Server {
     server: Keypair,
     addr: SocketAddr,
     allow: AllowListHandle,
+    stats: holdfast::net::StatsHandle,
     echo: SocketAddr,
     _stop: tokio::sync::oneshot::Sender<()>,
 }
@@ -47,13 +48,13 @@ impl Server {
         let mut cfg = ServerConfig::new(server.clone(), allow);
         cfg.session = fast_session();
         let listener = holdfast::bind("127.0.0.1:0", cfg).await.unwrap();
-        let (addr, allow) = (listener.local_addr(), listener.allow_list_handle());
+        let (addr, allow, stats) = (listener.local_addr(), listener.allow_list_handle(), listener.stats_handle());
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let stop = async move {
             let _ = rx.await;
         };
         tokio::spawn(tunnel::serve_until(listener, Arc::new(services), stop, Duration::ZERO));
-        Server { keys, server, addr, allow, echo, _stop: tx }
+        Server { keys, server, addr, allow, stats, echo, _stop: tx }
     }
 
     fn client(&self, i: usize) -> ClientConfig {
@@ -230,6 +231,9 @@ async fn a_removed_keys_detached_session_cannot_resume() {
         let err = stream.read(&mut [0u8; 16]).await.unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied, "{err}");
         assert!(proxy.connections_accepted() >= 2, "the client never tried to resume");
+        // Counted as not allowed, not as a failure (found by an operator's day).
+        let refused = srv.stats.stats().refused;
+        assert!(refused.not_allowed >= 1 && refused.failed == 0, "{refused:?}");
     })
     .await
     .expect("the test did not finish in time");

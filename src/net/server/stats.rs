@@ -119,7 +119,11 @@ impl Refusal {
             Error::SessionCap { .. } => Refusal::Busy,
             Error::Handshake { source, .. } => match source {
                 HandshakeError::Busy => Refusal::Busy,
-                HandshakeError::NotAllowed(_) | HandshakeError::UnknownClient => Refusal::NotAllowed,
+                // A resume of a session whose key was removed counts here too (found by an
+                // operator's day: it counted as `failed`).
+                HandshakeError::NotAllowed(_) | HandshakeError::UnknownClient | HandshakeError::NoLongerAllowed => {
+                    Refusal::NotAllowed
+                }
                 HandshakeError::Replayed | HandshakeError::Stale => Refusal::Replayed,
                 HandshakeError::UnknownSession => Refusal::UnknownSession,
                 _ => Refusal::Failed,
