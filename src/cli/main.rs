@@ -88,7 +88,11 @@ async fn run(cli: Cli) -> Result<bool> {
                 (false, 0) => String::new(),
                 (false, n) => format!(" -{}", "v".repeat(usize::from(n.min(2)))),
             };
+            // Its own failures exit 255, as ssh's do, so that a script tells them from a remote
+            // command's status (found by a walk: they exited 1).
+            SSH_FAILED.store(true, std::sync::atomic::Ordering::Relaxed);
             let code = ssh::ssh(a, &output).await?;
+            SSH_FAILED.store(false, std::sync::atomic::Ordering::Relaxed);
             if code != 0 {
                 std::process::exit(code);
             }
@@ -115,6 +119,9 @@ pub(crate) fn write_stdout(bytes: &[u8]) -> Result<()> {
         r => r.context("cannot write to standard output"),
     }
 }
+
+/// Set while `holdfast ssh` runs: an error then exits 255, like ssh's own.
+static SSH_FAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 fn main() -> ExitCode {
     let cli = match config::parse_from(std::env::args_os().collect()) {
@@ -175,7 +182,11 @@ fn main() -> ExitCode {
             } else {
                 eprintln!("holdfast: error: {}", error_line(&e));
             }
-            ExitCode::FAILURE
+            if SSH_FAILED.load(std::sync::atomic::Ordering::Relaxed) {
+                ExitCode::from(255)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
