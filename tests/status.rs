@@ -478,6 +478,9 @@ async fn a_status_path_in_use_is_refused_and_a_stale_one_replaced() {
     assert!(err.contains("another process answers at"), "{err}");
     let (st, _, e) = run(&["status", "--socket", s(&socket)], b"").await;
     assert!(st.success(), "the first server no longer answers: {e}");
+    // Asked at a file that is not a socket: said so, not "nothing answers" (found by a walk).
+    let (st, _, e) = run(&["status", "--socket", s(&k.authorized)], b"").await;
+    assert!(!st.success() && e.contains("is not a socket: give the path"), "{e}");
     // Its process gone, the socket file left behind is replaced by the next server.
     drop(first);
     let deadline = Instant::now() + LIMIT;

@@ -37,6 +37,19 @@ pub enum ControlError {
         .0.display()
     )]
     InUse(PathBuf),
+    /// What is at the path is not a socket (asking side).
+    #[error(
+        "{} is not a socket: give the path that the holdfast server or client was given with --status",
+        .0.display()
+    )]
+    NothingToAsk(PathBuf),
+    /// The socket (or its directory) may not be opened by this user.
+    #[error(
+        "{}: permission denied; only the user the holdfast server or client runs as (or root) may ask it: run \
+         holdfast status as that user",
+        .0.display()
+    )]
+    NotYours(PathBuf),
     /// The process at the other end runs as another user.
     #[error("the process at the control socket runs as user {0}, not as this user (or root); refusing it")]
     OtherUser(u32),
@@ -122,8 +135,15 @@ fn peer_uid(sock: &UnixStream, path: &Path) -> Result<u32, ControlError> {
 /// [`ControlError::NotRunning`] if nothing listens there, [`ControlError::OtherUser`],
 /// [`ControlError::Io`].
 pub async fn connect(path: &Path) -> Result<UnixStream, ControlError> {
+    use std::os::unix::fs::FileTypeExt as _;
+    // Found by a walk: a regular file was "nothing answers", and a socket of another user's
+    // process a bare "Permission denied".
+    if std::fs::metadata(path).is_ok_and(|m| !m.file_type().is_socket()) {
+        return Err(ControlError::NothingToAsk(path.to_owned()));
+    }
     let sock = UnixStream::connect(path).await.map_err(|e| match e.kind() {
         io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => ControlError::NotRunning(path.to_owned()),
+        io::ErrorKind::PermissionDenied => ControlError::NotYours(path.to_owned()),
         _ => ControlError::Io { path: path.to_owned(), source: e },
     })?;
     check_peer(&sock, path)?;
