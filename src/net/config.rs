@@ -43,7 +43,8 @@ pub struct RecoveryPolicy {
     /// through rather than waiting on the kernel's SYN retransmissions. BUSY answers, and after
     /// 5 s refused connections, silent closes and unexpected REJECT codes, delay the next
     /// attempt by at least the backoff, from `backoff_initial` doubling to `backoff_max`. Default 250 ms (RFC 8305's
-    /// connection attempt delay).
+    /// connection attempt delay). A long race spaces its attempts further: a hundredth of its
+    /// length when that is more, up to 5 s.
     pub stagger: Duration,
     /// Open a second connection and resume on it when the link is suspect (silent for much
     /// longer than its round trip while data awaits an answer), keeping the old one until the

@@ -40,6 +40,19 @@ pub(crate) const MAX_PENDING: usize = 8;
 /// middlebox, a server restarting) cost no more than the stagger; a longer outage backs off.
 pub(crate) const REFUSED_GRACE: Duration = Duration::from_secs(5);
 
+/// The longest stagger a long outage grows to.
+pub(crate) const MAX_STAGGER: Duration = Duration::from_secs(5);
+
+/// The stagger of a race that has gone on for `outage`: the policy's at first; past 25 s (at
+/// the default) a hundredth of the outage, up to [`MAX_STAGGER`]. Found by a walk: a laptop left
+/// behind a firewall that drops its packets started four attempts a second for as long as its
+/// give-up time (a day: 350,000 SYNs); now one every 5 s after eight minutes. A network change
+/// or a wake still starts an attempt at once, and a path that comes back silently is found
+/// within the stagger (0.6 s after a minute).
+fn stagger_after(base: Duration, outage: Duration) -> Duration {
+    base.max((outage / 100).min(MAX_STAGGER))
+}
+
 /// A resumed connection, handshake done, not yet attached.
 pub(crate) struct Won {
     pub(crate) sock: TcpStream,
@@ -211,7 +224,7 @@ async fn run(
                 });
                 order.push_back(h);
                 order.retain(|h| !h.is_finished());
-                next = Instant::now() + jittered(policy.stagger, 0.2);
+                next = Instant::now() + jittered(stagger_after(policy.stagger, started.elapsed()), 0.2);
             }
             Some(done) = pending.join_next(), if !pending.is_empty() => {
                 finished += 1;
@@ -281,6 +294,17 @@ mod tests {
     use crate::proto::handshake::{reject, respond, ClientHandshake, RejectCode, Ticket};
     use crate::proto::{Cipher, Role, Session, SessionConfig};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Attempts come every 250 ms for the first 25 s of an outage, then less often, never
+    /// less than every 5 s.
+    #[test]
+    fn a_long_outage_staggers_its_attempts_further_apart() {
+        let base = Duration::from_millis(250);
+        let after = |s: u64| stagger_after(base, Duration::from_secs(s));
+        assert_eq!((after(0), after(20)), (base, base));
+        assert_eq!(after(60), Duration::from_millis(600));
+        assert_eq!((after(500), after(86_400)), (MAX_STAGGER, MAX_STAGGER));
+    }
 
     fn ticket(id: u8) -> Ticket {
         Ticket { resume_id: [id; RESUME_ID_LEN], secret: zeroize::Zeroizing::new([id; 32]) }
