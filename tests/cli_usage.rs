@@ -251,7 +251,8 @@ async fn a_second_stop_signal_ends_the_sessions_and_tells_their_clients() {
     assert!(log.contains("second stop signal: ending the sessions still open now"), "{log}");
     assert!(log.contains("were ended on the second stop signal"), "{log}");
     // Told: not "connection closed without a FIN frame", then reconnecting.
-    let clog = client.wait_log("the server is stopping", 1).await;
+    let clog = client.wait_log("the server process is stopping", 1).await;
+    assert!(clog.contains("the server process is stopping"), "the client was not told:\n{clog}");
     assert!(!clog.contains("reconnecting"), "{clog}");
 }
 
@@ -277,7 +278,7 @@ async fn a_tunnel_open_past_the_drain_time_is_told_the_server_stopped() {
     // The program keeps its side open: the server gives up after its drain time.
     let (status, log) = client.exit().await;
     assert!(!status.success(), "connect exit {status}:\n{log}");
-    assert!(log.contains("the server is stopping, and its drain time is over"), "{log}");
+    assert!(log.contains("the server process is stopping (stopped, or retired after an upgrade), and its drain time is over"), "{log}");
     let mut rest = Vec::new();
     let _ = stdout.read_to_end(&mut rest).await;
     assert!(rest.is_empty(), "{rest:?}");
