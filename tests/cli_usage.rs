@@ -278,7 +278,12 @@ async fn a_tunnel_open_past_the_drain_time_is_told_the_server_stopped() {
     // The program keeps its side open: the server gives up after its drain time.
     let (status, log) = client.exit().await;
     assert!(!status.success(), "connect exit {status}:\n{log}");
-    assert!(log.contains("the server process is stopping (stopped, or retired after an upgrade), and its drain time is over"), "{log}");
+    assert!(
+        log.contains(
+            "the server process is stopping (stopped, or retired after an upgrade), and its drain time is over"
+        ),
+        "{log}"
+    );
     let mut rest = Vec::new();
     let _ = stdout.read_to_end(&mut rest).await;
     assert!(rest.is_empty(), "{rest:?}");

@@ -126,14 +126,19 @@ fn cmdline(pid: u32) -> String {
         .unwrap_or_default()
 }
 
-/// `holdfast connect --on-fault ask` under an ssh that runs a command (it does not read the
-/// terminal: `-n`), in tmux: after a fault, `n` ends the session on the server too (not left for
-/// its expiry), with a message that says what the user did.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn answering_n_to_recover_ends_the_session_on_the_server() {
-    let name = "answering_n_to_recover_ends_the_session_on_the_server";
-    run_test(name, &["tmux"], Duration::from_secs(90), || async {
-        let dir = TempDir::new("sshask");
+/// An sshd, a holdfast tunnel to it and an ssh in tmux whose ProxyCommand is `holdfast connect
+/// --on-fault ask`, with `ssh_args` (`-n … COMMAND` or `-t`) after its options.
+struct AskSession {
+    _dir: TempDir,
+    _sshd: Sshd,
+    tunnel: common::tunnel::Tunnel,
+    rc_file: std::path::PathBuf,
+    tmux: Tmux,
+}
+
+impl AskSession {
+    async fn start(tag: &str, flag: &str, remote: &str) -> AskSession {
+        let dir = TempDir::new(tag);
         let sshd = Sshd::start(&dir).await;
         let tunnel =
             common::tunnel::Tunnel::start(&dir, &[("ssh", std::net::SocketAddr::from(([127, 0, 0, 1], sshd.port)))])
@@ -141,20 +146,37 @@ async fn answering_n_to_recover_ends_the_session_on_the_server() {
         let rc_file = dir.path("connect.rc");
         let proxy = format!("{} --on-fault ask", tunnel.proxy_command("ssh", &rc_file));
         let command = format!(
-            "ssh -F /dev/null -n -i {} -p {} -o IdentitiesOnly=yes -o UserKnownHostsFile=/dev/null \
-             -o StrictHostKeyChecking=no -o BatchMode=yes -o LogLevel=ERROR -o 'ProxyCommand={proxy}' root@127.0.0.1 \
-             'echo ready-$((6*7)); sleep 60'",
+            "ssh -F /dev/null {flag} -i {} -p {} -o IdentitiesOnly=yes -o UserKnownHostsFile=/dev/null \
+             -o StrictHostKeyChecking=no -o BatchMode=yes -o LogLevel=ERROR -o 'ProxyCommand={proxy}' root@127.0.0.1 {remote}",
             s(sshd.key()),
             sshd.port
         );
-        let tmux = Tmux { socket: format!("holdfast-test-ask-{}-{}", std::process::id(), tunnel.port()) };
-        tmux.run(&["new-session", "-d", "-s", "t", "-x", "150", "-y", "30", &format!("{command}; sleep 5")]);
-        let pane = ["capture-pane", "-p", "-t", "t"];
-        tmux.wait(&pane, |t| t.contains("ready-42")).await;
+        let tmux = Tmux { socket: format!("holdfast-test-{tag}-{}-{}", std::process::id(), tunnel.port()) };
+        tmux.run(&["new-session", "-d", "-s", "t", "-x", "200", "-y", "30", &format!("{command}; sleep 5")]);
+        AskSession { _dir: dir, _sshd: sshd, tunnel, rc_file, tmux }
+    }
+
+    /// Kills the link (at least one connection).
+    async fn kill(&self) {
         let mut killed = 0;
         while killed == 0 {
-            killed = common::faults::kill_connections(tunnel.port()).await.unwrap();
+            killed = common::faults::kill_connections(self.tunnel.port()).await.unwrap();
         }
+    }
+}
+
+/// `holdfast connect --on-fault ask` under an ssh that runs a command (it does not read the
+/// terminal: `-n`), in tmux: after a fault, `n` ends the session on the server too (not left for
+/// its expiry), with a message that says what the user did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answering_n_to_recover_ends_the_session_on_the_server() {
+    let name = "answering_n_to_recover_ends_the_session_on_the_server";
+    run_test(name, &["tmux"], Duration::from_secs(90), || async {
+        let a = AskSession::start("sshask", "-n", "'echo ready-$((6*7)); sleep 60'").await;
+        let (tunnel, tmux) = (&a.tunnel, &a.tmux);
+        let pane = ["capture-pane", "-p", "-t", "t"];
+        tmux.wait(&pane, |t| t.contains("ready-42")).await;
+        a.kill().await;
         tmux.wait(&pane, |t| t.contains("Recover? [Y/n]")).await;
         tmux.run(&["send-keys", "-t", "t", "n"]);
         let screen = tmux.wait(&pane, |t| t.contains("you answered n")).await;
@@ -165,7 +187,7 @@ async fn answering_n_to_recover_ends_the_session_on_the_server() {
         let log = tunnel.server.log();
         let line = log.lines().find(|l| over(l)).unwrap();
         assert!(!line.contains("expired"), "{line}");
-        let rc = wait_file(&rc_file).await;
+        let rc = wait_file(&a.rc_file).await;
         assert_eq!(rc.trim(), "0", "holdfast connect exited {rc}");
         eprintln!("{name}: the server ended the session: {line}");
     })
@@ -180,35 +202,19 @@ async fn answering_n_to_recover_ends_the_session_on_the_server() {
 async fn an_interactive_ssh_is_not_asked_and_recovers() {
     let name = "an_interactive_ssh_is_not_asked_and_recovers";
     run_test(name, &["tmux"], Duration::from_secs(90), || async {
-        let dir = TempDir::new("sshaskraw");
-        let sshd = Sshd::start(&dir).await;
-        let tunnel =
-            common::tunnel::Tunnel::start(&dir, &[("ssh", std::net::SocketAddr::from(([127, 0, 0, 1], sshd.port)))])
-                .await;
-        let rc_file = dir.path("connect.rc");
-        let proxy = format!("{} --on-fault ask", tunnel.proxy_command("ssh", &rc_file));
-        let command = format!(
-            "ssh -F /dev/null -t -i {} -p {} -o IdentitiesOnly=yes -o UserKnownHostsFile=/dev/null \
-             -o StrictHostKeyChecking=no -o BatchMode=yes -o LogLevel=ERROR -o 'ProxyCommand={proxy}' root@127.0.0.1",
-            s(sshd.key()),
-            sshd.port
-        );
-        let tmux = Tmux { socket: format!("holdfast-test-askraw-{}-{}", std::process::id(), tunnel.port()) };
-        tmux.run(&["new-session", "-d", "-s", "t", "-x", "200", "-y", "30", &format!("{command}; sleep 5")]);
+        let a = AskSession::start("sshaskraw", "-t", "").await;
+        let tmux = &a.tmux;
         let pane = ["capture-pane", "-p", "-J", "-t", "t"];
         tmux.run(&["send-keys", "-t", "t", "echo ready-$((6*7))", "Enter"]);
         tmux.wait(&pane, |t| t.contains("ready-42")).await;
-        let mut killed = 0;
-        while killed == 0 {
-            killed = common::faults::kill_connections(tunnel.port()).await.unwrap();
-        }
+        a.kill().await;
         let screen = tmux.wait(&pane, |t| t.contains("recovering without asking")).await;
         assert!(!screen.contains("Recover? [Y/n]"), "{screen}");
         tmux.run(&["send-keys", "-t", "t", "echo after-$((6*8))", "Enter"]);
         let screen = tmux.wait(&pane, |t| t.contains("after-48")).await;
         assert!(!screen.contains("you answered"), "{screen}");
         tmux.run(&["send-keys", "-t", "t", "exit", "Enter"]);
-        let rc = wait_file(&rc_file).await;
+        let rc = wait_file(&a.rc_file).await;
         assert_eq!(rc.trim(), "0", "holdfast connect exited {rc}");
     })
     .await;

@@ -23,7 +23,8 @@ use crate::net::quiet::{quiet, LogBudget};
 use crate::net::{self, AllowListHandle, LinkStatus, Peer, Session, Stream};
 
 /// Why the sessions still open when a stopping server's drain time is over are ended.
-const DRAIN_OVER: &str = "the server process is stopping (stopped, or retired after an upgrade), and its drain time is over";
+const DRAIN_OVER: &str =
+    "the server process is stopping (stopped, or retired after an upgrade), and its drain time is over";
 
 /// Server side: serves every stream the client opens on `session` as a tunnel of its own,
 /// until the session ends or `stop` turns true (then the streams open run to their end, until
