@@ -219,16 +219,23 @@ async fn a_connection_made_during_the_drain_is_refused_and_the_open_ones_carried
 /// programs, never a clean end (a transfer cut short must not look finished).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tunnel_still_open_when_the_drain_time_is_over_is_reset() {
-    use tokio::io::AsyncReadExt;
     let Draining { mut server, client: _client, mut conn, pid, .. } = draining("term-reset", "1s").await;
     rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    let log = reset_then_exit(&mut conn, &mut server).await;
+    assert!(log.contains("drain time over; the sessions still open were ended"), "{log}");
+}
+
+/// Waits for `conn` to be reset (never a clean end) and for `server` to exit successfully;
+/// returns its log.
+async fn reset_then_exit(conn: &mut tokio::net::TcpStream, server: &mut Proc) -> String {
+    use tokio::io::AsyncReadExt;
     let mut rest = Vec::new();
     let end = tokio::time::timeout(common::cli::LIMIT, conn.read_to_end(&mut rest)).await.expect("no end in time");
     let err = end.expect_err("the program saw a clean end of a tunnel the server ended");
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
     let (status, log) = server.exit().await;
     assert!(status.success(), "server exit {status}:\n{log}");
-    assert!(log.contains("drain time over; the sessions still open were ended"), "{log}");
+    log
 }
 
 /// A second stop signal during the drain ends the sessions still open at once and tells their
@@ -237,17 +244,11 @@ async fn a_tunnel_still_open_when_the_drain_time_is_over_is_reset() {
 /// hung until the client's give-up time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_stop_signal_ends_the_sessions_and_tells_their_clients() {
-    use tokio::io::AsyncReadExt;
     let Draining { mut server, client, mut conn, pid, .. } = draining("term-twice", "1h").await;
     rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
     server.wait_log("shutting down: waiting for the open tunnels to end", 1).await;
     rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
-    let mut rest = Vec::new();
-    let end = tokio::time::timeout(common::cli::LIMIT, conn.read_to_end(&mut rest)).await.expect("no end in time");
-    let err = end.expect_err("the program saw a clean end of a tunnel the server ended");
-    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
-    let (status, log) = server.exit().await;
-    assert!(status.success(), "server exit {status}:\n{log}");
+    let log = reset_then_exit(&mut conn, &mut server).await;
     assert!(log.contains("second stop signal: ending the sessions still open now"), "{log}");
     assert!(log.contains("were ended on the second stop signal"), "{log}");
     // Told: not "connection closed without a FIN frame", then reconnecting.
