@@ -274,6 +274,9 @@ const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);
 struct RefusalLog {
     counts: Arc<StreamRefusals>,
     who: String,
+    /// The session's log budget (its key's and the server's above it): however many sessions a
+    /// key opens, its lines stay within its share of the log.
+    budget: Arc<crate::net::quiet::LogBudget>,
     last: Option<Instant>,
     unlogged: u64,
 }
@@ -303,9 +306,15 @@ impl StreamCharge {
         StreamCharge { budgets: [key, server], windows: 0, slots: 0, refusals: None }
     }
 
-    /// Counts its refusals in `counts` and tells them in the log, naming the client `who`.
-    pub(crate) fn told(mut self, counts: Arc<StreamRefusals>, who: String) -> StreamCharge {
-        self.refusals = Some(RefusalLog { counts, who, last: None, unlogged: 0 });
+    /// Counts its refusals in `counts` and tells them in the log within `budget`, naming the
+    /// client `who`.
+    pub(crate) fn told(
+        mut self,
+        counts: Arc<StreamRefusals>,
+        who: String,
+        budget: Arc<crate::net::quiet::LogBudget>,
+    ) -> StreamCharge {
+        self.refusals = Some(RefusalLog { counts, who, budget, last: None, unlogged: 0 });
         self
     }
 
@@ -321,11 +330,14 @@ impl StreamCharge {
         if log.last.is_some_and(|t| now.saturating_duration_since(t) < REFUSAL_LOG_EVERY) {
             return;
         }
-        tracing::warn!(
-            client = %log.who,
-            refused = log.unlogged,
-            "no room for a stream of this client's session: {}; the stream is refused and its connection reset (counted in holdfast_streams_refused_total; at most one such line a minute per session)",
-            missing.why()
+        crate::net::quiet::quiet!(
+            log.budget,
+            warn!(
+                client = %log.who,
+                refused = log.unlogged,
+                "no room for a stream of this client's session: {}; the stream is refused and its connection reset (counted in holdfast_streams_refused_total; at most one such line a minute per session)",
+                missing.why()
+            )
         );
         log.last = Some(now);
         log.unlogged = 0;

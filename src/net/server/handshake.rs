@@ -407,8 +407,12 @@ pub(super) fn commit_new(
     let streams = StreamsConfig { max_streams: cfg.limits.max_streams_per_session, ..StreamsConfig::default() };
     let name = state.allow().lookup(&client).and_then(|p| p.name.clone());
     let who = super::client_label(name.as_deref(), &client);
-    let charge = StreamCharge::new(state.budget.clone(), state.key_budget(&client))
-        .told(state.counters.streams_refused.clone(), who.clone());
+    let log = state.logs.session(&client);
+    let charge = StreamCharge::new(state.budget.clone(), state.key_budget(&client)).told(
+        state.counters.streams_refused.clone(),
+        who.clone(),
+        log.clone(),
+    );
     session.enable_streams(streams, Box::new(charge));
     session.attach(now, transport, 0, None, None).map_err(Error::Session)?;
     session.adopt_ticket(ticket);
@@ -428,7 +432,6 @@ pub(super) fn commit_new(
     let (tx, rx) = mpsc::channel(4);
     let activity = super::status::Activity::new(state.registry.fresh_tag());
     let span = activity.tag.span();
-    let log = state.logs.session(&client);
     let entry = Arc::new(Entry {
         shared: shared.clone(),
         client,
