@@ -488,7 +488,13 @@ async fn a_status_path_in_use_is_refused_and_a_stale_one_replaced() {
         assert!(Instant::now() < deadline, "the first server never went");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let (_second, _) = setup.server(echo, &socket, &[]).await;
+    let (mut second, _) = setup.server(echo, &socket, &[]).await;
     let (st, _, e) = run(&["status", "--socket", s(&socket)], b"").await;
     assert!(st.success(), "{e}");
+    // A clean exit takes its socket file along (found by an operator's day: they were left).
+    let pid = rustix::process::Pid::from_raw(second.child.id().unwrap() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    let (status, log) = second.exit().await;
+    assert!(status.success(), "{log}");
+    assert!(!socket.exists(), "the socket file was left after a clean exit");
 }

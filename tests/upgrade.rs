@@ -427,6 +427,9 @@ async fn example_config_upgrade() {
     assert!(reply.contains("holdfast_sessions{state=\"attached\"} 1\n"), "{reply}");
     assert!(reply.contains("holdfast_client_sessions{client=\"laptop\"} 1\n"), "{reply}");
     assert!(reply.contains("holdfast_earlier_process_sessions 0\n"), "{reply}");
+    // The old process, exiting cleanly, left the status socket the new one had taken over.
+    let shown = run_ok("holdfast status", Command::new(BIN).args(["status", "--json"]).env_remove("RUST_LOG")).await;
+    assert!(shown.contains("\"earlier_process_sessions\":0}"), "{shown}");
     let (status, log) = new_session.close().await;
     assert!(status.success(), "{log}");
     signal(new_pid, Signal::TERM);

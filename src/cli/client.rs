@@ -134,10 +134,13 @@ pub(crate) async fn client(args: ClientArgs) -> Result<()> {
     for (bind, target) in &args.remote {
         shown.add("remote", format!("{bind} (on the server)"), target.clone());
     }
-    if let Some(path) = &args.status {
-        let shown = shown.clone();
-        crate::status::serve(path.clone(), false, move |json| shown.answer(json))?;
-    }
+    let _status = match &args.status {
+        Some(path) => {
+            let shown = shown.clone();
+            Some(crate::status::serve(path.clone(), false, move |json| shown.answer(json))?)
+        }
+        None => None,
+    };
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let multiplexed = !args.no_mux;
     // Set when this client ends its session itself, on its way out.

@@ -132,10 +132,15 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
         }
         None => metrics_later.map(|addr| tokio::spawn(metrics::serve_when_free(addr, &listener))),
     };
-    if let Some(path) = &args.status {
-        let stats = listener.stats_handle();
-        crate::status::serve(path.clone(), taking_over, move |json| crate::status::server_answer(&stats, json))?;
-    }
+    let _status = match &args.status {
+        Some(path) => {
+            let stats = listener.stats_handle();
+            Some(crate::status::serve(path.clone(), taking_over, move |json| {
+                crate::status::server_answer(&stats, json)
+            })?)
+        }
+        None => None,
+    };
     let offered: Vec<String> = services.iter().map(|(n, t)| format!("{n}={t}")).collect();
     let connect: Vec<String> = services.connect_rules().iter().map(ToString::to_string).collect();
     let connect = if connect.is_empty() { "none".to_string() } else { connect.join(",") };

@@ -6,6 +6,7 @@
 //! then the socket is closed.
 
 use std::fmt::Write as _;
+use std::os::unix::fs::MetadataExt as _;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -61,10 +62,32 @@ pub(crate) fn serve(
     path: PathBuf,
     take_over: bool,
     render: impl Fn(bool) -> String + Send + Sync + 'static,
-) -> Result<tokio::task::JoinHandle<()>> {
+) -> Result<StatusSocket> {
     let listener = control::bind(&path, take_over).with_context(|| format!("--status {}", path.display()))?;
     info!(status = %path.display(), "status socket ready (holdfast status --socket PATH)");
-    Ok(tokio::spawn(answer_all(listener, path, render)))
+    let file = std::fs::metadata(&path).ok().map(|m| (m.dev(), m.ino()));
+    let task = tokio::spawn(answer_all(listener, path.clone(), render));
+    Ok(StatusSocket { path, file, task })
+}
+
+/// A status socket being answered: dropped (the process ends), it stops answering and removes
+/// its file, unless another process has bound the path since (an upgrade's new process). Found by
+/// an operator's day: the files were left behind.
+pub(crate) struct StatusSocket {
+    path: PathBuf,
+    /// The socket file's (device, inode) when bound.
+    file: Option<(u64, u64)>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for StatusSocket {
+    fn drop(&mut self) {
+        self.task.abort();
+        let now = std::fs::symlink_metadata(&self.path).ok().map(|m| (m.dev(), m.ino()));
+        if now.is_some() && now == self.file {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
 }
 
 /// Answers one connection at a time, each within [`EXCHANGE_TIMEOUT`].
