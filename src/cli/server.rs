@@ -75,6 +75,7 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
     cfg.limits.session_expiry = args.session_expiry;
     cfg.server_id = args.server_id;
     cfg.proxy_from = args.proxy_from.clone();
+    cfg.lanes = lanes()?;
     let public = cfg.keypair.public;
     // Watch SIGHUP before saying "ready": until then, its default action would end the server.
     let hangups = signal(SignalKind::hangup()).context("cannot watch for SIGHUP")?;
@@ -440,4 +441,21 @@ mod tests {
         assert_eq!(buffer_per_key(64 * MIB, Some(32 * MIB)), 32 * MIB);
         assert_eq!(buffer_per_key(64 * MIB, Some(8 * MIB)), 8 * MIB);
     }
+}
+
+/// The server's lanes ([`holdfast::net::Lanes`]): one per worker thread of its runtime (one per
+/// CPU, or `TOKIO_WORKER_THREADS`), or as many as `HOLDFAST_LANES` says; `HOLDFAST_LANES=0` runs
+/// sessions on the runtime's workers instead (for comparison).
+fn lanes() -> anyhow::Result<Option<holdfast::net::Lanes>> {
+    let n = match std::env::var("HOLDFAST_LANES") {
+        Ok(v) => v.parse::<usize>().map_err(|_| {
+            anyhow::anyhow!("HOLDFAST_LANES is {v:?}: set it to a number of threads (0: none), or unset it")
+        })?,
+        Err(_) => tokio::runtime::Handle::current().metrics().num_workers(),
+    };
+    if n == 0 {
+        return Ok(None);
+    }
+    let lanes = holdfast::net::Lanes::start(n).context("cannot start the threads that run sessions")?;
+    Ok(Some(lanes))
 }

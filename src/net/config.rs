@@ -292,6 +292,10 @@ pub struct ServerConfig {
     /// protocol v2 header, and the client it names is the one the server's per-source limits
     /// and logs use. Connections from anywhere else are never read for a PROXY header.
     pub proxy_from: Vec<ipnet::IpNet>,
+    /// Threads to run sessions on ([`crate::net::Lanes`]): each session, with the tasks that
+    /// serve its streams, runs on one of them. `None` (the default): sessions run on the
+    /// runtime that called [`crate::net::bind`].
+    pub lanes: Option<crate::net::Lanes>,
 }
 
 impl fmt::Debug for ServerConfig {
@@ -303,6 +307,7 @@ impl fmt::Debug for ServerConfig {
             .field("session", &self.session)
             .field("server_id", &self.server_id)
             .field("proxy_from", &self.proxy_from)
+            .field("lanes", &self.lanes)
             .finish()
     }
 }
@@ -317,6 +322,7 @@ impl ServerConfig {
             session: SessionConfig::default(),
             server_id: None,
             proxy_from: Vec::new(),
+            lanes: None,
         }
     }
 }

@@ -9,6 +9,7 @@ pub mod config;
 pub mod control;
 pub mod events;
 pub(crate) mod kernel;
+pub mod lanes;
 mod pump;
 pub(crate) mod quiet;
 mod race;
@@ -31,6 +32,7 @@ pub use backoff::AcceptBackoff;
 pub use client::{connect, connect_session};
 pub use config::{ClientConfig, Limits, Recovery, RecoveryHook, RecoveryPolicy, ServerConfig};
 pub use events::{LinkEvent, LinkLost, LinkStatus};
+pub use lanes::Lanes;
 pub use server::{
     bind, bind_with_handover, client_label, prepare_handover, AllowListHandle, CapReached, ForwardGuard, Listener,
     Peer, Refusals, Retirement, ServerStats, SessionStatus, SessionTag, StatsHandle, StreamGuard, Upgrade,

@@ -28,6 +28,9 @@ pub(crate) struct Shared {
     pub(crate) events: broadcast::Sender<LinkEvent>,
     pub(crate) status: watch::Sender<LinkStatus>,
     pub(crate) peer_key: PublicKey,
+    /// The runtime of the lane the session runs on ([`crate::net::Lanes`]), if it has one: its
+    /// streams are best served there too.
+    pub(crate) lane: std::sync::OnceLock<tokio::runtime::Handle>,
 }
 
 #[derive(Default)]
@@ -82,6 +85,7 @@ impl Shared {
             events: broadcast::channel(256).0,
             status: watch::channel(LinkStatus::Connected).0,
             peer_key,
+            lane: std::sync::OnceLock::new(),
         })
     }
 
@@ -744,6 +748,12 @@ impl Session {
     /// A handle on `shared`, which already counts it in its `handles`.
     pub(crate) fn from_counted(shared: Arc<Shared>) -> Session {
         Session { shared }
+    }
+
+    /// The runtime of the lane this session runs on, if the server gave it one
+    /// ([`crate::net::ServerConfig::lanes`]): the tasks serving its streams belong there.
+    pub(crate) fn lane(&self) -> Option<tokio::runtime::Handle> {
+        self.shared.lane.get().cloned()
     }
 
     /// Opens a stream. No round trip: its OPEN goes out with its first bytes. Waits, instead of

@@ -73,7 +73,13 @@ pub async fn serve_until_cut(
                 let span = peer.session().span();
                 let handle = session.clone();
                 let one = serve_session(session, peer, services.clone(), allow.clone(), (stopped.clone(), drained.clone()));
-                let task = open.spawn(tracing::Instrument::instrument(one, span));
+                let one = tracing::Instrument::instrument(one, span);
+                // On the session's lane, if it has one: its streams' tasks and the connections
+                // they make then run on the thread that drives the session.
+                let task = match handle.lane() {
+                    Some(lane) => open.spawn_on(one, &lane),
+                    None => open.spawn(one),
+                };
                 sessions.insert(task.id(), handle);
             }
             Some(done) = open.join_next_with_id(), if !open.is_empty() => {

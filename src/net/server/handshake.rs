@@ -429,6 +429,11 @@ pub(super) fn commit_new(
     };
     let shared = Shared::new(session, client, 1);
     shared.lock().charge = Some(Charge::new(state.budget.clone(), state.key_budget(&client)));
+    // The lane the session will run on, known before its streams can be served.
+    let seat = state.cfg.lanes.as_ref().map(crate::net::Lanes::seat);
+    if let Some(seat) = &seat {
+        let _ = shared.lane.set(seat.handle().clone());
+    }
     let (tx, rx) = mpsc::channel(4);
     let activity = super::status::Activity::new(state.registry.fresh_tag());
     let span = activity.tag.span();
@@ -478,7 +483,18 @@ pub(super) fn commit_new(
         entry.revoke();
     }
     drop(_in);
-    tokio::spawn(tracing::Instrument::instrument(session_task(state.clone(), entry, link, rx), span));
+    let task = tracing::Instrument::instrument(session_task(state.clone(), entry, link, rx), span);
+    match seat {
+        Some(seat) => {
+            seat.handle().clone().spawn(async move {
+                let _seat = seat;
+                task.await;
+            });
+        }
+        None => {
+            tokio::spawn(task);
+        }
+    }
     Ok(())
 }
 

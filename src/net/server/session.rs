@@ -66,6 +66,17 @@ pub(super) async fn session_task(
         phase.set(link.is_some());
         let new = match link.take() {
             Some(sock) => {
+                // A link accepted on the listener's runtime is moved to the session's lane.
+                let sock = match state.cfg.lanes.is_some() {
+                    true => match crate::net::lanes::rehome(sock) {
+                        Ok(sock) => sock,
+                        Err(e) => {
+                            debug!(error = %e, "could not move the link to the session's lane");
+                            continue;
+                        }
+                    },
+                    false => sock,
+                };
                 match pump(&shared, sock, Some((&mut rx, newer)), |ev| sync_tickets(&state, &entry, ev)).await {
                     PumpEnd::Over => break,
                     PumpEnd::Replaced(new) => {
