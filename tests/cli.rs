@@ -466,7 +466,10 @@ async fn help_has_examples_and_completions_work() {
     assert!(status.success() && String::from_utf8(out).unwrap().contains("Example"));
     let (status, out, err) = run(&["completions", "bash"], b"").await;
     assert!(status.success(), "{err}");
-    assert!(String::from_utf8(out).unwrap().contains("holdfast"));
+    let script = String::from_utf8(out).unwrap();
+    assert!(script.contains("holdfast") && script.contains("--server-key") && script.contains("status"));
+    // The hidden halves of `holdfast ssh` are not offered.
+    assert!(!script.contains("ssh-server") && !script.contains("ssh-proxy"), "completions offer hidden commands");
 }
 
 /// Lines of a log at WARN or ERROR.

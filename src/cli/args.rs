@@ -46,6 +46,14 @@ pub(crate) fn command() -> clap::Command {
     })
 }
 
+/// [`command`] as shell completions offer it: without the hidden subcommands (the halves of
+/// `holdfast ssh` that it runs itself), which clap_complete would list.
+pub(crate) fn completed() -> clap::Command {
+    let all = command();
+    let shown: Vec<clap::Command> = all.get_subcommands().filter(|c| !c.is_hide_set()).cloned().collect();
+    clap::Command::new("holdfast").args(all.get_arguments().cloned()).subcommands(shown)
+}
+
 #[derive(Parser)]
 #[command(name = "holdfast", version, about = ABOUT, long_about = LONG_ABOUT, after_help = EXAMPLES)]
 pub(crate) struct Cli {
@@ -361,7 +369,8 @@ pub(crate) struct ClientCommon {
     /// This client's private key file (mode 0600). Required (here or in the config file).
     #[arg(long, value_name = "FILE", value_hint = ValueHint::FilePath)]
     pub(crate) key: Option<PathBuf>,
-    /// The service to reach, by the name the server gives it.
+    /// The service to reach, by the name the server gives it. Required (here or in the config
+    /// file).
     #[arg(long, value_name = "NAME")]
     pub(crate) service: Option<String>,
     /// What to do when the real connection fails.

@@ -100,7 +100,7 @@ async fn run(cli: Cli) -> Result<bool> {
         Cmd::Demo { bytes, faults } => return demo::demo(bytes, faults).await,
         Cmd::Completions { shell } => {
             let mut script = Vec::new();
-            clap_complete::generate(shell, &mut args::command(), "holdfast", &mut script);
+            clap_complete::generate(shell, &mut args::completed(), "holdfast", &mut script);
             write_stdout(&script)?;
         }
         Cmd::Status(a) => status::status(a).await?,
