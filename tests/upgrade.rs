@@ -480,3 +480,40 @@ async fn a_new_process_that_fails_before_the_takeover_leaves_the_old_one_serving
     assert!(status.success(), "{log}");
     drop((first, third));
 }
+
+/// A stop of the whole service after an upgrade (`systemctl stop` signals both processes at
+/// once) is not reported as the new process crashing; a new process killed alone still is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_both_processes_after_an_upgrade_is_not_reported_as_a_crash() {
+    for crash in [false, true] {
+        let setup = Setup::new(if crash { "upgrade-newdies" } else { "upgrade-stopboth" }).await;
+        let mut first = setup.server(1);
+        let addr = first.logged_addr("server ready", "listen=").await;
+        let mut client = setup.client(0, addr);
+        first.wait_log("session opened", 1).await;
+        let (data, want) = pattern(1, 64 * KIB);
+        assert_eq!(client.exchange(&data, None, None).await.unwrap(), want);
+        let mut second = setup.server(2);
+        first.wait_log("handed the listener over to a new server process", 1).await;
+        if crash {
+            signal(second.pid(), Signal::KILL);
+            first.wait_log("the new server process closed the handover connection", 1).await;
+            assert!(!first.log().contains("as this one is stopping too"), "{}", first.log());
+            signal(first.pid(), Signal::TERM);
+        } else {
+            // The new process first, as it may happen under systemd.
+            signal(second.pid(), Signal::TERM);
+            signal(first.pid(), Signal::TERM);
+        }
+        let (_, log) = first.exit().await;
+        let _ = second.exit().await;
+        let _ = client.close().await;
+        if !crash {
+            assert!(
+                !log.contains("closed the handover connection"),
+                "a stop of both processes was reported as the new one ending on its own:\n{}",
+                tail(&log, 20)
+            );
+        }
+    }
+}

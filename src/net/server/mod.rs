@@ -130,6 +130,8 @@ pub struct Listener {
 
 impl Drop for Listener {
     fn drop(&mut self) {
+        self.state.stopping.store(true, Ordering::Relaxed);
+        self.state.changed.notify_waiters();
         self.task.abort();
         if let Some(h) = &self.handover {
             h.abort();
@@ -196,6 +198,7 @@ fn new_state(cfg: ServerConfig) -> (Arc<State>, mpsc::Receiver<(Session, Peer)>)
         accepted: tx,
         predecessor: Mutex::new(None),
         retired: Default::default(),
+        stopping: Default::default(),
         changed: Default::default(),
         extras: Default::default(),
     });

@@ -315,7 +315,9 @@ pub(super) struct State {
     pub(super) predecessor: Mutex<Option<Arc<tokio::net::UnixStream>>>,
     /// True once this process has handed its listener to a new one.
     pub(super) retired: std::sync::atomic::AtomicBool,
-    /// Woken when a session ends or the process retires.
+    /// True once the [`super::Listener`] was dropped: the program is stopping this server.
+    pub(super) stopping: std::sync::atomic::AtomicBool,
+    /// Woken when a session ends, the process retires or the listener is dropped.
     pub(super) changed: tokio::sync::Notify,
     /// Other listening sockets handed to the next process with the listener, by local address
     /// (see [`super::Listener::hand_over_also`]).

@@ -24,6 +24,11 @@ use crate::keys::PublicKey;
 use crate::net::config::ServerConfig;
 use crate::net::Error;
 
+/// How long a process that handed its listener over waits, when the new process closes the
+/// handover connection, for a stop of its own before it warns that the new one is gone: a stop
+/// of the whole service signals both at about the same time.
+const STOP_TOGETHER: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// A server upgrade half done ([`prepare_handover`]): this process holds the listening socket
 /// (the running server's, or its own if none runs) and the other listening sockets the running
 /// server offered, and the running server still serves. [`Upgrade::commit`] completes it;
@@ -277,6 +282,13 @@ pub(super) async fn retire_when_asked(unix: UnixListener, listen: OwnedFd, state
             match handover::next_resume(&new).await {
                 Ok(Some((sock, addr, body))) => spawn_handshake(&state, sock, addr, Some(body)),
                 Ok(None) => {
+                    // A stop of the whole service (`systemctl stop`) signals both processes at
+                    // once, and the new one may end first: if this one stops too, soon, that
+                    // was the reason, and nothing is wrong.
+                    if state.stops_within(STOP_TOGETHER).await {
+                        info!(new_pid = pid, "the new server process ended, as this one is stopping too");
+                        break;
+                    }
                     // Also what a crash of the new process looks like: then nothing listens
                     // on the port, and an operator must hear of it.
                     warn!(
@@ -355,6 +367,22 @@ impl State {
     }
 
     /// The new process went away (before or after committing): no more state messages.
+    /// True if the program stops this server (drops its listener) within `limit`.
+    async fn stops_within(&self, limit: std::time::Duration) -> bool {
+        let wait = async {
+            loop {
+                let changed = self.changed.notified();
+                tokio::pin!(changed);
+                changed.as_mut().enable();
+                if self.stopping.load(Ordering::Relaxed) {
+                    return;
+                }
+                changed.await;
+            }
+        };
+        tokio::time::timeout(limit, wait).await.is_ok()
+    }
+
     fn end_succession(&self) {
         self.table().successor = None;
     }
