@@ -31,7 +31,7 @@ use tokio::process::Command;
 
 /// Keys, an echo service and the arguments of every server process of one test.
 struct Setup {
-    _dir: TempDir,
+    dir: TempDir,
     server_pub: PathBuf,
     client_key: PathBuf,
     args: Vec<String>,
@@ -51,7 +51,7 @@ impl Setup {
         // kill (2.5 a second): at the default rate of 20 handshakes a second from one address,
         // some would be told BUSY long enough to give up. DEPLOY.md gives the same advice.
         args.extend(["--handshake-rate", "1000"].map(String::from));
-        Setup { _dir: dir, server_pub, client_key, args }
+        Setup { dir, server_pub, client_key, args }
     }
 
     fn server(&self, n: usize) -> Proc {
@@ -281,7 +281,7 @@ fn next_notification(sock: &std::os::unix::net::UnixDatagram) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn systemd_is_told_ready_and_the_new_main_process_after_a_handover() {
     let setup = Setup::new("notify").await;
-    let (sock, path) = notify_socket(&setup._dir);
+    let (sock, path) = notify_socket(&setup.dir);
     let spawn = |n: usize| {
         let mut cmd = Command::new(BIN);
         cmd.args(&setup.args).env_remove("RUST_LOG").env("NOTIFY_SOCKET", &path);
@@ -443,7 +443,7 @@ async fn example_config_upgrade() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_process_that_fails_before_the_takeover_leaves_the_old_one_serving() {
     let setup = Setup::new("upgrade-fails").await;
-    let (notify, path) = notify_socket(&setup._dir);
+    let (notify, path) = notify_socket(&setup.dir);
     let spawn = |n: usize, extra: &[&str]| {
         let mut cmd = Command::new(BIN);
         cmd.args(&setup.args).args(extra).env_remove("RUST_LOG").env("NOTIFY_SOCKET", &path);
@@ -482,7 +482,8 @@ async fn a_new_process_that_fails_before_the_takeover_leaves_the_old_one_serving
 }
 
 /// A stop of the whole service after an upgrade (`systemctl stop` signals both processes at
-/// once) is not reported as the new process crashing; a new process killed alone still is.
+/// once) is not reported as the new process crashing, and leaves no handover socket behind; a
+/// new process killed alone is still reported.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stopping_both_processes_after_an_upgrade_is_not_reported_as_a_crash() {
     for crash in [false, true] {
@@ -495,6 +496,7 @@ async fn stopping_both_processes_after_an_upgrade_is_not_reported_as_a_crash() {
         assert_eq!(client.exchange(&data, None, None).await.unwrap(), want);
         let mut second = setup.server(2);
         first.wait_log("handed the listener over to a new server process", 1).await;
+        second.wait_log("server ready", 1).await;
         if crash {
             signal(second.pid(), Signal::KILL);
             first.wait_log("the new server process closed the handover connection", 1).await;
@@ -506,9 +508,15 @@ async fn stopping_both_processes_after_an_upgrade_is_not_reported_as_a_crash() {
             signal(first.pid(), Signal::TERM);
         }
         let (_, log) = first.exit().await;
-        let _ = second.exit().await;
+        let (_, second_log) = second.exit().await;
         let _ = client.close().await;
         if !crash {
+            let left: Vec<_> = std::fs::read_dir(setup.dir.root()).unwrap().flatten().map(|e| e.file_name()).collect();
+            assert!(
+                !setup.dir.path("handover.sock").exists(),
+                "the handover socket was left behind: {left:?}\n{}",
+                tail(&second_log, 30)
+            );
             assert!(
                 !log.contains("closed the handover connection"),
                 "a stop of both processes was reported as the new one ending on its own:\n{}",

@@ -79,6 +79,10 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
     let public = cfg.keypair.public;
     // Watch SIGHUP before saying "ready": until then, its default action would end the server.
     let hangups = signal(SignalKind::hangup()).context("cannot watch for SIGHUP")?;
+    // The same for the stop signals (below): a SIGTERM just after "ready" (`systemctl stop` at
+    // once) would otherwise end the process without its drain, and leave its sockets' files.
+    let mut term = signal(SignalKind::terminate()).context("cannot watch for SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot watch for SIGINT")?;
     // Every socket is bound before this process takes the listener over from a running server:
     // if one cannot be, this process exits and the running one goes on serving. systemd is told
     // READY only after that.
@@ -167,8 +171,6 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
     // and its programs hanging, until its give-up time); a third one exits without telling.
     // The same two signal streams follow the stop from its first signal to its third: one made
     // after the first signal could miss a second that came before it (it did in CI).
-    let mut term = signal(SignalKind::terminate()).context("cannot watch for SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot watch for SIGINT")?;
     let (retire_after, drain) = (args.retire_after, args.drain_time);
     let (cut_tx, cut_rx) = tokio::sync::oneshot::channel::<()>();
     let cut_asked = Arc::new(std::sync::atomic::AtomicBool::new(false));

@@ -125,6 +125,9 @@ pub struct Listener {
     task: JoinHandle<()>,
     /// Waits for a new process to take the listener over (with a handover path).
     handover: Option<JoinHandle<()>>,
+    /// The handover socket's path and its file's (device, inode) once in place: removed when
+    /// the listener is dropped, unless a newer process has put its own there since.
+    handover_file: Option<(std::path::PathBuf, (u64, u64))>,
     took_over_from: Option<u32>,
 }
 
@@ -135,6 +138,13 @@ impl Drop for Listener {
         self.task.abort();
         if let Some(h) = &self.handover {
             h.abort();
+        }
+        if let Some((path, file)) = &self.handover_file {
+            use std::os::unix::fs::MetadataExt;
+            let now = std::fs::symlink_metadata(path).ok().map(|m| (m.dev(), m.ino()));
+            if now == Some(*file) {
+                let _ = std::fs::remove_file(path);
+            }
         }
     }
 }
@@ -222,7 +232,7 @@ fn run(
     tokio::spawn(refusals::summarise(Arc::downgrade(&state)));
     // The program says it is ready (the CLI's "server ready" line names the address).
     debug!(%local, "listening");
-    Ok(Listener { state, incoming, local, task, handover: None, took_over_from: None })
+    Ok(Listener { state, incoming, local, task, handover: None, handover_file: None, took_over_from: None })
 }
 
 impl Listener {

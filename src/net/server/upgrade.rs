@@ -164,7 +164,8 @@ impl Upgrade {
                 .map_err(fail)?;
         }
         let unix = self.unix.take().ok_or_else(|| fail(HandoverError::Protocol("committed twice")))?;
-        if let Err(e) = std::fs::rename(&self.tmp, &self.path) {
+        let placed = std::fs::rename(&self.tmp, &self.path);
+        if let Err(e) = &placed {
             warn!(path = %self.path.display(), error = %e, "cannot put the handover socket in place: the next upgrade will not find this server; restart it to upgrade it");
         }
         let tcp = self.tcp.take().ok_or_else(|| fail(HandoverError::Protocol("committed twice")))?;
@@ -181,6 +182,10 @@ impl Upgrade {
             }
         }
         listener.took_over_from = pid;
+        listener.handover_file = placed.ok().and_then(|()| std::fs::symlink_metadata(&self.path).ok()).map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            (self.path.clone(), (m.dev(), m.ino()))
+        });
         let (state, accept) = (listener.state.clone(), listener.task.abort_handle());
         listener.handover = Some(tokio::spawn(retire_when_asked(unix, listen_fd, state, accept)));
         Ok(listener)
