@@ -221,3 +221,40 @@ async fn connect_without_a_reply_ends_its_session_on_the_server() {
     let (status, err) = timeout(LIMIT, conn.exit()).await.expect("connect did not exit");
     assert_error(status, &err, &["timed out waiting for the tunnel reply"]);
 }
+
+/// Stopping a `client` ends its session with the server: at once while the link answers (the
+/// server logs the session closed), and without waiting on a link that does not answer, saying
+/// that the server keeps the session until its expiry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_client_ends_its_session_or_says_it_could_not() {
+    let keys = Keys::new("client-stop");
+    let echo = echo_service().await;
+    let (server, addr) = keys.server(&[format!("echo={echo}")]).await;
+    let proxy = ChaosProxy::start(addr).await.unwrap();
+    for silent in [false, true] {
+        let mut args = keys.client_args("client", proxy.addr(), "echo");
+        args.extend(["--local", "127.0.0.1:0", "--no-check"].map(String::from));
+        let mut client = Proc::spawn(&strs(&args), false);
+        let local = client.logged_addr("forwarding", "local=").await;
+        let mut conn = TcpStream::connect(local).await.unwrap();
+        conn.write_all(b"hello\n").await.unwrap();
+        let mut echoed = [0u8; 6];
+        timeout(LIMIT, conn.read_exact(&mut echoed)).await.expect("no echo").unwrap();
+        assert_eq!(&echoed, b"hello\n");
+        if silent {
+            proxy.stall_all();
+        }
+        let pid = rustix::process::Pid::from_raw(client.child.id().unwrap() as i32).unwrap();
+        rustix::process::kill_process(pid, rustix::process::Signal::INT).unwrap();
+        let (st, err) = client.exit().await;
+        assert!(st.success(), "{err}");
+        if silent {
+            assert!(err.contains("the server could not be told"), "{err}");
+        } else {
+            assert!(!err.contains("could not be told"), "{err}");
+            server.wait_log("session closed", 1).await;
+        }
+        drop(conn);
+    }
+    proxy.kill_all();
+}

@@ -252,7 +252,9 @@ pub(crate) async fn client(args: ClientArgs) -> Result<()> {
     // holding it for a resume until its expiry.
     if let Some(pool) = pool {
         exiting.store(true, Ordering::Relaxed);
-        pool.close().await;
+        if !pool.close().await && outcome.is_ok() {
+            info!("the server could not be told this client is gone (no link to it now): it keeps the session until the session's expiry");
+        }
     }
     outcome
 }

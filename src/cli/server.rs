@@ -429,22 +429,6 @@ fn buffer_per_key(budget: u64, given: Option<u64>) -> u64 {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::buffer_per_key;
-
-    /// A key's share is a quarter of the budget unless given, and never above half of it.
-    #[test]
-    fn a_keys_share_follows_the_budget_and_never_exceeds_half_of_it() {
-        const MIB: u64 = 1 << 20;
-        assert_eq!(buffer_per_key(1024 * MIB, None), 256 * MIB);
-        assert_eq!(buffer_per_key(64 * MIB, None), 16 * MIB);
-        assert_eq!(buffer_per_key(64 * MIB, Some(256 * MIB)), 32 * MIB);
-        assert_eq!(buffer_per_key(64 * MIB, Some(32 * MIB)), 32 * MIB);
-        assert_eq!(buffer_per_key(64 * MIB, Some(8 * MIB)), 8 * MIB);
-    }
-}
-
 /// The server's lanes ([`holdfast::net::Lanes`]): one per worker thread of its runtime (one per
 /// CPU, or `TOKIO_WORKER_THREADS`), or as many as `HOLDFAST_LANES` says; `HOLDFAST_LANES=0` runs
 /// sessions on the runtime's workers instead (for comparison).
@@ -460,4 +444,20 @@ fn lanes() -> anyhow::Result<Option<holdfast::net::Lanes>> {
     }
     let lanes = holdfast::net::Lanes::start(n).context("cannot start the threads that run sessions")?;
     Ok(Some(lanes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::buffer_per_key;
+
+    /// A key's share is a quarter of the budget unless given, and never above half of it.
+    #[test]
+    fn a_keys_share_follows_the_budget_and_never_exceeds_half_of_it() {
+        const MIB: u64 = 1 << 20;
+        assert_eq!(buffer_per_key(1024 * MIB, None), 256 * MIB);
+        assert_eq!(buffer_per_key(64 * MIB, None), 16 * MIB);
+        assert_eq!(buffer_per_key(64 * MIB, Some(256 * MIB)), 32 * MIB);
+        assert_eq!(buffer_per_key(64 * MIB, Some(32 * MIB)), 32 * MIB);
+        assert_eq!(buffer_per_key(64 * MIB, Some(8 * MIB)), 8 * MIB);
+    }
 }

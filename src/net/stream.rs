@@ -750,6 +750,12 @@ impl Session {
         Session { shared }
     }
 
+    /// How long an answer on this session's link may take before the link is suspect (a
+    /// multiple of its round trip, see [`Core::suspect_threshold`]).
+    pub(crate) fn answer_time(&self) -> std::time::Duration {
+        self.shared.lock().session.suspect_threshold()
+    }
+
     /// The runtime of the lane this session runs on, if the server gave it one
     /// ([`crate::net::ServerConfig::lanes`]): the tasks serving its streams belong there.
     pub(crate) fn lane(&self) -> Option<tokio::runtime::Handle> {

@@ -84,22 +84,32 @@ impl MuxPool {
         }
     }
 
-    /// Ends the multiplexed session cleanly, if one is open (waits at most 3 s): its streams
-    /// end, and the server releases what the session held at once (its reverse forwards'
-    /// listeners above all), instead of keeping the session for a resume that will not come.
-    pub async fn close(&self) {
+    /// Ends the multiplexed session cleanly, if one is open: its streams end, and the server
+    /// releases what the session held at once (its reverse forwards' listeners above all),
+    /// instead of keeping the session for a resume that will not come. It waits for the
+    /// server's answer at most as long as the link may be silent before it is suspect (a few
+    /// round trips; 3 s at most), and not at all while the link is down: a server that cannot
+    /// be told keeps the session until its expiry. Returns true if the session ended cleanly or none was open.
+    pub async fn close(&self) -> bool {
         self.closed.store(true, std::sync::atomic::Ordering::Relaxed);
-        if let Some(m) = self.mux.lock().await.take() {
-            let mut status = m.status();
-            // The process is going away with every connection it carried: their streams are
-            // reset (a reverse forward's listener goes with its stream), then the session
-            // ends cleanly.
-            m.reset_streams();
-            m.close();
-            drop(m);
-            let ended = |s: &LinkStatus| matches!(s, LinkStatus::Closed | LinkStatus::Failed(_));
-            let _ = tokio::time::timeout(Duration::from_secs(3), status.wait_for(ended)).await;
+        let Some(m) = self.mux.lock().await.take() else { return true };
+        let mut status = m.status();
+        // A link that does not answer the CLOSE within the time after which it would be
+        // suspect is not waited for (the user who stopped the client is).
+        let limit = m.answer_time().min(Duration::from_secs(3));
+        // The process is going away with every connection it carried: their streams are
+        // reset (a reverse forward's listener goes with its stream), then the session ends
+        // cleanly.
+        m.reset_streams();
+        m.close();
+        drop(m);
+        if matches!(*status.borrow(), LinkStatus::Reconnecting { .. }) {
+            return false;
         }
+        let ended = |s: &LinkStatus| matches!(s, LinkStatus::Closed | LinkStatus::Failed(_));
+        let _ = tokio::time::timeout(limit, status.wait_for(ended)).await;
+        let closed = matches!(*status.borrow(), LinkStatus::Closed);
+        closed
     }
 
     /// A stream to `service`, its request answered. `Ok(None)` if the server does not
