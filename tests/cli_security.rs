@@ -55,6 +55,16 @@ async fn server_key_given_a_private_key_or_a_truncated_key_says_so() {
             assert!(!err.contains(truncated), "the text given was shown: {err}");
         }
     }
+    // A public key in a file named `.key` that others may read, as public keys are: taken.
+    let odd = keys.dir.path("server-public.key");
+    std::fs::write(&odd, &public).unwrap();
+    std::fs::set_permissions(&odd, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let mut args = keys.client_args("connect", server, "echo");
+    let i = args.iter().position(|a| a == "--server-key").unwrap();
+    args[i + 1] = s(&odd).to_string();
+    let (st, _, err) = run(&strs(&args), b"").await;
+    assert!(!st.success());
+    assert!(!err.contains("private key file") && err.contains("127.0.0.1:9"), "{err}");
 }
 
 /// A low-order key is refused wherever a public key is read from text: `--server-key` inline

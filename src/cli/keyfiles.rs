@@ -77,10 +77,14 @@ pub(crate) fn load_server_key(arg: &str) -> Result<PublicKey> {
     Ok(key)
 }
 
-/// True if `path` holds a private key: its name ends in `.key` (what `keygen` writes), or it is
-/// the private half of the key in its `.pub` sibling.
+/// True if `path` holds a private key: it is the private half of the key in its `.pub`
+/// sibling, or its name ends in `.key` (what `keygen` writes) and only its owner may read it (as
+/// `keygen` writes it). The two halves cannot be told apart by their text: a public key in a
+/// `.key` file that others may read (as public keys are) is taken.
 fn is_private_key_file(path: &Path) -> bool {
-    if path.extension().is_some_and(|e| e == "key") {
+    use std::os::unix::fs::PermissionsExt;
+    let owner_only = std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o077 == 0);
+    if path.extension().is_some_and(|e| e == "key") && owner_only {
         return true;
     }
     let sibling = path.with_extension("pub");
