@@ -501,7 +501,7 @@ async fn the_start_up_check_leaves_no_warning_on_the_server() {
 
 /// The start-up check runs while the forwards already listen, on their own session: a service
 /// the server refuses still ends `holdfast client` with the server's reason, and an unreachable
-/// one with the service's. The client ends its session on the way out: the server closes it
+/// one with the service's, and neither forward is logged as forwarding. The client ends its session on the way out: the server closes it
 /// (it was left detached, held for a resume until its expiry, an hour in an operator's config).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_start_up_check_ends_the_client_with_the_reason() {
@@ -520,6 +520,7 @@ async fn a_refused_start_up_check_ends_the_client_with_the_reason() {
         let (st, _, err) = run(&strs(&args), b"").await;
         assert_error(st, &err, words);
         assert!(!err.contains("a new one opens"), "the client's own close was told as the server's:\n{err}");
+        assert!(!err.contains("forwarding"), "a refused forward was logged as forwarding:\n{err}");
         let log = server.wait_log("session closed", n + 1).await;
         assert!(!log.contains("session detached"), "{log}");
     }

@@ -173,7 +173,8 @@ pub(crate) async fn client(args: ClientArgs) -> Result<()> {
             match &pool {
                 Some(pool) => {
                     let answer = pool.check(service).await?;
-                    checks.spawn(answer);
+                    let service = service.clone();
+                    checks.spawn(async move { answer.await.map(|()| service) });
                 }
                 None => {
                     let probe = tunnel::open(&server, cfg.clone(), service).await?;
@@ -213,8 +214,16 @@ pub(crate) async fn client(args: ClientArgs) -> Result<()> {
         info!(local = %listener.local_addr()?, server = %server, to = %printable(&format!("{host}:{port}")), "forwarding (connected by the server)");
         running.spawn(tunnel::forward_connect(listener, pool, host, port));
     }
+    // A forward whose service is being checked is said once the server answered for it (a
+    // service the server refuses ends the client instead, and was never forwarded to).
+    let mut unconfirmed: std::collections::HashMap<String, Vec<std::net::SocketAddr>> = Default::default();
     for (listener, service) in forwards {
-        info!(local = %listener.local_addr()?, server = %server, %service, "forwarding");
+        let local = listener.local_addr()?;
+        if pool.is_some() && !args.no_check {
+            unconfirmed.entry(service.clone()).or_default().push(local);
+        } else {
+            info!(%local, server = %server, %service, "forwarding");
+        }
         let forward =
             tunnel::forward_via(listener, server.clone(), cfg.clone(), service, Some(tx.clone()), pool.clone());
         running.spawn(forward);
@@ -229,7 +238,12 @@ pub(crate) async fn client(args: ClientArgs) -> Result<()> {
         tokio::pin!(lost);
         loop {
             tokio::select! {
-                Some(r) = checks.join_next() => r.context("the start-up check stopped")??,
+                Some(r) = checks.join_next() => {
+                    let service = r.context("the start-up check stopped")??;
+                    for local in unconfirmed.remove(&service).unwrap_or_default() {
+                        info!(%local, server = %server, %service, "forwarding");
+                    }
+                }
                 Some(r) = running.join_next() => break Ok(r.context("a forward stopped")??),
                 reason = &mut lost => bail!(
                     "the session with the server failed: {}. Every forward's connections ended with it, and this client does not start a new session unasked; run it again for a new one (Restart=on-failure under systemd does)",

@@ -180,12 +180,14 @@ impl MuxPool {
             .ok_or_else(|| TunnelError::Io(io::Error::new(io::ErrorKind::Unsupported, "no multiplexed session")))?;
         Ok(async move {
             read_reply(&mut sub, &label).await?;
-            // A normal close (both ends finished), not an abort that the server would log.
-            // A talk-first service (a banner, a stream) is not read past 64 KiB: the stream is
-            // then reset.
-            if let Err(e) = super::request::finish(sub, CHECK_READ).await {
-                debug!(error = %printable(&e.to_string()), "start-up check did not end cleanly");
-            }
+            // A normal close (both ends finished), not an abort that the server would log, in
+            // the background: the answer is known. A talk-first service (a banner, a stream) is
+            // not read past 64 KiB: the stream is then reset.
+            tokio::spawn(async move {
+                if let Err(e) = super::request::finish(sub, CHECK_READ).await {
+                    debug!(error = %printable(&e.to_string()), "start-up check did not end cleanly");
+                }
+            });
             Ok(())
         })
     }
