@@ -80,6 +80,25 @@ async fn a_port_that_never_answers_the_handshake_says_so() {
     .await;
 }
 
+/// A server address whose packets are dropped (a firewall, a black-holed route) is told apart
+/// from a port that accepts and never answers: the TCP connection attempt got no answer.
+#[tokio::test]
+async fn a_black_holed_server_address_says_no_answer() {
+    if !common::faults::ready("a_black_holed_server_address_says_no_answer", &["nft"]).await {
+        return;
+    }
+    bounded(async {
+        let (listener, mut ccfg) = server_and_client().await;
+        let _outage = common::faults::Outage::start(listener.local_addr().port());
+        ccfg.recovery.handshake_timeout = Duration::from_millis(300);
+        let err = holdfast::connect(listener.local_addr().to_string(), ccfg).await.unwrap_err();
+        assert!(matches!(err, Error::NoAnswer { .. }), "{err}");
+        assert_eq!(std::io::Error::from(err).kind(), ErrorKind::TimedOut);
+        assert_eq!(listener.stats().sessions, 0);
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn unreachable_server_is_a_connect_error() {
     bounded(async {
