@@ -429,15 +429,23 @@ fn buffer_per_key(budget: u64, given: Option<u64>) -> u64 {
     }
 }
 
-/// The server's lanes ([`holdfast::net::Lanes`]): one per worker thread of its runtime (one per
-/// CPU, or `TOKIO_WORKER_THREADS`), or as many as `HOLDFAST_LANES` says; `HOLDFAST_LANES=0` runs
-/// sessions on the runtime's workers instead (for comparison).
+/// Lanes per worker thread. A session shares its lane's thread with the others on it, which
+/// take turns (cooperatively); lanes, threads of their own, are given the CPUs by the kernel,
+/// which lets one that wakes for a keystroke in ahead of one moving bulk data. With more lanes
+/// than CPUs, sessions share a lane only when there are many: on a 2-CPU server, a round trip
+/// through one session under another's bulk download took 0.2 ms on lanes of their own and
+/// 0.75 ms on a shared one (BENCHMARKS.md, *Stop 35*). An idle lane costs a thread and no CPU.
+const LANES_PER_WORKER: usize = 4;
+
+/// The server's lanes ([`holdfast::net::Lanes`]): [`LANES_PER_WORKER`] per worker thread of its
+/// runtime (one per CPU, or `TOKIO_WORKER_THREADS`), or as many as `HOLDFAST_LANES` says;
+/// `HOLDFAST_LANES=0` runs sessions on the runtime's workers instead (for comparison).
 fn lanes() -> anyhow::Result<Option<holdfast::net::Lanes>> {
     let n = match std::env::var("HOLDFAST_LANES") {
         Ok(v) => v.parse::<usize>().map_err(|_| {
             anyhow::anyhow!("HOLDFAST_LANES is {v:?}: set it to a number of threads (0: none), or unset it")
         })?,
-        Err(_) => tokio::runtime::Handle::current().metrics().num_workers(),
+        Err(_) => LANES_PER_WORKER * tokio::runtime::Handle::current().metrics().num_workers(),
     };
     if n == 0 {
         return Ok(None);

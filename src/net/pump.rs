@@ -20,6 +20,12 @@ const WRITE_BUDGET: usize = 256 * 1024;
 const CLOSE_LINGER: std::time::Duration = std::time::Duration::from_secs(2);
 /// Read buffer size.
 const READ_CHUNK: usize = 128 * 1024;
+
+/// Bytes the driver moves (read from the link, or written to it) before it lets the other tasks
+/// of its thread run. A socket that stays ready would otherwise keep the task busy until tokio's
+/// cooperative budget runs out, megabytes later: on a lane that other sessions share, their
+/// round trips then waited for milliseconds (BENCHMARKS.md, *Stop 35*).
+const YIELD_EVERY: usize = 256 * 1024;
 /// How often the timers are looked at while a write waits for room in the socket.
 const PENDING_WRITE_TICK: std::time::Duration = std::time::Duration::from_millis(50);
 
@@ -64,7 +70,13 @@ async fn drive<R>(
     let mut out_pos = 0usize;
     // False once the session ended on something the peer sent: what follows it is not read.
     let mut reading = true;
+    // Bytes moved since the task last let others run (see [`YIELD_EVERY`]).
+    let mut moved = 0usize;
     'link: loop {
+        if moved >= YIELD_EVERY {
+            moved = 0;
+            tokio::task::yield_now().await;
+        }
         let now = Instant::now();
         let (deadline, want_read, over) = {
             let mut inner = shared.lock();
@@ -158,7 +170,10 @@ async fn drive<R>(
                     Ok(0) => Some("connection closed without a FIN frame".to_string()),
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                     Err(e) => Some(e.to_string()),
-                    Ok(_) => None,
+                    Ok(n) => {
+                        moved += n;
+                        None
+                    }
                 };
                 if let Some(why) = closed {
                     // After the session ended (a CLOSE either way), the peer closing TCP is the
@@ -202,7 +217,10 @@ async fn drive<R>(
             res = wr.write(&out[out_pos..]), if out_pos < out.len() => {
                 match res {
                     Ok(0) => return PumpEnd::Fault(SessionError::Link("socket closed for writing".into())),
-                    Ok(n) => out_pos += n,
+                    Ok(n) => {
+                        out_pos += n;
+                        moved += n;
+                    }
                     Err(e) => return PumpEnd::Fault(SessionError::Link(e.to_string())),
                 }
             }
