@@ -37,6 +37,21 @@ async fn socks_on_a_non_loopback_address_is_warned_about() {
     assert!(st.success() && help.contains("no authentication") && help.contains("loopback"), "{help}");
 }
 
+/// A `holdfast client --local` forward of service `echo` through `server` (no start-up check),
+/// and a connection through it that echoed a line.
+async fn forwarding_client(keys: &Keys, server: std::net::SocketAddr) -> (Proc, TcpStream) {
+    let mut args = keys.client_args("client", server, "echo");
+    args.extend(["--local", "127.0.0.1:0", "--no-check"].map(String::from));
+    let client = Proc::spawn(&strs(&args), false);
+    let local = client.logged_addr("forwarding", "local=").await;
+    let mut conn = TcpStream::connect(local).await.unwrap();
+    conn.write_all(b"hello\n").await.unwrap();
+    let mut echoed = [0u8; 6];
+    timeout(LIMIT, conn.read_exact(&mut echoed)).await.expect("no echo").unwrap();
+    assert_eq!(&echoed, b"hello\n");
+    (client, conn)
+}
+
 /// The server restarts under a `client --local` forward: its multiplexed session is lost, and
 /// the client exits with an error that says so, without opening a session on the new server.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -46,15 +61,7 @@ async fn client_exits_with_an_error_when_its_session_is_lost() {
     let svc = [format!("echo={echo}")];
     let (mut old, old_addr) = keys.server(&svc).await;
     let proxy = ChaosProxy::start(old_addr).await.unwrap();
-    let mut args = keys.client_args("client", proxy.addr(), "echo");
-    args.extend(["--local", "127.0.0.1:0", "--no-check"].map(String::from));
-    let mut client = Proc::spawn(&strs(&args), false);
-    let local = client.logged_addr("forwarding", "local=").await;
-    let mut conn = TcpStream::connect(local).await.unwrap();
-    conn.write_all(b"hello\n").await.unwrap();
-    let mut echoed = [0u8; 6];
-    timeout(LIMIT, conn.read_exact(&mut echoed)).await.expect("no echo").unwrap();
-    assert_eq!(&echoed, b"hello\n");
+    let (mut client, _conn) = forwarding_client(&keys, proxy.addr()).await;
 
     let (new, new_addr) = keys.server(&svc).await;
     old.child.start_kill().unwrap();
@@ -232,15 +239,7 @@ async fn a_stopped_client_ends_its_session_or_says_it_could_not() {
     let (server, addr) = keys.server(&[format!("echo={echo}")]).await;
     let proxy = ChaosProxy::start(addr).await.unwrap();
     for silent in [false, true] {
-        let mut args = keys.client_args("client", proxy.addr(), "echo");
-        args.extend(["--local", "127.0.0.1:0", "--no-check"].map(String::from));
-        let mut client = Proc::spawn(&strs(&args), false);
-        let local = client.logged_addr("forwarding", "local=").await;
-        let mut conn = TcpStream::connect(local).await.unwrap();
-        conn.write_all(b"hello\n").await.unwrap();
-        let mut echoed = [0u8; 6];
-        timeout(LIMIT, conn.read_exact(&mut echoed)).await.expect("no echo").unwrap();
-        assert_eq!(&echoed, b"hello\n");
+        let (mut client, conn) = forwarding_client(&keys, proxy.addr()).await;
         if silent {
             proxy.stall_all();
         }
